@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   installs, then quantizes the embedded stories260K model (INT4, RTN) and prints the report
+#   make test   installs, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build. Override on GPU machines:
+#   make install TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test bench clean
+
+$(BIN)/quantcli: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/quantcli
+
+demo: install
+	$(BIN)/quantcli quantize stories260K --bits 4 --method rtn --group-size 32 --output out/stories260K-rtn-w4 --force
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/methods.py --output results/methods
+
+clean:
+	rm -rf out results .pytest_cache

@@ -1,0 +1,184 @@
+"""The ``quantcli`` command: each command parses options, builds a config, calls one library
+function and renders the result. Heavy imports happen inside commands so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from quantcli import __version__
+
+app = typer.Typer(
+    help="Quantize Hugging Face causal LMs to INT8/INT4 and measure size, perplexity and speed.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout (schema_version inside).")
+QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one stderr line and the documented exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from quantcli.errors import QuantCliError
+
+        debug = os.environ.get("QUANTCLI_DEBUG", "") not in ("", "0")
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except QuantCliError as error:
+            if debug:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            print("interrupted: nothing was written.", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the boundary where bugs become one line
+            if debug:
+                raise
+            print(f"internal error: {type(error).__name__}: {error}. Set QUANTCLI_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"quantcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+    """Quantize Hugging Face causal LMs to INT8/INT4 and measure size, perplexity and speed."""
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: str = typer.Argument("stories260K", help="Hub id, local folder, or 'stories260K' (the embedded default)."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help="8 or 4 (3 with gptq; 16 casts to fp16/bf16)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, bnb-int8, bnb-nf4, bnb-fp4, cast. Default: bitsandbytes on CUDA, rtn on CPU."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: MODEL-METHOD-wBITS."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML recipe; options given here override it."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weights per scale (rtn/gptq; -1 per channel)."),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric or zero-point integers (rtn/gptq)."),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (bnb-nf4/fp4)."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy."),
+    skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
+    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text: a local .txt/.jsonl/.parquet or a Hub spec path:config:split."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration and evaluation window."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for calibration sampling."),
+    eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="Evaluation text (kept apart from calibration)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate on at most this many tokens."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity before/after."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
+    json_output: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Quantize MODEL, write the checkpoint, and report size and perplexity before and after."""
+    from quantcli import console
+    from quantcli.config import config_from_mapping, load_recipe
+    from quantcli.pipeline import quantize as run_quantize
+
+    recipe: dict[str, Any] = load_recipe(config) if config else {}
+    recipe.update(_given(bits=bits, method=method, output=output, device=device, dtype=dtype))
+    if model != "stories260K" or "model" not in recipe:
+        recipe["model"] = model
+    if force:
+        recipe["force"] = True
+    if trust_remote_code:
+        recipe["trust_remote_code"] = True
+    if skip_modules:
+        recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
+    recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order))
+    calibration = dict(recipe.get("calibration") or {})
+    calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
+    recipe["calibration"] = calibration
+    if no_eval:
+        recipe["eval"] = None
+    else:
+        evaluation = dict(recipe.get("eval") or {})
+        evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens))
+        recipe["eval"] = evaluation
+    if "bits" not in recipe:
+        raise typer.BadParameter("pass --bits 8 or --bits 4 (or a --config recipe that sets bits).", param_hint="--bits")
+    report = run_quantize(config_from_mapping(recipe), console.RichProgress(enabled=not quiet))
+    data = report.to_dict()
+    console.print_json(data) if json_output else console.render_quantize(data)
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    model: str = typer.Argument("stories260K", help="A quantcli output folder, any local checkpoint, or a Hub id."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Evaluation text. Default: the embedded TinyStories eval half."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Context length of each window."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window starts (default: --seq-len, no overlap)."),
+    max_tokens: Optional[int] = typer.Option(32768, "--max-tokens", help="Evaluate on at most this many tokens."),
+    bos: str = typer.Option("document", "--bos", help="BOS before every document, once at the 'start', or 'none'."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: also report KL divergence and top-1 agreement."),
+    device: str = DEVICE_OPTION,
+    json_output: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Perplexity (with a 95% interval), speed and memory of any checkpoint, original or quantized."""
+    from quantcli import console
+    from quantcli.config import DEFAULT_EVAL_DATASET, EvalConfig
+    from quantcli.pipeline import evaluate
+
+    config = EvalConfig(dataset or DEFAULT_EVAL_DATASET, seq_len, stride, max_tokens, bos, batch_size)
+    result = evaluate(model, config, base, device, console.RichProgress(enabled=not quiet))
+    console.print_json(result) if json_output else console.render_eval(result)
+
+
+@app.command()
+@handle_errors
+def inspect(
+    path: Path = typer.Argument(..., help="A quantcli output folder."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Method, bits, per-layer map and size of a quantized checkpoint."""
+    from quantcli import console
+    from quantcli.checkpoint import inspect as inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    console.print_json(info) if json_output else console.render_inspect(info)
+
+
+@app.command()
+def methods() -> None:
+    """List the quantization methods and whether each can run here."""
+    from quantcli.methods import available_methods
+
+    for cls in available_methods():
+        reason = cls().unavailable_reason("cpu")
+        bits = "/".join(map(str, cls.supported_bits))
+        status = f"  (CPU: {reason})" if reason else ""
+        print(f"{cls.name:10} {bits:7} {cls.summary}{status}")
+
+
+def main() -> None:
+    app()

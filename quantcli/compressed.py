@@ -1,0 +1,135 @@
+"""compressed-tensors checkpoints (the format llm-compressor writes and vLLM serves), written and
+read through the ``compressed-tensors`` library with quantcli's own integers injected.
+
+INT8 layers are stored ``int-quantized`` (plain int8), 3/4-bit layers ``pack-quantized`` (int32
+words). Symmetric checkpoints reload with plain ``AutoModelForCausalLM.from_pretrained``.
+Asymmetric 3/4-bit ones are valid but transformers 5.23 + compressed-tensors 0.20 cannot build
+them (packed zero point vs unpacked skeleton; llm-compressor#1618), so :func:`load_compressed`
+decompresses with the library's own compressors instead, which reads every variant.
+GPT-2's ``Conv1D`` cannot be packed by compressed-tensors: such layers are written dense.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from quantcli.errors import CheckpointError
+from quantcli.intweights import IntWeights
+from quantcli.models import is_conv1d
+
+CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
+
+
+def _quiet_library_logs() -> None:
+    from loguru import logger
+
+    logger.disable("compressed_tensors")
+
+
+def storage_note(module: Any) -> str | None:
+    """Why a layer's integers cannot be stored packed, or None when they can."""
+    return CONV1D_NOTE if is_conv1d(module) else None
+
+
+def _schemes(weights: dict[str, IntWeights]) -> dict[str, Any]:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    groups: dict[tuple, list[str]] = {}
+    for name, layer in weights.items():
+        layout = layer.layout
+        groups.setdefault((layout.bits, layout.group_size, layout.symmetric), []).append(name)
+    schemes = {}
+    for index, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
+        args = QuantizationArgs(
+            num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
+            strategy="group" if group_size else "channel", group_size=group_size,
+        )
+        format_name = "int-quantized" if bits == 8 else "pack-quantized"
+        schemes[f"group_{index}"] = QuantizationScheme(targets=sorted(names), weights=args, format=format_name)
+    return schemes
+
+
+def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path) -> None:
+    """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``).
+
+    The library re-derives each integer as ``round(w / scale + zp)`` from the layer's weight, so
+    the weight is set to the exact fp32 dequantized values first; that makes it lossless.
+    """
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+    from quantcli import ops
+
+    _quiet_library_logs()
+    modules = dict(model.named_modules())
+    packable = {name: layer for name, layer in weights.items() if storage_note(modules[name]) is None}
+    if not packable:
+        model.save_pretrained(folder)
+        return
+    head = model.get_output_embeddings()
+    ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in packable]
+    config = QuantizationConfig(config_groups=_schemes(packable), ignore=ignore or [n for n, m in modules.items() if m is head], quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for name, layer in packable.items():
+            module = modules[name]
+            module.weight_scale.data = layer.scale.to(module.weight_scale.dtype)
+            if not layer.layout.symmetric:
+                module.weight_zero_point.data = layer.zero_point.to(module.weight_zero_point.dtype)
+            exact = ops.dequantize(layer.q, layer.scale.float(), layer.zero_point, layer.layout.group_size)
+            module.weight = torch.nn.Parameter(exact, requires_grad=False)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))
+
+
+def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_name
+    from safetensors.torch import load_file
+
+    config = QuantizationConfig.model_validate(quantization_config)
+    state: dict[str, Any] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    prefixes = {key.rsplit(".", 1)[0] for key in state if key.endswith((".weight_packed", ".weight_scale"))}
+    dense: dict[str, Any] = {}
+    for prefix in sorted(prefixes):
+        scheme = next((s for s in config.config_groups.values() if any(match_name(prefix, t) for t in s.targets)), None)
+        if scheme is None:
+            raise CheckpointError(f"{folder}: layer {prefix} has quantized tensors but no scheme in config.json. The checkpoint is corrupt; re-run quantcli quantize.")
+        local = {key[len(prefix) + 1 :]: value for key, value in state.items() if key.rsplit(".", 1)[0] == prefix}
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+        dense[prefix + ".weight"] = compressor.decompress(local, scheme)["weight"].to(dtype)
+    dense.update({key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items() if key.rsplit(".", 1)[0] not in prefixes})
+    return dense
+
+
+def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
+    """A dense, runnable model from a compressed-tensors checkpoint, decompressed by the library."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_library_logs()
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        raise CheckpointError(f"{folder}/config.json has no quantization_config: not a compressed-tensors checkpoint.")
+    del config.quantization_config
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}
+    if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
+        raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")
+    model.tie_weights()
+    return model.to(device).eval()

@@ -1,0 +1,184 @@
+"""Frozen, validated run configurations, and YAML recipes that build them.
+
+A recipe is flat YAML: the top-level keys of :class:`QuantizeConfig` plus ``calibration:`` and
+``eval:`` mappings; any other top-level key is a method option (``group_size: 32``) that the
+chosen method's own config validates. Unknown keys are rejected, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from quantcli.errors import InputError
+
+DEFAULT_MODEL = "stories260K"
+DEFAULT_CALIB_DATASET = "tinystories:calib"
+DEFAULT_EVAL_DATASET = "tinystories:eval"
+BOS_MODES = ("document", "start", "none")
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which text to calibrate on and how much of it: ``samples`` windows of ``seq_len`` tokens."""
+
+    dataset: str = DEFAULT_CALIB_DATASET
+    samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("calibration samples (--calib-samples)", self.samples)
+        _check_positive("calibration sequence length (--seq-len)", self.seq_len)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sliding-window perplexity settings; every number quantcli reports carries these."""
+
+    dataset: str = DEFAULT_EVAL_DATASET
+    seq_len: int = 256
+    stride: int | None = None
+    max_tokens: int | None = 32768
+    bos: str = "document"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check_positive("eval sequence length (--seq-len)", self.seq_len)
+        _check_positive("stride (--stride)", self.stride, allow_none=True)
+        _check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
+        _check_positive("batch size (--batch-size)", self.batch_size)
+        if self.stride is not None and self.stride > self.seq_len:
+            raise InputError(
+                f"stride {self.stride} is larger than the context length {self.seq_len}: tokens would be"
+                " skipped. Use a stride at most --seq-len."
+            )
+        if self.bos not in BOS_MODES:
+            raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}.")
+
+    @property
+    def effective_stride(self) -> int:
+        return self.stride or self.seq_len
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything one ``quantcli quantize`` run needs."""
+
+    bits: int
+    model: str = DEFAULT_MODEL
+    method: str | None = None
+    output: Path | None = None
+    force: bool = False
+    skip_modules: tuple[str, ...] = ()
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig | None = field(default_factory=EvalConfig)
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (3, 4, 8, 16):
+            raise InputError(
+                f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
+            )
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["output"] = str(self.output) if self.output else None
+        data["skip_modules"] = list(self.skip_modules)
+        data["method_options"] = dict(self.method_options)
+        return data
+
+
+_SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig}
+
+
+def _section(name: str, cls: type, values: Any) -> Any:
+    if values is None and name == "eval":
+        return None
+    if not isinstance(values, Mapping):
+        raise InputError(f"'{name}' must be a mapping of settings, got {type(values).__name__}.")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(unknown)} in '{name}'. Valid keys: {', '.join(sorted(known))}.")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise InputError(f"bad '{name}' settings: {error}.") from None
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
+    """Build a :class:`QuantizeConfig`; keys that are not its fields become method options."""
+    if not isinstance(values, Mapping):
+        raise InputError(f"a recipe must be a mapping of settings, got {type(values).__name__}.")
+    top = {f.name for f in fields(QuantizeConfig)} - {"method_options"}
+    kwargs: dict[str, Any] = {}
+    options = dict(values.get("method_options") or {})
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise InputError(f"recipe keys must be strings, got {key!r}.")
+        if key == "method_options":
+            continue
+        if key in _SECTIONS:
+            kwargs[key] = _section(key, _SECTIONS[key], value)
+        elif key in top:
+            kwargs[key] = value
+        else:
+            options[key] = value
+    if "bits" not in kwargs:
+        raise InputError("the recipe sets no 'bits'. Add e.g. 'bits: 4' or pass --bits.")
+    if "output" in kwargs and kwargs["output"] is not None:
+        kwargs["output"] = Path(kwargs["output"])
+    if "skip_modules" in kwargs:
+        skip = kwargs["skip_modules"]
+        if isinstance(skip, str):
+            skip = [skip]
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
+            raise InputError("'skip_modules' must be a list of glob patterns.")
+        kwargs["skip_modules"] = tuple(skip)
+    for key in ("bits",):
+        if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
+            raise InputError(f"'{key}' must be an integer, got {kwargs[key]!r}.")
+    try:
+        return QuantizeConfig(method_options=options, **kwargs)
+    except TypeError as error:
+        raise InputError(f"bad recipe: {error}.") from None
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read a YAML recipe file into a plain mapping (validated later by :func:`config_from_mapping`)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"recipe file {path} does not exist. Pass the path of a YAML file, e.g. configs/rtn-int4.yaml.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read recipe {path}: {error}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"recipe {path} is not valid YAML{where}. Fix the syntax and try again.") from None
+    if data is None:
+        raise InputError(f"recipe {path} is empty. Add at least 'bits: 4'.")
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {path} must be a YAML mapping (key: value lines), not a {type(data).__name__}.")
+    return data

@@ -1,0 +1,115 @@
+"""Rendering: Rich tables and JSON on stdout, progress bars and messages on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True)
+
+
+class RichProgress:
+    """Progress bars on stderr; silent when ``enabled`` is false (``--quiet``)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Any]:
+        if not self.enabled:
+            yield lambda advance: None
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=stderr, transient=not stderr.is_terminal) as bar:
+            task_id = bar.add_task(description, total=total)
+            yield lambda advance: bar.advance(task_id, advance)
+            bar.update(task_id, completed=total or 1, total=total or 1)
+
+
+def print_json(data: Any) -> None:
+    stdout.out(json.dumps(data, indent=2, default=str), highlight=False)
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "n/a"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
+
+
+def eval_settings_line(settings: dict[str, Any], scored: int) -> str:
+    return (
+        f"dataset {settings.get('dataset')} · {scored:,} tokens scored of {settings.get('tokens'):,} · "
+        f"context {settings.get('seq_len')} · stride {settings.get('stride')} · BOS {settings.get('bos')}"
+    )
+
+
+def render_quantize(report: dict[str, Any]) -> None:
+    size = report["size"]
+    table = Table(title=f"quantcli: {report['model']} → {report['output']}  ({report['method']}, {report['bits']}-bit, {report['format']})")
+    table.add_column("metric")
+    table.add_column("original", justify="right")
+    table.add_column("quantized", justify="right")
+    table.add_column("change", justify="right")
+    ratio = size["disk_ratio"]
+    table.add_row("size on disk", human_bytes(size["original_disk_bytes"]), human_bytes(size["quantized_disk_bytes"]), f"{ratio:.2f}x smaller" if ratio else "")
+    memory_ratio = size["memory_ratio"]
+    table.add_row("size in memory", human_bytes(size["original_memory_bytes"]), human_bytes(size["quantized_memory_bytes"]), f"{memory_ratio:.2f}x smaller" if memory_ratio else "")
+    table.add_row("bits per weight", f"{size['original_bits_per_weight']:.2f}", f"{size['quantized_bits_per_weight']:.2f}", "")
+    before, after, delta = report["perplexity_before"], report["perplexity_after"], report["perplexity_delta"]
+    if before and after:
+        table.add_row("perplexity", f"{before['perplexity']:.4f}", f"{after['perplexity']:.4f}", f"{delta['absolute']:+.4f} ({delta['percent']:+.2f}%)")
+    for stage, seconds in report["timings"].items():
+        table.add_row(f"time: {stage}", "", f"{seconds:.2f} s", "")
+    stdout.print(table)
+    if before:
+        stdout.print(f"perplexity settings: {eval_settings_line(before['settings'], before['tokens_scored'])}")
+    options = ", ".join(f"{k}={v}" for k, v in report["options"].items())
+    stdout.print(f"method settings: {options or 'defaults'} · device {report['device']}")
+    if report["calibration"]:
+        calib = report["calibration"]
+        stdout.print(f"calibration: {calib['dataset']} · {calib['samples']} × {calib['seq_len']} tokens · seed {calib['seed']}")
+    for name, note in report["fallbacks"].items():
+        stdout.print(f"[yellow]fallback[/] {name}: {note}")
+
+
+def render_eval(result: dict[str, Any]) -> None:
+    table = Table(title=f"quantcli eval: {result['model']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    low, high = result["ci95"]
+    table.add_row("perplexity", f"{result['perplexity']:.4f}  (95% CI {low:.4f}–{high:.4f})")
+    table.add_row("mean NLL (nats/token)", f"{result['nll']:.5f}")
+    if result.get("kl_divergence") is not None:
+        table.add_row("KL divergence vs base", f"{result['kl_divergence']:.6f}")
+        table.add_row("top-1 agreement vs base", f"{100 * result['top1_agreement']:.2f}%")
+    table.add_row("tokens/s (prefill, eval windows)", f"{result['tokens_per_second']:,.0f}")
+    table.add_row("model memory", human_bytes(result["memory_bytes"]))
+    table.add_row("size on disk", human_bytes(result["disk_bytes"]))
+    stdout.print(table)
+    stdout.print(f"settings: {eval_settings_line(result['settings'], result['tokens_scored'])}")
+
+
+def render_inspect(info: dict[str, Any]) -> None:
+    stdout.print(f"method {info['method']} · {info['bits']}-bit · format {info['format']} · quantcli format v{info['format_version']}")
+    options = ", ".join(f"{k}={v}" for k, v in (info.get("options") or {}).items())
+    stdout.print(f"options: {options or 'defaults'} · weights on disk {human_bytes(info.get('disk_bytes'))}")
+    table = Table(title="layers")
+    for column in ("layer", "bits", "scheme", "group", "shape", "note"):
+        table.add_column(column)
+    for name, layer in info["layers"].items():
+        shape = "×".join(map(str, layer.get("shape") or [])) or ""
+        table.add_row(name, str(layer["bits"]), layer["scheme"], str(layer.get("group_size") or "-"), shape, layer.get("note") or "")
+    for name, why in (info.get("skipped") or {}).items():
+        table.add_row(name, "-", "kept", "-", "", why)
+    stdout.print(table)

@@ -1,0 +1,103 @@
+"""The quantizer interface every method implements, and the records a method hands back."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
+
+from quantcli.errors import InputError
+
+
+@dataclass
+class LayerRecord:
+    """How one layer was stored; ``note`` says why it differs from the method's default, if it does."""
+
+    bits: int
+    scheme: str
+    group_size: int | None = None
+    shape: tuple[int, int] | None = None
+    note: str | None = None
+
+
+@dataclass
+class QuantizeRequest:
+    """What the pipeline hands a method: the loaded model and everything about the run."""
+
+    source: str
+    model: Any
+    tokenizer: Any
+    layers: tuple[str, ...]
+    device: str
+    dtype: Any
+    config: Any
+    calibration: Any = None
+    trust_remote_code: bool = False
+    progress: Callable[[int], None] = lambda advance: None
+
+
+@dataclass
+class QuantizedModel:
+    """A runnable quantized model plus what is needed to write it in its standard format."""
+
+    model: Any
+    method: str
+    bits: int
+    format: str
+    options: dict[str, Any]
+    layers: dict[str, LayerRecord]
+    save: Callable[[Path], None]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+_CASTS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,)}
+
+
+def _accepts(annotation: str, value: Any) -> bool:
+    """Check ``value`` against a simple annotation such as ``int | None``."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        kinds = _CASTS.get(part)
+        if kinds and isinstance(value, kinds) and not (part in ("int", "float") and isinstance(value, bool)):
+            return True
+    return False
+
+
+def build_config(method: str, config_class: type, bits: int, options: Mapping[str, Any]) -> Any:
+    """Validate ``options`` against a method's config dataclass: unknown keys and wrong types are errors."""
+    valid = {f.name: f for f in dataclasses.fields(config_class) if f.name != "bits"}
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(sorted(valid)) or "none"
+        raise InputError(f"option(s) {', '.join(unknown)} do not apply to method {method}. Its options: {listed}.")
+    hints = {f.name: str(f.type) for f in valid.values()}
+    for key, value in options.items():
+        if not _accepts(hints[key], value):
+            raise InputError(f"option {key} of method {method} must be {hints[key]}, got {value!r}.")
+    return config_class(bits=bits, **dict(options))
+
+
+class Quantizer:
+    """One quantization method. Subclasses register themselves with ``@register_method``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    supported_bits: ClassVar[tuple[int, ...]]
+    config_class: ClassVar[type]
+    needs_calibration: ClassVar[bool] = False
+    output_format: ClassVar[str]
+
+    def make_config(self, bits: int, options: Mapping[str, Any]) -> Any:
+        if bits not in self.supported_bits:
+            allowed = ", ".join(map(str, self.supported_bits))
+            raise InputError(f"method {self.name} does not do {bits}-bit. It supports --bits {allowed}.")
+        return build_config(self.name, self.config_class, bits, options)
+
+    def unavailable_reason(self, device: str) -> str | None:
+        """Why this method cannot run on ``device`` here, or None when it can."""
+        return None
+
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        raise NotImplementedError

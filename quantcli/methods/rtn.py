@@ -1,0 +1,63 @@
+"""Round-to-nearest: pure-PyTorch INT8/INT4 weight quantization that runs wherever torch does.
+
+INT8 defaults to symmetric per-channel, INT4 to symmetric groups of 64 (``--asymmetric`` adds zero
+points). Written
+as a compressed-tensors checkpoint (``int-quantized`` for 8 bits, ``pack-quantized`` below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantcli import ops
+from quantcli.intweights import IntWeights, plan_layouts, resolve_group_size
+from quantcli.methods import register_method
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.models import set_weight_matrix, weight_matrix
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    bits: int
+    group_size: int | None = None
+    symmetric: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", True)
+
+
+@register_method
+class RTNQuantizer(Quantizer):
+    name = "rtn"
+    summary = "round-to-nearest, pure PyTorch (INT8 per-channel, INT4 group-wise); compressed-tensors output"
+    supported_bits = (8, 4)
+    config_class = RTNConfig
+    output_format = "compressed-tensors"
+
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        from quantcli.compressed import save_compressed, storage_note
+
+        config = request.config
+        model = request.model
+        modules = dict(model.named_modules())
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size)
+        weights: dict[str, IntWeights] = {}
+        layers: dict[str, LayerRecord] = {}
+        for name, (layout, note) in plan.items():
+            matrix = weight_matrix(modules[name])
+            scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size)
+            q = ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size)
+            set_weight_matrix(modules[name], ops.dequantize(q, scale, zero_point, layout.group_size))
+            weights[name] = IntWeights(q, scale, zero_point, layout)
+            scheme = "group" if layout.group_size else "channel"
+            notes = "; ".join(filter(None, (note, storage_note(modules[name]))))
+            layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(matrix.shape), notes or None)
+            request.progress(1)
+        options = {"group_size": config.group_size, "symmetric": config.symmetric}
+        packed_any = any(storage_note(modules[name]) is None for name in weights)
+        return QuantizedModel(
+            model, self.name, config.bits, self.output_format if packed_any else "dense", options, layers,
+            lambda folder: save_compressed(model, weights, folder),
+        )

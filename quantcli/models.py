@@ -1,0 +1,176 @@
+"""Find and load causal LMs and tokenizers (Hub id, local folder, HF cache) and pick the layers to quantize."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantcli.config import DEFAULT_MODEL
+from quantcli.errors import InputError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_MODEL = ASSETS / "stories260K"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def resolve_model(spec: str) -> str:
+    """A loadable location for ``spec``: the embedded default, a local folder, or a Hub id."""
+    if spec in (DEFAULT_MODEL, "default"):
+        return str(EMBEDDED_MODEL)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise InputError(f"{spec} is a file, not a model folder. Pass the folder that holds config.json.")
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep == "\\" and "\\" in spec
+    if looks_like_path:
+        raise InputError(f"model folder {spec} does not exist. Check the path, or pass a Hub id like 'gpt2'.")
+    return spec
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from quantcli.errors import UnavailableError
+
+        raise UnavailableError(f"--device {device} asked for CUDA, but torch sees no GPU here. Use --device cpu.")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> "torch.dtype":
+    import torch
+
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return getattr(torch, dtype)
+
+
+def _hub_hint(spec: str, error: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such repo"
+    return ModelLoadError(
+        f"cannot load model '{spec}': it is not a local folder, not in the Hugging Face cache ({cache}/hub),"
+        f" and {why}. Pass a local path, or warm the cache first with `hf download {spec}`."
+        f" ({type(error).__name__})"
+    )
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        if Path(source).is_dir():
+            raise ModelLoadError(f"cannot load the tokenizer from {source}: {error}".splitlines()[0]) from error
+        raise _hub_hint(source, error) from error
+
+
+def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors preferred and errors made readable."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as error:
+        if Path(source).is_dir():
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelLoadError(f"cannot load a causal LM from {source}: {first}") from error
+        raise _hub_hint(source, error) from error
+    model.eval()
+    return model
+
+
+def weight_files(source: str) -> list[Path]:
+    """The weight files of a local or cached checkpoint (for sizes on disk)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001 - size on disk is informational; unknown when not cached
+            return []
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
+def bytes_on_disk(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Layers chosen for quantization, and those skipped with the reason."""
+
+    names: tuple[str, ...]
+    skipped: dict[str, str]
+
+
+def is_conv1d(module: Any) -> bool:
+    """GPT-2's ``Conv1D`` (weight stored ``[in, out]``), recognised without importing its module."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def select_modules(model: Any, skip_globs: tuple[str, ...] = (), include_globs: tuple[str, ...] = ("*",)) -> Selection:
+    """Linear and Conv1D layers matching ``include_globs`` minus ``skip_globs``; the output head is skipped."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) or is_conv1d(module)):
+            continue
+        if module is head:
+            skipped[name] = "output head (lm_head) kept in full precision"
+        elif any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs):
+            skipped[name] = "matched --skip-modules"
+        elif any(fnmatch.fnmatchcase(name, glob) for glob in include_globs):
+            names.append(name)
+    for glob in skip_globs:
+        if not any(fnmatch.fnmatchcase(name, glob) for name in [*names, *skipped]):
+            raise InputError(f"--skip-modules pattern '{glob}' matches no layer. Layer names look like '{(names or list(skipped) or ['?'])[0]}'.")
+    if not names:
+        raise InputError("no Linear or Conv1D layer is left to quantize. Loosen --skip-modules.")
+    return Selection(tuple(names), skipped)
+
+
+def weight_matrix(module: Any) -> "torch.Tensor":
+    """The layer's weight as ``[out_features, in_features]`` (Conv1D stores it transposed)."""
+    return module.weight.data.t() if is_conv1d(module) else module.weight.data
+
+
+def set_weight_matrix(module: Any, matrix: "torch.Tensor") -> None:
+    """Write ``[out, in]`` values back in the layer's own layout and dtype."""
+    values = matrix.t() if is_conv1d(module) else matrix
+    module.weight.data.copy_(values.to(module.weight.dtype))
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def bytes_in_memory(model: Any) -> int:
+    """Bytes of every distinct parameter and buffer (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+    return total

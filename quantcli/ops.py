@@ -1,0 +1,94 @@
+"""Pure-PyTorch reference quantization ops: the fallback everywhere and the tests' oracle.
+
+Conventions follow compressed-tensors (the format vLLM serves): integers are signed,
+``[-2**(bits-1), 2**(bits-1) - 1]``; ``q = clamp(round(w / scale) + zero_point)``;
+``w ≈ (q - zero_point) * scale``. Weights are 2-D ``[out_features, in_features]`` and
+groups run along the input dimension; ``group_size=None`` means one group per output channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """Smallest and largest signed integer representable in ``bits`` bits."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View ``[out, in]`` as ``[out, groups, group_size]``."""
+    out_features, in_features = weight.shape
+    size = in_features if group_size is None else group_size
+    if in_features % size:
+        raise ValueError(f"group size {size} does not divide in_features {in_features}")
+    return weight.reshape(out_features, in_features // size, size)
+
+
+def compute_qparams(
+    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero point per group: shapes ``[out, groups]`` (scale in weight dtype, zp int8)."""
+    groups = _grouped(weight.float(), group_size)
+    low = groups.amin(dim=-1).clamp(max=0)
+    high = groups.amax(dim=-1).clamp(min=0)
+    qmin, qmax = int_range(bits)
+    if symmetric:
+        scale = torch.maximum(low.abs(), high) / ((qmax - qmin) / 2)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero_point = torch.zeros_like(scale, dtype=torch.int8)
+    else:
+        scale = (high - low) / (qmax - qmin)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax).to(torch.int8)
+    return scale.to(weight.dtype), zero_point
+
+
+def quantize(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, group_size: int | None
+) -> torch.Tensor:
+    """Integers (int8 tensor, same shape as ``weight``) for the given per-group parameters."""
+    groups = _grouped(weight.float(), group_size)
+    qmin, qmax = int_range(bits)
+    scaled = groups / scale.float().unsqueeze(-1) + zero_point.float().unsqueeze(-1)
+    return torch.clamp(torch.round(scaled), qmin, qmax).to(torch.int8).reshape(weight.shape)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int | None
+) -> torch.Tensor:
+    """Real values ``(q - zero_point) * scale``, in the scale's dtype."""
+    groups = _grouped(q.float(), group_size)
+    values = (groups - zero_point.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return values.reshape(q.shape).to(scale.dtype)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None) -> torch.Tensor:
+    """Round-to-nearest quantize then dequantize: what an RTN layer computes with."""
+    scale, zero_point = compute_qparams(weight, bits, symmetric, group_size)
+    return dequantize(quantize(weight, scale, zero_point, bits, group_size), scale, zero_point, group_size)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed ``bits``-bit integers along the last dim into int32 words, lowest bits first.
+
+    Values are offset by ``2**(bits-1)`` to unsigned first; the last dim is zero-padded to a
+    multiple of ``32 // bits`` (compressed-tensors' ``pack-quantized`` layout).
+    """
+    per_word = 32 // bits
+    unsigned = (q.to(torch.int64) + 2 ** (bits - 1)) & (2**bits - 1)
+    pad = (-unsigned.shape[-1]) % per_word
+    unsigned = torch.nn.functional.pad(unsigned, (0, pad))
+    words = unsigned.reshape(*unsigned.shape[:-1], -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    packed = (words << shifts).sum(dim=-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``length`` signed integers per row, as int8."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = packed.to(torch.int64).unsqueeze(-1) & 0xFFFFFFFF
+    unsigned = ((words >> shifts) & (2**bits - 1)).reshape(*packed.shape[:-1], -1)[..., :length]
+    return (unsigned - 2 ** (bits - 1)).to(torch.int8)

@@ -1,0 +1,173 @@
+"""The two library entry points behind the CLI: ``quantize`` (load → calibrate → quantize → save →
+evaluate → Report) and ``evaluate`` (perplexity and speed of any checkpoint)."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+from quantcli import __version__
+from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
+from quantcli.config import EvalConfig, QuantizeConfig
+from quantcli.data import calibration_batch, read_documents, token_sequences
+from quantcli.perplexity import EvalResult, evaluate_sequences
+from quantcli.methods import default_method, get_method
+from quantcli.methods.base import QuantizeRequest
+from quantcli.models import (
+    bytes_in_memory,
+    bytes_on_disk,
+    load_model,
+    load_tokenizer,
+    parameter_count,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+    select_modules,
+    weight_files,
+)
+from quantcli.progress import NullProgress, Progress
+from quantcli.report import QuantizeReport, size_summary
+
+SCHEMA_VERSION = 1
+
+
+def default_output(model: str, method: str, bits: int) -> Path:
+    return Path(f"{Path(model.rstrip('/')).name}-{method}-w{bits}")
+
+
+def measure_perplexity(model: Any, tokenizer: Any, config: EvalConfig, progress: Progress, label: str, base_model: Any = None) -> EvalResult:
+    """Perplexity of ``model`` on ``config.dataset`` with every setting recorded."""
+    source = read_documents(config.dataset)
+    sequences = token_sequences(source.documents, tokenizer, config.bos, config.max_tokens)
+    settings = {"dataset": config.dataset, "bos": config.bos, "max_tokens": config.max_tokens}
+    with progress.task(f"eval {label}", total=sum(len(s) - 1 for s in sequences)) as advance:
+        return evaluate_sequences(
+            model, sequences, config.seq_len, config.effective_stride, config.batch_size, settings, base_model, advance
+        )
+
+
+def quantize(config: QuantizeConfig, progress: Progress | None = None) -> QuantizeReport:
+    """Quantize ``config.model`` and write the checkpoint; returns the report (also saved as report.json)."""
+    progress = progress or NullProgress()
+    timings: dict[str, float] = {}
+    device = pick_device(config.device)
+    method_name = config.method or default_method(config.bits, device)
+    method = get_method(method_name)
+    method_config = method.make_config(config.bits, config.method_options)
+    reason = method.unavailable_reason(device)
+    if reason:
+        from quantcli.errors import UnavailableError
+
+        raise UnavailableError(f"method {method_name} cannot run on {device} here: {reason}")
+    source = resolve_model(config.model)
+    output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits)
+    check_output(output, config.force, source)
+
+    start = time.perf_counter()
+    with progress.task("load model", total=None):
+        tokenizer = load_tokenizer(source, config.trust_remote_code)
+        model = load_model(source, pick_dtype(config.dtype, device), device, config.trust_remote_code)
+    timings["load"] = time.perf_counter() - start
+    selection = select_modules(model, config.skip_modules)
+    original_files = weight_files(source)
+    original = {
+        "disk_bytes": bytes_on_disk(original_files),
+        "memory_bytes": bytes_in_memory(model),
+        "parameters": parameter_count(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    before = None
+    if config.eval is not None:
+        start = time.perf_counter()
+        before = measure_perplexity(model, tokenizer, config.eval, progress, "original")
+        timings["eval_original"] = time.perf_counter() - start
+
+    calibration = None
+    if method.needs_calibration:
+        start = time.perf_counter()
+        with progress.task("calibration data", total=None):
+            documents = read_documents(config.calibration.dataset)
+            calib = config.calibration
+            calibration = calibration_batch(documents, tokenizer, calib.samples, calib.seq_len, calib.seed)
+        timings["calibration"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with progress.task(f"quantize ({method_name})", total=len(selection.names)) as advance:
+        request = QuantizeRequest(
+            source, model, tokenizer, selection.names, device, pick_dtype(config.dtype, device), method_config,
+            calibration, config.trust_remote_code, advance,
+        )
+        del model
+        quantized = method.quantize(request)
+        del request
+        gc.collect()
+    timings["quantize"] = time.perf_counter() - start
+
+    after = None
+    if config.eval is not None:
+        start = time.perf_counter()
+        after = measure_perplexity(quantized.model, tokenizer, config.eval, progress, "quantized")
+        timings["eval_quantized"] = time.perf_counter() - start
+
+    quantized_memory = bytes_in_memory(quantized.model)
+    start = time.perf_counter()
+    with progress.task("save", total=None), atomic_folder(output, config.force) as staging:
+        quantized.save(staging)
+        tokenizer.save_pretrained(staging)
+        quantized_bytes = bytes_on_disk(weight_files(str(staging)))
+        timings["save"] = time.perf_counter() - start
+        report = QuantizeReport(
+            schema_version=SCHEMA_VERSION,
+            quantcli_version=__version__,
+            model=config.model,
+            output=str(output),
+            method=method_name,
+            bits=config.bits,
+            format=quantized.format,
+            device=device,
+            options=quantized.options,
+            recipe=config.to_dict(),
+            calibration=None if calibration is None else {**vars(config.calibration), "tokens": int(calibration.numel())},
+            size=size_summary(original, quantized_bytes, quantized_memory),
+            perplexity_before=before,
+            perplexity_after=after,
+            timings=timings,
+            layers=quantized.layers,
+            skipped=selection.skipped,
+            stats=quantized.stats,
+        )
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "quantcli_version": __version__,
+            "method": method_name,
+            "bits": config.bits,
+            "format": quantized.format,
+            "options": quantized.options,
+            "source_model": config.model,
+            "layers": report.to_dict()["layers"],
+            "skipped": selection.skipped,
+        }
+        write_json(staging / METADATA_FILE, metadata)
+        write_json(staging / REPORT_FILE, report.to_dict())
+    return report
+
+
+def evaluate(model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None) -> dict[str, Any]:
+    """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given."""
+    progress = progress or NullProgress()
+    with progress.task("load model", total=None):
+        loaded, tokenizer, metadata = load(model, device)
+        base_model = load(base, device)[0] if base else None
+    result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "base": base,
+        "method": (metadata or {}).get("method"),
+        "bits": (metadata or {}).get("bits"),
+        "memory_bytes": bytes_in_memory(loaded),
+        "disk_bytes": bytes_on_disk(weight_files(resolve_model(model))),
+        **result.to_dict(),
+    }
