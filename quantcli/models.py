@@ -78,7 +78,12 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
 
 def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with safetensors preferred and errors made readable."""
+    import logging
+
     from transformers import AutoModelForCausalLM
+
+    # bitsandbytes logs "inputs will be cast to float16" on every int8 CPU matmul; it is expected there.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -164,13 +169,34 @@ def parameter_count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _quantization_tensors(module: Any) -> list[Any]:
+    """Tensors bitsandbytes keeps outside parameters: 4-bit quant state, int8 row scales."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    tensors = []
+    if state is not None:
+        tensors += [state.absmax, state.code]
+        if state.state2 is not None:
+            tensors += [state.state2.absmax, state.state2.code, state.offset]
+    scb = getattr(getattr(module, "weight", None), "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    return [*tensors, scb]
+
+
 def bytes_in_memory(model: Any) -> int:
-    """Bytes of every distinct parameter and buffer (tied weights counted once)."""
-    seen: set[int] = set()
+    """Bytes of every distinct parameter, buffer and bitsandbytes quantization state (tied weights once)."""
+    import torch
+
+    seen: set[tuple[int, int, int]] = set()
     total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        tensors += _quantization_tensors(module)
+    for tensor in tensors:
+        if not torch.is_tensor(tensor) or tensor.device.type == "meta":
             continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
     return total
