@@ -70,25 +70,23 @@ def fake_quantize(weight: torch.Tensor, bits: int, symmetric: bool, group_size: 
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed ``bits``-bit integers along the last dim into int32 words, lowest bits first.
+    """Pack signed ``bits``-bit integers along the last dim into int32 words as one dense bit stream.
 
-    Values are offset by ``2**(bits-1)`` to unsigned first; the last dim is zero-padded to a
-    multiple of ``32 // bits`` (compressed-tensors' ``pack-quantized`` layout).
+    Values are offset by ``2**(bits-1)`` to unsigned; value ``i`` of a row takes bits
+    ``[i*bits, (i+1)*bits)`` of the row's stream, lowest first, zero-padded to whole words
+    (compressed-tensors' ``pack-quantized`` layout, so 3-bit values may straddle two words).
     """
-    per_word = 32 // bits
     unsigned = (q.to(torch.int64) + 2 ** (bits - 1)) & (2**bits - 1)
-    pad = (-unsigned.shape[-1]) % per_word
-    unsigned = torch.nn.functional.pad(unsigned, (0, pad))
-    words = unsigned.reshape(*unsigned.shape[:-1], -1, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    packed = (words << shifts).sum(dim=-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    stream = (unsigned.unsqueeze(-1) >> torch.arange(bits)) & 1
+    stream = stream.reshape(*q.shape[:-1], -1)
+    stream = torch.nn.functional.pad(stream, (0, (-stream.shape[-1]) % 32))
+    words = (stream.reshape(*q.shape[:-1], -1, 32) << torch.arange(32)).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``length`` signed integers per row, as int8."""
-    per_word = 32 // bits
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    words = packed.to(torch.int64).unsqueeze(-1) & 0xFFFFFFFF
-    unsigned = ((words >> shifts) & (2**bits - 1)).reshape(*packed.shape[:-1], -1)[..., :length]
+    """Inverse of :func:`pack`: the first ``length`` signed integers of each row, as int8."""
+    stream = ((packed.to(torch.int64).unsqueeze(-1) & 0xFFFFFFFF) >> torch.arange(32)) & 1
+    stream = stream.reshape(*packed.shape[:-1], -1)[..., : length * bits]
+    unsigned = (stream.reshape(*packed.shape[:-1], length, bits) << torch.arange(bits)).sum(dim=-1)
     return (unsigned - 2 ** (bits - 1)).to(torch.int8)

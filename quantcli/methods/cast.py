@@ -8,6 +8,7 @@ from pathlib import Path
 from quantcli.errors import InputError
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.models import load_model
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,10 @@ class CastQuantizer(Quantizer):
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         import torch
 
-        model = request.model.to(getattr(torch, request.config.dtype))
+        # Loaded at the target dtype (not model.to(dtype)), exactly as transformers reloads it:
+        # .to() would also round buffers such as RoPE's inv_freq that loading keeps in float32.
+        request.model = None
+        model = load_model(request.source, getattr(torch, request.config.dtype), request.device, request.trust_remote_code)
         layers = {name: LayerRecord(bits=16, scheme=request.config.dtype) for name in request.layers}
         request.progress(len(request.layers))
 

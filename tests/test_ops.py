@@ -1,0 +1,48 @@
+"""Reference ops: conventions, error bounds, and packing identical to compressed-tensors'."""
+
+import pytest
+import torch
+
+from quantcli import ops
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_round_trip_error_is_at_most_half_a_step(bits, symmetric, group_size):
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(bits))
+    scale, zero_point = ops.compute_qparams(weight, bits, symmetric, group_size)
+    q = ops.quantize(weight, scale, zero_point, bits, group_size)
+    qmin, qmax = ops.int_range(bits)
+    assert q.dtype == torch.int8 and q.min() >= qmin and q.max() <= qmax
+    restored = ops.dequantize(q, scale, zero_point, group_size)
+    step = scale.repeat_interleave(group_size or 64, dim=1)
+    # symmetric grids clip the largest positive value by up to one step (range is [-8, 7] * scale)
+    bound = step * (1.0 if symmetric else 0.5) + 1e-6
+    assert ((restored - weight).abs() <= bound).all()
+    if symmetric:
+        assert (zero_point == 0).all()
+
+
+def test_eight_bit_is_much_finer_than_four_bit():
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    err8 = (ops.fake_quantize(weight, 8, True, None) - weight).norm()
+    err4 = (ops.fake_quantize(weight, 4, True, 32) - weight).norm()
+    assert err8 * 8 < err4
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        ops.compute_qparams(torch.randn(4, 172), 4, True, 32)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_pack_unpack_round_trip_and_matches_compressed_tensors(bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    qmin, qmax = ops.int_range(bits)
+    q = torch.randint(qmin, qmax + 1, (6, 172), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    packed = ops.pack(q, bits)
+    assert packed.shape == (6, -(-172 * bits // 32))
+    assert torch.equal(ops.unpack(packed, bits, 172), q)
+    assert torch.equal(packed, pack_to_int32(q, bits))  # the layout vLLM reads, bit for bit
