@@ -90,3 +90,12 @@ def test_help_is_fast_and_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     result = subprocess.run([sys.executable, "-m", "quantcli", "--help"], capture_output=True, text=True, check=True)
     assert "quantize" in result.stdout and "eval" in result.stdout
+
+
+def test_every_method_is_registered_whatever_was_imported_first():
+    code = (
+        "import quantcli.methods.bnb; from quantcli.methods import available_methods;"
+        "print(' '.join(m.name for m in available_methods()))"
+    )
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert {"bnb-int8", "bnb-nf4", "bnb-fp4", "rtn", "cast"} <= set(names)

@@ -21,12 +21,18 @@ def register_method(cls: type["Quantizer"]) -> type["Quantizer"]:
     return cls
 
 
+_discovered = False
+
+
 def _discover() -> None:
-    if _REGISTRY:
+    """Import every method module once (a module imported directly registers only itself)."""
+    global _discovered
+    if _discovered:
         return
     for module in pkgutil.iter_modules(__path__):
         if module.name != "base":
             importlib.import_module(f"{__name__}.{module.name}")
+    _discovered = True
 
 
 def available_methods() -> list[type["Quantizer"]]:
