@@ -29,6 +29,15 @@ EVAL = EvalConfig(max_tokens=4096)
 GATE, DOWN = "model.layers.2.mlp.gate_proj", "model.layers.2.mlp.down_proj"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """64-wide matrices gain nothing from threads, and spinning ones crawl on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(SOURCE)
