@@ -1,0 +1,320 @@
+"""GPTQ (Frantar et al., 2022): calibrated 3/4/8-bit integer weights in pure PyTorch (CPU and CUDA).
+
+Each layer's columns are rounded one at a time; each rounding error is spread over the columns not
+yet quantized through the upper Cholesky factor of ``H^-1``, with ``H = 2/n·XᵀX`` from the layer's
+calibration inputs ``X``, which lowers ``||WX - QX||²`` well below round-to-nearest.
+
+Sequential and memory-bounded: the inputs of the first decoder block (the ``ModuleList`` with the
+most parameters that holds the selected layers) are captured for every calibration sample; then
+each block in turn is quantized and run once more with its quantized weights to make the next
+block's inputs, so only one block's activations are alive. Within a block, layers are done in the
+order they run, grouped by shared input (q/k/v, o, gate/up, down): each group's Hessians are
+collected by re-running the block with the earlier groups already quantized.
+
+``act_order`` visits columns by decreasing ``diag(H)`` with *static* groups: scales come from the
+original weights in plain group order, so the checkpoint keeps the plain group layout
+(compressed-tensors has no ``g_idx``). Without it, a group's scale is computed from its updated
+weights when GPTQ first reaches it. The group rule is :func:`plan_layouts`' (172-wide layers go
+per channel). Layers no calibration pass reaches fall back to round-to-nearest, with a note.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from quantcli import ops
+from quantcli.errors import InputError, UnavailableError
+from quantcli.intweights import IntLayout, IntWeights, plan_layouts, resolve_group_size
+from quantcli.methods import register_method
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.models import set_weight_matrix, weight_matrix
+
+BATCH = 8  # calibration samples per forward pass
+DAMP_RETRIES = 4  # times damping is multiplied by 10 before a layer falls back to round-to-nearest
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """``damp``: fraction of the mean of ``diag(H)`` added to it; ``block_size``: columns per lazy update."""
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool | None = None
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", True)
+        if not 0 < self.damp < 1:
+            raise InputError(f"gptq damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use e.g. 0.01.")
+        if self.block_size <= 0:
+            raise InputError(f"gptq block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128.")
+
+
+def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1``, raising ``damp`` tenfold on failure."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean = torch.diag(hessian).mean()
+    for _ in range(DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return upper, damp
+        damp *= 10
+    return None, damp
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False) -> tuple[IntWeights, list[str]]:
+    """GPTQ one ``[out, in]`` weight given its Hessian; returns its integers and notes on any fallback.
+
+    ``ops.dequantize`` of the result is exactly what the error feedback assumed. Inputs never active
+    in calibration (``diag(H) = 0``) get a unit diagonal: rounded to nearest, coupled to nothing.
+    """
+    bits, group_size, dtype = layout.bits, layout.group_size, weight.dtype
+    matrix = weight.detach().float().clone()
+    hessian = hessian.detach().float().clone()
+    out_features, columns = matrix.shape
+    notes: list[str] = []
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+
+    def qparams(values: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero_point = ops.compute_qparams(values, bits, layout.symmetric, size)
+        return scale.to(dtype).float(), zero_point  # the grid the stored scale (model dtype) gives
+
+    static = group_size is None or act_order
+    groups = 1 if group_size is None else columns // group_size
+    if static:
+        scale, zero_point = qparams(matrix, group_size)
+    else:
+        scale = torch.ones(out_features, groups, device=matrix.device)
+        zero_point = torch.zeros(out_features, groups, dtype=torch.int8, device=matrix.device)
+    order = torch.arange(columns, device=matrix.device)
+    if act_order:
+        order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+        matrix, hessian = matrix[:, order], hessian[order][:, order]
+    group_of = (order // group_size if group_size else torch.zeros_like(order)).tolist()
+
+    upper, used_damp = _upper_inverse_cholesky(hessian, damp)
+    if upper is None:
+        notes.append(f"round-to-nearest: Hessian not positive definite even with damp {used_damp / 10:g}")
+        upper = torch.eye(columns, device=matrix.device)  # no error feedback: plain rounding
+    elif used_damp != damp:
+        notes.append(f"damp raised to {used_damp:g} for a positive definite Hessian")
+
+    q = torch.zeros(out_features, columns, dtype=torch.int8, device=matrix.device)
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = matrix[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            column, group = start + i, group_of[start + i]
+            if not static and column % group_size == 0:
+                pending = block[:, i : i + group_size]
+                if i + group_size > end - start:  # the group runs past this block: apply its pending updates
+                    beyond = slice(end, column + group_size)
+                    pending = torch.cat([pending, matrix[:, beyond] - errors[:, :i] @ upper[start:column, beyond]], dim=1)
+                scale[:, group : group + 1], zero_point[:, group : group + 1] = qparams(pending, None)
+            s, z = scale[:, group : group + 1], zero_point[:, group : group + 1]
+            q[:, column : column + 1] = ops.quantize(block[:, i : i + 1], s, z, bits, None)
+            rounded = ops.dequantize(q[:, column : column + 1], s, z, None)[:, 0]
+            errors[:, i] = (block[:, i] - rounded) / upper[column, column]
+            block[:, i:] -= errors[:, i : i + 1] * upper[column : column + 1, column:end]
+        matrix[:, end:] -= errors @ upper[start:end, end:]
+    q = q[:, torch.argsort(order)]
+    return IntWeights(q, scale.to(dtype), zero_point, layout), notes
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs."""
+
+
+def _decoder_blocks(model: Any, names: tuple[str, ...]) -> tuple[str, torch.nn.ModuleList]:
+    """The ``ModuleList`` with the most parameters among those holding selected layers."""
+    found = [
+        (sum(p.numel() for p in module.parameters()), prefix, module)
+        for prefix, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and any(n.startswith(prefix + ".") for n in names)
+    ]
+    if not found:
+        raise UnavailableError("gptq found no list of decoder blocks holding the layers to quantize in this model. Use --method rtn.")
+    _, prefix, blocks = max(found, key=lambda item: item[0])
+    return prefix, blocks
+
+
+Inputs = list[tuple[torch.Tensor, tuple, dict]]  # per mini-batch: hidden states, other args, kwargs
+
+
+def _first_block_inputs(model: Any, block: torch.nn.Module, calibration: torch.Tensor) -> Inputs:
+    """What the model feeds ``block`` for each mini-batch of calibration windows."""
+    captured: Inputs = []
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, tuple(args[1:]), kwargs))
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calibration.split(BATCH):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run(block: torch.nn.Module, inputs: Inputs) -> list[torch.Tensor]:
+    outputs = [block(hidden, *args, **kwargs) for hidden, args, kwargs in inputs]
+    return [out[0] if isinstance(out, tuple) else out for out in outputs]
+
+
+def _groups_in_run_order(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) -> list[list[str]]:
+    """``layers`` in the order the block calls them, consecutive calls on one input tensor grouped."""
+    groups: list[list[str]] = []
+    last: list[Any] = [None]
+
+    def hook_for(name: str) -> Any:
+        def hook(module: Any, args: tuple) -> None:
+            if any(name in group for group in groups):
+                return
+            if args[0] is last[0]:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+                last[0] = args[0]
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        _run(block, inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
+
+
+def _hessians(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """``2/n·XᵀX`` (float32, running mean) of each layer's inputs over all calibration tokens.
+
+    ``layers`` are in run order; each pass stops once the last of them has seen its input.
+    """
+    hessians = {name: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], device=m.weight.device) for name, m in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook_for(name: str) -> Any:
+        def hook(module: Any, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            seen = counts[name] = counts[name] + x.shape[0]
+            hessians[name].mul_((seen - x.shape[0]) / seen).addmm_(x.t(), x, alpha=2 / seen)
+            if name == last:
+                raise _Stop
+        return hook
+
+    last = list(layers)[-1]
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        for one in inputs:
+            try:
+                _run(block, [one])
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def _memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@register_method
+class GPTQQuantizer(Quantizer):
+    name = "gptq"
+    summary = "GPTQ, calibrated and sequential, pure PyTorch (INT8/INT4/INT3, groups, act-order); compressed-tensors output"
+    supported_bits = (8, 4, 3)
+    config_class = GPTQConfig
+    needs_calibration = True
+    output_format = "compressed-tensors"
+
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        from quantcli.compressed import save_compressed, storage_note
+
+        config, model = request.config, request.model
+        if request.calibration is None:
+            raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
+        modules = dict(model.named_modules())
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size)
+        prefix, blocks = _decoder_blocks(model, request.layers)
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        weights: dict[str, IntWeights] = {}
+        notes: dict[str, list[str]] = {name: [note] if note else [] for name, (_, note) in plan.items()}
+
+        def finish(name: str, hessian: torch.Tensor | None) -> None:
+            layout, module, matrix = plan[name][0], modules[name], weight_matrix(modules[name])
+            if hessian is None:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
+                notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
+                hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
+            layer, extra = gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order)
+            notes[name].extend(extra)
+            set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
+            weights[name] = layer
+            request.progress(1)
+
+        peak = _memory(device)
+        groups = 0
+        with torch.no_grad():
+            inputs = _first_block_inputs(model, blocks[0], request.calibration)
+            for index, block in enumerate(blocks):
+                inside = {name: modules[name] for name in plan if name.startswith(f"{prefix}.{index}.")}
+                for group in _groups_in_run_order(block, inside, inputs) if inside else []:
+                    for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs).items():
+                        finish(name, hessian)
+                    groups += 1
+                    peak = max(peak, _memory(device))
+                if index + 1 < len(blocks):
+                    inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(_run(block, inputs), inputs)]
+                peak = max(peak, _memory(device))
+        for name in plan:
+            if name not in weights:
+                finish(name, None)
+
+        layers = {}
+        for name, (layout, _) in plan.items():
+            note = "; ".join(filter(None, (*notes[name], storage_note(modules[name]))))
+            scheme = "group" if layout.group_size else "channel"
+            layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(weight_matrix(modules[name]).shape), note or None)
+        options = {key: value for key, value in asdict(config).items() if key != "bits"}
+        stats = {
+            "peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes": peak,
+            "calibration_tokens": int(request.calibration.numel()),
+            "calibration_activation_bytes": sum(h.numel() * h.element_size() for h, _, _ in inputs),
+            "hessian_dtype": "float32",
+            "decoder_blocks": f"{prefix} ({len(blocks)})",
+            "sequential_groups": groups,
+        }
+        packed_any = any(storage_note(modules[name]) is None for name in weights)
+        return QuantizedModel(
+            model, self.name, config.bits, self.output_format if packed_any else "dense", options, layers,
+            lambda folder: save_compressed(model, weights, folder), stats,
+        )
+

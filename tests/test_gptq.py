@@ -1,0 +1,181 @@
+"""GPTQ on real data (stories260K, TinyStories): beats round-to-nearest per layer and in perplexity,
+writes exact checkpoints that plain transformers and quantcli load alike, handles GPT-2 Conv1D."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import quantcli
+from quantcli import ops
+from quantcli.compressed import CONV1D_NOTE
+from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.data import calibration_batch, read_documents
+from quantcli.errors import InputError
+from quantcli.intweights import IntLayout
+from quantcli.methods import available_methods, get_method
+from quantcli.methods.base import QuantizedModel, QuantizeRequest
+from quantcli.models import EMBEDDED_MODEL, load_model, load_tokenizer, select_modules
+
+available_methods()  # fill the registry first: it skips discovery once any method module is imported
+from quantcli.methods.gptq import gptq_quantize  # noqa: E402
+
+SOURCE = str(EMBEDDED_MODEL)
+CALIB = CalibrationConfig(samples=32, seq_len=128)
+EVAL = EvalConfig(max_tokens=4096)
+GATE, DOWN = "model.layers.2.mlp.gate_proj", "model.layers.2.mlp.down_proj"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """64-wide matrices gain nothing from threads, and spinning ones crawl on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(SOURCE)
+
+
+@pytest.fixture(scope="module")
+def calibration(tokenizer) -> torch.Tensor:
+    """The same windows the pipeline draws for ``CALIB``."""
+    return calibration_batch(read_documents(CALIB.dataset), tokenizer, CALIB.samples, CALIB.seq_len, CALIB.seed)
+
+
+def run_gptq(source: str, tokenizer, calibration: torch.Tensor, bits: int = 4, **options) -> QuantizedModel:
+    """GPTQ in memory, as the pipeline calls it."""
+    model = load_model(source, torch.float32, "cpu")
+    method = get_method("gptq")
+    config = method.make_config(bits, options)
+    return method.quantize(QuantizeRequest(source, model, tokenizer, select_modules(model).names, "cpu", torch.float32, config, calibration))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def pipeline(tmp: Path, method: str, model: str = SOURCE, evaluate: bool = True, **options):
+    config = QuantizeConfig(bits=4, model=model, method=method, output=tmp / method, method_options=options,
+                            calibration=CALIB, eval=EVAL if evaluate else None, device="cpu")
+    return quantcli.quantize(config)
+
+
+@pytest.fixture(scope="module")
+def layer_inputs(calibration):
+    """Real weights and calibration inputs ``X`` (``[tokens, in]``) of two layers of block 2."""
+    model = load_model(SOURCE, torch.float32, "cpu")
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.update({n: a[0].reshape(-1, a[0].shape[-1])})) for n in (GATE, DOWN)]
+    logits(model, calibration)
+    for handle in handles:
+        handle.remove()
+    return {name: (modules[name].weight.data.clone(), seen[name]) for name in (GATE, DOWN)}
+
+
+@pytest.mark.parametrize("name, bits, group_size, act_order", [(GATE, 4, 32, False), (GATE, 4, 32, True), (GATE, 3, 32, False), (DOWN, 3, None, False)])
+def test_layer_error_below_round_to_nearest(layer_inputs, name, bits, group_size, act_order):
+    weight, x = layer_inputs[name]
+    result, notes = gptq_quantize(weight, 2 * x.T @ x / x.shape[0], IntLayout(bits, True, group_size), act_order=act_order)
+    gptq = ops.dequantize(result.q, result.scale, result.zero_point, group_size)
+    rtn = ops.fake_quantize(weight, bits, True, group_size)
+
+    def proxy_loss(quantized: torch.Tensor) -> float:
+        return ((weight - quantized) @ x.T).pow(2).sum().item()
+
+    assert notes == []
+    assert proxy_loss(gptq) < 0.8 * proxy_loss(rtn)
+    low, high = ops.int_range(bits)
+    assert int(result.q.min()) >= low and int(result.q.max()) <= high
+    assert torch.equal(ops.quantize(gptq, result.scale, result.zero_point, bits, group_size), result.q)
+
+
+def test_unseen_inputs_round_to_nearest(layer_inputs):
+    weight, _ = layer_inputs[GATE]
+    result, _ = gptq_quantize(weight, torch.zeros(64, 64), IntLayout(4, True, 32))
+    assert torch.equal(ops.dequantize(result.q, result.scale, result.zero_point, 32), ops.fake_quantize(weight, 4, True, 32))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """gptq and rtn INT4 g32 through the whole pipeline, evaluated on the eval split."""
+    tmp = tmp_path_factory.mktemp("stories")
+    return tmp, pipeline(tmp, "gptq", group_size=32), pipeline(tmp, "rtn", group_size=32)
+
+
+def test_perplexity_below_round_to_nearest(checkpoints):
+    _, gptq, rtn = checkpoints
+    assert gptq.perplexity_after.settings == rtn.perplexity_after.settings
+    assert gptq.perplexity_delta["absolute"] < 0.6 * rtn.perplexity_delta["absolute"]
+    assert gptq.stats["calibration_tokens"] == CALIB.samples * CALIB.seq_len
+    assert gptq.stats["peak_rss_bytes"] > 0 and gptq.stats["decoder_blocks"] == "model.layers (5)"
+    assert gptq.fallbacks[DOWN].startswith("per-channel: group size 32 does not divide in_features 172")
+
+
+def test_checkpoint_loads_everywhere_with_identical_logits(checkpoints, tokenizer, calibration):
+    from transformers import AutoModelForCausalLM
+
+    tmp, _, _ = checkpoints
+    ids = calibration[:2]
+    plain = logits(AutoModelForCausalLM.from_pretrained(tmp / "gptq"), ids)
+    ours = logits(quantcli.load(tmp / "gptq", device="cpu")[0], ids)
+    in_memory = logits(run_gptq(SOURCE, tokenizer, calibration, group_size=32).model, ids)
+    assert torch.equal(plain, ours) and torch.equal(ours, in_memory)
+
+
+@pytest.fixture(scope="module")
+def act_order_runs(tokenizer, calibration):
+    """Two identical act-order runs, with their weights copied before anything saves (saving mutates)."""
+    runs = [run_gptq(SOURCE, tokenizer, calibration, group_size=32, act_order=True) for _ in range(2)]
+    return runs, [{key: value.clone() for key, value in run.model.state_dict().items()} for run in runs]
+
+
+def test_act_order_keeps_the_plain_group_layout(act_order_runs, tmp_path):
+    quantized = act_order_runs[0][0]
+    assert quantized.layers[GATE].scheme == "group" and quantized.layers[GATE].group_size == 32
+    quantized.save(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as tensors:
+        assert not [key for key in tensors.keys() if "g_idx" in key]
+        assert tuple(tensors.get_tensor(f"{GATE}.weight_scale").shape) == (172, 64 // 32)
+
+
+def test_deterministic(act_order_runs):
+    first, second = act_order_runs[1]
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_gpt2_conv1d_quantizes_and_reloads(tmp_path, tokenizer, calibration):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=128, bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    report = pipeline(tmp_path, "gptq", model=str(tmp_path / "gpt2"), evaluate=False, group_size=32)
+    in_memory = run_gptq(str(tmp_path / "gpt2"), tokenizer, calibration, group_size=32)
+    assert report.stats["decoder_blocks"] == "transformer.h (2)"
+    assert report.fallbacks["transformer.h.0.mlp.c_fc"] == CONV1D_NOTE
+    reloaded = quantcli.load(tmp_path / "gptq", device="cpu")[0]
+    assert torch.equal(logits(reloaded, calibration[:2]), logits(in_memory.model, calibration[:2]))
+
+
+@pytest.mark.parametrize("bits, options, message", [
+    (4, {"damp": 0}, "damp must be between 0 and 1"),
+    (4, {"damp": 2.0}, "damp must be between 0 and 1"),
+    (4, {"block_size": 0}, "block_size must be a positive number"),
+    (4, {"group_size": 0}, "group size must be a positive integer or -1"),
+    (4, {"desc_act": True}, "do not apply to method gptq"),
+    (4, {"act_order": "yes"}, "act_order of method gptq must be bool"),
+    (2, {}, "supports --bits 8, 4, 3"),
+])
+def test_bad_options_say_the_fix(bits, options, message):
+    with pytest.raises(InputError, match=message):
+        get_method("gptq").make_config(bits, options)
