@@ -25,16 +25,16 @@ from quantcli.models import EMBEDDED_MODEL, bytes_on_disk, weight_files
 from quantcli.pipeline import measure_perplexity
 from quantcli.progress import NullProgress
 
-RUNS = [  # label, method, bits, options
+RUNS = [  # label, method, bits, options (gptq: act-order with static groups unless stated)
     ("rtn int4 g32", "rtn", 4, {"group_size": 32}),
     ("rtn int4 g64", "rtn", 4, {"group_size": 64}),
     ("rtn int4 per-channel", "rtn", 4, {"group_size": -1}),
+    ("rtn int4 g32 mse", "rtn", 4, {"group_size": 32, "observer": "mse"}),
     ("bnb-nf4", "bnb-nf4", 4, {}),
     ("gptq int4 g32", "gptq", 4, {"group_size": 32}),
     ("gptq int4 g64", "gptq", 4, {"group_size": 64}),
     ("gptq int4 per-channel", "gptq", 4, {"group_size": -1}),
-    ("gptq int4 g32 act-order", "gptq", 4, {"group_size": 32, "act_order": True}),
-    ("gptq int4 g64 act-order", "gptq", 4, {"group_size": 64, "act_order": True}),
+    ("gptq int4 g32 no act-order", "gptq", 4, {"group_size": 32, "act_order": False}),
     ("gptq int3 g32", "gptq", 3, {"group_size": 32}),
 ]
 
@@ -108,12 +108,14 @@ def markdown(rows: list[dict], settings: dict) -> str:
             continue
         seconds = "" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f} s"
         lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
-    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and "delta" in row}
+    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and "delta" in row and row["options"]["observer"] == "minmax"}
+    nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
     lines.append("")
     for row in rows:
         baseline = rtn.get(row.get("options", {}).get("group_size"))
         if row["method"] == "gptq" and row["bits"] == 4 and baseline:
-            lines.append(f"- {row['label']}: perplexity increase {row['delta'] / baseline['delta']:.2f}x that of {baseline['label']}.")
+            versus_nf4 = f"; {'below' if nf4 and row['delta'] < nf4['delta'] else 'not below'} bnb-nf4's" if nf4 else ""
+            lines.append(f"- {row['label']}: perplexity increase {row['delta'] / baseline['delta']:.2f}x that of {baseline['label']}{versus_nf4}.")
     return "\n".join(lines) + "\n"
 
 

@@ -21,11 +21,13 @@ DEFAULT_GROUP_SIZE = 64
 
 @dataclass(frozen=True)
 class IntLayout:
-    """Bits, symmetry and grouping of one layer's integers (``group_size=None``: per channel)."""
+    """Bits, symmetry and grouping of one layer's integers (``group_size=None``: per channel), and
+    the observer that picks their scales (``minmax`` or ``mse``; it does not change the storage)."""
 
     bits: int
     symmetric: bool
     group_size: int | None
+    observer: str = "minmax"
 
 
 @dataclass
@@ -49,17 +51,27 @@ def resolve_group_size(group_size: int | None, bits: int) -> int | None:
     return group_size
 
 
-def plan_layouts(model: Any, names: tuple[str, ...], bits: int, symmetric: bool, group_size: int | None) -> dict[str, tuple[IntLayout, str | None]]:
+def check_observer(observer: str) -> str:
+    from quantcli.ops import OBSERVERS
+
+    if observer not in OBSERVERS:
+        raise InputError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}.")
+    return observer
+
+
+def plan_layouts(
+    model: Any, names: tuple[str, ...], bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax"
+) -> dict[str, tuple[IntLayout, str | None]]:
     """Each layer's layout and, where the group rule changed it, the reason."""
     modules = dict(model.named_modules())
     plan: dict[str, tuple[IntLayout, str | None]] = {}
     for name in names:
         in_features = weight_matrix(modules[name]).shape[1]
         if group_size is None or in_features % group_size == 0:
-            plan[name] = (IntLayout(bits, symmetric, group_size), None)
+            plan[name] = (IntLayout(bits, symmetric, group_size, observer), None)
         else:
             note = f"per-channel: group size {group_size} does not divide in_features {in_features}"
-            plan[name] = (IntLayout(bits, symmetric, None), note)
+            plan[name] = (IntLayout(bits, symmetric, None, observer), note)
     if group_size is not None and all(note for _, note in plan.values()):
         widths = sorted({weight_matrix(modules[n]).shape[1] for n in names})
         raise InputError(

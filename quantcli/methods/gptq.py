@@ -27,7 +27,7 @@ import torch
 
 from quantcli import ops
 from quantcli.errors import InputError, UnavailableError
-from quantcli.intweights import IntLayout, IntWeights, plan_layouts, resolve_group_size
+from quantcli.intweights import IntLayout, IntWeights, check_observer, plan_layouts, resolve_group_size
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
@@ -43,11 +43,13 @@ class GPTQConfig:
     bits: int
     group_size: int | None = None
     symmetric: bool | None = None
-    act_order: bool = False
+    act_order: bool = True
+    observer: str = "minmax"
     damp: float = 0.01
     block_size: int = 128
 
     def __post_init__(self) -> None:
+        check_observer(self.observer)
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", True)
@@ -87,7 +89,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     hessian[dead, dead] = 1
 
     def qparams(values: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero_point = ops.compute_qparams(values, bits, layout.symmetric, size)
+        scale, zero_point = ops.compute_qparams(values, bits, layout.symmetric, size, layout.observer)
         return scale.to(dtype).float(), zero_point  # the grid the stored scale (model dtype) gives
 
     static = group_size is None or act_order
@@ -261,7 +263,7 @@ class GPTQQuantizer(Quantizer):
         if request.calibration is None:
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size)
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
         prefix, blocks = _decoder_blocks(model, request.layers)
         device = next(model.parameters()).device
         if device.type == "cuda":

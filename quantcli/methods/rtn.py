@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantcli import ops
-from quantcli.intweights import IntWeights, plan_layouts, resolve_group_size
+from quantcli.intweights import IntWeights, check_observer, plan_layouts, resolve_group_size
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
@@ -21,8 +21,10 @@ class RTNConfig:
     bits: int
     group_size: int | None = None
     symmetric: bool | None = None
+    observer: str = "minmax"
 
     def __post_init__(self) -> None:
+        check_observer(self.observer)
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", True)
@@ -42,12 +44,12 @@ class RTNQuantizer(Quantizer):
         config = request.config
         model = request.model
         modules = dict(model.named_modules())
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size)
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
         weights: dict[str, IntWeights] = {}
         layers: dict[str, LayerRecord] = {}
         for name, (layout, note) in plan.items():
             matrix = weight_matrix(modules[name])
-            scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size)
+            scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
             q = ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size)
             set_weight_matrix(modules[name], ops.dequantize(q, scale, zero_point, layout.group_size))
             weights[name] = IntWeights(q, scale, zero_point, layout)
@@ -55,7 +57,7 @@ class RTNQuantizer(Quantizer):
             notes = "; ".join(filter(None, (note, storage_note(modules[name]))))
             layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(matrix.shape), notes or None)
             request.progress(1)
-        options = {"group_size": config.group_size, "symmetric": config.symmetric}
+        options = {"group_size": config.group_size, "symmetric": config.symmetric, "observer": config.observer}
         packed_any = any(storage_note(modules[name]) is None for name in weights)
         return QuantizedModel(
             model, self.name, config.bits, self.output_format if packed_any else "dense", options, layers,
