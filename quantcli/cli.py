@@ -86,6 +86,7 @@ def quantize(
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric or zero-point integers (rtn/gptq)."),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (bnb-nf4/fp4)."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy."),
+    observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: minmax (default) or mse (clipping search)."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
     calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text: a local .txt/.jsonl/.parquet or a Hub spec path:config:split."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows."),
@@ -115,7 +116,7 @@ def quantize(
         recipe["trust_remote_code"] = True
     if skip_modules:
         recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
-    recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order))
+    recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order, observer=observer))
     calibration = dict(recipe.get("calibration") or {})
     calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
     recipe["calibration"] = calibration
