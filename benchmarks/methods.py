@@ -26,6 +26,9 @@ from quantcli.pipeline import measure_perplexity
 from quantcli.progress import NullProgress
 
 RUNS = [  # label, method, bits, options (gptq: act-order with static groups unless stated)
+    ("cast bf16", "cast", 16, {}),
+    ("rtn int8", "rtn", 8, {}),
+    ("bnb-int8", "bnb-int8", 8, {}),
     ("rtn int4 g32", "rtn", 4, {"group_size": 32}),
     ("rtn int4 g64", "rtn", 4, {"group_size": 64}),
     ("rtn int4 per-channel", "rtn", 4, {"group_size": -1}),
@@ -108,7 +111,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
             continue
         seconds = "" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f} s"
         lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
-    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and "delta" in row and row["options"]["observer"] == "minmax"}
+    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"]["observer"] == "minmax"}
     nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
     lines.append("")
     for row in rows:
