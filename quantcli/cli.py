@@ -97,6 +97,7 @@ def quantize(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -106,7 +107,7 @@ def quantize(
     from quantcli.pipeline import quantize as run_quantize
 
     recipe: dict[str, Any] = load_recipe(config) if config else {}
-    recipe.update(_given(bits=bits, method=method, output=output, device=device, dtype=dtype))
+    recipe.update(_given(bits=bits, method=method, output=output, device=device, dtype=dtype, max_shard_size=max_shard_size))
     if model != "stories260K" or "model" not in recipe:
         recipe["model"] = model
     if force:

@@ -17,6 +17,7 @@ from typing import Any
 
 from quantcli.errors import CheckpointError
 from quantcli.intweights import IntWeights
+from quantcli.methods.base import shard_kwargs
 from quantcli.models import is_conv1d
 
 CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
@@ -51,7 +52,7 @@ def _schemes(weights: dict[str, IntWeights]) -> dict[str, Any]:
     return schemes
 
 
-def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path) -> None:
+def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None) -> None:
     """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``).
 
     The library re-derives each integer as ``round(w / scale + zp)`` from the layer's weight, so
@@ -67,12 +68,12 @@ def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path) ->
     modules = dict(model.named_modules())
     packable = {name: layer for name, layer in weights.items() if storage_note(modules[name]) is None}
     if not packable:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **shard_kwargs(max_shard_size))
         return
     head = model.get_output_embeddings()
     ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in packable]
     config = QuantizationConfig(config_groups=_schemes(packable), ignore=ignore or [n for n, m in modules.items() if m is head], quantization_status=QuantizationStatus.FROZEN)
-    apply_quantization_config(model, config)
+    apply_quantization_config(model, config, show_progress=False)
     with torch.no_grad():
         for name, layer in packable.items():
             module = modules[name]
@@ -83,7 +84,7 @@ def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path) ->
             module.weight = torch.nn.Parameter(exact, requires_grad=False)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **shard_kwargs(max_shard_size))
     compressor.update_config(str(folder))
 
 

@@ -18,6 +18,21 @@ DEFAULT_MODEL = "stories260K"
 DEFAULT_CALIB_DATASET = "tinystories:calib"
 DEFAULT_EVAL_DATASET = "tinystories:eval"
 BOS_MODES = ("document", "start", "none")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes in a size such as ``"200KB"``, ``"2GB"`` or ``"5GiB"`` (transformers' ``max_shard_size`` units)."""
+    import re
+
+    size = 0
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), re.IGNORECASE)
+        if match:
+            size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+    if size <= 0:
+        raise InputError(f"--max-shard-size must be a size such as 200KB, 500MB or 2GB, got {value!r}.")
+    return size
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
@@ -86,8 +101,11 @@ class QuantizeConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    max_shard_size: int | str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_shard_size is not None:
+            object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         if self.bits not in (3, 4, 8, 16):
             raise InputError(
                 f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."

@@ -25,6 +25,10 @@ class OutputExistsError(InputError):
     """The output folder exists and --force was not given."""
 
 
+class OutputWriteError(InputError):
+    """The output folder could not be written (disk full, file size limit, permissions)."""
+
+
 class ModelLoadError(QuantCliError):
     """A model or tokenizer could not be found or read."""
 
