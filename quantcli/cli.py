@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import click
 import typer
 
 from quantcli import __version__
@@ -39,7 +40,7 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
             return command(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, click.ClickException):  # click's own usage errors keep click's standard format
             raise
         except QuantCliError as error:
             if debug:
@@ -67,6 +68,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
     """Quantize Hugging Face causal LMs to INT8/INT4 and measure size, perplexity and speed."""
+
+
+def _recipe_section(recipe: dict[str, Any], key: str) -> dict[str, Any]:
+    from quantcli.errors import InputError
+
+    value = recipe.get(key) or {}
+    if not isinstance(value, dict):
+        raise InputError(f"'{key}' must be a mapping of settings, got {type(value).__name__}.")
+    return dict(value)
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -117,17 +127,19 @@ def quantize(
     if skip_modules:
         recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
     recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order))
-    calibration = dict(recipe.get("calibration") or {})
+    calibration = _recipe_section(recipe, "calibration")
     calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
     recipe["calibration"] = calibration
     if no_eval:
         recipe["eval"] = None
     else:
-        evaluation = dict(recipe.get("eval") or {})
+        evaluation = _recipe_section(recipe, "eval")
         evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens))
         recipe["eval"] = evaluation
     if "bits" not in recipe:
-        raise typer.BadParameter("pass --bits 8 or --bits 4 (or a --config recipe that sets bits).", param_hint="--bits")
+        from quantcli.errors import InputError
+
+        raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
     report = run_quantize(config_from_mapping(recipe), console.RichProgress(enabled=not quiet))
     data = report.to_dict()
     console.print_json(data) if json_output else console.render_quantize(data)
