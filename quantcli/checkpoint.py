@@ -16,16 +16,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.errors import CheckpointError, InputError, OutputExistsError, OutputWriteError, QuantCliError
+from quantcli.errors import CheckpointError, InputError, OutputExistsError, OutputWriteError, QuantCliError, ResumableInterrupt
 
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
 REPORT_FILE = "report.json"
+RESUME_FILE = "resume.json"  # in the staging folder of a --sequential run: the settings and finished shards
 
 
-def check_output(target: Path, force: bool, source: str) -> None:
+def check_output(target: Path, force: bool, source: str, resume: bool = False) -> None:
     """Fail early, before any work, when writing ``target`` would clobber something."""
-    clean_stale(target)
+    clean_stale(target, keep_resumable=resume)
     if Path(source).exists() and target.resolve() == Path(source).resolve():
         raise InputError(f"output {target} is the input model's folder. Choose another --output.")
     if target.exists() and not force:
@@ -44,9 +45,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(target: Path) -> list[Path]:
+def clean_stale(target: Path, keep_resumable: bool = False) -> list[Path]:
     """Remove staging folders a killed run left beside ``target`` (``.NAME.partial-PID`` of dead PIDs).
 
+    With ``keep_resumable``, those of interrupted ``--sequential`` runs (holding ``resume.json``) stay.
     A run killed between retiring the old output and renaming the new one leaves ``.NAME.old-PID``
     and no ``target``: the old output is put back. Returns the folders removed or restored.
     """
@@ -55,6 +57,8 @@ def clean_stale(target: Path) -> list[Path]:
         for leftover in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
             pid = leftover.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if keep_resumable and (leftover / RESUME_FILE).exists():
                 continue
             if kind == "old" and not target.exists():
                 leftover.rename(target)
@@ -77,19 +81,36 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
+def _resumable(target: Path) -> Path | None:
+    """The newest staging folder of an interrupted ``--sequential`` run on ``target`` (its process gone)."""
+    found = []
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if (leftover / RESUME_FILE).exists() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            found.append(leftover)
+    return max(found, key=lambda path: (path / RESUME_FILE).stat().st_mtime, default=None)
+
+
 @contextlib.contextmanager
-def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
+def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; it becomes ``target`` only if the block succeeds.
 
-    On any failure, Ctrl-C included, the temporary folder is removed and ``target`` is untouched.
-    A SIGKILL can leave the staging folder behind; the next run on the same target removes it.
+    On any failure the temporary folder is removed and ``target`` is untouched. A SIGKILL can leave
+    the staging folder behind; the next run on the same target removes it. ``resume`` adopts the
+    staging folder of an interrupted ``--sequential`` run instead, which also keeps its staging
+    folder on Ctrl-C (the block decides what to keep by writing ``resume.json``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    previous = _resumable(target) if resume else None
+    if previous is not None and previous != staging:
+        shutil.rmtree(staging, ignore_errors=True)
+        previous.rename(staging)
+    elif previous is None:
+        shutil.rmtree(staging, ignore_errors=True)
+    clean_stale(target)
+    staging.mkdir(exist_ok=True)
     try:
         yield staging
         if target.exists():
@@ -102,7 +123,8 @@ def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
         else:
             staging.rename(target)
     except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not (isinstance(error, (KeyboardInterrupt, ResumableInterrupt)) and (staging / RESUME_FILE).exists()):
+            shutil.rmtree(staging, ignore_errors=True)
         if _disk_full(error):
             raise OutputWriteError(
                 f"the disk is full (or the file size limit was hit) while writing {target}; nothing was written."

@@ -108,6 +108,8 @@ def quantize(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
+    sequential: bool = typer.Option(False, "--sequential", help="RTN one decoder layer at a time, for models larger than memory (no perplexity)."),
+    resume: bool = typer.Option(False, "--resume", help="With --sequential: continue an interrupted run after its last finished layer."),
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -122,8 +124,9 @@ def quantize(
         recipe["model"] = model
     if force:
         recipe["force"] = True
-    if trust_remote_code:
-        recipe["trust_remote_code"] = True
+    for flag, value in (("trust_remote_code", trust_remote_code), ("sequential", sequential), ("resume", resume)):
+        if value:
+            recipe[flag] = True
     if skip_modules:
         recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
     recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order))
@@ -140,7 +143,18 @@ def quantize(
         from quantcli.errors import InputError
 
         raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
-    report = run_quantize(config_from_mapping(recipe), console.RichProgress(enabled=not quiet))
+    config = config_from_mapping(recipe)
+    if config.resume and not config.sequential:
+        from quantcli.errors import InputError
+
+        raise InputError("--resume continues an interrupted --sequential run. Add --sequential.")
+    if config.sequential:
+        from quantcli.sequential import quantize_sequential
+
+        summary = quantize_sequential(config, console.RichProgress(enabled=not quiet))
+        console.print_json(summary) if json_output else print(f"wrote {summary['output']}: {summary['shards']} shards, {summary['disk_bytes']:,} bytes")
+        return
+    report = run_quantize(config, console.RichProgress(enabled=not quiet))
     data = report.to_dict()
     console.print_json(data) if json_output else console.render_quantize(data)
 

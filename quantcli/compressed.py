@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError
-from quantcli.intweights import IntWeights
+from quantcli.intweights import IntLayout, IntWeights
 from quantcli.methods.base import shard_kwargs
 from quantcli.models import is_conv1d
 
@@ -34,12 +34,11 @@ def storage_note(module: Any) -> str | None:
     return CONV1D_NOTE if is_conv1d(module) else None
 
 
-def _schemes(weights: dict[str, IntWeights]) -> dict[str, Any]:
+def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     groups: dict[tuple, list[str]] = {}
-    for name, layer in weights.items():
-        layout = layer.layout
+    for name, layout in layouts.items():
         groups.setdefault((layout.bits, layout.group_size, layout.symmetric), []).append(name)
     schemes = {}
     for index, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
@@ -52,6 +51,22 @@ def _schemes(weights: dict[str, IntWeights]) -> dict[str, Any]:
     return schemes
 
 
+def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
+    """Attach the compressed-tensors schemes for ``layouts`` to ``model`` (works on a meta-device skeleton)."""
+    import torch
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+    _quiet_library_logs()
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in layouts]
+    config = QuantizationConfig(
+        config_groups=_schemes(layouts), ignore=ignore or [n for n, m in modules.items() if m is head],
+        quantization_status=QuantizationStatus.FROZEN,
+    )
+    apply_quantization_config(model, config, show_progress=False)
+
+
 def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None) -> None:
     """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``).
 
@@ -60,20 +75,15 @@ def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, ma
     """
     import torch
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
     from quantcli import ops
 
-    _quiet_library_logs()
     modules = dict(model.named_modules())
     packable = {name: layer for name, layer in weights.items() if storage_note(modules[name]) is None}
     if not packable:
         model.save_pretrained(folder, **shard_kwargs(max_shard_size))
         return
-    head = model.get_output_embeddings()
-    ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in packable]
-    config = QuantizationConfig(config_groups=_schemes(packable), ignore=ignore or [n for n, m in modules.items() if m is head], quantization_status=QuantizationStatus.FROZEN)
-    apply_quantization_config(model, config, show_progress=False)
+    apply_config(model, {name: layer.layout for name, layer in packable.items()})
     with torch.no_grad():
         for name, layer in packable.items():
             module = modules[name]

@@ -96,7 +96,7 @@ class EvalConfig:
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
-    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,),
+    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "sequential": (bool,), "resume": (bool,),
 }
 
 
@@ -117,6 +117,8 @@ class QuantizeConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     max_shard_size: int | str | None = None
+    sequential: bool = False  # layer-by-layer RTN for models larger than memory (no perplexity)
+    resume: bool = False  # with sequential: continue an interrupted run after its last finished layer
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():

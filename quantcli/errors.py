@@ -55,3 +55,9 @@ class UnavailableError(QuantCliError):
     """The method, backend or device asked for cannot run on this machine."""
 
     exit_code = 5
+
+
+class ResumableInterrupt(QuantCliError):
+    """Ctrl-C during a --sequential run: the finished layers are kept for --resume."""
+
+    exit_code = 130
