@@ -50,13 +50,13 @@ def source_tensors(source: str) -> dict[str, Path]:
 
 
 def layer_groups(names: list[str]) -> list[list[str]]:
-    """Tensor names grouped per decoder layer in layer order, then everything else (embeddings, norm, head)."""
+    """Tensor names grouped per decoder layer in layer order, then each other tensor alone (embeddings, norm, head)."""
     layers: dict[int, list[str]] = {}
     rest = []
     for name in sorted(names):
         match = LAYER.match(name)
         layers.setdefault(int(match.group(2)), []).append(name) if match else rest.append(name)
-    return [layers[index] for index in sorted(layers)] + ([rest] if rest else [])
+    return [layers[index] for index in sorted(layers)] + [[name] for name in rest]
 
 
 def _skeleton(source: str, trust_remote_code: bool) -> Any:

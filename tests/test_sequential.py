@@ -51,7 +51,7 @@ def test_sequential_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
     quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
     summary = quantize_sequential(config_from_mapping({**recipe, "output": tmp_path / "sequential", "sequential": True}))
     memory, sequential = tmp_path / "memory", tmp_path / "sequential"
-    assert summary["shards"] == 5  # 4 decoder layers + embeddings/norm/head
+    assert summary["shards"] == 7  # 4 decoder layers, then embeddings, norm and head one by one
     a, b = tensors(memory), tensors(sequential)
     assert sorted(a) == sorted(b)
     assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
@@ -84,11 +84,11 @@ def test_resume_continues_after_the_last_finished_layer_with_the_same_result(lla
     quantize_sequential(config_from_mapping({**recipe, "output": tmp_path / "whole"}))
 
     target = tmp_path / "resumed"
-    with pytest.raises(ResumableInterrupt, match="interrupted after 2 of 5 layer groups.*--resume"):
+    with pytest.raises(ResumableInterrupt, match="interrupted after 2 of 7 layer groups.*--resume"):
         quantize_sequential(config_from_mapping({**recipe, "output": target}), StopAfter(2))
     assert not target.exists()
     (staging,) = tmp_path.glob(".resumed.partial-*")
-    assert sorted(p.name for p in staging.glob("*.safetensors")) == ["model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors"]
+    assert sorted(p.name for p in staging.glob("*.safetensors")) == ["model-00001-of-00007.safetensors", "model-00002-of-00007.safetensors"]
     finished_before = {p.name: p.stat().st_mtime_ns for p in staging.glob("*.safetensors")}
 
     summary = quantize_sequential(config_from_mapping({**recipe, "output": target, "resume": True}))
