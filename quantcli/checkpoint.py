@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.errors import CheckpointError, InputError, OutputExistsError, QuantCliError
+from quantcli.errors import CheckpointError, InputError, OutputExistsError, OutputWriteError, QuantCliError, ResumableInterrupt
 
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
 REPORT_FILE = "report.json"
+RESUME_FILE = "resume.json"  # in the staging folder of a --sequential run: the settings and finished shards
 
 
-def check_output(target: Path, force: bool, source: str) -> None:
+def check_output(target: Path, force: bool, source: str, resume: bool = False) -> None:
     """Fail early, before any work, when writing ``target`` would clobber something."""
+    clean_stale(target, keep_resumable=resume)
     if Path(source).exists() and target.resolve() == Path(source).resolve():
         raise InputError(f"output {target} is the input model's folder. Choose another --output.")
     if target.exists() and not force:
@@ -32,17 +35,82 @@ def check_output(target: Path, force: bool, source: str) -> None:
         raise InputError(f"output {target} exists and is not a folder. Choose another --output.")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(target: Path, keep_resumable: bool = False) -> list[Path]:
+    """Remove staging folders a killed run left beside ``target`` (``.NAME.partial-PID`` of dead PIDs).
+
+    With ``keep_resumable``, those of interrupted ``--sequential`` runs (holding ``resume.json``) stay.
+    A run killed between retiring the old output and renaming the new one leaves ``.NAME.old-PID``
+    and no ``target``: the old output is put back. Returns the folders removed or restored.
+    """
+    cleaned = []
+    for kind in ("partial", "old"):
+        for leftover in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
+            pid = leftover.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if keep_resumable and (leftover / RESUME_FILE).exists():
+                continue
+            if kind == "old" and not target.exists():
+                leftover.rename(target)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+            cleaned.append(leftover)
+    return cleaned
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is ENOSPC/EFBIG, including safetensors' own error type."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in ("No space left", "File too large", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _resumable(target: Path) -> Path | None:
+    """The newest staging folder of an interrupted ``--sequential`` run on ``target`` (its process gone)."""
+    found = []
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if (leftover / RESUME_FILE).exists() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            found.append(leftover)
+    return max(found, key=lambda path: (path / RESUME_FILE).stat().st_mtime, default=None)
+
+
 @contextlib.contextmanager
-def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
+def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; it becomes ``target`` only if the block succeeds.
 
-    On any failure, Ctrl-C included, the temporary folder is removed and ``target`` is untouched.
+    On any failure the temporary folder is removed and ``target`` is untouched. A SIGKILL can leave
+    the staging folder behind; the next run on the same target removes it. ``resume`` adopts the
+    staging folder of an interrupted ``--sequential`` run instead, which also keeps its staging
+    folder on Ctrl-C (the block decides what to keep by writing ``resume.json``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    previous = _resumable(target) if resume else None
+    if previous is not None and previous != staging:
+        shutil.rmtree(staging, ignore_errors=True)
+        previous.rename(staging)
+    elif previous is None:
+        shutil.rmtree(staging, ignore_errors=True)
+    clean_stale(target)
+    staging.mkdir(exist_ok=True)
     try:
         yield staging
         if target.exists():
@@ -55,9 +123,15 @@ def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
         else:
             staging.rename(target)
     except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            raise QuantCliError(f"the disk is full while writing {target}; nothing was written. Free space or choose another --output.") from error
+        if not (isinstance(error, (KeyboardInterrupt, ResumableInterrupt)) and (staging / RESUME_FILE).exists()):
+            shutil.rmtree(staging, ignore_errors=True)
+        if _disk_full(error):
+            raise OutputWriteError(
+                f"the disk is full (or the file size limit was hit) while writing {target}; nothing was written."
+                " Free space or choose another --output."
+            ) from error
+        if isinstance(error, OSError):
+            raise OutputWriteError(f"cannot write {target}: {error.strerror or error}; nothing was written. Choose another --output.") from error
         raise
 
 
@@ -72,13 +146,17 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is corrupt ({error}). Re-run quantcli quantize to rewrite the checkpoint.") from None
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("format_version"), int):
-        raise CheckpointError(f"{path} has no format_version. Re-run quantcli quantize to rewrite the checkpoint.")
-    if metadata["format_version"] > FORMAT_VERSION:
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is corrupt ({why}). Re-run quantcli quantize to rewrite the checkpoint.") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}.") from None
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path} has no valid format_version. Re-run quantcli quantize to rewrite the checkpoint.")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format version {metadata['format_version']}, newer than this quantcli reads ({FORMAT_VERSION})."
+            f"{path} has format version {version}, newer than this quantcli reads ({FORMAT_VERSION})."
             " Upgrade quantcli: pip install -U quantcli."
         )
     return metadata
@@ -86,20 +164,36 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
 
 def load(path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any] | None]:
     """Load a checkpoint quantcli wrote (or any causal LM): ``(model, tokenizer, metadata)``."""
-    from quantcli.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
+    from quantcli.models import check_vocab, load_tokenizer, pick_device, resolve_model
 
     source = resolve_model(str(path))
     metadata = read_metadata(Path(source)) if Path(source).is_dir() else None
     device = pick_device(device)
-    tokenizer = load_tokenizer(source, trust_remote_code)
+    try:
+        model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
+        check_vocab(model, tokenizer, str(path))
+        return model, tokenizer, metadata
+    except QuantCliError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a corrupt file makes the readers raise anything; name it
+        why = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise CheckpointError(
+            f"cannot read the checkpoint {path} ({type(error).__name__}: {why}). It is corrupt or incomplete:"
+            " re-run quantcli quantize, or download it again."
+        ) from error
+
+
+def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remote_code: bool) -> Any:
+    from quantcli.models import load_model, pick_dtype
+
     if metadata is None or metadata.get("format") == "dense":
         dtype = "auto" if metadata else pick_dtype("auto", device)
-        return load_model(source, dtype, device, trust_remote_code), tokenizer, metadata
+        return load_model(source, dtype, device, trust_remote_code)
     if metadata.get("format") == "compressed-tensors":
         from quantcli.compressed import load_compressed
 
-        return load_compressed(source, device), tokenizer, metadata
-    return load_model(source, "auto", device, trust_remote_code), tokenizer, metadata
+        return load_compressed(source, device)
+    return load_model(source, "auto", device, trust_remote_code)
 
 
 def inspect(path: str | Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import click
 import typer
 
 from quantcli import __version__
@@ -39,7 +40,7 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
             return command(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, click.ClickException):  # click's own usage errors keep click's standard format
             raise
         except QuantCliError as error:
             if debug:
@@ -67,6 +68,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
     """Quantize Hugging Face causal LMs to INT8/INT4 and measure size, perplexity and speed."""
+
+
+def _recipe_section(recipe: dict[str, Any], key: str) -> dict[str, Any]:
+    from quantcli.errors import InputError
+
+    value = recipe.get(key) or {}
+    if not isinstance(value, dict):
+        raise InputError(f"'{key}' must be a mapping of settings, got {type(value).__name__}.")
+    return dict(value)
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -98,6 +108,9 @@ def quantize(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
+    sequential: bool = typer.Option(False, "--sequential", help="RTN one decoder layer at a time, for models larger than memory (no perplexity)."),
+    resume: bool = typer.Option(False, "--resume", help="With --sequential: continue an interrupted run after its last finished layer."),
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -107,28 +120,42 @@ def quantize(
     from quantcli.pipeline import quantize as run_quantize
 
     recipe: dict[str, Any] = load_recipe(config) if config else {}
-    recipe.update(_given(bits=bits, method=method, output=output, device=device, dtype=dtype))
+    recipe.update(_given(bits=bits, method=method, output=output, device=device, dtype=dtype, max_shard_size=max_shard_size))
     if model != "stories260K" or "model" not in recipe:
         recipe["model"] = model
     if force:
         recipe["force"] = True
-    if trust_remote_code:
-        recipe["trust_remote_code"] = True
+    for flag, value in (("trust_remote_code", trust_remote_code), ("sequential", sequential), ("resume", resume)):
+        if value:
+            recipe[flag] = True
     if skip_modules:
         recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
     recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order, observer=observer))
-    calibration = dict(recipe.get("calibration") or {})
+    calibration = _recipe_section(recipe, "calibration")
     calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
     recipe["calibration"] = calibration
     if no_eval:
         recipe["eval"] = None
     else:
-        evaluation = dict(recipe.get("eval") or {})
+        evaluation = _recipe_section(recipe, "eval")
         evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens))
         recipe["eval"] = evaluation
     if "bits" not in recipe:
-        raise typer.BadParameter("pass --bits 8 or --bits 4 (or a --config recipe that sets bits).", param_hint="--bits")
-    report = run_quantize(config_from_mapping(recipe), console.RichProgress(enabled=not quiet))
+        from quantcli.errors import InputError
+
+        raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
+    config = config_from_mapping(recipe)
+    if config.resume and not config.sequential:
+        from quantcli.errors import InputError
+
+        raise InputError("--resume continues an interrupted --sequential run. Add --sequential.")
+    if config.sequential:
+        from quantcli.sequential import quantize_sequential
+
+        summary = quantize_sequential(config, console.RichProgress(enabled=not quiet))
+        console.print_json(summary) if json_output else print(f"wrote {summary['output']}: {summary['shards']} shards, {summary['disk_bytes']:,} bytes")
+        return
+    report = run_quantize(config, console.RichProgress(enabled=not quiet))
     data = report.to_dict()
     console.print_json(data) if json_output else console.render_quantize(data)
 

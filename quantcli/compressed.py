@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError
-from quantcli.intweights import IntWeights
+from quantcli.intweights import IntLayout, IntWeights
+from quantcli.methods.base import shard_kwargs
 from quantcli.models import is_conv1d
 
 CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
@@ -33,12 +34,11 @@ def storage_note(module: Any) -> str | None:
     return CONV1D_NOTE if is_conv1d(module) else None
 
 
-def _schemes(weights: dict[str, IntWeights]) -> dict[str, Any]:
+def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     groups: dict[tuple, list[str]] = {}
-    for name, layer in weights.items():
-        layout = layer.layout
+    for name, layout in layouts.items():
         groups.setdefault((layout.bits, layout.group_size, layout.symmetric), []).append(name)
     schemes = {}
     for index, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
@@ -51,7 +51,23 @@ def _schemes(weights: dict[str, IntWeights]) -> dict[str, Any]:
     return schemes
 
 
-def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path) -> None:
+def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
+    """Attach the compressed-tensors schemes for ``layouts`` to ``model`` (works on a meta-device skeleton)."""
+    import torch
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+    _quiet_library_logs()
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in layouts]
+    config = QuantizationConfig(
+        config_groups=_schemes(layouts), ignore=ignore or [n for n, m in modules.items() if m is head],
+        quantization_status=QuantizationStatus.FROZEN,
+    )
+    apply_quantization_config(model, config, show_progress=False)
+
+
+def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None) -> None:
     """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``).
 
     The library re-derives each integer as ``round(w / scale + zp)`` from the layer's weight, so
@@ -59,20 +75,15 @@ def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path) ->
     """
     import torch
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
     from quantcli import ops
 
-    _quiet_library_logs()
     modules = dict(model.named_modules())
     packable = {name: layer for name, layer in weights.items() if storage_note(modules[name]) is None}
     if not packable:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **shard_kwargs(max_shard_size))
         return
-    head = model.get_output_embeddings()
-    ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in packable]
-    config = QuantizationConfig(config_groups=_schemes(packable), ignore=ignore or [n for n, m in modules.items() if m is head], quantization_status=QuantizationStatus.FROZEN)
-    apply_quantization_config(model, config)
+    apply_config(model, {name: layer.layout for name, layer in packable.items()})
     with torch.no_grad():
         for name, layer in packable.items():
             module = modules[name]
@@ -83,7 +94,7 @@ def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path) ->
             module.weight = torch.nn.Parameter(exact, requires_grad=False)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **shard_kwargs(max_shard_size))
     compressor.update_config(str(folder))
 
 

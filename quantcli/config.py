@@ -18,6 +18,27 @@ DEFAULT_MODEL = "stories260K"
 DEFAULT_CALIB_DATASET = "tinystories:calib"
 DEFAULT_EVAL_DATASET = "tinystories:eval"
 BOS_MODES = ("document", "start", "none")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes in a size such as ``"200KB"``, ``"2GB"`` or ``"5GiB"`` (transformers' ``max_shard_size`` units)."""
+    import re
+
+    size = 0
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), re.IGNORECASE)
+        if match:
+            size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+    if size <= 0:
+        raise InputError(f"--max-shard-size must be a size such as 200KB, 500MB or 2GB, got {value!r}.")
+    return size
+
+
+def _check_type(name: str, value: Any, *kinds: type) -> None:
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        wanted = " or ".join("null" if kind is type(None) else kind.__name__ for kind in kinds)
+        raise InputError(f"{name} must be {wanted}, got {value!r}.")
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
@@ -37,6 +58,8 @@ class CalibrationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_type("calibration dataset", self.dataset, str)
+        _check_type("calibration seed (--seed)", self.seed, int)
         _check_positive("calibration samples (--calib-samples)", self.samples)
         _check_positive("calibration sequence length (--seq-len)", self.seq_len)
 
@@ -53,6 +76,7 @@ class EvalConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        _check_type("eval dataset", self.dataset, str)
         _check_positive("eval sequence length (--seq-len)", self.seq_len)
         _check_positive("stride (--stride)", self.stride, allow_none=True)
         _check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
@@ -68,6 +92,12 @@ class EvalConfig:
     @property
     def effective_stride(self) -> int:
         return self.stride or self.seq_len
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
+    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "sequential": (bool,), "resume": (bool,),
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +116,15 @@ class QuantizeConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    max_shard_size: int | str | None = None
+    sequential: bool = False  # layer-by-layer RTN for models larger than memory (no perplexity)
+    resume: bool = False  # with sequential: continue an interrupted run after its last finished layer
 
     def __post_init__(self) -> None:
+        for name, kinds in _FIELD_TYPES.items():
+            _check_type(f"'{name}'", getattr(self, name), *kinds)
+        if self.max_shard_size is not None:
+            object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         if self.bits not in (3, 4, 8, 16):
             raise InputError(
                 f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
@@ -129,7 +166,10 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
         raise InputError(f"a recipe must be a mapping of settings, got {type(values).__name__}.")
     top = {f.name for f in fields(QuantizeConfig)} - {"method_options"}
     kwargs: dict[str, Any] = {}
-    options = dict(values.get("method_options") or {})
+    options = values.get("method_options") or {}
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise InputError(f"'method_options' must be a mapping of option names to values, got {options!r}.")
+    options = dict(options)
     for key, value in values.items():
         if not isinstance(key, str):
             raise InputError(f"recipe keys must be strings, got {key!r}.")
@@ -143,7 +183,7 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
             options[key] = value
     if "bits" not in kwargs:
         raise InputError("the recipe sets no 'bits'. Add e.g. 'bits: 4' or pass --bits.")
-    if "output" in kwargs and kwargs["output"] is not None:
+    if isinstance(kwargs.get("output"), str):
         kwargs["output"] = Path(kwargs["output"])
     if "skip_modules" in kwargs:
         skip = kwargs["skip_modules"]
@@ -152,9 +192,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
         if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
             raise InputError("'skip_modules' must be a list of glob patterns.")
         kwargs["skip_modules"] = tuple(skip)
-    for key in ("bits",):
-        if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool):
-            raise InputError(f"'{key}' must be an integer, got {kwargs[key]!r}.")
+    if not isinstance(kwargs["bits"], int) or isinstance(kwargs["bits"], bool):
+        raise InputError(f"'bits' must be an integer, got {kwargs['bits']!r}.")
     try:
         return QuantizeConfig(method_options=options, **kwargs)
     except TypeError as error:

@@ -15,10 +15,10 @@ stderr = Console(stderr=True)
 
 
 class RichProgress:
-    """Progress bars on stderr; silent when ``enabled`` is false (``--quiet``)."""
+    """Progress bars on stderr; silent with ``--quiet`` and when stderr is not a terminal (logs, pipes)."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+        self.enabled = enabled and stderr.is_terminal
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Any]:
@@ -26,7 +26,7 @@ class RichProgress:
             yield lambda advance: None
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, console=stderr, transient=not stderr.is_terminal) as bar:
+        with Progress(*columns, console=stderr) as bar:
             task_id = bar.add_task(description, total=total)
             yield lambda advance: bar.advance(task_id, advance)
             bar.update(task_id, completed=total or 1, total=total or 1)

@@ -25,6 +25,10 @@ class OutputExistsError(InputError):
     """The output folder exists and --force was not given."""
 
 
+class OutputWriteError(InputError):
+    """The output folder could not be written (disk full, file size limit, permissions)."""
+
+
 class ModelLoadError(QuantCliError):
     """A model or tokenizer could not be found or read."""
 
@@ -51,3 +55,9 @@ class UnavailableError(QuantCliError):
     """The method, backend or device asked for cannot run on this machine."""
 
     exit_code = 5
+
+
+class ResumableInterrupt(QuantCliError):
+    """Ctrl-C during a --sequential run: the finished layers are kept for --resume."""
+
+    exit_code = 130

@@ -65,37 +65,87 @@ def _hub_hint(spec: str, error: Exception) -> ModelLoadError:
     )
 
 
+REMOTE_CODE_HINT = (
+    "{source} ships its own Python code (auto_map in its config), which quantcli does not run by default."
+    " Read that code, then pass --trust-remote-code if you trust it."
+)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _load_error(source: str, error: Exception, what: str) -> ModelLoadError:
+    if "trust_remote_code" in str(error):
+        return ModelLoadError(REMOTE_CODE_HINT.format(source=source))
+    if Path(source).is_dir():
+        return ModelLoadError(f"cannot load {what} from {source}: {_first_line(error)}")
+    return _hub_hint(source, error)
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        if Path(source).is_dir():
-            raise ModelLoadError(f"cannot load the tokenizer from {source}: {error}".splitlines()[0]) from error
-        raise _hub_hint(source, error) from error
+        raise _load_error(source, error, "the tokenizer") from error
+
+
+def prefers_safetensors(source: str) -> bool | None:
+    """True for a local folder holding safetensors: then pickle (``.bin``) files are never opened."""
+    folder = Path(source)
+    return True if folder.is_dir() and any(folder.glob("*.safetensors")) else None
 
 
 def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code: bool = False, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` with safetensors preferred and errors made readable."""
-    import logging
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors preferred and errors made readable.
 
+    A folder with safetensors is loaded with ``use_safetensors=True``, so a ``pytorch_model.bin``
+    beside it is never unpickled; a pickle-only checkpoint goes through transformers'
+    ``torch.load(weights_only=True)``, which refuses anything but tensors.
+    """
+    import logging
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     # bitsandbytes logs "inputs will be cast to float16" on every int8 CPU matmul; it is expected there.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-
+    kwargs.setdefault("use_safetensors", prefers_safetensors(source))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code, **kwargs
         )
-    except (OSError, ValueError, KeyError) as error:
-        if Path(source).is_dir():
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelLoadError(f"cannot load a causal LM from {source}: {first}") from error
-        raise _hub_hint(source, error) from error
+    except (OSError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError, RuntimeError) as error:
+        raise _load_error(source, error, "a causal LM") from error
     model.eval()
     return model
+
+
+def check_vocab(model: Any, tokenizer: Any, source: str) -> None:
+    """The tokenizer must not produce ids past the model's embedding rows (they would index out of range)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"the tokenizer of {source} has {len(tokenizer)} tokens but the model's embedding has {rows} rows:"
+            " they do not belong together. Use the tokenizer the model was trained with."
+        )
+
+
+def check_finite(model: Any, source: str) -> None:
+    """Refuse to quantize weights that hold NaN or inf; name the first such tensor."""
+    import torch
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(
+                f"{source}: weight {name} holds {bad} NaN/inf value(s); quantizing it would spread them."
+                " Fix or re-download the checkpoint."
+            )
 
 
 def weight_files(source: str) -> list[Path]:

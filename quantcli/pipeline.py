@@ -12,12 +12,15 @@ from quantcli import __version__
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
 from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.data import calibration_batch, read_documents, token_sequences
+from quantcli.errors import DatasetError
 from quantcli.perplexity import EvalResult, evaluate_sequences
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
 from quantcli.models import (
     bytes_in_memory,
     bytes_on_disk,
+    check_finite,
+    check_vocab,
     load_model,
     load_tokenizer,
     parameter_count,
@@ -41,6 +44,12 @@ def measure_perplexity(model: Any, tokenizer: Any, config: EvalConfig, progress:
     """Perplexity of ``model`` on ``config.dataset`` with every setting recorded."""
     source = read_documents(config.dataset)
     sequences = token_sequences(source.documents, tokenizer, config.bos, config.max_tokens)
+    total = sum(len(s) for s in sequences)
+    if total < config.seq_len and (config.max_tokens is None or total < config.max_tokens):
+        raise DatasetError(
+            f"evaluation dataset {config.dataset} has {total} tokens, fewer than one window of --seq-len"
+            f" {config.seq_len}. Use more text or a shorter --seq-len."
+        )
     settings = {"dataset": config.dataset, "bos": config.bos, "max_tokens": config.max_tokens}
     with progress.task(f"eval {label}", total=sum(len(s) - 1 for s in sequences)) as advance:
         return evaluate_sequences(
@@ -69,6 +78,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     with progress.task("load model", total=None):
         tokenizer = load_tokenizer(source, config.trust_remote_code)
         model = load_model(source, pick_dtype(config.dtype, device), device, config.trust_remote_code)
+        check_vocab(model, tokenizer, config.model)
+        check_finite(model, config.model)
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules)
     original_files = weight_files(source)
@@ -114,7 +125,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     quantized_memory = bytes_in_memory(quantized.model)
     start = time.perf_counter()
     with progress.task("save", total=None), atomic_folder(output, config.force) as staging:
-        quantized.save(staging)
+        quantized.save(staging, config.max_shard_size)
         tokenizer.save_pretrained(staging)
         quantized_bytes = bytes_on_disk(weight_files(str(staging)))
         timings["save"] = time.perf_counter() - start

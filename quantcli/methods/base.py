@@ -47,8 +47,13 @@ class QuantizedModel:
     format: str
     options: dict[str, Any]
     layers: dict[str, LayerRecord]
-    save: Callable[[Path], None]
+    save: Callable[[Path, int | None], None]  # (folder, max_shard_size in bytes or None for one file)
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def shard_kwargs(max_shard_size: int | None) -> dict[str, Any]:
+    """``save_pretrained`` arguments: shards of at most ``max_shard_size`` bytes plus an index, if given."""
+    return {} if max_shard_size is None else {"max_shard_size": max_shard_size}
 
 
 _CASTS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,)}

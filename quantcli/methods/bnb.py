@@ -17,7 +17,7 @@ from typing import Any
 
 from quantcli.errors import InputError, UnavailableError
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer, shard_kwargs
 from quantcli.models import is_conv1d, load_model
 
 
@@ -113,8 +113,8 @@ class _Bitsandbytes(Quantizer):
                 layers[name] = LayerRecord(16 if kept_dtype != "float32" else 32, kept_dtype, None, shape, f"kept in {kept_dtype}: {fallbacks[name]}")
                 request.progress(1)
 
-        def save(folder: Path) -> None:
-            model.save_pretrained(folder)
+        def save(folder: Path, max_shard_size: int | None = None) -> None:
+            model.save_pretrained(folder, **shard_kwargs(max_shard_size))
 
         return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, save)
 

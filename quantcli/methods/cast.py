@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quantcli.errors import InputError
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer, shard_kwargs
 from quantcli.models import load_model
 
 
@@ -39,7 +39,7 @@ class CastQuantizer(Quantizer):
         layers = {name: LayerRecord(bits=16, scheme=request.config.dtype) for name in request.layers}
         request.progress(len(request.layers))
 
-        def save(folder: Path) -> None:
-            model.save_pretrained(folder)
+        def save(folder: Path, max_shard_size: int | None = None) -> None:
+            model.save_pretrained(folder, **shard_kwargs(max_shard_size))
 
         return QuantizedModel(model, self.name, 16, self.output_format, {"dtype": request.config.dtype}, layers, save)

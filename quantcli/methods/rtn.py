@@ -61,5 +61,5 @@ class RTNQuantizer(Quantizer):
         packed_any = any(storage_note(modules[name]) is None for name in weights)
         return QuantizedModel(
             model, self.name, config.bits, self.output_format if packed_any else "dense", options, layers,
-            lambda folder: save_compressed(model, weights, folder),
+            lambda folder, max_shard_size=None: save_compressed(model, weights, folder, max_shard_size),
         )

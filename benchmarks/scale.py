@@ -1,0 +1,103 @@
+"""Peak memory of layer-by-layer (--sequential) RTN against in-memory RTN, on a synthetic Llama.
+
+Builds a random Llama on disk (default 24 layers of hidden 512, untied head, fp32, sharded), then
+quantizes it to INT4 both ways, each in a fresh process, and records that process's peak RSS
+(``VmHWM``; not ``ru_maxrss``, which a child inherits from its parent across fork+exec), its RSS after the imports (the baseline every quantcli process pays), the model
+size on disk and the largest single layer group. Writes ``benchmarks/results/scale.json``.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py [--layers 24 --hidden 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+import psutil, torch, transformers, compressed_tensors, safetensors.torch
+from quantcli.config import config_from_mapping
+from quantcli.pipeline import quantize
+from quantcli.sequential import quantize_sequential
+baseline = psutil.Process().memory_info().rss
+mode, model, output = sys.argv[1:4]
+recipe = {"model": model, "bits": 4, "method": "rtn", "eval": None, "output": output, "sequential": mode == "sequential"}
+start = time.perf_counter()
+(quantize_sequential if mode == "sequential" else quantize)(config_from_mapping(recipe))
+seconds = time.perf_counter() - start
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"baseline_rss": baseline, "peak_rss": int(hwm.split()[1]) * 1024, "seconds": seconds}))
+"""
+
+
+def build(folder: Path, layers: int, hidden: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from quantcli.models import EMBEDDED_MODEL
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="100MB")
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(folder)
+
+
+def largest_group(folder: Path) -> int:
+    from quantcli.sequential import _nbytes, layer_groups, source_tensors
+    from safetensors import safe_open
+
+    where = source_tensors(str(folder))
+    sizes = {}
+    for name, file in where.items():
+        with safe_open(file, framework="pt") as handle:
+            sizes[name] = _nbytes(handle, name)
+    return max(sum(sizes[name] for name in group) for group in layer_groups(list(where)))
+
+
+def measure(mode: str, model: Path, output: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(model), str(output)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "llama"
+        build(model, args.layers, args.hidden)
+        model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        group_bytes = largest_group(model)
+        runs = {mode: measure(mode, model, Path(tmp) / mode) for mode in ("sequential", "in-memory")}
+    for run in runs.values():
+        run["work_rss"] = run["peak_rss"] - run["baseline_rss"]
+        run["peak_rss_over_model_size"] = round(run["peak_rss"] / model_bytes, 3)
+        run["work_rss_over_model_size"] = round(run["work_rss"] / model_bytes, 3)
+        run["work_rss_over_largest_group"] = round(run["work_rss"] / group_bytes, 2)
+    result = {
+        "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": 3 * args.hidden, "vocab": 8192, "dtype": "float32"},
+        "model_bytes": model_bytes,
+        "largest_layer_group_bytes": group_bytes,
+        "runs": runs,
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "notes": "baseline_rss: RSS after importing torch/transformers/quantcli, before any work. work_rss = peak_rss - baseline_rss.",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Every bad input, across every command, ends in one ``error:`` line, the documented exit code, and
+nothing written. Click's own usage errors (a non-integer ``--bits``, an unknown option) keep click's
+standard usage block and exit 2; they are checked separately."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from badfiles import big_tokenizer_model, copy_model, edit_json, nan_model, quantized_checkpoint, remote_code_model, truncate
+from quantcli.cli import app
+
+RECIPES = {
+    "bad.yaml": "bits: 4\nmethod: [rtn\n",
+    "list.yaml": "- bits: 4\n",
+    "empty.yaml": "# nothing\n",
+    "section.yaml": "bits: 4\ncalibration:\n  samples: 8\n  windows: 2\n",
+    "option.yaml": "bits: 4\nmethod: rtn\nblock_size: 128\n",
+    "bits.yaml": "bits: four\n",
+    "eval.yaml": "bits: 4\neval: 3\n",
+    "binary.yaml": "\udcff",
+}
+
+Q = ["quantize", "-o", "out", "--no-eval"]
+E = ["eval", "ckpt", "--max-tokens", "512"]
+ROWS = [
+    # (id, argv, exit code, text the error line must contain)
+    ("bits-5", [*Q, "--bits", "5"], 2, "--bits 5 is not supported"),
+    ("no-bits", ["quantize", "-o", "out"], 2, "no --bits given"),
+    ("unknown-method", [*Q, "-b", "4", "-m", "awq"], 2, "unknown method 'awq'"),
+    ("method-bits", [*Q, "-b", "16", "-m", "rtn"], 2, "does not do 16-bit"),
+    ("group-size-0", [*Q, "-b", "4", "-g", "0"], 2, "group size must be a positive integer"),
+    ("group-size-7", [*Q, "-b", "4", "-g", "7"], 2, "divides none of the selected layers"),
+    ("skip-nothing", [*Q, "-b", "4", "--skip-modules", "decoder.*"], 2, "matches no layer"),
+    ("device", [*Q, "-b", "4", "--device", "tpu"], 2, "--device must be"),
+    ("cuda", [*Q, "-b", "4", "--device", "cuda"], 5, "torch sees no GPU"),
+    ("dtype", [*Q, "-b", "4", "--dtype", "float64"], 2, "--dtype must be"),
+    ("shard-size", [*Q, "-b", "4", "--max-shard-size", "12XB"], 2, "--max-shard-size must be a size"),
+    ("seq-len-0", [*Q, "-b", "4", "--seq-len", "0"], 2, "must be a positive integer"),
+    ("missing-model", [*Q, "-b", "4", "./missing"], 2, "does not exist"),
+    ("model-is-file", [*Q, "-b", "4", "short.txt"], 2, "is a file, not a model folder"),
+    ("hub-offline", [*Q, "-b", "4", "nobody/nothing"], 3, "HF_HUB_OFFLINE is set"),
+    ("remote-code", [*Q, "-b", "4", "remote"], 3, "pass --trust-remote-code"),
+    ("nan-weights", [*Q, "-b", "4", "nan"], 3, "model.layers.1.self_attn.q_proj.weight holds 1 NaN/inf"),
+    ("big-tokenizer", [*Q, "-b", "4", "bigtok"], 3, "520 tokens but the model's embedding has 512 rows"),
+    ("output-exists", ["quantize", "-b", "4", "--no-eval", "-o", "ckpt"], 2, "already exists. Pass --force"),
+    ("output-is-input", ["quantize", "-b", "4", "--no-eval", "nan", "-o", "nan", "--force"], 2, "is the input model's folder"),
+    ("output-is-file", ["quantize", "-b", "4", "--no-eval", "-o", "short.txt", "--force"], 2, "is not a folder"),
+    ("eval-short", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "short.txt", "--seq-len", "64"], 3, "fewer than one window"),
+    ("eval-empty", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "empty.txt"], 3, "holds no text"),
+    ("eval-type", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "data.xyz"], 2, "unsupported file type"),
+    ("eval-missing", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "./none.txt"], 2, "does not exist"),
+    ("eval-spec", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "a:b:c:d"], 2, "is not of the form"),
+    ("eval-split", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "tinystories:test"], 2, "has splits calib, eval"),
+    ("recipe-missing", [*Q, "-c", "none.yaml"], 2, "does not exist"),
+    ("recipe-syntax", [*Q, "-c", "bad.yaml"], 2, "is not valid YAML at line"),
+    ("recipe-list", [*Q, "-c", "list.yaml"], 2, "must be a YAML mapping"),
+    ("recipe-empty", [*Q, "-c", "empty.yaml"], 2, "is empty"),
+    ("recipe-section", [*Q, "-c", "section.yaml"], 2, "unknown key(s) windows in 'calibration'"),
+    ("recipe-option", [*Q, "-c", "option.yaml"], 2, "do not apply to method rtn"),
+    ("recipe-bits", [*Q, "-c", "bits.yaml"], 2, "'bits' must be an integer"),
+    ("recipe-eval", ["quantize", "-o", "out", "-c", "eval.yaml"], 2, "'eval' must be a mapping"),
+    ("recipe-binary", [*Q, "-c", "binary.yaml"], 2, "cannot read recipe"),
+    ("eval-truncated", ["eval", "trunc"], 3, "corrupt or incomplete"),
+    ("eval-newer", ["eval", "newer"], 3, "newer than this quantcli reads"),
+    ("eval-missing-model", ["eval", "./gone"], 2, "does not exist"),
+    ("eval-stride", [*E, "--stride", "500"], 2, "stride 500 is larger than the context length 256"),
+    ("eval-bos", [*E, "--bos", "sometimes"], 2, "bos must be one of"),
+    ("eval-max-tokens", [*E, "--max-tokens", "0"], 2, "max tokens (--max-tokens) must be a positive integer"),
+    ("eval-batch", [*E, "--batch-size", "0"], 2, "batch size (--batch-size) must be a positive integer"),
+    ("eval-bigtok", ["eval", "bigtok"], 3, "do not belong together"),
+    ("eval-short-text", [*E, "--dataset", "short.txt", "--seq-len", "64"], 3, "fewer than one window of --seq-len 64"),
+    ("eval-base-missing", [*E, "--base", "./gone"], 2, "does not exist"),
+    ("eval-remote", ["eval", "remote"], 3, "--trust-remote-code"),
+    ("inspect-missing", ["inspect", "gone"], 2, "is not a folder"),
+    ("inspect-plain", ["inspect", "nan"], 3, "has no quantcli.json"),
+    ("inspect-newer", ["inspect", "newer"], 3, "newer than this quantcli reads"),
+    ("inspect-corrupt", ["inspect", "corrupt"], 3, "is corrupt"),
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    ckpt = quantized_checkpoint(root / "ckpt")
+    for name, edit in (("trunc", None), ("newer", {"format_version": 2}), ("corrupt", None)):
+        import shutil
+
+        shutil.copytree(ckpt, root / name)
+        if edit:
+            edit_json(root / name / "quantcli.json", **edit)
+    truncate(root / "trunc" / "model.safetensors")
+    (root / "corrupt" / "quantcli.json").write_text('{"format_version": 1,')
+    remote_code_model(root / "remote", root / "ran")
+    nan_model(root / "nan")
+    big_tokenizer_model(root / "bigtok")
+    (root / "short.txt").write_text("Once upon a time there was a cat.")
+    (root / "empty.txt").write_text("\n\n   \n")
+    (root / "data.xyz").write_text("text")
+    for name, text in RECIPES.items():
+        (root / name).write_bytes(text.encode("utf-8", "surrogateescape"))
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")}
+
+
+@pytest.fixture
+def in_workspace(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    before = _snapshot(workspace)
+    yield workspace
+    assert _snapshot(workspace) == before, "a failing run wrote or changed files"
+    assert not (workspace / "ran").exists()
+
+
+@pytest.mark.parametrize("argv, code, text", [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_gives_one_error_line(in_workspace, argv, code, text):
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == code, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert text in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [(["quantize", "--bits", "x"], "--bits"), (["eval", "--seq-len", "abc"], "--seq-len"), (["inspect"], "Missing argument"), (["quantize", "--bogus"], "--bogus")],
+)
+def test_click_usage_errors_keep_clicks_format(in_workspace, argv, option):
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: ") and "Error: " in result.stderr and option in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv, code", [(["quantize", "-b", "3", "-o", "out"], 2), (["eval", "newer"], 3)])
+def test_bad_input_in_a_real_process(in_workspace, argv, code):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "QUANTCLI_DEBUG": ""}
+    result = subprocess.run([sys.executable, "-m", "quantcli", *argv], env=env, capture_output=True, text=True)
+    assert result.returncode == code
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
