@@ -140,7 +140,7 @@ def test_click_usage_errors_keep_clicks_format(in_workspace, argv, option):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("argv, code", [(["quantize", "-b", "3", "-o", "out"], 2), (["eval", "newer"], 3)])
+@pytest.mark.parametrize("argv, code", [(["quantize", "-b", "5", "-o", "out"], 2), (["eval", "newer"], 3)])
 def test_bad_input_in_a_real_process(in_workspace, argv, code):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "QUANTCLI_DEBUG": ""}
     result = subprocess.run([sys.executable, "-m", "quantcli", *argv], env=env, capture_output=True, text=True)
