@@ -15,7 +15,7 @@ from quantcli.progress import NullProgress
 
 from conftest import logits
 
-EVAL = EvalConfig(max_tokens=4096)
+EVAL = EvalConfig(max_tokens=2048)
 RUNS = {
     "cast16": dict(bits=16, method="cast"),
     "rtn8": dict(bits=8, method="rtn"),
@@ -106,6 +106,6 @@ def test_checkpoint_describes_itself(runs):
     assert config["quantization_config"]["format"] == "pack-quantized"
     saved = json.loads(quantcli_path.with_name("report.json").read_text())
     assert saved["perplexity_after"]["settings"] == {
-        "dataset": "tinystories:eval", "bos": "document", "max_tokens": 4096, "seq_len": 256, "stride": 256,
-        "tokens": 4096, "sequences": saved["perplexity_after"]["settings"]["sequences"], "batch_size": 8,
+        "dataset": "tinystories:eval", "bos": "document", "max_tokens": 2048, "seq_len": 256, "stride": 256,
+        "tokens": 2048, "sequences": saved["perplexity_after"]["settings"]["sequences"], "batch_size": 8,
     }
