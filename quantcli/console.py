@@ -64,7 +64,11 @@ def render_quantize(report: dict[str, Any]) -> None:
     ratio = size["disk_ratio"]
     table.add_row("size on disk", human_bytes(size["original_disk_bytes"]), human_bytes(size["quantized_disk_bytes"]), f"{ratio:.2f}x smaller" if ratio else "")
     memory_ratio = size["memory_ratio"]
-    table.add_row("size in memory", human_bytes(size["original_memory_bytes"]), human_bytes(size["quantized_memory_bytes"]), f"{memory_ratio:.2f}x smaller" if memory_ratio else "")
+    if memory_ratio and memory_ratio < 1.01:
+        memory_change = "same: runs dequantized here"
+    else:
+        memory_change = f"{memory_ratio:.2f}x smaller" if memory_ratio else ""
+    table.add_row("size in memory", human_bytes(size["original_memory_bytes"]), human_bytes(size["quantized_memory_bytes"]), memory_change)
     table.add_row("bits per weight", f"{size['original_bits_per_weight']:.2f}", f"{size['quantized_bits_per_weight']:.2f}", "")
     before, after, delta = report["perplexity_before"], report["perplexity_after"], report["perplexity_delta"]
     if before and after:
