@@ -84,8 +84,26 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return metadata
 
 
-def load(path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any] | None]:
-    """Load a checkpoint quantcli wrote (or any causal LM): ``(model, tokenizer, metadata)``."""
+BACKENDS = ("auto", "int8-cpu")
+
+
+def load(path: str | Path, device: str = "auto", trust_remote_code: bool = False, backend: str = "auto") -> tuple[Any, Any, dict[str, Any] | None]:
+    """Load a checkpoint quantcli wrote (or any causal LM): ``(model, tokenizer, metadata)``.
+
+    ``backend="int8-cpu"`` runs an RTN INT8 checkpoint with torch's int8 kernels on CPU (see
+    :mod:`quantcli.int8cpu`); ``"auto"`` runs every checkpoint with dequantized weights.
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
+    model, tokenizer, metadata = _load(path, device, trust_remote_code)
+    if backend == "int8-cpu":
+        from quantcli.int8cpu import convert
+
+        model = convert(model, metadata, str(next(model.parameters()).device))
+    return model, tokenizer, metadata
+
+
+def _load(path: str | Path, device: str, trust_remote_code: bool) -> tuple[Any, Any, dict[str, Any] | None]:
     from quantcli.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model
 
     source = resolve_model(str(path))

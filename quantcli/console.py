@@ -81,6 +81,15 @@ def render_quantize(report: dict[str, Any]) -> None:
         stdout.print(f"calibration: {calib['dataset']} · {calib['samples']} × {calib['seq_len']} tokens · seed {calib['seed']}")
     for name, note in report["fallbacks"].items():
         stdout.print(f"[yellow]fallback[/] {name}: {note}")
+    render_gates(report.get("gates") or [])
+
+
+def render_gates(records: list[dict[str, Any]]) -> None:
+    from quantcli.gates import GateResult
+
+    for record in records:
+        result = GateResult(**record)
+        stdout.print(f"{'[green]gate passed[/]' if result.passed else '[red]gate FAILED[/]'}: {result.message}")
 
 
 def render_eval(result: dict[str, Any]) -> None:
@@ -113,3 +122,32 @@ def render_inspect(info: dict[str, Any]) -> None:
     for name, why in (info.get("skipped") or {}).items():
         table.add_row(name, "-", "kept", "-", "", why)
     stdout.print(table)
+
+
+def render_bench(result: dict[str, Any]) -> None:
+    base, speedup = result.get("base"), result.get("speedup")
+    settings = result["settings"]
+    table = Table(title=f"quantcli bench: {result['model']['name']} on {result['device']} (backend {settings['backend']})")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    if base:
+        table.add_column(f"base {base['name']}", justify="right")
+        table.add_column("speedup", justify="right")
+    rows = [
+        ("prefill tokens/s", "prefill_tokens_per_s", "{:,.1f}", "prefill"),
+        ("decode tokens/s", "decode_tokens_per_s", "{:,.1f}", "decode"),
+        ("latency per new token", "latency_ms_per_token", "{:.2f} ms", None),
+    ]
+    for label, key, fmt, ratio in rows:
+        cells = [fmt.format(result["model"][key])]
+        if base:
+            cells += [fmt.format(base[key]), f"{speedup[ratio]:.2f}x" if ratio else ""]
+        table.add_row(label, *cells)
+    for label, key in (("peak memory", "peak_memory_bytes"), ("model memory", "model_memory_bytes")):
+        table.add_row(label, human_bytes(result["model"][key]), *([human_bytes(base[key]), ""] if base else []))
+    stdout.print(table)
+    stdout.print(
+        f"settings: {settings['prompt_tokens']} prompt tokens · {settings['new_tokens']} new tokens (greedy, KV cache) ·"
+        f" median of {settings['repeats']} after {settings['warmup']} warm-up · peak memory: {result['model']['peak_memory_kind']}"
+    )
+    render_gates(result.get("gates") or [])
