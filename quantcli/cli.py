@@ -179,6 +179,34 @@ def inspect(
     console.print_json(info) if json_output else console.render_inspect(info)
 
 
+@app.command()
+@handle_errors
+def compare(
+    dirs: List[Path] = typer.Argument(..., help="quantcli output folders."),
+    base: Optional[str] = typer.Option(None, "--base", help="Re-evaluate every folder against this model (perplexity change, KL, top-1) on one setting."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens evaluated per model when evaluating."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Context length when evaluating."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a GitHub Markdown table (for PR comments)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw size vs perplexity and per-layer error to this PNG (needs matplotlib)."),
+    json_output: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """One table across quantized checkpoints: size, bits/weight, perplexity, change vs base, KL."""
+    from quantcli import console
+    from quantcli.compare import compare as run_compare
+    from quantcli.compare import markdown as to_markdown
+    from quantcli.config import DEFAULT_EVAL_DATASET, EvalConfig
+
+    config = EvalConfig(DEFAULT_EVAL_DATASET, seq_len, None, max_tokens)
+    result = run_compare(list(dirs), base, config, plot, console.RichProgress(enabled=not quiet))
+    if json_output:
+        console.print_json(result)
+    elif markdown:
+        print(to_markdown(result))
+    else:
+        console.render_compare(result)
+
+
 BACKEND_OPTION = typer.Option("auto", "--backend", help="auto (dequantized weights) or int8-cpu (torch int8 kernels for RTN INT8 checkpoints on CPU).")
 
 

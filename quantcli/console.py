@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -151,3 +152,22 @@ def render_bench(result: dict[str, Any]) -> None:
         f" median of {settings['repeats']} after {settings['warmup']} warm-up · peak memory: {result['model']['peak_memory_kind']}"
     )
     render_gates(result.get("gates") or [])
+
+
+def render_compare(result: dict[str, Any]) -> None:
+    table = Table(title=f"quantcli compare{' vs ' + result['base'] if result['base'] else ''}")
+    for column in ("checkpoint", "method", "bits", "size on disk", "bits/weight", "perplexity", "Δ vs base", "KL", "top-1"):
+        table.add_column(column, justify="left" if column in ("checkpoint", "method") else "right")
+
+    def number(value: Any, fmt: str, suffix: str = "") -> str:
+        return "n/a" if value is None else format(value, fmt) + suffix
+
+    for row in result["rows"]:
+        table.add_row(
+            Path(row["checkpoint"]).name, row["method"], str(row["bits"]), human_bytes(row["disk_bytes"]), number(row["bits_per_weight"], ".2f"),
+            number(row["perplexity"], ".4f"), number(row["perplexity_delta_percent"], "+.2f", "%"), number(row["kl_divergence"], ".5f"),
+            number(row["top1_agreement"] and 100 * row["top1_agreement"], ".1f", "%"),
+        )
+    stdout.print(table)
+    if result["plot"]:
+        stdout.print(f"plot: {result['plot']}")
