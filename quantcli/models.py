@@ -196,7 +196,10 @@ def bytes_in_memory(model: Any) -> int:
     for tensor in tensors:
         if not torch.is_tensor(tensor) or tensor.device.type == "meta":
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        try:
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        except RuntimeError:  # wrapper tensor subclasses (torchao, quanto) have no plain storage
+            key = (id(tensor), 0, tensor.numel())
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
