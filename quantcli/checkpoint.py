@@ -162,9 +162,21 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return metadata
 
 
-def load(path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any] | None]:
-    """Load a checkpoint quantcli wrote (or any causal LM): ``(model, tokenizer, metadata)``."""
+BACKENDS = ("auto", "int8-cpu")
+
+
+def load(
+    path: str | Path, device: str = "auto", trust_remote_code: bool = False, backend: str = "auto"
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Load a checkpoint quantcli wrote (or any causal LM): ``(model, tokenizer, metadata)``.
+
+    ``backend="int8-cpu"`` runs an RTN INT8 checkpoint with torch's int8 kernels on CPU (see
+    :mod:`quantcli.int8cpu`); ``"auto"`` runs every checkpoint with dequantized weights.
+    """
     from quantcli.models import check_vocab, load_tokenizer, pick_device, resolve_model
+
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
 
     source = resolve_model(str(path))
     metadata = read_metadata(Path(source)) if Path(source).is_dir() else None
@@ -172,7 +184,6 @@ def load(path: str | Path, device: str = "auto", trust_remote_code: bool = False
     try:
         model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
         check_vocab(model, tokenizer, str(path))
-        return model, tokenizer, metadata
     except QuantCliError:
         raise
     except Exception as error:  # noqa: BLE001 - a corrupt file makes the readers raise anything; name it
@@ -181,6 +192,11 @@ def load(path: str | Path, device: str = "auto", trust_remote_code: bool = False
             f"cannot read the checkpoint {path} ({type(error).__name__}: {why}). It is corrupt or incomplete:"
             " re-run quantcli quantize, or download it again."
         ) from error
+    if backend == "int8-cpu":
+        from quantcli.int8cpu import convert
+
+        model = convert(model, metadata, str(next(model.parameters()).device))
+    return model, tokenizer, metadata
 
 
 def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remote_code: bool) -> Any:

@@ -111,12 +111,15 @@ def quantize(
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
     sequential: bool = typer.Option(False, "--sequential", help="RTN one decoder layer at a time, for models larger than memory (no perplexity)."),
     resume: bool = typer.Option(False, "--resume", help="With --sequential: continue an interrupted run after its last finished layer."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="CI gate, in percent: exit 4 if perplexity rises more (2 = 2%)."),
+    max_size: Optional[float] = typer.Option(None, "--max-size", help="CI gate: exit 4 if the quantized weights exceed this many MB (10^6 bytes) on disk."),
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Quantize MODEL, write the checkpoint, and report size and perplexity before and after."""
     from quantcli import console
     from quantcli.config import config_from_mapping, load_recipe
+    from quantcli.gates import enforce
     from quantcli.pipeline import quantize as run_quantize
 
     recipe: dict[str, Any] = load_recipe(config) if config else {}
@@ -140,6 +143,9 @@ def quantize(
         evaluation = _recipe_section(recipe, "eval")
         evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens))
         recipe["eval"] = evaluation
+    gates = dict(recipe.get("gates") or {})
+    gates.update(_given(max_ppl_increase=max_ppl_increase, max_size=max_size))
+    recipe["gates"] = gates
     if "bits" not in recipe:
         from quantcli.errors import InputError
 
@@ -158,6 +164,7 @@ def quantize(
     report = run_quantize(config, console.RichProgress(enabled=not quiet))
     data = report.to_dict()
     console.print_json(data) if json_output else console.render_quantize(data)
+    enforce(data["gates"])
 
 
 @app.command("eval")
@@ -171,6 +178,7 @@ def eval_command(
     bos: str = typer.Option("document", "--bos", help="BOS before every document, once at the 'start', or 'none'."),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model: also report KL divergence and top-1 agreement."),
+    backend: str = typer.Option("auto", "--backend", help="auto (dequantized weights) or int8-cpu (torch int8 kernels for RTN INT8 checkpoints on CPU)."),
     device: str = DEVICE_OPTION,
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -181,7 +189,7 @@ def eval_command(
     from quantcli.pipeline import evaluate
 
     config = EvalConfig(dataset or DEFAULT_EVAL_DATASET, seq_len, stride, max_tokens, bos, batch_size)
-    result = evaluate(model, config, base, device, console.RichProgress(enabled=not quiet))
+    result = evaluate(model, config, base, device, console.RichProgress(enabled=not quiet), backend)
     console.print_json(result) if json_output else console.render_eval(result)
 
 
@@ -197,6 +205,64 @@ def inspect(
 
     info = inspect_checkpoint(path)
     console.print_json(info) if json_output else console.render_inspect(info)
+
+
+@app.command()
+@handle_errors
+def compare(
+    dirs: List[Path] = typer.Argument(..., help="quantcli output folders."),
+    base: Optional[str] = typer.Option(None, "--base", help="Re-evaluate every folder against this model (perplexity change, KL, top-1) on one setting."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens evaluated per model when evaluating."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Context length when evaluating."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a GitHub Markdown table (for PR comments)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw size vs perplexity and per-layer error to this PNG (needs matplotlib)."),
+    json_output: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """One table across quantized checkpoints: size, bits/weight, perplexity, change vs base, KL."""
+    from quantcli import console
+    from quantcli.compare import compare as run_compare
+    from quantcli.compare import markdown as to_markdown
+    from quantcli.config import DEFAULT_EVAL_DATASET, EvalConfig
+
+    config = EvalConfig(DEFAULT_EVAL_DATASET, seq_len, None, max_tokens)
+    result = run_compare(list(dirs), base, config, plot, console.RichProgress(enabled=not quiet))
+    if json_output:
+        console.print_json(result)
+    elif markdown:
+        print(to_markdown(result))
+    else:
+        console.render_compare(result)
+
+
+BACKEND_OPTION = typer.Option("auto", "--backend", help="auto (dequantized weights) or int8-cpu (torch int8 kernels for RTN INT8 checkpoints on CPU).")
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: str = typer.Argument("stories260K", help="A quantcli output folder, any local checkpoint, or a Hub id."),
+    base: Optional[str] = typer.Option(None, "--base", help="Also bench this model and report speedup ratios (MODEL over BASE)."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prompt length (prefill), taken from the eval text."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens decoded with the KV cache."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs; medians are reported."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
+    backend: str = BACKEND_OPTION,
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="CI gate: exit 4 if MODEL decodes less than X times faster than --base."),
+    device: str = DEVICE_OPTION,
+    json_output: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Prefill and decode tokens/s, latency per token and memory (medians over repeats)."""
+    from quantcli import console
+    from quantcli.gates import GateLimits, enforce
+    from quantcli.speed import BenchConfig
+    from quantcli.speed import bench as run_bench
+
+    config = BenchConfig(prompt_tokens, new_tokens, repeats, warmup, backend=backend)
+    result = run_bench(model, config, base, device, GateLimits(min_speedup=min_speedup), console.RichProgress(enabled=not quiet))
+    console.print_json(result) if json_output else console.render_bench(result)
+    enforce(result["gates"])
 
 
 @app.command()

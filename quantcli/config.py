@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantcli.errors import InputError
+from quantcli.gates import GateLimits
 
 DEFAULT_MODEL = "stories260K"
 DEFAULT_CALIB_DATASET = "tinystories:calib"
@@ -119,6 +120,7 @@ class QuantizeConfig:
     max_shard_size: int | str | None = None
     sequential: bool = False  # layer-by-layer RTN for models larger than memory (no perplexity)
     resume: bool = False  # with sequential: continue an interrupted run after its last finished layer
+    gates: GateLimits = field(default_factory=GateLimits)
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
@@ -133,6 +135,10 @@ class QuantizeConfig:
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}.")
+        if self.gates.max_ppl_increase is not None and self.eval is None:
+            raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
+        if self.gates.min_speedup is not None:
+            raise InputError("--min-speedup needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -142,7 +148,7 @@ class QuantizeConfig:
         return data
 
 
-_SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig}
+_SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig, "gates": GateLimits}
 
 
 def _section(name: str, cls: type, values: Any) -> Any:

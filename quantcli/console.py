@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -85,6 +86,15 @@ def render_quantize(report: dict[str, Any]) -> None:
         stdout.print(f"calibration: {calib['dataset']} · {calib['samples']} × {calib['seq_len']} tokens · seed {calib['seed']}")
     for name, note in report["fallbacks"].items():
         stdout.print(f"[yellow]fallback[/] {name}: {note}")
+    render_gates(report.get("gates") or [])
+
+
+def render_gates(records: list[dict[str, Any]]) -> None:
+    from quantcli.gates import GateResult
+
+    for record in records:
+        result = GateResult(**record)
+        stdout.print(f"{'[green]gate passed[/]' if result.passed else '[red]gate FAILED[/]'}: {result.message}")
 
 
 def render_eval(result: dict[str, Any]) -> None:
@@ -117,3 +127,51 @@ def render_inspect(info: dict[str, Any]) -> None:
     for name, why in (info.get("skipped") or {}).items():
         table.add_row(name, "-", "kept", "-", "", why)
     stdout.print(table)
+
+
+def render_bench(result: dict[str, Any]) -> None:
+    base, speedup = result.get("base"), result.get("speedup")
+    settings = result["settings"]
+    table = Table(title=f"quantcli bench: {result['model']['name']} on {result['device']} (backend {settings['backend']})")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    if base:
+        table.add_column(f"base {base['name']}", justify="right")
+        table.add_column("speedup", justify="right")
+    rows = [
+        ("prefill tokens/s", "prefill_tokens_per_s", "{:,.1f}", "prefill"),
+        ("decode tokens/s", "decode_tokens_per_s", "{:,.1f}", "decode"),
+        ("latency per new token", "latency_ms_per_token", "{:.2f} ms", None),
+    ]
+    for label, key, fmt, ratio in rows:
+        cells = [fmt.format(result["model"][key])]
+        if base:
+            cells += [fmt.format(base[key]), f"{speedup[ratio]:.2f}x" if ratio else ""]
+        table.add_row(label, *cells)
+    for label, key in (("peak memory", "peak_memory_bytes"), ("model memory", "model_memory_bytes")):
+        table.add_row(label, human_bytes(result["model"][key]), *([human_bytes(base[key]), ""] if base else []))
+    stdout.print(table)
+    stdout.print(
+        f"settings: {settings['prompt_tokens']} prompt tokens · {settings['new_tokens']} new tokens (greedy, KV cache) ·"
+        f" median of {settings['repeats']} after {settings['warmup']} warm-up · peak memory: {result['model']['peak_memory_kind']}"
+    )
+    render_gates(result.get("gates") or [])
+
+
+def render_compare(result: dict[str, Any]) -> None:
+    table = Table(title=f"quantcli compare{' vs ' + result['base'] if result['base'] else ''}")
+    for column in ("checkpoint", "method", "bits", "size on disk", "bits/weight", "perplexity", "Δ vs base", "KL", "top-1"):
+        table.add_column(column, justify="left" if column in ("checkpoint", "method") else "right")
+
+    def number(value: Any, fmt: str, suffix: str = "") -> str:
+        return "n/a" if value is None else format(value, fmt) + suffix
+
+    for row in result["rows"]:
+        table.add_row(
+            Path(row["checkpoint"]).name, row["method"], str(row["bits"]), human_bytes(row["disk_bytes"]), number(row["bits_per_weight"], ".2f"),
+            number(row["perplexity"], ".4f"), number(row["perplexity_delta_percent"], "+.2f", "%"), number(row["kl_divergence"], ".5f"),
+            number(row["top1_agreement"] and 100 * row["top1_agreement"], ".1f", "%"),
+        )
+    stdout.print(table)
+    if result["plot"]:
+        stdout.print(f"plot: {result['plot']}")

@@ -230,7 +230,8 @@ def _quantization_tensors(module: Any) -> list[Any]:
     scb = getattr(getattr(module, "weight", None), "SCB", None)
     if scb is None:
         scb = getattr(getattr(module, "state", None), "SCB", None)
-    return [*tensors, scb]
+    extra = getattr(module, "memory_tensors", None)  # quantcli.int8cpu.Int8Linear keeps prepacked weights
+    return [*tensors, scb, *(extra() if extra else [])]
 
 
 def bytes_in_memory(model: Any) -> int:
@@ -245,7 +246,10 @@ def bytes_in_memory(model: Any) -> int:
     for tensor in tensors:
         if not torch.is_tensor(tensor) or tensor.device.type == "meta":
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        try:
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        except RuntimeError:  # wrapper tensor subclasses (torchao, quanto) have no plain storage
+            key = (id(tensor), 0, tensor.numel())
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()

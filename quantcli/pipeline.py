@@ -11,6 +11,7 @@ from typing import Any
 from quantcli import __version__
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
 from quantcli.config import EvalConfig, QuantizeConfig
+from quantcli.gates import check_quantize, to_records
 from quantcli.data import calibration_batch, read_documents, token_sequences
 from quantcli.errors import DatasetError
 from quantcli.perplexity import EvalResult, evaluate_sequences
@@ -160,16 +161,19 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
             "layers": report.to_dict()["layers"],
             "skipped": selection.skipped,
         }
+        report.gates = to_records(check_quantize(config.gates, report.to_dict()))
         write_json(staging / METADATA_FILE, metadata)
         write_json(staging / REPORT_FILE, report.to_dict())
     return report
 
 
-def evaluate(model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None) -> dict[str, Any]:
+def evaluate(
+    model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None, backend: str = "auto"
+) -> dict[str, Any]:
     """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given."""
     progress = progress or NullProgress()
     with progress.task("load model", total=None):
-        loaded, tokenizer, metadata = load(model, device)
+        loaded, tokenizer, metadata = load(model, device, backend=backend)
         base_model = load(base, device)[0] if base else None
     result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model)
     return {
@@ -178,6 +182,7 @@ def evaluate(model: str, config: EvalConfig, base: str | None = None, device: st
         "base": base,
         "method": (metadata or {}).get("method"),
         "bits": (metadata or {}).get("bits"),
+        "backend": backend,
         "memory_bytes": bytes_in_memory(loaded),
         "disk_bytes": bytes_on_disk(weight_files(resolve_model(model))),
         **result.to_dict(),

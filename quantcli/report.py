@@ -46,6 +46,7 @@ class QuantizeReport:
     layers: dict[str, LayerRecord]
     skipped: dict[str, str]
     stats: dict[str, Any] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def fallbacks(self) -> dict[str, str]:

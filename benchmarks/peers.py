@@ -1,0 +1,156 @@
+"""stories260K and the TinyStories eval text through quantcli and its peers on CPU: perplexity,
+serialized size, quantize time and decode speed. A peer that is not installed or fails here is
+reported with the reason, never skipped silently.
+
+    pip install --no-deps --target /tmp/peerlibs torchao optimum-quanto hqq termcolor einops
+    PYTHONPATH=.:/tmp/peerlibs python benchmarks/peers.py [--max-tokens 4096 --threads 1]
+
+(Peers go on PYTHONPATH, not into the environment: with torchao installed, transformers imports it
+and every command prints its warnings.)
+
+Size is quantcli's checkpoint on disk, and for peers (which write no standard checkpoint here) the
+bytes of ``torch.save(model.state_dict())``; the output head stays fp32 everywhere. Writes results/peers.json and results/peers.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from quantcli.checkpoint import load
+from quantcli.config import EvalConfig, config_from_mapping
+from quantcli.models import EMBEDDED_MODEL, bytes_on_disk, weight_files
+from quantcli.pipeline import measure_perplexity, quantize
+from quantcli.progress import NullProgress
+from quantcli.speed import BenchConfig, measure, prompt_ids
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+LINEARS = lambda model: [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]  # noqa: E731
+
+
+def serialized_bytes(model: Any) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def quantcli_peer(tmp: str, bits: int, backend: str) -> Callable[[Any], Any]:
+    def run(_: Any) -> Any:
+        folder = f"{tmp}/quantcli-w{bits}-{backend}"
+        quantize(config_from_mapping({"bits": bits, "method": "rtn", "output": folder, "eval": None}))
+        model = load(folder, "cpu", backend=backend)[0]
+        model.quantcli_disk_bytes = bytes_on_disk(weight_files(folder))  # the checkpoint is the artifact
+        return model
+    return run
+
+
+def bnb(kind: str) -> Callable[[Any], Any]:
+    def run(_: Any) -> Any:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        return AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, quantization_config=config, device_map="cpu").eval()
+    return run
+
+
+def torch_dynamic(model: Any) -> Any:
+    head = model.lm_head
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    quantized.lm_head = head  # keep the head fp32, like every other peer
+    return quantized
+
+
+def quanto(model: Any) -> Any:
+    from optimum.quanto import freeze, qint8
+    from optimum.quanto import quantize as quanto_quantize
+
+    quanto_quantize(model, weights=qint8, exclude="lm_head")
+    freeze(model)
+    return model
+
+
+def torchao(config_name: str) -> Callable[[Any], Any]:
+    def run(model: Any) -> Any:
+        import torchao.quantization as tq
+
+        config = getattr(tq, config_name)()
+        tq.quantize_(model, config, filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and name != "lm_head")
+        return model
+    return run
+
+
+def hqq(model: Any) -> Any:
+    from transformers import AutoModelForCausalLM, HqqConfig
+
+    return AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, quantization_config=HqqConfig(nbits=4, group_size=64, skip_modules=["lm_head"]), device_map="cpu").eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base, tokenizer, _ = load(EMBEDDED_MODEL, "cpu")
+    eval_config = EvalConfig(max_tokens=args.max_tokens)
+    bench_config = BenchConfig(prompt_tokens=64, new_tokens=32, repeats=3)
+    ids = prompt_ids(tokenizer, bench_config)
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        peers = {
+            "fp32 (no quantization)": lambda model: model,
+            "quantcli rtn int8 (int8-cpu backend)": quantcli_peer(tmp, 8, "int8-cpu"),
+            "quantcli rtn int8 (dequantized)": quantcli_peer(tmp, 8, "auto"),
+            "quantcli rtn int4 g64 (dequantized)": quantcli_peer(tmp, 4, "auto"),
+            "transformers + bitsandbytes int8": bnb("int8"),
+            "transformers + bitsandbytes nf4": bnb("nf4"),
+            "torch quantize_dynamic qint8": torch_dynamic,
+            "optimum-quanto qint8 weights": quanto,
+            "torchao Int8WeightOnlyConfig": torchao("Int8WeightOnlyConfig"),
+            "torchao Int8DynamicActivationInt8WeightConfig": torchao("Int8DynamicActivationInt8WeightConfig"),
+            "hqq 4-bit g64 (transformers HqqConfig)": hqq,
+        }
+        for name, make in peers.items():
+            try:
+                start = time.perf_counter()
+                model = make(copy.deepcopy(base))
+                seconds = time.perf_counter() - start
+                ppl = measure_perplexity(model, tokenizer, eval_config, NullProgress(), name).perplexity
+                speed = measure(model, ids, bench_config)
+                disk = getattr(model, "quantcli_disk_bytes", None)
+                size = {"size_bytes": disk, "size_kind": "checkpoint on disk"} if disk else {"size_bytes": serialized_bytes(model), "size_kind": "torch.save(state_dict)"}
+                rows[name] = {"perplexity": ppl, **size, "quantize_seconds": seconds, "decode_tokens_per_s": speed["decode_tokens_per_s"]}
+            except ImportError as error:
+                rows[name] = {"error": f"not installed here ({error.name or error})"}
+            except Exception as error:  # noqa: BLE001 - report why a peer cannot run here
+                rows[name] = {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"}
+            print(name, rows[name], flush=True)
+    base_ppl = rows["fp32 (no quantization)"]["perplexity"]
+    RESULTS.mkdir(exist_ok=True)
+    summary = {"model": "stories260K", "eval": vars(eval_config), "threads": args.threads, "load_average": os.getloadavg(), "rows": rows}
+    (RESULTS / "peers.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = ["| library / method | perplexity | Δ ppl | size (KB) | size measured as | quantize s | decode tok/s |", "|---|--:|--:|--:|---|--:|--:|"]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | n/a: {row['error']} | | | | | |")
+        else:
+            lines.append(
+                f"| {name} | {row['perplexity']:.4f} | {100 * (row['perplexity'] / base_ppl - 1):+.2f}% | {row['size_bytes'] / 1e3:.0f} | {row['size_kind']} |"
+                f" {row['quantize_seconds']:.2f} | {row['decode_tokens_per_s']:.1f} |"
+            )
+    lines.append(f"\nstories260K, tinystories:eval {args.max_tokens} tokens, context 256; {args.threads} CPU threads, load average {summary['load_average'][0]:.1f}.")
+    (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

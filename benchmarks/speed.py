@@ -1,0 +1,112 @@
+"""CPU decode speed of a GPT-2-small-shaped model: fp32 vs quantcli INT8 (int8-cpu backend) vs
+bitsandbytes INT8, in one run with the same prompt and settings (medians over repeats).
+
+    PYTHONPATH=. python benchmarks/speed.py [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
+
+The model is GPT2Config() (124M parameters) with random weights, built here and saved to a temp
+folder: speed does not depend on the values. Writes results/speed.json and results/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from quantcli.checkpoint import load
+from quantcli.config import config_from_mapping
+from quantcli.pipeline import quantize
+from quantcli.speed import BenchConfig, measure
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def build(folder: Path) -> Path:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from quantcli.models import EMBEDDED_MODEL
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder / "fp32")
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(folder / "fp32")  # any tokenizer: ids are given
+    return folder / "fp32"
+
+
+def bnb_int8(source: Path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    return AutoModelForCausalLM.from_pretrained(source, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu").eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ids = torch.randint(3, 512, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = build(Path(tmp))
+        start = time.perf_counter()
+        quantize(config_from_mapping({"bits": 8, "method": "rtn", "model": str(source), "output": f"{tmp}/int8", "eval": None}))
+        quantize_seconds = time.perf_counter() - start
+        candidates = {
+            "fp32": lambda: load(source, "cpu")[0],
+            "quantcli int8 (int8-cpu)": lambda: load(f"{tmp}/int8", "cpu", backend="int8-cpu")[0],
+            "quantcli int8 (dequantized, default backend)": lambda: load(f"{tmp}/int8", "cpu")[0],
+            "bitsandbytes int8": lambda: bnb_int8(source),
+        }
+        models = {}
+        for name, build_model in candidates.items():
+            try:
+                models[name] = build_model()
+            except Exception as error:  # noqa: BLE001 - a peer that cannot run here is reported, not skipped
+                results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        # rounds interleave the models, so load from other processes hits them alike; medians per model
+        rounds: dict[str, list[dict]] = {name: [] for name in models}
+        for index in range(args.repeats):
+            for name, model in models.items():
+                rounds[name].append(measure(model, ids, BenchConfig(args.prompt_tokens, args.new_tokens, 1, warmup=1 if index == 0 else 0)))
+        for name, runs in rounds.items():
+            results[name] = {key: statistics.median(run[key] for run in runs) if isinstance(runs[0][key], (int, float)) else runs[0][key] for key in runs[0]}
+            print(f"{name}: {results[name]['decode_tokens_per_s']:.1f} decode tokens/s", flush=True)
+    fp32 = results["fp32"]["decode_tokens_per_s"]
+    ratios = {name: r["decode_tokens_per_s"] / fp32 for name, r in results.items() if "decode_tokens_per_s" in r}
+    bnb = results["bitsandbytes int8"].get("decode_tokens_per_s")
+    quantcli_int8 = results["quantcli int8 (int8-cpu)"].get("decode_tokens_per_s")
+    summary = {
+        "model": "GPT2Config() defaults, random init (124M parameters)",
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__},
+        "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": 1},
+        "quantize_seconds": quantize_seconds,
+        "results": results,
+        "decode_speedup_vs_fp32": ratios,
+        "quantcli_int8_vs_bnb_int8": quantcli_int8 / bnb if bnb and quantcli_int8 else None,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = ["| model | decode tokens/s | latency ms/token | prefill tokens/s | model memory (MB) | vs fp32 |", "|---|--:|--:|--:|--:|--:|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | n/a ({r['error']}) | | | | |")
+        else:
+            lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['latency_ms_per_token']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['model_memory_bytes'] / 1e6:.0f} | {ratios[name]:.2f}x |")
+    lines.append(f"\n{args.threads} CPU threads, load average {summary['machine']['load_average'][0]:.1f}; {args.prompt_tokens} prompt + {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds.")
+    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if summary["quantcli_int8_vs_bnb_int8"]:
+        print(f"quantcli int8 / bitsandbytes int8: {summary['quantcli_int8_vs_bnb_int8']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""`quantcli compare` over two real RTN checkpoints (8- and 4-bit), its Markdown table and --plot PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quantcli.compare import compare, markdown
+from quantcli.config import EvalConfig, config_from_mapping
+from quantcli.pipeline import quantize
+
+EVAL = {"max_tokens": 1024, "seq_len": 128}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    for bits in (8, 4):
+        quantize(config_from_mapping({"bits": bits, "method": "rtn", "output": str(root / f"rtn-w{bits}"), "eval": EVAL}))
+    return [root / "rtn-w8", root / "rtn-w4"]
+
+
+def test_rows_from_reports_and_markdown(checkpoints):
+    result = compare(checkpoints)
+    w8, w4 = result["rows"]
+    assert (w8["bits"], w4["bits"]) == (8, 4) and not w8["evaluated"]
+    assert w4["disk_bytes"] < w8["disk_bytes"] and w4["bits_per_weight"] < w8["bits_per_weight"]
+    assert w8["perplexity_delta_percent"] < w4["perplexity_delta_percent"]
+    table = markdown(result).splitlines()
+    assert table[0].startswith("| checkpoint | method | bits |") and table[1].startswith("|---|")
+    assert table[2].startswith("| `rtn-w8` | rtn | 8 |") and len(table) == 4
+
+
+def test_cli_against_base_with_plot(checkpoints, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "trade-off.png"
+    args = ["compare", *map(str, checkpoints), "--base", "stories260K", "--max-tokens", "1024", "--seq-len", "128", "--plot", str(png), "--json", "-q"]
+    result = subprocess.run([sys.executable, "-m", "quantcli", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    w8, w4 = data["rows"]
+    assert w8["evaluated"] and 0 <= w8["kl_divergence"] < w4["kl_divergence"] and w8["top1_agreement"] > w4["top1_agreement"]
+    assert w8["base_perplexity"] == w4["base_perplexity"]
+    errors8, errors4 = data["layer_errors"][str(checkpoints[0])], data["layer_errors"][str(checkpoints[1])]
+    assert len(errors8) == 35 and all(0 < errors8[name] < 0.02 < errors4[name] < 0.3 for name in errors8)
+    assert png.stat().st_size > 10_000
+    assert Image.open(png).size == (1560, 600)
+
+
+def test_plot_needs_png(checkpoints, tmp_path):
+    from quantcli.errors import InputError
+
+    with pytest.raises(InputError, match="png"):
+        compare(checkpoints[:1], plot=tmp_path / "x.jpg", config=EvalConfig(max_tokens=256))
