@@ -106,6 +106,7 @@ def quantize(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate on at most this many tokens."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity before/after."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over all GPUs (and CPU) with accelerate: auto, balanced, sequential."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
@@ -123,7 +124,7 @@ def quantize(
     from quantcli.pipeline import quantize as run_quantize
 
     recipe: dict[str, Any] = load_recipe(config) if config else {}
-    recipe.update(_given(bits=bits, method=method, output=output, device=device, dtype=dtype, max_shard_size=max_shard_size))
+    recipe.update(_given(bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype, max_shard_size=max_shard_size))
     if model != "stories260K" or "model" not in recipe:
         recipe["model"] = model
     if force:

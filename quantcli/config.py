@@ -98,7 +98,9 @@ class EvalConfig:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
     "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "sequential": (bool,), "resume": (bool,),
+    "device_map": (str, type(None)),
 }
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class QuantizeConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig | None = field(default_factory=EvalConfig)
     device: str = "auto"
+    device_map: str | None = None  # accelerate placement over several GPUs (and CPU) instead of one device
     dtype: str = "auto"
     trust_remote_code: bool = False
     max_shard_size: int | str | None = None
@@ -133,6 +136,8 @@ class QuantizeConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}.")
         if self.gates.max_ppl_increase is not None and self.eval is None:

@@ -78,7 +78,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     start = time.perf_counter()
     with progress.task("load model", total=None):
         tokenizer = load_tokenizer(source, config.trust_remote_code)
-        model = load_model(source, pick_dtype(config.dtype, device), device, config.trust_remote_code)
+        model = load_model(source, pick_dtype(config.dtype, device), config.device_map or device, config.trust_remote_code)
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
     timings["load"] = time.perf_counter() - start
@@ -109,7 +109,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     with progress.task(f"quantize ({method_name})", total=len(selection.names)) as advance:
         request = QuantizeRequest(
             source, model, tokenizer, selection.names, device, pick_dtype(config.dtype, device), method_config,
-            calibration, config.trust_remote_code, advance,
+            calibration, config.trust_remote_code, advance, config.device_map,
         )
         del model
         quantized = method.quantize(request)

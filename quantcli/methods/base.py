@@ -35,6 +35,12 @@ class QuantizeRequest:
     calibration: Any = None
     trust_remote_code: bool = False
     progress: Callable[[int], None] = lambda advance: None
+    device_map: str | None = None
+
+    @property
+    def placement(self) -> str:
+        """What ``from_pretrained(device_map=...)`` gets: the accelerate map if one was asked for."""
+        return self.device_map or self.device
 
 
 @dataclass

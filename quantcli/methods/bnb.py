@@ -100,7 +100,7 @@ class _Bitsandbytes(Quantizer):
         skip = [name for name in quantizable if name not in chosen]
         request.model = original = modules = None
         model = load_model(
-            request.source, request.dtype, request.device, request.trust_remote_code,
+            request.source, request.dtype, request.placement, request.trust_remote_code,
             quantization_config=self._quantization_config(request.config, request.dtype, skip),
         )
         layers: dict[str, LayerRecord] = {}
