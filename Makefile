@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peers clean
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
+# Each benchmark writes its table to benchmarks/results/ (JSON + Markdown); run on a quiet machine.
 bench: install
-	$(BIN)/python benchmarks/methods.py --output results/methods
+	$(BIN)/python benchmarks/methods.py
+	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/scale.py
+
+# The peers (optimum-quanto, torchao, hqq) go to a side folder so quantcli's own venv stays clean.
+bench-peers: install
+	$(BIN)/pip install -q --target .peers optimum-quanto torchao hqq
+	PYTHONPATH=.peers $(BIN)/python benchmarks/peers.py
 
 clean:
-	rm -rf out results .pytest_cache
+	rm -rf out .peers .pytest_cache

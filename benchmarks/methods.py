@@ -4,7 +4,7 @@ Calibrates on ``tinystories:calib``, evaluates every checkpoint (reloaded from d
 ``quantcli.load``) on ``tinystories:eval`` with the same settings, and writes PREFIX.json and
 PREFIX.md: perplexity, its change against fp32, size on disk and time to quantize.
 
-    python benchmarks/methods.py --output results/methods
+    python benchmarks/methods.py
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def unavailable(method: str, device: str) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=Path("results/methods"), help="Writes OUTPUT.json and OUTPUT.md.")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "methods", help="Writes OUTPUT.json and OUTPUT.md.")
     parser.add_argument("--max-tokens", type=int, default=32768, help="Evaluation tokens.")
     parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows.")
     parser.add_argument("--seq-len", type=int, default=256, help="Tokens per calibration and evaluation window.")

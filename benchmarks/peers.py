@@ -9,7 +9,7 @@ reported with the reason, never skipped silently.
 and every command prints its warnings.)
 
 Size is quantcli's checkpoint on disk, and for peers (which write no standard checkpoint here) the
-bytes of ``torch.save(model.state_dict())``; the output head stays fp32 everywhere. Writes results/peers.json and results/peers.md.
+bytes of ``torch.save(model.state_dict())``; the output head stays fp32 everywhere. Writes benchmarks/results/peers.json and .md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from quantcli.pipeline import measure_perplexity, quantize
 from quantcli.progress import NullProgress
 from quantcli.speed import BenchConfig, measure, prompt_ids
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 LINEARS = lambda model: [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]  # noqa: E731
 
 

@@ -4,7 +4,7 @@ bitsandbytes INT8, in one run with the same prompt and settings (medians over re
     PYTHONPATH=. python benchmarks/speed.py [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
 
 The model is GPT2Config() (124M parameters) with random weights, built here and saved to a temp
-folder: speed does not depend on the values. Writes results/speed.json and results/speed.md.
+folder: speed does not depend on the values. Writes benchmarks/results/speed.json and .md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from quantcli.config import config_from_mapping
 from quantcli.pipeline import quantize
 from quantcli.speed import BenchConfig, measure
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(folder: Path) -> Path:
