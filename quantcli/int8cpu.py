@@ -59,9 +59,11 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        # fbgemm quantizes activations per tensor; rows scaled to absmax 1 make that per token
-        row_max = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-        out = torch.ops.quantized.linear_dynamic(flat / row_max, self._packed, True) * row_max
+        if flat.shape[0] == 1:  # decode: fbgemm's per-tensor activation scale is already per token
+            out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)
+        else:  # fbgemm quantizes activations per tensor; rows scaled to absmax 1 make that per token
+            row_max = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+            out = torch.ops.quantized.linear_dynamic(flat / row_max, self._packed, True) * row_max
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
