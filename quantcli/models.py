@@ -209,6 +209,19 @@ def weight_matrix(module: Any) -> "torch.Tensor":
     return module.weight.data.t() if is_conv1d(module) else module.weight.data
 
 
+def dense_weight_matrix(module: Any) -> "torch.Tensor":
+    """The ``[out, in]`` values a layer computes with, dequantizing bitsandbytes' packed storage."""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (Params4bit)
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(weight.data, weight.quant_state).float()
+    if type(module).__name__ == "Linear8bitLt":  # int8 rows with per-row absmax scales
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return weight.data.float() * scales.float()[:, None] / 127
+    return weight_matrix(module).float()
+
+
 def set_weight_matrix(module: Any, matrix: "torch.Tensor") -> None:
     """Write ``[out, in]`` values back in the layer's own layout and dtype."""
     values = matrix.t() if is_conv1d(module) else matrix

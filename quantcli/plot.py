@@ -17,7 +17,7 @@ def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
     import torch
 
     from quantcli.checkpoint import load
-    from quantcli.models import weight_matrix
+    from quantcli.models import dense_weight_matrix, weight_matrix
 
     quantized, _, metadata = load(checkpoint, "cpu")
     original = load(reference, "cpu")[0]
@@ -26,7 +26,7 @@ def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
     for name in (metadata or {}).get("layers") or {}:
         if name not in modules_o:
             raise InputError(f"{checkpoint} has layer {name} that {reference} lacks: pass the model it was quantized from as --base.")
-        w_q, w_o = weight_matrix(modules_q[name]).float(), weight_matrix(modules_o[name]).float()
+        w_q, w_o = dense_weight_matrix(modules_q[name]), weight_matrix(modules_o[name]).float()
         errors[name] = (torch.linalg.norm(w_q - w_o) / torch.linalg.norm(w_o)).item()
     return errors
 

@@ -56,3 +56,15 @@ def test_plot_needs_png(checkpoints, tmp_path):
 
     with pytest.raises(InputError, match="png"):
         compare(checkpoints[:1], plot=tmp_path / "x.jpg", config=EvalConfig(max_tokens=256))
+
+
+def test_layer_errors_dequantize_bitsandbytes_storage(tmp_path):
+    """bnb keeps packed 4-bit / int8 rows; the per-layer error must compare dequantized values."""
+    import quantcli
+    from quantcli.config import QuantizeConfig
+    from quantcli.plot import layer_errors
+
+    for method, bits, low, high in [("bnb-int8", 8, 1e-3, 0.05), ("bnb-nf4", 4, 0.03, 0.3)]:
+        quantcli.quantize(QuantizeConfig(bits=bits, method=method, output=tmp_path / method, eval=None))
+        errors = layer_errors(str(tmp_path / method), "stories260K")
+        assert len(errors) == 35 and all(low < e < high for e in errors.values()), (method, errors)
