@@ -27,7 +27,7 @@ from quantcli.methods import get_method
 from quantcli.models import is_conv1d, load_tokenizer, resolve_model, select_modules
 from quantcli.progress import NullProgress, Progress
 
-LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks)\.(\d+))\.")
+LAYER = re.compile(r"^(.*?\.(\d+))\.")  # the first numbered module in a path is its decoder block
 
 
 def source_tensors(source: str) -> dict[str, Path]:
