@@ -89,7 +89,7 @@ def _quantize_group(tensors: dict[str, Any], plan: dict[str, Any], modules: dict
             out[key] = tensor
             continue
         layout = plan[layer][0]
-        scale, zero_point = ops.compute_qparams(tensor, layout.bits, layout.symmetric, layout.group_size)
+        scale, zero_point = ops.compute_qparams(tensor, layout.bits, layout.symmetric, layout.group_size, layout.observer)
         q = ops.quantize(tensor, scale, zero_point, layout.bits, layout.group_size)
         exact = ops.dequantize(q, scale.float(), zero_point, layout.group_size)
         scheme = modules[layer].quantization_scheme
@@ -125,10 +125,10 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
     modules = dict(skeleton.named_modules())
     if any(is_conv1d(modules[name]) for name in selection.names):
         raise UnavailableError("--sequential supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
-    plan = plan_layouts(skeleton, selection.names, rtn.bits, rtn.symmetric, rtn.group_size)
+    plan = plan_layouts(skeleton, selection.names, rtn.bits, rtn.symmetric, rtn.group_size, rtn.observer)
     apply_config(skeleton, {name: layout for name, (layout, _) in plan.items()})
     groups = layer_groups(list(where))
-    settings = {"source": str(Path(source).resolve()), "bits": rtn.bits, "group_size": rtn.group_size, "symmetric": rtn.symmetric, "skip_modules": list(config.skip_modules)}
+    settings = {"source": str(Path(source).resolve()), "bits": rtn.bits, "group_size": rtn.group_size, "symmetric": rtn.symmetric, "observer": rtn.observer, "skip_modules": list(config.skip_modules)}
     shards = [f"model-{index:05d}-of-{len(groups):05d}.safetensors" for index in range(1, len(groups) + 1)]
     with atomic_folder(output, config.force, resume=config.resume) as staging:
         state = json.loads((staging / RESUME_FILE).read_text()) if (staging / RESUME_FILE).exists() else {}
@@ -171,7 +171,7 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
         layers = {name: {"bits": layout.bits, "scheme": "group" if layout.group_size else "channel", "group_size": layout.group_size, "note": note} for name, (layout, note) in plan.items()}
         write_json(staging / METADATA_FILE, {
             "format_version": FORMAT_VERSION, "quantcli_version": __version__, "method": "rtn", "bits": rtn.bits,
-            "format": "compressed-tensors", "options": {"group_size": rtn.group_size, "symmetric": rtn.symmetric, "sequential": True},
+            "format": "compressed-tensors", "options": {"group_size": rtn.group_size, "symmetric": rtn.symmetric, "observer": rtn.observer, "sequential": True},
             "source_model": config.model, "layers": layers, "skipped": selection.skipped,
         })
         (staging / RESUME_FILE).unlink()

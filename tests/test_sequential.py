@@ -45,7 +45,7 @@ def llama(tmp_path_factory):
     return synthetic_llama(tmp_path_factory.mktemp("llama") / "model")
 
 
-@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 8}])
+@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 4, "observer": "mse"}, {"bits": 8}])
 def test_sequential_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
     recipe = {"model": str(llama), "method": "rtn", "eval": None, **options}
     quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
