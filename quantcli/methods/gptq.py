@@ -4,12 +4,8 @@ Each layer's columns are rounded one at a time; each rounding error is spread ov
 yet quantized through the upper Cholesky factor of ``H^-1``, with ``H = 2/n·XᵀX`` from the layer's
 calibration inputs ``X``, which lowers ``||WX - QX||²`` well below round-to-nearest.
 
-Sequential and memory-bounded: the inputs of the first decoder block (the ``ModuleList`` with the
-most parameters that holds the selected layers) are captured for every calibration sample; then
-each block in turn is quantized and run once more with its quantized weights to make the next
-block's inputs, so only one block's activations are alive. Within a block, layers are done in the
-order they run, grouped by shared input (q/k/v, o, gate/up, down): each group's Hessians are
-collected by re-running the block with the earlier groups already quantized.
+Sequential and memory-bounded (:mod:`quantcli.blockwise`): one decoder block at a time, each layer's
+Hessian taken on the outputs of the blocks and layers already quantized.
 
 ``act_order`` visits columns by decreasing ``diag(H)`` with *static* groups: scales come from the
 original weights in plain group order, so the checkpoint keeps the plain group layout
@@ -26,13 +22,13 @@ from typing import Any
 import torch
 
 from quantcli import ops
-from quantcli.errors import InputError, UnavailableError
+from quantcli.blockwise import quantize_blockwise
+from quantcli.errors import InputError
 from quantcli.intweights import IntLayout, IntWeights, check_observer, plan_layouts, resolve_group_size
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
 
-BATCH = 8  # calibration samples per forward pass
 DAMP_RETRIES = 4  # times damping is multiplied by 10 before a layer falls back to round-to-nearest
 
 
@@ -135,118 +131,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     return IntWeights(q, scale.to(dtype), zero_point, layout), notes
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once it has what it needs."""
-
-
-def _decoder_blocks(model: Any, names: tuple[str, ...]) -> tuple[str, torch.nn.ModuleList]:
-    """The ``ModuleList`` with the most parameters among those holding selected layers."""
-    found = [
-        (sum(p.numel() for p in module.parameters()), prefix, module)
-        for prefix, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and any(n.startswith(prefix + ".") for n in names)
-    ]
-    if not found:
-        raise UnavailableError("gptq found no list of decoder blocks holding the layers to quantize in this model. Use --method rtn.")
-    _, prefix, blocks = max(found, key=lambda item: item[0])
-    return prefix, blocks
-
-
-Inputs = list[tuple[torch.Tensor, tuple, dict]]  # per mini-batch: hidden states, other args, kwargs
-
-
-def _first_block_inputs(model: Any, block: torch.nn.Module, calibration: torch.Tensor) -> Inputs:
-    """What the model feeds ``block`` for each mini-batch of calibration windows."""
-    captured: Inputs = []
-
-    def hook(module: Any, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, tuple(args[1:]), kwargs))
-        raise _Stop
-
-    device = next(model.parameters()).device
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in calibration.split(BATCH):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run(block: torch.nn.Module, inputs: Inputs) -> list[torch.Tensor]:
-    outputs = [block(hidden, *args, **kwargs) for hidden, args, kwargs in inputs]
-    return [out[0] if isinstance(out, tuple) else out for out in outputs]
-
-
-def _groups_in_run_order(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) -> list[list[str]]:
-    """``layers`` in the order the block calls them, consecutive calls on one input tensor grouped."""
-    groups: list[list[str]] = []
-    last: list[Any] = [None]
-
-    def hook_for(name: str) -> Any:
-        def hook(module: Any, args: tuple) -> None:
-            if any(name in group for group in groups):
-                return
-            if args[0] is last[0]:
-                groups[-1].append(name)
-            else:
-                groups.append([name])
-                last[0] = args[0]
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
-    try:
-        _run(block, inputs[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return groups
-
-
-def _hessians(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) -> dict[str, torch.Tensor]:
-    """``2/n·XᵀX`` (float32, running mean) of each layer's inputs over all calibration tokens.
-
-    ``layers`` are in run order; each pass stops once the last of them has seen its input.
-    """
-    hessians = {name: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], device=m.weight.device) for name, m in layers.items()}
-    counts = dict.fromkeys(layers, 0)
-
-    def hook_for(name: str) -> Any:
-        def hook(module: Any, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            seen = counts[name] = counts[name] + x.shape[0]
-            hessians[name].mul_((seen - x.shape[0]) / seen).addmm_(x.t(), x, alpha=2 / seen)
-            if name == last:
-                raise _Stop
-        return hook
-
-    last = list(layers)[-1]
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
-    try:
-        for one in inputs:
-            try:
-                _run(block, [one])
-            except _Stop:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hessians
-
-
-def _memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 @register_method
 class GPTQQuantizer(Quantizer):
     name = "gptq"
@@ -264,10 +148,6 @@ class GPTQQuantizer(Quantizer):
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
-        prefix, blocks = _decoder_blocks(model, request.layers)
-        device = next(model.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         weights: dict[str, IntWeights] = {}
         notes: dict[str, list[str]] = {name: [note] if note else [] for name, (_, note) in plan.items()}
 
@@ -282,38 +162,13 @@ class GPTQQuantizer(Quantizer):
             weights[name] = layer
             request.progress(1)
 
-        peak = _memory(device)
-        groups = 0
-        with torch.no_grad():
-            inputs = _first_block_inputs(model, blocks[0], request.calibration)
-            for index, block in enumerate(blocks):
-                inside = {name: modules[name] for name in plan if name.startswith(f"{prefix}.{index}.")}
-                for group in _groups_in_run_order(block, inside, inputs) if inside else []:
-                    for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs).items():
-                        finish(name, hessian)
-                    groups += 1
-                    peak = max(peak, _memory(device))
-                if index + 1 < len(blocks):
-                    inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(_run(block, inputs), inputs)]
-                peak = max(peak, _memory(device))
-        for name in plan:
-            if name not in weights:
-                finish(name, None)
-
+        stats = quantize_blockwise(model, tuple(plan), request.calibration, finish)
         layers = {}
         for name, (layout, _) in plan.items():
             note = "; ".join(filter(None, (*notes[name], storage_note(modules[name]))))
             scheme = "group" if layout.group_size else "channel"
             layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(weight_matrix(modules[name]).shape), note or None)
         options = {key: value for key, value in asdict(config).items() if key != "bits"}
-        stats = {
-            "peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes": peak,
-            "calibration_tokens": int(request.calibration.numel()),
-            "calibration_activation_bytes": sum(h.numel() * h.element_size() for h, _, _ in inputs),
-            "hessian_dtype": "float32",
-            "decoder_blocks": f"{prefix} ({len(blocks)})",
-            "sequential_groups": groups,
-        }
         packed_any = any(storage_note(modules[name]) is None for name in weights)
         return QuantizedModel(
             model, self.name, config.bits, self.output_format if packed_any else "dense", options, layers,

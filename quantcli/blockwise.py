@@ -1,0 +1,171 @@
+"""Sequential, memory-bounded calibration for methods that need each layer's input statistics.
+
+The inputs of the first decoder block (the ``ModuleList`` with the most parameters that holds the
+selected layers) are captured for every calibration sample; then each block in turn is quantized
+and run once more with its quantized weights to make the next block's inputs, so only one block's
+activations are alive. Within a block, layers are done in the order they run, grouped by shared
+input (q/k/v, o, gate/up, down): each group's Hessians ``2/n·XᵀX`` are collected by re-running the
+block with the earlier groups already quantized.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from quantcli.errors import UnavailableError
+from quantcli.models import weight_matrix
+
+BATCH = 8  # calibration samples per forward pass
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs."""
+
+
+def _decoder_blocks(model: Any, names: tuple[str, ...]) -> tuple[str, torch.nn.ModuleList]:
+    """The ``ModuleList`` with the most parameters among those holding selected layers."""
+    found = [
+        (sum(p.numel() for p in module.parameters()), prefix, module)
+        for prefix, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and any(n.startswith(prefix + ".") for n in names)
+    ]
+    if not found:
+        raise UnavailableError("found no list of decoder blocks holding the layers to quantize in this model. Use --method rtn.")
+    _, prefix, blocks = max(found, key=lambda item: item[0])
+    return prefix, blocks
+
+
+Inputs = list[tuple[torch.Tensor, tuple, dict]]  # per mini-batch: hidden states, other args, kwargs
+
+
+def _first_block_inputs(model: Any, block: torch.nn.Module, calibration: torch.Tensor) -> Inputs:
+    """What the model feeds ``block`` for each mini-batch of calibration windows."""
+    captured: Inputs = []
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, tuple(args[1:]), kwargs))
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calibration.split(BATCH):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run(block: torch.nn.Module, inputs: Inputs) -> list[torch.Tensor]:
+    outputs = [block(hidden, *args, **kwargs) for hidden, args, kwargs in inputs]
+    return [out[0] if isinstance(out, tuple) else out for out in outputs]
+
+
+def _groups_in_run_order(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) -> list[list[str]]:
+    """``layers`` in the order the block calls them, consecutive calls on one input tensor grouped."""
+    groups: list[list[str]] = []
+    last: list[Any] = [None]
+
+    def hook_for(name: str) -> Any:
+        def hook(module: Any, args: tuple) -> None:
+            if any(name in group for group in groups):
+                return
+            if args[0] is last[0]:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+                last[0] = args[0]
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        _run(block, inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
+
+
+def _hessians(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """``2/n·XᵀX`` (float32, running mean) of each layer's inputs over all calibration tokens.
+
+    ``layers`` are in run order; each pass stops once the last of them has seen its input.
+    """
+    hessians = {name: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], device=m.weight.device) for name, m in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook_for(name: str) -> Any:
+        def hook(module: Any, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            seen = counts[name] = counts[name] + x.shape[0]
+            hessians[name].mul_((seen - x.shape[0]) / seen).addmm_(x.t(), x, alpha=2 / seen)
+            if name == last:
+                raise _Stop
+        return hook
+
+    last = list(layers)[-1]
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        for one in inputs:
+            try:
+                _run(block, [one])
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def _memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def quantize_blockwise(
+    model: Any, names: tuple[str, ...], calibration: torch.Tensor, quantize_layer: Callable[[str, "torch.Tensor | None"], None]
+) -> dict[str, Any]:
+    """Call ``quantize_layer(name, hessian)`` for every layer in ``names``, block by block in run
+    order; layers no calibration pass reaches get ``None``. Returns memory and calibration stats."""
+    modules = dict(model.named_modules())
+    prefix, blocks = _decoder_blocks(model, names)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    done: set[str] = set()
+    peak = _memory(device)
+    groups = 0
+    with torch.no_grad():
+        inputs = _first_block_inputs(model, blocks[0], calibration)
+        for index, block in enumerate(blocks):
+            inside = {name: modules[name] for name in names if name.startswith(f"{prefix}.{index}.")}
+            for group in _groups_in_run_order(block, inside, inputs) if inside else []:
+                for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs).items():
+                    quantize_layer(name, hessian)
+                    done.add(name)
+                groups += 1
+                peak = max(peak, _memory(device))
+            if index + 1 < len(blocks):
+                inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(_run(block, inputs), inputs)]
+            peak = max(peak, _memory(device))
+        for name in names:
+            if name not in done:
+                quantize_layer(name, None)
+    return {
+        "peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes": peak,
+        "calibration_tokens": int(calibration.numel()),
+        "calibration_activation_bytes": sum(h.numel() * h.element_size() for h, _, _ in inputs),
+        "hessian_dtype": "float32",
+        "decoder_blocks": f"{prefix} ({len(blocks)})",
+        "sequential_groups": groups,
+    }
