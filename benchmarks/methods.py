@@ -34,6 +34,7 @@ RUNS = [  # label, method, bits, options (gptq: act-order with static groups unl
     ("rtn int4 per-channel", "rtn", 4, {"group_size": -1}),
     ("rtn int4 g32 mse", "rtn", 4, {"group_size": 32, "observer": "mse"}),
     ("bnb-nf4", "bnb-nf4", 4, {}),
+    ("gptq-nf4 (GPTQ on bnb's NF4 grid)", "gptq-nf4", 4, {}),
     ("gptq int4 g32", "gptq", 4, {"group_size": 32}),
     ("gptq int4 g64", "gptq", 4, {"group_size": 64}),
     ("gptq int4 per-channel", "gptq", 4, {"group_size": -1}),

@@ -125,3 +125,14 @@ def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     stream = stream.reshape(*packed.shape[:-1], -1)[..., : length * bits]
     unsigned = (stream.reshape(*packed.shape[:-1], length, bits) << torch.arange(bits)).sum(dim=-1)
     return (unsigned - 2 ** (bits - 1)).to(torch.int8)
+
+
+def quantize_to_codebook(values: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest ``codebook`` entry to ``values / scale`` (a non-uniform grid such as NF4)."""
+    normalized = values.float() / scale.float()
+    return (normalized.unsqueeze(-1) - codebook.float()).abs().argmin(dim=-1).to(torch.uint8)
+
+
+def dequantize_codebook(indices: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``codebook[indices] * scale``."""
+    return codebook.float()[indices.long()] * scale.float()

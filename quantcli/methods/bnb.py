@@ -64,6 +64,18 @@ def probe_4bit(in_features: int, out_features: int, quant_type: str, dtype_name:
     return None
 
 
+def kernel_fallbacks(request: QuantizeRequest, modules: dict[str, Any], quant_type: str, double_quant: bool) -> dict[str, str]:
+    """Selected layers whose shape bitsandbytes' 4-bit kernel cannot run on the target device, with why."""
+    dtype = str(request.dtype).removeprefix("torch.")
+    reasons = {}
+    for name in request.layers:
+        in_features, out_features = _features(modules[name])
+        why = probe_4bit(in_features, out_features, quant_type, dtype, request.device, double_quant)
+        if why:
+            reasons[name] = f"bitsandbytes 4-bit fails for {out_features}x{in_features} on {request.device}: {why}"
+    return reasons
+
+
 def _features(module: Any) -> tuple[int, int]:
     rows, cols = module.weight.shape
     return (rows, cols) if is_conv1d(module) else (cols, rows)
@@ -155,14 +167,7 @@ class _FourBit(_Bitsandbytes):
         )
 
     def _fallbacks(self, request: QuantizeRequest, modules: dict[str, Any]) -> dict[str, str]:
-        dtype = str(request.dtype).removeprefix("torch.")
-        reasons = {}
-        for name in request.layers:
-            in_features, out_features = _features(modules[name])
-            why = probe_4bit(in_features, out_features, self.quant_type, dtype, request.device, request.config.double_quant)
-            if why:
-                reasons[name] = f"bitsandbytes 4-bit fails for {out_features}x{in_features} on {request.device}: {why}"
-        return reasons
+        return kernel_fallbacks(request, modules, self.quant_type, request.config.double_quant)
 
     def _record(self, module: Any) -> LayerRecord:
         blocksize = module.weight.quant_state.blocksize

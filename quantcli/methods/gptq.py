@@ -70,11 +70,14 @@ def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False) -> tuple[IntWeights, list[str]]:
+                  block_size: int = 128, act_order: bool = False,
+                  codebook: torch.Tensor | None = None) -> tuple[IntWeights, list[str]]:
     """GPTQ one ``[out, in]`` weight given its Hessian; returns its integers and notes on any fallback.
 
     ``ops.dequantize`` of the result is exactly what the error feedback assumed. Inputs never active
     in calibration (``diag(H) = 0``) get a unit diagonal: rounded to nearest, coupled to nothing.
+    With a ``codebook`` (e.g. bitsandbytes' NF4 values) the grid is ``codebook * absmax`` of each
+    static group of the original weights, and ``q`` holds codebook indices (``ops.dequantize_codebook``).
     """
     bits, group_size, dtype = layout.bits, layout.group_size, weight.dtype
     matrix = weight.detach().float().clone()
@@ -88,9 +91,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
         scale, zero_point = ops.compute_qparams(values, bits, layout.symmetric, size, layout.observer)
         return scale.to(dtype).float(), zero_point  # the grid the stored scale (model dtype) gives
 
-    static = group_size is None or act_order
+    static = group_size is None or act_order or codebook is not None
     groups = 1 if group_size is None else columns // group_size
-    if static:
+    if codebook is not None:
+        absmax = matrix.reshape(out_features, groups, -1).abs().amax(dim=-1)
+        scale, zero_point = torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
+    elif static:
         scale, zero_point = qparams(matrix, group_size)
     else:
         scale = torch.ones(out_features, groups, device=matrix.device)
@@ -122,13 +128,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
                     pending = torch.cat([pending, matrix[:, beyond] - errors[:, :i] @ upper[start:column, beyond]], dim=1)
                 scale[:, group : group + 1], zero_point[:, group : group + 1] = qparams(pending, None)
             s, z = scale[:, group : group + 1], zero_point[:, group : group + 1]
-            q[:, column : column + 1] = ops.quantize(block[:, i : i + 1], s, z, bits, None)
-            rounded = ops.dequantize(q[:, column : column + 1], s, z, None)[:, 0]
+            if codebook is None:
+                q[:, column : column + 1] = ops.quantize(block[:, i : i + 1], s, z, bits, None)
+                rounded = ops.dequantize(q[:, column : column + 1], s, z, None)[:, 0]
+            else:
+                q[:, column] = ops.quantize_to_codebook(block[:, i], s[:, 0], codebook).to(torch.int8)
+                rounded = ops.dequantize_codebook(q[:, column], s[:, 0], codebook)
             errors[:, i] = (block[:, i] - rounded) / upper[column, column]
             block[:, i:] -= errors[:, i : i + 1] * upper[column : column + 1, column:end]
         matrix[:, end:] -= errors @ upper[start:end, end:]
     q = q[:, torch.argsort(order)]
-    return IntWeights(q, scale.to(dtype), zero_point, layout), notes
+    return IntWeights(q, scale if codebook is not None else scale.to(dtype), zero_point, layout), notes
 
 
 @register_method

@@ -1,0 +1,119 @@
+"""GPTQ on bitsandbytes' NF4 grid (``gptq-nf4``), written as an ordinary bitsandbytes 4-bit checkpoint.
+
+bitsandbytes stores a 4-bit weight as blocks of 64 consecutive values (row-major), each with an
+fp32 absmax, every value one of the 16 NF4 codes times its block's absmax. When ``in_features`` is a
+multiple of 64 a block is a group of 64 inputs of one row, so GPTQ's error feedback
+(:func:`gptq_quantize` with the NF4 codebook and static groups) can choose the codes, and the
+result is packed into bitsandbytes' own tensors: plain transformers + bitsandbytes load it with no
+quantcli installed. Other layers (blocks spanning rows, e.g. stories260K's 172-wide ``down_proj``)
+keep bitsandbytes' own rounding; layers its CPU kernel cannot run stay in full precision. Both are
+reported per layer. No double quant: GPTQ picks codes against exact fp32 absmax values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantcli import ops
+from quantcli.blockwise import quantize_blockwise
+from quantcli.errors import InputError, UnavailableError
+from quantcli.intweights import IntLayout
+from quantcli.methods import register_method
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, shard_kwargs
+from quantcli.methods.bnb import BnbNF4, kernel_fallbacks
+from quantcli.methods.gptq import gptq_quantize
+from quantcli.models import is_conv1d, load_model, set_weight_matrix, weight_matrix
+
+BLOCK = 64  # bitsandbytes' default 4-bit blocksize, which transformers uses
+
+
+@dataclass(frozen=True)
+class GPTQNF4Config:
+    bits: int
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp < 1:
+            raise InputError(f"gptq-nf4 damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use e.g. 0.01.")
+        if self.block_size <= 0:
+            raise InputError(f"gptq-nf4 block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128.")
+
+
+def pack_nf4(indices: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' storage of 4-bit codes: row-major, two per byte, the first in the high nibble."""
+    flat = indices.reshape(-1).to(torch.uint8)
+    return (flat[0::2] << 4 | flat[1::2]).reshape(-1, 1)
+
+
+def _bitsandbytes_rounding(matrix: torch.Tensor) -> torch.Tensor:
+    """What bitsandbytes' own NF4 quantization makes of ``matrix`` (blocks over the flat weight)."""
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(matrix.float().contiguous().cpu(), blocksize=BLOCK, quant_type="nf4")
+    return F.dequantize_4bit(packed, state).to(matrix.device)
+
+
+@register_method
+class GPTQNF4Quantizer(BnbNF4):
+    name = "gptq-nf4"
+    summary = "GPTQ error feedback on bitsandbytes' NF4 grid; transformers-native bitsandbytes checkpoint"
+    config_class = GPTQNF4Config
+    needs_calibration = True
+
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        import bitsandbytes.functional as F
+        from transformers import BitsAndBytesConfig
+
+        config, model = request.config, request.model
+        if request.calibration is None:
+            raise InputError("gptq-nf4 needs calibration data: pass calibration token windows in the request.")
+        modules = dict(model.named_modules())
+        kept = kernel_fallbacks(request, modules, "nf4", double_quant=False)
+        chosen = tuple(name for name in request.layers if name not in kept)
+        if not chosen:
+            raise UnavailableError(f"bitsandbytes NF4 fails for every selected layer on {request.device} ({next(iter(kept.values()))}). Use --method gptq.")
+        codebook = F.get_4bit_type("nf4", device="cpu")
+        codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        notes: dict[str, str | None] = {}
+
+        def finish(name: str, hessian: torch.Tensor | None) -> None:
+            module, matrix = modules[name], weight_matrix(modules[name])
+            if matrix.shape[1] % BLOCK:
+                notes[name] = f"bitsandbytes NF4 rounding without GPTQ: its blocks of {BLOCK} span rows as in_features {matrix.shape[1]} is not a multiple"
+                set_weight_matrix(module, _bitsandbytes_rounding(matrix))
+            else:
+                if hessian is None:
+                    hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
+                layer, extra = gptq_quantize(matrix, hessian, IntLayout(4, True, BLOCK), config.damp, config.block_size, config.act_order, codebook.to(matrix.device))
+                notes[name] = "; ".join(extra) or None
+                absmax = layer.scale.float()
+                codes[name] = (layer.q.to(torch.uint8).cpu(), absmax.cpu())
+                set_weight_matrix(module, ops.dequantize_codebook(layer.q, absmax.repeat_interleave(BLOCK, dim=1), codebook.to(matrix.device)))
+            request.progress(1)
+
+        stats = quantize_blockwise(model, chosen, request.calibration, finish)
+        quantizable = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+        skip = [name for name in quantizable if name not in chosen]
+        request.model = model = modules = None
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=request.dtype, llm_int8_skip_modules=skip)
+        packed_model = load_model(request.source, request.dtype, request.placement, request.trust_remote_code, quantization_config=quantization)
+        packed_modules = dict(packed_model.named_modules())
+        for name, (indices, absmax) in codes.items():
+            weight = packed_modules[name].weight
+            weight.data = pack_nf4(indices).to(weight.device)
+            weight.quant_state.absmax = absmax.reshape(-1).to(weight.device)
+        kept_dtype = str(request.dtype).removeprefix("torch.")
+        layers = {name: LayerRecord(4, "nf4", BLOCK, tuple(packed_modules[name].weight.quant_state.shape), notes.get(name)) for name in chosen}
+        layers |= {name: LayerRecord(32 if kept_dtype == "float32" else 16, kept_dtype, None, None, f"kept in {kept_dtype}: {why}") for name, why in kept.items()}
+
+        def save(folder: Path, max_shard_size: int | None = None) -> None:
+            packed_model.save_pretrained(folder, **shard_kwargs(max_shard_size))
+
+        options = {key: value for key, value in asdict(config).items() if key != "bits"}
+        return QuantizedModel(packed_model, self.name, 4, self.output_format, options, layers, save, stats)
