@@ -152,10 +152,6 @@ def quantize(
 
         raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
     config = config_from_mapping(recipe)
-    if config.resume and not config.sequential:
-        from quantcli.errors import InputError
-
-        raise InputError("--resume continues an interrupted --sequential run. Add --sequential.")
     if config.sequential:
         from quantcli.sequential import quantize_sequential
 

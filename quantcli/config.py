@@ -136,6 +136,8 @@ class QuantizeConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.resume and not self.sequential:
+            raise InputError("--resume continues an interrupted --sequential run. Add --sequential.")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
             raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
