@@ -39,6 +39,7 @@ def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None)
         "bits_per_weight": 8 * info["disk_bytes"] / parameters if parameters else None,
         "source_model": info.get("source_model"),
         "perplexity": (report.get("perplexity_after") or {}).get("perplexity"),
+        "settings": (report.get("perplexity_after") or {}).get("settings"),
         "base_perplexity": (report.get("perplexity_before") or {}).get("perplexity"),
         "kl_divergence": None,
         "top1_agreement": None,
@@ -46,7 +47,10 @@ def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None)
     }
     if base is not None or row["perplexity"] is None:
         result = evaluate(str(folder), config, base, "auto", progress)
-        row.update(perplexity=result["perplexity"], kl_divergence=result["kl_divergence"], top1_agreement=result["top1_agreement"], evaluated=True)
+        row.update(
+            perplexity=result["perplexity"], settings=result["settings"], kl_divergence=result["kl_divergence"],
+            top1_agreement=result["top1_agreement"], evaluated=True,
+        )
     return row
 
 
@@ -67,7 +71,10 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
     for row in rows:
         before, after = row["base_perplexity"], row["perplexity"]
         row["perplexity_delta_percent"] = 100 * (after - before) / before if before and after else None
-    result = {"schema_version": SCHEMA_VERSION, "base": base, "settings": vars(config) if base else None, "rows": rows, "plot": None}
+    result = {
+        "schema_version": SCHEMA_VERSION, "base": base, "settings": vars(config) if base else None, "rows": rows, "plot": None,
+        "settings_note": None if base else settings_note(rows),
+    }
     if plot is not None:
         from quantcli.plot import layer_errors, plot_compare
 
@@ -97,4 +104,16 @@ def markdown(result: dict[str, Any]) -> str:
         )
     if result["base"]:
         lines.append(f"\nBase `{result['base']}` perplexity {number(result['rows'][0]['base_perplexity'], '.4f')} on {result['settings']['dataset']}, {result['settings']['max_tokens']} tokens, context {result['settings']['seq_len']}.")
+    else:
+        lines.append("\n" + result["settings_note"])
     return "\n".join(lines)
+
+
+def settings_note(rows: list[dict[str, Any]]) -> str:
+    """How the rows' perplexities were measured; a warning when they were not measured alike."""
+    settings = [row.get("settings") for row in rows]
+    first = settings[0] or {}
+    described = f"{first.get('dataset')}, {first.get('tokens')} tokens, context {first.get('seq_len')}, stride {first.get('stride')}, BOS {first.get('bos')}"
+    if any(s != settings[0] for s in settings[1:]):
+        return "Warning: these perplexities come from each checkpoint's report.json with different settings; pass --base MODEL to evaluate all alike."
+    return f"Perplexities from each checkpoint's report.json, all measured on {described}."

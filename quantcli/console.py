@@ -173,5 +173,7 @@ def render_compare(result: dict[str, Any]) -> None:
             number(row["top1_agreement"] and 100 * row["top1_agreement"], ".1f", "%"),
         )
     stdout.print(table)
+    if result["settings_note"]:
+        stdout.print(result["settings_note"])
     if result["plot"]:
         stdout.print(f"plot: {result['plot']}")

@@ -31,7 +31,8 @@ def test_rows_from_reports_and_markdown(checkpoints):
     assert w8["perplexity_delta_percent"] < w4["perplexity_delta_percent"]
     table = markdown(result).splitlines()
     assert table[0].startswith("| checkpoint | method | bits |") and table[1].startswith("|---|")
-    assert table[2].startswith("| `rtn-w8` | rtn | 8 |") and len(table) == 4
+    assert table[2].startswith("| `rtn-w8` | rtn | 8 |") and table[3].startswith("| `rtn-w4` |")
+    assert table[5].startswith("Perplexities from each checkpoint's report.json, all measured on tinystories:eval")
 
 
 def test_cli_against_base_with_plot(checkpoints, tmp_path):
@@ -68,3 +69,16 @@ def test_layer_errors_dequantize_bitsandbytes_storage(tmp_path):
         quantcli.quantize(QuantizeConfig(bits=bits, method=method, output=tmp_path / method, eval=None))
         errors = layer_errors(str(tmp_path / method), "stories260K")
         assert len(errors) == 35 and all(low < e < high for e in errors.values()), (method, errors)
+
+
+def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
+    import quantcli
+    from quantcli.compare import compare, markdown
+    from quantcli.config import EvalConfig, QuantizeConfig
+
+    for name, tokens in (("a", 1024), ("b", 2048)):
+        quantcli.quantize(QuantizeConfig(bits=8, method="rtn", output=tmp_path / name, eval=EvalConfig(max_tokens=tokens)))
+    same = compare([tmp_path / "a", tmp_path / "a"])
+    assert same["rows"][0]["settings"]["tokens"] == 1024
+    assert "all measured on tinystories:eval, 1024 tokens, context 256, stride 256, BOS document" in markdown(same)
+    assert "different settings; pass --base MODEL" in markdown(compare([tmp_path / "a", tmp_path / "b"]))
