@@ -34,7 +34,7 @@ bench: install
 
 # The peers (optimum-quanto, torchao, hqq) go to a side folder so quantcli's own venv stays clean.
 bench-peers: install
-	$(BIN)/pip install -q --target .peers optimum-quanto torchao hqq
+	$(BIN)/pip install -q --no-deps --target .peers torchao optimum-quanto hqq termcolor einops
 	PYTHONPATH=.peers $(BIN)/python benchmarks/peers.py
 
 clean:

@@ -2,8 +2,8 @@
 serialized size, quantize time and decode speed. A peer that is not installed or fails here is
 reported with the reason, never skipped silently.
 
-    pip install --no-deps --target /tmp/peerlibs torchao optimum-quanto hqq termcolor einops
-    PYTHONPATH=.:/tmp/peerlibs python benchmarks/peers.py [--max-tokens 4096 --threads 1]
+    make bench-peers   (or: pip install --no-deps --target .peers torchao optimum-quanto hqq termcolor einops)
+    PYTHONPATH=.:.peers python benchmarks/peers.py [--max-tokens 4096 --threads 1]
 
 (Peers go on PYTHONPATH, not into the environment: with torchao installed, transformers imports it
 and every command prints its warnings.)
