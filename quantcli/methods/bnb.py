@@ -64,18 +64,6 @@ def probe_4bit(in_features: int, out_features: int, quant_type: str, dtype_name:
     return None
 
 
-def kernel_fallbacks(request: QuantizeRequest, modules: dict[str, Any], quant_type: str, double_quant: bool) -> dict[str, str]:
-    """Selected layers whose shape bitsandbytes' 4-bit kernel cannot run on the target device, with why."""
-    dtype = str(request.dtype).removeprefix("torch.")
-    reasons = {}
-    for name in request.layers:
-        in_features, out_features = _features(modules[name])
-        why = probe_4bit(in_features, out_features, quant_type, dtype, request.device, double_quant)
-        if why:
-            reasons[name] = f"bitsandbytes 4-bit fails for {out_features}x{in_features} on {request.device}: {why}"
-    return reasons
-
-
 def _features(module: Any) -> tuple[int, int]:
     rows, cols = module.weight.shape
     return (rows, cols) if is_conv1d(module) else (cols, rows)
@@ -98,28 +86,46 @@ class _Bitsandbytes(Quantizer):
         return {}
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        import torch
+        chosen, fallbacks = self._split(request)
+        model = self._load_quantized(request, chosen)
+        request.progress(len(chosen))
+        return self._result(request, model, chosen, fallbacks)
 
-        original = request.model
-        modules = dict(original.named_modules())
-        fallbacks = self._fallbacks(request, modules)
-        kept_dtype = str(request.dtype).removeprefix("torch.")
+    def _split(self, request: QuantizeRequest) -> tuple[list[str], dict[str, str]]:
+        """The layers bitsandbytes will quantize, and those its kernel cannot run (with why)."""
+        fallbacks = self._fallbacks(request, dict(request.model.named_modules()))
         chosen = [name for name in request.layers if name not in fallbacks]
         if not chosen:
             first = next(iter(fallbacks.values()))
             raise UnavailableError(f"bitsandbytes {self.name} fails for every selected layer on {request.device} ({first}). Use --method rtn.")
-        quantizable = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+        return chosen, fallbacks
+
+    def _load_quantized(self, request: QuantizeRequest, chosen: list[str]) -> Any:
+        """Reload the source through transformers' bitsandbytes integration, quantizing ``chosen`` only.
+
+        Frees ``request.model`` first, so two copies of the weights never coexist after loading.
+        """
+        import torch
+
+        quantizable = [n for n, m in request.model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
         skip = [name for name in quantizable if name not in chosen]
-        request.model = original = modules = None
-        model = load_model(
+        request.model = None
+        return load_model(
             request.source, request.dtype, request.placement, request.trust_remote_code,
             quantization_config=self._quantization_config(request.config, request.dtype, skip),
         )
+
+    def _result(
+        self, request: QuantizeRequest, model: Any, chosen: list[str], fallbacks: dict[str, str],
+        notes: dict[str, str | None] | None = None, stats: dict[str, Any] | None = None,
+    ) -> QuantizedModel:
+        """Per-layer records (kept layers with the kernel's reason) and the transformers-native save."""
+        kept_dtype = str(request.dtype).removeprefix("torch.")
         layers: dict[str, LayerRecord] = {}
         for name, module in model.named_modules():
             if name in chosen:
                 layers[name] = self._record(module)
-                request.progress(1)
+                layers[name].note = (notes or {}).get(name)
             elif name in fallbacks:
                 shape = tuple(module.weight.shape)
                 layers[name] = LayerRecord(16 if kept_dtype != "float32" else 32, kept_dtype, None, shape, f"kept in {kept_dtype}: {fallbacks[name]}")
@@ -128,7 +134,7 @@ class _Bitsandbytes(Quantizer):
         def save(folder: Path, max_shard_size: int | None = None) -> None:
             model.save_pretrained(folder, **shard_kwargs(max_shard_size))
 
-        return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, save)
+        return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, save, stats or {})
 
     def _record(self, module: Any) -> LayerRecord:
         raise NotImplementedError
@@ -167,7 +173,14 @@ class _FourBit(_Bitsandbytes):
         )
 
     def _fallbacks(self, request: QuantizeRequest, modules: dict[str, Any]) -> dict[str, str]:
-        return kernel_fallbacks(request, modules, self.quant_type, request.config.double_quant)
+        dtype = str(request.dtype).removeprefix("torch.")
+        reasons = {}
+        for name in request.layers:
+            in_features, out_features = _features(modules[name])
+            why = probe_4bit(in_features, out_features, self.quant_type, dtype, request.device, request.config.double_quant)
+            if why:
+                reasons[name] = f"bitsandbytes 4-bit fails for {out_features}x{in_features} on {request.device}: {why}"
+        return reasons
 
     def _record(self, module: Any) -> LayerRecord:
         blocksize = module.weight.quant_state.blocksize

@@ -12,21 +12,20 @@ reported per layer. No double quant: GPTQ picks codes against exact fp32 absmax 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from quantcli import ops
 from quantcli.blockwise import quantize_blockwise
-from quantcli.errors import InputError, UnavailableError
+from quantcli.errors import InputError
 from quantcli.intweights import IntLayout
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, shard_kwargs
-from quantcli.methods.bnb import BnbNF4, kernel_fallbacks
+from quantcli.methods.base import QuantizedModel, QuantizeRequest
+from quantcli.methods.bnb import BnbNF4
 from quantcli.methods.gptq import gptq_quantize
-from quantcli.models import is_conv1d, load_model, set_weight_matrix, weight_matrix
+from quantcli.models import set_weight_matrix, weight_matrix
 
 BLOCK = 64  # bitsandbytes' default 4-bit blocksize, which transformers uses
 
@@ -35,6 +34,7 @@ BLOCK = 64  # bitsandbytes' default 4-bit blocksize, which transformers uses
 class GPTQNF4Config:
     bits: int
     act_order: bool = True
+    double_quant: ClassVar[bool] = False  # GPTQ picks codes against exact fp32 absmax values
     damp: float = 0.01
     block_size: int = 128
 
@@ -68,16 +68,12 @@ class GPTQNF4Quantizer(BnbNF4):
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         import bitsandbytes.functional as F
-        from transformers import BitsAndBytesConfig
 
         config, model = request.config, request.model
         if request.calibration is None:
             raise InputError("gptq-nf4 needs calibration data: pass calibration token windows in the request.")
+        chosen, kept = self._split(request)
         modules = dict(model.named_modules())
-        kept = kernel_fallbacks(request, modules, "nf4", double_quant=False)
-        chosen = tuple(name for name in request.layers if name not in kept)
-        if not chosen:
-            raise UnavailableError(f"bitsandbytes NF4 fails for every selected layer on {request.device} ({next(iter(kept.values()))}). Use --method gptq.")
         codebook = F.get_4bit_type("nf4", device="cpu")
         codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         notes: dict[str, str | None] = {}
@@ -97,23 +93,12 @@ class GPTQNF4Quantizer(BnbNF4):
                 set_weight_matrix(module, ops.dequantize_codebook(layer.q, absmax.repeat_interleave(BLOCK, dim=1), codebook.to(matrix.device)))
             request.progress(1)
 
-        stats = quantize_blockwise(model, chosen, request.calibration, finish)
-        quantizable = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
-        skip = [name for name in quantizable if name not in chosen]
-        request.model = model = modules = None
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=request.dtype, llm_int8_skip_modules=skip)
-        packed_model = load_model(request.source, request.dtype, request.placement, request.trust_remote_code, quantization_config=quantization)
+        stats = quantize_blockwise(model, tuple(chosen), request.calibration, finish)
+        model = modules = None
+        packed_model = self._load_quantized(request, chosen)
         packed_modules = dict(packed_model.named_modules())
         for name, (indices, absmax) in codes.items():
             weight = packed_modules[name].weight
             weight.data = pack_nf4(indices).to(weight.device)
             weight.quant_state.absmax = absmax.reshape(-1).to(weight.device)
-        kept_dtype = str(request.dtype).removeprefix("torch.")
-        layers = {name: LayerRecord(4, "nf4", BLOCK, tuple(packed_modules[name].weight.quant_state.shape), notes.get(name)) for name in chosen}
-        layers |= {name: LayerRecord(32 if kept_dtype == "float32" else 16, kept_dtype, None, None, f"kept in {kept_dtype}: {why}") for name, why in kept.items()}
-
-        def save(folder: Path, max_shard_size: int | None = None) -> None:
-            packed_model.save_pretrained(folder, **shard_kwargs(max_shard_size))
-
-        options = {key: value for key, value in asdict(config).items() if key != "bits"}
-        return QuantizedModel(packed_model, self.name, 4, self.output_format, options, layers, save, stats)
+        return self._result(request, packed_model, chosen, kept, notes, stats)
