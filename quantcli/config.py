@@ -36,9 +36,12 @@ def parse_size(value: Any) -> int:
     return size
 
 
+_TYPE_WORDS = {int: "an integer", bool: "true or false", str: "a string", Path: "a path", type(None): "null"}
+
+
 def _check_type(name: str, value: Any, *kinds: type) -> None:
     if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
-        wanted = " or ".join("null" if kind is type(None) else kind.__name__ for kind in kinds)
+        wanted = " or ".join(_TYPE_WORDS.get(kind, kind.__name__) for kind in kinds)
         raise InputError(f"{name} must be {wanted}, got {value!r}.")
 
 
@@ -205,8 +208,6 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
         if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
             raise InputError("'skip_modules' must be a list of glob patterns.")
         kwargs["skip_modules"] = tuple(skip)
-    if not isinstance(kwargs["bits"], int) or isinstance(kwargs["bits"], bool):
-        raise InputError(f"'bits' must be an integer, got {kwargs['bits']!r}.")
     try:
         return QuantizeConfig(method_options=options, **kwargs)
     except TypeError as error:
