@@ -45,7 +45,7 @@ def _check_type(name: str, value: Any, *kinds: type) -> None:
         raise InputError(f"{name} must be {wanted}, got {value!r}.")
 
 
-def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+def check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -64,8 +64,8 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         _check_type("calibration dataset", self.dataset, str)
         _check_type("calibration seed (--seed)", self.seed, int)
-        _check_positive("calibration samples (--calib-samples)", self.samples)
-        _check_positive("calibration sequence length (--seq-len)", self.seq_len)
+        check_positive("calibration samples (--calib-samples)", self.samples)
+        check_positive("calibration sequence length (--seq-len)", self.seq_len)
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_type("eval dataset", self.dataset, str)
-        _check_positive("eval sequence length (--seq-len)", self.seq_len)
-        _check_positive("stride (--stride)", self.stride, allow_none=True)
-        _check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
-        _check_positive("batch size (--batch-size)", self.batch_size)
+        check_positive("eval sequence length (--seq-len)", self.seq_len)
+        check_positive("stride (--stride)", self.stride, allow_none=True)
+        check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
+        check_positive("batch size (--batch-size)", self.batch_size)
         if self.stride is not None and self.stride > self.seq_len:
             raise InputError(
                 f"stride {self.stride} is larger than the context length {self.seq_len}: tokens would be"

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from quantcli.config import DEFAULT_EVAL_DATASET
+from quantcli.config import DEFAULT_EVAL_DATASET, check_positive
 from quantcli.errors import DatasetError, InputError
 from quantcli.gates import GateLimits, check_speedup, to_records
 from quantcli.progress import NullProgress, Progress
@@ -33,9 +33,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "repeats"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+            check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise InputError(f"--warmup must be 0 or more, got {self.warmup!r}.")
 
