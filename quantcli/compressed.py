@@ -17,7 +17,7 @@ from typing import Any
 
 from quantcli.errors import CheckpointError
 from quantcli.intweights import IntLayout, IntWeights
-from quantcli.methods.base import shard_kwargs
+from quantcli.methods.base import LayerRecord, QuantizedModel, shard_kwargs
 from quantcli.models import is_conv1d
 
 CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
@@ -98,8 +98,27 @@ def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, ma
     compressor.update_config(str(folder))
 
 
+def compressed_result(
+    model: Any, method: str, bits: int, options: dict[str, Any], weights: dict[str, IntWeights],
+    notes: dict[str, list[str]], stats: dict[str, Any] | None = None,
+) -> QuantizedModel:
+    """An integer method's result: per-layer records (``notes`` in layer order, plus any storage
+    note) and a save that writes compressed-tensors, or plain dense weights if nothing can be packed."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, layer_notes in notes.items():
+        layout = weights[name].layout
+        note = "; ".join(filter(None, (*layer_notes, storage_note(modules[name]))))
+        scheme = "group" if layout.group_size else "channel"
+        layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(weights[name].q.shape), note or None)
+    packed_any = any(storage_note(modules[name]) is None for name in weights)
+    return QuantizedModel(
+        model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers,
+        lambda folder, max_shard_size=None: save_compressed(model, weights, folder, max_shard_size), stats or {},
+    )
+
+
 def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: Any) -> dict[str, Any]:
-    import torch
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_name

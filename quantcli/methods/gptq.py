@@ -17,7 +17,6 @@ per channel). Layers no calibration pass reaches fall back to round-to-nearest, 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
@@ -26,7 +25,7 @@ from quantcli.blockwise import quantize_blockwise
 from quantcli.errors import InputError
 from quantcli.intweights import IntLayout, IntWeights, check_observer, plan_layouts, resolve_group_size
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
 
 DAMP_RETRIES = 4  # times damping is multiplied by 10 before a layer falls back to round-to-nearest
@@ -151,7 +150,7 @@ class GPTQQuantizer(Quantizer):
     output_format = "compressed-tensors"
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.compressed import save_compressed, storage_note
+        from quantcli.compressed import compressed_result
 
         config, model = request.config, request.model
         if request.calibration is None:
@@ -173,15 +172,5 @@ class GPTQQuantizer(Quantizer):
             request.progress(1)
 
         stats = quantize_blockwise(model, tuple(plan), request.calibration, finish)
-        layers = {}
-        for name, (layout, _) in plan.items():
-            note = "; ".join(filter(None, (*notes[name], storage_note(modules[name]))))
-            scheme = "group" if layout.group_size else "channel"
-            layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(weight_matrix(modules[name]).shape), note or None)
         options = {key: value for key, value in asdict(config).items() if key != "bits"}
-        packed_any = any(storage_note(modules[name]) is None for name in weights)
-        return QuantizedModel(
-            model, self.name, config.bits, self.output_format if packed_any else "dense", options, layers,
-            lambda folder, max_shard_size=None: save_compressed(model, weights, folder, max_shard_size), stats,
-        )
-
+        return compressed_result(model, self.name, config.bits, options, weights, notes, stats)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from quantcli import ops
 from quantcli.intweights import IntWeights, check_observer, plan_layouts, resolve_group_size
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
 
 
@@ -39,27 +39,20 @@ class RTNQuantizer(Quantizer):
     output_format = "compressed-tensors"
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.compressed import save_compressed, storage_note
+        from quantcli.compressed import compressed_result
 
         config = request.config
         model = request.model
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
         weights: dict[str, IntWeights] = {}
-        layers: dict[str, LayerRecord] = {}
-        for name, (layout, note) in plan.items():
+        for name, (layout, _) in plan.items():
             matrix = weight_matrix(modules[name])
             scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
             q = ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size)
             set_weight_matrix(modules[name], ops.dequantize(q, scale, zero_point, layout.group_size))
             weights[name] = IntWeights(q, scale, zero_point, layout)
-            scheme = "group" if layout.group_size else "channel"
-            notes = "; ".join(filter(None, (note, storage_note(modules[name]))))
-            layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(matrix.shape), notes or None)
             request.progress(1)
         options = {"group_size": config.group_size, "symmetric": config.symmetric, "observer": config.observer}
-        packed_any = any(storage_note(modules[name]) is None for name in weights)
-        return QuantizedModel(
-            model, self.name, config.bits, self.output_format if packed_any else "dense", options, layers,
-            lambda folder, max_shard_size=None: save_compressed(model, weights, folder, max_shard_size),
-        )
+        notes = {name: [note] if note else [] for name, (_, note) in plan.items()}
+        return compressed_result(model, self.name, config.bits, options, weights, notes)
