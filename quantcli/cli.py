@@ -96,6 +96,7 @@ def quantize(
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric or zero-point integers (rtn/gptq)."),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (bnb-nf4/fp4)."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy."),
+    clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."),
     observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: minmax (default) or mse (clipping search)."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
     calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text: a local .txt/.jsonl/.parquet or a Hub spec path:config:split."),
@@ -134,7 +135,7 @@ def quantize(
             recipe[flag] = True
     if skip_modules:
         recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
-    recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order, observer=observer))
+    recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order, clip_search=clip_search, observer=observer))
     calibration = _recipe_section(recipe, "calibration")
     calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
     recipe["calibration"] = calibration

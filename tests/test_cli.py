@@ -44,6 +44,16 @@ def test_recipe_file_is_accepted(tmp_path):
     assert json.loads(result.stdout)["options"]["group_size"] == 32
 
 
+def test_gptq_flags_reach_the_checkpoint(tmp_path):
+    out = tmp_path / "q"
+    result = run("quantize", "--bits", "4", "--method", "gptq", "--no-clip-search", "--no-act-order", "--calib-samples", "4",
+                 "-o", str(out), "--no-eval", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "quantcli.json").read_text())["options"]
+    assert options["clip_search"] is False and options["act_order"] is False
+    assert json.loads(result.stdout)["options"] == options
+
+
 @pytest.mark.parametrize(
     "args,code,message",
     [
@@ -53,6 +63,7 @@ def test_recipe_file_is_accepted(tmp_path):
         (["quantize", "--bits", "5"], 2, "error: --bits 5 is not supported."),
         (["quantize", "--bits", "4", "--method", "rtn", "--group-size", "48"], 2, "error: group size 48 divides none of the selected layers' input widths (64, 172)."),
         (["quantize", "--bits", "4", "--method", "rtn", "--calib-dataset", "x", "--double-quant"], 2, "error: option(s) double_quant do not apply to method rtn."),
+        (["quantize", "--bits", "4", "--method", "rtn", "--clip-search"], 2, "error: option(s) clip_search do not apply to method rtn."),
         (["quantize", "--bits", "4", "--method", "nope"], 2, "error: unknown method 'nope'."),
         (["quantize", "--bits", "4", "--skip-modules", "*.nothing"], 2, "error: --skip-modules pattern '*.nothing' matches no layer."),
         (["eval", "--dataset", "EMPTY"], 3, "error: dataset EMPTY holds no text."),

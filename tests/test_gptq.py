@@ -98,6 +98,36 @@ def test_layer_error_below_round_to_nearest(layer_inputs, name, bits, group_size
     assert torch.equal(ops.quantize(gptq, result.scale, result.zero_point, bits, group_size), result.q)
 
 
+@pytest.mark.parametrize("name, bits, group_size, act_order", [(GATE, 4, None, True), (GATE, 4, 32, True), (GATE, 3, None, False), (DOWN, 4, None, True)])
+def test_clip_search_lowers_every_rows_output_error(layer_inputs, name, bits, group_size, act_order):
+    weight, x = layer_inputs[name]
+    layout = IntLayout(bits, True, group_size)
+
+    def row_errors(clip_search: bool) -> torch.Tensor:
+        result, _ = gptq_quantize(weight, 2 * x.T @ x / x.shape[0], layout, act_order=act_order, clip_search=clip_search)
+        low, high = ops.int_range(bits)
+        assert int(result.q.min()) >= low and int(result.q.max()) <= high
+        quantized = ops.dequantize(result.q, result.scale, result.zero_point, group_size)
+        assert torch.equal(ops.quantize(quantized, result.scale, result.zero_point, bits, group_size), result.q)
+        return ((weight - quantized) @ x.T).pow(2).sum(dim=1)
+
+    plain, searched = row_errors(False), row_errors(True)
+    assert bool((searched <= plain * (1 + 1e-5)).all())  # the full range is one of the candidates
+    assert searched.sum() < 0.95 * plain.sum()
+
+
+def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
+    """Big layers stack fewer candidates per pass (PASS_ELEMENTS); the choice must not change."""
+    import quantcli.methods.gptq as gptq
+
+    weight, x = layer_inputs[DOWN]
+    hessian, layout = 2 * x.T @ x / x.shape[0], IntLayout(4, True, None)
+    one_pass, _ = gptq_quantize(weight, hessian, layout, act_order=True, clip_search=True)
+    monkeypatch.setattr(gptq, "PASS_ELEMENTS", weight.numel() * 3)
+    three_per_pass, _ = gptq_quantize(weight, hessian, layout, act_order=True, clip_search=True)
+    assert torch.equal(one_pass.q, three_per_pass.q) and torch.equal(one_pass.scale, three_per_pass.scale)
+
+
 def test_unseen_inputs_round_to_nearest(layer_inputs):
     weight, _ = layer_inputs[GATE]
     result, _ = gptq_quantize(weight, torch.zeros(64, 64), IntLayout(4, True, 32))
