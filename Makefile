@@ -26,9 +26,15 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
+# llm-compressor's GPTQ, the reference in benchmarks/methods.py, pins older transformers and
+# compressed-tensors than quantcli: it goes without dependencies into a side folder.
+REFERENCE := llmcompressor==0.14.0.1 loguru requests urllib3 idna certifi charset-normalizer nvidia-ml-py
+.reference/llmcompressor: | install
+	$(BIN)/pip install -q --no-deps --target .reference $(REFERENCE)
+
 # Each benchmark writes its table to benchmarks/results/ (JSON + Markdown); run on a quiet machine.
-bench: install
-	$(BIN)/python benchmarks/methods.py
+bench: install .reference/llmcompressor
+	PYTHONPATH=.reference $(BIN)/python benchmarks/methods.py
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/scale.py
 
@@ -38,4 +44,4 @@ bench-peers: install
 	PYTHONPATH=.peers $(BIN)/python benchmarks/peers.py
 
 clean:
-	rm -rf out .peers .pytest_cache
+	rm -rf out .peers .reference .pytest_cache

@@ -4,7 +4,12 @@ Calibrates on ``tinystories:calib``, evaluates every checkpoint (reloaded from d
 ``quantcli.load``) on ``tinystories:eval`` with the same settings, and writes PREFIX.json and
 PREFIX.md: perplexity, its change against fp32, size on disk and time to quantize.
 
-    python benchmarks/methods.py
+Calibrated methods run once per calibration seed (``--seeds``): GPTQ's rounding decisions cascade,
+so a different draw of windows (or even a different thread count, which reorders float sums) moves
+the result; rows give the mean and the spread. llm-compressor's GPTQ runs on the same windows as an
+independent reference where it is installed (``benchmarks/reference_gptq.py``).
+
+    python benchmarks/methods.py [--seeds 5]
 """
 
 from __future__ import annotations
@@ -12,20 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 import quantcli
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import InputError
 from quantcli.methods import get_method
 from quantcli.models import EMBEDDED_MODEL, bytes_on_disk, weight_files
 from quantcli.pipeline import measure_perplexity
 from quantcli.progress import NullProgress
 
-RUNS = [  # label, method, bits, options (gptq: act-order with static groups unless stated)
+RUNS = [  # label, method, bits, options (gptq: act-order with static groups and clip search unless stated)
     ("cast bf16", "cast", 16, {}),
     ("rtn int8", "rtn", 8, {}),
     ("bnb-int8", "bnb-int8", 8, {}),
@@ -38,8 +46,14 @@ RUNS = [  # label, method, bits, options (gptq: act-order with static groups unl
     ("gptq int4 g32", "gptq", 4, {"group_size": 32}),
     ("gptq int4 g64", "gptq", 4, {"group_size": 64}),
     ("gptq int4 per-channel", "gptq", 4, {"group_size": -1}),
+    ("gptq int4 g32 no clip search", "gptq", 4, {"group_size": 32, "clip_search": False}),
+    ("gptq int4 g64 no clip search", "gptq", 4, {"group_size": 64, "clip_search": False}),
     ("gptq int4 g32 no act-order", "gptq", 4, {"group_size": 32, "act_order": False}),
     ("gptq int3 g32", "gptq", 3, {"group_size": 32}),
+]
+REFERENCE_RUNS = [  # label, bits, group size: llm-compressor's GPTQ on the same windows
+    ("llm-compressor gptq int4 g32", 4, 32),
+    ("llm-compressor gptq int4 per-channel", 4, None),
 ]
 
 
@@ -56,6 +70,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32768, help="Evaluation tokens.")
     parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows.")
     parser.add_argument("--seq-len", type=int, default=256, help="Tokens per calibration and evaluation window.")
+    parser.add_argument("--seeds", type=int, default=5, help="Calibration seeds (0..N-1) for calibrated methods.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     args = parser.parse_args()
     evaluation = EvalConfig(seq_len=args.seq_len, max_tokens=args.max_tokens)
@@ -65,7 +80,7 @@ def main() -> None:
         model, tokenizer, _ = quantcli.load(folder, device=args.device)
         return measure_perplexity(model, tokenizer, evaluation, NullProgress(), str(folder)).perplexity
 
-    rows = [{"label": "fp32", "method": "none", "bits": 32, "perplexity": perplexity(EMBEDDED_MODEL),
+    rows = [{"label": "fp32", "method": "none", "bits": 32, "perplexities": [perplexity(EMBEDDED_MODEL)],
              "disk_bytes": bytes_on_disk(weight_files(str(EMBEDDED_MODEL))), "quantize_seconds": None}]
     with tempfile.TemporaryDirectory() as tmp:
         for label, method, bits, options in RUNS:
@@ -74,23 +89,23 @@ def main() -> None:
                 print(f"{label}: not available: {reason}")
                 rows.append({"label": label, "method": method, "bits": bits, "not_available": reason})
                 continue
-            output = Path(tmp) / label.replace(" ", "-")
-            report = quantcli.quantize(QuantizeConfig(
-                bits=bits, method=method, output=output, method_options=options,
-                calibration=calibration, eval=None, device=args.device,
-            ))
-            rows.append({
-                "label": label, "method": method, "bits": bits, "options": report.options,
-                "perplexity": perplexity(output), "disk_bytes": report.size["quantized_disk_bytes"],
-                "quantize_seconds": report.timings["quantize"], "stats": report.stats, "fallbacks": report.fallbacks,
-            })
-            print(f"{label}: ppl {rows[-1]['perplexity']:.4f}")
-    base = rows[0]["perplexity"]
-    for row in rows:
-        if "perplexity" in row:
-            row["delta"] = row["perplexity"] - base
-            row["delta_percent"] = 100 * row["delta"] / base
-    settings = {"model": "stories260K", "calibration": vars(calibration), "eval": vars(evaluation), "device": args.device,
+            row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": []}
+            for seed in range(args.seeds if get_method(method).needs_calibration else 1):
+                output = Path(tmp) / label.replace(" ", "-")
+                report = quantcli.quantize(QuantizeConfig(
+                    bits=bits, method=method, output=output, method_options=options, force=True,
+                    calibration=CalibrationConfig(**{**vars(calibration), "seed": seed}), eval=None, device=args.device,
+                ))
+                row["seeds"].append(seed)
+                row["perplexities"].append(perplexity(output))
+                row["stats"].append(report.stats)
+                row["quantize_seconds_each"].append(report.timings["quantize"])
+                row.update(options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks)
+                print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
+            rows.append(row)
+        rows += reference_rows(Path(tmp), calibration, args, perplexity)
+    summarize(rows)
+    settings = {"model": "stories260K", "calibration": vars(calibration), "seeds": args.seeds, "eval": vars(evaluation), "device": args.device,
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str) + "\n")
@@ -98,29 +113,86 @@ def main() -> None:
     print(markdown(rows, settings))
 
 
+def reference_rows(tmp: Path, calibration: CalibrationConfig, args: argparse.Namespace, perplexity) -> list[dict]:
+    """llm-compressor's GPTQ on quantcli's windows for each seed, or why it cannot run here."""
+    try:
+        import reference_gptq
+        import llmcompressor  # noqa: F401
+    except ImportError as error:
+        reason = f"llm-compressor not installed ({error.name}); make bench installs it into .reference"
+        return [{"label": label, "method": "reference", "bits": bits, "not_available": reason} for label, bits, _ in REFERENCE_RUNS]
+    from transformers import AutoTokenizer
+
+    documents, tokenizer = read_documents(calibration.dataset), AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    rows = []
+    for label, bits, group_size in REFERENCE_RUNS:
+        row = {"label": label, "method": "reference", "bits": bits, "options": {"group_size": group_size, "symmetric": True, "observer": "minmax"},
+               "seeds": [], "perplexities": [], "quantize_seconds_each": []}
+        for seed in range(args.seeds):
+            windows = calibration_batch(documents, tokenizer, calibration.samples, calibration.seq_len, seed)
+            output = tmp / f"{label.replace(' ', '-')}-{seed}"
+            start = time.perf_counter()
+            reference_gptq.quantize(EMBEDDED_MODEL, windows, bits, group_size, output)
+            row["quantize_seconds_each"].append(time.perf_counter() - start)
+            row["seeds"].append(seed)
+            row["perplexities"].append(perplexity(output))
+            row["disk_bytes"] = bytes_on_disk(weight_files(str(output)))
+            print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> None:
+    """Mean perplexity and its change against fp32 (per seed too) for every row that ran."""
+    base = rows[0]["perplexities"][0]
+    for row in rows:
+        if "perplexities" in row:
+            row["perplexity"] = statistics.fmean(row["perplexities"])
+            row["deltas"] = [p - base for p in row["perplexities"]]
+            row["delta"] = row["perplexity"] - base
+            row["delta_percent"] = 100 * row["delta"] / base
+            row["delta_percents"] = [100 * d / base for d in row["deltas"]]
+            row["delta_percent_sd"] = statistics.stdev(row["delta_percents"]) if len(row["deltas"]) > 1 else None
+            seconds = row.get("quantize_seconds_each")
+            row["quantize_seconds"] = statistics.median(seconds) if seconds else None
+
+
 def markdown(rows: list[dict], settings: dict) -> str:
     lines = [
-        f"stories260K on {settings['device']}; calibration {settings['calibration']['samples']} x {settings['calibration']['seq_len']}"
-        f" tokens of tinystories:calib; perplexity on {settings['eval']['max_tokens']} tokens of tinystories:eval (seq_len {settings['eval']['seq_len']}).",
+        f"stories260K on {settings['device']} ({settings['threads']} threads); calibration {settings['calibration']['samples']} x"
+        f" {settings['calibration']['seq_len']} tokens of tinystories:calib, seeds 0-{settings['seeds'] - 1} for calibrated methods"
+        f" (mean ± sd, range); perplexity on {settings['eval']['max_tokens']} tokens of tinystories:eval (seq_len {settings['eval']['seq_len']}).",
         "",
-        "| method | perplexity | Δ ppl | Δ % | size on disk | quantize time |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | perplexity | Δ ppl | Δ % | spread over seeds | size on disk | quantize time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "not_available" in row:
-            lines.append(f"| {row['label']} | not available: {row['not_available']} | | | | |")
+            lines.append(f"| {row['label']} | not available: {row['not_available']} | | | | | |")
             continue
         seconds = "" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f} s"
-        lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
+        spread = ""
+        if row["delta_percent_sd"] is not None:
+            spread = f"± {row['delta_percent_sd']:.2f} ({min(row['delta_percents']):+.2f} to {max(row['delta_percents']):+.2f}%)"
+        lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {spread} |"
+                     f" {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
+    lines += [""] + acceptance(rows)
+    return "\n".join(lines) + "\n"
+
+
+def acceptance(rows: list[dict]) -> list[str]:
+    """GPTQ's (and the reference's) perplexity increase as a fraction of RTN's at the same grouping."""
     rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"]["observer"] == "minmax"}
     nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
-    lines.append("")
+    lines = []
     for row in rows:
         baseline = rtn.get(row.get("options", {}).get("group_size"))
-        if row["method"] == "gptq" and row["bits"] == 4 and baseline:
+        if row["method"] in ("gptq", "reference") and row["bits"] == 4 and "delta" in row and baseline:
+            ratios = [delta / baseline["delta"] for delta in row["deltas"]]
             versus_nf4 = f"; {'below' if nf4 and row['delta'] < nf4['delta'] else 'not below'} bnb-nf4's" if nf4 else ""
-            lines.append(f"- {row['label']}: perplexity increase {row['delta'] / baseline['delta']:.2f}x that of {baseline['label']}{versus_nf4}.")
-    return "\n".join(lines) + "\n"
+            lines.append(f"- {row['label']}: perplexity increase {row['delta'] / baseline['delta']:.2f}x that of {baseline['label']}"
+                         f" (per seed {min(ratios):.2f}-{max(ratios):.2f}x){versus_nf4}.")
+    return lines
 
 
 if __name__ == "__main__":
