@@ -29,13 +29,15 @@ def test_default_method_on_cuda_is_bitsandbytes(tmp_path):
     assert quantcli.quantize(QuantizeConfig(bits=4, device="cuda", output=tmp_path / "q", eval=None)).method == "bnb-nf4"
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_integer_methods_on_cuda_match_cpu(tmp_path, method):
-    """Same integers up to float reduction order: perplexities agree closely."""
+@pytest.mark.parametrize("method, rel_tol", [("rtn", 5e-3), ("gptq", 2e-2)])
+def test_integer_methods_on_cuda_match_cpu(tmp_path, method, rel_tol):
+    """RTN: the same integers up to rare rounding ties. GPTQ: its rounding decisions cascade, so
+    CUDA's float order gives another model of the same quality (the spread over calibration seeds
+    in benchmarks/methods.py is about 0.3% of perplexity; RTN INT4 is 15% worse)."""
     runs = {
         device: quantcli.quantize(QuantizeConfig(bits=4, method=method, device=device, dtype="float32", output=tmp_path / device, eval=EVAL))
         for device in ("cpu", "cuda")
     }
-    assert math.isclose(runs["cpu"].perplexity_after.perplexity, runs["cuda"].perplexity_after.perplexity, rel_tol=5e-3)
+    assert math.isclose(runs["cpu"].perplexity_after.perplexity, runs["cuda"].perplexity_after.perplexity, rel_tol=rel_tol)
     if method == "gptq":
         assert runs["cuda"].stats["peak_cuda_bytes"] > 0
