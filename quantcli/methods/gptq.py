@@ -13,6 +13,9 @@ original weights in plain group order, so the checkpoint keeps the plain group l
 weights when GPTQ first reaches it. The group rule is :func:`plan_layouts`' (172-wide layers go
 per channel). Layers no calibration pass reaches fall back to round-to-nearest, with a note.
 
+``clip_search`` (default on) runs each row with its range shrunk by ``CLIP_SHRINKS`` and keeps the
+candidate with the lowest output error on the calibration inputs.
+
 Bit-identical for a given seed, device and thread count. Rounding decisions cascade, so another
 calibration draw, or another thread count (which reorders float sums), gives a different model of
 similar quality: ``benchmarks/methods.py`` reports the spread over seeds.
@@ -185,7 +188,7 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
 @register_method
 class GPTQQuantizer(Quantizer):
     name = "gptq"
-    summary = "GPTQ, calibrated and sequential, pure PyTorch (INT8/INT4/INT3, groups, act-order); compressed-tensors output"
+    summary = "GPTQ, calibrated and sequential, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search); compressed-tensors output"
     supported_bits = (8, 4, 3)
     config_class = GPTQConfig
     needs_calibration = True
