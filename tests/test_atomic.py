@@ -29,7 +29,10 @@ def _dead_pid() -> int:
 
 
 def _signal_during_save(tmp_path: Path, sig: int) -> subprocess.CompletedProcess:
-    """Start a quantize run writing many small shards and send ``sig`` once its staging folder appears."""
+    """Start a quantize run writing many small shards and send ``sig`` once its staging folder appears.
+
+    The run is frozen with SIGSTOP the moment a shard shows up, so a signal Python handles between
+    bytecodes (SIGINT) cannot arrive after the save has finished; SIGCONT lets it act."""
     process = subprocess.Popen(
         [*QUANTIZE, "-o", "out", "--max-shard-size", "8KB"], cwd=tmp_path, env=_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -38,7 +41,9 @@ def _signal_during_save(tmp_path: Path, sig: int) -> subprocess.CompletedProcess
     while process.poll() is None and time.monotonic() < deadline:
         staging = list(tmp_path.glob(".out.partial-*"))
         if staging and any(staging[0].glob("*.safetensors")):
+            process.send_signal(signal.SIGSTOP)
             process.send_signal(sig)
+            process.send_signal(signal.SIGCONT)
             break
         time.sleep(0.002)
     out, err = process.communicate(timeout=120)
