@@ -28,6 +28,12 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as in a terminal: a background job of a non-interactive shell (``cmd &``) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_during_save(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedProcess, bool]:
     """Start a quantize run writing many small shards and send ``sig`` once its staging folder appears.
 
@@ -35,7 +41,7 @@ def _signal_during_save(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedP
     bytecodes (SIGINT) cannot arrive after the save has finished; SIGCONT lets it act."""
     process = subprocess.Popen(
         [*QUANTIZE, "-o", "out", "--max-shard-size", "8KB"], cwd=tmp_path, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )
     deadline, signalled = time.monotonic() + 120, False
     while process.poll() is None and time.monotonic() < deadline:
