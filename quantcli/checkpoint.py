@@ -199,9 +199,28 @@ def load(
     return model, tokenizer, metadata
 
 
+def _integer_weights_only(source: str) -> bool:
+    """A compressed-tensors checkpoint (any writer) of integer weights and no activation quantization,
+    which the library's own decompressors read; plain transformers cannot build asymmetric ones yet."""
+    try:
+        quantization = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("config_groups"), dict):
+        return False
+    groups = quantization["config_groups"]
+    return quantization.get("quant_method") == "compressed-tensors" and not quantization.get("sparsity_config") and bool(groups) and all(
+        isinstance(group, dict) and (group.get("format") or quantization.get("format")) in ("pack-quantized", "int-quantized")
+        and not group.get("input_activations") and not group.get("output_activations")
+        for group in groups.values()
+    )
+
+
 def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remote_code: bool) -> Any:
     from quantcli.models import load_model, pick_dtype
 
+    if metadata is None and Path(source).is_dir() and _integer_weights_only(source):
+        metadata = {"format": "compressed-tensors"}
     if metadata is None or metadata.get("format") == "dense":
         dtype = "auto" if metadata else pick_dtype("auto", device)
         return load_model(source, dtype, device, trust_remote_code)

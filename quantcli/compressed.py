@@ -118,10 +118,12 @@ def compressed_result(
     )
 
 
-def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: Any) -> dict[str, Any]:
+def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor of ``folder``, quantized layers decompressed with their scheme's own compressor
+    (schemes target layers by name or by class, e.g. ``Linear``, as llm-compressor writes them)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.utils.match import match_name
+    from compressed_tensors.utils.match import is_match
     from safetensors.torch import load_file
 
     config = QuantizationConfig.model_validate(quantization_config)
@@ -131,7 +133,8 @@ def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: 
     prefixes = {key.rsplit(".", 1)[0] for key in state if key.endswith((".weight_packed", ".weight_scale"))}
     dense: dict[str, Any] = {}
     for prefix in sorted(prefixes):
-        scheme = next((s for s in config.config_groups.values() if any(match_name(prefix, t) for t in s.targets)), None)
+        module = modules.get(prefix)
+        scheme = next((s for s in config.config_groups.values() if module is not None and is_match(prefix, module, s.targets)), None)
         if scheme is None:
             raise CheckpointError(f"{folder}: layer {prefix} has quantized tensors but no scheme in config.json. The checkpoint is corrupt; re-run quantcli quantize.")
         local = {key[len(prefix) + 1 :]: value for key, value in state.items() if key.rsplit(".", 1)[0] == prefix}
@@ -156,7 +159,7 @@ def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype)
+    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):

@@ -3,6 +3,7 @@ writes exact checkpoints that plain transformers and quantcli load alike, handle
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,11 @@ def test_asymmetric_checkpoint_reloads_with_identical_logits(tmp_path, tokenizer
     ids = calibration[:2]
     in_memory = logits(run_gptq(SOURCE, tokenizer, calibration, group_size=32, symmetric=False).model, ids)
     assert torch.equal(logits(quantcli.load(tmp_path / "gptq", device="cpu")[0], ids), in_memory)
+
+    # the same files from another writer (no quantcli.json): still read through the library's decompressors
+    foreign = shutil.copytree(tmp_path / "gptq", tmp_path / "foreign", ignore=shutil.ignore_patterns("quantcli.json", "report.json"))
+    model, _, metadata = quantcli.load(foreign, device="cpu")
+    assert metadata is None and torch.equal(logits(model, ids), in_memory)
 
 
 def test_deterministic(act_order_runs):

@@ -94,3 +94,20 @@ def test_sharded_checkpoint_reloads_in_plain_transformers_with_identical_logits(
     plain_single = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert torch.equal(logits(plain_sharded, prompt_ids), logits(plain_single, prompt_ids))
     assert torch.equal(logits(load(sharded, "cpu")[0], prompt_ids), logits(load(checkpoint, "cpu")[0], prompt_ids))
+
+
+@pytest.mark.parametrize("quantization, decompressed", [
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "pack-quantized", "weights": {"num_bits": 4}}}}, True),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"g": {"weights": {"num_bits": 8}}}}, True),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "int-quantized", "input_activations": {"num_bits": 8}}}}, False),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "float-quantized"}}}, False),
+    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-24"}, "config_groups": {"g": {"format": "pack-quantized"}}}, False),
+    ({"quant_method": "bitsandbytes"}, False),
+    ("not a mapping", False),
+])
+def test_foreign_compressed_tensors_read_by_quantcli_are_weight_only_integers(tmp_path, quantization, decompressed):
+    """Activation-quantized, float or sparse checkpoints go to transformers, which knows how to run them."""
+    from quantcli.checkpoint import _integer_weights_only
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quantization}))
+    assert _integer_weights_only(str(tmp_path)) is decompressed
