@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -103,7 +104,7 @@ def main() -> None:
                 row.update(options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks)
                 print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
             rows.append(row)
-        rows += reference_rows(Path(tmp), calibration, args, perplexity)
+        rows += reference_rows(Path(tmp), calibration, args.seeds, perplexity)
     summarize(rows)
     settings = {"model": "stories260K", "calibration": vars(calibration), "seeds": args.seeds, "eval": vars(evaluation), "device": args.device,
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
@@ -113,7 +114,7 @@ def main() -> None:
     print(markdown(rows, settings))
 
 
-def reference_rows(tmp: Path, calibration: CalibrationConfig, args: argparse.Namespace, perplexity) -> list[dict]:
+def reference_rows(tmp: Path, calibration: CalibrationConfig, seeds: int, perplexity: Callable[[Path], float]) -> list[dict]:
     """llm-compressor's GPTQ on quantcli's windows for each seed, or why it cannot run here."""
     try:
         import reference_gptq
@@ -128,7 +129,7 @@ def reference_rows(tmp: Path, calibration: CalibrationConfig, args: argparse.Nam
     for label, bits, group_size in REFERENCE_RUNS:
         row = {"label": label, "method": "reference", "bits": bits, "options": {"group_size": group_size, "symmetric": True, "observer": "minmax"},
                "seeds": [], "perplexities": [], "quantize_seconds_each": []}
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             windows = calibration_batch(documents, tokenizer, calibration.samples, calibration.seq_len, seed)
             output = tmp / f"{label.replace(' ', '-')}-{seed}"
             start = time.perf_counter()
