@@ -99,10 +99,11 @@ def quantize(
     clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."),
     observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: minmax (default) or mse (clipping search)."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
-    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text: a local .txt/.jsonl/.parquet or a Hub spec path:config:split."),
+    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text: a local text file, .jsonl/.csv/.parquet, or a Hub spec path:config:split."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration and evaluation window."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for calibration sampling."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text in .jsonl/.csv/.parquet/Hub data (default: 'text')."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="Evaluation text (kept apart from calibration)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Evaluate on at most this many tokens."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip perplexity before/after."),
@@ -137,13 +138,13 @@ def quantize(
         recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
     recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order, clip_search=clip_search, observer=observer))
     calibration = _recipe_section(recipe, "calibration")
-    calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
+    calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed, text_column=text_column))
     recipe["calibration"] = calibration
     if no_eval:
         recipe["eval"] = None
     else:
         evaluation = _recipe_section(recipe, "eval")
-        evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens))
+        evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens, text_column=text_column))
         recipe["eval"] = evaluation
     gates = dict(recipe.get("gates") or {})
     gates.update(_given(max_ppl_increase=max_ppl_increase, max_size=max_size))
@@ -173,7 +174,10 @@ def eval_command(
     seq_len: int = typer.Option(256, "--seq-len", help="Context length of each window."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window starts (default: --seq-len, no overlap)."),
     max_tokens: Optional[int] = typer.Option(32768, "--max-tokens", help="Evaluate on at most this many tokens."),
-    bos: str = typer.Option("document", "--bos", help="BOS before every document, once at the 'start', or 'none'."),
+    protocol: str = typer.Option("stream", "--protocol", help="stream: the text tokenized once (rows joined by a blank line); documents: each row (or --doc-separator part) on its own."),
+    bos: str = typer.Option("auto", "--bos", help="auto: special tokens as the tokenizer adds them; start: one BOS per sequence; none."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the text in .jsonl/.csv/.parquet/Hub data (default: 'text')."),
+    doc_separator: Optional[str] = typer.Option(None, "--doc-separator", help="With --protocol documents: the string that separates documents in a plain text file."),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model: also report KL divergence and top-1 agreement."),
     backend: str = typer.Option("auto", "--backend", help="auto (dequantized weights) or int8-cpu (torch int8 kernels for RTN INT8 checkpoints on CPU)."),
@@ -186,7 +190,9 @@ def eval_command(
     from quantcli.config import DEFAULT_EVAL_DATASET, EvalConfig
     from quantcli.pipeline import evaluate
 
-    config = EvalConfig(dataset or DEFAULT_EVAL_DATASET, seq_len, stride, max_tokens, bos, batch_size)
+    config = EvalConfig(
+        dataset or DEFAULT_EVAL_DATASET, seq_len, stride, max_tokens, bos, batch_size, protocol, text_column, doc_separator
+    )
     result = evaluate(model, config, base, device, console.RichProgress(enabled=not quiet), backend)
     console.print_json(result) if json_output else console.render_eval(result)
 

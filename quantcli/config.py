@@ -18,7 +18,8 @@ from quantcli.gates import GateLimits
 DEFAULT_MODEL = "stories260K"
 DEFAULT_CALIB_DATASET = "tinystories:calib"
 DEFAULT_EVAL_DATASET = "tinystories:eval"
-BOS_MODES = ("document", "start", "none")
+BOS_MODES = ("auto", "start", "none")
+PROTOCOLS = ("stream", "documents")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -60,9 +61,11 @@ class CalibrationConfig:
     samples: int = 128
     seq_len: int = 256
     seed: int = 0
+    text_column: str | None = None
 
     def __post_init__(self) -> None:
         _check_type("calibration dataset", self.dataset, str)
+        _check_type("text column (--text-column)", self.text_column, str, type(None))
         _check_type("calibration seed (--seed)", self.seed, int)
         check_positive("calibration samples (--calib-samples)", self.samples)
         check_positive("calibration sequence length (--seq-len)", self.seq_len)
@@ -76,12 +79,19 @@ class EvalConfig:
     seq_len: int = 256
     stride: int | None = None
     max_tokens: int | None = 32768
-    bos: str = "document"
+    bos: str = "auto"
     batch_size: int = 8
+    protocol: str = "stream"
+    text_column: str | None = None
+    doc_separator: str | None = None
 
     def __post_init__(self) -> None:
         _check_type("eval dataset", self.dataset, str)
+        _check_type("text column (--text-column)", self.text_column, str, type(None))
+        _check_type("document separator (--doc-separator)", self.doc_separator, str, type(None))
         check_positive("eval sequence length (--seq-len)", self.seq_len)
+        if self.seq_len < 2:
+            raise InputError(f"eval sequence length (--seq-len) must be at least 2 (a window predicts each token from the ones before it), got {self.seq_len}.")
         check_positive("stride (--stride)", self.stride, allow_none=True)
         check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
         check_positive("batch size (--batch-size)", self.batch_size)
@@ -90,8 +100,14 @@ class EvalConfig:
                 f"stride {self.stride} is larger than the context length {self.seq_len}: tokens would be"
                 " skipped. Use a stride at most --seq-len."
             )
+        if self.bos == "document":
+            raise InputError("--bos document is now --protocol documents --bos start (documents come from rows or --doc-separator; a blank line is not one).")
         if self.bos not in BOS_MODES:
             raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}.")
+        if self.protocol not in PROTOCOLS:
+            raise InputError(f"protocol (--protocol) must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}.")
+        if self.doc_separator is not None and (self.protocol != "documents" or not self.doc_separator):
+            raise InputError("--doc-separator needs --protocol documents and a non-empty string.")
 
     @property
     def effective_stride(self) -> int:

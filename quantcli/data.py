@@ -1,53 +1,120 @@
-"""Dataset slices to token tensors. Calibration and evaluation text are kept apart.
+"""Dataset specs to token ids. Calibration and evaluation text are kept apart.
 
 A dataset spec is one of:
   * ``tinystories:calib`` / ``tinystories:eval``: the embedded TinyStories text, split in two halves
-    at a story boundary (calibration never sees evaluation text);
-  * a local ``.txt``, ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file, read through ``datasets``;
-  * a Hub dataset ``path[:config[:split]]``, e.g. ``wikitext:wikitext-2-raw-v1:train``.
+    at a paragraph boundary (calibration never sees evaluation text). Its blank lines separate
+    paragraphs, and story boundaries are not marked, so it is plain text, not documents;
+  * a local ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file, read through ``datasets``: one
+    document per row, from the ``text`` column or ``--text-column``;
+  * any other local file: plain UTF-8 text, whatever its extension (``.txt``, ``.raw``, none);
+  * a Hub dataset ``path[:config[:split]]``, e.g. ``wikitext:wikitext-2-raw-v1:train`` (rows).
+
+Protocols (README "Perplexity: how it is measured"): ``stream`` is the text (rows joined by
+"\\n\\n") tokenized once, token for token as ``tokenizer(text)``; ``documents`` tokenizes each
+document on its own. Documents come only from rows or an explicit ``--doc-separator``: a blank line
+is not a document boundary.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from quantcli.errors import DatasetError, InputError
+from quantcli.tokenstream import special_ids, text_ids
 
 if TYPE_CHECKING:
     import torch
 
 EMBEDDED_TEXT = Path(__file__).parent / "assets" / "tinystories" / "tinystories_val.txt"
 EMBEDDED_SPLITS = ("calib", "eval")
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROW_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+READ_BYTES = 1 << 20
+ROW_JOINER = "\n\n"
 
 
 @dataclass(frozen=True)
 class TextSource:
-    """Documents read from one dataset spec, with what was read recorded for reports."""
+    """The text of one dataset spec: rows (``documents``), an in-memory ``text``, or a UTF-8 file
+    at ``path`` read lazily; ``separator`` splits a text into documents."""
 
     spec: str
-    documents: list[str]
+    documents: list[str] | None = None
+    text: str | None = None
+    path: Path | None = None
+    separator: str | None = None
+
+    @property
+    def has_documents(self) -> bool:
+        return self.documents is not None or self.separator is not None
+
+    def pieces(self) -> Iterator[str]:
+        """The stream's text in pieces: the file or text, or the rows joined by a blank line."""
+        if self.path is not None:
+            yield from _utf8_pieces(self.path, self.spec)
+        elif self.text is not None:
+            yield self.text
+        else:
+            for index, row in enumerate(self.documents or []):
+                yield row if index == 0 else ROW_JOINER + row
+
+    def iter_documents(self) -> Iterator[str]:
+        """The non-blank documents: rows, or the text cut at ``separator``."""
+        if self.documents is not None:
+            yield from (d for d in self.documents if d.strip())
+            return
+        if self.separator is None:
+            raise InputError(
+                f"--protocol documents needs documents, and {self.spec} is plain text (a blank line is not a"
+                " document boundary). Pass --doc-separator STRING, use rows (.jsonl/.csv/.parquet/Hub), or --protocol stream."
+            )
+        rest = ""
+        for piece in self.pieces():
+            *done, rest = (rest + piece).split(self.separator)
+            yield from (d for d in done if d.strip())
+        if rest.strip():
+            yield rest
 
 
-def _embedded(split: str) -> list[str]:
-    stories = [s.strip() for s in EMBEDDED_TEXT.read_text(encoding="utf-8").split("\n\n") if s.strip()]
-    half = len(stories) // 2
-    return stories[:half] if split == "calib" else stories[half:]
+def _utf8_pieces(path: Path, spec: str, limit: int | None = None) -> Iterator[str]:
+    """The file's text, decoded strictly (bytes kept exactly: no newline translation), in pieces."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with path.open("rb") as handle:
+            while limit is None or offset < limit:
+                block = handle.read(READ_BYTES)
+                try:
+                    yield decoder.decode(block, final=not block)
+                except UnicodeDecodeError as error:
+                    raise InputError(f"{spec} is not UTF-8 text: invalid byte at offset {offset + error.start}. Convert it to UTF-8.") from None
+                if not block:
+                    return
+                offset += len(block)
+    except OSError as error:
+        raise DatasetError(f"cannot read {spec}: {error.strerror or error}. Check the file's permissions.") from None
 
 
-def _text_column(dataset: Any, spec: str) -> str:
-    if "text" in dataset.column_names:
-        return "text"
-    for name, feature in dataset.features.items():
-        if getattr(feature, "dtype", None) in ("string", "large_string"):
-            return name
-    raise DatasetError(f"dataset {spec} has no text column (columns: {', '.join(dataset.column_names)}). Add a 'text' column.")
+def _embedded(split: str) -> str:
+    paragraphs = [s.strip() for s in EMBEDDED_TEXT.read_text(encoding="utf-8").split("\n\n") if s.strip()]
+    half = len(paragraphs) // 2
+    return ROW_JOINER.join(paragraphs[:half] if split == "calib" else paragraphs[half:])
 
 
-def _from_datasets(spec: str, path: str, name: str | None, split: str, data_files: str | None = None) -> list[str]:
+def _text_column(dataset: Any, spec: str, text_column: str | None) -> str:
+    wanted = text_column or "text"
+    if wanted in dataset.column_names:
+        return wanted
+    columns = ", ".join(dataset.column_names)
+    if text_column:
+        raise InputError(f"dataset {spec} has no column '{text_column}' (columns: {columns}). Pass one of them to --text-column.")
+    raise InputError(f"dataset {spec} has no 'text' column (columns: {columns}). Name the column with --text-column.")
+
+
+def _rows(spec: str, path: str, name: str | None, split: str, text_column: str | None, data_files: str | None = None) -> list[str]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -67,28 +134,29 @@ def _from_datasets(spec: str, path: str, name: str | None, split: str, data_file
         raise DatasetError(f"cannot read dataset {spec}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
         raise DatasetError(f"cannot read dataset {spec}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
-    column = _text_column(dataset, spec)
-    return [text for text in dataset[column] if isinstance(text, str) and text.strip()]
+    column = _text_column(dataset, spec, text_column)
+    return [text for text in dataset[column] if isinstance(text, str)]
 
 
-def read_documents(spec: str) -> TextSource:
-    """Read the non-empty documents of ``spec`` (see the module docstring for the forms)."""
+def read_documents(spec: str, text_column: str | None = None, doc_separator: str | None = None) -> TextSource:
+    """Open ``spec`` (see the module docstring) and check it can be read, before any model loads.
+    A plain text file is checked on its first MiB and read lazily later."""
     path = Path(spec).expanduser()
     if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise InputError(f"{spec}: unsupported file type '{path.suffix}'. Use .txt, .jsonl, .json, .csv or .parquet.")
-        if builder == "text":
-            text = path.read_text(encoding="utf-8", errors="replace")
-            documents = [d.strip() for d in text.split("\n\n") if d.strip()]
+        builder = ROW_BUILDERS.get(path.suffix.lower())
+        if builder:
+            source = TextSource(spec, documents=_rows(spec, builder, None, "train", text_column, data_files=str(path)))
         else:
-            documents = _from_datasets(spec, builder, None, "train", data_files=str(path))
+            head = "".join(_utf8_pieces(path, spec, limit=READ_BYTES))
+            if not head.strip() and path.stat().st_size <= READ_BYTES:
+                raise DatasetError(f"dataset {spec} holds no text. Point it at a file or split with non-empty documents.")
+            source = TextSource(spec, path=path, separator=doc_separator)
     elif spec.startswith(("tinystories:", "quantcli:")) or spec == "tinystories":
         split = spec.split(":")[-1] if ":" in spec else "eval"
         if split not in EMBEDDED_SPLITS:
             raise InputError(f"the embedded TinyStories text has splits {', '.join(EMBEDDED_SPLITS)}, not '{split}'.")
-        documents = _embedded(split)
-    elif spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
+        source = TextSource(spec, text=_embedded(split), separator=doc_separator)
+    elif spec.startswith((".", "/", "~")) or (path.suffix and ":" not in spec):
         raise InputError(f"dataset file {spec} does not exist. Check the path.")
     else:
         parts = spec.split(":")
@@ -96,55 +164,62 @@ def read_documents(spec: str) -> TextSource:
             raise InputError(f"dataset spec '{spec}' is not of the form path[:config[:split]], e.g. wikitext:wikitext-2-raw-v1:train.")
         name = parts[1] if len(parts) > 1 else None
         split = parts[2] if len(parts) > 2 else "train"
-        documents = _from_datasets(spec, parts[0], name, split)
-    if not documents:
+        source = TextSource(spec, documents=_rows(spec, parts[0], name, split, text_column))
+    if source.documents is not None and not any(d.strip() for d in source.documents):
         raise DatasetError(f"dataset {spec} holds no text. Point it at a file or split with non-empty documents.")
-    return TextSource(spec, documents)
+    if doc_separator is not None and source.documents is not None:
+        raise InputError(f"--doc-separator splits plain text, and {spec} already has one document per row. Drop --doc-separator.")
+    return source
 
 
-def token_sequences(documents: list[str], tokenizer: Any, bos: str, max_tokens: int | None = None) -> list["torch.Tensor"]:
-    """Token ids to score, at most ``max_tokens`` in all (whole documents first, the last one cut).
+def _specials(tokenizer: Any, bos: str) -> tuple[list[int], list[int]]:
+    """The ids before and after each sequence's text: the tokenizer's own (``auto``), BOS, or none."""
+    if bos == "auto":
+        return special_ids(tokenizer)
+    if bos == "start":
+        if tokenizer.bos_token_id is None:
+            raise InputError("--bos start: this tokenizer has no BOS token. Use --bos auto or --bos none.")
+        return [tokenizer.bos_token_id], []
+    return [], []
 
-    ``bos="document"``: one sequence per document, each starting with BOS (how stories260K and
-    most LMs were trained; windows never cross documents, as in lm-eval-harness' rolling
-    perplexity). ``"start"``: documents joined by a blank line into one stream with one BOS (the
-    transformers "perplexity of fixed-length models" recipe). ``"none"``: that stream without BOS.
+
+def _with_specials(texts: Iterator[str] | list[str], tokenizer: Any, bos: str, max_tokens: int | None) -> list[int]:
+    """``tokenizer(text)`` ids (specials as ``bos`` says), cut to ``max_tokens``."""
+    prefix, suffix = _specials(tokenizer, bos)
+    body, complete = text_ids(texts, tokenizer, None if max_tokens is None else max(max_tokens - len(prefix), 0))
+    ids = prefix + body + (suffix if complete else [])
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def token_sequences(source: TextSource, tokenizer: Any, protocol: str = "stream", bos: str = "auto", max_tokens: int | None = None) -> list["torch.Tensor"]:
+    """Token ids to score, at most ``max_tokens`` in all.
+
+    ``stream``: one sequence, the text (rows joined by a blank line) tokenized once, as
+    ``tokenizer(text)`` (``bos="auto"``), after one BOS (``"start"``) or without specials (``"none"``).
+    ``documents``: one sequence per document, each tokenized that way (whole documents first, the
+    last one cut); windows never cross documents, as in lm-eval-harness' rolling perplexity.
     """
     import torch
 
-    bos_id = tokenizer.bos_token_id
-    if bos != "none" and bos_id is None:
-        bos = "none"
-    sequences: list[list[int]] = []
-    count = 0
-    for index, document in enumerate(documents):
-        text = document if bos == "document" or index == 0 else "\n\n" + document
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if bos == "document" or (bos == "start" and index == 0):
-            ids = [bos_id, *ids]
-        if bos == "document" or not sequences:
-            sequences.append([])
-        if max_tokens is not None:
-            ids = ids[: max_tokens - count]
-        sequences[-1].extend(ids)
-        count += len(ids)
-        if max_tokens is not None and count >= max_tokens:
-            break
+    if protocol == "stream":
+        sequences = [_with_specials(source.pieces(), tokenizer, bos, max_tokens)]
+    else:
+        sequences, count = [], 0
+        for document in source.iter_documents():
+            ids = _with_specials([document], tokenizer, bos, None if max_tokens is None else max_tokens - count)
+            sequences.append(ids)
+            count += len(ids)
+            if max_tokens is not None and count >= max_tokens:
+                break
     return [torch.tensor(ids, dtype=torch.long) for ids in sequences if ids]
 
 
-def token_stream(documents: list[str], tokenizer: Any) -> "torch.Tensor":
-    """All documents as one BOS-per-document stream (calibration windows are cut from it)."""
-    import torch
-
-    return torch.cat(token_sequences(documents, tokenizer, "document"))
-
-
 def calibration_batch(source: TextSource, tokenizer: Any, samples: int, seq_len: int, seed: int) -> "torch.Tensor":
-    """``[samples, seq_len]`` windows drawn at seeded random offsets from the BOS-per-document stream."""
+    """``[samples, seq_len]`` windows drawn at seeded random offsets from the text's stream (its
+    first ``max(2^20, 4 * samples * seq_len)`` tokens, so a huge file is not read whole)."""
     import torch
 
-    stream = token_stream(source.documents, tokenizer)
+    stream = token_sequences(source, tokenizer, "stream", "auto", max(1 << 20, 4 * samples * seq_len))[0]
     if stream.numel() < seq_len:
         raise DatasetError(
             f"calibration dataset {source.spec} has {stream.numel()} tokens, fewer than one window of"

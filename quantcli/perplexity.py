@@ -21,6 +21,15 @@ class Window:
     scored: int
 
 
+def check_context(model: Any, seq_len: int) -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``)."""
+    from quantcli.errors import InputError
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise InputError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens (max_position_embeddings). Use --seq-len {limit} or less.")
+
+
 def windows(total: int, seq_len: int, stride: int) -> list[Window]:
     """Windows of the transformers sliding-window loop: each token is scored once, with up to
     ``seq_len - stride`` tokens of context carried over from the previous window."""

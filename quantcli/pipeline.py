@@ -12,9 +12,9 @@ from quantcli import __version__
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
 from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
-from quantcli.data import calibration_batch, read_documents, token_sequences
+from quantcli.data import TextSource, calibration_batch, read_documents, token_sequences
 from quantcli.errors import DatasetError
-from quantcli.perplexity import EvalResult, evaluate_sequences
+from quantcli.perplexity import EvalResult, check_context, evaluate_sequences
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
 from quantcli.models import (
@@ -41,17 +41,28 @@ def default_output(model: str, method: str, bits: int) -> Path:
     return Path(f"{Path(model.rstrip('/')).name}-{method}-w{bits}")
 
 
-def measure_perplexity(model: Any, tokenizer: Any, config: EvalConfig, progress: Progress, label: str, base_model: Any = None) -> EvalResult:
+def eval_source(config: EvalConfig) -> TextSource:
+    """The evaluation text, opened and checked (call before loading a model)."""
+    return read_documents(config.dataset, config.text_column, config.doc_separator)
+
+
+def measure_perplexity(
+    model: Any, tokenizer: Any, config: EvalConfig, progress: Progress, label: str, base_model: Any = None, source: TextSource | None = None
+) -> EvalResult:
     """Perplexity of ``model`` on ``config.dataset`` with every setting recorded."""
-    source = read_documents(config.dataset)
-    sequences = token_sequences(source.documents, tokenizer, config.bos, config.max_tokens)
+    source = source or eval_source(config)
+    check_context(model, config.seq_len)
+    sequences = token_sequences(source, tokenizer, config.protocol, config.bos, config.max_tokens)
     total = sum(len(s) for s in sequences)
     if total < config.seq_len and (config.max_tokens is None or total < config.max_tokens):
         raise DatasetError(
             f"evaluation dataset {config.dataset} has {total} tokens, fewer than one window of --seq-len"
             f" {config.seq_len}. Use more text or a shorter --seq-len."
         )
-    settings = {"dataset": config.dataset, "bos": config.bos, "max_tokens": config.max_tokens}
+    settings = {
+        "dataset": config.dataset, "protocol": config.protocol, "bos": config.bos, "max_tokens": config.max_tokens,
+        "text_column": config.text_column, "doc_separator": config.doc_separator,
+    }
     with progress.task(f"eval {label}", total=sum(len(s) - 1 for s in sequences)) as advance:
         return evaluate_sequences(
             model, sequences, config.seq_len, config.effective_stride, config.batch_size, settings, base_model, advance
@@ -74,6 +85,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     source = resolve_model(config.model)
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits)
     check_output(output, config.force, source)
+    evaluation = eval_source(config.eval) if config.eval is not None else None
+    calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if method.needs_calibration else None
 
     start = time.perf_counter()
     with progress.task("load model", total=None):
@@ -93,16 +106,15 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     before = None
     if config.eval is not None:
         start = time.perf_counter()
-        before = measure_perplexity(model, tokenizer, config.eval, progress, "original")
+        before = measure_perplexity(model, tokenizer, config.eval, progress, "original", source=evaluation)
         timings["eval_original"] = time.perf_counter() - start
 
     calibration = None
     if method.needs_calibration:
         start = time.perf_counter()
         with progress.task("calibration data", total=None):
-            documents = read_documents(config.calibration.dataset)
             calib = config.calibration
-            calibration = calibration_batch(documents, tokenizer, calib.samples, calib.seq_len, calib.seed)
+            calibration = calibration_batch(calibration_text, tokenizer, calib.samples, calib.seq_len, calib.seed)
         timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -120,7 +132,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     after = None
     if config.eval is not None:
         start = time.perf_counter()
-        after = measure_perplexity(quantized.model, tokenizer, config.eval, progress, "quantized")
+        after = measure_perplexity(quantized.model, tokenizer, config.eval, progress, "quantized", source=evaluation)
         timings["eval_quantized"] = time.perf_counter() - start
 
     quantized_memory = bytes_in_memory(quantized.model)
@@ -172,10 +184,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given."""
     progress = progress or NullProgress()
+    source = eval_source(config)
     with progress.task("load model", total=None):
         loaded, tokenizer, metadata = load(model, device, backend=backend)
         base_model = load(base, device)[0] if base else None
-    result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model)
+    result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model, source)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": model,

@@ -39,10 +39,10 @@ class BenchConfig:
 
 
 def prompt_ids(tokenizer: Any, config: BenchConfig) -> Any:
-    """The first ``prompt_tokens`` tokens of the evaluation text (BOS first), shape ``[1, N]``."""
+    """The first ``prompt_tokens`` tokens of the evaluation text (as ``tokenizer(text)``), shape ``[1, N]``."""
     from quantcli.data import read_documents, token_sequences
 
-    stream = token_sequences(read_documents(config.dataset).documents, tokenizer, "start", config.prompt_tokens)[0]
+    stream = token_sequences(read_documents(config.dataset), tokenizer, "stream", "auto", config.prompt_tokens)[0]
     if stream.numel() < config.prompt_tokens:
         raise DatasetError(f"{config.dataset} holds {stream.numel()} tokens, fewer than --prompt-tokens {config.prompt_tokens}.")
     return stream[None]
