@@ -61,16 +61,20 @@ class TextSource:
             for index, row in enumerate(self.documents or []):
                 yield row if index == 0 else ROW_JOINER + row
 
+    def check_protocol(self, protocol: str) -> None:
+        """Refuse ``documents`` for text that marks no documents."""
+        if protocol == "documents" and not self.has_documents:
+            raise InputError(
+                f"--protocol documents needs documents, and {self.spec} is plain text, where a blank line is not a"
+                " document boundary. Pass --doc-separator STRING, use rows (.jsonl/.csv/.parquet/Hub), or --protocol stream."
+            )
+
     def iter_documents(self) -> Iterator[str]:
         """The non-blank documents: rows, or the text cut at ``separator``."""
+        self.check_protocol("documents")
         if self.documents is not None:
             yield from (d for d in self.documents if d.strip())
             return
-        if self.separator is None:
-            raise InputError(
-                f"--protocol documents needs documents, and {self.spec} is plain text (a blank line is not a"
-                " document boundary). Pass --doc-separator STRING, use rows (.jsonl/.csv/.parquet/Hub), or --protocol stream."
-            )
         rest = ""
         for piece in self.pieces():
             *done, rest = (rest + piece).split(self.separator)

@@ -43,7 +43,9 @@ def default_output(model: str, method: str, bits: int) -> Path:
 
 def eval_source(config: EvalConfig) -> TextSource:
     """The evaluation text, opened and checked (call before loading a model)."""
-    return read_documents(config.dataset, config.text_column, config.doc_separator)
+    source = read_documents(config.dataset, config.text_column, config.doc_separator)
+    source.check_protocol(config.protocol)
+    return source
 
 
 def measure_perplexity(
