@@ -113,7 +113,7 @@ def settings_note(rows: list[dict[str, Any]]) -> str:
     """How the rows' perplexities were measured; a warning when they were not measured alike."""
     settings = [row.get("settings") for row in rows]
     first = settings[0] or {}
-    described = f"{first.get('dataset')}, {first.get('tokens')} tokens, context {first.get('seq_len')}, stride {first.get('stride')}, BOS {first.get('bos')}"
+    described = f"{first.get('dataset')}, {first.get('tokens')} tokens, context {first.get('seq_len')}, stride {first.get('stride')}, protocol {first.get('protocol')}, BOS {first.get('bos')}"
     if any(s != settings[0] for s in settings[1:]):
         return "Warning: these perplexities come from each checkpoint's report.json with different settings; pass --base MODEL to evaluate all alike."
     return f"Perplexities from each checkpoint's report.json, all measured on {described}."

@@ -51,7 +51,7 @@ def human_bytes(count: int | None) -> str:
 def eval_settings_line(settings: dict[str, Any], scored: int) -> str:
     return (
         f"dataset {settings.get('dataset')} · {scored:,} tokens scored of {settings.get('tokens'):,} · "
-        f"context {settings.get('seq_len')} · stride {settings.get('stride')} · BOS {settings.get('bos')}"
+        f"context {settings.get('seq_len')} · stride {settings.get('stride')} · protocol {settings.get('protocol')} · BOS {settings.get('bos')}"
     )
 
 

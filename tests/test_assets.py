@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from quantcli.data import read_documents, token_sequences
+from quantcli.data import TextSource, read_documents, token_sequences
 from quantcli.models import load_model, load_tokenizer
 from quantcli.perplexity import evaluate_sequences
 
@@ -24,11 +24,13 @@ def test_greedy_decoding_reproduces_llama2c_sample(stories_path):
 
 
 def test_perplexity_matches_provenance_measurement(stories_path):
-    """First 40 TinyStories stories, BOS-prefixed, cut to 256 tokens: 1.3565 nats/token (ppl 3.88)."""
+    """The provenance protocol: the first 40 paragraphs of the text, each its own document with BOS,
+    cut to 256 tokens: 1.3565 nats/token (ppl 3.88)."""
     tokenizer = load_tokenizer(stories_path)
     model = load_model(stories_path, torch.float32, "cpu")
-    first_40 = read_documents("tinystories:calib").documents[:40]
-    sequences = [s[:256] for s in token_sequences(first_40, tokenizer, "document")]
+    paragraphs = "".join(read_documents("tinystories:calib").pieces()).split("\n\n")
+    first_40 = TextSource("first 40 paragraphs", documents=paragraphs[:40])
+    sequences = [s[:256] for s in token_sequences(first_40, tokenizer, "documents", "start")]
     result = evaluate_sequences(model, sequences, seq_len=256, stride=256)
     assert result.tokens_scored == 4059
     assert math.isclose(result.nll, 1.3565, abs_tol=5e-4)

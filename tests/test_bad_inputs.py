@@ -53,7 +53,8 @@ ROWS = [
     ("output-is-file", ["quantize", "-b", "4", "--no-eval", "-o", "short.txt", "--force"], 2, "is not a folder"),
     ("eval-short", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "short.txt", "--seq-len", "64"], 3, "fewer than one window"),
     ("eval-empty", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "empty.txt"], 3, "holds no text"),
-    ("eval-type", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "data.xyz"], 2, "unsupported file type"),
+    ("eval-binary", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "data.xyz"], 2, "data.xyz is not UTF-8 text: invalid byte at offset 3. Convert it to UTF-8."),
+    ("calib-column", ["quantize", "-b", "4", "-o", "out", "--method", "gptq", "--no-eval", "--calib-dataset", "rows.jsonl"], 2, "dataset rows.jsonl has no 'text' column (columns: story). Name the column with --text-column."),
     ("eval-missing", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "./none.txt"], 2, "does not exist"),
     ("eval-spec", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "a:b:c:d"], 2, "is not of the form"),
     ("eval-split", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "tinystories:test"], 2, "has splits calib, eval"),
@@ -71,6 +72,12 @@ ROWS = [
     ("eval-missing-model", ["eval", "./gone"], 2, "does not exist"),
     ("eval-stride", [*E, "--stride", "500"], 2, "stride 500 is larger than the context length 256"),
     ("eval-bos", [*E, "--bos", "sometimes"], 2, "bos must be one of"),
+    ("eval-bos-document", [*E, "--bos", "document"], 2, "--bos document is now --protocol documents --bos start"),
+    ("eval-protocol", [*E, "--protocol", "documents"], 2, "--protocol documents needs documents, and tinystories:eval is plain text"),
+    ("eval-seq-len-1", [*E, "--seq-len", "1"], 2, "eval sequence length (--seq-len) must be at least 2 (a window predicts each token from the ones before it), got 1."),
+    ("eval-context", [*E, "--seq-len", "4096"], 2, "--seq-len 4096 is beyond the model's context of 512 tokens (max_position_embeddings). Use --seq-len 512 or less."),
+    ("eval-data-first", ["eval", "./gone", "--dataset", "data.xyz"], 2, "data.xyz is not UTF-8 text"),
+    ("eval-column", [*E, "--dataset", "rows.jsonl", "--text-column", "body"], 2, "dataset rows.jsonl has no column 'body' (columns: story). Pass one of them to --text-column."),
     ("eval-max-tokens", [*E, "--max-tokens", "0"], 2, "max tokens (--max-tokens) must be a positive integer"),
     ("eval-batch", [*E, "--batch-size", "0"], 2, "batch size (--batch-size) must be a positive integer"),
     ("eval-bigtok", ["eval", "bigtok"], 3, "do not belong together"),
@@ -101,7 +108,8 @@ def workspace(tmp_path_factory):
     big_tokenizer_model(root / "bigtok")
     (root / "short.txt").write_text("Once upon a time there was a cat.")
     (root / "empty.txt").write_text("\n\n   \n")
-    (root / "data.xyz").write_text("text")
+    (root / "data.xyz").write_bytes(b"abc\xff\xfe")
+    (root / "rows.jsonl").write_text('{"story": "Once upon a time there was a cat."}\n')
     for name, text in RECIPES.items():
         (root / name).write_bytes(text.encode("utf-8", "surrogateescape"))
     return root

@@ -33,7 +33,8 @@ def test_eval_any_checkpoint_needs_no_flags(tmp_path):
     result = run("eval", "--max-tokens", "1024", "--json", "--quiet")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["settings"]["seq_len"] == 256 and data["settings"]["bos"] == "document"
+    assert data["settings"]["seq_len"] == 256 and data["settings"]["bos"] == "auto"
+    assert data["settings"]["protocol"] == "stream"
     assert data["ci95"][0] < data["perplexity"] < data["ci95"][1]
 
 

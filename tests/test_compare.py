@@ -80,5 +80,5 @@ def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
         quantcli.quantize(QuantizeConfig(bits=8, method="rtn", output=tmp_path / name, eval=EvalConfig(max_tokens=tokens)))
     same = compare([tmp_path / "a", tmp_path / "a"])
     assert same["rows"][0]["settings"]["tokens"] == 1024
-    assert "all measured on tinystories:eval, 1024 tokens, context 256, stride 256, BOS document" in markdown(same)
+    assert "all measured on tinystories:eval, 1024 tokens, context 256, stride 256, protocol stream, BOS auto" in markdown(same)
     assert "different settings; pass --base MODEL" in markdown(compare([tmp_path / "a", tmp_path / "b"]))

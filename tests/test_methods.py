@@ -106,6 +106,7 @@ def test_checkpoint_describes_itself(runs):
     assert config["quantization_config"]["format"] == "pack-quantized"
     saved = json.loads(quantcli_path.with_name("report.json").read_text())
     assert saved["perplexity_after"]["settings"] == {
-        "dataset": "tinystories:eval", "bos": "document", "max_tokens": 2048, "seq_len": 256, "stride": 256,
+        "dataset": "tinystories:eval", "protocol": "stream", "bos": "auto", "max_tokens": 2048, "seq_len": 256, "stride": 256,
+        "text_column": None, "doc_separator": None,
         "tokens": 2048, "sequences": saved["perplexity_after"]["settings"]["sequences"], "batch_size": 8,
     }
