@@ -96,6 +96,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
         model = load_model(source, pick_dtype(config.dtype, device), config.device_map or device, config.trust_remote_code)
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
+        if method.needs_calibration:
+            check_context(model, config.calibration.seq_len)
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules)
     original_files = weight_files(source)
