@@ -4,7 +4,6 @@ written out here: on plain text files, for a SentencePiece and byte-level BPE to
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,6 +3,7 @@ for a SentencePiece and byte-level BPE tokenizers, however the text is cut into 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def test_rows_are_joined_by_a_blank_line_or_kept_as_documents(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     rows = ["The cat sat.", "", "It was warm.\n\nThe end."]
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(f'{{"story": {row!r}}}\n'.replace("'", '"').replace("\n\n", "\\n\\n") for row in rows))
+    path.write_text("".join(json.dumps({"story": row}) + "\n" for row in rows))
     source = read_documents(str(path), text_column="story")
     assert source.documents == rows
     stream = token_sequences(source, tokenizer)
