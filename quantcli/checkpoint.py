@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.errors import CheckpointError, InputError, OutputExistsError, OutputWriteError, QuantCliError, ResumableInterrupt
+from quantcli.errors import CheckpointError, InputError, ModelLoadError, OutputExistsError, OutputWriteError, QuantCliError, ResumableInterrupt
 
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
@@ -187,6 +187,10 @@ def load(
     except QuantCliError:
         raise
     except Exception as error:  # noqa: BLE001 - a corrupt file makes the readers raise anything; name it
+        if "trust_remote_code" in str(error):
+            from quantcli.models import REMOTE_CODE_HINT
+
+            raise ModelLoadError(REMOTE_CODE_HINT.format(source=path)) from None
         why = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise CheckpointError(
             f"cannot read the checkpoint {path} ({type(error).__name__}: {why}). It is corrupt or incomplete:"
@@ -227,7 +231,7 @@ def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remot
     if metadata.get("format") == "compressed-tensors":
         from quantcli.compressed import load_compressed
 
-        return load_compressed(source, device)
+        return load_compressed(source, device, trust_remote_code)
     return load_model(source, "auto", device, trust_remote_code)
 
 

@@ -85,3 +85,25 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+def add_remote_code(folder: Path, marker: Path) -> Path:
+    """Point ``folder``'s config at its own modeling code, which writes ``marker`` on import."""
+    edit_json(
+        folder / "config.json", model_type="evil_llama",
+        auto_map={"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    )
+    (folder / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('pwned')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )
+    return folder
+
+
+def remote_code_checkpoint(folder: Path, marker: Path) -> Path:
+    """A quantcli compressed-tensors checkpoint (no report.json, so compare evaluates it) with remote code."""
+    quantized_checkpoint(folder)
+    (folder / "report.json").unlink()
+    return add_remote_code(folder, marker)
