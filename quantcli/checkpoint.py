@@ -26,13 +26,11 @@ RESUME_FILE = "resume.json"  # in the staging folder of a --sequential run: the 
 
 def check_output(target: Path, force: bool, source: str, resume: bool = False) -> None:
     """Fail early, before any work, when writing ``target`` would clobber something."""
+    from quantcli.paths import check_not_input, check_output_location
+
+    check_not_input(target, source)
     clean_stale(target, keep_resumable=resume)
-    if Path(source).exists() and target.resolve() == Path(source).resolve():
-        raise InputError(f"output {target} is the input model's folder. Choose another --output.")
-    if target.exists() and not force:
-        raise OutputExistsError(f"output folder {target} already exists. Pass --force to replace it, or choose another --output.")
-    if target.exists() and not target.is_dir():
-        raise InputError(f"output {target} exists and is not a folder. Choose another --output.")
+    check_output_location(target, force, source)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -116,6 +114,9 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
         if target.exists():
             if not force:
                 raise OutputExistsError(f"output folder {target} appeared while quantizing. Pass --force to replace it.")
+            from quantcli.paths import check_replaceable
+
+            check_replaceable(target)
             retired = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(retired)
             staging.rename(target)
