@@ -185,6 +185,10 @@ def load(
     try:
         model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
         check_vocab(model, tokenizer, str(path))
+        if metadata is not None:
+            from quantcli.integrity import check_claims
+
+            check_claims(Path(source), metadata, model)
     except QuantCliError:
         raise
     except Exception as error:  # noqa: BLE001 - a corrupt file makes the readers raise anything; name it

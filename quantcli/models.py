@@ -116,11 +116,15 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     kwargs.setdefault("use_safetensors", prefers_safetensors(source))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code, **kwargs
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
         )
     except (OSError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError, RuntimeError) as error:
         raise _load_error(source, error, "a causal LM") from error
+    from quantcli.integrity import check_loading_info
+
+    check_loading_info(info, source)
     model.eval()
     return model
 

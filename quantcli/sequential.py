@@ -121,6 +121,9 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
     check_output(output, config.force, source, resume=config.resume)
     where = source_tensors(source)
     skeleton = _skeleton(source, config.trust_remote_code)
+    from quantcli.integrity import check_streamed, file_shapes
+
+    check_streamed(skeleton, file_shapes(where), config.model)
     selection = select_modules(skeleton, config.skip_modules)
     modules = dict(skeleton.named_modules())
     if any(is_conv1d(modules[name]) for name in selection.names):

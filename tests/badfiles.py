@@ -107,3 +107,20 @@ def remote_code_checkpoint(folder: Path, marker: Path) -> Path:
     quantized_checkpoint(folder)
     (folder / "report.json").unlink()
     return add_remote_code(folder, marker)
+
+
+def edit_weights(folder: Path, edit) -> Path:
+    """Apply ``edit(state_dict)`` to ``folder/model.safetensors`` in place."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def one_more_layer(folder: Path) -> Path:
+    """config.json declares one decoder layer more than the weights hold."""
+    config = json.loads((folder / "config.json").read_text())
+    edit_json(folder / "config.json", num_hidden_layers=config["num_hidden_layers"] + 1)
+    return folder
