@@ -45,7 +45,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except QuantCliError as error:
             if debug:
                 raise
-            print(f"error: {error}", file=sys.stderr)
+            from quantcli.limits import clip_message
+
+            print(f"error: {clip_message(str(error))}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             print("interrupted: nothing was written.", file=sys.stderr)
@@ -53,7 +55,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as error:  # noqa: BLE001 - the boundary where bugs become one line
             if debug:
                 raise
-            print(f"internal error: {type(error).__name__}: {error}. Set QUANTCLI_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+            from quantcli.limits import clip_message
+
+            print(f"internal error: {type(error).__name__}: {clip_message(str(error), 400)}. Set QUANTCLI_DEBUG=1 for the traceback and report it.", file=sys.stderr)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -74,6 +74,9 @@ def _from_datasets(spec: str, path: str, name: str | None, split: str, data_file
 def read_documents(spec: str) -> TextSource:
     """Read the non-empty documents of ``spec`` (see the module docstring for the forms)."""
     path = Path(spec).expanduser()
+    from quantcli.limits import check_dataset_file
+
+    check_dataset_file(path, spec)
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
