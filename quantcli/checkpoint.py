@@ -137,7 +137,9 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    from quantcli.finite import dumps
+
+    path.write_text(dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_metadata(folder: Path) -> dict[str, Any] | None:

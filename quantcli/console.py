@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +33,9 @@ class RichProgress:
 
 
 def print_json(data: Any) -> None:
-    stdout.out(json.dumps(data, indent=2, default=str), highlight=False)
+    from quantcli.finite import dumps
+
+    stdout.out(dumps(data, indent=2), highlight=False)
 
 
 def human_bytes(count: int | None) -> str:

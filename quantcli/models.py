@@ -146,6 +146,14 @@ def check_finite(model: Any, source: str) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
+            from quantcli.finite import stored_wider
+
+            stored = stored_wider(source, name, tensor.dtype)
+            if stored:
+                raise ModelLoadError(
+                    f"{source}: weight {name} is stored as {stored} and {bad} of its values overflow"
+                    f" {str(tensor.dtype).removeprefix('torch.')} (inf after the cast). Use --dtype float32 or bfloat16."
+                )
             raise ModelLoadError(
                 f"{source}: weight {name} holds {bad} NaN/inf value(s); quantizing it would spread them."
                 " Fix or re-download the checkpoint."

@@ -14,6 +14,7 @@ from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
 from quantcli.data import calibration_batch, read_documents, token_sequences
 from quantcli.errors import DatasetError
+from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
 from quantcli.perplexity import EvalResult, evaluate_sequences
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
@@ -53,9 +54,11 @@ def measure_perplexity(model: Any, tokenizer: Any, config: EvalConfig, progress:
         )
     settings = {"dataset": config.dataset, "bos": config.bos, "max_tokens": config.max_tokens}
     with progress.task(f"eval {label}", total=sum(len(s) - 1 for s in sequences)) as advance:
-        return evaluate_sequences(
+        result = evaluate_sequences(
             model, sequences, config.seq_len, config.effective_stride, config.batch_size, settings, base_model, advance
         )
+    check_perplexity_finite(result.perplexity, label)
+    return result
 
 
 def quantize(config: QuantizeConfig, progress: Progress | None = None) -> QuantizeReport:
@@ -83,6 +86,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
         check_finite(model, config.model)
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules)
+    check_layers_quantizable(model, selection.names, config.model)
     original_files = weight_files(source)
     original = {
         "disk_bytes": bytes_on_disk(original_files),
@@ -113,6 +117,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
         )
         del model
         quantized = method.quantize(request)
+        check_model_finite(quantized.model, config.model)
         del request
         gc.collect()
     timings["quantize"] = time.perf_counter() - start

@@ -22,6 +22,7 @@ from quantcli import __version__, ops
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, RESUME_FILE, atomic_folder, check_output, write_json
 from quantcli.config import QuantizeConfig
 from quantcli.errors import InputError, ResumableInterrupt, UnavailableError
+from quantcli.finite import check_weight_range
 from quantcli.intweights import plan_layouts
 from quantcli.methods import get_method
 from quantcli.models import is_conv1d, load_tokenizer, resolve_model, select_modules
@@ -89,6 +90,7 @@ def _quantize_group(tensors: dict[str, Any], plan: dict[str, Any], modules: dict
             out[key] = tensor
             continue
         layout = plan[layer][0]
+        check_weight_range(layer, tensor, "")
         scale, zero_point = ops.compute_qparams(tensor, layout.bits, layout.symmetric, layout.group_size, layout.observer)
         q = ops.quantize(tensor, scale, zero_point, layout.bits, layout.group_size)
         exact = ops.dequantize(q, scale.float(), zero_point, layout.group_size)
