@@ -162,6 +162,9 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
             f"{path} has format version {version}, newer than this quantcli reads ({FORMAT_VERSION})."
             " Upgrade quantcli: pip install -U quantcli."
         )
+    from quantcli.integrity import check_metadata_fields
+
+    check_metadata_fields(metadata, path)
     return metadata
 
 

@@ -35,6 +35,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         from quantcli.errors import QuantCliError
 
         debug = os.environ.get("QUANTCLI_DEBUG", "") not in ("", "0")
+        from quantcli.console import tolerate_terminal_encoding
+
+        tolerate_terminal_encoding()
         if not debug:  # quantcli draws its own progress; keep the libraries' bars and chatter off stderr
             os.environ.setdefault("TQDM_DISABLE", "1")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

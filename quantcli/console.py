@@ -32,6 +32,20 @@ class RichProgress:
             bar.update(task_id, completed=total or 1, total=total or 1)
 
 
+def tolerate_terminal_encoding() -> None:
+    """On a terminal that cannot encode a character (LANG=C, PYTHONIOENCODING=ascii), print a
+    replacement instead of failing after the work is done."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="replace")
+            except (ValueError, OSError):
+                pass
+
+
 def print_json(data: Any) -> None:
     from quantcli.finite import dumps
 

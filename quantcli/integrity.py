@@ -127,3 +127,33 @@ def file_shapes(where: dict[str, Path]) -> dict[str, tuple[int, ...]]:
         with safe_open(file, framework="pt") as handle:
             shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
     return shapes
+
+
+def check_metadata_fields(metadata: dict[str, Any], path: Path) -> None:
+    """quantcli.json holds the fields every reader uses, with the right types."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is malformed: {what}. Re-run quantcli quantize to rewrite the checkpoint.")
+
+    for key, kind in (("method", str), ("format", str), ("bits", int)):
+        value = metadata.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise bad(f"'{key}' must be {'an integer' if kind is int else 'a string'}")
+    layers = metadata.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) and isinstance(v.get("bits"), int) for v in layers.values()):
+        raise bad("'layers' must map layer names to their settings (bits, scheme)")
+    for key in ("options", "skipped"):
+        if not isinstance(metadata.get(key) or {}, dict):
+            raise bad(f"'{key}' must be a mapping")
+
+
+def check_same_vocabulary(name: str, model: Any, tokenizer: Any, base: str, base_model: Any, base_tokenizer: Any) -> None:
+    """KL and top-1 agreement compare the two models token by token: they need one vocabulary."""
+    from quantcli.errors import InputError
+
+    rows = model.get_output_embeddings().weight.shape[0]
+    base_rows = base_model.get_output_embeddings().weight.shape[0]
+    if rows != base_rows or tokenizer.get_vocab() != base_tokenizer.get_vocab():
+        raise InputError(
+            f"--base {base} has another vocabulary than {name} ({base_rows} vs {rows} output rows, or different tokens):"
+            " KL divergence and top-1 agreement need the same tokens. Pass the model it was quantized from as --base."
+        )

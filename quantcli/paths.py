@@ -51,14 +51,14 @@ def check_replaceable(target: Path) -> None:
         )
 
 
-def check_writable(target: Path) -> None:
+def check_writable(target: Path, option: str = "--output") -> None:
     """Create and remove a probe folder where the output will go, so a read-only, full-permission or
     special location (``/proc``) fails now, not after loading and quantizing."""
     parent = _real(target).parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise InputError(f"cannot create output {target}: {parent} is a file, not a folder. Choose another --output.")
+        raise InputError(f"cannot create {option} {target}: {parent} is a file, not a folder. Choose another {option}.")
     try:
         probe = tempfile.mkdtemp(prefix=".quantcli-probe-", dir=parent)
         with open(os.path.join(probe, "probe"), "wb") as handle:
@@ -69,7 +69,7 @@ def check_writable(target: Path) -> None:
         why = error.strerror or str(error)
         if error.errno in (errno.EROFS,):
             why = "read-only file system"
-        raise OutputWriteError(f"cannot write output {target}: creating a folder in {parent} failed ({why}). Choose a writable --output.") from None
+        raise OutputWriteError(f"cannot write {option} {target}: creating a file in {parent} failed ({why}). Choose a writable {option}.") from None
 
 
 def check_output_location(target: Path, force: bool, source: str) -> None:

@@ -15,6 +15,7 @@ from quantcli.gates import check_quantize, to_records
 from quantcli.data import calibration_batch, read_documents, token_sequences
 from quantcli.errors import DatasetError
 from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
+from quantcli.integrity import check_same_vocabulary
 from quantcli.perplexity import EvalResult, evaluate_sequences
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
@@ -179,7 +180,9 @@ def evaluate(
     progress = progress or NullProgress()
     with progress.task("load model", total=None):
         loaded, tokenizer, metadata = load(model, device, backend=backend)
-        base_model = load(base, device)[0] if base else None
+        base_model, base_tokenizer, _ = load(base, device) if base else (None, None, None)
+    if base_model is not None:
+        check_same_vocabulary(model, loaded, tokenizer, base, base_model, base_tokenizer)
     result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model)
     return {
         "schema_version": SCHEMA_VERSION,

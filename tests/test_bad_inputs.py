@@ -4,7 +4,9 @@ standard usage block and exit 2; they are checked separately."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,14 @@ RECIPES = {
     "tag.yaml": "bits: !custom 4\n",
     "huge-value.yaml": "bits: " + "9" * 200_000 + "x\n",
     "huge.yaml": "bits: 4\n" + "# padding\n" * 120_000,
+}
+
+METADATA = {
+    "meta-no-method": lambda d: {k: v for k, v in d.items() if k != "method"},
+    "meta-bits": lambda d: {**d, "bits": "4"},
+    "meta-layers": lambda d: {**d, "layers": [1, 2]},
+    "meta-options": lambda d: {**d, "options": "fast"},
+    "meta-array": lambda d: [d],
 }
 
 Q = ["quantize", "-o", "out", "--no-eval"]
@@ -114,6 +124,17 @@ ROWS = [
     ("inspect-plain", ["inspect", "nan"], 3, "has no quantcli.json"),
     ("inspect-newer", ["inspect", "newer"], 3, "newer than this quantcli reads"),
     ("inspect-corrupt", ["inspect", "corrupt"], 3, "is corrupt"),
+    ("inspect-no-method", ["inspect", "meta-no-method"], 3, "quantcli.json is malformed: 'method' must be a string"),
+    ("inspect-bits-type", ["inspect", "meta-bits"], 3, "quantcli.json is malformed: 'bits' must be an integer"),
+    ("inspect-layers-list", ["inspect", "meta-layers"], 3, "quantcli.json is malformed: 'layers' must map layer names"),
+    ("inspect-options-type", ["inspect", "meta-options"], 3, "quantcli.json is malformed: 'options' must be a mapping"),
+    ("inspect-array", ["inspect", "meta-array"], 3, "has no valid format_version"),
+    ("eval-malformed-meta", ["eval", "meta-layers"], 3, "quantcli.json is malformed"),
+    ("plot-proc", ["compare", "ckpt", "--plot", "/proc/quantcli.png"], 2, "cannot write --plot /proc/quantcli.png: creating a file in /proc failed"),
+    ("plot-under-file", ["compare", "ckpt", "--plot", "short.txt/plot.png"], 2, "short.txt is a file, not a folder"),
+    ("plot-not-png", ["compare", "ckpt", "--plot", "plot.pdf"], 2, "--plot plot.pdf: write a .png file"),
+    ("output-proc", ["quantize", "--no-eval", "-b", "4", "-o", "/proc/quantcli-out"], 2, "cannot write --output /proc/quantcli-out: creating a file in /proc failed"),
+    ("calib-dir-named", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "ckpt"], 2, "dataset ckpt is a folder, not a file"),
 ]
 
 
@@ -122,12 +143,14 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     ckpt = quantized_checkpoint(root / "ckpt")
     for name, edit in (("trunc", None), ("newer", {"format_version": 2}), ("corrupt", None)):
-        import shutil
-
         shutil.copytree(ckpt, root / name)
         if edit:
             edit_json(root / name / "quantcli.json", **edit)
     truncate(root / "trunc" / "model.safetensors")
+    for name, change in METADATA.items():
+        shutil.copytree(ckpt, root / name)
+        data = json.loads((root / name / "quantcli.json").read_text())
+        (root / name / "quantcli.json").write_text(json.dumps(change(data)))
     (root / "corrupt" / "quantcli.json").write_text('{"format_version": 1,')
     remote_code_model(root / "remote", root / "ran")
     nan_model(root / "nan")
