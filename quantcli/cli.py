@@ -41,8 +41,11 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         if not debug:  # quantcli draws its own progress; keep the libraries' bars and chatter off stderr
             os.environ.setdefault("TQDM_DISABLE", "1")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from quantcli.signals import describe, exit_code, terminate_as_interrupt
+
         try:
-            return command(*args, **kwargs)
+            with terminate_as_interrupt():
+                return command(*args, **kwargs)
         except (typer.Exit, click.ClickException):  # click's own usage errors keep click's standard format
             raise
         except QuantCliError as error:
@@ -52,9 +55,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
             print(f"error: {clip_message(str(error))}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            print("interrupted: nothing was written.", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP
+            print(f"interrupted{describe(error)}: nothing was written.", file=sys.stderr)
+            raise typer.Exit(exit_code(error)) from None
         except Exception as error:  # noqa: BLE001 - the boundary where bugs become one line
             if debug:
                 raise

@@ -154,11 +154,13 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
                     del tensors
                     gc.collect()
                     advance(1)
-        except KeyboardInterrupt:
-            raise ResumableInterrupt(
+        except KeyboardInterrupt as error:
+            interrupt = ResumableInterrupt(
                 f"interrupted after {len(done)} of {len(groups)} layer groups; they are kept in {staging}."
                 " Run the same command with --resume to continue."
-            ) from None
+            )
+            interrupt.exit_code = 128 + getattr(error, "signum", 2)  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+            raise interrupt from None
         weight_map, total = {}, 0
         for shard in shards:
             with safe_open(staging / shard, framework="pt") as handle:
