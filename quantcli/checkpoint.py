@@ -111,6 +111,9 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
     staging.mkdir(exist_ok=True)
     try:
         yield staging
+        from quantcli.paths import apply_umask
+
+        apply_umask(staging)
         if target.exists():
             if not force:
                 raise OutputExistsError(f"output folder {target} appeared while quantizing. Pass --force to replace it.")

@@ -82,3 +82,18 @@ def check_output_location(target: Path, force: bool, source: str) -> None:
             raise OutputExistsError(f"output folder {target} already exists. Pass --force to replace it, or choose another --output.")
         check_replaceable(target)
     check_writable(target)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give every file in ``folder`` the mode a newly created file gets (safetensors writes weights 0600,
+    which a server running as another user cannot read)."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
