@@ -50,7 +50,9 @@ def _text_column(dataset: Any, spec: str) -> str:
 def _from_datasets(spec: str, path: str, name: str | None, split: str, data_files: str | None = None) -> list[str]:
     import datasets
 
-    datasets.disable_progress_bars()
+    from quantcli.causes import quiet_datasets, root_cause
+
+    quiet_datasets()
     try:
         if data_files:
             dataset = datasets.load_dataset(path, data_files=data_files, split="train")
@@ -66,7 +68,7 @@ def _from_datasets(spec: str, path: str, name: str | None, split: str, data_file
     except ValueError as error:
         raise DatasetError(f"cannot read dataset {spec}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise DatasetError(f"cannot read dataset {spec}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        raise DatasetError(f"cannot read dataset {spec}: {root_cause(error)}") from None
     column = _text_column(dataset, spec)
     return [text for text in dataset[column] if isinstance(text, str) and text.strip()]
 

@@ -134,6 +134,8 @@ ROWS = [
     ("plot-under-file", ["compare", "ckpt", "--plot", "short.txt/plot.png"], 2, "short.txt is a file, not a folder"),
     ("plot-not-png", ["compare", "ckpt", "--plot", "plot.pdf"], 2, "--plot plot.pdf: write a .png file"),
     ("output-proc", ["quantize", "--no-eval", "-b", "4", "-o", "/proc/quantcli-out"], 2, "cannot write --output /proc/quantcli-out: creating a file in /proc failed"),
+    ("eval-bad-jsonl", [*E, "--dataset", "bad.jsonl"], 3, "cannot read dataset bad.jsonl: ArrowInvalid: JSON parse error"),
+    ("eval-bad-csv", [*E, "--dataset", "bad.csv"], 3, "cannot read dataset bad.csv: ParserError: Error tokenizing data"),
     ("calib-dir-named", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "ckpt"], 2, "dataset ckpt is a folder, not a file"),
 ]
 
@@ -158,6 +160,8 @@ def workspace(tmp_path_factory):
     (root / "short.txt").write_text("Once upon a time there was a cat.")
     (root / "empty.txt").write_text("\n\n   \n")
     (root / "data.xyz").write_text("text")
+    (root / "bad.jsonl").write_text('{"text": "a b c"}\n{bad json\n')
+    (root / "bad.csv").write_text('text,b\n1,2,3,4\n"x\n')
     for name, text in RECIPES.items():
         (root / name).write_bytes(text.encode("utf-8", "surrogateescape"))
     return root
@@ -196,7 +200,10 @@ def test_click_usage_errors_keep_clicks_format(in_workspace, argv, option):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("argv, code", [(["quantize", "-b", "5", "-o", "out"], 2), (["eval", "newer"], 3)])
+@pytest.mark.parametrize(
+    "argv, code",
+    [(["quantize", "-b", "5", "-o", "out"], 2), (["eval", "newer"], 3), (["eval", "--dataset", "bad.jsonl"], 3), (["eval", "--dataset", "bad.csv"], 3)],
+)
 def test_bad_input_in_a_real_process(in_workspace, argv, code):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "QUANTCLI_DEBUG": ""}
     result = subprocess.run([sys.executable, "-m", "quantcli", *argv], env=env, capture_output=True, text=True)
