@@ -287,3 +287,12 @@ def methods() -> None:
 
 def main() -> None:
     app()
+
+
+def _help_sections() -> None:
+    from quantcli.helptext import add_help_sections
+
+    add_help_sections(app)
+
+
+_help_sections()
