@@ -73,6 +73,8 @@ REMOTE_CODE_HINT = (
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
+    if "above report" in text:  # transformers' load report is hidden (TRANSFORMERS_VERBOSITY=error)
+        return text.split(". For details")[0].split(" For details")[0][:300] + " (run with QUANTCLI_DEBUG=1 to see transformers' load report)"
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 

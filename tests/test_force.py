@@ -5,6 +5,7 @@ existing folder is replaced only if quantcli wrote it (it holds quantcli.json) o
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,15 @@ def test_force_replaces_an_empty_folder_and_a_quantcli_output(world):
 )
 def test_an_unwritable_output_is_refused_before_loading(world, output, text):
     _refused(world, [*QUANTIZE, "does-not-load-if-checked-first", "-o", output], text)
+
+
+def test_a_read_only_file_system_is_refused_before_loading(world):
+    disk = world / "ro"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    try:
+        _refused(world, [*QUANTIZE, "model", "-o", str(disk / "out")], f"creating a file in {disk} failed (read-only file system)")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
