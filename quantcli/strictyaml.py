@@ -48,5 +48,7 @@ def load_strict(text: str, path: Any) -> Any:
         ) from None
     except yaml.YAMLError as error:
         raise InputError(f"recipe {path} is not valid YAML{_where(getattr(error, 'problem_mark', None))}. Fix the syntax and try again.") from None
+    except ValueError as error:  # e.g. an integer of more than 4,300 digits
+        raise InputError(f"recipe {path} holds a value quantcli cannot read ({str(error).split(';')[0][:100]}).") from None
     except RecursionError:
         raise InputError(f"recipe {path} nests too deeply. Recipes are flat mappings.") from None

@@ -33,6 +33,8 @@ RECIPES = {
     "pyobj.yaml": "bits: !!python/object/apply:os.system ['touch ran']\n",
     "tag.yaml": "bits: !custom 4\n",
     "huge-value.yaml": "bits: " + "9" * 200_000 + "x\n",
+    "bigint.yaml": "bits: " + "9" * 5000 + "\n",
+    "deep.yaml": "bits: " + "[" * 5000 + "]" * 5000 + "\n",
     "huge.yaml": "bits: 4\n" + "# padding\n" * 120_000,
 }
 
@@ -89,6 +91,8 @@ ROWS = [
     ("recipe-python-tag", [*Q, "-c", "pyobj.yaml"], 2, "uses the YAML tag !!python/object/apply:os.system at line 1"),
     ("recipe-custom-tag", [*Q, "-c", "tag.yaml"], 2, "uses the YAML tag !custom"),
     ("recipe-huge-value", [*Q, "-c", "huge-value.yaml"], 2, "'bits' must be an integer, got '99999"),
+    ("recipe-bigint", [*Q, "-c", "bigint.yaml"], 2, "holds a value quantcli cannot read (Exceeds the limit (4300 digits)"),
+    ("recipe-deep", [*Q, "-c", "deep.yaml"], 2, "nests too deeply"),
     ("recipe-huge-file", [*Q, "-c", "huge.yaml"], 2, "is larger than 1,048,576 bytes"),
     ("recipe-dev-zero", [*Q, "-c", "/dev/zero"], 2, "recipe /dev/zero is not a regular file"),
     ("recipe-folder", [*Q, "-c", "."], 2, "recipe . is a folder"),
