@@ -151,10 +151,14 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
+        from quantcli.limits import MAX_METADATA_BYTES, read_bounded
+
+        metadata = json.loads(read_bounded(path, "checkpoint metadata", MAX_METADATA_BYTES).decode("utf-8"))
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is corrupt ({why}). Re-run quantcli quantize to rewrite the checkpoint.") from None
+    except InputError as error:
+        raise CheckpointError(str(error)) from None
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}.") from None
     version = metadata.get("format_version") if isinstance(metadata, dict) else None

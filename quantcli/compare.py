@@ -20,8 +20,12 @@ def _report(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        from quantcli.limits import MAX_METADATA_BYTES, read_bounded
+
+        return json.loads(read_bounded(path, "report", MAX_METADATA_BYTES).decode("utf-8"))
+    except InputError as error:
+        raise CheckpointError(str(error)) from None
+    except (ValueError, RecursionError) as error:
         raise CheckpointError(f"{path} is corrupt ({error}). Re-run quantcli quantize.") from None
 
 

@@ -16,6 +16,7 @@ from quantcli.errors import InputError
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines
 MAX_DATASET_BYTES = 2 << 30  # read into memory whole
+MAX_METADATA_BYTES = 64 << 20  # quantcli.json / report.json: a per-layer map, kilobytes in practice
 MAX_SEQ_LEN = 1 << 20
 MAX_SAMPLES = 100_000
 MAX_CALIB_TOKENS = 1 << 26  # samples x seq_len: 512 MiB of int64 ids

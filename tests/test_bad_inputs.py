@@ -133,6 +133,8 @@ ROWS = [
     ("inspect-layers-list", ["inspect", "meta-layers"], 3, "quantcli.json is malformed: 'layers' must map layer names"),
     ("inspect-options-type", ["inspect", "meta-options"], 3, "quantcli.json is malformed: 'options' must be a mapping"),
     ("inspect-array", ["inspect", "meta-array"], 3, "has no valid format_version"),
+    ("inspect-dev-zero", ["inspect", "meta-devzero"], 3, "quantcli.json is not a regular file"),
+    ("compare-deep-report", ["compare", "report-deep"], 3, "report-deep/report.json is corrupt (maximum recursion depth"),
     ("eval-malformed-meta", ["eval", "meta-layers"], 3, "quantcli.json is malformed"),
     ("plot-proc", ["compare", "ckpt", "--plot", "/proc/quantcli.png"], 2, "cannot write --plot /proc/quantcli.png: creating a file in /proc failed"),
     ("plot-under-file", ["compare", "ckpt", "--plot", "short.txt/plot.png"], 2, "short.txt is a file, not a folder"),
@@ -153,6 +155,11 @@ def workspace(tmp_path_factory):
         if edit:
             edit_json(root / name / "quantcli.json", **edit)
     truncate(root / "trunc" / "model.safetensors")
+    shutil.copytree(ckpt, root / "meta-devzero")
+    (root / "meta-devzero" / "quantcli.json").unlink()
+    (root / "meta-devzero" / "quantcli.json").symlink_to("/dev/zero")
+    shutil.copytree(ckpt, root / "report-deep")
+    (root / "report-deep" / "report.json").write_text("[" * 100_000)
     for name, change in METADATA.items():
         shutil.copytree(ckpt, root / name)
         data = json.loads((root / name / "quantcli.json").read_text())
