@@ -151,6 +151,9 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
 
     _quiet_library_logs()
     folder = Path(folder)
+    from quantcli.remote import refuse_remote_code
+
+    refuse_remote_code(folder, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:

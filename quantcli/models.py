@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantcli.config import DEFAULT_MODEL
 from quantcli.errors import InputError, ModelLoadError
+from quantcli.remote import REMOTE_CODE_HINT, refuse_remote_code
 
 if TYPE_CHECKING:
     import torch
@@ -65,10 +66,6 @@ def _hub_hint(spec: str, error: Exception) -> ModelLoadError:
     )
 
 
-REMOTE_CODE_HINT = (
-    "{source} ships its own Python code (auto_map in its config), which quantcli does not run by default."
-    " Read that code, then pass --trust-remote-code if you trust it."
-)
 
 
 def _first_line(error: Exception) -> str:
@@ -89,6 +86,7 @@ def _load_error(source: str, error: Exception, what: str) -> ModelLoadError:
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    refuse_remote_code(source, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -116,6 +114,7 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
 
     # bitsandbytes logs "inputs will be cast to float16" on every int8 CPU matmul; it is expected there.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    refuse_remote_code(source, trust_remote_code)
     kwargs.setdefault("use_safetensors", prefers_safetensors(source))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(

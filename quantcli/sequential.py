@@ -64,6 +64,9 @@ def _skeleton(source: str, trust_remote_code: bool) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from quantcli.remote import refuse_remote_code
+
+    refuse_remote_code(source, trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -124,3 +124,14 @@ def one_more_layer(folder: Path) -> Path:
     config = json.loads((folder / "config.json").read_text())
     edit_json(folder / "config.json", num_hidden_layers=config["num_hidden_layers"] + 1)
     return folder
+
+
+def remote_tokenizer_model(folder: Path, marker: Path) -> Path:
+    """A clean config.json, but a tokenizer_config.json pointing at the checkpoint's own tokenizer code."""
+    copy_model(folder)
+    edit_json(folder / "tokenizer_config.json", tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]})
+    (folder / "tok_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('pwned')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    return folder

@@ -73,3 +73,28 @@ def test_remote_code_never_runs_and_nothing_is_asked(remote, argv, stdin):
     assert result.returncode == 3, result.stderr
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "ships its own Python code" in result.stderr and "--trust-remote-code" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "model", "-b", "4", "--sequential", "-o", "out"],
+        ["quantize", "tokenizer", "-b", "4", "--no-eval", "-o", "out"],
+        ["eval", "tokenizer", "--max-tokens", "256"],
+        ["quantize", "tokenizer", "-b", "4", "--sequential", "-o", "out"],
+    ],
+    ids=["sequential", "tokenizer-quantize", "tokenizer-eval", "tokenizer-sequential"],
+)
+def test_every_read_path_refuses_remote_code_in_process(tmp_path, monkeypatch, argv):
+    from typer.testing import CliRunner
+
+    from badfiles import remote_code_model, remote_tokenizer_model
+    from quantcli.cli import app
+
+    remote_code_model(tmp_path / "model", tmp_path / "ran")
+    remote_tokenizer_model(tmp_path / "tokenizer", tmp_path / "ran")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, argv, input="y\n" * 100)
+    assert not (tmp_path / "ran").exists()
+    assert result.exit_code == 3 and result.stdout == "", result.output
+    assert "ships its own Python code" in result.stderr and result.stderr.count("\n") == 1
