@@ -75,6 +75,8 @@ def check_writable(target: Path, option: str = "--output") -> None:
 def check_output_location(target: Path, force: bool, source: str) -> None:
     """All output checks for ``quantize``, in the order a user would want to hear them."""
     check_not_input(target, source)
+    if _contains(_real(target), _real(os.getcwd())):
+        raise InputError(f"output {target} is the current folder or holds it; it cannot be replaced while in use. Choose another --output.")
     if target.exists() or target.is_symlink():
         if not force:
             from quantcli.errors import OutputExistsError

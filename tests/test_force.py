@@ -80,6 +80,13 @@ def test_force_refuses_a_folder_quantcli_did_not_write(world):
     _refused(world, [*QUANTIZE, "model", "-o", str(world)], "contains the input model")
 
 
+def test_the_current_folder_or_its_parent_is_refused(world, monkeypatch):
+    first = CliRunner().invoke(app, [*QUANTIZE, "model", "-o", str(world / "q")])
+    assert first.exit_code == 0, first.output
+    monkeypatch.chdir(world / "q")
+    _refused(world, [*QUANTIZE, str(world / "data" / "model"), "-o", "."], "is the current folder or holds it")
+
+
 def test_force_refuses_a_symlink_as_output(world):
     first = CliRunner().invoke(app, [*QUANTIZE, "model", "-o", str(world / "q")])
     assert first.exit_code == 0, first.output
@@ -101,8 +108,8 @@ def test_force_replaces_an_empty_folder_and_a_quantcli_output(world):
 @pytest.mark.parametrize(
     "output, text",
     [
-        ("/proc/quantcli-out", "creating a folder in /proc failed"),
-        ("/sys/quantcli-out", "creating a folder in /sys failed"),
+        ("/proc/quantcli-out", "creating a file in /proc failed"),
+        ("/sys/quantcli-out", "creating a file in /sys failed"),
         ("/dev/null/out", "/dev/null is a file, not a folder"),
         ("notes.txt/out", "notes.txt is a file, not a folder"),
     ],
