@@ -169,9 +169,6 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
             f"{path} has format version {version}, newer than this quantcli reads ({FORMAT_VERSION})."
             " Upgrade quantcli: pip install -U quantcli."
         )
-    from quantcli.integrity import check_metadata_fields
-
-    check_metadata_fields(metadata, path)
     return metadata
 
 
@@ -193,6 +190,10 @@ def load(
 
     source = resolve_model(str(path))
     metadata = read_metadata(Path(source)) if Path(source).is_dir() else None
+    if metadata is not None:
+        from quantcli.integrity import check_metadata_fields
+
+        check_metadata_fields(metadata, Path(source) / METADATA_FILE)
     device = pick_device(device)
     try:
         model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
@@ -262,4 +263,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     metadata = read_metadata(folder)
     if metadata is None:
         raise CheckpointError(f"{path} has no {METADATA_FILE}: it was not written by quantcli quantize. Use quantcli eval for any checkpoint.")
+    from quantcli.integrity import check_metadata_fields
+
+    check_metadata_fields(metadata, folder / METADATA_FILE)
     return {**metadata, "disk_bytes": bytes_on_disk(weight_files(str(folder)))}

@@ -87,7 +87,7 @@ CLAIMS = {
     "layer-missing": (lambda d: d["layers"].pop("model.layers.4.mlp.up_proj"), "omits quantized layer(s) model.layers.4.mlp.up_proj"),
     "layer-extra": (lambda d: d["layers"].update({"model.layers.7.mlp.up_proj": {"bits": 4}}), "lists layer model.layers.7.mlp.up_proj, which the model does not have"),
     "shape": (lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].update(shape=[64, 32]), "is (64, 32) but the weights are (64, 64)"),
-    "layers-type": (lambda d: d.update(layers=[1, 2]), "has no valid per-layer map"),
+    "layers-type": (lambda d: d.update(layers=[1, 2]), "is malformed: 'layers' must map layer names"),
 }
 
 
