@@ -14,8 +14,6 @@ SCALE_LIMIT = 1e30  # |weight| above this makes (max - min) / levels or its prod
 
 def check_weight_range(name: str, weight: Any, source: str) -> None:
     """Refuse a layer whose values are too large for a finite quantization scale."""
-    import torch
-
     values = weight.detach()
     if values.device.type == "meta" or not values.is_floating_point() or values.numel() == 0:
         return
@@ -26,7 +24,6 @@ def check_weight_range(name: str, weight: Any, source: str) -> None:
             f"{source + ': ' if source else ''}layer {name} has weights up to {peak:.3g} in magnitude; its quantization scale would overflow"
             f" to inf and the checkpoint would hold NaN. Keep it in full precision with --skip-modules '{name}', or fix the checkpoint."
         )
-    del torch
 
 
 def check_layers_quantizable(model: Any, names: tuple[str, ...], source: str) -> None:
