@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.errors import CheckpointError, InputError, OutputExistsError, OutputWriteError, QuantCliError, ResumableInterrupt
+from quantcli.errors import CheckpointError, InputError, ModelLoadError, OutputExistsError, OutputWriteError, QuantCliError, ResumableInterrupt
 
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
@@ -26,13 +26,11 @@ RESUME_FILE = "resume.json"  # in the staging folder of a --sequential run: the 
 
 def check_output(target: Path, force: bool, source: str, resume: bool = False) -> None:
     """Fail early, before any work, when writing ``target`` would clobber something."""
+    from quantcli.paths import check_not_input, check_output_location
+
+    check_not_input(target, source)
     clean_stale(target, keep_resumable=resume)
-    if Path(source).exists() and target.resolve() == Path(source).resolve():
-        raise InputError(f"output {target} is the input model's folder. Choose another --output.")
-    if target.exists() and not force:
-        raise OutputExistsError(f"output folder {target} already exists. Pass --force to replace it, or choose another --output.")
-    if target.exists() and not target.is_dir():
-        raise InputError(f"output {target} exists and is not a folder. Choose another --output.")
+    check_output_location(target, force, source)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -113,9 +111,15 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
     staging.mkdir(exist_ok=True)
     try:
         yield staging
+        from quantcli.paths import apply_umask
+
+        apply_umask(staging)
         if target.exists():
             if not force:
                 raise OutputExistsError(f"output folder {target} appeared while quantizing. Pass --force to replace it.")
+            from quantcli.paths import check_replaceable
+
+            check_replaceable(target)
             retired = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(retired)
             staging.rename(target)
@@ -136,7 +140,9 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    from quantcli.finite import dumps
+
+    path.write_text(dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_metadata(folder: Path) -> dict[str, Any] | None:
@@ -145,10 +151,14 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
+        from quantcli.limits import MAX_METADATA_BYTES, read_bounded
+
+        metadata = json.loads(read_bounded(path, "checkpoint metadata", MAX_METADATA_BYTES).decode("utf-8"))
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is corrupt ({why}). Re-run quantcli quantize to rewrite the checkpoint.") from None
+    except InputError as error:
+        raise CheckpointError(str(error)) from None
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}.") from None
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
@@ -180,13 +190,25 @@ def load(
 
     source = resolve_model(str(path))
     metadata = read_metadata(Path(source)) if Path(source).is_dir() else None
+    if metadata is not None:
+        from quantcli.integrity import check_metadata_fields
+
+        check_metadata_fields(metadata, Path(source) / METADATA_FILE)
     device = pick_device(device)
     try:
         model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
         check_vocab(model, tokenizer, str(path))
+        if metadata is not None:
+            from quantcli.integrity import check_claims
+
+            check_claims(Path(source), metadata, model)
     except QuantCliError:
         raise
     except Exception as error:  # noqa: BLE001 - a corrupt file makes the readers raise anything; name it
+        if "trust_remote_code" in str(error):
+            from quantcli.models import REMOTE_CODE_HINT
+
+            raise ModelLoadError(REMOTE_CODE_HINT.format(source=path)) from None
         why = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise CheckpointError(
             f"cannot read the checkpoint {path} ({type(error).__name__}: {why}). It is corrupt or incomplete:"
@@ -227,7 +249,7 @@ def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remot
     if metadata.get("format") == "compressed-tensors":
         from quantcli.compressed import load_compressed
 
-        return load_compressed(source, device)
+        return load_compressed(source, device, trust_remote_code)
     return load_model(source, "auto", device, trust_remote_code)
 
 
@@ -241,4 +263,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     metadata = read_metadata(folder)
     if metadata is None:
         raise CheckpointError(f"{path} has no {METADATA_FILE}: it was not written by quantcli quantize. Use quantcli eval for any checkpoint.")
+    from quantcli.integrity import check_metadata_fields
+
+    check_metadata_fields(metadata, folder / METADATA_FILE)
     return {**metadata, "disk_bytes": bytes_on_disk(weight_files(str(folder)))}

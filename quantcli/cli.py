@@ -35,25 +35,35 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         from quantcli.errors import QuantCliError
 
         debug = os.environ.get("QUANTCLI_DEBUG", "") not in ("", "0")
+        from quantcli.console import tolerate_terminal_encoding
+
+        tolerate_terminal_encoding()
         if not debug:  # quantcli draws its own progress; keep the libraries' bars and chatter off stderr
             os.environ.setdefault("TQDM_DISABLE", "1")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from quantcli.signals import describe, exit_code, terminate_as_interrupt
+
         try:
-            return command(*args, **kwargs)
+            with terminate_as_interrupt():
+                return command(*args, **kwargs)
         except (typer.Exit, click.ClickException):  # click's own usage errors keep click's standard format
             raise
         except QuantCliError as error:
             if debug:
                 raise
-            print(f"error: {error}", file=sys.stderr)
+            from quantcli.limits import clip_message
+
+            print(f"error: {clip_message(str(error))}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
-            print("interrupted: nothing was written.", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP
+            print(f"interrupted{describe(error)}: nothing was written.", file=sys.stderr)
+            raise typer.Exit(exit_code(error)) from None
         except Exception as error:  # noqa: BLE001 - the boundary where bugs become one line
             if debug:
                 raise
-            print(f"internal error: {type(error).__name__}: {error}. Set QUANTCLI_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+            from quantcli.limits import clip_message
+
+            print(f"internal error: {type(error).__name__}: {clip_message(str(error), 400)}. Set QUANTCLI_DEBUG=1 for the traceback and report it.", file=sys.stderr)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -283,3 +293,12 @@ def methods() -> None:
 
 def main() -> None:
     app()
+
+
+def _help_sections() -> None:
+    from quantcli.helptext import add_help_sections
+
+    add_help_sections(app)
+
+
+_help_sections()

@@ -20,8 +20,12 @@ def _report(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        from quantcli.limits import MAX_METADATA_BYTES, read_bounded
+
+        return json.loads(read_bounded(path, "report", MAX_METADATA_BYTES).decode("utf-8"))
+    except InputError as error:
+        raise CheckpointError(str(error)) from None
+    except (ValueError, RecursionError) as error:
         raise CheckpointError(f"{path} is corrupt ({error}). Re-run quantcli quantize.") from None
 
 
@@ -63,6 +67,12 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         raise InputError("pass at least one quantcli output folder to compare.")
     progress = progress or NullProgress()
     config = config or EvalConfig()
+    if plot is not None:  # before any evaluation: a bad --plot path must not cost the whole run
+        from quantcli.paths import check_writable
+
+        if Path(plot).suffix.lower() != ".png":
+            raise InputError(f"--plot {plot}: write a .png file.")
+        check_writable(Path(plot), "--plot")
     rows = [_row(Path(folder), progress, config, base) for folder in dirs]
     if base is not None:
         base_ppl = evaluate(base, config, None, "auto", progress)["perplexity"]
@@ -83,7 +93,12 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
             raise InputError("the per-layer error plot needs the original model. Pass --base MODEL.")
         errors = {row["checkpoint"]: layer_errors(row["checkpoint"], reference) for row in rows}
         result["layer_errors"] = errors
-        result["plot"] = str(plot_compare(rows, errors, Path(plot)))
+        try:
+            result["plot"] = str(plot_compare(rows, errors, Path(plot)))
+        except OSError as error:
+            from quantcli.errors import OutputWriteError
+
+            raise OutputWriteError(f"cannot write --plot {plot}: {error.strerror or error}. Choose a writable --plot path.") from None
     return result
 
 

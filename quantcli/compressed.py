@@ -144,21 +144,24 @@ def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: 
     return dense
 
 
-def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
+def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> Any:
     """A dense, runnable model from a compressed-tensors checkpoint, decompressed by the library."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _quiet_library_logs()
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder)
+    from quantcli.remote import refuse_remote_code
+
+    refuse_remote_code(folder, trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         raise CheckpointError(f"{folder}/config.json has no quantization_config: not a compressed-tensors checkpoint.")
     del config.quantization_config
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from quantcli.errors import InputError
 from quantcli.gates import GateLimits
+from quantcli.limits import bound_calibration, bound_eval, shown
 
 DEFAULT_MODEL = "stories260K"
 DEFAULT_CALIB_DATASET = "tinystories:calib"
@@ -30,10 +31,10 @@ def parse_size(value: Any) -> int:
     size = 0
     if isinstance(value, (str, int)) and not isinstance(value, bool):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), re.IGNORECASE)
-        if match:
+        if match and len(match.group(1)) < 30:
             size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
     if size <= 0:
-        raise InputError(f"--max-shard-size must be a size such as 200KB, 500MB or 2GB, got {value!r}.")
+        raise InputError(f"--max-shard-size must be a size such as 200KB, 500MB or 2GB, got {shown(value)}.")
     return size
 
 
@@ -43,14 +44,14 @@ _TYPE_WORDS = {int: "an integer", bool: "true or false", str: "a string", Path: 
 def _check_type(name: str, value: Any, *kinds: type) -> None:
     if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
         wanted = " or ".join(_TYPE_WORDS.get(kind, kind.__name__) for kind in kinds)
-        raise InputError(f"{name} must be {wanted}, got {value!r}.")
+        raise InputError(f"{name} must be {wanted}, got {shown(value)}.")
 
 
 def check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InputError(f"{name} must be a positive integer, got {value!r}.")
+        raise InputError(f"{name} must be a positive integer, got {shown(value)}.")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class CalibrationConfig:
         _check_type("calibration seed (--seed)", self.seed, int)
         check_positive("calibration samples (--calib-samples)", self.samples)
         check_positive("calibration sequence length (--seq-len)", self.seq_len)
+        bound_calibration(self)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class EvalConfig:
         check_positive("stride (--stride)", self.stride, allow_none=True)
         check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
         check_positive("batch size (--batch-size)", self.batch_size)
+        bound_eval(self)
         if self.stride is not None and self.stride > self.seq_len:
             raise InputError(
                 f"stride {self.stride} is larger than the context length {self.seq_len}: tokens would be"
@@ -103,9 +106,9 @@ class EvalConfig:
         if self.bos == "document":
             raise InputError("--bos document is now --protocol documents --bos start (documents come from rows or --doc-separator; a blank line is not one).")
         if self.bos not in BOS_MODES:
-            raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {self.bos!r}.")
+            raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {shown(self.bos)}.")
         if self.protocol not in PROTOCOLS:
-            raise InputError(f"protocol (--protocol) must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}.")
+            raise InputError(f"protocol (--protocol) must be one of {', '.join(PROTOCOLS)}, got {shown(self.protocol)}.")
         if self.doc_separator is not None and (self.protocol != "documents" or not self.doc_separator):
             raise InputError("--doc-separator needs --protocol documents and a non-empty string.")
 
@@ -154,13 +157,13 @@ class QuantizeConfig:
                 f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {shown(self.device)}.")
         if self.resume and not self.sequential:
             raise InputError("--resume continues an interrupted --sequential run. Add --sequential.")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}.")
+            raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}.")
+            raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
         if self.gates.max_ppl_increase is not None and self.eval is None:
             raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
         if self.gates.min_speedup is not None:
@@ -200,11 +203,11 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
     kwargs: dict[str, Any] = {}
     options = values.get("method_options") or {}
     if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
-        raise InputError(f"'method_options' must be a mapping of option names to values, got {options!r}.")
+        raise InputError(f"'method_options' must be a mapping of option names to values, got {shown(options)}.")
     options = dict(options)
     for key, value in values.items():
         if not isinstance(key, str):
-            raise InputError(f"recipe keys must be strings, got {key!r}.")
+            raise InputError(f"recipe keys must be strings, got {shown(key)}.")
         if key == "method_options":
             continue
         if key in _SECTIONS:
@@ -232,20 +235,16 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
 
 def load_recipe(path: Path) -> dict[str, Any]:
     """Read a YAML recipe file into a plain mapping (validated later by :func:`config_from_mapping`)."""
-    import yaml
+    from quantcli.limits import MAX_RECIPE_BYTES, read_bounded
+    from quantcli.strictyaml import load_strict
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_bounded(Path(path), "recipe", MAX_RECIPE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"recipe file {path} does not exist. Pass the path of a YAML file, e.g. configs/rtn-int4.yaml.") from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read recipe {path}: {error}.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(f"recipe {path} is not valid YAML{where}. Fix the syntax and try again.") from None
+    data = load_strict(text, path)
     if data is None:
         raise InputError(f"recipe {path} is empty. Add at least 'bits: 4'.")
     if not isinstance(data, dict):

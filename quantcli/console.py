@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,8 +32,24 @@ class RichProgress:
             bar.update(task_id, completed=total or 1, total=total or 1)
 
 
+def tolerate_terminal_encoding() -> None:
+    """On a terminal that cannot encode a character (LANG=C, PYTHONIOENCODING=ascii), print a
+    replacement instead of failing after the work is done."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="replace")
+            except (ValueError, OSError):
+                pass
+
+
 def print_json(data: Any) -> None:
-    stdout.out(json.dumps(data, indent=2, default=str), highlight=False)
+    from quantcli.finite import dumps
+
+    stdout.out(dumps(data, indent=2), highlight=False)
 
 
 def human_bytes(count: int | None) -> str:

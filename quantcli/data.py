@@ -121,7 +121,9 @@ def _text_column(dataset: Any, spec: str, text_column: str | None) -> str:
 def _rows(spec: str, path: str, name: str | None, split: str, text_column: str | None, data_files: str | None = None) -> list[str]:
     import datasets
 
-    datasets.disable_progress_bars()
+    from quantcli.causes import quiet_datasets, root_cause
+
+    quiet_datasets()
     try:
         if data_files:
             dataset = datasets.load_dataset(path, data_files=data_files, split="train")
@@ -137,7 +139,7 @@ def _rows(spec: str, path: str, name: str | None, split: str, text_column: str |
     except ValueError as error:
         raise DatasetError(f"cannot read dataset {spec}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise DatasetError(f"cannot read dataset {spec}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        raise DatasetError(f"cannot read dataset {spec}: {root_cause(error)}") from None
     column = _text_column(dataset, spec, text_column)
     return [text for text in dataset[column] if isinstance(text, str)]
 
@@ -146,6 +148,9 @@ def read_documents(spec: str, text_column: str | None = None, doc_separator: str
     """Open ``spec`` (see the module docstring) and check it can be read, before any model loads.
     A plain text file is checked on its first MiB and read lazily later."""
     path = Path(spec).expanduser()
+    from quantcli.limits import check_dataset_file
+
+    check_dataset_file(path, spec)
     if path.is_file():
         builder = ROW_BUILDERS.get(path.suffix.lower())
         if builder:

@@ -3,7 +3,7 @@
 Exit codes (documented in the README):
     0 success · 1 internal error (a bug: please report it) · 2 bad input (options, paths, configs)
     3 a model, checkpoint or dataset could not be loaded · 4 a quality gate failed
-    5 the chosen method or device is not available here · 130 interrupted (Ctrl-C)
+    5 the chosen method or device is not available here · 130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP)
 """
 
 from __future__ import annotations

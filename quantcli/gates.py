@@ -25,9 +25,10 @@ class GateLimits:
     min_speedup: float | None = None
 
     def __post_init__(self) -> None:
+        from quantcli.limits import check_finite
+
         for name, value in asdict(self).items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise InputError(f"gate --{name.replace('_', '-')} must be a non-negative number, got {value!r}.")
+            check_finite(f"gate --{name.replace('_', '-')}", value)
 
     @property
     def active(self) -> bool:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantcli.config import DEFAULT_MODEL
 from quantcli.errors import InputError, ModelLoadError
+from quantcli.remote import REMOTE_CODE_HINT, refuse_remote_code
 
 if TYPE_CHECKING:
     import torch
@@ -65,14 +66,12 @@ def _hub_hint(spec: str, error: Exception) -> ModelLoadError:
     )
 
 
-REMOTE_CODE_HINT = (
-    "{source} ships its own Python code (auto_map in its config), which quantcli does not run by default."
-    " Read that code, then pass --trust-remote-code if you trust it."
-)
 
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
+    if "above report" in text:  # transformers' load report is hidden (TRANSFORMERS_VERBOSITY=error)
+        return text.split(". For details")[0].split(" For details")[0][:300] + " (run with QUANTCLI_DEBUG=1 to see transformers' load report)"
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
@@ -87,6 +86,7 @@ def _load_error(source: str, error: Exception, what: str) -> ModelLoadError:
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    refuse_remote_code(source, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -114,13 +114,18 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
 
     # bitsandbytes logs "inputs will be cast to float16" on every int8 CPU matmul; it is expected there.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    refuse_remote_code(source, trust_remote_code)
     kwargs.setdefault("use_safetensors", prefers_safetensors(source))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code, **kwargs
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
         )
     except (OSError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError, RuntimeError) as error:
         raise _load_error(source, error, "a causal LM") from error
+    from quantcli.integrity import check_loading_info
+
+    check_loading_info(info, source)
     model.eval()
     return model
 
@@ -142,6 +147,14 @@ def check_finite(model: Any, source: str) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
+            from quantcli.finite import stored_wider
+
+            stored = stored_wider(source, name, tensor.dtype)
+            if stored:
+                raise ModelLoadError(
+                    f"{source}: weight {name} is stored as {stored} and {bad} of its values overflow"
+                    f" {str(tensor.dtype).removeprefix('torch.')} (inf after the cast). Use --dtype float32 or bfloat16."
+                )
             raise ModelLoadError(
                 f"{source}: weight {name} holds {bad} NaN/inf value(s); quantizing it would spread them."
                 " Fix or re-download the checkpoint."

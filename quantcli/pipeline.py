@@ -14,6 +14,8 @@ from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
 from quantcli.data import TextSource, calibration_batch, read_documents, token_sequences
 from quantcli.errors import DatasetError
+from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
+from quantcli.integrity import check_same_vocabulary
 from quantcli.perplexity import EvalResult, check_context, evaluate_sequences
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
@@ -66,9 +68,11 @@ def measure_perplexity(
         "text_column": config.text_column, "doc_separator": config.doc_separator,
     }
     with progress.task(f"eval {label}", total=sum(len(s) - 1 for s in sequences)) as advance:
-        return evaluate_sequences(
+        result = evaluate_sequences(
             model, sequences, config.seq_len, config.effective_stride, config.batch_size, settings, base_model, advance
         )
+    check_perplexity_finite(result.perplexity, label)
+    return result
 
 
 def quantize(config: QuantizeConfig, progress: Progress | None = None) -> QuantizeReport:
@@ -100,6 +104,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
             check_context(model, config.calibration.seq_len)
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules)
+    if config.bits < 16:  # a 16-bit cast has no scale to overflow
+        check_layers_quantizable(model, selection.names, config.model)
     original_files = weight_files(source)
     original = {
         "disk_bytes": bytes_on_disk(original_files),
@@ -129,6 +135,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
         )
         del model
         quantized = method.quantize(request)
+        check_model_finite(quantized.model, config.model)
         del request
         gc.collect()
     timings["quantize"] = time.perf_counter() - start
@@ -191,7 +198,9 @@ def evaluate(
     source = eval_source(config)
     with progress.task("load model", total=None):
         loaded, tokenizer, metadata = load(model, device, backend=backend)
-        base_model = load(base, device)[0] if base else None
+        base_model, base_tokenizer, _ = load(base, device) if base else (None, None, None)
+    if base_model is not None:
+        check_same_vocabulary(model, loaded, tokenizer, base, base_model, base_tokenizer)
     result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model, source)
     return {
         "schema_version": SCHEMA_VERSION,

@@ -22,6 +22,7 @@ from quantcli import __version__, ops
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, RESUME_FILE, atomic_folder, check_output, write_json
 from quantcli.config import QuantizeConfig
 from quantcli.errors import InputError, ResumableInterrupt, UnavailableError
+from quantcli.finite import check_weight_range
 from quantcli.intweights import plan_layouts
 from quantcli.methods import get_method
 from quantcli.models import is_conv1d, load_tokenizer, resolve_model, select_modules
@@ -63,6 +64,9 @@ def _skeleton(source: str, trust_remote_code: bool) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from quantcli.remote import refuse_remote_code
+
+    refuse_remote_code(source, trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -89,6 +93,7 @@ def _quantize_group(tensors: dict[str, Any], plan: dict[str, Any], modules: dict
             out[key] = tensor
             continue
         layout = plan[layer][0]
+        check_weight_range(layer, tensor, "")
         scale, zero_point = ops.compute_qparams(tensor, layout.bits, layout.symmetric, layout.group_size, layout.observer)
         q = ops.quantize(tensor, scale, zero_point, layout.bits, layout.group_size)
         exact = ops.dequantize(q, scale.float(), zero_point, layout.group_size)
@@ -121,6 +126,9 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
     check_output(output, config.force, source, resume=config.resume)
     where = source_tensors(source)
     skeleton = _skeleton(source, config.trust_remote_code)
+    from quantcli.integrity import check_streamed, file_shapes
+
+    check_streamed(skeleton, file_shapes(where), config.model)
     selection = select_modules(skeleton, config.skip_modules)
     modules = dict(skeleton.named_modules())
     if any(is_conv1d(modules[name]) for name in selection.names):
@@ -149,11 +157,13 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
                     del tensors
                     gc.collect()
                     advance(1)
-        except KeyboardInterrupt:
-            raise ResumableInterrupt(
+        except KeyboardInterrupt as error:
+            interrupt = ResumableInterrupt(
                 f"interrupted after {len(done)} of {len(groups)} layer groups; they are kept in {staging}."
                 " Run the same command with --resume to continue."
-            ) from None
+            )
+            interrupt.exit_code = 128 + getattr(error, "signum", 2)  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+            raise interrupt from None
         weight_map, total = {}, 0
         for shard in shards:
             with safe_open(staging / shard, framework="pt") as handle:

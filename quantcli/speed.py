@@ -36,6 +36,9 @@ class BenchConfig:
             check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise InputError(f"--warmup must be 0 or more, got {self.warmup!r}.")
+        from quantcli.limits import bound_bench
+
+        bound_bench(self)
 
 
 def prompt_ids(tokenizer: Any, config: BenchConfig) -> Any:

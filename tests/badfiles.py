@@ -85,3 +85,53 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+def add_remote_code(folder: Path, marker: Path) -> Path:
+    """Point ``folder``'s config at its own modeling code, which writes ``marker`` on import."""
+    edit_json(
+        folder / "config.json", model_type="evil_llama",
+        auto_map={"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    )
+    (folder / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('pwned')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )
+    return folder
+
+
+def remote_code_checkpoint(folder: Path, marker: Path) -> Path:
+    """A quantcli compressed-tensors checkpoint (no report.json, so compare evaluates it) with remote code."""
+    quantized_checkpoint(folder)
+    (folder / "report.json").unlink()
+    return add_remote_code(folder, marker)
+
+
+def edit_weights(folder: Path, edit) -> Path:
+    """Apply ``edit(state_dict)`` to ``folder/model.safetensors`` in place."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def one_more_layer(folder: Path) -> Path:
+    """config.json declares one decoder layer more than the weights hold."""
+    config = json.loads((folder / "config.json").read_text())
+    edit_json(folder / "config.json", num_hidden_layers=config["num_hidden_layers"] + 1)
+    return folder
+
+
+def remote_tokenizer_model(folder: Path, marker: Path) -> Path:
+    """A clean config.json, but a tokenizer_config.json pointing at the checkpoint's own tokenizer code."""
+    copy_model(folder)
+    edit_json(folder / "tokenizer_config.json", tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]})
+    (folder / "tok_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('pwned')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    return folder

@@ -4,7 +4,9 @@ standard usage block and exit 2; they are checked separately."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,24 @@ RECIPES = {
     "bits.yaml": "bits: four\n",
     "eval.yaml": "bits: 4\neval: 3\n",
     "binary.yaml": "\udcff",
+    "bomb.yaml": "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+    ) + "bits: *i\n",
+    "dup.yaml": "bits: 4\nmethod: rtn\nbits: 8\n",
+    "pyobj.yaml": "bits: !!python/object/apply:os.system ['touch ran']\n",
+    "tag.yaml": "bits: !custom 4\n",
+    "huge-value.yaml": "bits: " + "9" * 200_000 + "x\n",
+    "bigint.yaml": "bits: " + "9" * 5000 + "\n",
+    "deep.yaml": "bits: " + "[" * 5000 + "]" * 5000 + "\n",
+    "huge.yaml": "bits: 4\n" + "# padding\n" * 120_000,
+}
+
+METADATA = {
+    "meta-no-method": lambda d: {k: v for k, v in d.items() if k != "method"},
+    "meta-bits": lambda d: {**d, "bits": "4"},
+    "meta-layers": lambda d: {**d, "layers": [1, 2]},
+    "meta-options": lambda d: {**d, "options": "fast"},
+    "meta-array": lambda d: [d],
 }
 
 Q = ["quantize", "-o", "out", "--no-eval"]
@@ -67,6 +87,33 @@ ROWS = [
     ("recipe-bits", [*Q, "-c", "bits.yaml"], 2, "'bits' must be an integer"),
     ("recipe-eval", ["quantize", "-o", "out", "-c", "eval.yaml"], 2, "'eval' must be a mapping"),
     ("recipe-binary", [*Q, "-c", "binary.yaml"], 2, "cannot read recipe"),
+    ("recipe-alias-bomb", [*Q, "-c", "bomb.yaml"], 2, "uses a YAML alias (*a) at line 2"),
+    ("recipe-duplicate", [*Q, "-c", "dup.yaml"], 2, "sets 'bits' twice at line 3"),
+    ("recipe-python-tag", [*Q, "-c", "pyobj.yaml"], 2, "uses the YAML tag !!python/object/apply:os.system at line 1"),
+    ("recipe-custom-tag", [*Q, "-c", "tag.yaml"], 2, "uses the YAML tag !custom"),
+    ("recipe-huge-value", [*Q, "-c", "huge-value.yaml"], 2, "'bits' must be an integer, got '99999"),
+    ("recipe-bigint", [*Q, "-c", "bigint.yaml"], 2, "holds a value quantcli cannot read (Exceeds the limit (4300 digits)"),
+    ("recipe-deep", [*Q, "-c", "deep.yaml"], 2, "nests too deeply"),
+    ("recipe-huge-file", [*Q, "-c", "huge.yaml"], 2, "is larger than 1,048,576 bytes"),
+    ("recipe-dev-zero", [*Q, "-c", "/dev/zero"], 2, "recipe /dev/zero is not a regular file"),
+    ("recipe-folder", [*Q, "-c", "."], 2, "recipe . is a folder"),
+    ("calib-samples-huge", [*Q, "-b", "4", "-m", "gptq", "--calib-samples", str(10**9)], 2, "--calib-samples) must be an integer from 1 to 100,000, got 1000000000"),
+    ("calib-tokens-huge", [*Q, "-b", "4", "-m", "gptq", "--calib-samples", "100000", "--seq-len", "4096"], 2, "is 409,600,000 calibration tokens"),
+    ("seed-huge", [*Q, "-b", "4", "-m", "gptq", "--seed", str(10**23)], 2, "(--seed) must be an integer from 0 to 4,294,967,295"),
+    ("seed-negative", [*Q, "-b", "4", "-m", "gptq", "--seed", "-1"], 2, "(--seed) must be an integer from 0"),
+    ("seq-len-huge", [*Q, "-b", "4", "--seq-len", str(10**12)], 2, "(--seq-len) must be an integer from 1 to 1,048,576"),
+    ("max-tokens-huge", [*E, "--max-tokens", str(10**30)], 2, "(--max-tokens) must be an integer from 1 to"),
+    ("batch-huge", [*E, "--batch-size", str(10**9)], 2, "(--batch-size) must be an integer from 1 to 4,096"),
+    ("bench-new-tokens-huge", ["bench", "ckpt", "--new-tokens", str(10**9)], 2, "--new-tokens must be an integer from 1 to 65,536"),
+    ("bench-repeats-huge", ["bench", "ckpt", "--repeats", str(10**9)], 2, "--repeats must be an integer from 1 to 1,000"),
+    ("bench-prompt-huge", ["bench", "ckpt", "--prompt-tokens", str(10**20)], 2, "--prompt-tokens must be an integer from 1 to 1,048,576"),
+    ("gate-nan", [*Q, "-b", "4", "-m", "rtn", "--max-ppl-increase", "nan"], 2, "--max-ppl-increase must be a finite, non-negative number, got nan"),
+    ("gate-inf", [*Q, "-b", "4", "--max-size", "inf"], 2, "--max-size must be a finite, non-negative number, got inf"),
+    ("bench-gate-nan", ["bench", "ckpt", "--min-speedup", "nan"], 2, "--min-speedup must be a finite, non-negative number, got nan"),
+    ("shard-size-overflow", [*Q, "-b", "4", "--max-shard-size", "1" + "0" * 400], 2, "--max-shard-size must be a size"),
+    ("calib-folder", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "."], 2, "dataset . is a folder, not a file"),
+    ("calib-dev-zero", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "/dev/zero"], 2, "dataset /dev/zero is not a regular file"),
+    ("eval-dataset-folder", [*E, "--dataset", "/tmp"], 2, "dataset /tmp is a folder, not a file"),
     ("eval-truncated", ["eval", "trunc"], 3, "corrupt or incomplete"),
     ("eval-newer", ["eval", "newer"], 3, "newer than this quantcli reads"),
     ("eval-missing-model", ["eval", "./gone"], 2, "does not exist"),
@@ -88,6 +135,21 @@ ROWS = [
     ("inspect-plain", ["inspect", "nan"], 3, "has no quantcli.json"),
     ("inspect-newer", ["inspect", "newer"], 3, "newer than this quantcli reads"),
     ("inspect-corrupt", ["inspect", "corrupt"], 3, "is corrupt"),
+    ("inspect-no-method", ["inspect", "meta-no-method"], 3, "quantcli.json is malformed: 'method' must be a string"),
+    ("inspect-bits-type", ["inspect", "meta-bits"], 3, "quantcli.json is malformed: 'bits' must be an integer"),
+    ("inspect-layers-list", ["inspect", "meta-layers"], 3, "quantcli.json is malformed: 'layers' must map layer names"),
+    ("inspect-options-type", ["inspect", "meta-options"], 3, "quantcli.json is malformed: 'options' must be a mapping"),
+    ("inspect-array", ["inspect", "meta-array"], 3, "has no valid format_version"),
+    ("inspect-dev-zero", ["inspect", "meta-devzero"], 3, "quantcli.json is not a regular file"),
+    ("compare-deep-report", ["compare", "report-deep"], 3, "report-deep/report.json is corrupt (maximum recursion depth"),
+    ("eval-malformed-meta", ["eval", "meta-layers"], 3, "quantcli.json is malformed"),
+    ("plot-proc", ["compare", "ckpt", "--plot", "/proc/quantcli.png"], 2, "cannot write --plot /proc/quantcli.png: creating a file in /proc failed"),
+    ("plot-under-file", ["compare", "ckpt", "--plot", "short.txt/plot.png"], 2, "short.txt is a file, not a folder"),
+    ("plot-not-png", ["compare", "ckpt", "--plot", "plot.pdf"], 2, "--plot plot.pdf: write a .png file"),
+    ("output-proc", ["quantize", "--no-eval", "-b", "4", "-o", "/proc/quantcli-out"], 2, "cannot write --output /proc/quantcli-out: creating a file in /proc failed"),
+    ("eval-bad-jsonl", [*E, "--dataset", "bad.jsonl"], 3, "cannot read dataset bad.jsonl: ArrowInvalid: JSON parse error"),
+    ("eval-bad-csv", [*E, "--dataset", "bad.csv"], 3, "cannot read dataset bad.csv: ParserError: Error tokenizing data"),
+    ("calib-dir-named", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "ckpt"], 2, "dataset ckpt is a folder, not a file"),
 ]
 
 
@@ -96,12 +158,19 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     ckpt = quantized_checkpoint(root / "ckpt")
     for name, edit in (("trunc", None), ("newer", {"format_version": 2}), ("corrupt", None)):
-        import shutil
-
         shutil.copytree(ckpt, root / name)
         if edit:
             edit_json(root / name / "quantcli.json", **edit)
     truncate(root / "trunc" / "model.safetensors")
+    shutil.copytree(ckpt, root / "meta-devzero")
+    (root / "meta-devzero" / "quantcli.json").unlink()
+    (root / "meta-devzero" / "quantcli.json").symlink_to("/dev/zero")
+    shutil.copytree(ckpt, root / "report-deep")
+    (root / "report-deep" / "report.json").write_text("[" * 100_000)
+    for name, change in METADATA.items():
+        shutil.copytree(ckpt, root / name)
+        data = json.loads((root / name / "quantcli.json").read_text())
+        (root / name / "quantcli.json").write_text(json.dumps(change(data)))
     (root / "corrupt" / "quantcli.json").write_text('{"format_version": 1,')
     remote_code_model(root / "remote", root / "ran")
     nan_model(root / "nan")
@@ -110,6 +179,8 @@ def workspace(tmp_path_factory):
     (root / "empty.txt").write_text("\n\n   \n")
     (root / "data.xyz").write_bytes(b"abc\xff\xfe")
     (root / "rows.jsonl").write_text('{"story": "Once upon a time there was a cat."}\n')
+    (root / "bad.jsonl").write_text('{"text": "a b c"}\n{bad json\n')
+    (root / "bad.csv").write_text('text,b\n1,2,3,4\n"x\n')
     for name, text in RECIPES.items():
         (root / name).write_bytes(text.encode("utf-8", "surrogateescape"))
     return root
@@ -148,7 +219,10 @@ def test_click_usage_errors_keep_clicks_format(in_workspace, argv, option):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("argv, code", [(["quantize", "-b", "5", "-o", "out"], 2), (["eval", "newer"], 3)])
+@pytest.mark.parametrize(
+    "argv, code",
+    [(["quantize", "-b", "5", "-o", "out"], 2), (["eval", "newer"], 3), (["eval", "--dataset", "bad.jsonl"], 3), (["eval", "--dataset", "bad.csv"], 3)],
+)
 def test_bad_input_in_a_real_process(in_workspace, argv, code):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "QUANTCLI_DEBUG": ""}
     result = subprocess.run([sys.executable, "-m", "quantcli", *argv], env=env, capture_output=True, text=True)

@@ -93,7 +93,10 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path):
     assert result.stderr.strip() == f"error: output folder {out} already exists. Pass --force to replace it, or choose another --output."
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     forced = run("quantize", "--bits", "8", "-o", str(out), "--quiet", "--no-eval", "--force")
-    assert forced.exit_code == 0 and (out / "quantcli.json").exists() and not (out / "keep.txt").exists()
+    assert forced.exit_code == 2 and "was not written by quantcli" in forced.stderr  # --force replaces only quantcli's own folders
+    (out / "keep.txt").unlink()
+    forced = run("quantize", "--bits", "8", "-o", str(out), "--quiet", "--no-eval", "--force")
+    assert forced.exit_code == 0 and (out / "quantcli.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
