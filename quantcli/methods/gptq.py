@@ -23,7 +23,9 @@ similar quality: ``benchmarks/methods.py`` reports the spread over seeds.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 
@@ -108,28 +110,78 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
         notes.append(f"damp raised to {used_damp:g} for a positive definite Hessian")
 
     static = layout.group_size is None or act_order or codebook is not None
-    shrinks = CLIP_SHRINKS if clip_search else (1.0,)
-    per_pass = max(1, PASS_ELEMENTS // matrix.numel())
-    rows = torch.arange(out_features, device=matrix.device)
-    best: tuple[torch.Tensor, ...] | None = None  # q, scale, zero_point and output error of each row's best candidate
-    for first in range(0, len(shrinks), per_pass):
-        chunk = torch.tensor(shrinks[first : first + per_pass], device=matrix.device)
-        candidates = matrix.repeat(len(chunk), 1)
-        *found, rounded = _quantize_columns(candidates, chunk.repeat_interleave(out_features)[:, None], upper, order, static,
-                                            layout, block_size, codebook, weight.dtype)
-        error = candidates - rounded
-        loss = ((error @ hessian) * error).sum(dim=1)
-        pick = loss.reshape(len(chunk), out_features).argmin(dim=0) * out_features + rows
-        found = (*(tensor[pick] for tensor in found), loss[pick])
-        best = found if best is None else _lower_error_rows(best, found)
-    q, scale, zero_point, _ = best
+    shrink = torch.ones(out_features, device=matrix.device)
+    if clip_search:  # a cheap pre-pass picks each row's clip; GPTQ then runs on it and on the full range
+        shrink = _clip_by_rounding(matrix, hessian, layout, codebook, weight.dtype)
+    clipped = torch.nonzero(shrink != 1).flatten()
+    candidates = torch.cat([matrix, matrix[clipped]])
+    *found, rounded = _quantize_columns(candidates, torch.cat([torch.ones_like(shrink), shrink[clipped]])[:, None], upper, order,
+                                        static, layout, block_size, codebook, weight.dtype)
+    loss = _output_error(candidates - rounded, hessian)
+    pick = torch.arange(out_features, device=matrix.device)
+    better = loss[out_features:] < loss[clipped]
+    pick[clipped[better]] = out_features + torch.nonzero(better).flatten()
+    q, scale, zero_point = (tensor[pick] for tensor in found)
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
 
 
-def _lower_error_rows(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Per row, whichever of two ``(q, scale, zero_point, error)`` candidates has the lower error."""
-    better = new[-1] < old[-1]
-    return tuple(torch.where(better.reshape(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old))
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """GPTQ's column loop is thousands of small ops: threads only add synchronisation, which costs
+    the most on a busy machine (on 2 shared cores a layer took 20x longer with 2 threads than 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _output_error(error: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Each row's ``e H eᵀ``: its share of ``||WX - ŴX||²`` (up to the constant in ``H``)."""
+    return ((error @ hessian) * error).sum(dim=1)
+
+
+def _clip_by_rounding(matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Per row, the factor of ``CLIP_SHRINKS`` whose round-to-nearest weights have the lowest output
+    error: one matrix product per factor instead of one GPTQ run each (stacked ``PASS_ELEMENTS`` at a time)."""
+    out_features = matrix.shape[0]
+    per_pass = max(1, PASS_ELEMENTS // matrix.numel())
+    best, lowest = torch.ones(out_features, device=matrix.device), torch.full((out_features,), float("inf"), device=matrix.device)
+    for first in range(0, len(CLIP_SHRINKS), per_pass):
+        chunk = torch.tensor(CLIP_SHRINKS[first : first + per_pass], device=matrix.device)
+        shrink = chunk.repeat_interleave(out_features)[:, None]
+        candidates = matrix.repeat(len(chunk), 1)
+        scale, zero_point = _static_grid(candidates, shrink, layout, codebook, dtype)
+        columns = _group_columns(torch.arange(matrix.shape[1], device=matrix.device), layout.group_size)
+        if codebook is None:
+            step, zero = scale[:, columns], zero_point.float()[:, columns]
+            rounded = (torch.round(candidates / step + zero).clamp_(*ops.int_range(layout.bits)) - zero) * step
+        else:
+            rounded = ops.dequantize_codebook(ops.quantize_to_codebook(candidates, scale[:, columns], codebook), scale[:, columns], codebook)
+        loss = _output_error(candidates - rounded, hessian).reshape(len(chunk), out_features)
+        low, index = loss.min(dim=0)
+        better = low < lowest
+        best, lowest = torch.where(better, chunk[index], best), torch.where(better, low, lowest)
+    return best
+
+
+def _group_columns(columns: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """The group index of each column."""
+    return columns // group_size if group_size else torch.zeros_like(columns)
+
+
+def _static_grid(matrix: torch.Tensor, shrink: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float ``scale`` and int8 ``zero_point`` per group from ``matrix`` with each row's range scaled by
+    ``shrink``: the grid the stored scale (model dtype) gives, or ``codebook · absmax`` with a codebook."""
+    if codebook is not None:
+        groups = 1 if layout.group_size is None else matrix.shape[1] // layout.group_size
+        absmax = (matrix * shrink).reshape(matrix.shape[0], groups, -1).abs().amax(dim=-1)
+        return torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
+    scale, zero_point = ops.compute_qparams(matrix * shrink, layout.bits, layout.symmetric, layout.group_size, layout.observer)
+    return scale.to(dtype).float(), zero_point
 
 
 def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, static: bool,
@@ -139,50 +191,46 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
     their scales from ``matrix`` up front. Returns ``q``, ``scale``, ``zero_point`` and the rounded
     values, all in the plain column order."""
     bits, group_size = layout.bits, layout.group_size
+    qmin, qmax = ops.int_range(bits)
     out_features, columns = matrix.shape
-
-    def qparams(values: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero_point = ops.compute_qparams(values * shrink, bits, layout.symmetric, size, layout.observer)
-        return scale.to(dtype).float(), zero_point  # the grid the stored scale (model dtype) gives
-
-    groups = 1 if group_size is None else columns // group_size
-    if codebook is not None:
-        absmax = (matrix * shrink).reshape(out_features, groups, -1).abs().amax(dim=-1)
-        scale, zero_point = torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
-    elif static:
-        scale, zero_point = qparams(matrix, group_size)
+    if static:
+        scale, zero_point = _static_grid(matrix, shrink, layout, codebook, dtype)
     else:
-        scale = torch.ones(out_features, groups, device=matrix.device)
-        zero_point = torch.zeros(out_features, groups, dtype=torch.int8, device=matrix.device)
-    matrix = matrix[:, order].clone()
-    group_of = (order // group_size if group_size else torch.zeros_like(order)).tolist()
-
-    q = torch.zeros(out_features, columns, dtype=torch.int8, device=matrix.device)
-    rounded = torch.zeros_like(matrix)
+        scale = torch.ones(out_features, columns // group_size, device=matrix.device)
+        zero_point = torch.zeros(out_features, columns // group_size, dtype=torch.int8, device=matrix.device)
+    group_of = _group_columns(order, group_size)
+    work = matrix[:, order].t().contiguous()  # [columns, rows] in visiting order: each column is one contiguous row
+    step, zero = scale[:, group_of].t().contiguous(), zero_point.float()[:, group_of].t().contiguous()  # each column's grid
+    diagonal = upper.diagonal()
+    codes, rounded = torch.empty_like(work), torch.empty_like(work)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block = matrix[:, start:end].clone()
-        errors = torch.zeros_like(block)
-        for i in range(end - start):
-            column, group = start + i, group_of[start + i]
-            if not static and column % group_size == 0:
-                pending = block[:, i : i + group_size]
-                if i + group_size > end - start:  # the group runs past this block: apply its pending updates
-                    beyond = slice(end, column + group_size)
-                    pending = torch.cat([pending, matrix[:, beyond] - errors[:, :i] @ upper[start:column, beyond]], dim=1)
-                scale[:, group : group + 1], zero_point[:, group : group + 1] = qparams(pending, None)
-            s, z = scale[:, group : group + 1], zero_point[:, group : group + 1]
-            if codebook is None:
-                q[:, column : column + 1] = ops.quantize(block[:, i : i + 1], s, z, bits, None)
-                rounded[:, column] = ops.dequantize(q[:, column : column + 1], s, z, None)[:, 0]
-            else:
-                q[:, column] = ops.quantize_to_codebook(block[:, i], s[:, 0], codebook).to(torch.int8)
-                rounded[:, column] = ops.dequantize_codebook(q[:, column], s[:, 0], codebook)
-            errors[:, i] = (block[:, i] - rounded[:, column]) / upper[column, column]
-            block[:, i:] -= errors[:, i : i + 1] * upper[column : column + 1, column:end]
-        matrix[:, end:] -= errors @ upper[start:end, end:]
+        block, errors = work[start:end], torch.empty(end - start, out_features, device=work.device)  # block: a view of work
+        with _one_thread():
+            for i in range(end - start):
+                column = start + i
+                if not static and column % group_size == 0:  # dynamic group: its grid from its weights as updated so far
+                    pending = block[i : i + group_size]
+                    if i + group_size > end - start:  # the group runs past this block: apply its pending updates
+                        beyond = slice(end, column + group_size)
+                        pending = torch.cat([pending, work[beyond] - upper[start:column, beyond].t() @ errors[:i]])
+                    group = int(group_of[column])
+                    s, z = ops.compute_qparams(pending.t() * shrink, bits, layout.symmetric, None, layout.observer)
+                    scale[:, group : group + 1], zero_point[:, group : group + 1] = s.to(dtype).float(), z
+                    step[column : column + group_size], zero[column : column + group_size] = scale[:, group], z[:, 0].float()
+                weights, s, z = block[i], step[column], zero[column]
+                if codebook is None:  # ops.quantize then ops.dequantize, one column
+                    code = torch.round(weights / s + z).clamp_(qmin, qmax)
+                    value = (code - z) * s
+                else:
+                    code = ops.quantize_to_codebook(weights, s, codebook).float()
+                    value = ops.dequantize_codebook(code.long(), s, codebook)
+                codes[column], rounded[column] = code, value
+                torch.div(weights - value, diagonal[column], out=errors[i])
+                block[i + 1 :].addr_(upper[column, column + 1 : end], errors[i], alpha=-1)
+        work[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
     inverse = torch.argsort(order)
-    return q[:, inverse], scale, zero_point, rounded[:, inverse]
+    return codes.t()[:, inverse].to(torch.int8), scale, zero_point, rounded.t()[:, inverse]
 
 
 @register_method
