@@ -38,6 +38,7 @@ def smollm2() -> Path:
 
 def run(source: Path, blocks: int, calibration: torch.Tensor, bits: int, group_size: int | None, mode: str) -> dict:
     """One pass of the driver: ``mode`` is ``baseline`` (no solver), ``plain`` or ``clip``."""
+    from quantcli import ops
     from quantcli.blockwise import quantize_blockwise
     from quantcli.intweights import plan_layouts
     from quantcli.methods.gptq import gptq_quantize
@@ -49,20 +50,27 @@ def run(source: Path, blocks: int, calibration: torch.Tensor, bits: int, group_s
     plan = plan_layouts(model, names, bits, True, group_size, "minmax")
     modules = dict(model.named_modules())
     solver = [0.0, 0.0]
+    output_error = {"gptq": 0.0, "rtn": 0.0}  # sum over layers of tr((W-Ŵ) H (W-Ŵ)ᵀ): the calibration output error
 
     def finish(name: str, hessian: torch.Tensor | None) -> None:
         if mode == "baseline" or hessian is None:
             return
         start, cpu = time.perf_counter(), time.process_time()
-        gptq_quantize(weight_matrix(modules[name]), hessian, plan[name][0], act_order=True, clip_search=mode == "clip")
+        layout, weight = plan[name][0], weight_matrix(modules[name])
+        result, _ = gptq_quantize(weight, hessian, layout, act_order=True, clip_search=mode == "clip")
         solver[0] += time.perf_counter() - start
         solver[1] += time.process_time() - cpu
+        for label, quantized in (("gptq", ops.dequantize(result.q, result.scale, result.zero_point, layout.group_size)),
+                                 ("rtn", ops.fake_quantize(weight, layout.bits, layout.symmetric, layout.group_size))):
+            error = weight - quantized
+            output_error[label] += float(((error @ hessian) * error).sum())
 
     start, cpu = time.perf_counter(), time.process_time()
     stats = quantize_blockwise(model, names, calibration, finish)
     total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"mode": mode, "seconds": round(total, 2), "cpu_seconds": round(total_cpu, 2), "solver_seconds": round(solver[0], 2),
-            "solver_cpu_seconds": round(solver[1], 2), "layers": len(names), "peak_rss_bytes": stats["peak_rss_bytes"],
+            "solver_cpu_seconds": round(solver[1], 2),
+            "output_error_vs_rtn": round(output_error["gptq"] / output_error["rtn"], 4) if output_error["rtn"] else None, "layers": len(names), "peak_rss_bytes": stats["peak_rss_bytes"],
             "layouts": {str(layout): sum(plan[n][0] == layout for n in names) for layout in {plan[n][0] for n in names}}}
 
 
@@ -118,9 +126,12 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--modes", default="baseline,plain,clip")
+    parser.add_argument("--threads", type=int, help="torch threads (default torch's); 1 avoids spinning threads on a busy machine.")
     parser.add_argument("--quality", action="store_true", help="Perplexity of RTN and GPTQ instead of timings.")
     parser.add_argument("--output", type=Path, help="Default benchmarks/results/gptq_speed.json (gptq_quality.json with --quality).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from quantcli.data import calibration_batch, read_documents
     from quantcli.models import load_tokenizer
 
