@@ -137,7 +137,7 @@ def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
 
 @pytest.mark.parametrize("name, group_size, symmetric", [(GATE, 32, True), (DOWN, None, True), (GATE, 32, False)])
 def test_clip_prepass_picks_each_rows_best_rounded_clip(layer_inputs, name, group_size, symmetric):
-    """The clip each row's GPTQ run gets is the factor whose round-to-nearest weights have the lowest output error."""
+    """The first clip each row's GPTQ runs get is the factor whose round-to-nearest weights have the lowest output error."""
     from quantcli.methods.gptq import CLIP_SHRINKS, _clip_by_rounding
 
     weight, x = layer_inputs[name]
@@ -148,7 +148,7 @@ def test_clip_prepass_picks_each_rows_best_rounded_clip(layer_inputs, name, grou
         rounded = ops.dequantize(ops.quantize(weight, scale, zero_point, 4, group_size), scale, zero_point, group_size)
         errors.append(((weight - rounded) @ x.T).pow(2).sum(dim=1))
     errors = torch.stack(errors)
-    picked = _clip_by_rounding(weight, 2 * x.T @ x / x.shape[0], layout, None, weight.dtype)
+    picked = _clip_by_rounding(weight, 2 * x.T @ x / x.shape[0], layout, None, weight.dtype)[0]
     chosen = errors[[CLIP_SHRINKS.index(round(float(f), 2)) for f in picked], torch.arange(weight.shape[0])]
     assert bool((chosen <= errors.min(dim=0).values * (1 + 1e-4)).all())
     assert len(set(picked.tolist())) > 1  # rows differ: the search is per row

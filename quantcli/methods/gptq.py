@@ -13,8 +13,9 @@ original weights in plain group order, so the checkpoint keeps the plain group l
 weights when GPTQ first reaches it. The group rule is :func:`plan_layouts`' (172-wide layers go
 per channel). Layers no calibration pass reaches fall back to round-to-nearest, with a note.
 
-``clip_search`` (default on) runs each row with its range shrunk by ``CLIP_SHRINKS`` and keeps the
-candidate with the lowest output error on the calibration inputs.
+``clip_search`` (default on) scores each row rounded to nearest with its range shrunk by each of
+``CLIP_SHRINKS`` by its output error on the calibration inputs, runs GPTQ on the best
+``CLIP_FINALISTS`` and on the full range, and keeps the one with the lowest output error.
 
 Bit-identical for a given seed, device and thread count. Rounding decisions cascade, so another
 calibration draw, or another thread count (which reorders float sums), gives a different model of
@@ -39,6 +40,7 @@ from quantcli.models import set_weight_matrix, weight_matrix
 
 DAMP_RETRIES = 4  # times damping is multiplied by 10 before a layer falls back to round-to-nearest
 CLIP_SHRINKS = tuple(round(1 - 0.05 * step, 2) for step in range(10))  # 1.0 ... 0.55 of each row's range
+CLIP_FINALISTS = 2  # clips per row, shortlisted by their round-to-nearest error, that GPTQ runs besides the full range
 PASS_ELEMENTS = 2**26  # weight elements per GPTQ pass when clipping candidates are stacked (256 MiB fp32)
 
 
@@ -90,8 +92,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     in calibration (``diag(H) = 0``) get a unit diagonal: rounded to nearest, coupled to nothing.
     With a ``codebook`` (e.g. bitsandbytes' NF4 values) the grid is ``codebook * absmax`` of each
     static group of the original weights, and ``q`` holds codebook indices (``ops.dequantize_codebook``).
-    ``clip_search`` runs GPTQ with each row's range shrunk by every factor in ``CLIP_SHRINKS`` and
-    keeps, per row, the one with the lowest output error ``(w - ŵ) H (w - ŵ)ᵀ`` (rows are independent).
+    ``clip_search`` shortlists each row's ``CLIP_FINALISTS`` clips in ``CLIP_SHRINKS`` by the output
+    error ``(w - ŵ) H (w - ŵ)ᵀ`` of round-to-nearest, runs GPTQ with them and with the full range, and
+    keeps, per row, the result with the lowest output error (rows are independent).
     """
     matrix = weight.detach().float()
     hessian = hessian.detach().float().clone()
@@ -110,17 +113,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
         notes.append(f"damp raised to {used_damp:g} for a positive definite Hessian")
 
     static = layout.group_size is None or act_order or codebook is not None
-    shrink = torch.ones(out_features, device=matrix.device)
-    if clip_search:  # a cheap pre-pass picks each row's clip; GPTQ then runs on it and on the full range
-        shrink = _clip_by_rounding(matrix, hessian, layout, codebook, weight.dtype)
-    clipped = torch.nonzero(shrink != 1).flatten()
-    candidates = torch.cat([matrix, matrix[clipped]])
-    *found, rounded = _quantize_columns(candidates, torch.cat([torch.ones_like(shrink), shrink[clipped]])[:, None], upper, order,
-                                        static, layout, block_size, codebook, weight.dtype)
+    rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
+    if clip_search:  # a cheap pre-pass shortlists each row's clips; GPTQ runs on them and on the full range
+        for finalist in _clip_by_rounding(matrix, hessian, layout, codebook, weight.dtype):
+            clipped = torch.nonzero(finalist != 1).flatten()
+            rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
+    row_of = torch.cat(rows)
+    candidates = matrix[row_of]
+    *found, rounded = _quantize_columns(candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, weight.dtype)
     loss = _output_error(candidates - rounded, hessian)
-    pick = torch.arange(out_features, device=matrix.device)
-    better = loss[out_features:] < loss[clipped]
-    pick[clipped[better]] = out_features + torch.nonzero(better).flatten()
+    lowest = torch.full((out_features,), float("inf"), device=matrix.device).scatter_reduce(0, row_of, loss, "amin")
+    index = torch.where(loss == lowest[row_of], torch.arange(len(row_of), device=matrix.device), len(row_of))
+    pick = torch.full((out_features,), len(row_of), device=matrix.device).scatter_reduce(0, row_of, index, "amin")  # first best
     q, scale, zero_point = (tensor[pick] for tensor in found)
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
 
@@ -144,11 +148,12 @@ def _output_error(error: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
 
 def _clip_by_rounding(matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
                       dtype: torch.dtype) -> torch.Tensor:
-    """Per row, the factor of ``CLIP_SHRINKS`` whose round-to-nearest weights have the lowest output
-    error: one matrix product per factor instead of one GPTQ run each (stacked ``PASS_ELEMENTS`` at a time)."""
+    """``[CLIP_FINALISTS, rows]``: per row, the factors of ``CLIP_SHRINKS`` whose round-to-nearest weights
+    have the lowest output error, best first: one matrix product per factor instead of one GPTQ run
+    each (stacked ``PASS_ELEMENTS`` at a time)."""
     out_features = matrix.shape[0]
     per_pass = max(1, PASS_ELEMENTS // matrix.numel())
-    best, lowest = torch.ones(out_features, device=matrix.device), torch.full((out_features,), float("inf"), device=matrix.device)
+    losses = []
     for first in range(0, len(CLIP_SHRINKS), per_pass):
         chunk = torch.tensor(CLIP_SHRINKS[first : first + per_pass], device=matrix.device)
         shrink = chunk.repeat_interleave(out_features)[:, None]
@@ -160,11 +165,9 @@ def _clip_by_rounding(matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLa
             rounded = (torch.round(candidates / step + zero).clamp_(*ops.int_range(layout.bits)) - zero) * step
         else:
             rounded = ops.dequantize_codebook(ops.quantize_to_codebook(candidates, scale[:, columns], codebook), scale[:, columns], codebook)
-        loss = _output_error(candidates - rounded, hessian).reshape(len(chunk), out_features)
-        low, index = loss.min(dim=0)
-        better = low < lowest
-        best, lowest = torch.where(better, chunk[index], best), torch.where(better, low, lowest)
-    return best
+        losses.append(_output_error(candidates - rounded, hessian).reshape(len(chunk), out_features))
+    ranked = torch.sort(torch.cat(losses), dim=0, stable=True).indices[:CLIP_FINALISTS]
+    return torch.tensor(CLIP_SHRINKS, device=matrix.device)[ranked]
 
 
 def _group_columns(columns: torch.Tensor, group_size: int | None) -> torch.Tensor:
