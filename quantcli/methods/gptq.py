@@ -121,12 +121,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     row_of = torch.cat(rows)
     candidates = matrix[row_of]
     *found, rounded = _quantize_columns(candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, weight.dtype)
-    loss = _output_error(candidates - rounded, hessian)
-    lowest = torch.full((out_features,), float("inf"), device=matrix.device).scatter_reduce(0, row_of, loss, "amin")
-    index = torch.where(loss == lowest[row_of], torch.arange(len(row_of), device=matrix.device), len(row_of))
-    pick = torch.full((out_features,), len(row_of), device=matrix.device).scatter_reduce(0, row_of, index, "amin")  # first best
+    pick = rows[0]  # the full-range candidates come first
+    if len(row_of) > out_features:  # clipped candidates too: keep each row's lowest output error
+        pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
     q, scale, zero_point = (tensor[pick] for tensor in found)
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
+
+
+def _first_best(loss: torch.Tensor, row_of: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per row, the index of its first candidate (``row_of``: each candidate's row) with the lowest loss."""
+    lowest = torch.full((rows,), float("inf"), device=loss.device).scatter_reduce(0, row_of, loss, "amin")
+    index = torch.where(loss == lowest[row_of], torch.arange(len(row_of), device=loss.device), len(row_of))
+    return torch.full((rows,), len(row_of), device=loss.device).scatter_reduce(0, row_of, index, "amin")
 
 
 @contextlib.contextmanager
