@@ -145,12 +145,11 @@ def main() -> None:
     for mode in args.modes.split(","):
         rows.append(run(source, args.blocks, calibration, args.bits, args.group_size, mode))
         print(json.dumps(rows[-1]), flush=True)
-    by_mode = {row["mode"]: row["seconds"] for row in rows}
     ratios = {}
-    if "baseline" in by_mode:
-        ratios.update({f"{m}_vs_baseline": round(by_mode[m] / by_mode["baseline"], 2) for m in ("plain", "clip") if m in by_mode})
-    if "plain" in by_mode and "clip" in by_mode:
-        ratios["clip_vs_plain"] = round(by_mode["clip"] / by_mode["plain"], 2)
+    for clock in ("seconds", "cpu_seconds"):  # CPU time is the steadier clock on a shared machine
+        by_mode = {row["mode"]: row[clock] for row in rows}
+        pairs = [(m, "baseline") for m in ("plain", "clip")] + [("clip", "plain")]
+        ratios.update({f"{a}_vs_{b}_{clock}": round(by_mode[a] / by_mode[b], 2) for a, b in pairs if a in by_mode and b in by_mode})
     result = {"model": source.name, "blocks": args.blocks, "calibration": f"{CALIB.name} {args.samples} x {args.seq_len} seed 0",
               "bits": args.bits, "group_size": args.group_size, "act_order": True, "threads": torch.get_num_threads(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
