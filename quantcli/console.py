@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 stdout = Console(soft_wrap=True)
@@ -26,6 +26,8 @@ class RichProgress:
             yield lambda advance: None
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        if total is not None:  # units done of the total, and the time left at the recent rate
+            columns += [TextColumn("eta"), TimeRemainingColumn()]
         with Progress(*columns, console=stderr) as bar:
             task_id = bar.add_task(description, total=total)
             yield lambda advance: bar.advance(task_id, advance)

@@ -135,6 +135,25 @@ def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
     assert torch.equal(one_pass.q, three_per_pass.q) and torch.equal(one_pass.scale, three_per_pass.scale)
 
 
+@pytest.mark.parametrize("name, group_size, symmetric", [(GATE, 32, True), (DOWN, None, True), (GATE, 32, False)])
+def test_clip_prepass_picks_each_rows_best_rounded_clip(layer_inputs, name, group_size, symmetric):
+    """The first clip each row's GPTQ runs get is the factor whose round-to-nearest weights have the lowest output error."""
+    from quantcli.methods.gptq import CLIP_SHRINKS, _clip_by_rounding
+
+    weight, x = layer_inputs[name]
+    layout = IntLayout(4, symmetric, group_size)
+    errors = []
+    for shrink in CLIP_SHRINKS:
+        scale, zero_point = ops.compute_qparams(weight * shrink, 4, symmetric, group_size)
+        rounded = ops.dequantize(ops.quantize(weight, scale, zero_point, 4, group_size), scale, zero_point, group_size)
+        errors.append(((weight - rounded) @ x.T).pow(2).sum(dim=1))
+    errors = torch.stack(errors)
+    picked = _clip_by_rounding(weight, 2 * x.T @ x / x.shape[0], layout, None, weight.dtype)[0]
+    chosen = errors[[CLIP_SHRINKS.index(round(float(f), 2)) for f in picked], torch.arange(weight.shape[0])]
+    assert bool((chosen <= errors.min(dim=0).values * (1 + 1e-4)).all())
+    assert len(set(picked.tolist())) > 1  # rows differ: the search is per row
+
+
 def test_unseen_inputs_round_to_nearest(layer_inputs):
     weight, _ = layer_inputs[GATE]
     result, _ = gptq_quantize(weight, torch.zeros(64, 64), IntLayout(4, True, 32))

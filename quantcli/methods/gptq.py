@@ -13,8 +13,9 @@ original weights in plain group order, so the checkpoint keeps the plain group l
 weights when GPTQ first reaches it. The group rule is :func:`plan_layouts`' (172-wide layers go
 per channel). Layers no calibration pass reaches fall back to round-to-nearest, with a note.
 
-``clip_search`` (default on) runs each row with its range shrunk by ``CLIP_SHRINKS`` and keeps the
-candidate with the lowest output error on the calibration inputs.
+``clip_search`` (default on) scores each row rounded to nearest with its range shrunk by each of
+``CLIP_SHRINKS`` by its output error on the calibration inputs, runs GPTQ on the best
+``CLIP_FINALISTS`` and on the full range, and keeps the one with the lowest output error.
 
 Bit-identical for a given seed, device and thread count. Rounding decisions cascade, so another
 calibration draw, or another thread count (which reorders float sums), gives a different model of
@@ -23,7 +24,9 @@ similar quality: ``benchmarks/methods.py`` reports the spread over seeds.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 
@@ -37,6 +40,7 @@ from quantcli.models import set_weight_matrix, weight_matrix
 
 DAMP_RETRIES = 4  # times damping is multiplied by 10 before a layer falls back to round-to-nearest
 CLIP_SHRINKS = tuple(round(1 - 0.05 * step, 2) for step in range(10))  # 1.0 ... 0.55 of each row's range
+CLIP_FINALISTS = 2  # clips per row, shortlisted by their round-to-nearest error, that GPTQ runs besides the full range
 PASS_ELEMENTS = 2**26  # weight elements per GPTQ pass when clipping candidates are stacked (256 MiB fp32)
 
 
@@ -88,8 +92,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     in calibration (``diag(H) = 0``) get a unit diagonal: rounded to nearest, coupled to nothing.
     With a ``codebook`` (e.g. bitsandbytes' NF4 values) the grid is ``codebook * absmax`` of each
     static group of the original weights, and ``q`` holds codebook indices (``ops.dequantize_codebook``).
-    ``clip_search`` runs GPTQ with each row's range shrunk by every factor in ``CLIP_SHRINKS`` and
-    keeps, per row, the one with the lowest output error ``(w - ŵ) H (w - ŵ)ᵀ`` (rows are independent).
+    ``clip_search`` shortlists each row's ``CLIP_FINALISTS`` clips in ``CLIP_SHRINKS`` by the output
+    error ``(w - ŵ) H (w - ŵ)ᵀ`` of round-to-nearest, runs GPTQ with them and with the full range, and
+    keeps, per row, the result with the lowest output error (rows are independent).
     """
     matrix = weight.detach().float()
     hessian = hessian.detach().float().clone()
@@ -108,28 +113,84 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
         notes.append(f"damp raised to {used_damp:g} for a positive definite Hessian")
 
     static = layout.group_size is None or act_order or codebook is not None
-    shrinks = CLIP_SHRINKS if clip_search else (1.0,)
-    per_pass = max(1, PASS_ELEMENTS // matrix.numel())
-    rows = torch.arange(out_features, device=matrix.device)
-    best: tuple[torch.Tensor, ...] | None = None  # q, scale, zero_point and output error of each row's best candidate
-    for first in range(0, len(shrinks), per_pass):
-        chunk = torch.tensor(shrinks[first : first + per_pass], device=matrix.device)
-        candidates = matrix.repeat(len(chunk), 1)
-        *found, rounded = _quantize_columns(candidates, chunk.repeat_interleave(out_features)[:, None], upper, order, static,
-                                            layout, block_size, codebook, weight.dtype)
-        error = candidates - rounded
-        loss = ((error @ hessian) * error).sum(dim=1)
-        pick = loss.reshape(len(chunk), out_features).argmin(dim=0) * out_features + rows
-        found = (*(tensor[pick] for tensor in found), loss[pick])
-        best = found if best is None else _lower_error_rows(best, found)
-    q, scale, zero_point, _ = best
+    rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
+    if clip_search:  # a cheap pre-pass shortlists each row's clips; GPTQ runs on them and on the full range
+        for finalist in _clip_by_rounding(matrix, hessian, layout, codebook, weight.dtype):
+            clipped = torch.nonzero(finalist != 1).flatten()
+            rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
+    row_of = torch.cat(rows)
+    candidates = matrix[row_of]
+    *found, rounded = _quantize_columns(candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, weight.dtype)
+    pick = rows[0]  # the full-range candidates come first
+    if len(row_of) > out_features:  # clipped candidates too: keep each row's lowest output error
+        pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
+    q, scale, zero_point = (tensor[pick] for tensor in found)
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
 
 
-def _lower_error_rows(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Per row, whichever of two ``(q, scale, zero_point, error)`` candidates has the lower error."""
-    better = new[-1] < old[-1]
-    return tuple(torch.where(better.reshape(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old))
+def _first_best(loss: torch.Tensor, row_of: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per row, the index of its first candidate (``row_of``: each candidate's row) with the lowest loss."""
+    lowest = torch.full((rows,), float("inf"), device=loss.device).scatter_reduce(0, row_of, loss, "amin")
+    index = torch.where(loss == lowest[row_of], torch.arange(len(row_of), device=loss.device), len(row_of))
+    return torch.full((rows,), len(row_of), device=loss.device).scatter_reduce(0, row_of, index, "amin")
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """GPTQ's column loop is thousands of small ops: threads only add synchronisation, which costs
+    the most on a busy machine (on 2 shared cores a layer took 20x longer with 2 threads than 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _output_error(error: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Each row's ``e H eᵀ``: its share of ``||WX - ŴX||²`` (up to the constant in ``H``)."""
+    return ((error @ hessian) * error).sum(dim=1)
+
+
+def _clip_by_rounding(matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``[CLIP_FINALISTS, rows]``: per row, the factors of ``CLIP_SHRINKS`` whose round-to-nearest weights
+    have the lowest output error, best first: one matrix product per factor instead of one GPTQ run
+    each (stacked ``PASS_ELEMENTS`` at a time)."""
+    out_features = matrix.shape[0]
+    per_pass = max(1, PASS_ELEMENTS // matrix.numel())
+    losses = []
+    for first in range(0, len(CLIP_SHRINKS), per_pass):
+        chunk = torch.tensor(CLIP_SHRINKS[first : first + per_pass], device=matrix.device)
+        shrink = chunk.repeat_interleave(out_features)[:, None]
+        candidates = matrix.repeat(len(chunk), 1)
+        scale, zero_point = _static_grid(candidates, shrink, layout, codebook, dtype)
+        columns = _group_columns(torch.arange(matrix.shape[1], device=matrix.device), layout.group_size)
+        if codebook is None:
+            step, zero = scale[:, columns], zero_point.float()[:, columns]
+            rounded = (torch.round(candidates / step + zero).clamp_(*ops.int_range(layout.bits)) - zero) * step
+        else:
+            rounded = ops.dequantize_codebook(ops.quantize_to_codebook(candidates, scale[:, columns], codebook), scale[:, columns], codebook)
+        losses.append(_output_error(candidates - rounded, hessian).reshape(len(chunk), out_features))
+    ranked = torch.sort(torch.cat(losses), dim=0, stable=True).indices[:CLIP_FINALISTS]
+    return torch.tensor(CLIP_SHRINKS, device=matrix.device)[ranked]
+
+
+def _group_columns(columns: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """The group index of each column."""
+    return columns // group_size if group_size else torch.zeros_like(columns)
+
+
+def _static_grid(matrix: torch.Tensor, shrink: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float ``scale`` and int8 ``zero_point`` per group from ``matrix`` with each row's range scaled by
+    ``shrink``: the grid the stored scale (model dtype) gives, or ``codebook · absmax`` with a codebook."""
+    if codebook is not None:
+        groups = 1 if layout.group_size is None else matrix.shape[1] // layout.group_size
+        absmax = (matrix * shrink).reshape(matrix.shape[0], groups, -1).abs().amax(dim=-1)
+        return torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
+    scale, zero_point = ops.compute_qparams(matrix * shrink, layout.bits, layout.symmetric, layout.group_size, layout.observer)
+    return scale.to(dtype).float(), zero_point
 
 
 def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, static: bool,
@@ -139,50 +200,46 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
     their scales from ``matrix`` up front. Returns ``q``, ``scale``, ``zero_point`` and the rounded
     values, all in the plain column order."""
     bits, group_size = layout.bits, layout.group_size
+    qmin, qmax = ops.int_range(bits)
     out_features, columns = matrix.shape
-
-    def qparams(values: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero_point = ops.compute_qparams(values * shrink, bits, layout.symmetric, size, layout.observer)
-        return scale.to(dtype).float(), zero_point  # the grid the stored scale (model dtype) gives
-
-    groups = 1 if group_size is None else columns // group_size
-    if codebook is not None:
-        absmax = (matrix * shrink).reshape(out_features, groups, -1).abs().amax(dim=-1)
-        scale, zero_point = torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
-    elif static:
-        scale, zero_point = qparams(matrix, group_size)
+    if static:
+        scale, zero_point = _static_grid(matrix, shrink, layout, codebook, dtype)
     else:
-        scale = torch.ones(out_features, groups, device=matrix.device)
-        zero_point = torch.zeros(out_features, groups, dtype=torch.int8, device=matrix.device)
-    matrix = matrix[:, order].clone()
-    group_of = (order // group_size if group_size else torch.zeros_like(order)).tolist()
-
-    q = torch.zeros(out_features, columns, dtype=torch.int8, device=matrix.device)
-    rounded = torch.zeros_like(matrix)
+        scale = torch.ones(out_features, columns // group_size, device=matrix.device)
+        zero_point = torch.zeros(out_features, columns // group_size, dtype=torch.int8, device=matrix.device)
+    group_of = _group_columns(order, group_size)
+    work = matrix[:, order].t().contiguous()  # [columns, rows] in visiting order: each column is one contiguous row
+    step, zero = scale[:, group_of].t().contiguous(), zero_point.float()[:, group_of].t().contiguous()  # each column's grid
+    diagonal = upper.diagonal()
+    codes, rounded = torch.empty_like(work), torch.empty_like(work)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block = matrix[:, start:end].clone()
-        errors = torch.zeros_like(block)
-        for i in range(end - start):
-            column, group = start + i, group_of[start + i]
-            if not static and column % group_size == 0:
-                pending = block[:, i : i + group_size]
-                if i + group_size > end - start:  # the group runs past this block: apply its pending updates
-                    beyond = slice(end, column + group_size)
-                    pending = torch.cat([pending, matrix[:, beyond] - errors[:, :i] @ upper[start:column, beyond]], dim=1)
-                scale[:, group : group + 1], zero_point[:, group : group + 1] = qparams(pending, None)
-            s, z = scale[:, group : group + 1], zero_point[:, group : group + 1]
-            if codebook is None:
-                q[:, column : column + 1] = ops.quantize(block[:, i : i + 1], s, z, bits, None)
-                rounded[:, column] = ops.dequantize(q[:, column : column + 1], s, z, None)[:, 0]
-            else:
-                q[:, column] = ops.quantize_to_codebook(block[:, i], s[:, 0], codebook).to(torch.int8)
-                rounded[:, column] = ops.dequantize_codebook(q[:, column], s[:, 0], codebook)
-            errors[:, i] = (block[:, i] - rounded[:, column]) / upper[column, column]
-            block[:, i:] -= errors[:, i : i + 1] * upper[column : column + 1, column:end]
-        matrix[:, end:] -= errors @ upper[start:end, end:]
+        block, errors = work[start:end], torch.empty(end - start, out_features, device=work.device)  # block: a view of work
+        with _one_thread():
+            for i in range(end - start):
+                column = start + i
+                if not static and column % group_size == 0:  # dynamic group: its grid from its weights as updated so far
+                    pending = block[i : i + group_size]
+                    if i + group_size > end - start:  # the group runs past this block: apply its pending updates
+                        beyond = slice(end, column + group_size)
+                        pending = torch.cat([pending, work[beyond] - upper[start:column, beyond].t() @ errors[:i]])
+                    group = int(group_of[column])
+                    s, z = ops.compute_qparams(pending.t() * shrink, bits, layout.symmetric, None, layout.observer)
+                    scale[:, group : group + 1], zero_point[:, group : group + 1] = s.to(dtype).float(), z
+                    step[column : column + group_size], zero[column : column + group_size] = scale[:, group], z[:, 0].float()
+                weights, s, z = block[i], step[column], zero[column]
+                if codebook is None:  # ops.quantize then ops.dequantize, one column
+                    code = torch.round(weights / s + z).clamp_(qmin, qmax)
+                    value = (code - z) * s
+                else:
+                    code = ops.quantize_to_codebook(weights, s, codebook).float()
+                    value = ops.dequantize_codebook(code.long(), s, codebook)
+                codes[column], rounded[column] = code, value
+                torch.div(weights - value, diagonal[column], out=errors[i])
+                block[i + 1 :].addr_(upper[column, column + 1 : end], errors[i], alpha=-1)
+        work[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
     inverse = torch.argsort(order)
-    return q[:, inverse], scale, zero_point, rounded[:, inverse]
+    return codes.t()[:, inverse].to(torch.int8), scale, zero_point, rounded.t()[:, inverse]
 
 
 @register_method
