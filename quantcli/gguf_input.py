@@ -10,6 +10,7 @@ The ``gguf`` package (llama.cpp's own Python reader) is an optional extra: ``pip
 
 from __future__ import annotations
 
+import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -44,8 +45,8 @@ def source_format(source: str | Path) -> dict[str, Any]:
     gguf = _require_gguf(path)
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError) as error:
-        raise ModelLoadError(f"cannot read the GGUF file {path}: {error}. It is corrupt or truncated: download it again.") from None
+    except (ValueError, OSError, KeyError, IndexError, struct.error) as error:
+        raise ModelLoadError(f"cannot read the GGUF file {path} ({_first_line(error)}): it is corrupt or truncated. Download it again.") from None
     counts = Counter(tensor.tensor_type.name for tensor in reader.tensors)
     field = reader.fields.get("general.file_type")
     file_type = None
@@ -55,15 +56,20 @@ def source_format(source: str | Path) -> dict[str, Any]:
     return {"format": "gguf", "file_type": file_type, "tensor_types": dict(counts.most_common())}
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def load_tokenizer(source: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     path = Path(source)
-    _require_gguf(path)
+    source_format(path)  # a corrupt file fails here, with a readable message
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {path}: {str(error).splitlines()[0][:300]}") from None
+        raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {path}: {_first_line(error)}") from None
 
 
 def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> Any:
@@ -75,7 +81,7 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     from transformers import AutoModelForCausalLM, GgufConfig
 
     path = Path(source)
-    _require_gguf(path)
+    source_format(path)  # a corrupt file fails here, with a readable message
     quantization_config = kwargs.pop("quantization_config", None)
     kwargs.pop("use_safetensors", None)
     try:
@@ -84,7 +90,7 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
             quantization_config=GgufConfig(dequantize=True), **kwargs,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot load the GGUF file {path}: {str(error).splitlines()[0][:300]}") from None
+        raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(error)}") from None
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     model.eval()
