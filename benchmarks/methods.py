@@ -162,8 +162,11 @@ def previous_rows(output: Path, settings: dict) -> dict[str, dict]:
         previous = json.loads(output.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return {}
-    same = ("model", "calibration", "seeds", "eval", "device")
-    if any(previous.get("settings", {}).get(key) != json.loads(json.dumps(settings[key], default=str)) for key in same):
+    def comparable(run: dict) -> list:  # the datasets by file name: the same text from another checkout is the same
+        named = lambda part: {**part, "dataset": Path(str(part.get("dataset"))).name} if isinstance(part, dict) else part  # noqa: E731
+        return [named(json.loads(json.dumps(run.get(key), default=str))) for key in ("model", "calibration", "seeds", "eval", "device")]
+
+    if comparable(previous.get("settings", {})) != comparable(settings):
         return {}
     return {row["label"]: row for row in previous.get("rows", [])}
 

@@ -43,6 +43,19 @@ class Setup:
         return Path(__file__).resolve().parent / "results" / (f"{self.name}-{benchmark}" if self.name else benchmark)
 
 
+def model_folder(model: str) -> Path:
+    """The folder ``--model`` names (``smollm2`` or a path); exits with the fix when it holds no model."""
+    folder = smollm2_folder() if model == "smollm2" else Path(model)
+    if not (folder / "config.json").is_file():
+        fix = f"run `make smollm2` or set {SMOLLM2_ENV}" if model == "smollm2" else "pass a model folder"
+        raise SystemExit(f"{folder} holds no model: {fix}.")
+    return folder
+
+
+def result_name(model: str, folder: Path) -> str:
+    return "smollm2" if model == "smollm2" else folder.name
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="stories260K", help="stories260K, smollm2 (via $QUANTCLI_SMOLLM2 or .models/), or a model folder.")
     parser.add_argument("--eval-data", help="Evaluation text (default: the model's; WikiText-2 eval half for real models).")
@@ -58,12 +71,8 @@ def resolve(args: argparse.Namespace) -> Setup:
 
         base = Setup("", "stories260K", str(EMBEDDED_MODEL), "tinystories:eval", "tinystories:calib", 256, 32768)
     else:
-        folder = smollm2_folder() if args.model == "smollm2" else Path(args.model)
-        if not (folder / "config.json").is_file():
-            fix = f"run `make smollm2` or set {SMOLLM2_ENV}" if args.model == "smollm2" else "pass a model folder"
-            raise SystemExit(f"{folder} holds no model: {fix}.")
-        name = "smollm2" if args.model == "smollm2" else folder.name
-        base = Setup(name, folder.name, str(folder), str(WIKITEXT / "wiki.valid.eval.txt"), str(WIKITEXT / "wiki.valid.calib.txt"),
+        folder = model_folder(args.model)
+        base = Setup(result_name(args.model, folder), folder.name, str(folder), str(WIKITEXT / "wiki.valid.eval.txt"), str(WIKITEXT / "wiki.valid.calib.txt"),
                      512, 16384, SMOLLM2_CAVEAT if args.model == "smollm2" else "")
     return Setup(
         base.name, base.label, base.path, args.eval_data or base.eval_dataset, args.calib_data or base.calib_dataset,
