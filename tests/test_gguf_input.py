@@ -16,9 +16,10 @@ pytest.importorskip("gguf")
 
 from gguf_files import write_llama_gguf  # noqa: E402
 from quantcli.checkpoint import load  # noqa: E402
+from quantcli.config import EvalConfig  # noqa: E402
+from quantcli.pipeline import evaluate  # noqa: E402
 
 CLI = [sys.executable, "-m", "quantcli"]
-EVAL = ["--max-tokens", "2048", "--json", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def test_load_gives_the_same_weights_and_tokens(f32_gguf, stories_path):
 
 
 def test_eval_gguf_equals_the_folder_and_names_the_source(f32_gguf, stories_path):
-    from_gguf, from_folder = run("eval", str(f32_gguf), *EVAL), run("eval", stories_path, *EVAL)
+    from_gguf = run("eval", str(f32_gguf), "--max-tokens", "2048", "--json", "-q")
     assert from_gguf.returncode == 0, from_gguf.stderr
-    gguf_result, folder_result = json.loads(from_gguf.stdout), json.loads(from_folder.stdout)
+    gguf_result, folder_result = json.loads(from_gguf.stdout), evaluate(stories_path, EvalConfig(max_tokens=2048), device="cpu")
     assert gguf_result["perplexity"] == pytest.approx(folder_result["perplexity"], rel=1e-6)
     assert gguf_result["source_format"] == {"format": "gguf", "file_type": "ALL_F32", "tensor_types": {"F32": 47}}
     assert gguf_result["disk_bytes"] == f32_gguf.stat().st_size
@@ -61,7 +62,7 @@ def test_quantize_q8_gguf_reports_its_type(q8_gguf, stories_path, tmp_path):
     report = json.loads(result.stdout)
     assert report["size"]["original_format"] == {"format": "gguf", "file_type": "MOSTLY_Q8_0", "tensor_types": {"Q8_0": 31, "F32": 16}}
     assert report["size"]["original_disk_bytes"] == q8_gguf.stat().st_size
-    folder = json.loads(run("eval", stories_path, "--max-tokens", "1024", "--json", "-q").stdout)
+    folder = evaluate(stories_path, EvalConfig(max_tokens=1024), device="cpu")
     assert report["perplexity_before"]["perplexity"] == pytest.approx(folder["perplexity"], rel=0.01)  # Q8_0 costs <1%
     assert report["perplexity_before"]["perplexity"] != folder["perplexity"]
     model, _, metadata = load(tmp_path / "out", "cpu")
