@@ -52,7 +52,10 @@ def source_format(source: str | Path) -> dict[str, Any]:
     file_type = None
     if field is not None:
         value = int(field.parts[field.data[0]][0])
-        file_type = gguf.LlamaFileType(value).name if value in gguf.LlamaFileType._value2member_map_ else str(value)
+        try:
+            file_type = gguf.LlamaFileType(value).name
+        except ValueError:  # a type newer than this gguf package
+            file_type = str(value)
     return {"format": "gguf", "file_type": file_type, "tensor_types": dict(counts.most_common())}
 
 
