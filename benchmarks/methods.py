@@ -1,20 +1,29 @@
-"""Compare quantization methods on the embedded stories260K, in one process.
+"""Compare quantization methods on one model, in one process.
 
-Calibrates on ``tinystories:calib``, evaluates every checkpoint (reloaded from disk with
-``quantcli.load``) on ``tinystories:eval`` with the same settings, and writes PREFIX.json and
-PREFIX.md: perplexity, its change against fp32, size on disk and time to quantize.
+Calibrates on the setup's calibration text, evaluates every checkpoint (reloaded from disk with
+``quantcli.load``) on its evaluation text with the same settings, and writes PREFIX.json and
+PREFIX.md: perplexity, its change against fp32, size on disk and time to quantize. The model and
+data come from ``--model`` (see ``benchmarks/setups.py``): the embedded stories260K by default,
+``--model smollm2`` for the real-model table (results/smollm2-methods.*).
 
 Calibrated methods run once per calibration seed (``--seeds``): GPTQ's rounding decisions cascade,
 so a different draw of windows (or even a different thread count, which reorders float sums) moves
 the result; rows give the mean and the spread. llm-compressor's GPTQ runs on the same windows as an
 independent reference where it is installed (``benchmarks/reference_gptq.py``).
 
+``--only PATTERN`` (glob over row labels, repeatable) runs some rows; the other rows of an existing
+result file with the same settings are kept, so slow rows can be added later. The file is rewritten
+after every row.
+
     python benchmarks/methods.py [--seeds 5]
+    python benchmarks/methods.py --model smollm2 --only 'rtn*' --only 'bnb*'
+    python benchmarks/methods.py --model smollm2 --only 'gptq*' --only 'llm-compressor*' --seeds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import platform
 import statistics
@@ -26,15 +35,16 @@ from typing import Callable
 import torch
 
 import quantcli
+import setups
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import InputError
 from quantcli.methods import get_method
-from quantcli.models import EMBEDDED_MODEL, bytes_on_disk, weight_files
+from quantcli.models import bytes_on_disk, weight_files
 from quantcli.pipeline import measure_perplexity
 from quantcli.progress import NullProgress
 
-RUNS = [  # label, method, bits, options (gptq: act-order with static groups and clip search unless stated)
+DEMO_RUNS = [  # label, method, bits, options (gptq: act-order with static groups and clip search unless stated)
     ("cast bf16", "cast", 16, {}),
     ("rtn int8", "rtn", 8, {}),
     ("bnb-int8", "bnb-int8", 8, {}),
@@ -52,10 +62,21 @@ RUNS = [  # label, method, bits, options (gptq: act-order with static groups and
     ("gptq int4 g32 no act-order", "gptq", 4, {"group_size": 32, "act_order": False}),
     ("gptq int3 g32", "gptq", 3, {"group_size": 32}),
 ]
+GROUPS = [("g128", 128), ("g64", 64), ("g32", 32), ("per-channel", -1)]
+REAL_RUNS = [  # every bit width at every grouping, for RTN (cheap) and GPTQ; bitsandbytes at its own formats
+    *[(f"rtn int{bits} {name}", "rtn", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],
+    ("rtn int4 g32 asymmetric (the source's Q4_1 grid)", "rtn", 4, {"group_size": 32, "symmetric": False}),
+    ("bnb-int8", "bnb-int8", 8, {}),
+    ("bnb-nf4", "bnb-nf4", 4, {}),
+    *[(f"gptq int{bits} {name}", "gptq", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],
+    ("gptq int4 g128 no clip search", "gptq", 4, {"group_size": 128, "clip_search": False}),
+    ("gptq-nf4 (GPTQ on bnb's NF4 grid)", "gptq-nf4", 4, {}),
+]
 REFERENCE_RUNS = [  # label, bits, group size: llm-compressor's GPTQ on the same windows
     ("llm-compressor gptq int4 g32", 4, 32),
     ("llm-compressor gptq int4 per-channel", 4, None),
 ]
+REAL_REFERENCE_RUNS = [("llm-compressor gptq int4 g128", 4, 128), *REFERENCE_RUNS]
 
 
 def unavailable(method: str, device: str) -> str | None:
@@ -67,73 +88,113 @@ def unavailable(method: str, device: str) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "methods", help="Writes OUTPUT.json and OUTPUT.md.")
-    parser.add_argument("--max-tokens", type=int, default=32768, help="Evaluation tokens.")
+    setups.add_arguments(parser)
+    parser.add_argument("--output", type=Path, help="Writes OUTPUT.json and OUTPUT.md (default: results/[MODEL-]methods).")
     parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows.")
-    parser.add_argument("--seq-len", type=int, default=256, help="Tokens per calibration and evaluation window.")
+    parser.add_argument("--calib-seq-len", type=int, default=256, help="Tokens per calibration window.")
     parser.add_argument("--seeds", type=int, default=5, help="Calibration seeds (0..N-1) for calibrated methods.")
+    parser.add_argument("--only", action="append", default=[], help="Run only rows whose label matches this glob (repeatable).")
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     args = parser.parse_args()
-    evaluation = EvalConfig(seq_len=args.seq_len, max_tokens=args.max_tokens)
-    calibration = CalibrationConfig(samples=args.calib_samples, seq_len=args.seq_len)
+    setup = setups.resolve(args)
+    output = args.output or setup.output("methods")
+    evaluation = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=setup.max_tokens)
+    calibration = CalibrationConfig(dataset=setup.calib_dataset, samples=args.calib_samples, seq_len=args.calib_seq_len)
+    settings = {"model": setup.label, "model_path": setup.path, "calibration": vars(calibration), "seeds": args.seeds, "eval": vars(evaluation),
+                "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                "caveat": setup.caveat}
+    runs, references = (DEMO_RUNS, REFERENCE_RUNS) if setup.name == "" else (REAL_RUNS, REAL_REFERENCE_RUNS)
+    wanted = lambda label: not args.only or any(fnmatch.fnmatchcase(label, glob) for glob in args.only)  # noqa: E731
+    kept = previous_rows(output, settings)
+    rows = [kept["fp32"]] if "fp32" in kept else []
 
     def perplexity(folder: Path | str) -> float:
         model, tokenizer, _ = quantcli.load(folder, device=args.device)
         return measure_perplexity(model, tokenizer, evaluation, NullProgress(), str(folder)).perplexity
 
-    rows = [{"label": "fp32", "method": "none", "bits": 32, "perplexities": [perplexity(EMBEDDED_MODEL)],
-             "disk_bytes": bytes_on_disk(weight_files(str(EMBEDDED_MODEL))), "quantize_seconds": None}]
+    def save(row: dict | None = None) -> None:
+        if row is not None:
+            rows.append(row)
+        done = {row["label"] for row in rows}
+        order = ["fp32", *(label for label, *_ in runs), *(label for label, *_ in references)]
+        table = [row for row in rows] + [row for label, row in kept.items() if label not in done]
+        table.sort(key=lambda row: order.index(row["label"]) if row["label"] in order else len(order))
+        summarize(table)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2, default=str) + "\n")
+        output.with_suffix(".md").write_text(markdown(table, settings))
+
+    if not rows:
+        save({"label": "fp32", "method": "none", "bits": 32, "perplexities": [perplexity(setup.path)],
+              "disk_bytes": bytes_on_disk(weight_files(setup.path)), "quantize_seconds": None})
+        print(f"fp32: ppl {rows[0]['perplexities'][0]:.4f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, method, bits, options in RUNS:
+        for label, method, bits, options in runs:
+            if not wanted(label):
+                continue
             reason = unavailable(method, args.device)
             if reason:
                 print(f"{label}: not available: {reason}")
-                rows.append({"label": label, "method": method, "bits": bits, "not_available": reason})
+                save({"label": label, "method": method, "bits": bits, "not_available": reason})
                 continue
             row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": []}
             for seed in range(args.seeds if get_method(method).needs_calibration else 1):
-                output = Path(tmp) / label.replace(" ", "-")
+                folder = Path(tmp) / label.replace(" ", "-")
                 report = quantcli.quantize(QuantizeConfig(
-                    bits=bits, method=method, output=output, method_options=options, force=True,
+                    model=setup.path, bits=bits, method=method, output=folder, method_options=options, force=True,
                     calibration=CalibrationConfig(**{**vars(calibration), "seed": seed}), eval=None, device=args.device,
                 ))
                 row["seeds"].append(seed)
-                row["perplexities"].append(perplexity(output))
+                row["perplexities"].append(perplexity(folder))
                 row["stats"].append(report.stats)
                 row["quantize_seconds_each"].append(report.timings["quantize"])
                 row.update(options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks)
                 print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
-            rows.append(row)
-        rows += reference_rows(Path(tmp), calibration, args.seeds, perplexity)
-    summarize(rows)
-    settings = {"model": "stories260K", "calibration": vars(calibration), "seeds": args.seeds, "eval": vars(evaluation), "device": args.device,
-                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(rows, settings))
-    print(markdown(rows, settings))
+            save(row)
+        for row in reference_rows(setup.path, [run for run in references if wanted(run[0])], Path(tmp), calibration, args.seeds, perplexity):
+            save(row)
+    print(output.with_suffix(".md").read_text())
 
 
-def reference_rows(tmp: Path, calibration: CalibrationConfig, seeds: int, perplexity: Callable[[Path], float]) -> list[dict]:
+def previous_rows(output: Path, settings: dict) -> dict[str, dict]:
+    """The rows of an earlier run into ``output`` with the same model, data and seeds (else none)."""
+    try:
+        previous = json.loads(output.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    def comparable(run: dict) -> list:  # the datasets by file name: the same text from another checkout is the same
+        named = lambda part: {**part, "dataset": Path(str(part.get("dataset"))).name} if isinstance(part, dict) else part  # noqa: E731
+        return [named(json.loads(json.dumps(run.get(key), default=str))) for key in ("model", "calibration", "seeds", "eval", "device")]
+
+    if comparable(previous.get("settings", {})) != comparable(settings):
+        return {}
+    return {row["label"]: row for row in previous.get("rows", [])}
+
+
+def reference_rows(
+    model: str, runs: list[tuple[str, int, int | None]], tmp: Path, calibration: CalibrationConfig, seeds: int, perplexity: Callable[[Path], float]
+) -> list[dict]:
     """llm-compressor's GPTQ on quantcli's windows for each seed, or why it cannot run here."""
+    if not runs:
+        return []
     try:
         import reference_gptq
         import llmcompressor  # noqa: F401
     except ImportError as error:
         reason = f"llm-compressor not installed ({error.name}); make bench installs it into .reference"
-        return [{"label": label, "method": "reference", "bits": bits, "not_available": reason} for label, bits, _ in REFERENCE_RUNS]
+        return [{"label": label, "method": "reference", "bits": bits, "not_available": reason} for label, bits, _ in runs]
     from transformers import AutoTokenizer
 
-    documents, tokenizer = read_documents(calibration.dataset), AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    documents, tokenizer = read_documents(calibration.dataset), AutoTokenizer.from_pretrained(model)
     rows = []
-    for label, bits, group_size in REFERENCE_RUNS:
+    for label, bits, group_size in runs:
         row = {"label": label, "method": "reference", "bits": bits, "options": {"group_size": group_size, "symmetric": True, "observer": "minmax"},
                "seeds": [], "perplexities": [], "quantize_seconds_each": []}
         for seed in range(seeds):
             windows = calibration_batch(documents, tokenizer, calibration.samples, calibration.seq_len, seed)
             output = tmp / f"{label.replace(' ', '-')}-{seed}"
             start = time.perf_counter()
-            reference_gptq.quantize(EMBEDDED_MODEL, windows, bits, group_size, output)
+            reference_gptq.quantize(model, windows, bits, group_size, output)
             row["quantize_seconds_each"].append(time.perf_counter() - start)
             row["seeds"].append(seed)
             row["perplexities"].append(perplexity(output))
@@ -159,10 +220,13 @@ def summarize(rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict], settings: dict) -> str:
+    calib, evaluation = settings["calibration"], settings["eval"]
     lines = [
-        f"stories260K on {settings['device']} ({settings['threads']} threads); calibration {settings['calibration']['samples']} x"
-        f" {settings['calibration']['seq_len']} tokens of tinystories:calib, seeds 0-{settings['seeds'] - 1} for calibrated methods"
-        f" (mean ± sd, range); perplexity on {settings['eval']['max_tokens']} tokens of tinystories:eval (seq_len {settings['eval']['seq_len']}).",
+        f"{settings['model']} on {settings['device']} ({settings['threads']} threads); calibration {calib['samples']} x"
+        f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, seeds 0-{settings['seeds'] - 1} for calibrated methods"
+        f" (mean ± sd, range); perplexity on {evaluation['max_tokens']} tokens of {Path(evaluation['dataset']).name}"
+        f" (seq_len {evaluation['seq_len']}, stride {evaluation['stride'] or evaluation['seq_len']}, BOS per {evaluation['bos']})."
+        + (f" Caveat: {settings['caveat']}" if settings.get("caveat") else ""),
         "",
         "| method | perplexity | Δ ppl | Δ % | spread over seeds | size on disk | quantize time |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -177,13 +241,13 @@ def markdown(rows: list[dict], settings: dict) -> str:
             spread = f"± {row['delta_percent_sd']:.2f} ({min(row['delta_percents']):+.2f} to {max(row['delta_percents']):+.2f}%)"
         lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {spread} |"
                      f" {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
-    lines += [""] + acceptance(rows)
+    lines += [""] + acceptance(rows) + fallback_notes(rows)
     return "\n".join(lines) + "\n"
 
 
 def acceptance(rows: list[dict]) -> list[str]:
     """GPTQ's (and the reference's) perplexity increase as a fraction of RTN's at the same grouping."""
-    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"]["observer"] == "minmax"}
+    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"]["observer"] == "minmax" and row["options"].get("symmetric", True)}
     nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
     lines = []
     for row in rows:
@@ -194,6 +258,16 @@ def acceptance(rows: list[dict]) -> list[str]:
             lines.append(f"- {row['label']}: perplexity increase {row['delta'] / baseline['delta']:.2f}x that of {baseline['label']}"
                          f" (per seed {min(ratios):.2f}-{max(ratios):.2f}x){versus_nf4}.")
     return lines
+
+
+def fallback_notes(rows: list[dict]) -> list[str]:
+    """Rows whose layer map stores some layers differently from the row's label (e.g. a group size that does not divide)."""
+    lines = []
+    for row in rows:
+        notes = sorted(set((row.get("fallbacks") or {}).values()))
+        if notes:
+            lines.append(f"- {row['label']}: {len(row['fallbacks'])} layer(s) stored otherwise: {'; '.join(notes)[:300]}")
+    return ["", "Layer-map fallbacks:", *lines] if lines else []
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
-"""stories260K and the TinyStories eval text through quantcli and its peers on CPU: perplexity,
-serialized size, quantize time and decode speed. A peer that is not installed or fails here is
-reported with the reason, never skipped silently.
+"""A model and its eval text through quantcli and its peers on CPU: perplexity, serialized size,
+quantize time and decode speed. ``--model`` picks them (``benchmarks/setups.py``): stories260K and
+TinyStories by default, ``--model smollm2`` for SmolLM2 on WikiText-2 (results/smollm2-peers.*).
+A peer that is not installed or fails here is reported with the reason, never skipped silently.
 
     make bench-peers   (or: pip install --no-deps --target .peers torchao optimum-quanto hqq termcolor einops)
-    PYTHONPATH=.:.peers python benchmarks/peers.py [--max-tokens 4096 --threads 1]
+    PYTHONPATH=.:.peers python benchmarks/peers.py [--model smollm2] [--max-tokens 4096 --threads 1]
 
 (Peers go on PYTHONPATH, not into the environment: with torchao installed, transformers imports it
 and every command prints its warnings.)
 
 Size is quantcli's checkpoint on disk, and for peers (which write no standard checkpoint here) the
-bytes of ``torch.save(model.state_dict())``; the output head stays fp32 everywhere. Writes benchmarks/results/peers.json and .md.
+bytes of ``torch.save(model.state_dict())``; the output head stays fp32 everywhere. Writes benchmarks/results/[MODEL-]peers.json and .md.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Any, Callable
 
 import torch
 
+import setups
 from quantcli.checkpoint import load
 from quantcli.config import EvalConfig, config_from_mapping
-from quantcli.models import EMBEDDED_MODEL, bytes_on_disk, weight_files
+from quantcli.models import bytes_on_disk, weight_files
 from quantcli.pipeline import measure_perplexity, quantize
 from quantcli.progress import NullProgress
 from quantcli.speed import BenchConfig, measure, prompt_ids
@@ -43,22 +45,22 @@ def serialized_bytes(model: Any) -> int:
     return buffer.tell()
 
 
-def quantcli_peer(tmp: str, bits: int, backend: str) -> Callable[[Any], Any]:
+def quantcli_peer(source: str, tmp: str, bits: int, backend: str) -> Callable[[Any], Any]:
     def run(_: Any) -> Any:
         folder = f"{tmp}/quantcli-w{bits}-{backend}"
-        quantize(config_from_mapping({"bits": bits, "method": "rtn", "output": folder, "eval": None}))
+        quantize(config_from_mapping({"model": source, "bits": bits, "method": "rtn", "output": folder, "eval": None}))
         model = load(folder, "cpu", backend=backend)[0]
         model.quantcli_disk_bytes = bytes_on_disk(weight_files(folder))  # the checkpoint is the artifact
         return model
     return run
 
 
-def bnb(kind: str) -> Callable[[Any], Any]:
+def bnb(source: str, kind: str) -> Callable[[Any], Any]:
     def run(_: Any) -> Any:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-        return AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, quantization_config=config, device_map="cpu").eval()
+        return AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu").eval()
     return run
 
 
@@ -88,36 +90,40 @@ def torchao(config_name: str) -> Callable[[Any], Any]:
     return run
 
 
-def hqq(model: Any) -> Any:
-    from transformers import AutoModelForCausalLM, HqqConfig
+def hqq(source: str) -> Callable[[Any], Any]:
+    def run(_: Any) -> Any:
+        from transformers import AutoModelForCausalLM, HqqConfig
 
-    return AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, quantization_config=HqqConfig(nbits=4, group_size=64, skip_modules=["lm_head"]), device_map="cpu").eval()
+        return AutoModelForCausalLM.from_pretrained(source, quantization_config=HqqConfig(nbits=4, group_size=64, skip_modules=["lm_head"]), device_map="cpu").eval()
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-tokens", type=int, default=4096)
+    setups.add_arguments(parser)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
+    setup = setups.resolve(args)
+    max_tokens = args.max_tokens or (4096 if setup.name == "" else setup.max_tokens)
     torch.set_num_threads(args.threads)
-    base, tokenizer, _ = load(EMBEDDED_MODEL, "cpu")
-    eval_config = EvalConfig(max_tokens=args.max_tokens)
+    base, tokenizer, _ = load(setup.path, "cpu")
+    eval_config = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=max_tokens)
     bench_config = BenchConfig(prompt_tokens=64, new_tokens=32, repeats=3)
     ids = prompt_ids(tokenizer, bench_config)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         peers = {
             "fp32 (no quantization)": lambda model: model,
-            "quantcli rtn int8 (int8-cpu backend)": quantcli_peer(tmp, 8, "int8-cpu"),
-            "quantcli rtn int8 (dequantized)": quantcli_peer(tmp, 8, "auto"),
-            "quantcli rtn int4 g64 (dequantized)": quantcli_peer(tmp, 4, "auto"),
-            "transformers + bitsandbytes int8": bnb("int8"),
-            "transformers + bitsandbytes nf4": bnb("nf4"),
+            "quantcli rtn int8 (int8-cpu backend)": quantcli_peer(setup.path, tmp, 8, "int8-cpu"),
+            "quantcli rtn int8 (dequantized)": quantcli_peer(setup.path, tmp, 8, "auto"),
+            "quantcli rtn int4 g64 (dequantized)": quantcli_peer(setup.path, tmp, 4, "auto"),
+            "transformers + bitsandbytes int8": bnb(setup.path, "int8"),
+            "transformers + bitsandbytes nf4": bnb(setup.path, "nf4"),
             "torch quantize_dynamic qint8": torch_dynamic,
             "optimum-quanto qint8 weights": quanto,
             "torchao Int8WeightOnlyConfig": torchao("Int8WeightOnlyConfig"),
             "torchao Int8DynamicActivationInt8WeightConfig": torchao("Int8DynamicActivationInt8WeightConfig"),
-            "hqq 4-bit g64 (transformers HqqConfig)": hqq,
+            "hqq 4-bit g64 (transformers HqqConfig)": hqq(setup.path),
         }
         for name, make in peers.items():
             try:
@@ -136,8 +142,9 @@ def main() -> None:
             print(name, rows[name], flush=True)
     base_ppl = rows["fp32 (no quantization)"]["perplexity"]
     RESULTS.mkdir(exist_ok=True)
-    summary = {"model": "stories260K", "eval": vars(eval_config), "threads": args.threads, "load_average": os.getloadavg(), "rows": rows}
-    (RESULTS / "peers.json").write_text(json.dumps(summary, indent=2) + "\n")
+    output = setup.output("peers")
+    summary = {"model": setup.label, "caveat": setup.caveat, "eval": vars(eval_config), "threads": args.threads, "load_average": os.getloadavg(), "rows": rows}
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["| library / method | perplexity | Δ ppl | size (KB) | size measured as | quantize s | decode tok/s |", "|---|--:|--:|--:|---|--:|--:|"]
     for name, row in rows.items():
         if "error" in row:
@@ -147,8 +154,9 @@ def main() -> None:
                 f"| {name} | {row['perplexity']:.4f} | {100 * (row['perplexity'] / base_ppl - 1):+.2f}% | {row['size_bytes'] / 1e3:.0f} | {row['size_kind']} |"
                 f" {row['quantize_seconds']:.2f} | {row['decode_tokens_per_s']:.1f} |"
             )
-    lines.append(f"\nstories260K, tinystories:eval {args.max_tokens} tokens, context 256; {args.threads} CPU threads, load average {summary['load_average'][0]:.1f}.")
-    (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
+    lines.append(f"\n{setup.label}, {Path(setup.eval_dataset).name} {max_tokens} tokens, context {setup.seq_len}; {args.threads} CPU threads,"
+                 f" load average {summary['load_average'][0]:.1f}.{' ' + setup.caveat if setup.caveat else ''}")
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

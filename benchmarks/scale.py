@@ -6,6 +6,7 @@ quantizes it to INT4 both ways, each in a fresh process, and records that proces
 size on disk and the largest single layer group. Writes ``benchmarks/results/scale.json``.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py [--layers 24 --hidden 512]
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py --model smollm2   (results/smollm2-scale.json)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import setups
 
 CHILD = r"""
 import json, sys, time
@@ -73,11 +76,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    parser.add_argument("--model", help="smollm2 or a model folder, instead of the synthetic Llama.")
+    parser.add_argument("--out", type=Path, help="Default: results/scale.json, or results/<model>-scale.json with --model.")
     args = parser.parse_args()
+    folder = setups.model_folder(args.model) if args.model else None
+    out = args.out or Path(__file__).parent / "results" / (f"{setups.result_name(args.model, folder)}-scale.json" if folder else "scale.json")
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "llama"
-        build(model, args.layers, args.hidden)
+        model = folder or Path(tmp) / "llama"
+        if folder is None:
+            build(model, args.layers, args.hidden)
         model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         group_bytes = largest_group(model)
         runs = {mode: measure(mode, model, Path(tmp) / mode) for mode in ("sequential", "in-memory")}
@@ -87,15 +94,15 @@ def main() -> None:
         run["work_rss_over_model_size"] = round(run["work_rss"] / model_bytes, 3)
         run["work_rss_over_largest_group"] = round(run["work_rss"] / group_bytes, 2)
     result = {
-        "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": 3 * args.hidden, "vocab": 8192, "dtype": "float32"},
+        "model": {"folder": folder.name} if folder else {"layers": args.layers, "hidden": args.hidden, "intermediate": 3 * args.hidden, "vocab": 8192, "dtype": "float32"},
         "model_bytes": model_bytes,
         "largest_layer_group_bytes": group_bytes,
         "runs": runs,
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "notes": "baseline_rss: RSS after importing torch/transformers/quantcli, before any work. work_rss = peak_rss - baseline_rss.",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -1,10 +1,11 @@
-"""CPU decode speed of a GPT-2-small-shaped model: fp32 vs quantcli INT8 (int8-cpu backend) vs
+"""CPU decode speed of one model: fp32 vs quantcli INT8 (int8-cpu backend) vs
 bitsandbytes INT8, in one run with the same prompt and settings (medians over repeats).
 
-    PYTHONPATH=. python benchmarks/speed.py [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
+    PYTHONPATH=. python benchmarks/speed.py [--model smollm2] [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
 
-The model is GPT2Config() (124M parameters) with random weights, built here and saved to a temp
-folder: speed does not depend on the values. Writes benchmarks/results/speed.json and .md.
+The default model is GPT2Config() (124M parameters) with random weights, built here and saved to a
+temp folder: speed does not depend on the values; it writes benchmarks/results/speed.json and .md.
+``--model smollm2`` (or a folder, see ``benchmarks/setups.py``) writes results/smollm2-speed.*.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+import setups
 from quantcli.checkpoint import load
 from quantcli.config import config_from_mapping
 from quantcli.pipeline import quantize
 from quantcli.speed import BenchConfig, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RANDOM_GPT2 = "gpt2-random"
 
 
 def build(folder: Path) -> Path:
@@ -47,6 +50,7 @@ def bnb_int8(source: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=RANDOM_GPT2, help=f"{RANDOM_GPT2} (GPT2Config(), random weights), smollm2, or a model folder.")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -54,9 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ids = torch.randint(3, 512, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    folder = None if args.model == RANDOM_GPT2 else setups.model_folder(args.model)
+    output = RESULTS / ("speed" if folder is None else f"{setups.result_name(args.model, folder)}-speed")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        source = build(Path(tmp))
+        source = build(Path(tmp)) if folder is None else folder
         start = time.perf_counter()
         quantize(config_from_mapping({"bits": 8, "method": "rtn", "model": str(source), "output": f"{tmp}/int8", "eval": None}))
         quantize_seconds = time.perf_counter() - start
@@ -85,7 +91,7 @@ def main() -> None:
     bnb = results["bitsandbytes int8"].get("decode_tokens_per_s")
     quantcli_int8 = results["quantcli int8 (int8-cpu)"].get("decode_tokens_per_s")
     summary = {
-        "model": "GPT2Config() defaults, random init (124M parameters)",
+        "model": "GPT2Config() defaults, random init (124M parameters)" if folder is None else folder.name,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__},
         "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": 1},
         "quantize_seconds": quantize_seconds,
@@ -94,7 +100,7 @@ def main() -> None:
         "quantcli_int8_vs_bnb_int8": quantcli_int8 / bnb if bnb and quantcli_int8 else None,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["| model | decode tokens/s | latency ms/token | prefill tokens/s | model memory (MB) | vs fp32 |", "|---|--:|--:|--:|--:|--:|"]
     for name, r in results.items():
         if "error" in r:
@@ -102,7 +108,7 @@ def main() -> None:
         else:
             lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['latency_ms_per_token']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['model_memory_bytes'] / 1e6:.0f} | {ratios[name]:.2f}x |")
     lines.append(f"\n{args.threads} CPU threads, load average {summary['machine']['load_average'][0]:.1f}; {args.prompt_tokens} prompt + {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds.")
-    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if summary["quantcli_int8_vs_bnb_int8"]:
         print(f"quantcli int8 / bitsandbytes int8: {summary['quantcli_int8_vs_bnb_int8']:.2f}x")

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from quantcli.gguf_input import summary as gguf_summary
+
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True)
 
@@ -96,6 +98,8 @@ def render_quantize(report: dict[str, Any]) -> None:
     stdout.print(table)
     if before:
         stdout.print(f"perplexity settings: {eval_settings_line(before['settings'], before['tokens_scored'])}")
+    if size.get("original_format"):
+        stdout.print(f"original: {gguf_summary(size['original_format'])}")
     options = ", ".join(f"{k}={v}" for k, v in report["options"].items())
     stdout.print(f"method settings: {options or 'defaults'} · device {report['device']}")
     if report["calibration"]:
@@ -128,6 +132,8 @@ def render_eval(result: dict[str, Any]) -> None:
     table.add_row("model memory", human_bytes(result["memory_bytes"]))
     table.add_row("size on disk", human_bytes(result["disk_bytes"]))
     stdout.print(table)
+    if result.get("source_format"):
+        stdout.print(f"source: {gguf_summary(result['source_format'])}")
     stdout.print(f"settings: {eval_settings_line(result['settings'], result['tokens_scored'])}")
 
 

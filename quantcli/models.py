@@ -28,7 +28,11 @@ def resolve_model(spec: str) -> str:
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise InputError(f"{spec} is a file, not a model folder. Pass the folder that holds config.json.")
+        from quantcli.gguf_input import is_gguf
+
+        if is_gguf(path):
+            return str(path)
+        raise InputError(f"{spec} is a file, not a model folder. Pass the folder that holds config.json, or a .gguf file.")
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep == "\\" and "\\" in spec
     if looks_like_path:
         raise InputError(f"model folder {spec} does not exist. Check the path, or pass a Hub id like 'gpt2'.")
@@ -86,6 +90,10 @@ def _load_error(source: str, error: Exception, what: str) -> ModelLoadError:
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    if Path(source).is_file():  # resolve_model lets only GGUF files through
+        from quantcli import gguf_input
+
+        return gguf_input.load_tokenizer(source)
     refuse_remote_code(source, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -114,6 +122,10 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
 
     # bitsandbytes logs "inputs will be cast to float16" on every int8 CPU matmul; it is expected there.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    if Path(source).is_file():  # resolve_model lets only GGUF files through
+        from quantcli import gguf_input
+
+        return gguf_input.load_model(source, dtype, device, **kwargs)
     refuse_remote_code(source, trust_remote_code)
     kwargs.setdefault("use_safetensors", prefers_safetensors(source))
     try:
@@ -164,6 +176,8 @@ def check_finite(model: Any, source: str) -> None:
 def weight_files(source: str) -> list[Path]:
     """The weight files of a local or cached checkpoint (for sizes on disk)."""
     folder = Path(source)
+    if folder.is_file():  # a GGUF file holds all the weights
+        return [folder]
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 

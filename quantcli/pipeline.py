@@ -12,6 +12,7 @@ from quantcli import __version__
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
 from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
+from quantcli.gguf_input import describe
 from quantcli.data import TextSource, calibration_batch, read_documents, token_sequences
 from quantcli.errors import DatasetError
 from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
@@ -165,7 +166,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
             options=quantized.options,
             recipe=config.to_dict(),
             calibration=None if calibration is None else {**vars(config.calibration), "tokens": int(calibration.numel())},
-            size=size_summary(original, quantized_bytes, quantized_memory),
+            size={**size_summary(original, quantized_bytes, quantized_memory), "original_format": describe(source)},
             perplexity_before=before,
             perplexity_after=after,
             timings=timings,
@@ -211,5 +212,6 @@ def evaluate(
         "backend": backend,
         "memory_bytes": bytes_in_memory(loaded),
         "disk_bytes": bytes_on_disk(weight_files(resolve_model(model))),
+        "source_format": describe(resolve_model(model)),
         **result.to_dict(),
     }

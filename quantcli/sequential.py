@@ -36,6 +36,8 @@ def source_tensors(source: str) -> dict[str, Path]:
     from safetensors import safe_open
 
     folder = Path(source)
+    if folder.is_file():  # resolve_model lets only GGUF files through
+        raise InputError(f"--sequential streams safetensors weights, and {source} is a GGUF file, which is read whole. Drop --sequential.")
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
