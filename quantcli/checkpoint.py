@@ -162,7 +162,7 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return metadata
 
 
-BACKENDS = ("auto", "int8-cpu")
+BACKENDS = ("auto", "int8-cpu", "int4-cpu")
 
 
 def load(
@@ -170,8 +170,9 @@ def load(
 ) -> tuple[Any, Any, dict[str, Any] | None]:
     """Load a checkpoint quantcli wrote (or any causal LM): ``(model, tokenizer, metadata)``.
 
-    ``backend="int8-cpu"`` runs an RTN INT8 checkpoint with torch's int8 kernels on CPU (see
-    :mod:`quantcli.int8cpu`); ``"auto"`` runs every checkpoint with dequantized weights.
+    ``backend="int8-cpu"`` / ``"int4-cpu"`` runs an rtn/gptq INT8 / INT4 checkpoint with torch's
+    weight-only integer kernels on CPU (see :mod:`quantcli.cpu_kernels`); ``"auto"`` runs every
+    checkpoint with dequantized weights.
     """
     from quantcli.models import check_vocab, load_tokenizer, pick_device, resolve_model
 
@@ -192,10 +193,10 @@ def load(
             f"cannot read the checkpoint {path} ({type(error).__name__}: {why}). It is corrupt or incomplete:"
             " re-run quantcli quantize, or download it again."
         ) from error
-    if backend == "int8-cpu":
-        from quantcli.int8cpu import convert
+    if backend != "auto":
+        from quantcli.cpu_kernels import convert
 
-        model = convert(model, metadata, str(next(model.parameters()).device))
+        model = convert(model, metadata, str(next(model.parameters()).device), source, backend)
     return model, tokenizer, metadata
 
 
