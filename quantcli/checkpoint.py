@@ -182,6 +182,10 @@ def load(
     source = resolve_model(str(path))
     metadata = read_metadata(Path(source)) if Path(source).is_dir() else None
     device = pick_device(device)
+    if backend != "auto":
+        from quantcli.cpu_kernels import convert, kernel_layers
+
+        layers = kernel_layers(backend, metadata, device)  # refuse before the model loads
     try:
         model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
         check_vocab(model, tokenizer, str(path))
@@ -194,9 +198,7 @@ def load(
             " re-run quantcli quantize, or download it again."
         ) from error
     if backend != "auto":
-        from quantcli.cpu_kernels import convert
-
-        model = convert(model, metadata, str(next(model.parameters()).device), source, backend)
+        model = convert(model, layers, source, backend)
     return model, tokenizer, metadata
 
 

@@ -158,16 +158,9 @@ def _int4_module(steps: torch.Tensor, scale: torch.Tensor, bias: Any) -> Any:
     return Int4WeightOnlyLinear(unsigned, scale, (8 - offset).float() * scale, kernel_group, bias)
 
 
-def _check_available(backend: str, device: str) -> None:
-    if device != "cpu":
-        raise UnavailableError(f"backend {backend} runs on CPU only, not {device}. Pass --device cpu or use --backend auto.")
-    needed = "_weight_int8pack_mm" if backend == "int8-cpu" else "_weight_int4pack_mm_for_cpu"
-    if not hasattr(torch, needed):
-        raise UnavailableError(f"backend {backend} needs torch.{needed} (torch >= 2.6); this is torch {torch.__version__}. Upgrade torch or use --backend auto.")
-
-
-def convert(model: Any, metadata: dict[str, Any] | None, device: str, folder: str | Path, backend: str) -> Any:
-    """Swap the integer layers of ``model`` (loaded dense from ``folder``) for weight-only kernel layers."""
+def kernel_layers(backend: str, metadata: dict[str, Any] | None, device: str) -> dict[str, dict[str, Any]]:
+    """The checkpoint's layers ``backend`` runs, from its metadata; raises before any model loads
+    when the backend cannot run here or the checkpoint has no such layers."""
     bits = BACKEND_BITS[backend]
     layers = {name: layer for name, layer in ((metadata or {}).get("layers") or {}).items() if layer.get("bits") in bits}
     if not layers:
@@ -175,7 +168,16 @@ def convert(model: Any, metadata: dict[str, Any] | None, device: str, folder: st
         other = next((name for name, b in BACKEND_BITS.items() if stored in b), None)
         hint = f"This checkpoint is {stored}-bit: use --backend {other}." if other else "Use --backend auto."
         raise UnavailableError(f"backend {backend} runs quantcli rtn/gptq checkpoints of {'/'.join(map(str, bits))} bits. {hint}")
-    _check_available(backend, device)
+    if device != "cpu":
+        raise UnavailableError(f"backend {backend} runs on CPU only, not {device}. Pass --device cpu or use --backend auto.")
+    needed = "_weight_int8pack_mm" if backend == "int8-cpu" else "_weight_int4pack_mm_for_cpu"
+    if not hasattr(torch, needed):
+        raise UnavailableError(f"backend {backend} needs torch.{needed} (torch >= 2.6); this is torch {torch.__version__}. Upgrade torch or use --backend auto.")
+    return layers
+
+
+def convert(model: Any, layers: dict[str, dict[str, Any]], folder: str | Path, backend: str) -> Any:
+    """Swap ``layers`` of ``model`` (loaded dense from ``folder``) for weight-only kernel layers."""
     modules = dict(model.named_modules())
     scales = _stored_scales(Path(folder), list(layers))
     dense: dict[str, str] = {}
@@ -185,7 +187,7 @@ def convert(model: Any, metadata: dict[str, Any] | None, device: str, folder: st
         scale = scales.get(name)
         if scale is None:
             scale = recover_symmetric(matrix, layer["bits"], layer.get("group_size"))
-        steps = None if scale is None else _steps(matrix, scale.reshape(matrix.shape[0], -1))
+        steps = _steps(matrix, scale.reshape(matrix.shape[0], -1))
         if steps is None:
             dense[name] = "its integers could not be recovered from the checkpoint"
             continue

@@ -107,11 +107,14 @@ def test_gpt2_conv1d_stored_dense_recovers_its_integers(tiny_gpt2, tmp_path, pro
     assert (a - b).abs().max() < 0.02 * a.abs().max()
 
 
-def test_refuses_wrong_checkpoints(stories_path, checkpoints):
+def test_refuses_wrong_checkpoints_before_loading_the_model(stories_path, checkpoints, tmp_path):
     with pytest.raises(UnavailableError, match="runs quantcli rtn/gptq checkpoints of 8 bits. Use --backend auto."):
         load(stories_path, "cpu", backend="int8-cpu")
+    metadata_only = tmp_path / "no-weights"  # the refusal comes from the metadata, before any weight is read
+    metadata_only.mkdir()
+    (metadata_only / "quantcli.json").write_text((checkpoints / "w4" / "quantcli.json").read_text())
     with pytest.raises(UnavailableError, match="This checkpoint is 4-bit: use --backend int4-cpu."):
-        load(checkpoints / "w4", "cpu", backend="int8-cpu")
+        load(metadata_only, "cpu", backend="int8-cpu")
 
 
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason=f"SmolLM2 not at {SMOLLM2} (set QUANTCLI_SMOLLM2)")
