@@ -60,10 +60,25 @@ def _rss_high_water() -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand memory freed by earlier models back to the OS (glibc ``malloc_trim``), so this run's
+    activations grow the RSS instead of silently reusing it; a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Memory:
     """Peak memory of the runs: the CUDA allocator peak, or on CPU the process's RSS high-water mark
     (Linux resets it through ``/proc/self/clear_refs``; elsewhere RSS sampled after every forward)
-    minus the RSS before the first run, warm-up included: activations, KV cache, allocator growth."""
+    minus the RSS before the first run, warm-up included (free heap released to the OS first):
+    activations, KV cache, allocator growth."""
 
     def __init__(self, device: Any) -> None:
         import psutil
@@ -74,6 +89,8 @@ class _Memory:
         if self.cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        else:
+            _release_free_heap()
         self.device = device
         self.start = self.process.memory_info().rss
         try:
