@@ -1,11 +1,14 @@
-"""CPU decode speed of one model: fp32 vs quantcli INT8 (int8-cpu backend) vs
-bitsandbytes INT8, in one run with the same prompt and settings (medians over repeats).
+"""CPU decode speed of fp32 vs quantcli INT8 (int8-cpu) and INT4 (int4-cpu) weight-only kernels vs
+bitsandbytes INT8 (and torchao INT8 weight-only when importable), in one run with the same prompt.
 
-    PYTHONPATH=. python benchmarks/speed.py [--model smollm2] [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
+    PYTHONPATH=. python benchmarks/speed.py [--model gpt2-random|smollm2|FOLDER] [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
+    PYTHONPATH=.:.peers python benchmarks/speed.py --model "$QUANTCLI_SMOLLM2"   # with torchao from `make bench-peers`
 
-The default model is GPT2Config() (124M parameters) with random weights, built here and saved to a
-temp folder: speed does not depend on the values; it writes benchmarks/results/speed.json and .md.
-``--model smollm2`` (or a folder, see ``benchmarks/setups.py``) writes results/smollm2-speed.*.
+``--model gpt2-random`` (default) is GPT2Config() (124M parameters) with random weights, built here:
+speed does not depend on the values. ``smollm2`` or a folder (see ``benchmarks/setups.py``) is used as it is and writes results/<model>-speed.*.
+quantcli's checkpoints are rtn INT8 (per channel) and rtn INT4 (groups of 64). Rounds interleave
+the models so load from other processes hits them alike; medians per model. Writes
+benchmarks/results/speed.json and .md.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RANDOM_GPT2 = "gpt2-random"
 
 
-def build(folder: Path) -> Path:
+def build_gpt2(folder: Path) -> Path:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from quantcli.models import EMBEDDED_MODEL
@@ -48,6 +51,15 @@ def bnb_int8(source: Path):
     return AutoModelForCausalLM.from_pretrained(source, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu").eval()
 
 
+def torchao_int8(source: Path):
+    import torchao.quantization as tq
+
+    model = load(source, "cpu")[0]
+    head = model.get_output_embeddings()
+    tq.quantize_(model, tq.Int8WeightOnlyConfig(), filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and module is not head)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=RANDOM_GPT2, help=f"{RANDOM_GPT2} (GPT2Config(), random weights), smollm2, or a model folder.")
@@ -62,15 +74,18 @@ def main() -> None:
     output = RESULTS / ("speed" if folder is None else f"{setups.result_name(args.model, folder)}-speed")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        source = build(Path(tmp)) if folder is None else folder
-        start = time.perf_counter()
-        quantize(config_from_mapping({"bits": 8, "method": "rtn", "model": str(source), "output": f"{tmp}/int8", "eval": None}))
-        quantize_seconds = time.perf_counter() - start
+        source = build_gpt2(Path(tmp)) if folder is None else folder
+        quantize_seconds = {}
+        for bits in (8, 4):
+            start = time.perf_counter()
+            quantize(config_from_mapping({"bits": bits, "method": "rtn", "model": str(source), "output": f"{tmp}/int{bits}", "eval": None}))
+            quantize_seconds[f"int{bits}"] = time.perf_counter() - start
         candidates = {
             "fp32": lambda: load(source, "cpu")[0],
-            "quantcli int8 (int8-cpu)": lambda: load(f"{tmp}/int8", "cpu", backend="int8-cpu")[0],
-            "quantcli int8 (dequantized, default backend)": lambda: load(f"{tmp}/int8", "cpu")[0],
+            "quantcli int8 (int8-cpu, weight-only)": lambda: load(f"{tmp}/int8", "cpu", backend="int8-cpu")[0],
+            "quantcli int4 (int4-cpu, packed)": lambda: load(f"{tmp}/int4", "cpu", backend="int4-cpu")[0],
             "bitsandbytes int8": lambda: bnb_int8(source),
+            "torchao Int8WeightOnlyConfig": lambda: torchao_int8(source),
         }
         models = {}
         for name, build_model in candidates.items():
@@ -78,7 +93,6 @@ def main() -> None:
                 models[name] = build_model()
             except Exception as error:  # noqa: BLE001 - a peer that cannot run here is reported, not skipped
                 results[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
-        # rounds interleave the models, so load from other processes hits them alike; medians per model
         rounds: dict[str, list[dict]] = {name: [] for name in models}
         for index in range(args.repeats):
             for name, model in models.items():
@@ -86,32 +100,35 @@ def main() -> None:
         for name, runs in rounds.items():
             results[name] = {key: statistics.median(run[key] for run in runs) if isinstance(runs[0][key], (int, float)) else runs[0][key] for key in runs[0]}
             print(f"{name}: {results[name]['decode_tokens_per_s']:.1f} decode tokens/s", flush=True)
+        dense_layers = {name: len(getattr(models.get(name), "cpu_kernels_dense", {})) for name in models if name.startswith("quantcli")}
     fp32 = results["fp32"]["decode_tokens_per_s"]
     ratios = {name: r["decode_tokens_per_s"] / fp32 for name, r in results.items() if "decode_tokens_per_s" in r}
-    bnb = results["bitsandbytes int8"].get("decode_tokens_per_s")
-    quantcli_int8 = results["quantcli int8 (int8-cpu)"].get("decode_tokens_per_s")
     summary = {
         "model": "GPT2Config() defaults, random init (124M parameters)" if folder is None else folder.name,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__},
         "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": 1},
         "quantize_seconds": quantize_seconds,
+        "quantcli_layers_left_dense": dense_layers,
         "results": results,
         "decode_speedup_vs_fp32": ratios,
-        "quantcli_int8_vs_bnb_int8": quantcli_int8 / bnb if bnb and quantcli_int8 else None,
     }
     RESULTS.mkdir(exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| model | decode tokens/s | latency ms/token | prefill tokens/s | model memory (MB) | vs fp32 |", "|---|--:|--:|--:|--:|--:|"]
+    lines = ["| model | decode tokens/s | latency ms/token | prefill tokens/s | model memory (MB) | peak memory (MB) | vs fp32 |", "|---|--:|--:|--:|--:|--:|--:|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | n/a ({r['error']}) | | | | |")
+            lines.append(f"| {name} | n/a ({r['error']}) | | | | | |")
         else:
-            lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['latency_ms_per_token']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['model_memory_bytes'] / 1e6:.0f} | {ratios[name]:.2f}x |")
-    lines.append(f"\n{args.threads} CPU threads, load average {summary['machine']['load_average'][0]:.1f}; {args.prompt_tokens} prompt + {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds.")
+            lines.append(
+                f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['latency_ms_per_token']:.1f} | {r['prefill_tokens_per_s']:.0f}"
+                f" | {r['model_memory_bytes'] / 1e6:.0f} | {r['peak_memory_bytes'] / 1e6:.0f} | {ratios[name]:.2f}x |"
+            )
+    lines.append(
+        f"\n{summary['model']}; {args.threads} CPU threads, load average {summary['machine']['load_average'][0]:.1f};"
+        f" {args.prompt_tokens} prompt + {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds."
+    )
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if summary["quantcli_int8_vs_bnb_int8"]:
-        print(f"quantcli int8 / bitsandbytes int8: {summary['quantcli_int8_vs_bnb_int8']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return metadata
 
 
-BACKENDS = ("auto", "int8-cpu")
+BACKENDS = ("auto", "int8-cpu", "int4-cpu")
 
 
 def load(
@@ -180,8 +180,9 @@ def load(
 ) -> tuple[Any, Any, dict[str, Any] | None]:
     """Load a checkpoint quantcli wrote (or any causal LM): ``(model, tokenizer, metadata)``.
 
-    ``backend="int8-cpu"`` runs an RTN INT8 checkpoint with torch's int8 kernels on CPU (see
-    :mod:`quantcli.int8cpu`); ``"auto"`` runs every checkpoint with dequantized weights.
+    ``backend="int8-cpu"`` / ``"int4-cpu"`` runs an rtn/gptq INT8 / INT4 checkpoint with torch's
+    weight-only integer kernels on CPU (see :mod:`quantcli.cpu_kernels`); ``"auto"`` runs every
+    checkpoint with dequantized weights.
     """
     from quantcli.models import check_vocab, load_tokenizer, pick_device, resolve_model
 
@@ -195,6 +196,10 @@ def load(
 
         check_metadata_fields(metadata, Path(source) / METADATA_FILE)
     device = pick_device(device)
+    if backend != "auto":
+        from quantcli.cpu_kernels import convert, kernel_layers
+
+        layers = kernel_layers(backend, metadata, device)  # refuse before the model loads
     try:
         model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
         check_vocab(model, tokenizer, str(path))
@@ -214,10 +219,8 @@ def load(
             f"cannot read the checkpoint {path} ({type(error).__name__}: {why}). It is corrupt or incomplete:"
             " re-run quantcli quantize, or download it again."
         ) from error
-    if backend == "int8-cpu":
-        from quantcli.int8cpu import convert
-
-        model = convert(model, metadata, str(next(model.parameters()).device))
+    if backend != "auto":
+        model = convert(model, layers, source, backend)
     return model, tokenizer, metadata
 
 

@@ -168,7 +168,7 @@ def quantize(
         from quantcli.sequential import quantize_sequential
 
         summary = quantize_sequential(config, console.RichProgress(enabled=not quiet))
-        console.print_json(summary) if json_output else print(f"wrote {summary['output']}: {summary['shards']} shards, {summary['disk_bytes']:,} bytes")
+        console.print_json(summary) if json_output else print(f"wrote {summary['output']}: {summary['shards']} shards, {summary['disk_bytes']:,} bytes\n{summary['grouping']['summary']}")
         return
     report = run_quantize(config, console.RichProgress(enabled=not quiet))
     data = report.to_dict()
@@ -190,7 +190,7 @@ def eval_command(
     doc_separator: Optional[str] = typer.Option(None, "--doc-separator", help="With --protocol documents: the string that separates documents in a plain text file."),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model: also report KL divergence and top-1 agreement."),
-    backend: str = typer.Option("auto", "--backend", help="auto (dequantized weights) or int8-cpu (torch int8 kernels for RTN INT8 checkpoints on CPU)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (dequantized weights), int8-cpu or int4-cpu (torch weight-only integer kernels for rtn/gptq INT8 or INT4 checkpoints on CPU)."),
     device: str = DEVICE_OPTION,
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -249,7 +249,7 @@ def compare(
         console.render_compare(result)
 
 
-BACKEND_OPTION = typer.Option("auto", "--backend", help="auto (dequantized weights) or int8-cpu (torch int8 kernels for RTN INT8 checkpoints on CPU).")
+BACKEND_OPTION = typer.Option("auto", "--backend", help="auto (dequantized weights), int8-cpu or int4-cpu (torch weight-only integer kernels for rtn/gptq INT8 or INT4 checkpoints on CPU).")
 
 
 @app.command()

@@ -105,6 +105,8 @@ def render_quantize(report: dict[str, Any]) -> None:
     if report["calibration"]:
         calib = report["calibration"]
         stdout.print(f"calibration: {calib['dataset']} · {calib['samples']} × {calib['seq_len']} tokens · seed {calib['seed']}")
+    if report.get("grouping"):
+        stdout.print(report["grouping"]["summary"])
     for name, note in report["fallbacks"].items():
         stdout.print(f"[yellow]fallback[/] {name}: {note}")
     render_gates(report.get("gates") or [])

@@ -1,8 +1,13 @@
 """Integer weight layouts shared by RTN and GPTQ: per-layer grouping plans and quantized tensors.
 
-The group rule, one for every method: a layer whose ``in_features`` the group size does not
-divide is quantized per output channel instead (stories260K's ``down_proj`` has 172 inputs), and
-the report lists it. A group size that divides none of the selected layers is an input error.
+The group rule, one for rtn and gptq (:func:`group_size_for`): compressed-tensors 0.20 cannot
+store a partial last group (its group quantization raises unless the group size divides
+``in_features``), so a layer whose width the requested size does not divide gets the largest
+``size / 2**k`` of at least 32 that divides it (128 -> 64 on SmolLM2's 576-wide layers: vLLM's
+Marlin kernels take groups of 32, 64 and 128, torch's int4 CPU kernel 32-256), else the divisor of
+its width nearest the request (at least 8; stories260K's 172-wide ``down_proj`` gets 43).
+:func:`describe_grouping` states the outcome once for the report. Per channel only when asked
+(``-1``); a group size that divides none of the selected layers is an input error.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_GROUP_SIZE = 64
+SMALLEST_KERNEL_GROUP = 32  # vLLM Marlin: -1, 32, 64, 128; Machete: -1, 128; torch int4 CPU: 32-256
+SMALLEST_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -59,23 +66,51 @@ def check_observer(observer: str) -> str:
     return observer
 
 
+def group_size_for(in_features: int, requested: int) -> int:
+    """The group size a layer of ``in_features`` inputs gets when ``requested`` is asked (see above)."""
+    size = requested
+    while size % 2 == 0 and size // 2 >= SMALLEST_KERNEL_GROUP and in_features % size:
+        size //= 2
+    if in_features % size == 0:
+        return size
+    divisors = [d for d in range(SMALLEST_GROUP, in_features + 1) if in_features % d == 0] or [in_features]
+    return min(divisors, key=lambda d: (abs(d - requested), d))
+
+
 def plan_layouts(
     model: Any, names: tuple[str, ...], bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax"
-) -> dict[str, tuple[IntLayout, str | None]]:
-    """Each layer's layout and, where the group rule changed it, the reason."""
+) -> dict[str, IntLayout]:
+    """Each layer's layout, group sizes by :func:`group_size_for`."""
     modules = dict(model.named_modules())
-    plan: dict[str, tuple[IntLayout, str | None]] = {}
-    for name in names:
-        in_features = weight_matrix(modules[name]).shape[1]
-        if group_size is None or in_features % group_size == 0:
-            plan[name] = (IntLayout(bits, symmetric, group_size, observer), None)
-        else:
-            note = f"per-channel: group size {group_size} does not divide in_features {in_features}"
-            plan[name] = (IntLayout(bits, symmetric, None, observer), note)
-    if group_size is not None and all(note for _, note in plan.values()):
-        widths = sorted({weight_matrix(modules[n]).shape[1] for n in names})
+    widths = {name: weight_matrix(modules[name]).shape[1] for name in names}
+    if group_size is not None and all(width % group_size for width in widths.values()):
+        listed = sorted(set(widths.values()))
         raise InputError(
-            f"group size {group_size} divides none of the selected layers' input widths ({', '.join(map(str, widths))})."
-            f" Pick a divisor of them, e.g. {min(widths) // 2 if min(widths) % 2 == 0 else min(widths)}, or -1 for per-channel."
+            f"group size {group_size} divides none of the selected layers' input widths ({', '.join(map(str, listed))})."
+            f" Pick a divisor of them, e.g. {min(listed) // 2 if min(listed) % 2 == 0 else min(listed)}, or -1 for per-channel."
         )
-    return plan
+    return {
+        name: IntLayout(bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer)
+        for name, width in widths.items()
+    }
+
+
+def describe_grouping(requested: int | None, layers: dict[str, tuple[int, int | None]]) -> dict[str, Any]:
+    """How the integer layers were grouped, stated once: ``layers`` maps names to
+    ``(in_features, group_size)``; returns the request, layer counts per size used, the widths that
+    got another size, and a one-line summary."""
+    used: dict[str, int] = {}
+    changed: dict[tuple[int, int | None], int] = {}
+    for width, size in layers.values():
+        key = "channel" if size is None else str(size)
+        used[key] = used.get(key, 0) + 1
+        if size != requested:
+            changed[width, size] = changed.get((width, size), 0) + 1
+    if requested is None:
+        summary = f"grouping: per channel, all {len(layers)} integer layers"
+    else:
+        parts = [f"{used.get(str(requested), 0)} layers in groups of {requested}"]
+        parts += [f"{count} layers with in_features {width} in groups of {size} ({requested} does not divide {width})" for (width, size), count in sorted(changed.items())]
+        summary = "grouping: " + "; ".join(parts)
+    changed_widths = {str(width): size for width, size in sorted(changed)}
+    return {"requested": requested, "layers_per_group_size": used, "changed_widths": changed_widths, "summary": summary}

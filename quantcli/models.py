@@ -270,8 +270,7 @@ def _quantization_tensors(module: Any) -> list[Any]:
     scb = getattr(getattr(module, "weight", None), "SCB", None)
     if scb is None:
         scb = getattr(getattr(module, "state", None), "SCB", None)
-    extra = getattr(module, "memory_tensors", None)  # quantcli.int8cpu.Int8Linear keeps prepacked weights
-    return [*tensors, scb, *(extra() if extra else [])]
+    return [*tensors, scb]
 
 
 def bytes_in_memory(model: Any) -> int:

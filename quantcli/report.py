@@ -54,6 +54,15 @@ class QuantizeReport:
         return {name: layer.note for name, layer in self.layers.items() if layer.note}
 
     @property
+    def grouping(self) -> dict[str, Any] | None:
+        """How rtn/gptq grouped the integer layers, stated once (None for methods without groups)."""
+        if "group_size" not in self.options:
+            return None
+        from quantcli.intweights import describe_grouping
+
+        return describe_grouping(self.options["group_size"], {name: (layer.shape[1], layer.group_size) for name, layer in self.layers.items() if layer.shape})
+
+    @property
     def perplexity_delta(self) -> dict[str, float] | None:
         if not (self.perplexity_before and self.perplexity_after):
             return None
@@ -65,4 +74,5 @@ class QuantizeReport:
         data["layers"] = {name: asdict(layer) for name, layer in self.layers.items()}
         data["perplexity_delta"] = self.perplexity_delta
         data["fallbacks"] = self.fallbacks
+        data["grouping"] = self.grouping
         return data

@@ -23,9 +23,9 @@ from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, RESUME_FILE, atom
 from quantcli.config import QuantizeConfig
 from quantcli.errors import InputError, ResumableInterrupt, UnavailableError
 from quantcli.finite import check_weight_range
-from quantcli.intweights import plan_layouts
+from quantcli.intweights import describe_grouping, plan_layouts
 from quantcli.methods import get_method
-from quantcli.models import is_conv1d, load_tokenizer, resolve_model, select_modules
+from quantcli.models import is_conv1d, load_tokenizer, resolve_model, select_modules, weight_matrix
 from quantcli.progress import NullProgress, Progress
 
 LAYER = re.compile(r"^(.*?\.(\d+))\.")  # the first numbered module in a path is its decoder block
@@ -94,7 +94,7 @@ def _quantize_group(tensors: dict[str, Any], plan: dict[str, Any], modules: dict
         if not key.endswith(".weight") or layer not in plan:
             out[key] = tensor
             continue
-        layout = plan[layer][0]
+        layout = plan[layer]
         check_weight_range(layer, tensor, "")
         scale, zero_point = ops.compute_qparams(tensor, layout.bits, layout.symmetric, layout.group_size, layout.observer)
         q = ops.quantize(tensor, scale, zero_point, layout.bits, layout.group_size)
@@ -136,7 +136,7 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
     if any(is_conv1d(modules[name]) for name in selection.names):
         raise UnavailableError("--sequential supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
     plan = plan_layouts(skeleton, selection.names, rtn.bits, rtn.symmetric, rtn.group_size, rtn.observer)
-    apply_config(skeleton, {name: layout for name, (layout, _) in plan.items()})
+    apply_config(skeleton, plan)
     groups = layer_groups(list(where))
     settings = {"source": str(Path(source).resolve()), "bits": rtn.bits, "group_size": rtn.group_size, "symmetric": rtn.symmetric, "observer": rtn.observer, "skip_modules": list(config.skip_modules)}
     shards = [f"model-{index:05d}-of-{len(groups):05d}.safetensors" for index in range(1, len(groups) + 1)]
@@ -180,14 +180,15 @@ def quantize_sequential(config: QuantizeConfig, progress: Progress | None = None
         compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
         compressor.update_config(str(staging))
         load_tokenizer(source, config.trust_remote_code).save_pretrained(staging)
-        layers = {name: {"bits": layout.bits, "scheme": "group" if layout.group_size else "channel", "group_size": layout.group_size, "note": note} for name, (layout, note) in plan.items()}
+        layers = {name: {"bits": layout.bits, "scheme": "group" if layout.group_size else "channel", "group_size": layout.group_size, "note": None} for name, layout in plan.items()}
         write_json(staging / METADATA_FILE, {
             "format_version": FORMAT_VERSION, "quantcli_version": __version__, "method": "rtn", "bits": rtn.bits,
             "format": "compressed-tensors", "options": {"group_size": rtn.group_size, "symmetric": rtn.symmetric, "observer": rtn.observer, "sequential": True},
             "source_model": config.model, "layers": layers, "skipped": selection.skipped,
         })
         (staging / RESUME_FILE).unlink()
-    return {"model": config.model, "output": str(output), "method": "rtn", "bits": rtn.bits, "shards": len(shards), "resumed_shards": resumed, "disk_bytes": total}
+    grouping = describe_grouping(rtn.group_size, {name: (weight_matrix(modules[name]).shape[1], layout.group_size) for name, layout in plan.items()})
+    return {"model": config.model, "output": str(output), "method": "rtn", "bits": rtn.bits, "shards": len(shards), "resumed_shards": resumed, "disk_bytes": total, "grouping": grouping}
 
 
 def _nbytes(handle: Any, key: str) -> int:

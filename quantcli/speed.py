@@ -3,8 +3,8 @@ peak memory, model memory; medians over repeats after warm-up, optionally agains
 
 Decode is timed token by token (one forward of one token with the KV cache, greedy argmax), so the
 numbers exclude sampling and ``generate`` bookkeeping. Peak memory is ``torch.cuda.max_memory_allocated``
-on CUDA and, on CPU, the process RSS peak sampled around every forward (psutil) minus the RSS before
-the first run: an estimate of activations, KV cache and allocator growth.
+on CUDA and, on CPU, the process's RSS high-water mark over the runs (warm-up included) minus the RSS
+before the first run: activations, KV cache and allocator growth (see :class:`_Memory`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from quantcli.config import DEFAULT_EVAL_DATASET, check_positive
@@ -51,8 +52,36 @@ def prompt_ids(tokenizer: Any, config: BenchConfig) -> Any:
     return stream[None]
 
 
+def _rss_high_water() -> int | None:
+    """The kernel's peak RSS of this process since the last reset (Linux ``VmHWM``), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_heap() -> None:
+    """Hand memory freed by earlier models back to the OS (glibc ``malloc_trim``), so this run's
+    activations grow the RSS instead of silently reusing it; a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Memory:
-    """Peak memory of the runs: CUDA allocator peak, or sampled process RSS on CPU."""
+    """Peak memory of the runs: the CUDA allocator peak, or on CPU the process's RSS high-water mark
+    (Linux resets it through ``/proc/self/clear_refs``; elsewhere RSS sampled after every forward)
+    minus the RSS before the first run, warm-up included (free heap released to the OS first):
+    activations, KV cache, allocator growth."""
 
     def __init__(self, device: Any) -> None:
         import psutil
@@ -63,20 +92,29 @@ class _Memory:
         if self.cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+        else:
+            _release_free_heap()
         self.device = device
         self.start = self.process.memory_info().rss
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.high_water = _rss_high_water() is not None
+        except OSError:
+            self.high_water = False
         self.peak = self.start
 
     def sample(self) -> None:
         if not self.cuda:
             self.peak = max(self.peak, self.process.memory_info().rss)
 
-    def result(self) -> dict[str, int]:
+    def result(self) -> dict[str, Any]:
         import torch
 
         if self.cuda:
             return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)), "peak_memory_kind": "cuda_max_memory_allocated"}
-        return {"peak_memory_bytes": int(self.peak - self.start), "peak_rss_bytes": int(self.peak), "peak_memory_kind": "cpu_rss_increase"}
+        peak = max(self.peak, _rss_high_water() or 0) if self.high_water else self.peak
+        kind = "cpu_rss_high_water_increase" if self.high_water else "cpu_rss_sampled_increase"
+        return {"peak_memory_bytes": int(peak - self.start), "peak_rss_bytes": int(peak), "peak_memory_kind": kind}
 
 
 def _run(model: Any, ids: Any, new_tokens: int, memory: _Memory) -> tuple[float, list[float]]:
@@ -114,9 +152,9 @@ def measure(model: Any, ids: Any, config: BenchConfig) -> dict[str, Any]:
 
     device = next(model.parameters()).device
     ids = ids.to(device)
+    memory = _Memory(device)  # before warm-up: the first run is where activations and caches grow
     for _ in range(config.warmup):
-        _run(model, ids, min(config.new_tokens, 8), _Memory(device))
-    memory = _Memory(device)
+        _run(model, ids, min(config.new_tokens, 8), memory)
     prefills, decodes, latencies = [], [], []
     for _ in range(config.repeats):
         prefill, steps = _run(model, ids, config.new_tokens, memory)

@@ -23,7 +23,7 @@ def test_bench_json_against_base(tmp_path, stories_path):
         assert set(data[side]) == MODEL_KEYS
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "latency_ms_per_token", "model_memory_bytes"):
             assert data[side][key] > 0
-        assert data[side]["peak_memory_bytes"] >= 0
+        assert data[side]["peak_memory_bytes"] > 0 and data[side]["peak_memory_kind"] == "cpu_rss_high_water_increase"
     assert data["model"]["model_memory_bytes"] == data["base"]["model_memory_bytes"]
     assert set(data["speedup"]) == {"prefill", "decode"} and all(v > 0 for v in data["speedup"].values())
     assert data["gates"] == []
@@ -34,3 +34,17 @@ def test_bench_table_and_bad_option():
     assert ok.returncode == 0 and "decode tokens/s" in ok.stdout and ok.stderr == ""
     bad = subprocess.run([sys.executable, "-m", "quantcli", "bench", "--repeats", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--repeats must be a positive integer" in bad.stderr
+
+
+def test_cpu_peak_catches_memory_freed_before_any_sample():
+    """The RSS high-water mark sees a 200 MB activation that is gone before the next sample."""
+    import torch
+
+    from quantcli.speed import _Memory
+
+    memory = _Memory(torch.device("cpu"))
+    torch.ones(50_000_000).add_(1)  # 200 MB, allocated and freed between samples
+    memory.sample()
+    result = memory.result()
+    assert result["peak_memory_kind"] == "cpu_rss_high_water_increase"
+    assert result["peak_memory_bytes"] >= 190_000_000

@@ -84,7 +84,7 @@ def layer_inputs(calibration):
 
 @pytest.mark.parametrize("name, bits, group_size, act_order, symmetric", [
     (GATE, 4, 32, False, True), (GATE, 4, 32, True, True), (GATE, 3, 32, False, True), (DOWN, 3, None, False, True),
-    (GATE, 4, 32, True, False), (DOWN, 4, None, False, False),
+    (GATE, 4, 32, True, False), (DOWN, 4, None, False, False), (DOWN, 4, 43, True, True), (DOWN, 4, 43, False, True),
 ])
 def test_layer_error_below_round_to_nearest(layer_inputs, name, bits, group_size, act_order, symmetric):
     weight, x = layer_inputs[name]
@@ -173,7 +173,8 @@ def test_perplexity_below_round_to_nearest(checkpoints):
     assert gptq.perplexity_delta["absolute"] < 0.6 * rtn.perplexity_delta["absolute"]
     assert gptq.stats["calibration_tokens"] == CALIB.samples * CALIB.seq_len
     assert gptq.stats["peak_rss_bytes"] > 0 and gptq.stats["decoder_blocks"] == "model.layers (5)"
-    assert gptq.fallbacks[DOWN].startswith("per-channel: group size 32 does not divide in_features 172")
+    assert gptq.layers[DOWN].group_size == 43 and DOWN not in gptq.fallbacks
+    assert gptq.grouping["changed_widths"] == {"172": 43}
 
 
 def test_checkpoint_loads_everywhere_with_identical_logits(checkpoints, tokenizer, calibration):

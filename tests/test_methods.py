@@ -70,13 +70,20 @@ def test_sizes_shrink_as_bits_shrink(runs):
     assert runs["rtn4"]["size"]["quantized_bits_per_weight"] < 9 < runs["rtn8"]["size"]["quantized_bits_per_weight"] < 16
 
 
-def test_down_proj_falls_back_to_per_channel_and_is_reported(runs):
+def test_down_proj_gets_the_nearest_dividing_group_size_stated_once(runs):
+    """32 does not divide down_proj's 172 inputs: it gets groups of 43, said in one summary, no per-layer notes."""
     layers = runs["rtn4"]["layers"]
-    assert layers["model.layers.0.mlp.down_proj"]["scheme"] == "channel"
+    assert layers["model.layers.0.mlp.down_proj"] == {"bits": 4, "scheme": "group", "group_size": 43, "shape": (64, 172), "note": None}
     assert layers["model.layers.0.self_attn.q_proj"] == {
         "bits": 4, "scheme": "group", "group_size": 32, "shape": (64, 64), "note": None,
     }
-    assert set(runs["rtn4"]["fallbacks"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(5)}
+    assert runs["rtn4"]["fallbacks"] == {}
+    assert runs["rtn4"]["grouping"] == {
+        "requested": 32, "layers_per_group_size": {"32": 30, "43": 5}, "changed_widths": {"172": 43},
+        "summary": "grouping: 30 layers in groups of 32; 5 layers with in_features 172 in groups of 43 (32 does not divide 172)",
+    }
+    assert runs["rtn8"]["grouping"]["summary"] == "grouping: per channel, all 35 integer layers"
+    assert runs["bnb-nf4"]["grouping"] is None
     assert "lm_head" in runs["rtn4"]["skipped"]
 
 

@@ -10,8 +10,8 @@ Hessian taken on the outputs of the blocks and layers already quantized.
 ``act_order`` visits columns by decreasing ``diag(H)`` with *static* groups: scales come from the
 original weights in plain group order, so the checkpoint keeps the plain group layout
 (compressed-tensors has no ``g_idx``). Without it, a group's scale is computed from its updated
-weights when GPTQ first reaches it. The group rule is :func:`plan_layouts`' (172-wide layers go
-per channel). Layers no calibration pass reaches fall back to round-to-nearest, with a note.
+weights when GPTQ first reaches it. The group rule is :func:`plan_layouts`' (172-wide layers get groups
+of 43). Layers no calibration pass reaches fall back to round-to-nearest, with a note.
 
 ``clip_search`` (default on) scores each row rounded to nearest with its range shrunk by each of
 ``CLIP_SHRINKS`` by its output error on the calibration inputs, runs GPTQ on the best
@@ -260,10 +260,10 @@ class GPTQQuantizer(Quantizer):
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
         weights: dict[str, IntWeights] = {}
-        notes: dict[str, list[str]] = {name: [note] if note else [] for name, (_, note) in plan.items()}
+        notes: dict[str, list[str]] = {name: [] for name in plan}
 
         def finish(name: str, hessian: torch.Tensor | None) -> None:
-            layout, module, matrix = plan[name][0], modules[name], weight_matrix(modules[name])
+            layout, module, matrix = plan[name], modules[name], weight_matrix(modules[name])
             if hessian is None:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
                 notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
                 hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)

@@ -46,7 +46,7 @@ class RTNQuantizer(Quantizer):
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
         weights: dict[str, IntWeights] = {}
-        for name, (layout, _) in plan.items():
+        for name, layout in plan.items():
             matrix = weight_matrix(modules[name])
             scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
             q = ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size)
@@ -54,5 +54,5 @@ class RTNQuantizer(Quantizer):
             weights[name] = IntWeights(q, scale, zero_point, layout)
             request.progress(1)
         options = {"group_size": config.group_size, "symmetric": config.symmetric, "observer": config.observer}
-        notes = {name: [note] if note else [] for name, (_, note) in plan.items()}
+        notes: dict[str, list[str]] = {name: [] for name in plan}
         return compressed_result(model, self.name, config.bits, options, weights, notes)
