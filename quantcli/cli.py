@@ -111,7 +111,7 @@ def quantize(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
-    sequential: bool = typer.Option(False, "--sequential", help="RTN one decoder layer at a time, for models larger than memory (no perplexity)."),
+    sequential: bool = typer.Option(False, "--sequential", help="Stream the weights from disk one decoder block at a time (rtn, gptq), for models larger than memory (no perplexity)."),
     resume: bool = typer.Option(False, "--resume", help="With --sequential: continue an interrupted run after its last finished layer."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="CI gate, in percent: exit 4 if perplexity rises more (2 = 2%)."),
     max_size: Optional[float] = typer.Option(None, "--max-size", help="CI gate: exit 4 if the quantized weights exceed this many MB (10^6 bytes) on disk."),
@@ -139,8 +139,8 @@ def quantize(
     calibration = _recipe_section(recipe, "calibration")
     calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
     recipe["calibration"] = calibration
-    if no_eval:
-        recipe["eval"] = None
+    if no_eval or (sequential and eval_dataset is None and max_tokens is None and "eval" not in recipe):
+        recipe["eval"] = None  # streaming never holds the whole model, so it does not evaluate unless asked
     else:
         evaluation = _recipe_section(recipe, "eval")
         evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens))
@@ -153,12 +153,6 @@ def quantize(
 
         raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
     config = config_from_mapping(recipe)
-    if config.sequential:
-        from quantcli.sequential import quantize_sequential
-
-        summary = quantize_sequential(config, console.RichProgress(enabled=not quiet))
-        console.print_json(summary) if json_output else print(f"wrote {summary['output']}: {summary['shards']} shards, {summary['disk_bytes']:,} bytes")
-        return
     report = run_quantize(config, console.RichProgress(enabled=not quiet))
     data = report.to_dict()
     console.print_json(data) if json_output else console.render_quantize(data)

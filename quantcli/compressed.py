@@ -67,6 +67,19 @@ def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
     apply_quantization_config(model, config, show_progress=False)
 
 
+def compress_layer(layer: IntWeights, scale_dtype: Any) -> dict[str, Any]:
+    """One layer's compressed-tensors tensors (``weight_packed``/``weight``, ``weight_scale``, ...),
+    as :func:`save_compressed` writes them, without a model: what streaming writes block by block."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    from quantcli import ops
+
+    (scheme,) = _schemes({"layer": layer.layout}).values()
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    exact = ops.dequantize(layer.q, layer.scale.float(), layer.zero_point, layer.layout.group_size)
+    return compressor.compress({"weight": exact, "weight_scale": layer.scale.to(scale_dtype), "weight_zero_point": layer.zero_point}, scheme)
+
+
 def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None) -> None:
     """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``).
 

@@ -145,10 +145,25 @@ class QuantizeConfig:
             raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}.")
+        if self.sequential:
+            self._check_streaming()
         if self.gates.max_ppl_increase is not None and self.eval is None:
             raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
         if self.gates.min_speedup is not None:
             raise InputError("--min-speedup needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
+
+    def _check_streaming(self) -> None:
+        if self.gates.max_ppl_increase is not None:
+            raise InputError(
+                "--max-ppl-increase needs perplexity before and after, which --sequential cannot measure (it never holds"
+                " the whole model). Drop --max-ppl-increase, or --sequential if the model fits in memory."
+            )
+        if self.eval is not None:
+            raise InputError("--sequential cannot measure perplexity (it never holds the whole model). Add --no-eval, or drop --sequential.")
+        if self.max_shard_size is not None:
+            raise InputError("--sequential writes one shard per decoder block; drop --max-shard-size.")
+        if self.device_map is not None:
+            raise InputError("--sequential loads one block at a time on the CPU; drop --device-map.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -36,6 +36,13 @@ class QuantizeRequest:
     trust_remote_code: bool = False
     progress: Callable[[int], None] = lambda advance: None
     device_map: str | None = None
+    blocks: Any = None  # a streaming block source (quantcli.streaming); None: the blocks of ``model`` in memory
+
+    def block_source(self, names: tuple[str, ...]) -> Any:
+        """Where the driver (:func:`quantcli.blockwise.quantize_blockwise`) gets each decoder block."""
+        from quantcli.blockwise import ModelBlocks
+
+        return self.blocks if self.blocks is not None else ModelBlocks(self.model, names)
 
     @property
     def placement(self) -> str:

@@ -202,10 +202,9 @@ class GPTQQuantizer(Quantizer):
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
-        weights: dict[str, IntWeights] = {}
         notes: dict[str, list[str]] = {name: [note] if note else [] for name, (_, note) in plan.items()}
 
-        def finish(name: str, hessian: torch.Tensor | None) -> None:
+        def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:
             layout, module, matrix = plan[name][0], modules[name], weight_matrix(modules[name])
             if hessian is None:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
                 notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
@@ -213,9 +212,10 @@ class GPTQQuantizer(Quantizer):
             layer, extra = gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
             notes[name].extend(extra)
             set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
-            weights[name] = layer
             request.progress(1)
+            return layer
 
-        stats = quantize_blockwise(model, tuple(plan), request.calibration, finish)
+        blocks = request.block_source(tuple(plan))
+        stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish)
         options = {key: value for key, value in asdict(config).items() if key != "bits"}
-        return compressed_result(model, self.name, config.bits, options, weights, notes, stats)
+        return compressed_result(model, self.name, config.bits, options, blocks.records, notes, stats)

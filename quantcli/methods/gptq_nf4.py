@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from quantcli import ops
-from quantcli.blockwise import quantize_blockwise
+from quantcli.blockwise import ModelBlocks, quantize_blockwise
 from quantcli.errors import InputError
 from quantcli.intweights import IntLayout
 from quantcli.methods import register_method
@@ -93,7 +93,7 @@ class GPTQNF4Quantizer(BnbNF4):
                 set_weight_matrix(module, ops.dequantize_codebook(layer.q, absmax.repeat_interleave(BLOCK, dim=1), codebook.to(matrix.device)))
             request.progress(1)
 
-        stats = quantize_blockwise(model, tuple(chosen), request.calibration, finish)
+        stats = quantize_blockwise(ModelBlocks(model, tuple(chosen)), tuple(chosen), request.calibration, finish)
         model = modules = None
         packed_model = self._load_quantized(request, chosen)
         packed_modules = dict(packed_model.named_modules())

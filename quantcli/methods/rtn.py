@@ -39,20 +39,24 @@ class RTNQuantizer(Quantizer):
     output_format = "compressed-tensors"
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        from quantcli.blockwise import quantize_blockwise
         from quantcli.compressed import compressed_result
 
         config = request.config
         model = request.model
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
-        weights: dict[str, IntWeights] = {}
-        for name, (layout, _) in plan.items():
-            matrix = weight_matrix(modules[name])
+
+        def finish(name: str, hessian: None) -> IntWeights:
+            layout, matrix = plan[name][0], weight_matrix(modules[name])
             scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
             q = ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size)
             set_weight_matrix(modules[name], ops.dequantize(q, scale, zero_point, layout.group_size))
-            weights[name] = IntWeights(q, scale, zero_point, layout)
             request.progress(1)
+            return IntWeights(q, scale, zero_point, layout)
+
+        blocks = request.block_source(tuple(plan))
+        quantize_blockwise(blocks, tuple(plan), None, finish)
         options = {"group_size": config.group_size, "symmetric": config.symmetric, "observer": config.observer}
         notes = {name: [note] if note else [] for name, (_, note) in plan.items()}
-        return compressed_result(model, self.name, config.bits, options, weights, notes)
+        return compressed_result(model, self.name, config.bits, options, blocks.records, notes)

@@ -1,4 +1,4 @@
-"""Layer-by-layer RTN: the same checkpoint as in-memory RTN, and --resume gives the same result."""
+"""Streaming from disk block by block: the same checkpoint as in memory, and --resume gives the same result."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from quantcli.config import config_from_mapping
 from quantcli.errors import ResumableInterrupt
 from quantcli.models import EMBEDDED_MODEL
 from quantcli.pipeline import quantize
-from quantcli.sequential import quantize_sequential
 
 from conftest import logits
 
@@ -49,9 +48,9 @@ def llama(tmp_path_factory):
 def test_sequential_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
     recipe = {"model": str(llama), "method": "rtn", "eval": None, **options}
     quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
-    summary = quantize_sequential(config_from_mapping({**recipe, "output": tmp_path / "sequential", "sequential": True}))
+    report = quantize(config_from_mapping({**recipe, "output": tmp_path / "sequential", "sequential": True}))
     memory, sequential = tmp_path / "memory", tmp_path / "sequential"
-    assert summary["shards"] == 7  # 4 decoder layers, then embeddings, norm and head one by one
+    assert report.stats["shards"] == 7  # 4 decoder layers, then embeddings, norm and head one by one
     a, b = tensors(memory), tensors(sequential)
     assert sorted(a) == sorted(b)
     assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
@@ -63,8 +62,11 @@ def test_sequential_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "sequential"]
 
 
+LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
+
+
 class StopAfter:
-    """A progress reporter that presses Ctrl-C once ``layers`` layer groups are finished."""
+    """A progress reporter that presses Ctrl-C when the method reports its ``layers``-th layer done."""
 
     def __init__(self, layers):
         self.layers, self.finished = layers, 0
@@ -81,18 +83,18 @@ class StopAfter:
 
 def test_resume_continues_after_the_last_finished_layer_with_the_same_result(llama, tmp_path, prompt_ids):
     recipe = {"model": str(llama), "bits": 4, "eval": None, "sequential": True}
-    quantize_sequential(config_from_mapping({**recipe, "output": tmp_path / "whole"}))
+    quantize(config_from_mapping({**recipe, "output": tmp_path / "whole"}))
 
     target = tmp_path / "resumed"
     with pytest.raises(ResumableInterrupt, match="interrupted after 2 of 7 layer groups.*--resume"):
-        quantize_sequential(config_from_mapping({**recipe, "output": target}), StopAfter(2))
+        quantize(config_from_mapping({**recipe, "output": target}), StopAfter(2 * LAYERS_PER_BLOCK + 1))
     assert not target.exists()
     (staging,) = tmp_path.glob(".resumed.partial-*")
     assert sorted(p.name for p in staging.glob("*.safetensors")) == ["model-00001-of-00007.safetensors", "model-00002-of-00007.safetensors"]
     finished_before = {p.name: p.stat().st_mtime_ns for p in staging.glob("*.safetensors")}
 
-    summary = quantize_sequential(config_from_mapping({**recipe, "output": target, "resume": True}))
-    assert summary["resumed_shards"] == 2
+    report = quantize(config_from_mapping({**recipe, "output": target, "resume": True}))
+    assert report.stats["resumed_shards"] == 2
     assert all((target / name).stat().st_mtime_ns == mtime for name, mtime in finished_before.items())  # not redone
     whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
     resumed = {p.name: p.read_bytes() for p in target.iterdir()}
@@ -104,7 +106,36 @@ def test_resume_continues_after_the_last_finished_layer_with_the_same_result(lla
 def test_a_run_without_resume_starts_over_and_cleans_the_leftover(llama, tmp_path):
     recipe = {"model": str(llama), "bits": 4, "eval": None, "sequential": True, "output": tmp_path / "out"}
     with pytest.raises(ResumableInterrupt):
-        quantize_sequential(config_from_mapping(recipe), StopAfter(1))
-    summary = quantize_sequential(config_from_mapping(recipe))
-    assert summary["resumed_shards"] == 0
+        quantize(config_from_mapping(recipe), StopAfter(1))
+    report = quantize(config_from_mapping(recipe))
+    assert report.stats["resumed_shards"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+GPTQ = {"method": "gptq", "bits": 4, "group_size": 32, "eval": None, "calibration": {"samples": 16, "seq_len": 64, "seed": 3}}
+
+
+def test_streaming_gptq_is_bit_identical_to_in_memory(stories_path, tmp_path, prompt_ids):
+    memory = quantize(config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "memory"}))
+    streamed = quantize(config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "streamed", "sequential": True}))
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert sorted(a) == sorted(b)
+    assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
+    assert memory.layers == streamed.layers and memory.calibration == streamed.calibration
+    assert streamed.stats["shards"] == 7 and streamed.stats["decoder_blocks"] == "model.layers (5)"  # 5 blocks, embeddings, norm
+    assert torch.equal(logits(load(tmp_path / "streamed", "cpu")[0], prompt_ids), logits(load(tmp_path / "memory", "cpu")[0], prompt_ids))
+
+
+def test_streaming_gptq_resumes_from_the_saved_activations(stories_path, tmp_path):
+    recipe = {**GPTQ, "model": stories_path, "sequential": True}
+    quantize(config_from_mapping({**recipe, "output": tmp_path / "whole"}))
+    target = tmp_path / "resumed"
+    with pytest.raises(ResumableInterrupt, match="interrupted after 3 of 7 layer groups"):
+        quantize(config_from_mapping({**recipe, "output": target}), StopAfter(3 * LAYERS_PER_BLOCK + 1))
+    (staging,) = tmp_path.glob(".resumed.partial-*")
+    assert (staging / "activations.safetensors").exists()
+    report = quantize(config_from_mapping({**recipe, "output": target, "resume": True}))
+    assert report.stats["resumed_shards"] == 3 and len(report.layers) == 5 * LAYERS_PER_BLOCK
+    whole, resumed = tensors(tmp_path / "whole"), tensors(target)
+    assert sorted(whole) == sorted(resumed) and all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "whole"]
