@@ -1,4 +1,4 @@
-"""Peak memory of streaming (--sequential: one decoder block at a time from disk) against in-memory
+"""Peak memory of streaming (--low-memory: one decoder block at a time from disk) against in-memory
 quantization, for RTN and GPTQ, on a synthetic Llama.
 
 Builds a random Llama on disk (default 24 layers of hidden 512, untied head, fp32, sharded), then
@@ -28,7 +28,7 @@ from quantcli.config import config_from_mapping
 from quantcli.pipeline import quantize
 baseline = psutil.Process().memory_info().rss
 method, mode, model, output, samples, seq_len = sys.argv[1:7]
-recipe = {"model": model, "bits": 4, "method": method, "eval": None, "output": output, "sequential": mode == "streaming",
+recipe = {"model": model, "bits": 4, "method": method, "eval": None, "output": output, "low_memory": mode == "streaming",
           "calibration": {"samples": int(samples), "seq_len": int(seq_len)}}
 start = time.perf_counter()
 quantize(config_from_mapping(recipe))

@@ -1,4 +1,8 @@
-"""Sequential, memory-bounded calibration for methods that need each layer's input statistics.
+"""The block driver: every method quantizes layers one decoder block at a time, in run order.
+
+A block source hands out the blocks: :class:`ModelBlocks` for a model in memory, or
+:class:`quantcli.streaming.ShardBlocks`, which reads each block from the safetensors shards and
+writes it out when done (``--low-memory``). Calibrated methods get each layer's Hessian:
 
 The inputs of the first decoder block (the ``ModuleList`` with the most parameters that holds the
 selected layers) are captured for every calibration sample; then each block in turn is quantized
@@ -233,5 +237,5 @@ def quantize_blockwise(
         "calibration_tokens": int(calibration.numel()),
         "calibration_activation_bytes": sum(h.numel() * h.element_size() for h, _, _ in inputs),
         "hessian_dtype": "float32",
-        "sequential_groups": groups,
+        "calibration_groups": groups,
     }

@@ -21,7 +21,7 @@ from quantcli.errors import CheckpointError, InputError, OutputExistsError, Outp
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
 REPORT_FILE = "report.json"
-RESUME_FILE = "resume.json"  # in the staging folder of a --sequential run: the settings and finished shards
+RESUME_FILE = "resume.json"  # in the staging folder of a --low-memory run: the settings and finished shards
 
 
 def check_output(target: Path, force: bool, source: str, resume: bool = False) -> None:
@@ -48,7 +48,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale(target: Path, keep_resumable: bool = False) -> list[Path]:
     """Remove staging folders a killed run left beside ``target`` (``.NAME.partial-PID`` of dead PIDs).
 
-    With ``keep_resumable``, those of interrupted ``--sequential`` runs (holding ``resume.json``) stay.
+    With ``keep_resumable``, those of interrupted ``--low-memory`` runs (holding ``resume.json``) stay.
     A run killed between retiring the old output and renaming the new one leaves ``.NAME.old-PID``
     and no ``target``: the old output is put back. Returns the folders removed or restored.
     """
@@ -82,7 +82,7 @@ def _disk_full(error: BaseException) -> bool:
 
 
 def _resumable(target: Path) -> Path | None:
-    """The newest staging folder of an interrupted ``--sequential`` run on ``target`` (its process gone)."""
+    """The newest staging folder of an interrupted ``--low-memory`` run on ``target`` (its process gone)."""
     found = []
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
@@ -97,7 +97,7 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
 
     On any failure the temporary folder is removed and ``target`` is untouched. A SIGKILL can leave
     the staging folder behind; the next run on the same target removes it. ``resume`` adopts the
-    staging folder of an interrupted ``--sequential`` run instead, which also keeps its staging
+    staging folder of an interrupted ``--low-memory`` run instead, which also keeps its staging
     folder on Ctrl-C (the block decides what to keep by writing ``resume.json``).
     """
     target = Path(target)

@@ -111,8 +111,9 @@ def quantize(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
-    sequential: bool = typer.Option(False, "--sequential", help="Stream the weights from disk one decoder block at a time (rtn, gptq), for models larger than memory (no perplexity)."),
-    resume: bool = typer.Option(False, "--resume", help="With --sequential: continue an interrupted run after its last finished layer."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the weights from disk one decoder block at a time (rtn, gptq), for models larger than memory (no perplexity)."),
+    sequential: bool = typer.Option(False, "--sequential", hidden=True, help="Deprecated name of --low-memory."),
+    resume: bool = typer.Option(False, "--resume", help="With --low-memory: continue an interrupted run after its last finished block."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="CI gate, in percent: exit 4 if perplexity rises more (2 = 2%)."),
     max_size: Optional[float] = typer.Option(None, "--max-size", help="CI gate: exit 4 if the quantized weights exceed this many MB (10^6 bytes) on disk."),
     json_output: bool = JSON_OPTION,
@@ -130,7 +131,10 @@ def quantize(
         recipe["model"] = model
     if force:
         recipe["force"] = True
-    for flag, value in (("trust_remote_code", trust_remote_code), ("sequential", sequential), ("resume", resume)):
+    if sequential:
+        print("warning: --sequential is deprecated; it is now called --low-memory.", file=sys.stderr)
+        low_memory = True
+    for flag, value in (("trust_remote_code", trust_remote_code), ("low_memory", low_memory), ("resume", resume)):
         if value:
             recipe[flag] = True
     if skip_modules:
@@ -139,7 +143,7 @@ def quantize(
     calibration = _recipe_section(recipe, "calibration")
     calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed))
     recipe["calibration"] = calibration
-    if no_eval or (sequential and eval_dataset is None and max_tokens is None and "eval" not in recipe):
+    if no_eval or (low_memory and eval_dataset is None and max_tokens is None and "eval" not in recipe):
         recipe["eval"] = None  # streaming never holds the whole model, so it does not evaluate unless asked
     else:
         evaluation = _recipe_section(recipe, "eval")

@@ -100,7 +100,7 @@ class EvalConfig:
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
-    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "sequential": (bool,), "resume": (bool,),
+    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
     "device_map": (str, type(None)),
 }
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -124,8 +124,8 @@ class QuantizeConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     max_shard_size: int | str | None = None
-    sequential: bool = False  # layer-by-layer RTN for models larger than memory (no perplexity)
-    resume: bool = False  # with sequential: continue an interrupted run after its last finished layer
+    low_memory: bool = False  # stream the weights from disk one decoder block at a time (no perplexity)
+    resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
 
     def __post_init__(self) -> None:
@@ -139,13 +139,13 @@ class QuantizeConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
-        if self.resume and not self.sequential:
-            raise InputError("--resume continues an interrupted --sequential run. Add --sequential.")
+        if self.resume and not self.low_memory:
+            raise InputError("--resume continues an interrupted --low-memory run. Add --low-memory.")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
             raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}.")
-        if self.sequential:
+        if self.low_memory:
             self._check_streaming()
         if self.gates.max_ppl_increase is not None and self.eval is None:
             raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
@@ -155,15 +155,15 @@ class QuantizeConfig:
     def _check_streaming(self) -> None:
         if self.gates.max_ppl_increase is not None:
             raise InputError(
-                "--max-ppl-increase needs perplexity before and after, which --sequential cannot measure (it never holds"
-                " the whole model). Drop --max-ppl-increase, or --sequential if the model fits in memory."
+                "--max-ppl-increase needs perplexity before and after, which --low-memory cannot measure (it never holds"
+                " the whole model). Drop --max-ppl-increase, or --low-memory if the model fits in memory."
             )
         if self.eval is not None:
-            raise InputError("--sequential cannot measure perplexity (it never holds the whole model). Add --no-eval, or drop --sequential.")
+            raise InputError("--low-memory cannot measure perplexity (it never holds the whole model). Add --no-eval, or drop --low-memory.")
         if self.max_shard_size is not None:
-            raise InputError("--sequential writes one shard per decoder block; drop --max-shard-size.")
+            raise InputError("--low-memory writes one shard per decoder block; drop --max-shard-size.")
         if self.device_map is not None:
-            raise InputError("--sequential loads one block at a time on the CPU; drop --device-map.")
+            raise InputError("--low-memory loads one block at a time on the CPU; drop --device-map.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

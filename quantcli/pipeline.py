@@ -45,9 +45,9 @@ STREAMABLE = ("rtn", "gptq")  # methods whose output streaming writes block by b
 def check_streamable(method: str, device: str) -> None:
     """Refuse, before any work, a streaming run this build cannot do."""
     if method not in STREAMABLE:
-        raise UnavailableError(f"--sequential works with --method {' or '.join(STREAMABLE)}, not {method}.")
+        raise UnavailableError(f"--low-memory works with --method {' or '.join(STREAMABLE)}, not {method}.")
     if device != "cpu":
-        raise UnavailableError("--sequential runs on the CPU; drop --device or pass --device cpu.")
+        raise UnavailableError("--low-memory runs on the CPU; drop --device or pass --device cpu.")
 
 
 def default_output(model: str, method: str, bits: int) -> Path:
@@ -88,25 +88,25 @@ class _Run:
 def quantize(config: QuantizeConfig, progress: Progress | None = None) -> QuantizeReport:
     """Quantize ``config.model`` and write the checkpoint; returns the report (also saved as report.json).
 
-    The one entry point: ``config.sequential`` streams the model from disk one decoder block at a
+    The one entry point: ``config.low_memory`` streams the model from disk one decoder block at a
     time (:mod:`quantcli.streaming`), otherwise it is loaded whole. Both write through one atomic
     folder with the same metadata, report and gates.
     """
-    device = "cpu" if config.sequential and config.device == "auto" else pick_device(config.device)
+    device = "cpu" if config.low_memory and config.device == "auto" else pick_device(config.device)
     method_name = config.method or default_method(config.bits, device)
     method = get_method(method_name)
     method_config = method.make_config(config.bits, config.method_options)
     reason = method.unavailable_reason(device)
     if reason:
         raise UnavailableError(f"method {method_name} cannot run on {device} here: {reason}")
-    if config.sequential:
+    if config.low_memory:
         check_streamable(method_name, device)
     source = resolve_model(config.model)
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits)
     check_output(output, config.force, source, resume=config.resume)
     run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress())
     with atomic_folder(output, config.force, resume=config.resume) as staging:
-        result = (_stream if config.sequential else _in_memory)(run, staging)
+        result = (_stream if config.low_memory else _in_memory)(run, staging)
         result.tokenizer.save_pretrained(staging)
         quantized_bytes = bytes_on_disk(weight_files(str(staging)))
         report = QuantizeReport(
@@ -235,7 +235,7 @@ def _stream(run: _Run, staging: Path) -> _Result:
     check_vocab(model, tokenizer, config.model)
     selection = select_modules(model, config.skip_modules)
     if any(is_conv1d(module) for name, module in model.named_modules() if name in selection.names):
-        raise UnavailableError("--sequential supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
+        raise UnavailableError("--low-memory supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
     original = _original_sizes(run.source, model)
     calibration = _calibration(run, tokenizer)
     settings = {

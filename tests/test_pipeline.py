@@ -13,8 +13,8 @@ from quantcli.config import config_from_mapping
 from quantcli.errors import InputError
 from quantcli.pipeline import quantize
 
-STREAM = "sequential"
-STREAM_FLAG = "--sequential"
+STREAM = "low_memory"
+STREAM_FLAG = "--low-memory"
 
 
 def run(*args):
@@ -48,3 +48,10 @@ def test_python_api_streams_when_asked(tmp_path):
 def test_streaming_cannot_measure_perplexity():
     with pytest.raises(InputError, match="perplexity"):
         config_from_mapping({"bits": 4, STREAM: True, "eval": {"max_tokens": 1024}})
+
+
+def test_sequential_is_a_deprecated_name_of_low_memory(tmp_path):
+    result = run("quantize", "--bits", "8", "--method", "rtn", "--sequential", "-o", str(tmp_path / "w8"), "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "warning: --sequential is deprecated; it is now called --low-memory." in result.stderr
+    assert json.loads(result.stdout)["recipe"]["low_memory"] is True and json.loads(result.stdout)["perplexity_after"] is None

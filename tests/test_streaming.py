@@ -45,21 +45,21 @@ def llama(tmp_path_factory):
 
 
 @pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 4, "observer": "mse"}, {"bits": 8}])
-def test_sequential_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
+def test_streaming_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
     recipe = {"model": str(llama), "method": "rtn", "eval": None, **options}
     quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
-    report = quantize(config_from_mapping({**recipe, "output": tmp_path / "sequential", "sequential": True}))
-    memory, sequential = tmp_path / "memory", tmp_path / "sequential"
+    report = quantize(config_from_mapping({**recipe, "output": tmp_path / "streamed", "low_memory": True}))
+    memory, streamed = tmp_path / "memory", tmp_path / "streamed"
     assert report.stats["shards"] == 7  # 4 decoder layers, then embeddings, norm and head one by one
-    a, b = tensors(memory), tensors(sequential)
+    a, b = tensors(memory), tensors(streamed)
     assert sorted(a) == sorted(b)
     assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
-    config_a, config_b = (json.loads((folder / "config.json").read_text()) for folder in (memory, sequential))
+    config_a, config_b = (json.loads((folder / "config.json").read_text()) for folder in (memory, streamed))
     assert config_a["quantization_config"] == config_b["quantization_config"]
-    index = json.loads((sequential / "model.safetensors.index.json").read_text())
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(b)
-    assert torch.equal(logits(load(sequential, "cpu")[0], prompt_ids), logits(load(memory, "cpu")[0], prompt_ids))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "sequential"]
+    assert torch.equal(logits(load(streamed, "cpu")[0], prompt_ids), logits(load(memory, "cpu")[0], prompt_ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "streamed"]
 
 
 LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
@@ -82,7 +82,7 @@ class StopAfter:
 
 
 def test_resume_continues_after_the_last_finished_layer_with_the_same_result(llama, tmp_path, prompt_ids):
-    recipe = {"model": str(llama), "bits": 4, "eval": None, "sequential": True}
+    recipe = {"model": str(llama), "bits": 4, "eval": None, "low_memory": True}
     quantize(config_from_mapping({**recipe, "output": tmp_path / "whole"}))
 
     target = tmp_path / "resumed"
@@ -104,7 +104,7 @@ def test_resume_continues_after_the_last_finished_layer_with_the_same_result(lla
 
 
 def test_a_run_without_resume_starts_over_and_cleans_the_leftover(llama, tmp_path):
-    recipe = {"model": str(llama), "bits": 4, "eval": None, "sequential": True, "output": tmp_path / "out"}
+    recipe = {"model": str(llama), "bits": 4, "eval": None, "low_memory": True, "output": tmp_path / "out"}
     with pytest.raises(ResumableInterrupt):
         quantize(config_from_mapping(recipe), StopAfter(1))
     report = quantize(config_from_mapping(recipe))
@@ -117,7 +117,7 @@ GPTQ = {"method": "gptq", "bits": 4, "group_size": 32, "eval": None, "calibratio
 
 def test_streaming_gptq_is_bit_identical_to_in_memory(stories_path, tmp_path, prompt_ids):
     memory = quantize(config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "memory"}))
-    streamed = quantize(config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "streamed", "sequential": True}))
+    streamed = quantize(config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "streamed", "low_memory": True}))
     a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert sorted(a) == sorted(b)
     assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
@@ -127,7 +127,7 @@ def test_streaming_gptq_is_bit_identical_to_in_memory(stories_path, tmp_path, pr
 
 
 def test_streaming_gptq_resumes_from_the_saved_activations(stories_path, tmp_path):
-    recipe = {**GPTQ, "model": stories_path, "sequential": True}
+    recipe = {**GPTQ, "model": stories_path, "low_memory": True}
     quantize(config_from_mapping({**recipe, "output": tmp_path / "whole"}))
     target = tmp_path / "resumed"
     with pytest.raises(ResumableInterrupt, match="interrupted after 3 of 7 layer groups"):

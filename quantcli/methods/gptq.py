@@ -188,7 +188,7 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
 @register_method
 class GPTQQuantizer(Quantizer):
     name = "gptq"
-    summary = "GPTQ, calibrated and sequential, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search); compressed-tensors output"
+    summary = "GPTQ, calibrated block by block, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search); compressed-tensors output"
     supported_bits = (8, 4, 3)
     config_class = GPTQConfig
     needs_calibration = True
