@@ -217,6 +217,7 @@ def _integer_weights_only(source: str) -> bool:
 
 
 def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remote_code: bool) -> Any:
+    from quantcli.formats import format_names, get_format
     from quantcli.models import load_model, pick_dtype
 
     if metadata is None and Path(source).is_dir() and _integer_weights_only(source):
@@ -224,10 +225,8 @@ def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remot
     if metadata is None or metadata.get("format") == "dense":
         dtype = "auto" if metadata else pick_dtype("auto", device)
         return load_model(source, dtype, device, trust_remote_code)
-    if metadata.get("format") == "compressed-tensors":
-        from quantcli.compressed import load_compressed
-
-        return load_compressed(source, device)
+    if metadata.get("format") in format_names():
+        return get_format(metadata["format"]).load(source, device, trust_remote_code)
     return load_model(source, "auto", device, trust_remote_code)
 
 

@@ -111,7 +111,7 @@ def quantize(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
-    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the weights from disk one decoder block at a time (rtn, gptq), for models larger than memory (no perplexity)."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the weights from disk one decoder block at a time (rtn, gptq, gptq-nf4), for models larger than memory (no perplexity)."),
     sequential: bool = typer.Option(False, "--sequential", hidden=True, help="Deprecated name of --low-memory."),
     resume: bool = typer.Option(False, "--resume", help="With --low-memory: continue an interrupted run after its last finished block."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="CI gate, in percent: exit 4 if perplexity rises more (2 = 2%)."),

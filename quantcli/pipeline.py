@@ -39,7 +39,7 @@ from quantcli.report import QuantizeReport, size_summary
 SCHEMA_VERSION = 1
 
 
-STREAMABLE = ("rtn", "gptq")  # methods whose output streaming writes block by block (compressed-tensors)
+STREAMABLE = ("rtn", "gptq", "gptq-nf4")  # methods whose records a format writes block by block
 
 
 def check_streamable(method: str, device: str) -> None:
@@ -225,6 +225,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
 
 def _stream(run: _Run, staging: Path) -> _Result:
     """Quantize one decoder block at a time from the safetensors shards, writing each into ``staging``."""
+    from quantcli.formats import get_format
     from quantcli.streaming import ShardBlocks, skeleton
 
     config, progress = run.config, run.progress
@@ -243,7 +244,7 @@ def _stream(run: _Run, staging: Path) -> _Result:
         "skip_modules": list(config.skip_modules), "dtype": str(dtype),
         "calibration": vars(config.calibration) if calibration is not None else None,
     }
-    blocks = ShardBlocks(model, selection.names, run.source, staging, settings)
+    blocks = ShardBlocks(model, selection.names, run.source, staging, settings, get_format(run.method.output_format))
     try:
         with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
             request = QuantizeRequest(

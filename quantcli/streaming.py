@@ -81,10 +81,10 @@ class ShardBlocks:
     """The decoder blocks of ``source`` read from its shards one at a time, each written to
     ``staging`` as its own shard when quantized (same interface as :class:`quantcli.blockwise.ModelBlocks`)."""
 
-    def __init__(self, model: Any, names: tuple[str, ...], source: str, staging: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, model: Any, names: tuple[str, ...], source: str, staging: Path, settings: dict[str, Any], output_format: Any) -> None:
         from quantcli.blockwise import decoder_blocks
 
-        self.model, self.staging, self.settings = model, staging, settings
+        self.model, self.staging, self.settings, self.format = model, staging, settings, output_format
         self.prefix, self.blocks = decoder_blocks(model, names)
         self.where = source_tensors(source)
         self.groups = shard_groups(list(self.where), self.prefix, len(self.blocks))
@@ -164,7 +164,7 @@ class ShardBlocks:
         self._write(index, records)
         self._free(self.groups[index])
         self.records.update({name: _placeholder(record) for name, record in records.items()})
-        self.written.update({name: _to_json(self.records[name]) for name in records})
+        self.written.update({name: _to_json(self.records[name]) for name in records if records[name] is not None})
         self._save_state(activations_for=index + 1 if hidden is not None else None)
 
     @contextlib.contextmanager
@@ -180,16 +180,14 @@ class ShardBlocks:
         """Shard ``index``: quantized layers compressed, every other tensor as the model holds it."""
         from safetensors.torch import save_file
 
-        from quantcli.compressed import compress_layer
-
         if self.shards[index] in self.done:
             return
         tensors = {}
         for key in self.groups[index]:
             layer, _, kind = key.rpartition(".")
-            if kind == "weight" and layer in records:
-                dtype = self.modules[layer].weight.dtype
-                tensors.update({f"{layer}.{part}": value for part, value in compress_layer(records[layer], dtype).items()})
+            if kind == "weight" and records.get(layer) is not None:
+                stored = self.format.layer_tensors(layer, records[layer], self.modules[layer])
+                tensors.update({f"{layer}.{part}": value for part, value in stored.items()})
             elif key not in tensors:
                 tensors[key] = self._current(key)
         path = self.staging / self.shards[index]
@@ -209,12 +207,9 @@ class ShardBlocks:
         return stored.to(held.dtype) if stored.is_floating_point() else stored
 
     def finish(self) -> int:
-        """Write the modules outside the blocks, the index, config and quantization config; returns bytes of weights."""
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationStatus
+        """Write the modules outside the blocks, the index, config and quantization config; returns bytes of weights.
+        Records of ``None`` (layers a method keeps dense) are written as the model holds them."""
         from safetensors import safe_open
-
-        from quantcli.compressed import apply_config
 
         for index in range(len(self.blocks), len(self.groups)):
             layers = {key.rsplit(".", 1)[0] for key in self.groups[index]}
@@ -230,34 +225,40 @@ class ShardBlocks:
         self.model.config.save_pretrained(self.staging)
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(self.staging)
-        apply_config(self.model, {name: record.layout for name, record in self.records.items()})
-        compressor = ModelCompressor.from_pretrained_model(self.model)
-        compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
-        compressor.update_config(str(self.staging))
+        self.format.finish(self.model, {name: record for name, record in self.records.items() if record is not None}, self.staging)
         (self.staging / RESUME_FILE).unlink()
         (self.staging / ACTIVATIONS_FILE).unlink(missing_ok=True)
         return total
 
 
 def _to_json(record: Any) -> dict[str, Any]:
-    """A written layer's record (:class:`quantcli.intweights.IntWeights`) as resume.json keeps it."""
-    shapes = {name: [list(tensor.shape), str(tensor.dtype).removeprefix("torch.")] for name, tensor in vars(record).items() if hasattr(tensor, "shape")}
-    return {"layout": vars(record.layout), "tensors": shapes}
+    """A written layer's record (a dataclass of tensors and an optional layout) as resume.json keeps it."""
+    shapes = {name: [list(value.shape), str(value.dtype).removeprefix("torch.")] for name, value in vars(record).items() if hasattr(value, "shape")}
+    layout = getattr(record, "layout", None)
+    return {"type": type(record).__module__ + ":" + type(record).__qualname__, "layout": vars(layout) if layout else None, "tensors": shapes}
 
 
 def _from_json(data: dict[str, Any]) -> Any:
+    import importlib
+
     import torch
 
-    from quantcli.intweights import IntLayout, IntWeights
+    from quantcli.intweights import IntLayout
 
-    tensors = {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for name, (shape, dtype) in data["tensors"].items()}
-    return IntWeights(**tensors, layout=IntLayout(**data["layout"]))
+    module, _, name = data["type"].partition(":")
+    if not module.startswith("quantcli."):
+        raise ValueError(f"resume.json names a record type outside quantcli: {data['type']!r}")
+    kind = getattr(importlib.import_module(module), name)
+    tensors = {key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for key, (shape, dtype) in data["tensors"].items()}
+    return kind(**tensors, **({"layout": IntLayout(**data["layout"])} if data["layout"] else {}))
 
 
 def _placeholder(record: Any) -> Any:
     """A written layer's record with its tensors on ``meta``: shapes and layout stay, memory goes."""
     import dataclasses
 
+    if record is None:
+        return None
     return dataclasses.replace(record, **{f.name: getattr(record, f.name).to("meta") for f in dataclasses.fields(record) if hasattr(getattr(record, f.name), "to")})
 
 

@@ -139,3 +139,17 @@ def test_streaming_gptq_resumes_from_the_saved_activations(stories_path, tmp_pat
     whole, resumed = tensors(tmp_path / "whole"), tensors(target)
     assert sorted(whole) == sorted(resumed) and all(torch.equal(whole[key], resumed[key]) for key in whole)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "whole"]
+
+
+def test_streaming_gptq_nf4_is_bit_identical_to_in_memory(stories_path, tmp_path, prompt_ids):
+    recipe = {**GPTQ, "method": "gptq-nf4", "model": stories_path}
+    recipe.pop("group_size")
+    memory = quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
+    streamed = quantize(config_from_mapping({**recipe, "output": tmp_path / "streamed", "low_memory": True}))
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert sorted(a) == sorted(b)
+    assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
+    assert memory.layers == streamed.layers and streamed.format == "bitsandbytes"
+    quantization = [json.loads((tmp_path / name / "config.json").read_text())["quantization_config"] for name in ("memory", "streamed")]
+    assert quantization[0] == quantization[1]
+    assert torch.equal(logits(load(tmp_path / "streamed", "cpu")[0], prompt_ids), logits(load(tmp_path / "memory", "cpu")[0], prompt_ids))

@@ -195,7 +195,7 @@ class GPTQQuantizer(Quantizer):
     output_format = "compressed-tensors"
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.compressed import compressed_result
+        from quantcli.formats.compressed_tensors import compressed_result
 
         config, model = request.config, request.model
         if request.calibration is None:

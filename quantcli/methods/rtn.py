@@ -40,7 +40,7 @@ class RTNQuantizer(Quantizer):
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.blockwise import quantize_blockwise
-        from quantcli.compressed import compressed_result
+        from quantcli.formats.compressed_tensors import compressed_result
 
         config = request.config
         model = request.model

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError
+from quantcli.formats import Format, register_format
 from quantcli.intweights import IntLayout, IntWeights
 from quantcli.methods.base import LayerRecord, QuantizedModel, shard_kwargs
 from quantcli.models import is_conv1d
@@ -179,3 +180,25 @@ def load_compressed(folder: str | Path, device: str = "cpu") -> Any:
         raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")
     model.tie_weights()
     return model.to(device).eval()
+
+
+@register_format
+class CompressedTensors(Format):
+    """Integer layers (:class:`IntWeights`) as compressed-tensors ``int-quantized``/``pack-quantized``."""
+
+    name = "compressed-tensors"
+
+    def layer_tensors(self, name: str, record: IntWeights, module: Any) -> dict[str, Any]:
+        return compress_layer(record, module.weight.dtype)
+
+    def finish(self, model: Any, records: dict[str, IntWeights], folder: Path) -> None:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationStatus
+
+        apply_config(model, {name: record.layout for name, record in records.items()})
+        compressor = ModelCompressor.from_pretrained_model(model)
+        compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+        compressor.update_config(str(folder))
+
+    def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
+        return load_compressed(folder, device)
