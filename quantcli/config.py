@@ -229,6 +229,52 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
         raise InputError(f"bad recipe: {error}.") from None
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """One ``-O KEY=VALUE`` method option; the value is read as a YAML scalar (``0.05``, ``true``, ``fp16``)."""
+    import yaml
+
+    key, equals, raw = text.partition("=")
+    if not equals or not key.strip():
+        raise InputError(f"-O takes KEY=VALUE (e.g. -O damp=0.05), got {text!r}.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    if not isinstance(value, (str, int, float, bool)) or value is None:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def merge_quantize_config(
+    recipe_path: Path | None, top: Mapping[str, Any], method_options: Mapping[str, Any], calibration: Mapping[str, Any],
+    evaluation: Mapping[str, Any] | None, gates: Mapping[str, Any], options: list[str] = (),
+) -> QuantizeConfig:
+    """The one merge of a YAML recipe with what the command line gave (each mapping holds only the
+    options actually given; ``evaluation=None`` is ``--no-eval``; ``options`` are ``-O KEY=VALUE``)."""
+    recipe: dict[str, Any] = load_recipe(recipe_path) if recipe_path else {}
+    recipe.update(top)
+    recipe.update(method_options)
+    recipe.update(dict(parse_option(text) for text in options))
+    for name, given in (("calibration", calibration), ("gates", gates)):
+        recipe[name] = {**_recipe_section(recipe, name), **given}
+    streams = bool(recipe.get("low_memory"))
+    asked = set(evaluation or {}) - {"seq_len"}  # --seq-len also sets calibration windows
+    if evaluation is None or (streams and not asked and "eval" not in recipe):
+        recipe["eval"] = None  # streaming never holds the whole model, so it evaluates only when asked
+    else:
+        recipe["eval"] = {**_recipe_section(recipe, "eval"), **evaluation}
+    if "bits" not in recipe:
+        raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
+    return config_from_mapping(recipe)
+
+
+def _recipe_section(recipe: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = recipe.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"'{key}' must be a mapping of settings, got {type(value).__name__}.")
+    return dict(value)
+
+
 def load_recipe(path: Path) -> dict[str, Any]:
     """Read a YAML recipe file into a plain mapping (validated later by :func:`config_from_mapping`)."""
     import yaml

@@ -55,3 +55,20 @@ def test_sequential_is_a_deprecated_name_of_low_memory(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "warning: --sequential is deprecated; it is now called --low-memory." in result.stderr
     assert json.loads(result.stdout)["recipe"]["low_memory"] is True and json.loads(result.stdout)["perplexity_after"] is None
+
+
+def test_method_options_not_worth_a_flag_go_through_dash_o_and_the_method_checks_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from quantcli.cli import app
+    from quantcli.config import merge_quantize_config
+
+    config = merge_quantize_config(None, {"bits": 4, "method": "gptq"}, {"group_size": 32}, {}, {}, {}, ["damp=0.05", "block-size=64", "act_order=false"])
+    assert dict(config.method_options) == {"group_size": 32, "damp": 0.05, "block_size": 64, "act_order": False}
+    runner = CliRunner()
+    result = runner.invoke(app, ["quantize", "--bits", "4", "--method", "rtn", "-O", "damp=0.05", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: option(s) damp do not apply to method rtn. Its options: group_size, observer, symmetric."
+    result = runner.invoke(app, ["quantize", "--bits", "4", "-O", "damp", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: -O takes KEY=VALUE (e.g. -O damp=0.05), got 'damp'."
+    assert not (tmp_path / "x").exists()

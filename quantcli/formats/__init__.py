@@ -43,10 +43,16 @@ def register_format(cls: type[Format]) -> type[Format]:
     return cls
 
 
+_discovered = False
+
+
 def _discover() -> None:
-    if not _REGISTRY:
+    """Import every format module once (a module imported directly registers only itself)."""
+    global _discovered
+    if not _discovered:
         for module in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{module.name}")
+        _discovered = True
 
 
 def format_names() -> list[str]:

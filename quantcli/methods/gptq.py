@@ -30,7 +30,7 @@ import torch
 from quantcli import ops
 from quantcli.blockwise import quantize_blockwise
 from quantcli.errors import InputError
-from quantcli.intweights import IntLayout, IntWeights, check_observer, plan_layouts, resolve_group_size
+from quantcli.intweights import IntGridConfig, IntLayout, IntWeights, plan_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
@@ -41,24 +41,18 @@ PASS_ELEMENTS = 2**26  # weight elements per GPTQ pass when clipping candidates 
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
-    """``damp``: fraction of the mean of ``diag(H)`` added to it; ``block_size``: columns per lazy update;
-    ``clip_search``: pick each row's range by its output error after GPTQ (see :func:`gptq_quantize`)."""
+class GPTQConfig(IntGridConfig):
+    """The shared integer grid plus ``damp``: fraction of the mean of ``diag(H)`` added to it;
+    ``block_size``: columns per lazy update; ``clip_search``: pick each row's range by its output
+    error after GPTQ (see :func:`gptq_quantize`)."""
 
-    bits: int
-    group_size: int | None = None
-    symmetric: bool | None = None
     act_order: bool = True
-    observer: str = "minmax"
     clip_search: bool = True
     damp: float = 0.01
     block_size: int = 128
 
     def __post_init__(self) -> None:
-        check_observer(self.observer)
-        object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
-        if self.symmetric is None:
-            object.__setattr__(self, "symmetric", True)
+        super().__post_init__()
         if not 0 < self.damp < 1:
             raise InputError(f"gptq damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use e.g. 0.01.")
         if self.block_size <= 0:

@@ -7,27 +7,15 @@ as a compressed-tensors checkpoint (``int-quantized`` for 8 bits, ``pack-quantiz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from quantcli import ops
-from quantcli.intweights import IntWeights, check_observer, plan_layouts, resolve_group_size
+from quantcli.intweights import IntGridConfig, IntWeights, plan_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
 
 
-@dataclass(frozen=True)
-class RTNConfig:
-    bits: int
-    group_size: int | None = None
-    symmetric: bool | None = None
-    observer: str = "minmax"
-
-    def __post_init__(self) -> None:
-        check_observer(self.observer)
-        object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
-        if self.symmetric is None:
-            object.__setattr__(self, "symmetric", True)
+class RTNConfig(IntGridConfig):
+    """RTN has no options beyond the shared integer grid."""
 
 
 @register_method
@@ -57,6 +45,6 @@ class RTNQuantizer(Quantizer):
 
         blocks = request.block_source(tuple(plan))
         quantize_blockwise(blocks, tuple(plan), None, finish)
-        options = {"group_size": config.group_size, "symmetric": config.symmetric, "observer": config.observer}
+        options = config.grid_options()
         notes = {name: [note] if note else [] for name, (_, note) in plan.items()}
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes)
