@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantcli import __version__
+from quantcli import SCHEMA_VERSION, __version__
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
 from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
@@ -36,7 +36,6 @@ from quantcli.models import (
 from quantcli.progress import NullProgress, Progress
 from quantcli.report import QuantizeReport, size_summary
 
-SCHEMA_VERSION = 1
 
 
 STREAMABLE = ("rtn", "gptq", "gptq-nf4")  # methods whose records a format writes block by block
@@ -159,10 +158,12 @@ class _Result:
     after: EvalResult | None = None
 
 
-def _original_sizes(source: str, model: Any) -> dict[str, Any]:
+def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str, Any]:
+    """Sizes before quantizing; a streaming skeleton's (meta) tensors count at their dtype's size."""
+    tensors = [*model.parameters(), *model.buffers()]
     return {
         "disk_bytes": bytes_on_disk(weight_files(source)),
-        "memory_bytes": bytes_in_memory(model) or sum(p.numel() * p.element_size() for p in model.parameters()),
+        "memory_bytes": sum(t.numel() * t.element_size() for t in tensors) if skeleton else bytes_in_memory(model),
         "parameters": parameter_count(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
@@ -237,7 +238,7 @@ def _stream(run: _Run, staging: Path) -> _Result:
     selection = select_modules(model, config.skip_modules)
     if any(is_conv1d(module) for name, module in model.named_modules() if name in selection.names):
         raise UnavailableError("--low-memory supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
-    original = _original_sizes(run.source, model)
+    original = _original_sizes(run.source, model, skeleton=True)
     calibration = _calibration(run, tokenizer)
     settings = {
         "source": str(Path(run.source).resolve()), "method": run.method_name, "options": asdict(run.method_config),
@@ -264,13 +265,16 @@ def _stream(run: _Run, staging: Path) -> _Result:
 
 
 def evaluate(
-    model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None, backend: str = "auto"
+    model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None, backend: str = "auto",
+    base_model: Any = None,
 ) -> dict[str, Any]:
-    """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given."""
+    """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given
+    (``base_model``: that model already loaded, as ``compare`` passes it for every row)."""
     progress = progress or NullProgress()
     with progress.task("load model", total=None):
         loaded, tokenizer, metadata = load(model, device, backend=backend)
-        base_model = load(base, device)[0] if base else None
+        if base and base_model is None:
+            base_model = load(base, device)[0]
     result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model)
     return {
         "schema_version": SCHEMA_VERSION,

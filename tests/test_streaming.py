@@ -47,10 +47,12 @@ def llama(tmp_path_factory):
 @pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 4, "observer": "mse"}, {"bits": 8}])
 def test_streaming_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
     recipe = {"model": str(llama), "method": "rtn", "eval": None, **options}
-    quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
+    in_memory = quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
     report = quantize(config_from_mapping({**recipe, "output": tmp_path / "streamed", "low_memory": True}))
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
-    assert report.stats["shards"] == 7  # 4 decoder layers, then embeddings, norm and head one by one
+    assert report.stats["shards"] == 7
+    assert all(report.size[key] == in_memory.size[key] for key in ("parameters", "original_memory_bytes", "original_disk_bytes"))
+    assert report.layers == in_memory.layers  # 4 decoder layers, then embeddings, norm and head one by one
     a, b = tensors(memory), tensors(streamed)
     assert sorted(a) == sorted(b)
     assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)

@@ -3,8 +3,9 @@
 
 A format turns a method's neutral per-layer records (integer codes, scales, zero points and their
 layout: :class:`quantcli.intweights.IntWeights`, or bitsandbytes' NF4 codes) into stored tensors
-(:meth:`Format.layer_tensors`, what streaming writes block by block), writes the checkpoint's
-quantization config (:meth:`Format.finish`) and reads a checkpoint back (:meth:`Format.load`).
+(:meth:`Format.layer_tensors`, what streaming writes block by block) or writes a whole model
+(:meth:`Format.save`), writes the checkpoint's quantization config after streaming
+(:meth:`Format.finish`) and reads a checkpoint back (:meth:`Format.load`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ class Format:
     def layer_tensors(self, name: str, record: Any, module: Any) -> dict[str, Any]:
         """The stored tensors of layer ``name`` (keys relative to it) from its method's ``record``."""
         raise NotImplementedError(f"the {self.name} format cannot be written layer by layer yet")
+
+    def save(self, quantized: Any, folder: Path, max_shard_size: int | None = None) -> None:
+        """Write a whole quantized model (:class:`quantcli.methods.base.QuantizedModel`) into ``folder``;
+        by default transformers' own serialisation of the model (dense, bitsandbytes)."""
+        from quantcli.methods.base import shard_kwargs
+
+        quantized.model.save_pretrained(folder, **shard_kwargs(max_shard_size))
 
     def finish(self, model: Any, records: dict[str, Any], folder: Path) -> None:
         """After every shard is written: the quantization section of ``folder/config.json``."""

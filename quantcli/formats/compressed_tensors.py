@@ -117,7 +117,7 @@ def compressed_result(
     notes: dict[str, list[str]], stats: dict[str, Any] | None = None,
 ) -> QuantizedModel:
     """An integer method's result: per-layer records (``notes`` in layer order, plus any storage
-    note) and a save that writes compressed-tensors, or plain dense weights if nothing can be packed."""
+    note) and its records, in compressed-tensors, or dense when no layer can be packed."""
     modules = dict(model.named_modules())
     layers = {}
     for name, layer_notes in notes.items():
@@ -127,8 +127,7 @@ def compressed_result(
         layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(weights[name].q.shape), note or None)
     packed_any = any(storage_note(modules[name]) is None for name in weights)
     return QuantizedModel(
-        model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers,
-        lambda folder, max_shard_size=None: save_compressed(model, weights, folder, max_shard_size), stats or {},
+        model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers, weights, stats or {},
     )
 
 
@@ -199,6 +198,9 @@ class CompressedTensors(Format):
         compressor = ModelCompressor.from_pretrained_model(model)
         compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
         compressor.update_config(str(folder))
+
+    def save(self, quantized: QuantizedModel, folder: Path, max_shard_size: int | None = None) -> None:
+        save_compressed(quantized.model, quantized.records, folder, max_shard_size)
 
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
         return load_compressed(folder, device)

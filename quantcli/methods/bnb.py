@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from quantcli.errors import InputError, UnavailableError
 from quantcli.formats.bitsandbytes import BLOCK
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer, shard_kwargs
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import is_conv1d, load_model
 
 
@@ -135,11 +134,7 @@ class _Bitsandbytes(Quantizer):
                 shape = tuple(module.weight.shape)
                 layers[name] = LayerRecord(16 if kept_dtype != "float32" else 32, kept_dtype, None, shape, f"kept in {kept_dtype}: {fallbacks[name]}")
                 request.progress(1)
-
-        def save(folder: Path, max_shard_size: int | None = None) -> None:
-            model.save_pretrained(folder, **shard_kwargs(max_shard_size))
-
-        return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, save, stats or {})
+        return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, stats=stats or {})
 
     def _record(self, module: Any) -> LayerRecord:
         raise NotImplementedError
