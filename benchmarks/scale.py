@@ -27,9 +27,9 @@ import psutil, torch, transformers, compressed_tensors, safetensors.torch
 from quantcli.config import config_from_mapping
 from quantcli.pipeline import quantize
 baseline = psutil.Process().memory_info().rss
-method, mode, model, output, samples, seq_len = sys.argv[1:7]
+method, mode, model, output, samples, seq_len, options = sys.argv[1:8]
 recipe = {"model": model, "bits": 4, "method": method, "eval": None, "output": output, "low_memory": mode == "streaming",
-          "calibration": {"samples": int(samples), "seq_len": int(seq_len)}}
+          "calibration": {"samples": int(samples), "seq_len": int(seq_len)}, **(json.loads(options) if method != "rtn" else {})}
 start = time.perf_counter()
 quantize(config_from_mapping(recipe))
 seconds = time.perf_counter() - start
@@ -69,9 +69,9 @@ def largest_group(folder: Path) -> int:
     return max(sum(sizes[name] for name in group) for group in shard_groups(list(where), prefix, len(blocks)))
 
 
-def measure(method: str, mode: str, model: Path, output: Path, samples: int, seq_len: int) -> dict:
+def measure(method: str, mode: str, model: Path, output: Path, samples: int, seq_len: int, options: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    args = [method, mode, str(model), str(output), str(samples), str(seq_len)]
+    args = [method, mode, str(model), str(output), str(samples), str(seq_len), json.dumps(options)]
     result = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -89,15 +89,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-seq-len", type=int, default=128)
+    parser.add_argument("--no-clip-search", action="store_true", help="GPTQ without its clip search (about 10x faster; same for both ways)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = parser.parse_args()
+    gptq_options = {"clip_search": False} if args.no_clip_search else {}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "llama"
         build(model, args.layers, args.hidden)
         model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         group_bytes = largest_group(model)
         runs = {
-            f"{method} {mode}": measure(method, mode, model, Path(tmp) / f"{method}-{mode}", args.calib_samples, args.calib_seq_len)
+            f"{method} {mode}": measure(method, mode, model, Path(tmp) / f"{method}-{mode}", args.calib_samples, args.calib_seq_len, gptq_options)
             for method in args.methods for mode in ("streaming", "in-memory")
         }
     for run in runs.values():
@@ -109,7 +111,7 @@ def main() -> None:
         "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": 3 * args.hidden, "vocab": 8192, "dtype": "float32"},
         "model_bytes": model_bytes,
         "largest_layer_group_bytes": group_bytes,
-        "gptq_calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len, "threads": torch_threads()},
+        "gptq_calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len, "threads": torch_threads(), "options": gptq_options},
         "runs": runs,
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "notes": "baseline_rss: RSS after importing torch/transformers/quantcli, before any work. work_rss = peak_rss - baseline_rss."
