@@ -1,11 +1,13 @@
-"""Peak memory of layer-by-layer (--sequential) RTN against in-memory RTN, on a synthetic Llama.
+"""Peak memory of streaming (--low-memory: one decoder block at a time from disk) against in-memory
+quantization, for RTN and GPTQ, on a synthetic Llama.
 
 Builds a random Llama on disk (default 24 layers of hidden 512, untied head, fp32, sharded), then
-quantizes it to INT4 both ways, each in a fresh process, and records that process's peak RSS
+quantizes it to INT4 both ways with each method, each run in a fresh process (GPTQ calibrated on
+``--calib-samples`` windows of ``--calib-seq-len`` tokens, the same for both ways), and records that process's peak RSS
 (``VmHWM``; not ``ru_maxrss``, which a child inherits from its parent across fork+exec), its RSS after the imports (the baseline every quantcli process pays), the model
 size on disk and the largest single layer group. Writes ``benchmarks/results/scale.json``.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py [--layers 24 --hidden 512]
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py [--layers 24 --hidden 512 --methods rtn gptq]
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py --model smollm2   (results/smollm2-scale.json)
 """
 
@@ -27,12 +29,12 @@ import json, sys, time
 import psutil, torch, transformers, compressed_tensors, safetensors.torch
 from quantcli.config import config_from_mapping
 from quantcli.pipeline import quantize
-from quantcli.sequential import quantize_sequential
 baseline = psutil.Process().memory_info().rss
-mode, model, output = sys.argv[1:4]
-recipe = {"model": model, "bits": 4, "method": "rtn", "eval": None, "output": output, "sequential": mode == "sequential"}
+method, mode, model, output, samples, seq_len, options = sys.argv[1:8]
+recipe = {"model": model, "bits": 4, "method": method, "eval": None, "output": output, "low_memory": mode == "streaming",
+          "calibration": {"samples": int(samples), "seq_len": int(seq_len)}, **(json.loads(options) if method != "rtn" else {})}
 start = time.perf_counter()
-(quantize_sequential if mode == "sequential" else quantize)(config_from_mapping(recipe))
+quantize(config_from_mapping(recipe))
 seconds = time.perf_counter() - start
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"baseline_rss": baseline, "peak_rss": int(hwm.split()[1]) * 1024, "seconds": seconds}))
@@ -55,39 +57,58 @@ def build(folder: Path, layers: int, hidden: int) -> None:
 
 
 def largest_group(folder: Path) -> int:
-    from quantcli.sequential import _nbytes, layer_groups, source_tensors
     from safetensors import safe_open
 
+    from quantcli.blockwise import decoder_blocks
+    from quantcli.streaming import _nbytes, shard_groups, skeleton, source_tensors
+
     where = source_tensors(str(folder))
+    model = skeleton(str(folder), None, False)
+    prefix, blocks = decoder_blocks(model, tuple(name for name, _ in model.named_modules() if name.endswith("_proj")))
     sizes = {}
     for name, file in where.items():
         with safe_open(file, framework="pt") as handle:
             sizes[name] = _nbytes(handle, name)
-    return max(sum(sizes[name] for name in group) for group in layer_groups(list(where)))
+    return max(sum(sizes[name] for name in group) for group in shard_groups(list(where), prefix, len(blocks)))
 
 
-def measure(mode: str, model: Path, output: Path) -> dict:
+def measure(method: str, mode: str, model: Path, output: Path, samples: int, seq_len: int, options: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(model), str(output)], env=env, capture_output=True, text=True, check=True)
+    args = [method, mode, str(model), str(output), str(samples), str(seq_len), json.dumps(options)]
+    result = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-seq-len", type=int, default=128)
+    parser.add_argument("--no-clip-search", action="store_true", help="GPTQ without its clip search (about 10x faster; same for both ways)")
     parser.add_argument("--model", help="smollm2 or a model folder, instead of the synthetic Llama.")
     parser.add_argument("--out", type=Path, help="Default: results/scale.json, or results/<model>-scale.json with --model.")
     args = parser.parse_args()
     folder = setups.model_folder(args.model) if args.model else None
     out = args.out or Path(__file__).parent / "results" / (f"{setups.result_name(args.model, folder)}-scale.json" if folder else "scale.json")
+    gptq_options = {"clip_search": False} if args.no_clip_search else {}
     with tempfile.TemporaryDirectory() as tmp:
         model = folder or Path(tmp) / "llama"
         if folder is None:
             build(model, args.layers, args.hidden)
         model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         group_bytes = largest_group(model)
-        runs = {mode: measure(mode, model, Path(tmp) / mode) for mode in ("sequential", "in-memory")}
+        runs = {
+            f"{method} {mode}": measure(method, mode, model, Path(tmp) / f"{method}-{mode}", args.calib_samples, args.calib_seq_len, gptq_options)
+            for method in args.methods for mode in ("streaming", "in-memory")
+        }
     for run in runs.values():
         run["work_rss"] = run["peak_rss"] - run["baseline_rss"]
         run["peak_rss_over_model_size"] = round(run["peak_rss"] / model_bytes, 3)
@@ -97,9 +118,11 @@ def main() -> None:
         "model": {"folder": folder.name} if folder else {"layers": args.layers, "hidden": args.hidden, "intermediate": 3 * args.hidden, "vocab": 8192, "dtype": "float32"},
         "model_bytes": model_bytes,
         "largest_layer_group_bytes": group_bytes,
+        "gptq_calibration": {"samples": args.calib_samples, "seq_len": args.calib_seq_len, "threads": torch_threads(), "options": gptq_options},
         "runs": runs,
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "notes": "baseline_rss: RSS after importing torch/transformers/quantcli, before any work. work_rss = peak_rss - baseline_rss.",
+        "notes": "baseline_rss: RSS after importing torch/transformers/quantcli, before any work. work_rss = peak_rss - baseline_rss."
+                 " The machine was shared with other jobs: seconds are noisy, memory is not.",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

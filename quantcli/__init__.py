@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
+SCHEMA_VERSION = 1  # of every JSON result: quantize report, eval, compare, bench
 
 _EXPORTS = {
     "quantize": "quantcli.pipeline",

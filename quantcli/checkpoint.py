@@ -21,7 +21,7 @@ from quantcli.errors import CheckpointError, InputError, ModelLoadError, OutputE
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
 REPORT_FILE = "report.json"
-RESUME_FILE = "resume.json"  # in the staging folder of a --sequential run: the settings and finished shards
+RESUME_FILE = "resume.json"  # in the staging folder of a --low-memory run: the settings and finished shards
 
 
 def check_output(target: Path, force: bool, source: str, resume: bool = False) -> None:
@@ -46,7 +46,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale(target: Path, keep_resumable: bool = False) -> list[Path]:
     """Remove staging folders a killed run left beside ``target`` (``.NAME.partial-PID`` of dead PIDs).
 
-    With ``keep_resumable``, those of interrupted ``--sequential`` runs (holding ``resume.json``) stay.
+    With ``keep_resumable``, those of interrupted ``--low-memory`` runs (holding ``resume.json``) stay.
     A run killed between retiring the old output and renaming the new one leaves ``.NAME.old-PID``
     and no ``target``: the old output is put back. Returns the folders removed or restored.
     """
@@ -80,7 +80,7 @@ def _disk_full(error: BaseException) -> bool:
 
 
 def _resumable(target: Path) -> Path | None:
-    """The newest staging folder of an interrupted ``--sequential`` run on ``target`` (its process gone)."""
+    """The newest staging folder of an interrupted ``--low-memory`` run on ``target`` (its process gone)."""
     found = []
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
@@ -95,7 +95,7 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
 
     On any failure the temporary folder is removed and ``target`` is untouched. A SIGKILL can leave
     the staging folder behind; the next run on the same target removes it. ``resume`` adopts the
-    staging folder of an interrupted ``--sequential`` run instead, which also keeps its staging
+    staging folder of an interrupted ``--low-memory`` run instead, which also keeps its staging
     folder on Ctrl-C (the block decides what to keep by writing ``resume.json``).
     """
     target = Path(target)
@@ -242,6 +242,7 @@ def _integer_weights_only(source: str) -> bool:
 
 
 def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remote_code: bool) -> Any:
+    from quantcli.formats import format_names, get_format
     from quantcli.models import load_model, pick_dtype
 
     if metadata is None and Path(source).is_dir() and _integer_weights_only(source):
@@ -249,10 +250,8 @@ def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remot
     if metadata is None or metadata.get("format") == "dense":
         dtype = "auto" if metadata else pick_dtype("auto", device)
         return load_model(source, dtype, device, trust_remote_code)
-    if metadata.get("format") == "compressed-tensors":
-        from quantcli.compressed import load_compressed
-
-        return load_compressed(source, device, trust_remote_code)
+    if metadata.get("format") in format_names():
+        return get_format(metadata["format"]).load(source, device, trust_remote_code)
     return load_model(source, "auto", device, trust_remote_code)
 
 

@@ -80,15 +80,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Quantize Hugging Face causal LMs to INT8/INT4 and measure size, perplexity and speed."""
 
 
-def _recipe_section(recipe: dict[str, Any], key: str) -> dict[str, Any]:
-    from quantcli.errors import InputError
-
-    value = recipe.get(key) or {}
-    if not isinstance(value, dict):
-        raise InputError(f"'{key}' must be a mapping of settings, got {type(value).__name__}.")
-    return dict(value)
-
-
 def _given(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
@@ -96,7 +87,7 @@ def _given(**values: Any) -> dict[str, Any]:
 @app.command()
 @handle_errors
 def quantize(
-    model: str = typer.Argument("stories260K", help="Hub id, local folder, or 'stories260K' (the embedded default)."),
+    model: Optional[str] = typer.Argument(None, help="Hub id, local folder, or 'stories260K' (the embedded default).", show_default="stories260K"),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="8 or 4 (3 with gptq; 16 casts to fp16/bf16)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, gptq-nf4, bnb-int8, bnb-nf4, bnb-fp4, cast. Default: bitsandbytes on CUDA, rtn on CPU."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: MODEL-METHOD-wBITS."),
@@ -109,6 +100,7 @@ def quantize(
     clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."),
     observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: minmax (default) or mse (clipping search)."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option not worth a flag, KEY=VALUE (repeatable), e.g. -O damp=0.05; checked by the method."),
     calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text: a local text file, .jsonl/.csv/.parquet, or a Hub spec path:config:split."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration windows."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration and evaluation window."),
@@ -122,8 +114,9 @@ def quantize(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB, 500MB) plus an index."),
-    sequential: bool = typer.Option(False, "--sequential", help="RTN one decoder layer at a time, for models larger than memory (no perplexity)."),
-    resume: bool = typer.Option(False, "--resume", help="With --sequential: continue an interrupted run after its last finished layer."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Stream the weights from disk one decoder block at a time (rtn, gptq, gptq-nf4), for models larger than memory (no perplexity)."),
+    sequential: bool = typer.Option(False, "--sequential", hidden=True, help="Deprecated name of --low-memory."),
+    resume: bool = typer.Option(False, "--resume", help="With --low-memory: continue an interrupted run after its last finished block."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="CI gate, in percent: exit 4 if perplexity rises more (2 = 2%)."),
     max_size: Optional[float] = typer.Option(None, "--max-size", help="CI gate: exit 4 if the quantized weights exceed this many MB (10^6 bytes) on disk."),
     json_output: bool = JSON_OPTION,
@@ -131,45 +124,26 @@ def quantize(
 ) -> None:
     """Quantize MODEL, write the checkpoint, and report size and perplexity before and after."""
     from quantcli import console
-    from quantcli.config import config_from_mapping, load_recipe
+    from quantcli.config import merge_quantize_config
     from quantcli.gates import enforce
     from quantcli.pipeline import quantize as run_quantize
 
-    recipe: dict[str, Any] = load_recipe(config) if config else {}
-    recipe.update(_given(bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype, max_shard_size=max_shard_size))
-    if model != "stories260K" or "model" not in recipe:
-        recipe["model"] = model
-    if force:
-        recipe["force"] = True
-    for flag, value in (("trust_remote_code", trust_remote_code), ("sequential", sequential), ("resume", resume)):
-        if value:
-            recipe[flag] = True
-    if skip_modules:
-        recipe["skip_modules"] = [glob for value in skip_modules for glob in value.split(",") if glob]
-    recipe.update(_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order, clip_search=clip_search, observer=observer))
-    calibration = _recipe_section(recipe, "calibration")
-    calibration.update(_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed, text_column=text_column))
-    recipe["calibration"] = calibration
-    if no_eval:
-        recipe["eval"] = None
-    else:
-        evaluation = _recipe_section(recipe, "eval")
-        evaluation.update(_given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens, text_column=text_column))
-        recipe["eval"] = evaluation
-    gates = dict(recipe.get("gates") or {})
-    gates.update(_given(max_ppl_increase=max_ppl_increase, max_size=max_size))
-    recipe["gates"] = gates
-    if "bits" not in recipe:
-        from quantcli.errors import InputError
-
-        raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
-    config = config_from_mapping(recipe)
-    if config.sequential:
-        from quantcli.sequential import quantize_sequential
-
-        summary = quantize_sequential(config, console.RichProgress(enabled=not quiet))
-        console.print_json(summary) if json_output else print(f"wrote {summary['output']}: {summary['shards']} shards, {summary['disk_bytes']:,} bytes\n{summary['grouping']['summary']}")
-        return
+    if sequential:
+        print("warning: --sequential is deprecated; it is now called --low-memory.", file=sys.stderr)
+        low_memory = True
+    switches = {"force": force, "trust_remote_code": trust_remote_code, "low_memory": low_memory, "resume": resume}
+    skip = [glob for value in skip_modules for glob in value.split(",") if glob] if skip_modules else None
+    config = merge_quantize_config(
+        config,
+        top={**_given(model=model, bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype,
+                      max_shard_size=max_shard_size, skip_modules=skip), **{key: True for key, value in switches.items() if value}},
+        method_options=_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order,
+                              clip_search=clip_search, observer=observer),
+        calibration=_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed, text_column=text_column),
+        evaluation=None if no_eval else _given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens, text_column=text_column),
+        gates=_given(max_ppl_increase=max_ppl_increase, max_size=max_size),
+        options=option or [],
+    )
     report = run_quantize(config, console.RichProgress(enabled=not quiet))
     data = report.to_dict()
     console.print_json(data) if json_output else console.render_quantize(data)

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quantcli import SCHEMA_VERSION
 from quantcli.checkpoint import REPORT_FILE, inspect
 from quantcli.config import EvalConfig
 from quantcli.errors import CheckpointError, InputError
 from quantcli.progress import NullProgress, Progress
 
-SCHEMA_VERSION = 1
 
 
 def _report(folder: Path) -> dict[str, Any] | None:
@@ -29,7 +29,7 @@ def _report(folder: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path} is corrupt ({error}). Re-run quantcli quantize.") from None
 
 
-def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None) -> dict[str, Any]:
+def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None, base_loaded: Any) -> dict[str, Any]:
     from quantcli.pipeline import evaluate
 
     info = inspect(folder)
@@ -50,7 +50,7 @@ def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None)
         "evaluated": False,
     }
     if base is not None or row["perplexity"] is None:
-        result = evaluate(str(folder), config, base, "auto", progress)
+        result = evaluate(str(folder), config, base, "auto", progress, *(base_loaded[:2] if base_loaded else ()))
         row.update(
             perplexity=result["perplexity"], settings=result["settings"], kl_divergence=result["kl_divergence"],
             top1_agreement=result["top1_agreement"], evaluated=True,
@@ -59,9 +59,10 @@ def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None)
 
 
 def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None = None, plot: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Rows for ``dirs``; with ``base``, every checkpoint is re-evaluated against it on ``config`` (so
-    perplexity, its change and KL share one setting); ``plot`` also draws the trade-off PNG."""
-    from quantcli.pipeline import evaluate
+    """Rows for ``dirs``; with ``base`` (loaded once), every checkpoint is re-evaluated against it on
+    ``config`` (so perplexity, its change and KL share one setting); ``plot`` also draws the trade-off PNG."""
+    from quantcli.checkpoint import load
+    from quantcli.pipeline import measure_perplexity
 
     if not dirs:
         raise InputError("pass at least one quantcli output folder to compare.")
@@ -73,9 +74,13 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         if Path(plot).suffix.lower() != ".png":
             raise InputError(f"--plot {plot}: write a .png file.")
         check_writable(Path(plot), "--plot")
-    rows = [_row(Path(folder), progress, config, base) for folder in dirs]
+    loaded = None
     if base is not None:
-        base_ppl = evaluate(base, config, None, "auto", progress)["perplexity"]
+        with progress.task("load base", total=None):
+            loaded = load(base, "auto")
+    rows = [_row(Path(folder), progress, config, base, loaded) for folder in dirs]
+    if loaded is not None:
+        base_ppl = measure_perplexity(loaded[0], loaded[1], config, progress, "base").perplexity
         for row in rows:
             row["base_perplexity"] = base_ppl
     for row in rows:

@@ -119,7 +119,7 @@ class EvalConfig:
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
-    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "sequential": (bool,), "resume": (bool,),
+    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
     "device_map": (str, type(None)),
 }
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -143,8 +143,8 @@ class QuantizeConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     max_shard_size: int | str | None = None
-    sequential: bool = False  # layer-by-layer RTN for models larger than memory (no perplexity)
-    resume: bool = False  # with sequential: continue an interrupted run after its last finished layer
+    low_memory: bool = False  # stream the weights from disk one decoder block at a time (no perplexity)
+    resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
 
     def __post_init__(self) -> None:
@@ -158,16 +158,31 @@ class QuantizeConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {shown(self.device)}.")
-        if self.resume and not self.sequential:
-            raise InputError("--resume continues an interrupted --sequential run. Add --sequential.")
+        if self.resume and not self.low_memory:
+            raise InputError("--resume continues an interrupted --low-memory run. Add --low-memory.")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
             raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
+        if self.low_memory:
+            self._check_streaming()
         if self.gates.max_ppl_increase is not None and self.eval is None:
             raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
         if self.gates.min_speedup is not None:
             raise InputError("--min-speedup needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
+
+    def _check_streaming(self) -> None:
+        if self.gates.max_ppl_increase is not None:
+            raise InputError(
+                "--max-ppl-increase needs perplexity before and after, which --low-memory cannot measure (it never holds"
+                " the whole model). Drop --max-ppl-increase, or --low-memory if the model fits in memory."
+            )
+        if self.eval is not None:
+            raise InputError("--low-memory cannot measure perplexity (it never holds the whole model). Add --no-eval, or drop --low-memory.")
+        if self.max_shard_size is not None:
+            raise InputError("--low-memory writes one shard per decoder block; drop --max-shard-size.")
+        if self.device_map is not None:
+            raise InputError("--low-memory loads one block at a time on the CPU; drop --device-map.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -231,6 +246,52 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
         return QuantizeConfig(method_options=options, **kwargs)
     except TypeError as error:
         raise InputError(f"bad recipe: {error}.") from None
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """One ``-O KEY=VALUE`` method option; the value is read as a YAML scalar (``0.05``, ``true``, ``fp16``)."""
+    import yaml
+
+    key, equals, raw = text.partition("=")
+    if not equals or not key.strip():
+        raise InputError(f"-O takes KEY=VALUE (e.g. -O damp=0.05), got {text!r}.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    if not isinstance(value, (str, int, float, bool)) or value is None:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def merge_quantize_config(
+    recipe_path: Path | None, top: Mapping[str, Any], method_options: Mapping[str, Any], calibration: Mapping[str, Any],
+    evaluation: Mapping[str, Any] | None, gates: Mapping[str, Any], options: list[str] = (),
+) -> QuantizeConfig:
+    """The one merge of a YAML recipe with what the command line gave (each mapping holds only the
+    options actually given; ``evaluation=None`` is ``--no-eval``; ``options`` are ``-O KEY=VALUE``)."""
+    recipe: dict[str, Any] = load_recipe(recipe_path) if recipe_path else {}
+    recipe.update(top)
+    recipe.update(method_options)
+    recipe.update(dict(parse_option(text) for text in options))
+    for name, given in (("calibration", calibration), ("gates", gates)):
+        recipe[name] = {**_recipe_section(recipe, name), **given}
+    streams = bool(recipe.get("low_memory"))
+    asked = set(evaluation or {}) - {"seq_len"}  # --seq-len also sets calibration windows
+    if evaluation is None or (streams and not asked and "eval" not in recipe):
+        recipe["eval"] = None  # streaming never holds the whole model, so it evaluates only when asked
+    else:
+        recipe["eval"] = {**_recipe_section(recipe, "eval"), **evaluation}
+    if "bits" not in recipe:
+        raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
+    return config_from_mapping(recipe)
+
+
+def _recipe_section(recipe: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = recipe.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"'{key}' must be a mapping of settings, got {type(value).__name__}.")
+    return dict(value)
 
 
 def load_recipe(path: Path) -> dict[str, Any]:

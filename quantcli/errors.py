@@ -58,6 +58,6 @@ class UnavailableError(QuantCliError):
 
 
 class ResumableInterrupt(QuantCliError):
-    """Ctrl-C during a --sequential run: the finished layers are kept for --resume."""
+    """Ctrl-C during a --low-memory (streaming) run: the finished layers are kept for --resume."""
 
     exit_code = 130

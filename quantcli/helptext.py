@@ -14,7 +14,7 @@ Exit codes:
   4    a quality gate failed (--max-ppl-increase, --max-size, --min-speedup)
   5    the method or device is not available here
   129  stopped by SIGHUP (terminal closed); nothing was written
-  130  interrupted by Ctrl-C; nothing was written (--sequential keeps its layers for --resume)
+  130  interrupted by Ctrl-C; nothing was written (--low-memory keeps its layers for --resume)
   143  stopped by SIGTERM (timeout, CI cancel, docker stop); nothing was written"""
 
 EXAMPLES = {
@@ -23,7 +23,7 @@ Examples:
   quantcli quantize --bits 4                        # the embedded stories260K, RTN INT4 on CPU
   quantcli quantize gpt2 --bits 8 --method bnb-int8 -o gpt2-int8
   quantcli quantize ./my-model --bits 4 --method gptq --calib-samples 64 --max-ppl-increase 5
-  quantcli quantize ./big-model --bits 4 --sequential -o big-rtn-w4   # one layer at a time""",
+  quantcli quantize ./big-model --bits 4 --low-memory -o big-rtn-w4   # one decoder block at a time""",
     "eval": """\b
 Examples:
   quantcli eval stories260K-rtn-w4

@@ -51,7 +51,7 @@ def check_loading_info(info: dict[str, Any], source: str) -> None:
 
 
 def check_streamed(model: Any, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """The tensors a streamed (``--sequential``) read will find, against the meta-device skeleton."""
+    """The tensors a streamed (``--low-memory``) read will find, against the meta-device skeleton."""
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     aliases: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):

@@ -37,6 +37,26 @@ class IntLayout:
     observer: str = "minmax"
 
 
+@dataclass(frozen=True)
+class IntGridConfig:
+    """The integer grid rtn and gptq share, and their options' one typed home: ``group_size`` weights
+    per scale (given as None for the width's default, 64 below 8 bits and per channel at 8, or -1 for
+    per channel; stored resolved, None then meaning per channel), symmetric integers or zero points,
+    and the ``observer`` that picks the scales (``minmax`` or ``mse``)."""
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        check_observer(self.observer)
+        object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
+
+    def grid_options(self) -> dict[str, object]:
+        return {"group_size": self.group_size, "symmetric": self.symmetric, "observer": self.observer}
+
+
 @dataclass
 class IntWeights:
     """A layer's integers ``q`` (int8, ``[out, in]``) with per-group ``scale`` and ``zero_point``."""

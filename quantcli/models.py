@@ -265,7 +265,7 @@ def _quantization_tensors(module: Any) -> list[Any]:
     tensors = []
     if state is not None:
         tensors += [state.absmax, state.code]
-        if state.state2 is not None:
+        if getattr(state, "state2", None) is not None:  # bitsandbytes 0.50 sets it only with double quant
             tensors += [state.state2.absmax, state.state2.code, state.offset]
     scb = getattr(getattr(module, "weight", None), "SCB", None)
     if scb is None:

@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantcli import __version__
+from quantcli import SCHEMA_VERSION, __version__
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
 from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
 from quantcli.gguf_input import describe
 from quantcli.data import TextSource, calibration_batch, read_documents, token_sequences
-from quantcli.errors import DatasetError
+from quantcli.errors import DatasetError, ResumableInterrupt, UnavailableError
 from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
-from quantcli.integrity import check_same_vocabulary
+from quantcli.integrity import check_same_vocabulary, check_streamed, file_shapes
 from quantcli.perplexity import EvalResult, check_context, evaluate_sequences
 from quantcli.methods import default_method, get_method
-from quantcli.methods.base import QuantizeRequest
+from quantcli.methods.base import QuantizedModel, QuantizeRequest
 from quantcli.models import (
     bytes_in_memory,
     bytes_on_disk,
     check_finite,
     check_vocab,
+    is_conv1d,
     load_model,
     load_tokenizer,
     parameter_count,
@@ -37,7 +39,17 @@ from quantcli.models import (
 from quantcli.progress import NullProgress, Progress
 from quantcli.report import QuantizeReport, size_summary
 
-SCHEMA_VERSION = 1
+
+
+STREAMABLE = ("rtn", "gptq", "gptq-nf4")  # methods whose records a format writes block by block
+
+
+def check_streamable(method: str, device: str) -> None:
+    """Refuse, before any work, a streaming run this build cannot do."""
+    if method not in STREAMABLE:
+        raise UnavailableError(f"--low-memory works with --method {' or '.join(STREAMABLE)}, not {method}.")
+    if device != "cpu":
+        raise UnavailableError("--low-memory runs on the CPU; drop --device or pass --device cpu.")
 
 
 def default_output(model: str, method: str, bits: int) -> Path:
@@ -76,29 +88,127 @@ def measure_perplexity(
     return result
 
 
+@dataclass
+class _Run:
+    """One quantize run after its options are checked: what both the in-memory and streaming paths need."""
+
+    config: QuantizeConfig
+    method_name: str
+    method: Any
+    method_config: Any
+    device: str
+    source: str
+    progress: Progress
+    evaluation: TextSource | None = None
+    calibration_text: TextSource | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def quantize(config: QuantizeConfig, progress: Progress | None = None) -> QuantizeReport:
-    """Quantize ``config.model`` and write the checkpoint; returns the report (also saved as report.json)."""
-    progress = progress or NullProgress()
-    timings: dict[str, float] = {}
-    device = pick_device(config.device)
+    """Quantize ``config.model`` and write the checkpoint; returns the report (also saved as report.json).
+
+    The one entry point: ``config.low_memory`` streams the model from disk one decoder block at a
+    time (:mod:`quantcli.streaming`), otherwise it is loaded whole. Both write through one atomic
+    folder with the same metadata, report and gates.
+    """
+    device = "cpu" if config.low_memory and config.device == "auto" else pick_device(config.device)
     method_name = config.method or default_method(config.bits, device)
     method = get_method(method_name)
     method_config = method.make_config(config.bits, config.method_options)
     reason = method.unavailable_reason(device)
     if reason:
-        from quantcli.errors import UnavailableError
-
         raise UnavailableError(f"method {method_name} cannot run on {device} here: {reason}")
+    if config.low_memory:
+        check_streamable(method_name, device)
     source = resolve_model(config.model)
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits)
-    check_output(output, config.force, source)
+    check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
     calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if method.needs_calibration else None
+    run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress(), evaluation, calibration_text)
+    with atomic_folder(output, config.force, resume=config.resume) as staging:
+        result = (_stream if config.low_memory else _in_memory)(run, staging)
+        result.tokenizer.save_pretrained(staging)
+        quantized_bytes = bytes_on_disk(weight_files(str(staging)))
+        report = QuantizeReport(
+            schema_version=SCHEMA_VERSION,
+            quantcli_version=__version__,
+            model=config.model,
+            output=str(output),
+            method=method_name,
+            bits=config.bits,
+            format=result.quantized.format,
+            device=device,
+            options=result.quantized.options,
+            recipe=config.to_dict(),
+            calibration=None if result.calibration is None else {**vars(config.calibration), "tokens": int(result.calibration.numel())},
+            size={**size_summary(result.original, quantized_bytes, result.quantized_memory), "original_format": describe(source)},
+            perplexity_before=result.before,
+            perplexity_after=result.after,
+            timings=run.timings,
+            layers=result.quantized.layers,
+            skipped=result.skipped,
+            stats=result.quantized.stats,
+        )
+        report.gates = to_records(check_quantize(config.gates, report.to_dict()))
+        write_json(staging / METADATA_FILE, {
+            "format_version": FORMAT_VERSION,
+            "quantcli_version": __version__,
+            "method": method_name,
+            "bits": config.bits,
+            "format": result.quantized.format,
+            "options": result.quantized.options,
+            "source_model": config.model,
+            "layers": report.to_dict()["layers"],
+            "skipped": result.skipped,
+        })
+        write_json(staging / REPORT_FILE, report.to_dict())
+    return report
 
+
+@dataclass
+class _Result:
+    """What a path hands back for the report: the quantized model's records and the sizes before."""
+
+    quantized: QuantizedModel
+    tokenizer: Any
+    original: dict[str, Any]
+    quantized_memory: int
+    skipped: dict[str, str]
+    calibration: Any = None
+    before: EvalResult | None = None
+    after: EvalResult | None = None
+
+
+def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str, Any]:
+    """Sizes before quantizing; a streaming skeleton's (meta) tensors count at their dtype's size."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return {
+        "disk_bytes": bytes_on_disk(weight_files(source)),
+        "memory_bytes": sum(t.numel() * t.element_size() for t in tensors) if skeleton else bytes_in_memory(model),
+        "parameters": parameter_count(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def _calibration(run: _Run, tokenizer: Any) -> Any:
+    if not run.method.needs_calibration:
+        return None
+    start = time.perf_counter()
+    with run.progress.task("calibration data", total=None):
+        calib = run.config.calibration
+        batch = calibration_batch(run.calibration_text, tokenizer, calib.samples, calib.seq_len, calib.seed)
+    run.timings["calibration"] = time.perf_counter() - start
+    return batch
+
+
+def _in_memory(run: _Run, staging: Path) -> _Result:
+    """Load the whole model, quantize it, evaluate before/after if asked, and save it into ``staging``."""
+    config, progress, timings = run.config, run.progress, run.timings
     start = time.perf_counter()
     with progress.task("load model", total=None):
-        tokenizer = load_tokenizer(source, config.trust_remote_code)
-        model = load_model(source, pick_dtype(config.dtype, device), config.device_map or device, config.trust_remote_code)
+        tokenizer = load_tokenizer(run.source, config.trust_remote_code)
+        model = load_model(run.source, pick_dtype(config.dtype, run.device), config.device_map or run.device, config.trust_remote_code)
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
         if method.needs_calibration:
@@ -107,35 +217,22 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     selection = select_modules(model, config.skip_modules)
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
         check_layers_quantizable(model, selection.names, config.model)
-    original_files = weight_files(source)
-    original = {
-        "disk_bytes": bytes_on_disk(original_files),
-        "memory_bytes": bytes_in_memory(model),
-        "parameters": parameter_count(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
+    original = _original_sizes(run.source, model)
     before = None
     if config.eval is not None:
         start = time.perf_counter()
-        before = measure_perplexity(model, tokenizer, config.eval, progress, "original", source=evaluation)
+        before = measure_perplexity(model, tokenizer, config.eval, progress, "original", source=run.evaluation)
         timings["eval_original"] = time.perf_counter() - start
-
-    calibration = None
-    if method.needs_calibration:
-        start = time.perf_counter()
-        with progress.task("calibration data", total=None):
-            calib = config.calibration
-            calibration = calibration_batch(calibration_text, tokenizer, calib.samples, calib.seq_len, calib.seed)
-        timings["calibration"] = time.perf_counter() - start
+    calibration = _calibration(run, tokenizer)
 
     start = time.perf_counter()
-    with progress.task(f"quantize ({method_name})", total=len(selection.names)) as advance:
+    with progress.task(f"quantize ({run.method_name})", total=len(selection.names)) as advance:
         request = QuantizeRequest(
-            source, model, tokenizer, selection.names, device, pick_dtype(config.dtype, device), method_config,
+            run.source, model, tokenizer, selection.names, run.device, pick_dtype(config.dtype, run.device), run.method_config,
             calibration, config.trust_remote_code, advance, config.device_map,
         )
         del model
-        quantized = method.quantize(request)
+        quantized = run.method.quantize(request)
         check_model_finite(quantized.model, config.model)
         del request
         gc.collect()
@@ -144,62 +241,73 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     after = None
     if config.eval is not None:
         start = time.perf_counter()
-        after = measure_perplexity(quantized.model, tokenizer, config.eval, progress, "quantized", source=evaluation)
+        after = measure_perplexity(quantized.model, tokenizer, config.eval, progress, "quantized", source=run.evaluation)
         timings["eval_quantized"] = time.perf_counter() - start
-
     quantized_memory = bytes_in_memory(quantized.model)
     start = time.perf_counter()
-    with progress.task("save", total=None), atomic_folder(output, config.force) as staging:
+    with progress.task("save", total=None):
         quantized.save(staging, config.max_shard_size)
-        tokenizer.save_pretrained(staging)
-        quantized_bytes = bytes_on_disk(weight_files(str(staging)))
-        timings["save"] = time.perf_counter() - start
-        report = QuantizeReport(
-            schema_version=SCHEMA_VERSION,
-            quantcli_version=__version__,
-            model=config.model,
-            output=str(output),
-            method=method_name,
-            bits=config.bits,
-            format=quantized.format,
-            device=device,
-            options=quantized.options,
-            recipe=config.to_dict(),
-            calibration=None if calibration is None else {**vars(config.calibration), "tokens": int(calibration.numel())},
-            size={**size_summary(original, quantized_bytes, quantized_memory), "original_format": describe(source)},
-            perplexity_before=before,
-            perplexity_after=after,
-            timings=timings,
-            layers=quantized.layers,
-            skipped=selection.skipped,
-            stats=quantized.stats,
+    timings["save"] = time.perf_counter() - start
+    return _Result(quantized, tokenizer, original, quantized_memory, selection.skipped, calibration, before, after)
+
+
+def _stream(run: _Run, staging: Path) -> _Result:
+    """Quantize one decoder block at a time from the safetensors shards, writing each into ``staging``."""
+    from quantcli.formats import get_format
+    from quantcli.streaming import ShardBlocks, skeleton
+
+    config, progress = run.config, run.progress
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(run.source, config.trust_remote_code)
+    dtype = pick_dtype(config.dtype, run.device)
+    model = skeleton(run.source, dtype, config.trust_remote_code)
+    check_vocab(model, tokenizer, config.model)
+    if run.method.needs_calibration:
+        check_context(model, config.calibration.seq_len)
+    selection = select_modules(model, config.skip_modules)
+    if any(is_conv1d(module) for name, module in model.named_modules() if name in selection.names):
+        raise UnavailableError("--low-memory supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
+    original = _original_sizes(run.source, model, skeleton=True)
+    calibration = _calibration(run, tokenizer)
+    settings = {
+        "source": str(Path(run.source).resolve()), "method": run.method_name, "options": asdict(run.method_config),
+        "skip_modules": list(config.skip_modules), "dtype": str(dtype),
+        "calibration": vars(config.calibration) if calibration is not None else None,
+    }
+    blocks = ShardBlocks(model, selection.names, run.source, staging, settings, get_format(run.method.output_format))
+    check_streamed(model, file_shapes(blocks.where), config.model)
+    try:
+        with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
+            request = QuantizeRequest(
+                run.source, model, tokenizer, selection.names, run.device, dtype, run.method_config,
+                calibration, config.trust_remote_code, advance, blocks=blocks,
+            )
+            quantized = run.method.quantize(request)
+            blocks.finish()
+    except KeyboardInterrupt as error:
+        interrupt = ResumableInterrupt(
+            f"interrupted after {len(blocks.done)} of {len(blocks.shards)} layer groups; they are kept in {staging}."
+            " Run the same command with --resume to continue."
         )
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "quantcli_version": __version__,
-            "method": method_name,
-            "bits": config.bits,
-            "format": quantized.format,
-            "options": quantized.options,
-            "source_model": config.model,
-            "layers": report.to_dict()["layers"],
-            "skipped": selection.skipped,
-        }
-        report.gates = to_records(check_quantize(config.gates, report.to_dict()))
-        write_json(staging / METADATA_FILE, metadata)
-        write_json(staging / REPORT_FILE, report.to_dict())
-    return report
+        interrupt.exit_code = 128 + getattr(error, "signum", 2)  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        raise interrupt from None
+    run.timings["quantize"] = time.perf_counter() - start
+    quantized.stats.update({"shards": len(blocks.shards), "resumed_shards": blocks.resumed})
+    return _Result(quantized, tokenizer, original, original["memory_bytes"], selection.skipped, calibration)
 
 
 def evaluate(
-    model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None, backend: str = "auto"
+    model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None, backend: str = "auto",
+    base_model: Any = None, base_tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given."""
+    """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given
+    (``base_model``: that model already loaded, as ``compare`` passes it for every row)."""
     progress = progress or NullProgress()
     source = eval_source(config)
     with progress.task("load model", total=None):
         loaded, tokenizer, metadata = load(model, device, backend=backend)
-        base_model, base_tokenizer, _ = load(base, device) if base else (None, None, None)
+        if base and base_model is None:
+            base_model, base_tokenizer, _ = load(base, device)
     if base_model is not None:
         check_same_vocabulary(model, loaded, tokenizer, base, base_model, base_tokenizer)
     result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model, source)

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantcli import SCHEMA_VERSION
 from quantcli.config import DEFAULT_EVAL_DATASET, check_positive
 from quantcli.errors import DatasetError, InputError
 from quantcli.gates import GateLimits, check_speedup, to_records
 from quantcli.progress import NullProgress, Progress
 
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)

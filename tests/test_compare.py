@@ -82,3 +82,21 @@ def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
     assert same["rows"][0]["settings"]["tokens"] == 1024
     assert "all measured on tinystories:eval, 1024 tokens, context 256, stride 256, protocol stream, BOS auto" in markdown(same)
     assert "different settings; pass --base MODEL" in markdown(compare([tmp_path / "a", tmp_path / "b"]))
+
+
+def test_the_base_is_loaded_once_for_all_rows(checkpoints, monkeypatch):
+    import quantcli.checkpoint
+    import quantcli.pipeline
+
+    loads = []
+    real = quantcli.checkpoint.load
+
+    def counting(path, *args, **kwargs):
+        loads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(quantcli.checkpoint, "load", counting)
+    monkeypatch.setattr(quantcli.pipeline, "load", counting)
+    result = compare(checkpoints, "stories260K", EvalConfig(max_tokens=512, seq_len=128))
+    assert loads.count("stories260K") == 1 and len(loads) == 3
+    assert all(row["evaluated"] and row["kl_divergence"] > 0 for row in result["rows"])

@@ -95,8 +95,8 @@ def test_truncated_gguf_is_a_load_error(f32_gguf, tmp_path):
 
 
 def test_sequential_refuses_gguf_with_the_fix(q8_gguf, tmp_path):
-    result = run("quantize", str(q8_gguf), "-b", "4", "--sequential", "-o", str(tmp_path / "out"), "-q")
+    result = run("quantize", str(q8_gguf), "-b", "4", "--low-memory", "-o", str(tmp_path / "out"), "-q")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"error: --sequential streams safetensors weights, and {q8_gguf} is a GGUF file, which is read whole. Drop --sequential."
+        f"error: --low-memory streams safetensors weights, and {q8_gguf} is a GGUF file, which is read whole. Drop --low-memory."
     )

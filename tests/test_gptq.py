@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import quantcli
 from quantcli import ops
-from quantcli.compressed import CONV1D_NOTE
+from quantcli.formats.compressed_tensors import CONV1D_NOTE
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import InputError

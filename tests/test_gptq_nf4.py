@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import quantcli
 from quantcli import ops
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.methods.gptq_nf4 import pack_nf4
+from quantcli.formats.bitsandbytes import pack_nf4
 
 from conftest import logits
 

@@ -1,6 +1,6 @@
 """A checkpoint that lacks a weight, holds an extra one, has a mis-shaped one, or whose config declares
 more layers than it holds never loads with random tensors: every load path refuses it (exit 3), in
-memory, streamed (--sequential), and quantcli.load of quantized checkpoints. Tied weights are fine.
+memory, streamed (--low-memory), and quantcli.load of quantized checkpoints. Tied weights are fine.
 A quantcli.json whose method, bits or layers disagree with the weights is refused too."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_a_checkpoint_not_matching_its_config_is_refused(broken, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     argv = {
         "memory": ["quantize", str(broken / kind), "-b", "4", "-m", "rtn", "--no-eval", "-o", "out"],
-        "sequential": ["quantize", str(broken / kind), "-b", "4", "--sequential", "-o", "out"],
+        "sequential": ["quantize", str(broken / kind), "-b", "4", "--low-memory", "-o", "out"],
         "eval": ["eval", str(broken / kind), "--max-tokens", "256"],
     }[mode]
     result = CliRunner().invoke(app, argv)

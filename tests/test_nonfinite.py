@@ -1,5 +1,5 @@
 """NaN and inf never reach a checkpoint or stdout: weights too large for a finite scale are refused
-before quantizing (in memory and --sequential), a model with non-finite logits has no perplexity,
+before quantizing (in memory and --low-memory), a model with non-finite logits has no perplexity,
 a float16 cast overflow is named as such, and every --json output is strict JSON."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _run(argv):
     return CliRunner().invoke(app, argv)
 
 
-@pytest.mark.parametrize("extra", [["-m", "rtn", "--max-tokens", "256"], ["-m", "rtn", "--asymmetric", "--no-eval"], ["--sequential"], ["-m", "gptq", "--calib-samples", "2", "--no-eval"]])
+@pytest.mark.parametrize("extra", [["-m", "rtn", "--max-tokens", "256"], ["-m", "rtn", "--asymmetric", "--no-eval"], ["--low-memory"], ["-m", "gptq", "--calib-samples", "2", "--no-eval"]])
 def test_weights_too_large_for_a_finite_scale_are_refused(models, tmp_path, extra):
     result = _run(["quantize", str(models / "huge"), "-b", "4", *extra, "-o", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 3, result.output

@@ -13,7 +13,7 @@ from quantcli.cli import app
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
-@pytest.mark.parametrize("extra", [["-m", "rtn"], ["--sequential"], ["-b", "16"]])
+@pytest.mark.parametrize("extra", [["-m", "rtn"], ["--low-memory"], ["-b", "16"]])
 def test_checkpoint_files_follow_the_umask(tmp_path, umask, mode, extra):
     previous = os.umask(umask)
     try:

@@ -78,10 +78,10 @@ def test_remote_code_never_runs_and_nothing_is_asked(remote, argv, stdin):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["quantize", "model", "-b", "4", "--sequential", "-o", "out"],
+        ["quantize", "model", "-b", "4", "--low-memory", "-o", "out"],
         ["quantize", "tokenizer", "-b", "4", "--no-eval", "-o", "out"],
         ["eval", "tokenizer", "--max-tokens", "256"],
-        ["quantize", "tokenizer", "-b", "4", "--sequential", "-o", "out"],
+        ["quantize", "tokenizer", "-b", "4", "--low-memory", "-o", "out"],
     ],
     ids=["sequential", "tokenizer-quantize", "tokenizer-eval", "tokenizer-sequential"],
 )

@@ -36,6 +36,13 @@ class QuantizeRequest:
     trust_remote_code: bool = False
     progress: Callable[[int], None] = lambda advance: None
     device_map: str | None = None
+    blocks: Any = None  # a streaming block source (quantcli.streaming); None: the blocks of ``model`` in memory
+
+    def block_source(self, names: tuple[str, ...]) -> Any:
+        """Where the driver (:func:`quantcli.blockwise.quantize_blockwise`) gets each decoder block."""
+        from quantcli.blockwise import ModelBlocks
+
+        return self.blocks if self.blocks is not None else ModelBlocks(self.model, names)
 
     @property
     def placement(self) -> str:
@@ -45,7 +52,8 @@ class QuantizeRequest:
 
 @dataclass
 class QuantizedModel:
-    """A runnable quantized model plus what is needed to write it in its standard format."""
+    """A runnable quantized model, its per-layer map, and the neutral records (integer codes, scales,
+    zero points and layout per layer; see :mod:`quantcli.formats`) that its ``format`` writes."""
 
     model: Any
     method: str
@@ -53,8 +61,14 @@ class QuantizedModel:
     format: str
     options: dict[str, Any]
     layers: dict[str, LayerRecord]
-    save: Callable[[Path, int | None], None]  # (folder, max_shard_size in bytes or None for one file)
+    records: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: Path, max_shard_size: int | None = None) -> None:
+        """Write the checkpoint into ``folder`` in its format (shards of at most ``max_shard_size`` bytes if given)."""
+        from quantcli.formats import get_format
+
+        get_format(self.format).save(self, folder, max_shard_size)
 
 
 def shard_kwargs(max_shard_size: int | None) -> dict[str, Any]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from quantcli.errors import InputError, UnavailableError
+from quantcli.formats.bitsandbytes import BLOCK
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer, shard_kwargs
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import is_conv1d, load_model
 
 
@@ -105,15 +105,19 @@ class _Bitsandbytes(Quantizer):
 
         Frees ``request.model`` first, so two copies of the weights never coexist after loading.
         """
-        import torch
-
-        quantizable = [n for n, m in request.model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
-        skip = [name for name in quantizable if name not in chosen]
+        skip = self._skip(request, chosen)
         request.model = None
         return load_model(
             request.source, request.dtype, request.placement, request.trust_remote_code,
             quantization_config=self._quantization_config(request.config, request.dtype, skip),
         )
+
+    def _skip(self, request: QuantizeRequest, chosen: list[str]) -> list[str]:
+        """The Linear/Conv1D layers bitsandbytes must leave in full precision."""
+        import torch
+
+        quantizable = [n for n, m in request.model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+        return [name for name in quantizable if name not in chosen]
 
     def _result(
         self, request: QuantizeRequest, model: Any, chosen: list[str], fallbacks: dict[str, str],
@@ -130,11 +134,7 @@ class _Bitsandbytes(Quantizer):
                 shape = tuple(module.weight.shape)
                 layers[name] = LayerRecord(16 if kept_dtype != "float32" else 32, kept_dtype, None, shape, f"kept in {kept_dtype}: {fallbacks[name]}")
                 request.progress(1)
-
-        def save(folder: Path, max_shard_size: int | None = None) -> None:
-            model.save_pretrained(folder, **shard_kwargs(max_shard_size))
-
-        return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, save, stats or {})
+        return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, stats=stats or {})
 
     def _record(self, module: Any) -> LayerRecord:
         raise NotImplementedError
@@ -183,7 +183,8 @@ class _FourBit(_Bitsandbytes):
         return reasons
 
     def _record(self, module: Any) -> LayerRecord:
-        blocksize = module.weight.quant_state.blocksize
+        state = getattr(module.weight, "quant_state", None)  # none on a streamed (meta) skeleton: written with BLOCK
+        blocksize = state.blocksize if state is not None else BLOCK
         return LayerRecord(4, self.quant_type, blocksize, (module.out_features, module.in_features))
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from quantcli.errors import InputError
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer, shard_kwargs
+from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import load_model
 
 
@@ -38,8 +37,4 @@ class CastQuantizer(Quantizer):
         model = load_model(request.source, getattr(torch, request.config.dtype), request.placement, request.trust_remote_code)
         layers = {name: LayerRecord(bits=16, scheme=request.config.dtype) for name in request.layers}
         request.progress(len(request.layers))
-
-        def save(folder: Path, max_shard_size: int | None = None) -> None:
-            model.save_pretrained(folder, **shard_kwargs(max_shard_size))
-
-        return QuantizedModel(model, self.name, 16, self.output_format, {"dtype": request.config.dtype}, layers, save)
+        return QuantizedModel(model, self.name, 16, self.output_format, {"dtype": request.config.dtype}, layers)

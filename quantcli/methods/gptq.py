@@ -33,7 +33,7 @@ import torch
 from quantcli import ops
 from quantcli.blockwise import quantize_blockwise
 from quantcli.errors import InputError
-from quantcli.intweights import IntLayout, IntWeights, check_observer, plan_layouts, resolve_group_size
+from quantcli.intweights import IntGridConfig, IntLayout, IntWeights, plan_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
@@ -45,24 +45,18 @@ PASS_ELEMENTS = 2**26  # weight elements per GPTQ pass when clipping candidates 
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
-    """``damp``: fraction of the mean of ``diag(H)`` added to it; ``block_size``: columns per lazy update;
-    ``clip_search``: pick each row's range by its output error after GPTQ (see :func:`gptq_quantize`)."""
+class GPTQConfig(IntGridConfig):
+    """The shared integer grid plus ``damp``: fraction of the mean of ``diag(H)`` added to it;
+    ``block_size``: columns per lazy update; ``clip_search``: pick each row's range by its output
+    error after GPTQ (see :func:`gptq_quantize`)."""
 
-    bits: int
-    group_size: int | None = None
-    symmetric: bool | None = None
     act_order: bool = True
-    observer: str = "minmax"
     clip_search: bool = True
     damp: float = 0.01
     block_size: int = 128
 
     def __post_init__(self) -> None:
-        check_observer(self.observer)
-        object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
-        if self.symmetric is None:
-            object.__setattr__(self, "symmetric", True)
+        super().__post_init__()
         if not 0 < self.damp < 1:
             raise InputError(f"gptq damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use e.g. 0.01.")
         if self.block_size <= 0:
@@ -245,24 +239,23 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
 @register_method
 class GPTQQuantizer(Quantizer):
     name = "gptq"
-    summary = "GPTQ, calibrated and sequential, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search); compressed-tensors output"
+    summary = "GPTQ, calibrated block by block, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search); compressed-tensors output"
     supported_bits = (8, 4, 3)
     config_class = GPTQConfig
     needs_calibration = True
     output_format = "compressed-tensors"
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.compressed import compressed_result
+        from quantcli.formats.compressed_tensors import compressed_result
 
         config, model = request.config, request.model
         if request.calibration is None:
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
-        weights: dict[str, IntWeights] = {}
         notes: dict[str, list[str]] = {name: [] for name in plan}
 
-        def finish(name: str, hessian: torch.Tensor | None) -> None:
+        def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:
             layout, module, matrix = plan[name], modules[name], weight_matrix(modules[name])
             if hessian is None:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
                 notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
@@ -270,9 +263,10 @@ class GPTQQuantizer(Quantizer):
             layer, extra = gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
             notes[name].extend(extra)
             set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
-            weights[name] = layer
             request.progress(1)
+            return layer
 
-        stats = quantize_blockwise(model, tuple(plan), request.calibration, finish)
+        blocks = request.block_source(tuple(plan))
+        stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish)
         options = {key: value for key, value in asdict(config).items() if key != "bits"}
-        return compressed_result(model, self.name, config.bits, options, weights, notes, stats)
+        return compressed_result(model, self.name, config.bits, options, blocks.records, notes, stats)

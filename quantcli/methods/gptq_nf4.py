@@ -20,6 +20,7 @@ import torch
 from quantcli import ops
 from quantcli.blockwise import quantize_blockwise
 from quantcli.errors import InputError
+from quantcli.formats.bitsandbytes import BLOCK, NF4Weights, pack_nf4
 from quantcli.intweights import IntLayout
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
@@ -27,7 +28,6 @@ from quantcli.methods.bnb import BnbNF4
 from quantcli.methods.gptq import gptq_quantize
 from quantcli.models import set_weight_matrix, weight_matrix
 
-BLOCK = 64  # bitsandbytes' default 4-bit blocksize, which transformers uses
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,14 @@ class GPTQNF4Config:
             raise InputError(f"gptq-nf4 block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128.")
 
 
-def pack_nf4(indices: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' storage of 4-bit codes: row-major, two per byte, the first in the high nibble."""
-    flat = indices.reshape(-1).to(torch.uint8)
-    return (flat[0::2] << 4 | flat[1::2]).reshape(-1, 1)
-
-
-def _bitsandbytes_rounding(matrix: torch.Tensor) -> torch.Tensor:
-    """What bitsandbytes' own NF4 quantization makes of ``matrix`` (blocks over the flat weight)."""
+def _bitsandbytes_rounding(matrix: torch.Tensor) -> tuple[torch.Tensor, NF4Weights]:
+    """What bitsandbytes' own NF4 quantization makes of ``matrix`` (blocks over the flat weight), and its codes."""
     import bitsandbytes.functional as F
 
     packed, state = F.quantize_4bit(matrix.float().contiguous().cpu(), blocksize=BLOCK, quant_type="nf4")
-    return F.dequantize_4bit(packed, state).to(matrix.device)
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(matrix.shape)
+    return F.dequantize_4bit(packed, state).to(matrix.device), NF4Weights(codes, state.absmax.reshape(matrix.shape[0], -1))
 
 
 @register_method
@@ -75,30 +71,36 @@ class GPTQNF4Quantizer(BnbNF4):
         chosen, kept = self._split(request)
         modules = dict(model.named_modules())
         codebook = F.get_4bit_type("nf4", device="cpu")
-        codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        codes: dict[str, NF4Weights] = {}
         notes: dict[str, str | None] = {}
 
-        def finish(name: str, hessian: torch.Tensor | None) -> None:
+        def finish(name: str, hessian: torch.Tensor | None) -> NF4Weights:
             module, matrix = modules[name], weight_matrix(modules[name])
             if matrix.shape[1] % BLOCK:
                 notes[name] = f"bitsandbytes NF4 rounding without GPTQ: its blocks of {BLOCK} span rows as in_features {matrix.shape[1]} is not a multiple"
-                set_weight_matrix(module, _bitsandbytes_rounding(matrix))
+                rounded, record = _bitsandbytes_rounding(matrix)
+                set_weight_matrix(module, rounded)
             else:
                 if hessian is None:
                     hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
                 layer, extra = gptq_quantize(matrix, hessian, IntLayout(4, True, BLOCK), config.damp, config.block_size, config.act_order, codebook.to(matrix.device))
                 notes[name] = "; ".join(extra) or None
                 absmax = layer.scale.float()
-                codes[name] = (layer.q.to(torch.uint8).cpu(), absmax.cpu())
+                record = NF4Weights(layer.q.to(torch.uint8).cpu(), absmax.cpu())
+                codes[name] = record
                 set_weight_matrix(module, ops.dequantize_codebook(layer.q, absmax.repeat_interleave(BLOCK, dim=1), codebook.to(matrix.device)))
             request.progress(1)
+            return record
 
-        stats = quantize_blockwise(model, tuple(chosen), request.calibration, finish)
+        stats = quantize_blockwise(request.block_source(tuple(chosen)), tuple(chosen), request.calibration, finish)
+        if request.blocks is not None:  # streamed: every block is written already; config.json gets bitsandbytes' config
+            model.config.quantization_config = self._quantization_config(config, request.dtype, self._skip(request, chosen))
+            return self._result(request, model, chosen, kept, notes, stats)
         model = modules = None
         packed_model = self._load_quantized(request, chosen)
         packed_modules = dict(packed_model.named_modules())
-        for name, (indices, absmax) in codes.items():
+        for name, record in codes.items():
             weight = packed_modules[name].weight
-            weight.data = pack_nf4(indices).to(weight.device)
-            weight.quant_state.absmax = absmax.reshape(-1).to(weight.device)
+            weight.data = pack_nf4(record.codes).to(weight.device)
+            weight.quant_state.absmax = record.absmax.reshape(-1).to(weight.device)
         return self._result(request, packed_model, chosen, kept, notes, stats)

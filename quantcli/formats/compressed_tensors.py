@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError
+from quantcli.formats import Format, register_format
 from quantcli.intweights import IntLayout, IntWeights
 from quantcli.methods.base import LayerRecord, QuantizedModel, shard_kwargs
 from quantcli.models import is_conv1d
@@ -67,6 +68,19 @@ def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
     apply_quantization_config(model, config, show_progress=False)
 
 
+def compress_layer(layer: IntWeights, scale_dtype: Any) -> dict[str, Any]:
+    """One layer's compressed-tensors tensors (``weight_packed``/``weight``, ``weight_scale``, ...),
+    as :func:`save_compressed` writes them, without a model: what streaming writes block by block."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    from quantcli import ops
+
+    (scheme,) = _schemes({"layer": layer.layout}).values()
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    exact = ops.dequantize(layer.q, layer.scale.float(), layer.zero_point, layer.layout.group_size)
+    return compressor.compress({"weight": exact, "weight_scale": layer.scale.to(scale_dtype), "weight_zero_point": layer.zero_point}, scheme)
+
+
 def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None) -> None:
     """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``).
 
@@ -103,7 +117,7 @@ def compressed_result(
     notes: dict[str, list[str]], stats: dict[str, Any] | None = None,
 ) -> QuantizedModel:
     """An integer method's result: per-layer records (``notes`` in layer order, plus any storage
-    note) and a save that writes compressed-tensors, or plain dense weights if nothing can be packed."""
+    note) and its records, in compressed-tensors, or dense when no layer can be packed."""
     modules = dict(model.named_modules())
     layers = {}
     for name, layer_notes in notes.items():
@@ -113,8 +127,7 @@ def compressed_result(
         layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(weights[name].q.shape), note or None)
     packed_any = any(storage_note(modules[name]) is None for name in weights)
     return QuantizedModel(
-        model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers,
-        lambda folder, max_shard_size=None: save_compressed(model, weights, folder, max_shard_size), stats or {},
+        model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers, weights, stats or {},
     )
 
 
@@ -169,3 +182,28 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
         raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")
     model.tie_weights()
     return model.to(device).eval()
+
+
+@register_format
+class CompressedTensors(Format):
+    """Integer layers (:class:`IntWeights`) as compressed-tensors ``int-quantized``/``pack-quantized``."""
+
+    name = "compressed-tensors"
+
+    def layer_tensors(self, name: str, record: IntWeights, module: Any) -> dict[str, Any]:
+        return compress_layer(record, module.weight.dtype)
+
+    def finish(self, model: Any, records: dict[str, IntWeights], folder: Path) -> None:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationStatus
+
+        apply_config(model, {name: record.layout for name, record in records.items()})
+        compressor = ModelCompressor.from_pretrained_model(model)
+        compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+        compressor.update_config(str(folder))
+
+    def save(self, quantized: QuantizedModel, folder: Path, max_shard_size: int | None = None) -> None:
+        save_compressed(quantized.model, quantized.records, folder, max_shard_size)
+
+    def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
+        return load_compressed(folder, device)
