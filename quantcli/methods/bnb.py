@@ -18,7 +18,7 @@ from typing import Any
 from quantcli.errors import InputError, UnavailableError
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer, shard_kwargs
-from quantcli.models import is_conv1d, load_model
+from quantcli.models import is_conv1d, load_model, unpack_cpu_4bit
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class _Bitsandbytes(Quantizer):
                 request.progress(1)
 
         def save(folder: Path, max_shard_size: int | None = None) -> None:
+            unpack_cpu_4bit(model)  # bitsandbytes 0.50 saves a repacked non-nested absmax transposed
             model.save_pretrained(folder, **shard_kwargs(max_shard_size))
 
         return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, save, stats or {})
