@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import os
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
 
     check_loading_info(info, source)
     model.eval()
+    _keep_nested_4bit_states(model)
     return model
 
 
@@ -242,11 +244,44 @@ def dense_weight_matrix(module: Any) -> "torch.Tensor":
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (Params4bit)
         import bitsandbytes.functional as F
 
-        return F.dequantize_4bit(weight.data, weight.quant_state).float()
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = _unpacked_4bit(data, copy.copy(state))
+        return F.dequantize_4bit(data, state).float()
     if type(module).__name__ == "Linear8bitLt":  # int8 rows with per-row absmax scales
         scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return weight.data.float() * scales.float()[:, None] / 127
     return weight_matrix(module).float()
+
+
+def _unpacked_4bit(data: "torch.Tensor", state: Any) -> tuple["torch.Tensor", Any]:
+    """Undo the repack bitsandbytes' AVX512-BF16 CPU kernel does at the first forward (codes tiled,
+    absmax transposed to bf16). Its own inverse leaves a non-nested absmax transposed; restored here."""
+    import bitsandbytes.functional as F
+
+    packed_absmax, kept = state.absmax, getattr(state, "quantcli_nested", None)
+    data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
+    if kept is not None:  # the exact double-quantized absmax, not bnb's lossy re-quantization of its bf16 copy
+        state.absmax, state.state2, state.offset = kept
+    elif not state.nested:
+        state.absmax = packed_absmax.T.reshape(-1).float()
+    return data, state
+
+
+def _keep_nested_4bit_states(model: Any) -> None:
+    """Remember each double-quantized 4-bit absmax before the CPU kernel's repack discards it."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "nested", False):
+            state.quantcli_nested = (state.absmax, state.state2, state.offset)
+
+
+def unpack_cpu_4bit(model: Any) -> None:
+    """Return every 4-bit weight the CPU kernel repacked to bitsandbytes' portable layout (before saving)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _unpacked_4bit(weight.data, weight.quant_state)
 
 
 def set_weight_matrix(module: Any, matrix: "torch.Tensor") -> None:
@@ -263,10 +298,9 @@ def _quantization_tensors(module: Any) -> list[Any]:
     """Tensors bitsandbytes keeps outside parameters: 4-bit quant state, int8 row scales."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     tensors = []
-    if state is not None:
-        tensors += [state.absmax, state.code]
-        if getattr(state, "state2", None) is not None:  # bitsandbytes 0.50 sets it only with double quant
-            tensors += [state.state2.absmax, state.state2.code, state.offset]
+    if state is not None:  # the CPU kernel's repacked state has no state2 (absmax dequantized to bf16)
+        nested = getattr(state, "state2", None)
+        tensors += [state.absmax, state.code, *([nested.absmax, nested.code, state.offset] if nested is not None else [])]
     scb = getattr(getattr(module, "weight", None), "SCB", None)
     if scb is None:
         scb = getattr(getattr(module, "state", None), "SCB", None)

@@ -133,15 +133,15 @@ def _run(model: Any, ids: Any, new_tokens: int, memory: _Memory) -> tuple[float,
         prefill = time.perf_counter() - start
         memory.sample()
         token = out.logits[:, -1:].argmax(-1)
-        cache = out.past_key_values
+        cache = out.cache
         steps = []
         for _ in range(new_tokens):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, cache=cache, use_cache=True)  # transformers 5.24 renamed past_key_values
             token = out.logits[:, -1:].argmax(-1)
             sync()
             steps.append(time.perf_counter() - start)
-            cache = out.past_key_values
+            cache = out.cache
             memory.sample()
     return prefill, steps
 

@@ -66,9 +66,10 @@ def test_layer_errors_dequantize_bitsandbytes_storage(tmp_path):
     from quantcli.plot import layer_errors
 
     for method, bits, low, high in [("bnb-int8", 8, 1e-3, 0.05), ("bnb-nf4", 4, 0.03, 0.3)]:
-        quantcli.quantize(QuantizeConfig(bits=bits, method=method, output=tmp_path / method, eval=None))
+        report = quantcli.quantize(QuantizeConfig(bits=bits, method=method, output=tmp_path / method, eval=None))
+        kept = {name for name, layer in report.layers.items() if layer.note}  # AVX512-BF16 CPUs keep 172-wide nf4 layers in fp32
         errors = layer_errors(str(tmp_path / method), "stories260K")
-        assert len(errors) == 35 and all(low < e < high for e in errors.values()), (method, errors)
+        assert len(errors) == 35 and all(e == 0 if name in kept else low < e < high for name, e in errors.items()), (method, errors)
 
 
 def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):

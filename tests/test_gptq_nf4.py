@@ -40,7 +40,10 @@ def test_gptq_on_the_nf4_grid_beats_bitsandbytes_rounding_at_the_same_size(runs)
     assert gptq.size["quantized_disk_bytes"] == nf4.size["quantized_disk_bytes"]
     assert gptq.perplexity_delta["percent"] < 0.75 * nf4.perplexity_delta["percent"]
     assert gptq.layers["model.layers.0.self_attn.q_proj"].note is None
-    assert "blocks of 64 span rows" in gptq.layers["model.layers.0.mlp.down_proj"].note
+    from bitsandbytes.functional import has_avx512bf16
+
+    down = gptq.layers["model.layers.0.mlp.down_proj"].note  # kept in fp32 on every CPU, for the first reason met
+    assert ("bitsandbytes 4-bit fails for 64x172 on cpu" if has_avx512bf16() else "blocks of 64 span rows") in down
     assert gptq.stats["decoder_blocks"] == "model.layers (5)"
 
 
@@ -49,11 +52,11 @@ def test_plain_transformers_and_bitsandbytes_load_it_identically(runs, prompt_id
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(plain.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert plain.config.quantization_config.bnb_4bit_quant_type == "nf4"
-    assert torch.equal(logits(plain, prompt_ids), logits(quantcli.load(folder)[0], prompt_ids))
-    stored = plain.model.layers[0].self_attn.q_proj.weight
+    stored = plain.model.layers[0].self_attn.q_proj.weight  # read before a forward: AVX512-BF16 CPUs repack it then
     values = F.dequantize_4bit(stored.data, stored.quant_state).reshape(64, 1, 64)
     codes = (values / stored.quant_state.absmax.reshape(64, 1, 1)).unsqueeze(-1)
     assert torch.allclose((codes - stored.quant_state.code).abs().amin(-1), torch.zeros(1), atol=1e-6)
+    assert torch.equal(logits(plain, prompt_ids), logits(quantcli.load(folder)[0], prompt_ids))
 
 
 def test_gpt2_conv1d(tiny_gpt2, tmp_path, prompt_ids):

@@ -66,7 +66,14 @@ def test_sizes_shrink_as_bits_shrink(runs):
     disk = {name: r["size"]["quantized_disk_bytes"] for name, r in runs.items()}
     original = runs["rtn8"]["size"]["original_disk_bytes"]
     assert original > disk["cast16"] > disk["rtn8"] > disk["rtn4"]
-    assert disk["bnb-int8"] > disk["bnb-nf4"]
+    from bitsandbytes.functional import has_avx512bf16
+
+    if has_avx512bf16():  # its CPU kernel cannot run the 172-wide MLP layers: kept in fp32 and reported
+        kept = {name for name, layer in runs["bnb-nf4"]["layers"].items() if layer["note"]}
+        assert kept == {f"model.layers.{i}.mlp.{p}" for i in range(5) for p in ("gate_proj", "up_proj", "down_proj")}
+        assert original > disk["bnb-nf4"]
+    else:
+        assert disk["bnb-int8"] > disk["bnb-nf4"]
     assert runs["rtn4"]["size"]["quantized_bits_per_weight"] < 9 < runs["rtn8"]["size"]["quantized_bits_per_weight"] < 16
 
 

@@ -41,6 +41,12 @@ def torch_uint8() -> Any:
 class Bitsandbytes(Format):
     name = "bitsandbytes"
 
+    def save(self, quantized: Any, folder: Any, max_shard_size: int | None = None) -> None:
+        from quantcli.models import unpack_cpu_4bit
+
+        unpack_cpu_4bit(quantized.model)  # bitsandbytes 0.50 saves a CPU-repacked, non-nested absmax transposed
+        super().save(quantized, folder, max_shard_size)
+
     def layer_tensors(self, name: str, record: NF4Weights, module: Any) -> dict[str, Any]:
         import bitsandbytes.functional as F
         import torch
