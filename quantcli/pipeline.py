@@ -211,7 +211,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
         model = load_model(run.source, pick_dtype(config.dtype, run.device), config.device_map or run.device, config.trust_remote_code)
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
-        if method.needs_calibration:
+        if run.method.needs_calibration:
             check_context(model, config.calibration.seq_len)
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules)

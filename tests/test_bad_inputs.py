@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from badfiles import big_tokenizer_model, copy_model, edit_json, nan_model, quantized_checkpoint, remote_code_model, truncate
+from badfiles import big_tokenizer_model, edit_json, nan_model, quantized_checkpoint, remote_code_model, truncate
 from quantcli.cli import app
 
 RECIPES = {

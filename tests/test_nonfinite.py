@@ -5,7 +5,6 @@ a float16 cast overflow is named as such, and every --json output is strict JSON
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
