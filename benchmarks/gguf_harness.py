@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,16 +41,25 @@ def llama_cpp_module() -> Any:
     return llama_cpp
 
 
-def convert(hf_folder: str | Path, out_file: str | Path, outtype: str = "f32") -> float:
-    """Write ``out_file`` from an HF folder with llama.cpp's own converter; returns seconds taken."""
+def convert(hf_folder: str | Path, out_file: str | Path, outtype: str = "f32", tokenizer_model: str | Path | None = None) -> float:
+    """Write ``out_file`` from an HF folder with llama.cpp's own converter; returns seconds taken.
+    ``tokenizer_model``: a SentencePiece model the converter reads as ``tokenizer.model`` beside
+    the folder's files (linked into a temporary folder; the HF folder is not touched)."""
     if not CONVERT_SCRIPT.is_file():
         raise FileNotFoundError(f"{CONVERT_SCRIPT} is missing. Run `make llama-cpp`.")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(LLAMACPP_DIR)])))
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(CONVERT_SCRIPT), str(hf_folder), "--outfile", str(out_file), "--outtype", outtype],
-        capture_output=True, text=True, env=env,
-    )
+    with tempfile.TemporaryDirectory(prefix="gguf-convert-") as tmp:
+        folder = Path(hf_folder).resolve()
+        if tokenizer_model is not None:
+            for item in folder.iterdir():
+                (Path(tmp) / item.name).symlink_to(item)
+            shutil.copyfile(tokenizer_model, Path(tmp) / "tokenizer.model")
+            folder = Path(tmp)
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, str(CONVERT_SCRIPT), str(folder), "--outfile", str(out_file), "--outtype", outtype],
+            capture_output=True, text=True, env=env,
+        )
     if done.returncode:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {hf_folder}:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start

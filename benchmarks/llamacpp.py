@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,7 +36,8 @@ RESULTS = REPO / "benchmarks" / "results"
 TYPES = ("Q8_0", "Q5_0", "Q4_1", "Q4_0", "Q4_K_M")
 HARNESS_TOLERANCE_PCT = 0.1  # |F32 GGUF ppl / HF fp32 ppl - 1| allowed, in percent
 MODELS = {
-    "stories260K": {"dataset": "tinystories:eval", "max_tokens": 32768, "seq_len": 256},
+    "stories260K": {"dataset": "tinystories:eval", "max_tokens": 32768, "seq_len": 256,
+                    "tokenizer_model": REPO / "benchmarks" / "data" / "stories260K" / "tokenizer.model"},
     "smollm2": {"dataset": "benchmarks/data/wikitext-2/wiki.valid.eval.txt", "max_tokens": 16384, "seq_len": 512},
 }
 NOTES = {
@@ -78,7 +79,8 @@ def row(kind: str, sizes: dict[str, Any], ppl: float, ref: dict[str, float], sec
     }
 
 
-def run(name: str, threads: int, workdir: Path) -> dict[str, Any]:
+def run(name: str, threads: int, workdir: Path, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every row of one model's table; ``save`` gets the result so far after each row."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,9 +103,22 @@ def run(name: str, threads: int, workdir: Path) -> dict[str, Any]:
     rows = [row("HF fp32 (transformers)", hf_sizes, ref["hf"], ref, None, time.perf_counter() - start)]
     log(f"HF fp32 perplexity {ref['hf']:.4f}")
     del model
+    result = {
+        "model": name, "folder": str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder.name), "complete": False,
+        "settings": {
+            "dataset": spec["dataset"], "tokens": len(ids), "seq_len": seq_len, "stride": seq_len,
+            "token_ids": "HF tokenizer(text)['input_ids'][:tokens], text tokenized at once (quantcli stream protocol)",
+            "first_ids": ids[:8], "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+            "bos_first": ids[0] == tokenizer.bos_token_id, "threads": threads, "kv_cache": "llama.cpp default (F16)",
+            "quantizer": "llama_model_quantize, default params, no imatrix",
+            "converter": "convert_hf_to_gguf.py --outtype f32" + (" (tokenizer.model: benchmarks/data/stories260K)" if spec.get("tokenizer_model") else ""),
+        },
+        "harness_check": None, "note": NOTES[name], "rows": rows,
+    }
+    save(result)
 
     f32 = workdir / f"{name}-F32.gguf"
-    convert_seconds = convert(folder, f32, "f32")
+    convert_seconds = convert(folder, f32, "f32", spec.get("tokenizer_model"))
     for kind in ("F32", *TYPES):
         path = f32 if kind == "F32" else workdir / f"{name}-{kind}.gguf"
         seconds = convert_seconds if kind == "F32" else quantize(f32, path, kind, threads)
@@ -111,25 +126,18 @@ def run(name: str, threads: int, workdir: Path) -> dict[str, Any]:
         ppl = perplexity(window_nlls(llamacpp_logits(path, seq_len, threads), ids, seq_len))
         if kind == "F32":
             ref["f32_gguf"] = ppl
+            diff = abs(100 * (ppl / ref["hf"] - 1))
+            result["harness_check"] = {"f32_gguf_vs_hf_pct": diff, "tolerance_pct": HARNESS_TOLERANCE_PCT, "ok": diff <= HARNESS_TOLERANCE_PCT}
         rows.append(row(f"llama.cpp {kind}", gguf_sizes(path), ppl, ref, seconds, time.perf_counter() - start))
         log(f"{kind}: {rows[-1]['file_bytes']} bytes, perplexity {ppl:.4f}")
-    harness_diff = abs(100 * (ref["f32_gguf"] / ref["hf"] - 1))
-    return {
-        "model": name, "folder": str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder.name),
-        "settings": {
-            "dataset": spec["dataset"], "tokens": len(ids), "seq_len": seq_len, "stride": seq_len,
-            "token_ids": "HF tokenizer(text)['input_ids'][:tokens], text tokenized at once (quantcli stream protocol)",
-            "first_ids": ids[:8], "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
-            "bos_first": ids[0] == tokenizer.bos_token_id, "threads": threads, "kv_cache": "llama.cpp default (F16)",
-            "quantizer": "llama_model_quantize, default params, no imatrix", "converter": "convert_hf_to_gguf.py --outtype f32",
-        },
-        "harness_check": {"f32_gguf_vs_hf_pct": harness_diff, "tolerance_pct": HARNESS_TOLERANCE_PCT, "ok": harness_diff <= HARNESS_TOLERANCE_PCT},
-        "note": NOTES[name], "rows": rows,
-    }
+        save(result)
+    result["complete"] = True
+    save(result)
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s, check = result["settings"], result["harness_check"]
+    s, check = result["settings"], result["harness_check"] or {"f32_gguf_vs_hf_pct": float("nan"), "tolerance_pct": HARNESS_TOLERANCE_PCT, "ok": False}
     lines = [
         f"# llama.cpp on {result['model']}",
         "",
@@ -139,7 +147,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Harness check: llama.cpp's F32 GGUF vs transformers fp32 differ by {check['f32_gguf_vs_hf_pct']:.4f}%"
         f" (tolerance {check['tolerance_pct']}%): {'ok' if check['ok'] else 'FAILED'}.",
-        "",
+        "" if result["complete"] else "**Incomplete run: the rows below are all that finished.**\n",
         "| type | size on disk | bits/weight (all params) | perplexity | vs F32 GGUF | vs HF fp32 | quantize s | tensor types (share of params) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -157,19 +165,21 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: every model whose folder is present")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (1 avoids spin-waits on a busy machine)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.models or list(MODELS):
         if args.models is None and not (model_folder(name) / "config.json").is_file():
             print(f"[{name}] skipped: no HF folder at {model_folder(name)} (set QUANTCLI_SMOLLM2 or run `make smollm2`)", file=sys.stderr)
             continue
-        with tempfile.TemporaryDirectory(prefix=f"llamacpp-{name}-") as tmp:
-            result = run(name, args.threads, Path(tmp))
         stem = RESULTS / f"llamacpp-{name}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown(result))
-        print(markdown(result))
+
+        def save(result: dict[str, Any], stem: Path = stem) -> None:
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+            stem.with_suffix(".md").write_text(markdown(result))
+
+        with tempfile.TemporaryDirectory(prefix=f"llamacpp-{name}-") as tmp:
+            print(markdown(run(name, args.threads, Path(tmp), save)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gguf_harness import convert, hf_logits, llamacpp_logits, llama_cpp_module, perplexity, quantize, window_nlls  # noqa: E402
-from benchmarks.llamacpp import HARNESS_TOLERANCE_PCT, eval_ids, eval_text  # noqa: E402
+from benchmarks.llamacpp import HARNESS_TOLERANCE_PCT, MODELS, eval_ids, eval_text  # noqa: E402
 
 SEQ_LEN = 256
 TOKENS = 4096
@@ -49,7 +49,7 @@ def ggufs(stories_path, tmp_path_factory):
         pytest.skip(f"llama.cpp unavailable: {error}")
     folder = tmp_path_factory.mktemp("gguf")
     f32, q8 = folder / "stories260K-F32.gguf", folder / "stories260K-Q8_0.gguf"
-    convert(stories_path, f32, "f32")
+    convert(stories_path, f32, "f32", MODELS["stories260K"]["tokenizer_model"])
     quantize(f32, q8, "Q8_0", threads=1)
     return f32, q8
 
@@ -62,15 +62,19 @@ def test_llamacpp_f32_perplexity_equals_transformers(stories, ggufs):
 
 
 def test_llamacpp_q8_0_logits_close_to_f32(stories, ggufs):
+    """Measured on this window (logits span about +-22): F32 GGUF vs transformers 4e-5 with an F32
+    KV cache and 0.028 with llama.cpp's default F16 one; Q8_0 vs F32 0.55, top-1 agreement 0.98."""
     _, model, ids = stories
     window = ids[:SEQ_LEN]
+    hf = hf_logits(model)(window)
+    exact = llamacpp_logits(ggufs[0], SEQ_LEN, threads=1, type_k=0, type_v=0)(window)  # GGML_TYPE_F32 cache
     f32 = llamacpp_logits(ggufs[0], SEQ_LEN, threads=1)(window)
     q8 = llamacpp_logits(ggufs[1], SEQ_LEN, threads=1)(window)
-    hf = hf_logits(model)(window)
-    assert q8.shape == f32.shape == hf.shape == (SEQ_LEN, 512)
-    assert np.abs(f32 - hf).max() < 0.02  # F32 weights; llama.cpp's KV cache is F16
-    assert 0 < np.abs(q8 - f32).max() < 0.25  # Q8_0 changes the logits, a little
-    assert (q8.argmax(-1) == f32.argmax(-1)).mean() > 0.95
+    assert q8.shape == f32.shape == exact.shape == hf.shape == (SEQ_LEN, 512)
+    assert np.abs(exact - hf).max() < 1e-3
+    assert np.abs(f32 - hf).max() < 0.1
+    assert 0 < np.abs(q8 - f32).max() < 1.0
+    assert (q8.argmax(-1) == f32.argmax(-1)).mean() >= 0.95
 
 
 def test_llamacpp_tokenizer_gives_hf_ids(stories, ggufs):
