@@ -109,7 +109,7 @@ def run(name: str, threads: int, workdir: Path, save: Callable[[dict[str, Any]],
             "dataset": spec["dataset"], "tokens": len(ids), "seq_len": seq_len, "stride": seq_len,
             "token_ids": "HF tokenizer(text)['input_ids'][:tokens], text tokenized at once (quantcli stream protocol)",
             "first_ids": ids[:8], "ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
-            "bos_first": ids[0] == tokenizer.bos_token_id, "threads": threads, "kv_cache": "llama.cpp default (F16)",
+            "bos_first": ids[0] == tokenizer.bos_token_id, "threads": threads, "kv_cache": "F16 (llama.cpp's default)",
             "quantizer": "llama_model_quantize, default params, no imatrix",
             "converter": "convert_hf_to_gguf.py --outtype f32" + (" (tokenizer.model: benchmarks/data/stories260K)" if spec.get("tokenizer_model") else ""),
         },
@@ -143,7 +143,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{s['dataset']}, first {s['tokens']} tokens ({s['token_ids']}; BOS first: {s['bos_first']}), windows of"
         f" {s['seq_len']} without overlap, each scored on all positions but its first. Quantizer: {s['quantizer']};"
-        f" perplexity by llama.cpp (KV cache {s['kv_cache']}, {s['threads']} threads). {result['note']}",
+        f" perplexity by llama.cpp (KV cache {s['kv_cache']}, threads: {s['threads']}). {result['note']}",
         "",
         f"Harness check: llama.cpp's F32 GGUF vs transformers fp32 differ by {check['f32_gguf_vs_hf_pct']:.4f}%"
         f" (tolerance {check['tolerance_pct']}%): {'ok' if check['ok'] else 'FAILED'}.",
@@ -158,7 +158,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['type']} | {r['file_bytes']:,} B ({r['file_mb']:.2f} MB) | {r['bits_per_weight']:.2f} | {r['perplexity']:.4f}"
             f" | {r['delta_pct_vs_f32_gguf']:+.3f}% | {r['delta_pct_vs_hf_fp32']:+.3f}% | {seconds} | {types} |"
         )
-    lines += ["", "F32's quantize time is convert_hf_to_gguf.py's (a subprocess, with its imports). Times are wall-clock on a shared 2-core machine."]
+    lines += ["", "F32's quantize time is convert_hf_to_gguf.py's (a subprocess, with its imports). Times are wall-clock on a shared,"
+              " overloaded 2-core machine. Q4_K_M falls back to Q5_0 (and Q8_0/Q6_K) on tensors whose rows are not a multiple of 256."]
     return "\n".join(lines) + "\n"
 
 
