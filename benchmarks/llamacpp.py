@@ -137,7 +137,7 @@ def run(name: str, threads: int, workdir: Path, save: Callable[[dict[str, Any]],
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s, check = result["settings"], result["harness_check"] or {"f32_gguf_vs_hf_pct": float("nan"), "tolerance_pct": HARNESS_TOLERANCE_PCT, "ok": False}
+    s, check = result["settings"], result["harness_check"]
     lines = [
         f"# llama.cpp on {result['model']}",
         "",
@@ -145,6 +145,7 @@ def markdown(result: dict[str, Any]) -> str:
         f" {s['seq_len']} without overlap, each scored on all positions but its first. Quantizer: {s['quantizer']};"
         f" perplexity by llama.cpp (KV cache {s['kv_cache']}, threads: {s['threads']}). {result['note']}",
         "",
+        "Harness check: not measured (the run stopped before the F32 GGUF was scored)." if check is None else
         f"Harness check: llama.cpp's F32 GGUF vs transformers fp32 differ by {check['f32_gguf_vs_hf_pct']:.4f}%"
         f" (tolerance {check['tolerance_pct']}%): {'ok' if check['ok'] else 'FAILED'}.",
         "" if result["complete"] else "**Incomplete run: the rows below are all that finished.**\n",
