@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test smollm2 bench bench-peers clean
+.PHONY: install demo test smollm2 bench bench-peers llama-cpp clean
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,25 @@ REFERENCE := llmcompressor==0.14.0.1 loguru requests urllib3 idna certifi charse
 .reference/llmcompressor: | install
 	$(BIN)/pip install -q --no-deps --target .reference $(REFERENCE)
 
+# llama.cpp is the bar every real-model table is held to (issues 13, 14). llama-cpp-python, built
+# from source for the CPU (several minutes), goes without dependencies into a side folder, never a
+# quantcli dependency. llama.cpp's convert_hf_to_gguf.py, with its conversion/ and gguf-py/, comes
+# from the same sdist into .llamacpp/llama.cpp/ (benchmarks/gguf_harness.py runs it).
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CPP_SDIST := .llamacpp/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_CPP_CMAKE ?= -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_CURL=OFF
+LLAMA_CPP_JOBS ?= 2
+.llamacpp/llama_cpp: | install
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d .llamacpp/sdist llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar -xzf $(LLAMA_CPP_SDIST) -C .llamacpp --strip-components=2 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMA_CPP_JOBS) nice -n 10 \
+	  $(BIN)/pip install -q --no-deps --target .llamacpp $(LLAMA_CPP_SDIST) diskcache sentencepiece
+
+llama-cpp: .llamacpp/llama_cpp
+
 # Each benchmark writes its table to benchmarks/results/ (JSON + Markdown); run on a quiet machine.
 # The SmolLM2 tables (results/smollm2-*) come first; stories260K stays the demo.
 bench: install smollm2 .reference/llmcompressor
@@ -58,9 +77,10 @@ bench: install smollm2 .reference/llmcompressor
 	$(BIN)/python benchmarks/scale.py
 
 # The peers (optimum-quanto, torchao, hqq) go to a side folder so quantcli's own venv stays clean.
-bench-peers: install
+bench-peers: install .llamacpp/llama_cpp
 	$(BIN)/pip install -q --no-deps --target .peers torchao optimum-quanto hqq termcolor einops
 	PYTHONPATH=.peers $(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/llamacpp.py
 
 clean:
-	rm -rf out .peers .reference .pytest_cache
+	rm -rf out .peers .reference .llamacpp .pytest_cache

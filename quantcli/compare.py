@@ -50,7 +50,7 @@ def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None,
         "evaluated": False,
     }
     if base is not None or row["perplexity"] is None:
-        result = evaluate(str(folder), config, base, "auto", progress, *(base_loaded[:2] if base_loaded else ()))
+        result = evaluate(str(folder), config, base, "auto", progress, base_model=base_loaded and base_loaded[0], base_tokenizer=base_loaded and base_loaded[1])
         row.update(
             perplexity=result["perplexity"], settings=result["settings"], kl_divergence=result["kl_divergence"],
             top1_agreement=result["top1_agreement"], evaluated=True,
