@@ -134,9 +134,17 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
                 f"the disk is full (or the file size limit was hit) while writing {target}; nothing was written."
                 " Free space or choose another --output."
             ) from error
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and _under(error.filename, target.parent):
             raise OutputWriteError(f"cannot write {target}: {error.strerror or error}; nothing was written. Choose another --output.") from error
         raise
+
+
+def _under(filename: Any, folder: Path) -> bool:
+    """Whether an OSError's file lies in ``folder`` (the output's side), not in the model or data being read."""
+    if not isinstance(filename, (str, bytes, os.PathLike)):
+        return False
+    path = Path(os.fsdecode(filename)).resolve()
+    return path.is_relative_to(Path(folder).resolve())
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -70,7 +70,7 @@ def load_tokenizer(source: str | Path) -> Any:
     path = Path(source)
     source_format(path)  # a corrupt file fails here, with a readable message
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)  # a GGUF carries no code
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {path}: {_first_line(error)}") from None
 

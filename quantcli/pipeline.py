@@ -15,7 +15,7 @@ from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
 from quantcli.gguf_input import describe
 from quantcli.data import TextSource, calibration_batch, read_documents, token_sequences
-from quantcli.errors import DatasetError, ResumableInterrupt, UnavailableError
+from quantcli.errors import DatasetError, InputError, ResumableInterrupt, UnavailableError
 from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
 from quantcli.integrity import check_same_vocabulary, check_streamed, file_shapes
 from quantcli.perplexity import EvalResult, check_context, evaluate_sequences
@@ -257,6 +257,8 @@ def _stream(run: _Run, staging: Path) -> _Result:
     from quantcli.streaming import ShardBlocks, skeleton
 
     config, progress = run.config, run.progress
+    if Path(run.source).is_file():  # resolve_model lets only GGUF files through
+        raise InputError(f"--low-memory streams safetensors weights, and {run.source} is a GGUF file, which is read whole. Drop --low-memory.")
     start = time.perf_counter()
     tokenizer = load_tokenizer(run.source, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, run.device)

@@ -30,8 +30,6 @@ def source_tensors(source: str) -> dict[str, Path]:
     from safetensors import safe_open
 
     folder = Path(source)
-    if folder.is_file():  # resolve_model lets only GGUF files through
-        raise InputError(f"--low-memory streams safetensors weights, and {source} is a GGUF file, which is read whole. Drop --low-memory.")
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
@@ -89,7 +87,7 @@ class ShardBlocks:
     def __init__(self, model: Any, names: tuple[str, ...], source: str, staging: Path, settings: dict[str, Any], output_format: Any) -> None:
         from quantcli.blockwise import decoder_blocks
 
-        self.model, self.staging, self.settings, self.format = model, staging, settings, output_format
+        self.model, self.staging, self.settings, self.format, self.names = model, staging, settings, output_format, names
         self.prefix, self.blocks = decoder_blocks(model, names)
         self.where = source_tensors(source)
         self.groups = shard_groups(list(self.where), self.prefix, len(self.blocks))
@@ -156,8 +154,17 @@ class ShardBlocks:
         finally:
             self._free(rest)
 
+    def _check_range(self, layers: list[str]) -> None:
+        """Refuse a layer whose values are too large for a finite scale, as the in-memory run does up front."""
+        from quantcli.finite import check_weight_range
+        from quantcli.models import weight_matrix
+
+        for name in layers:
+            check_weight_range(name, weight_matrix(self.modules[name]), "")
+
     def open(self, index: int) -> Any:
         self._load(self.groups[index])
+        self._check_range([name for name in self.names if name.startswith(f"{self.prefix}.{index}.")])
         return self.blocks[index]
 
     def close(self, index: int, records: dict[str, Any], hidden: Any) -> None:
@@ -174,12 +181,9 @@ class ShardBlocks:
 
     @contextlib.contextmanager
     def layer(self, name: str) -> Iterator[None]:
-        from quantcli.finite import check_weight_range
-        from quantcli.models import weight_matrix
-
         tensors = [key for key in self.where if key.rsplit(".", 1)[0] == name]
         self._load(tensors)
-        check_weight_range(name, weight_matrix(self.modules[name]), "")
+        self._check_range([name])
         yield
 
     def close_layer(self, name: str, record: Any) -> None:
