@@ -39,17 +39,7 @@ def pickle_bomb(path: Path, marker: Path) -> Path:
 def remote_code_model(folder: Path, marker: Path) -> Path:
     """A checkpoint whose config points at its own modeling code, which writes ``marker`` on import."""
     copy_model(folder)
-    edit_json(
-        folder / "config.json", model_type="evil_llama",
-        auto_map={"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
-    )
-    (folder / "modeling_evil.py").write_text(
-        f"open({str(marker)!r}, 'w').write('pwned')\n"
-        "from transformers import LlamaConfig, LlamaForCausalLM\n"
-        "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
-        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
-    )
-    return folder
+    return add_remote_code(folder, marker)
 
 
 def nan_model(folder: Path, layer: str = "model.layers.1.self_attn.q_proj") -> Path:
