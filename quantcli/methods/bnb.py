@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from quantcli.errors import InputError, UnavailableError
 from quantcli.formats.bitsandbytes import BLOCK
@@ -69,78 +69,113 @@ def _features(module: Any) -> tuple[int, int]:
     return (rows, cols) if is_conv1d(module) else (cols, rows)
 
 
+def bitsandbytes_missing() -> str | None:
+    """Why bitsandbytes cannot be used here, or None."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        return f"bitsandbytes does not import ({error}); use --method rtn"
+    return None
+
+
+def fourbit_quantization_config(quant_type: str, double_quant: bool, dtype: Any, skip: list[str]) -> Any:
+    """transformers' BitsAndBytesConfig for 4-bit ``quant_type``, leaving ``skip`` in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=double_quant, llm_int8_skip_modules=skip,
+    )
+
+
+def fourbit_fallbacks(request: QuantizeRequest, quant_type: str, double_quant: bool) -> dict[str, str]:
+    """The selected layers bitsandbytes' 4-bit kernel cannot run on the request's device, with why."""
+    modules = dict(request.model.named_modules())
+    dtype = str(request.dtype).removeprefix("torch.")
+    reasons = {}
+    for name in request.layers:
+        in_features, out_features = _features(modules[name])
+        why = probe_4bit(in_features, out_features, quant_type, dtype, request.device, double_quant)
+        if why:
+            reasons[name] = f"bitsandbytes 4-bit fails for {out_features}x{in_features} on {request.device}: {why}"
+    return reasons
+
+
+def split_layers(request: QuantizeRequest, fallbacks: dict[str, str], method: str) -> list[str]:
+    """The layers bitsandbytes will quantize: the selection minus ``fallbacks``; none at all is an error."""
+    chosen = [name for name in request.layers if name not in fallbacks]
+    if not chosen:
+        first = next(iter(fallbacks.values()))
+        raise UnavailableError(f"bitsandbytes {method} fails for every selected layer on {request.device} ({first}). Use --method rtn.")
+    return chosen
+
+
+def kept_linears(model: Any, chosen: list[str]) -> list[str]:
+    """The Linear/Conv1D layers bitsandbytes must leave in full precision."""
+    import torch
+
+    quantizable = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+    return [name for name in quantizable if name not in chosen]
+
+
+def load_quantized(request: QuantizeRequest, quantization_config: Any) -> Any:
+    """Reload the source through transformers' bitsandbytes integration with ``quantization_config``.
+
+    Frees ``request.model`` first, so two copies of the weights never coexist after loading.
+    """
+    request.model = None
+    return load_model(request.source, request.dtype, request.placement, request.trust_remote_code, quantization_config=quantization_config)
+
+
+def fourbit_record(module: Any, quant_type: str) -> LayerRecord:
+    state = getattr(module.weight, "quant_state", None)  # none on a streamed (meta) skeleton: written with BLOCK
+    blocksize = state.blocksize if state is not None else BLOCK
+    return LayerRecord(4, quant_type, blocksize, (module.out_features, module.in_features))
+
+
+def build_result(
+    request: QuantizeRequest, model: Any, method: str, chosen: list[str], fallbacks: dict[str, str],
+    record: Callable[[Any], LayerRecord], notes: dict[str, str | None] | None = None, stats: dict[str, Any] | None = None,
+) -> QuantizedModel:
+    """Per-layer records (kept layers with the kernel's reason) and the transformers-native save."""
+    kept_dtype = str(request.dtype).removeprefix("torch.")
+    layers: dict[str, LayerRecord] = {}
+    for name, module in model.named_modules():
+        if name in chosen:
+            layers[name] = record(module)
+            layers[name].note = (notes or {}).get(name)
+        elif name in fallbacks:
+            shape = tuple(module.weight.shape)
+            layers[name] = LayerRecord(16 if kept_dtype != "float32" else 32, kept_dtype, None, shape, f"kept in {kept_dtype}: {fallbacks[name]}")
+            request.progress(1)
+    options = {key: value for key, value in vars(request.config).items() if key != "bits"}
+    return QuantizedModel(model, method, request.config.bits, "bitsandbytes", options, layers, stats=stats or {})
+
+
 class _Bitsandbytes(Quantizer):
+    """bitsandbytes through transformers: reload the source with a BitsAndBytesConfig."""
+
     output_format = "bitsandbytes"
 
     def unavailable_reason(self, device: str) -> str | None:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as error:
-            return f"bitsandbytes does not import ({error}); use --method rtn"
-        return None
+        return bitsandbytes_missing()
 
-    def _quantization_config(self, config: Any, dtype: Any, skip: list[str]) -> Any:
+    def quantization_config(self, config: Any, dtype: Any, skip: list[str]) -> Any:
         raise NotImplementedError
 
-    def _fallbacks(self, request: QuantizeRequest, modules: dict[str, Any]) -> dict[str, str]:
+    def fallbacks(self, request: QuantizeRequest) -> dict[str, str]:
         return {}
 
-    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        chosen, fallbacks = self._split(request)
-        model = self._load_quantized(request, chosen)
-        request.progress(len(chosen))
-        return self._result(request, model, chosen, fallbacks)
-
-    def _split(self, request: QuantizeRequest) -> tuple[list[str], dict[str, str]]:
-        """The layers bitsandbytes will quantize, and those its kernel cannot run (with why)."""
-        fallbacks = self._fallbacks(request, dict(request.model.named_modules()))
-        chosen = [name for name in request.layers if name not in fallbacks]
-        if not chosen:
-            first = next(iter(fallbacks.values()))
-            raise UnavailableError(f"bitsandbytes {self.name} fails for every selected layer on {request.device} ({first}). Use --method rtn.")
-        return chosen, fallbacks
-
-    def _load_quantized(self, request: QuantizeRequest, chosen: list[str]) -> Any:
-        """Reload the source through transformers' bitsandbytes integration, quantizing ``chosen`` only.
-
-        Frees ``request.model`` first, so two copies of the weights never coexist after loading.
-        """
-        skip = self._skip(request, chosen)
-        request.model = None
-        return load_model(
-            request.source, request.dtype, request.placement, request.trust_remote_code,
-            quantization_config=self._quantization_config(request.config, request.dtype, skip),
-        )
-
-    def _skip(self, request: QuantizeRequest, chosen: list[str]) -> list[str]:
-        """The Linear/Conv1D layers bitsandbytes must leave in full precision."""
-        import torch
-
-        quantizable = [n for n, m in request.model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
-        return [name for name in quantizable if name not in chosen]
-
-    def _result(
-        self, request: QuantizeRequest, model: Any, chosen: list[str], fallbacks: dict[str, str],
-        notes: dict[str, str | None] | None = None, stats: dict[str, Any] | None = None,
-    ) -> QuantizedModel:
-        """Per-layer records (kept layers with the kernel's reason) and the transformers-native save."""
-        kept_dtype = str(request.dtype).removeprefix("torch.")
-        layers: dict[str, LayerRecord] = {}
-        for name, module in model.named_modules():
-            if name in chosen:
-                layers[name] = self._record(module)
-                layers[name].note = (notes or {}).get(name)
-            elif name in fallbacks:
-                shape = tuple(module.weight.shape)
-                layers[name] = LayerRecord(16 if kept_dtype != "float32" else 32, kept_dtype, None, shape, f"kept in {kept_dtype}: {fallbacks[name]}")
-                request.progress(1)
-        return QuantizedModel(model, self.name, request.config.bits, self.output_format, self._options(request.config), layers, stats=stats or {})
-
-    def _record(self, module: Any) -> LayerRecord:
+    def record(self, module: Any) -> LayerRecord:
         raise NotImplementedError
 
-    def _options(self, config: Any) -> dict[str, Any]:
-        return {key: value for key, value in vars(config).items() if key != "bits"}
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        fallbacks = self.fallbacks(request)
+        chosen = split_layers(request, fallbacks, self.name)
+        config = self.quantization_config(request.config, request.dtype, kept_linears(request.model, chosen))
+        model = load_quantized(request, config)
+        request.progress(len(chosen))
+        return build_result(request, model, self.name, chosen, fallbacks, self.record)
 
 
 @register_method
@@ -150,12 +185,12 @@ class BnbInt8(_Bitsandbytes):
     supported_bits = (8,)
     config_class = Int8Config
 
-    def _quantization_config(self, config: Int8Config, dtype: Any, skip: list[str]) -> Any:
+    def quantization_config(self, config: Int8Config, dtype: Any, skip: list[str]) -> Any:
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=config.threshold, llm_int8_skip_modules=skip)
 
-    def _record(self, module: Any) -> LayerRecord:
+    def record(self, module: Any) -> LayerRecord:
         return LayerRecord(8, "llm.int8 per-row", None, tuple(module.weight.shape))
 
 
@@ -164,28 +199,14 @@ class _FourBit(_Bitsandbytes):
     config_class = FourBitConfig
     quant_type: str
 
-    def _quantization_config(self, config: FourBitConfig, dtype: Any, skip: list[str]) -> Any:
-        from transformers import BitsAndBytesConfig
+    def quantization_config(self, config: FourBitConfig, dtype: Any, skip: list[str]) -> Any:
+        return fourbit_quantization_config(self.quant_type, config.double_quant, dtype, skip)
 
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=self.quant_type, bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=config.double_quant, llm_int8_skip_modules=skip,
-        )
+    def fallbacks(self, request: QuantizeRequest) -> dict[str, str]:
+        return fourbit_fallbacks(request, self.quant_type, request.config.double_quant)
 
-    def _fallbacks(self, request: QuantizeRequest, modules: dict[str, Any]) -> dict[str, str]:
-        dtype = str(request.dtype).removeprefix("torch.")
-        reasons = {}
-        for name in request.layers:
-            in_features, out_features = _features(modules[name])
-            why = probe_4bit(in_features, out_features, self.quant_type, dtype, request.device, request.config.double_quant)
-            if why:
-                reasons[name] = f"bitsandbytes 4-bit fails for {out_features}x{in_features} on {request.device}: {why}"
-        return reasons
-
-    def _record(self, module: Any) -> LayerRecord:
-        state = getattr(module.weight, "quant_state", None)  # none on a streamed (meta) skeleton: written with BLOCK
-        blocksize = state.blocksize if state is not None else BLOCK
-        return LayerRecord(4, self.quant_type, blocksize, (module.out_features, module.in_features))
+    def record(self, module: Any) -> LayerRecord:
+        return fourbit_record(module, self.quant_type)
 
 
 @register_method

@@ -23,11 +23,13 @@ from quantcli.errors import InputError
 from quantcli.formats.bitsandbytes import BLOCK, NF4Weights, pack_nf4
 from quantcli.intweights import IntLayout
 from quantcli.methods import register_method
-from quantcli.methods.base import QuantizedModel, QuantizeRequest
-from quantcli.methods.bnb import BnbNF4
+from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.bnb import (
+    bitsandbytes_missing, build_result, fourbit_fallbacks, fourbit_quantization_config, fourbit_record, kept_linears,
+    load_quantized, split_layers,
+)
 from quantcli.methods.gptq import gptq_quantize
 from quantcli.models import set_weight_matrix, weight_matrix
-
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,18 @@ def _bitsandbytes_rounding(matrix: torch.Tensor) -> tuple[torch.Tensor, NF4Weigh
 
 
 @register_method
-class GPTQNF4Quantizer(BnbNF4):
+class GPTQNF4Quantizer(Quantizer):
+    """bnb-nf4's steps (kernel probe, transformers reload, records) as functions, GPTQ choosing the codes."""
+
     name = "gptq-nf4"
     summary = "GPTQ error feedback on bitsandbytes' NF4 grid; transformers-native bitsandbytes checkpoint"
+    supported_bits = (4,)
     config_class = GPTQNF4Config
     needs_calibration = True
+    output_format = "bitsandbytes"
+
+    def unavailable_reason(self, device: str) -> str | None:
+        return bitsandbytes_missing()
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         import bitsandbytes.functional as F
@@ -68,7 +77,10 @@ class GPTQNF4Quantizer(BnbNF4):
         config, model = request.config, request.model
         if request.calibration is None:
             raise InputError("gptq-nf4 needs calibration data: pass calibration token windows in the request.")
-        chosen, kept = self._split(request)
+        kept = fourbit_fallbacks(request, "nf4", config.double_quant)
+        chosen = split_layers(request, kept, self.name)
+        quantization_config = fourbit_quantization_config("nf4", config.double_quant, request.dtype, kept_linears(model, chosen))
+        nf4_record = lambda module: fourbit_record(module, "nf4")  # noqa: E731
         modules = dict(model.named_modules())
         codebook = F.get_4bit_type("nf4", device="cpu")
         codes: dict[str, NF4Weights] = {}
@@ -94,13 +106,13 @@ class GPTQNF4Quantizer(BnbNF4):
 
         stats = quantize_blockwise(request.block_source(tuple(chosen)), tuple(chosen), request.calibration, finish)
         if request.blocks is not None:  # streamed: every block is written already; config.json gets bitsandbytes' config
-            model.config.quantization_config = self._quantization_config(config, request.dtype, self._skip(request, chosen))
-            return self._result(request, model, chosen, kept, notes, stats)
+            model.config.quantization_config = quantization_config
+            return build_result(request, model, self.name, chosen, kept, nf4_record, notes, stats)
         model = modules = None
-        packed_model = self._load_quantized(request, chosen)
+        packed_model = load_quantized(request, quantization_config)
         packed_modules = dict(packed_model.named_modules())
         for name, record in codes.items():
             weight = packed_modules[name].weight
             weight.data = pack_nf4(record.codes).to(weight.device)
             weight.quant_state.absmax = record.absmax.reshape(-1).to(weight.device)
-        return self._result(request, packed_model, chosen, kept, notes, stats)
+        return build_result(request, packed_model, self.name, chosen, kept, nf4_record, notes, stats)
