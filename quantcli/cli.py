@@ -88,7 +88,7 @@ def _given(**values: Any) -> dict[str, Any]:
 @handle_errors
 def quantize(
     model: Optional[str] = typer.Argument(None, help="Hub id, local folder, or 'stories260K' (the embedded default).", show_default="stories260K"),
-    bits: Optional[int] = typer.Option(None, "--bits", "-b", help="8 or 4 (3 with gptq; 16 casts to fp16/bf16)."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help="8 or 4 (3 with rtn/gptq; 16 casts to fp16/bf16)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, gptq-nf4, bnb-int8, bnb-nf4, bnb-fp4, cast. Default: bitsandbytes on CUDA, rtn on CPU."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: MODEL-METHOD-wBITS."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),

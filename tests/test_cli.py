@@ -60,7 +60,7 @@ def test_gptq_flags_reach_the_checkpoint(tmp_path):
     [
         (["quantize", "./no/such/model", "--bits", "4"], 2, "error: model folder ./no/such/model does not exist."),
         (["quantize", "nobody/no-such-model", "--bits", "4"], 3, "error: cannot load model 'nobody/no-such-model'"),
-        (["quantize", "--bits", "3", "--method", "rtn"], 2, "error: method rtn does not do 3-bit. It supports --bits 8, 4."),
+        (["quantize", "--bits", "3", "--method", "bnb-nf4"], 2, "error: method bnb-nf4 does not do 3-bit. It supports --bits 4."),
         (["quantize", "--bits", "5"], 2, "error: --bits 5 is not supported."),
         (["quantize", "--bits", "4", "--method", "rtn", "--group-size", "48"], 2, "error: group size 48 divides none of the selected layers' input widths (64, 172)."),
         (["quantize", "--bits", "4", "--method", "rtn", "--calib-dataset", "x", "--double-quant"], 2, "error: option(s) double_quant do not apply to method rtn."),

@@ -21,6 +21,7 @@ RUNS = {
     "rtn8": dict(bits=8, method="rtn"),
     "rtn4": dict(bits=4, method="rtn", method_options={"group_size": 32}),
     "rtn4-asym": dict(bits=4, method="rtn", method_options={"group_size": 32, "symmetric": False}),
+    "rtn3": dict(bits=3, method="rtn", method_options={"group_size": 32}),
     "bnb-int8": dict(bits=8, method="bnb-int8"),
     "bnb-nf4": dict(bits=4, method="bnb-nf4"),
     "bnb-nf4-dq": dict(bits=4, method="bnb-nf4", method_options={"double_quant": True}),
@@ -62,10 +63,14 @@ def test_asymmetric_groups_beat_symmetric_at_four_bits(runs):
     assert runs["rtn4-asym"]["perplexity_after"]["perplexity"] < runs["rtn4"]["perplexity_after"]["perplexity"]
 
 
+def test_three_bit_costs_more_than_four(runs):
+    assert runs["rtn3"]["perplexity_delta"]["percent"] > runs["rtn4"]["perplexity_delta"]["percent"] > 0
+
+
 def test_sizes_shrink_as_bits_shrink(runs):
     disk = {name: r["size"]["quantized_disk_bytes"] for name, r in runs.items()}
     original = runs["rtn8"]["size"]["original_disk_bytes"]
-    assert original > disk["cast16"] > disk["rtn8"] > disk["rtn4"]
+    assert original > disk["cast16"] > disk["rtn8"] > disk["rtn4"] > disk["rtn3"]
     from bitsandbytes.functional import has_avx512bf16
 
     if has_avx512bf16():  # its CPU kernel cannot run the 172-wide MLP layers: kept in fp32 and reported

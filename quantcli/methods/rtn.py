@@ -1,8 +1,8 @@
-"""Round-to-nearest: pure-PyTorch INT8/INT4 weight quantization that runs wherever torch does.
+"""Round-to-nearest: pure-PyTorch INT8/INT4/INT3 weight quantization that runs wherever torch does.
 
-INT8 defaults to symmetric per-channel, INT4 to symmetric groups of 64 (``--asymmetric`` adds zero
-points). Written
-as a compressed-tensors checkpoint (``int-quantized`` for 8 bits, ``pack-quantized`` below).
+INT8 defaults to symmetric per-channel, INT4/INT3 to symmetric groups of 64 (``--asymmetric`` adds
+zero points). Written as a compressed-tensors checkpoint (``int-quantized`` for 8 bits,
+``pack-quantized`` below).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ class RTNConfig(IntGridConfig):
 @register_method
 class RTNQuantizer(Quantizer):
     name = "rtn"
-    summary = "round-to-nearest, pure PyTorch (INT8 per-channel, INT4 group-wise); compressed-tensors output"
-    supported_bits = (8, 4)
+    summary = "round-to-nearest, pure PyTorch (INT8 per-channel, INT4/INT3 group-wise); compressed-tensors output"
+    supported_bits = (8, 4, 3)
     config_class = RTNConfig
     output_format = "compressed-tensors"
 
