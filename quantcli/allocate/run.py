@@ -13,6 +13,7 @@ import copy
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates
@@ -20,6 +21,7 @@ from quantcli.allocate.search import Verifier, _layouts, _predicted, _solve, _wi
 from quantcli.allocate.sensitivity import hessians, output_fisher
 from quantcli.errors import GateFailedError
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
+from quantcli.models import set_weight_matrix, weight_matrix
 
 ENOUGH = 0.8  # a round that meets the target using at least this share of it ends the search
 
@@ -37,14 +39,26 @@ def _as_kl(kind: str, measured: dict[str, float]) -> float:
     return measured["kl"] if kind == "kl" else math.log1p(measured["ppl_increase"] / 100)
 
 
-def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) -> QuantizedModel:
-    """Quantize ``request.model`` in place with a per-layer allocation meeting ``config.allocation``'s target."""
+@dataclass
+class Prepared:
+    """Everything target-independent: the original model, each layer's options with predicted costs,
+    the proxy check and the verifier; one preparation serves any number of targets."""
+
+    model: Any
+    base: Any
+    table: dict[str, list[Any]]
+    candidates: tuple[Any, ...]
+    check: dict[str, Any]
+    verify: Verifier
+    texts: tuple[str, str, str]
+    seconds: dict[str, float]
+
+
+def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -> Prepared:
+    """Measure sensitivities and round every layer every way (``request.model`` is left unchanged)."""
     from quantcli.data import read_documents
-    from quantcli.formats.compressed_tensors import compressed_result
-    from quantcli.models import parameter_count
 
     alloc, calib, model = config.allocation, config.calibration, request.model
-    kind, value = alloc.target
     candidates = parse_candidates(list(alloc.candidates))
     search_spec = alloc.search_dataset or calib.dataset
     verify_spec = alloc.verify_dataset or (config.eval.dataset if config.eval is not None else calib.dataset)
@@ -70,32 +84,36 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
             option.predicted = check["scale"] * option.proxy
     verify = Verifier(base, _windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec)
     seconds["proxy_check"] = time.perf_counter() - start
+    return Prepared(model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds)
 
-    start = time.perf_counter()
+
+def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tuple[dict[str, int], list[dict[str, Any]], int, int | None]:
+    """Solve, verify, tighten and repeat: the chosen allocation (left assembled in the model), every
+    round, the index of the chosen one, and the target in bytes for size targets."""
+    from quantcli.models import parameter_count
+
+    model, base, table, verify = prepared.model, prepared.base, prepared.table, prepared.verify
     target_bytes = value if kind == "size" else math.floor(value * parameter_count(model) / 8) if kind == "bpw" else None
     rounds: list[dict[str, Any]] = []
-    tried: list[dict[str, int]] = []
-    if target_bytes is not None:
-        tried.append(size_choice(model, table, target_bytes))
-    budget = value if kind == "kl" else math.log1p(value / 100)
-    with progress.task("allocation: solve and verify", total=None):
-        for number in range(alloc.max_rounds if target_bytes is None else 1):
-            choice = tried[-1] if target_bytes is not None else _solve(table, budget, by_size=False)
-            if target_bytes is None and choice in tried:
-                break
-            tried += [] if target_bytes is not None else [choice]
-            assemble(model, base, table, choice)
-            total = checkpoint_bytes(model, _layouts(table, choice))
-            measured = verify(model)
-            met = _met(kind, value, measured, total, target_bytes)
-            rounds.append({"round": number + 1, "budget_kl": None if target_bytes else budget, "predicted_kl": _predicted(table, choice),
-                           "bytes": total, "measured": measured, "met": met})
-            if target_bytes is not None:
-                break
-            got = _as_kl(kind, measured)
-            if met and got >= ENOUGH * budget_target(kind, value):
-                break
-            budget *= min(max(budget_target(kind, value) / got if got > 0 else 4.0, 0.25), 4.0) * (1.0 if met else 0.95)
+    tried: list[dict[str, int]] = [size_choice(model, table, target_bytes)] if target_bytes is not None else []
+    budget = budget_target(kind, value)
+    for number in range(max_rounds if target_bytes is None else 1):
+        choice = tried[-1] if target_bytes is not None else _solve(table, budget, by_size=False)
+        if target_bytes is None and choice in tried:
+            break
+        tried += [] if target_bytes is not None else [choice]
+        assemble(model, base, table, choice)
+        total = checkpoint_bytes(model, _layouts(table, choice))
+        measured = verify(model)
+        met = _met(kind, value, measured, total, target_bytes)
+        rounds.append({"round": number + 1, "budget_kl": None if target_bytes else budget, "predicted_kl": _predicted(table, choice),
+                       "bytes": total, "measured": measured, "met": met})
+        if target_bytes is not None:
+            break
+        got = _as_kl(kind, measured)
+        if met and got >= ENOUGH * budget_target(kind, value):
+            break
+        budget *= min(max(budget_target(kind, value) / got if got > 0 else 4.0, 0.25), 4.0) * (1.0 if met else 0.95)
     passing = [(r["bytes"], i) for i, r in enumerate(rounds) if r["met"]]
     if not passing:
         best = min(rounds, key=lambda r: _as_kl(kind, r["measured"]))
@@ -105,27 +123,48 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
             " Loosen the target, add candidates (keep, int8), or raise max_rounds."
         )
     chosen = min(passing)[1]
-    choice = tried[chosen]
-    seconds["solve_verify"] = time.perf_counter() - start
+    assemble(model, base, table, tried[chosen])
+    return tried[chosen], rounds, chosen, target_bytes
 
-    start = time.perf_counter()
-    uniform = []
-    schemes = [(checkpoint_bytes(model, _layouts(table, picks)), name, picks) for name, picks in uniform_choices(table, candidates).items() if name != "keep"]
-    # measured from the smallest up until one meets a quality target; for a size target, from the largest that fits down
+
+def compare_uniform(prepared: Prepared, kind: str, value: float, target_bytes: int | None) -> list[dict[str, Any]]:
+    """Every candidate applied to all layers: bytes and predicted KL for each; measured on the
+    verification text from the smallest up until one meets a quality target (for a size target,
+    from the largest that fits down until one is measured). Leaves the model as it was."""
+    model, base, table = prepared.model, prepared.base, prepared.table
+    saved = {name: weight_matrix(module).clone() for name, module in model.named_modules() if name in table}
+    schemes = [(checkpoint_bytes(model, _layouts(table, picks)), name, picks) for name, picks in uniform_choices(table, prepared.candidates).items() if name != "keep"]
     order = sorted(schemes) if target_bytes is None else sorted((s for s in schemes if s[0] <= target_bytes), reverse=True)
+    uniform = []
     for total, name, picks in order:
         assemble(model, base, table, picks)
-        measured = verify(model)
+        measured = prepared.verify(model)
         uniform.append({"candidate": name, "bytes": total, "predicted_kl": _predicted(table, picks), "measured": measured, "met": _met(kind, value, measured, total, target_bytes)})
         if uniform[-1]["met"]:
             break
-    measured_names = {u["candidate"] for u in uniform}
-    uniform += [{"candidate": name, "bytes": total, "predicted_kl": _predicted(table, picks), "measured": None, "met": None}
-                for total, name, picks in schemes if name not in measured_names]
-    seconds["uniform"] = time.perf_counter() - start
-    assemble(model, base, table, choice)
-    del base
+    done = {u["candidate"] for u in uniform}
+    uniform += [{"candidate": name, "bytes": total, "predicted_kl": _predicted(table, picks), "measured": None, "met": None} for total, name, picks in schemes if name not in done]
+    modules = dict(model.named_modules())
+    for name, matrix in saved.items():
+        set_weight_matrix(modules[name], matrix)
+    return uniform
 
+
+def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) -> QuantizedModel:
+    """Quantize ``request.model`` in place with a per-layer allocation meeting ``config.allocation``'s target."""
+    from quantcli.formats.compressed_tensors import compressed_result
+
+    alloc = config.allocation
+    kind, value = alloc.target
+    prepared = prepare(request, method, config, progress)
+    start = time.perf_counter()
+    with progress.task("allocation: solve and verify", total=None):
+        choice, rounds, chosen, target_bytes = decide(prepared, kind, value, alloc.max_rounds)
+        prepared.seconds["solve_verify"] = time.perf_counter() - start
+        start = time.perf_counter()
+        uniform = compare_uniform(prepared, kind, value, target_bytes)
+        prepared.seconds["uniform"] = time.perf_counter() - start
+    table, model = prepared.table, prepared.model
     layers, records, notes = {}, {}, {}
     for name, index in choice.items():
         option = table[name][index]
@@ -133,14 +172,16 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
                         "group_size": option.layout.group_size if option.layout else None, "bytes": option.bytes, "predicted_kl": option.predicted}
         if option.weights is not None:
             records[name], notes[name] = option.weights, list(option.notes)
-    summary = _summary(kind, value, target_bytes, method, candidates, (calib.dataset, search_spec, verify_spec), alloc, check, rounds, chosen,
-                       verify.base_perplexity, layers, uniform, frontier(model, table), seconds)
-    weights = Counter()
-    for name, record in records.items():
+    summary = _summary(kind, value, target_bytes, method, prepared.candidates, prepared.texts, prepared.check, rounds, chosen,
+                       prepared.verify.base_perplexity, layers, uniform, frontier(model, table), prepared.seconds)
+    del prepared
+    weights: Counter = Counter()
+    for record in records.values():
         weights[record.layout.bits] += record.q.numel()
     bits = weights.most_common(1)[0][0] if weights else config.bits
     options = {key: val for key, val in request.config.grid_options().items() if key != "group_size"}
-    options.update({"method_options": {k: v for k, v in vars(request.config).items() if k not in ("bits", "group_size")}} if method == "gptq" else {})
+    if method == "gptq":
+        options.update({key: val for key, val in vars(request.config).items() if key not in ("bits", "group_size", *options)})
     options["allocation"] = {"target": summary["target"], "candidates": summary["candidates"]}
     if alloc.plot:
         from pathlib import Path
@@ -155,7 +196,7 @@ def budget_target(kind: str, value: float) -> float:
     return value if kind == "kl" else math.log1p(value / 100)
 
 
-def _summary(kind, value, target_bytes, method, candidates, texts, alloc, check, rounds, chosen, base_ppl, layers, uniform, curve, seconds) -> dict[str, Any]:  # noqa: ANN001
+def _summary(kind, value, target_bytes, method, candidates, texts, check, rounds, chosen, base_ppl, layers, uniform, curve, seconds) -> dict[str, Any]:  # noqa: ANN001
     """What was decided and why, for the report, quantcli.json and the plot."""
     final = rounds[chosen]
     meeting = [u for u in uniform if u["met"]]
