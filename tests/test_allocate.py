@@ -166,11 +166,14 @@ def test_cli_two_targets_exit_2():
 
 def test_size_target_is_exact_and_gates_stay_checks(tmp_path):
     target = 300_000
-    result = subprocess.run([sys.executable, "-m", "quantcli", "quantize", "--target-size", f"{target}B", "--max-size", "0.29", "--calib-samples", "16",
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: rtn\nallocation:\n  target_size: 300000B\n  search_tokens: 512\n  verify_tokens: 1024\n  probe_layers: 3\n")
+    result = subprocess.run([sys.executable, "-m", "quantcli", "quantize", "--config", str(recipe), "--max-size", "0.29", "--calib-samples", "16",
                              "--max-tokens", "1024", "-o", str(tmp_path / "s"), "-q", "--json"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 4, result.stderr
     report = json.loads(result.stdout)
     assert 0.95 * target <= report["size"]["quantized_disk_bytes"] <= target
+    assert report["stats"]["allocation"]["target"] == {"kind": "size", "value": target, "bytes": target}
     assert [(g["name"], g["passed"]) for g in report["gates"]] == [("max_size", False)]
 
 
