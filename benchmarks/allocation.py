@@ -66,15 +66,24 @@ def main() -> None:
     parser.add_argument("--method", default="rtn", choices=("rtn", "gptq"))
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 1, 2, 5])
     parser.add_argument("--gptq-baseline", action="store_true", help="Also time a plain GPTQ int4 g64 run in the same process.")
+    parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows of 256 tokens (128: the methods' default).")
+    parser.add_argument("--search-tokens", type=int, default=2048)
+    parser.add_argument("--verify-tokens", type=int, default=4096)
+    parser.add_argument("--probe-layers", type=int, default=8)
+    parser.add_argument("--uniform", nargs="+", help="Candidates to measure as uniform schemes (default: all).")
+    parser.add_argument("--threads", type=int, help="torch threads (1 is faster on a busy shared machine).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup = setups.resolve(args)
     folder = Path(tempfile.mkdtemp(prefix="alloc-bench-"))
     texts = split_calibration(Path(setup.calib_dataset), folder) if Path(setup.calib_dataset).is_file() else None
     if texts is None:
         raise SystemExit("the calibration text must be a local file to split (use --model smollm2 or a model folder).")
     evaluation = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=setup.max_tokens)
-    calibration = CalibrationConfig(dataset=texts["calib"], samples=128, seq_len=256, seed=0)
-    allocation = AllocationConfig(target_ppl_increase=1.0, search_dataset=texts["search"], verify_dataset=texts["verify"], verify_tokens=4096)
+    calibration = CalibrationConfig(dataset=texts["calib"], samples=args.calib_samples, seq_len=256, seed=0)
+    allocation = AllocationConfig(target_ppl_increase=1.0, search_dataset=texts["search"], verify_dataset=texts["verify"], search_tokens=args.search_tokens,
+                                  verify_tokens=args.verify_tokens, probe_layers=args.probe_layers, fisher_samples=min(32, args.calib_samples))
     config = QuantizeConfig(model=setup.path, bits=4, method=args.method, calibration=calibration, eval=evaluation, allocation=allocation)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(setup.path)
@@ -111,7 +120,7 @@ def main() -> None:
 
     uniform = [{"scheme": "fp32 (keep)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}}]
     for name, picks in uniform_choices(prepared.table, prepared.candidates).items():
-        if name == "keep":
+        if name == "keep" or (args.uniform and name not in args.uniform):
             continue
         assemble(model, prepared.base, prepared.table, picks)
         uniform.append({"scheme": f"{args.method} {name}", "bytes": checkpoint_bytes(model, _layouts(prepared.table, picks)),
@@ -125,8 +134,8 @@ def main() -> None:
 
     settings = {"model": setup.label, "method": args.method, "candidates": list(allocation.candidates), "texts": {
                     "eval": f"{Path(setup.eval_dataset).name} ({setup.max_tokens} tokens, seq_len {setup.seq_len}, stride {setup.seq_len})",
-                    "calibration": "wiki.valid.calib.txt articles 31-45 (128 x 256 tokens, seed 0)", "search": "articles 46-52 (2048 tokens)",
-                    "verify": "articles 53-60 (4096 tokens)"},
+                    "calibration": f"wiki.valid.calib.txt articles 31-45 ({args.calib_samples} x 256 tokens, seed 0)",
+                    "search": f"articles 46-52 ({args.search_tokens} tokens, {args.probe_layers} probe layers)", "verify": f"articles 53-60 ({args.verify_tokens} tokens)"},
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "note": "shared 2-core machine (other jobs running): wall-clock times are noisy; ratios are from the same process", "caveat": setup.caveat}
     result = {"settings": settings, "prepare_seconds": prepare_seconds, "prepare_breakdown": breakdown, "proxy_check": check, "rows": rows,

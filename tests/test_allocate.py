@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -169,7 +170,8 @@ def test_size_target_is_exact_and_gates_stay_checks(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: rtn\nallocation:\n  target_size: 300000B\n  search_tokens: 512\n  verify_tokens: 1024\n  probe_layers: 3\n")
     result = subprocess.run([sys.executable, "-m", "quantcli", "quantize", "--config", str(recipe), "--max-size", "0.29", "--calib-samples", "16",
-                             "--max-tokens", "1024", "-o", str(tmp_path / "s"), "-q", "--json"], capture_output=True, text=True, timeout=600)
+                             "--max-tokens", "1024", "-o", str(tmp_path / "s"), "-q", "--json"], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as the in-process tests: threads thrash a busy machine
     assert result.returncode == 4, result.stderr
     report = json.loads(result.stdout)
     assert 0.95 * target <= report["size"]["quantized_disk_bytes"] <= target
