@@ -119,6 +119,14 @@ def quantize(
     resume: bool = typer.Option(False, "--resume", help="With --low-memory: continue an interrupted run after its last finished block."),
     max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="CI gate, in percent: exit 4 if perplexity rises more (2 = 2%)."),
     max_size: Optional[float] = typer.Option(None, "--max-size", help="CI gate: exit 4 if the quantized weights exceed this many MB (10^6 bytes) on disk."),
+    target_ppl_increase: Optional[float] = typer.Option(None, "--target-ppl-increase", help="Per-layer precision: the smallest checkpoint whose perplexity rises at most this many percent (rtn/gptq)."),
+    target_kl: Optional[float] = typer.Option(None, "--target-kl", help="Per-layer precision: the smallest checkpoint within this mean KL vs the original (nats/token)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="Per-layer precision: the best quality within this checkpoint size on disk (80MB, 1.5GB)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Per-layer precision: the best quality within this many bits per weight on disk."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="With --target-*: comma-separated choices per layer (default keep,int8,int4-g128,int4-g64,int4-g32,int3-g32)."),
+    search_dataset: Optional[str] = typer.Option(None, "--search-dataset", help="With --target-*: text for the proxy check (default: the calibration text)."),
+    verify_dataset: Optional[str] = typer.Option(None, "--verify-dataset", help="With --target-*: held-out text each allocation is verified on (default: the eval text)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --target-*: draw the searched size/quality curve and the uniform schemes to this PNG."),
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -143,6 +151,8 @@ def quantize(
         evaluation=None if no_eval else _given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens, text_column=text_column),
         gates=_given(max_ppl_increase=max_ppl_increase, max_size=max_size),
         options=option or [],
+        allocation=_given(target_ppl_increase=target_ppl_increase, target_kl=target_kl, target_size=target_size, target_bpw=target_bpw,
+                          candidates=candidates, search_dataset=search_dataset, verify_dataset=verify_dataset, plot=None if plot is None else str(plot)),
     )
     report = run_quantize(config, console.RichProgress(enabled=not quiet))
     data = report.to_dict()

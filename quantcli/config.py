@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from quantcli.allocate import ALLOCATING_METHODS, AllocationConfig
 from quantcli.errors import InputError
 from quantcli.gates import GateLimits
 from quantcli.limits import bound_calibration, bound_eval, shown
@@ -146,6 +147,7 @@ class QuantizeConfig:
     low_memory: bool = False  # stream the weights from disk one decoder block at a time (no perplexity)
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
+    allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
@@ -166,10 +168,18 @@ class QuantizeConfig:
             raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
         if self.low_memory:
             self._check_streaming()
+        if self.allocation is not None:
+            self._check_allocation()
         if self.gates.max_ppl_increase is not None and self.eval is None:
             raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
         if self.gates.min_speedup is not None:
             raise InputError("--min-speedup needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
+
+    def _check_allocation(self) -> None:
+        if self.low_memory:
+            raise InputError("--target-* searches per-layer precision on the whole model in memory; drop --low-memory.")
+        if self.method is not None and self.method not in ALLOCATING_METHODS:
+            raise InputError(f"--target-* allocates with --method rtn or gptq, not {self.method}.")
 
     def _check_streaming(self) -> None:
         if self.gates.max_ppl_increase is not None:
@@ -192,11 +202,11 @@ class QuantizeConfig:
         return data
 
 
-_SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig, "gates": GateLimits}
+_SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig, "gates": GateLimits, "allocation": AllocationConfig}
 
 
 def _section(name: str, cls: type, values: Any) -> Any:
-    if values is None and name == "eval":
+    if values is None and name in ("eval", "allocation"):
         return None
     if not isinstance(values, Mapping):
         raise InputError(f"'{name}' must be a mapping of settings, got {type(values).__name__}.")
@@ -231,6 +241,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
             kwargs[key] = value
         else:
             options[key] = value
+    if kwargs.get("allocation") is not None:
+        kwargs.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
     if "bits" not in kwargs:
         raise InputError("the recipe sets no 'bits'. Add e.g. 'bits: 4' or pass --bits.")
     if isinstance(kwargs.get("output"), str):
@@ -266,7 +278,7 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 def merge_quantize_config(
     recipe_path: Path | None, top: Mapping[str, Any], method_options: Mapping[str, Any], calibration: Mapping[str, Any],
-    evaluation: Mapping[str, Any] | None, gates: Mapping[str, Any], options: list[str] = (),
+    evaluation: Mapping[str, Any] | None, gates: Mapping[str, Any], options: list[str] = (), allocation: Mapping[str, Any] | None = None,
 ) -> QuantizeConfig:
     """The one merge of a YAML recipe with what the command line gave (each mapping holds only the
     options actually given; ``evaluation=None`` is ``--no-eval``; ``options`` are ``-O KEY=VALUE``)."""
@@ -282,6 +294,10 @@ def merge_quantize_config(
         recipe["eval"] = None  # streaming never holds the whole model, so it evaluates only when asked
     else:
         recipe["eval"] = {**_recipe_section(recipe, "eval"), **evaluation}
+    if allocation:
+        recipe["allocation"] = {**_recipe_section(recipe, "allocation"), **allocation}
+    if recipe.get("allocation"):
+        recipe.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
     if "bits" not in recipe:
         raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
     return config_from_mapping(recipe)

@@ -109,6 +109,11 @@ def render_quantize(report: dict[str, Any]) -> None:
         stdout.print(report["grouping"]["summary"])
     for name, note in report["fallbacks"].items():
         stdout.print(f"[yellow]fallback[/] {name}: {note}")
+    if (report.get("stats") or {}).get("allocation"):
+        from quantcli.allocate.report import describe
+
+        for line in describe(report["stats"]["allocation"]):
+            stdout.print(line, markup=False)
     render_gates(report.get("gates") or [])
 
 

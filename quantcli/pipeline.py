@@ -11,6 +11,7 @@ from typing import Any
 
 from quantcli import SCHEMA_VERSION, __version__
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
+from quantcli.allocate.report import allocation_map
 from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records
 from quantcli.gguf_input import describe
@@ -112,7 +113,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     folder with the same metadata, report and gates.
     """
     device = "cpu" if config.low_memory and config.device == "auto" else pick_device(config.device)
-    method_name = config.method or default_method(config.bits, device)
+    method_name = config.method or ("rtn" if config.allocation else default_method(config.bits, device))
     method = get_method(method_name)
     method_config = method.make_config(config.bits, config.method_options)
     reason = method.unavailable_reason(device)
@@ -124,7 +125,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits)
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
-    calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if method.needs_calibration else None
+    calibrates = method.needs_calibration or config.allocation is not None
+    calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if calibrates else None
     run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress(), evaluation, calibration_text)
     with atomic_folder(output, config.force, resume=config.resume) as staging:
         result = (_stream if config.low_memory else _in_memory)(run, staging)
@@ -136,7 +138,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
             model=config.model,
             output=str(output),
             method=method_name,
-            bits=config.bits,
+            bits=result.quantized.bits,
             format=result.quantized.format,
             device=device,
             options=result.quantized.options,
@@ -155,12 +157,13 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
             "format_version": FORMAT_VERSION,
             "quantcli_version": __version__,
             "method": method_name,
-            "bits": config.bits,
+            "bits": result.quantized.bits,
             "format": result.quantized.format,
             "options": result.quantized.options,
             "source_model": config.model,
             "layers": report.to_dict()["layers"],
             "skipped": result.skipped,
+            **({"allocation": allocation_map(result.quantized.stats["allocation"])} if config.allocation else {}),
         })
         write_json(staging / REPORT_FILE, report.to_dict())
     return report
@@ -192,7 +195,7 @@ def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str
 
 
 def _calibration(run: _Run, tokenizer: Any) -> Any:
-    if not run.method.needs_calibration:
+    if not run.method.needs_calibration and run.config.allocation is None:
         return None
     start = time.perf_counter()
     with run.progress.task("calibration data", total=None):
@@ -211,7 +214,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
         model = load_model(run.source, pick_dtype(config.dtype, run.device), config.device_map or run.device, config.trust_remote_code)
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
-        if run.method.needs_calibration:
+        if run.method.needs_calibration or config.allocation is not None:
             check_context(model, config.calibration.seq_len)
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules)
@@ -232,7 +235,12 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
             calibration, config.trust_remote_code, advance, config.device_map,
         )
         del model
-        quantized = run.method.quantize(request)
+        if config.allocation is not None:
+            from quantcli.allocate.run import allocate
+
+            quantized = allocate(request, run.method_name, config, progress)
+        else:
+            quantized = run.method.quantize(request)
         check_model_finite(quantized.model, config.model)
         del request
         gc.collect()

@@ -1,0 +1,216 @@
+"""Per-layer precision (issue 12) on one model, in one process: quality targets vs uniform schemes.
+
+Texts (all WikiText-2 validation, see data/wikitext-2/README.md): the standard evaluation half
+(articles 1-30, the held-out text every number below is measured on) and the calibration half
+(articles 31-60) cut at article boundaries into calibration (31-45), search (46-52, the proxy check)
+and verification (53-60, the tighten-and-repeat loop). No step of the search sees articles 1-30.
+
+One preparation (Hessians, output Fisher, every candidate for every layer, the proxy check) serves
+every target; each target then runs its own solve/verify rounds. Uniform schemes are the same
+candidates applied to every layer (for rtn exactly what ``quantcli quantize --method rtn`` writes),
+measured on the same held-out text. ``--gptq-baseline`` also times a plain GPTQ int4 run in the
+same process, for the search-time ratio.
+
+    PYTHONPATH=. python benchmarks/allocation.py --model smollm2 [--method rtn] [--targets 0.5 1 2 5] [--gptq-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import quantcli
+import setups
+from quantcli.allocate import AllocationConfig
+from quantcli.allocate.candidates import checkpoint_bytes
+from quantcli.allocate.run import decide, prepare
+from quantcli.allocate.search import _layouts, _predicted, assemble, uniform_choices
+from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.data import calibration_batch, read_documents
+from quantcli.methods import get_method
+from quantcli.methods.base import QuantizeRequest
+from quantcli.models import load_model, load_tokenizer, select_modules
+from quantcli.pipeline import measure_perplexity
+from quantcli.progress import NullProgress
+
+SPLIT = {"calib": (0, 15), "search": (15, 22), "verify": (22, 30)}  # article ranges within wiki.valid.calib.txt
+
+
+def split_calibration(source: Path, folder: Path) -> dict[str, str]:
+    """The calibration half cut before article headers (`` = Title = `` lines) into three files."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith(" = ") and not line.startswith(" = = ")]
+    starts = [0] + starts[1:] if starts and starts[0] <= 1 else starts
+    bounds = starts + [len(lines)]
+    paths = {}
+    for name, (first, last) in SPLIT.items():
+        paths[name] = str(folder / f"wiki.valid.calib.{name}.txt")
+        Path(paths[name]).write_text("".join(lines[bounds[first] : bounds[last]]), encoding="utf-8")
+    return paths
+
+
+def evaluate(model, tokenizer, evaluation, base_ppl=None):  # noqa: ANN001, ANN201
+    result = measure_perplexity(model, tokenizer, evaluation, NullProgress(), "model")
+    return {"perplexity": result.perplexity, "increase_pct": None if base_ppl is None else 100 * (result.perplexity / base_ppl - 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    setups.add_arguments(parser)
+    parser.add_argument("--method", default="rtn", choices=("rtn", "gptq"))
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 1, 2, 5])
+    parser.add_argument("--gptq-baseline", action="store_true", help="Also time a plain GPTQ int4 g64 run in the same process.")
+    parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows of 256 tokens (128: the methods' default).")
+    parser.add_argument("--search-tokens", type=int, default=2048)
+    parser.add_argument("--verify-tokens", type=int, default=4096)
+    parser.add_argument("--probe-layers", type=int, default=8)
+    parser.add_argument("--uniform", nargs="+", help="Candidates to measure as uniform schemes (default: all).")
+    parser.add_argument("--threads", type=int, help="torch threads (1 is faster on a busy shared machine).")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = setups.resolve(args)
+    folder = Path(tempfile.mkdtemp(prefix="alloc-bench-"))
+    texts = split_calibration(Path(setup.calib_dataset), folder) if Path(setup.calib_dataset).is_file() else None
+    if texts is None:
+        raise SystemExit("the calibration text must be a local file to split (use --model smollm2 or a model folder).")
+    evaluation = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=setup.max_tokens)
+    calibration = CalibrationConfig(dataset=texts["calib"], samples=args.calib_samples, seq_len=256, seed=0)
+    allocation = AllocationConfig(target_ppl_increase=1.0, search_dataset=texts["search"], verify_dataset=texts["verify"], search_tokens=args.search_tokens,
+                                  verify_tokens=args.verify_tokens, probe_layers=args.probe_layers, fisher_samples=min(32, args.calib_samples))
+    config = QuantizeConfig(model=setup.path, bits=4, method=args.method, calibration=calibration, eval=evaluation, allocation=allocation)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(setup.path)
+    model = load_model(setup.path, torch.float32, "cpu")
+    names = select_modules(model).names
+    base = evaluate(model, tokenizer, evaluation)
+    print("fp32", base, flush=True)
+
+    start = time.perf_counter()
+    batch = calibration_batch(read_documents(texts["calib"]), tokenizer, calibration.samples, calibration.seq_len, calibration.seed)
+    method_config = get_method(args.method).make_config(4, {})
+    request = QuantizeRequest(setup.path, model, tokenizer, names, "cpu", torch.float32, method_config, batch)
+    prepared = prepare(request, args.method, config, NullProgress())
+    prepare_seconds = time.perf_counter() - start
+    breakdown, check = dict(prepared.seconds), prepared.check
+    print("prepared", prepared.seconds, prepared.check["spearman"], prepared.check["scale"], flush=True)
+
+    rows = []
+    for target in args.targets:
+        start = time.perf_counter()
+        choice, rounds, chosen, _ = decide(prepared, "ppl_increase", target, allocation.max_rounds)
+        decide_seconds = time.perf_counter() - start
+        total = checkpoint_bytes(model, _layouts(prepared.table, choice))
+        held_out = evaluate(model, tokenizer, evaluation, base["perplexity"])
+        counts: dict[str, int] = {}
+        for name, index in choice.items():
+            label = prepared.table[name][index].names[0]
+            counts[label] = counts.get(label, 0) + 1
+        rows.append({"target_pct": target, "bytes": total, "predicted_kl": _predicted(prepared.table, choice), "held_out": held_out,
+                     "held_out_over_target": held_out["increase_pct"] / target, "verify": rounds[chosen]["measured"], "rounds": rounds,
+                     "chosen_round": chosen + 1, "choices": counts, "decide_seconds": decide_seconds,
+                     "layers": {name: prepared.table[name][index].names[0] for name, index in choice.items()}})
+        print("target", target, total, held_out, counts, flush=True)
+
+    uniform = [{"scheme": "fp32 (keep)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}}]
+    for name, picks in uniform_choices(prepared.table, prepared.candidates).items():
+        if name == "keep" or (args.uniform and name not in args.uniform):
+            continue
+        assemble(model, prepared.base, prepared.table, picks)
+        uniform.append({"scheme": f"{args.method} {name}", "bytes": checkpoint_bytes(model, _layouts(prepared.table, picks)),
+                        "predicted_kl": _predicted(prepared.table, picks), "held_out": evaluate(model, tokenizer, evaluation, base["perplexity"])})
+        print("uniform", uniform[-1], flush=True)
+    for row in rows:
+        rival = [u for u in uniform if u["held_out"]["increase_pct"] <= row["held_out"]["increase_pct"]]
+        row["best_uniform_as_good"] = min(rival, key=lambda u: u["bytes"])["scheme"] if rival else None
+        row["bytes_saved_vs_best_uniform_as_good"] = min(u["bytes"] for u in rival) - row["bytes"] if rival else None
+        row["pareto"] = all(u["bytes"] > row["bytes"] for u in rival)
+
+    settings = {"model": setup.label, "method": args.method, "candidates": list(allocation.candidates), "texts": {
+                    "eval": f"{Path(setup.eval_dataset).name} ({setup.max_tokens} tokens, seq_len {setup.seq_len}, stride {setup.seq_len})",
+                    "calibration": f"wiki.valid.calib.txt articles 31-45 ({args.calib_samples} x 256 tokens, seed 0)",
+                    "search": f"articles 46-52 ({args.search_tokens} tokens, {args.probe_layers} probe layers)", "verify": f"articles 53-60 ({args.verify_tokens} tokens)"},
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                "note": "shared 2-core machine (other jobs running): wall-clock times are noisy; ratios are from the same process", "caveat": setup.caveat}
+    result = {"settings": settings, "prepare_seconds": prepare_seconds, "prepare_breakdown": breakdown, "proxy_check": check, "rows": rows,
+              "uniform": uniform, "gptq_baseline": None}
+    out = setup.output(f"allocation-{args.method}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
+        plot(result, out.with_suffix(".png"))
+
+    save()  # again after the GPTQ baseline, which is slow
+    if args.gptq_baseline:
+        del prepared
+        start = time.perf_counter()
+        report = quantcli.quantize(QuantizeConfig(model=setup.path, bits=4, method="gptq", method_options={"group_size": 64},
+                                                  calibration=calibration, eval=None, output=folder / "gptq")).to_dict()
+        result["gptq_baseline"] = {"seconds": time.perf_counter() - start, "timings": report["timings"]}
+        save()
+
+    print(out.with_suffix(".md").read_text())
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"Per-layer allocation ({s['method']}, candidates {', '.join(s['candidates'])}) on {s['model']}. Held-out: {s['texts']['eval']};"
+             f" calibration {s['texts']['calibration']}; search {s['texts']['search']}; verification {s['texts']['verify']}. {s['note']}.", ""]
+    lines += ["| target Δppl | size on disk | held-out Δppl | / target | verify Δppl | rounds | layers | smallest uniform as good | bytes saved | Pareto |",
+              "|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+    for r in result["rows"]:
+        layers = ", ".join(f"{n} {c}" for c, n in sorted(r["choices"].items(), key=lambda item: -item[1]))
+        saved = "" if r["bytes_saved_vs_best_uniform_as_good"] is None else f"{r['bytes_saved_vs_best_uniform_as_good'] / 1e6:+.2f} MB"
+        lines.append(f"| +{r['target_pct']:g}% | {r['bytes'] / 1e6:.2f} MB | {r['held_out']['increase_pct']:+.2f}% | {r['held_out_over_target']:.2f} |"
+                     f" {r['verify']['ppl_increase']:+.2f}% | {len(r['rounds'])} | {layers} | {r['best_uniform_as_good'] or '-'} | {saved} | {'yes' if r['pareto'] else 'NO'} |")
+    lines += ["", "| uniform scheme | size on disk | held-out perplexity | Δppl |", "|---|---:|---:|---:|"]
+    for u in result["uniform"]:
+        lines.append(f"| {u['scheme']} | {u['bytes'] / 1e6:.2f} MB | {u['held_out']['perplexity']:.4f} | {u['held_out']['increase_pct']:+.2f}% |")
+    check = result["proxy_check"]
+    lines += ["", f"Proxy check (single-layer KL on the search text, {len(check['pairs'])} layer/candidate pairs): Spearman {check['spearman']:.3f}, fitted scale {check['scale']:.3g}."]
+    lines += [f"Search preparation: {result['prepare_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result['prepare_breakdown'].items())}); per target: " + ", ".join(f"{r['decide_seconds']:.0f} s" for r in result["rows"]) + "."]
+    if result["gptq_baseline"]:
+        g = result["gptq_baseline"]["seconds"]
+        per_target = result["prepare_seconds"] + max(r["decide_seconds"] for r in result["rows"])
+        lines.append(f"Plain GPTQ int4 g64 (no eval) in the same process: {g:.0f} s; one target's search (preparation + slowest solve/verify): {per_target:.0f} s = {per_target / g:.2f}x.")
+    if result["settings"]["caveat"]:
+        lines += ["", f"Caveat: {result['settings']['caveat']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for u in result["uniform"]:
+        axes.scatter(u["bytes"] / 1e6, max(u["held_out"]["increase_pct"], 1e-3), marker="s", color="tab:blue")
+        axes.annotate(u["scheme"], (u["bytes"] / 1e6, max(u["held_out"]["increase_pct"], 1e-3)), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    for r in result["rows"]:
+        axes.scatter(r["bytes"] / 1e6, max(r["held_out"]["increase_pct"], 1e-3), marker="*", s=140, color="tab:red")
+        axes.annotate(f"target +{r['target_pct']:g}%", (r["bytes"] / 1e6, max(r["held_out"]["increase_pct"], 1e-3)), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    axes.scatter([], [], marker="s", color="tab:blue", label="uniform")
+    axes.scatter([], [], marker="*", s=140, color="tab:red", label="allocated")
+    axes.set_yscale("log")
+    axes.set(xlabel="size on disk (MB)", ylabel="held-out perplexity increase (%)", title=f"{result['settings']['model']}: allocation vs uniform ({result['settings']['method']})")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()

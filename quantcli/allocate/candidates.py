@@ -1,0 +1,129 @@
+"""What each tensor may be stored as, and exactly how many bytes each choice takes on disk.
+
+A candidate is ``keep`` (the tensor as loaded) or ``intB[-gG]``: B-bit integers (3, 4 or 8) in
+groups of G inputs (per channel without ``-g``), rounded by the run's method (rtn or gptq) with its
+symmetry and observer. Group sizes go through :func:`quantcli.intweights.group_size_for`, so two
+candidates that land on the same layout for a tensor (``int4-g128`` and ``int4-g64`` on a
+576-wide layer) are one choice there.
+
+Bytes are the compressed-tensors tensors the checkpoint stores (see
+:func:`quantcli.formats.compressed_tensors.compress_layer`): ``weight`` int8, or ``weight_packed``
+int32 words plus ``weight_shape``; ``weight_scale`` in the model dtype; zero points when asymmetric.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from quantcli.errors import InputError
+
+if TYPE_CHECKING:
+    from quantcli.intweights import IntLayout
+
+KEEP = "keep"
+DEFAULT_CANDIDATES = (KEEP, "int8", "int4-g128", "int4-g64", "int4-g32", "int3-g32")
+_PATTERN = re.compile(r"int([348])(?:-g(\d+))?")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One storage choice: ``bits`` None means keep the tensor as it is."""
+
+    name: str
+    bits: int | None = None
+    group_size: int | None = None
+
+    def layout(self, in_features: int, symmetric: bool, observer: str) -> IntLayout | None:
+        from quantcli.intweights import IntLayout, group_size_for
+
+        if self.bits is None:
+            return None
+        group = None if self.group_size is None else group_size_for(in_features, self.group_size)
+        return IntLayout(self.bits, symmetric, group, observer)
+
+
+def parse_candidates(names: tuple[str, ...] | list[str]) -> tuple[Candidate, ...]:
+    """Candidates from names such as ``keep, int8, int4-g128, int3-g32`` (order kept, duplicates refused)."""
+    parsed = []
+    for name in names:
+        name = name.strip().lower()
+        match = _PATTERN.fullmatch(name)
+        if name == KEEP:
+            parsed.append(Candidate(KEEP))
+        elif match and (match.group(2) is None or int(match.group(2)) > 0):
+            parsed.append(Candidate(name, int(match.group(1)), int(match.group(2)) if match.group(2) else None))
+        else:
+            raise InputError(f"unknown candidate {name!r}: use keep, int8, int4, int3, optionally with a group size as in int4-g128.")
+    if len({c.name for c in parsed}) != len(parsed):
+        raise InputError(f"--candidates lists a candidate twice: {', '.join(names)}.")
+    if not any(c.bits for c in parsed):
+        raise InputError("--candidates needs at least one integer candidate (e.g. int4-g128) besides keep.")
+    return tuple(parsed)
+
+
+def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, dtype_bytes: int) -> int:
+    """Bytes on disk of one weight stored as ``layout`` (None: kept in a dtype of ``dtype_bytes``)."""
+    if layout is None:
+        return out_features * in_features * dtype_bytes
+    groups = 1 if layout.group_size is None else in_features // layout.group_size
+    scales = out_features * groups * dtype_bytes
+    if layout.bits == 8:
+        return out_features * in_features + scales + (0 if layout.symmetric else out_features * groups)
+    packed = out_features * math.ceil(in_features * layout.bits / 32) * 4 + 2 * 8  # words + weight_shape (int64 x2)
+    zero_points = 0 if layout.symmetric else math.ceil(out_features * layout.bits / 32) * groups * 4
+    return packed + scales + zero_points
+
+
+_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "int32": "I32", "int64": "I64"}
+
+
+def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features: int, scale_dtype: str) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """``(key, dtype, shape, bytes)`` of each tensor compressed-tensors writes for one layer."""
+    groups = 1 if layout.group_size is None else in_features // layout.group_size
+    size = {"F32": 4, "F16": 2, "BF16": 2}[scale_dtype]
+    tensors = [(f"{name}.weight_scale", scale_dtype, (out_features, groups), out_features * groups * size)]
+    if layout.bits == 8:
+        tensors.append((f"{name}.weight", "I8", (out_features, in_features), out_features * in_features))
+        if not layout.symmetric:
+            tensors.append((f"{name}.weight_zero_point", "I8", (out_features, groups), out_features * groups))
+        return tensors
+    words = math.ceil(in_features * layout.bits / 32)
+    tensors += [(f"{name}.weight_packed", "I32", (out_features, words), out_features * words * 4), (f"{name}.weight_shape", "I64", (2,), 16)]
+    if not layout.symmetric:
+        rows = math.ceil(out_features * layout.bits / 32)
+        tensors.append((f"{name}.weight_zero_point", "I32", (rows, groups), rows * groups * 4))
+    return tensors
+
+
+def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None]) -> int:
+    """Bytes of the one safetensors file a compressed-tensors save of ``model`` writes when each layer
+    in ``layouts`` is stored that way (None: kept): every tensor's data plus the JSON header, whose
+    length depends on the tensors' names, shapes and offsets (tied tensors are stored once)."""
+    import json
+
+    from quantcli.models import weight_matrix
+
+    modules = dict(model.named_modules())  # type: ignore[attr-defined]
+    tensors, seen = [], set()
+    for key, tensor in model.state_dict(keep_vars=True).items():  # type: ignore[attr-defined]
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        owner = key.rsplit(".", 1)[0]
+        dtype = _DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        if key.endswith(".weight") and layouts.get(owner) is not None:
+            out_features, in_features = weight_matrix(modules[owner]).shape
+            tensors += _layer_tensors(owner, layouts[owner], out_features, in_features, dtype)
+        else:
+            tensors.append((key, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size()))
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    itemsize = {"I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I8": 1}
+    for key, dtype, shape, size in sorted(tensors, key=lambda t: (-itemsize[t[1]], t[0])):  # safetensors' own order
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    length = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + length + (-length) % 8 + offset

@@ -1,0 +1,195 @@
+"""The allocation's parts: candidates per tensor, measured sensitivities, an exact solve, and a bounded
+verify-tighten-repeat loop on held-out text. Deterministic for a seed.
+
+1. Hessians ``2/n·XᵀX`` of every layer on the calibration windows (one pass through the unquantized
+   model), and the output Fisher diagonal from a few of them (:mod:`.sensitivity`).
+2. Every layer rounded by every candidate with the run's method (gptq reuses the layer's one Hessian
+   for each), its exact bytes (:mod:`.candidates`) and its proxy cost.
+3. The proxy is checked on the search text: KL with only one layer changed, for ``probe_layers``
+   layers × 2 candidates, gives the rank correlation and the one global scale predictions use.
+4. Solve (:mod:`.solver`); build the model; measure it on the verification text; if it misses the
+   target, scale the budget by target/measured and repeat (at most ``max_rounds``); keep the smallest
+   result that met it. Uniform schemes are measured on the same text for the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from quantcli import ops
+from quantcli.allocate.candidates import Candidate, checkpoint_bytes, stored_bytes
+from quantcli.allocate.sensitivity import BATCH, base_log_probs, measured_kl, proxy, spearman
+from quantcli.allocate.solver import solve
+from quantcli.errors import InputError
+from quantcli.intweights import IntLayout, IntWeights
+from quantcli.models import set_weight_matrix, weight_matrix
+
+
+@dataclass
+class Option:
+    """One way to store one layer: the candidates that land on it, its layout (None: kept), exact
+    bytes, proxy cost (nats/token, before the fitted scale), and its integers."""
+
+    names: list[str]
+    layout: IntLayout | None
+    bytes: int
+    proxy: float = 0.0
+    predicted: float = 0.0  # proxy times the scale fitted to measured KL
+    weights: IntWeights | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout) -> tuple[IntWeights, list[str]]:
+    """``matrix`` as ``layout`` by the run's method: gptq with the layer's Hessian, or rtn."""
+    if method == "gptq":
+        from quantcli.methods.gptq import gptq_quantize
+
+        hessian = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1])
+        return gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
+    scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
+    return IntWeights(ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size), scale, zero_point, layout), []
+
+
+def dequantized(option: Option) -> torch.Tensor:
+    w = option.weights
+    return ops.dequantize(w.q, w.scale, w.zero_point, w.layout.group_size)
+
+
+def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidate, ...], method: str, config: Any,
+                  found: dict[str, Any], fisher: dict[str, torch.Tensor], advance: Any) -> dict[str, list[Option]]:
+    """Every layer's distinct options, cheapest first. (The tied embedding/head joins here as one more
+    tensor once the format can store it quantized; until then its only option is keep.)"""
+    modules = dict(model.named_modules())
+    table: dict[str, list[Option]] = {}
+    for name in names:
+        matrix = weight_matrix(modules[name])
+        out_features, in_features = matrix.shape
+        options: dict[IntLayout | None, Option] = {}
+        for candidate in candidates:
+            layout = candidate.layout(in_features, config.symmetric, config.observer)
+            if layout in options:
+                options[layout].names.append(candidate.name)
+                continue
+            option = options[layout] = Option([candidate.name], layout, stored_bytes(layout, out_features, in_features, matrix.element_size()))
+            if layout is not None:
+                option.weights, option.notes = round_layer(method, config, matrix, found.get(name), layout)
+                option.proxy = proxy(matrix.float() - dequantized(option).float(), found.get(name), fisher[name])
+        table[name] = sorted(options.values(), key=lambda o: o.bytes)
+        advance(1)
+    return table
+
+
+def _windows(source: Any, tokenizer: Any, tokens: int, seq_len: int, what: str) -> torch.Tensor:
+    from quantcli.data import token_sequences
+    from quantcli.errors import DatasetError
+
+    stream = token_sequences(source, tokenizer, "stream", "auto", tokens)[0]
+    count = stream.numel() // seq_len
+    if not count:
+        raise DatasetError(f"{what} text {source.spec} has {stream.numel()} tokens, fewer than one window of {seq_len}. Use more text.")
+    return stream[: count * seq_len].reshape(count, seq_len)
+
+
+def probe(model: Any, base: Any, table: dict[str, list[Option]], windows: torch.Tensor, layers: int) -> dict[str, Any]:
+    """Measured KL with one layer changed, for ``layers`` layers evenly spaced × their smallest and
+    middle integer options: the proxy's rank correlation and the scale that maps it to KL."""
+    modules, names = dict(model.named_modules()), list(table)
+    reference = base_log_probs(base, windows)
+    picked = sorted({names[round(i * (len(names) - 1) / max(layers - 1, 1))] for i in range(min(layers, len(names)))}, key=names.index)
+    pairs = []
+    for name in picked:
+        integer = [o for o in table[name] if o.weights is not None]
+        for option in {id(o): o for o in (integer[0], integer[len(integer) // 2])}.values():
+            original = weight_matrix(modules[name]).clone()
+            set_weight_matrix(modules[name], dequantized(option))
+            pairs.append({"layer": name, "candidate": option.names[0], "proxy": option.proxy, "measured_kl": measured_kl(model, windows, reference)})
+            set_weight_matrix(modules[name], original)
+    ratios = sorted(p["measured_kl"] / p["proxy"] for p in pairs if p["proxy"] > 0 and p["measured_kl"] > 0)
+    scale = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
+    correlation = spearman([p["proxy"] for p in pairs], [p["measured_kl"] for p in pairs]) if len(pairs) > 1 else None
+    return {"pairs": pairs, "spearman": correlation, "scale": scale, "tokens": int(windows.numel())}
+
+
+class Verifier:
+    """Perplexity and KL against the original model on the verification windows; the original's
+    log-probabilities are computed once and kept (``windows × vocabulary`` floats)."""
+
+    def __init__(self, base: Any, windows: torch.Tensor, spec: str) -> None:
+        self.windows, self.spec = windows, spec
+        self.reference = base_log_probs(base, windows)
+        self.base_nll = self._nll(self.reference)
+        self.base_perplexity = math.exp(self.base_nll)
+
+    def _nll(self, log_probs: list[torch.Tensor]) -> float:
+        total = sum(float(-lp[:, :-1].gather(-1, chunk[:, 1:, None]).sum()) for lp, chunk in zip(log_probs, self.windows.split(BATCH)))
+        return total / (self.windows.shape[0] * (self.windows.shape[1] - 1))
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        log_probs = base_log_probs(model, self.windows)
+        nll = self._nll(log_probs)
+        kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(self.reference, log_probs)) / self.windows.numel()
+        return {"perplexity": math.exp(nll), "ppl_increase": 100 * math.expm1(nll - self.base_nll), "kl": kl, "tokens": int(self.windows.numel())}
+
+
+def assemble(model: Any, base: Any, table: dict[str, list[Option]], choice: dict[str, int]) -> None:
+    """Set every layer of ``model`` to its chosen option (kept layers get the original weights back)."""
+    modules, originals = dict(model.named_modules()), dict(base.named_modules())
+    for name, index in choice.items():
+        option = table[name][index]
+        set_weight_matrix(modules[name], dequantized(option) if option.weights is not None else weight_matrix(originals[name]).clone())
+
+
+def _layouts(table: dict[str, list[Option]], choice: dict[str, int]) -> dict[str, IntLayout | None]:
+    return {name: table[name][index].layout for name, index in choice.items()}
+
+
+def _predicted(table: dict[str, list[Option]], choice: dict[str, int]) -> float:
+    return sum(table[name][index].predicted for name, index in choice.items())
+
+
+def _solve(table: dict[str, list[Option]], budget: float, by_size: bool, resolution: int = 20000) -> dict[str, int] | None:
+    names = list(table)
+    bytes_ = [[o.bytes for o in table[n]] for n in names]
+    losses = [[o.predicted for o in table[n]] for n in names]
+    picked = solve(losses, bytes_, budget, resolution) if by_size else solve(bytes_, losses, budget, resolution)
+    return None if picked is None else dict(zip(names, picked))
+
+
+def uniform_choices(table: dict[str, list[Option]], candidates: tuple[Candidate, ...]) -> dict[str, dict[str, int]]:
+    """Each candidate applied to every layer (its index in each layer's options)."""
+    return {c.name: {n: next(i for i, o in enumerate(options) if c.name in o.names) for n, options in table.items()} for c in candidates}
+
+
+def frontier(model: Any, table: dict[str, list[Option]], points: int = 16) -> list[dict[str, float]]:
+    """The predicted size/KL curve the solver sees: optimal allocations for log-spaced KL budgets."""
+    largest = sum(max(o.predicted for o in options) for options in table.values())
+    smallest = min((o.predicted for options in table.values() for o in options if o.predicted > 0), default=0.0)
+    curve = []
+    for step in range(points) if smallest > 0 else []:
+        budget = smallest * (largest / smallest) ** (step / (points - 1))
+        choice = _solve(table, budget, by_size=False, resolution=4000)
+        if choice is not None:
+            curve.append({"bytes": checkpoint_bytes(model, _layouts(table, choice)), "predicted_kl": _predicted(table, choice)})
+    return curve
+
+
+def size_choice(model: Any, table: dict[str, list[Option]], target_bytes: int) -> dict[str, int]:
+    """The lowest predicted loss whose whole checkpoint fits ``target_bytes`` exactly (header included)."""
+    keep_all = {name: next(i for i, o in enumerate(options) if o.layout is None) if any(o.layout is None for o in options) else 0 for name, options in table.items()}
+    others = checkpoint_bytes(model, _layouts(table, keep_all)) - sum(table[n][i].bytes for n, i in keep_all.items())
+    budget = target_bytes - others - 256 * len(table)  # room for the header growing with packed tensors' names
+    for _ in range(6):
+        choice = _solve(table, budget, by_size=True)
+        if choice is None:
+            break
+        total = checkpoint_bytes(model, _layouts(table, choice))
+        if total <= target_bytes:
+            return choice
+        budget -= total - target_bytes
+    smallest = checkpoint_bytes(model, _layouts(table, {n: 0 for n in table}))
+    raise InputError(f"no allocation fits {target_bytes:,} bytes: the smallest candidates give {smallest:,} bytes ({smallest / 1e6:.3f} MB)."
+                     " Raise --target-size/--target-bpw or add smaller candidates (e.g. int3-g128).")
