@@ -99,6 +99,8 @@ def quantize(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy."),
     clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."),
     observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: minmax (default) or mse (clipping search)."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="rtn/gptq: the input embedding and output head (one tensor when tied): 8 (per row, default), 4 (the layers' grid) or keep."),
+    keep_dtype: Optional[str] = typer.Option(None, "--keep-dtype", help="rtn/gptq: dtype of tensors left unquantized (norms, biases, a kept head): auto (16-bit; default) or float32, bfloat16, float16."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option not worth a flag, KEY=VALUE (repeatable), e.g. -O damp=0.05; checked by the method."),
     calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text: a local text file, .jsonl/.csv/.parquet, or a Hub spec path:config:split."),
@@ -136,7 +138,7 @@ def quantize(
     config = merge_quantize_config(
         config,
         top={**_given(model=model, bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype,
-                      max_shard_size=max_shard_size, skip_modules=skip), **{key: True for key, value in switches.items() if value}},
+                      max_shard_size=max_shard_size, skip_modules=skip, embeddings=embeddings, keep_dtype=keep_dtype), **{key: True for key, value in switches.items() if value}},
         method_options=_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order,
                               clip_search=clip_search, observer=observer),
         calibration=_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed, text_column=text_column),

@@ -42,7 +42,7 @@ class IntGridConfig:
     """The integer grid rtn and gptq share, and their options' one typed home: ``group_size`` weights
     per scale (given as None for the width's default, 64 below 8 bits and per channel at 8, or -1 for
     per channel; stored resolved, None then meaning per channel), symmetric integers or zero points,
-    and the ``observer`` that picks the scales (``minmax`` or ``mse``)."""
+    and the ``observer`` that picks the scales (``minmax``, ``mse`` or ``signed``: see :func:`quantcli.ops.compute_qparams`)."""
 
     bits: int
     group_size: int | None = None
@@ -51,6 +51,8 @@ class IntGridConfig:
 
     def __post_init__(self) -> None:
         check_observer(self.observer)
+        if self.observer == "signed" and not self.symmetric:
+            raise InputError("observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop --asymmetric or use --observer minmax.")
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
 
     def grid_options(self) -> dict[str, object]:
@@ -112,6 +114,22 @@ def plan_layouts(
     return {
         name: IntLayout(bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer)
         for name, width in widths.items()
+    }
+
+
+TABLE_NOTE = "embedding table: round-to-nearest per {unit} (its inputs are one-hot, so there is no useful Hessian)"
+
+
+def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridConfig) -> dict[str, IntLayout]:
+    """Layouts of the input embedding / output head ``[vocab, hidden]``: 8 bits symmetric per row
+    (the default at every width, as llama.cpp keeps ``token_embd`` in Q8_0), or 4 bits on the layers' grid."""
+    if bits == 8:
+        return {name: IntLayout(8, True, None) for name in tables}
+    modules = dict(model.named_modules())
+    requested = grid.group_size or DEFAULT_GROUP_SIZE
+    return {
+        name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer)
+        for name in tables
     }
 
 
