@@ -98,7 +98,7 @@ def quantize(
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (bnb-nf4/fp4)."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy."),
     clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."),
-    observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: minmax (default) or mse (clipping search)."),
+    observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: signed (Q4_0: largest weight on the lowest code; default below 8 bits, symmetric), minmax (absmax; default at 8 bits and asymmetric) or mse (clipping search)."),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="rtn/gptq: the input embedding and output head (one tensor when tied): 8 (per row, default), 4 (the layers' grid) or keep."),
     keep_dtype: Optional[str] = typer.Option(None, "--keep-dtype", help="rtn/gptq: dtype of tensors left unquantized (norms, biases, a kept head): auto (16-bit; default) or float32, bfloat16, float16."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),

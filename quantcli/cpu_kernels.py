@@ -162,7 +162,10 @@ def kernel_layers(backend: str, metadata: dict[str, Any] | None, device: str) ->
     """The checkpoint's layers ``backend`` runs, from its metadata; raises before any model loads
     when the backend cannot run here or the checkpoint has no such layers."""
     bits = BACKEND_BITS[backend]
-    layers = {name: layer for name, layer in ((metadata or {}).get("layers") or {}).items() if layer.get("bits") in bits}
+    from quantcli.report import table_layers
+
+    tables = table_layers(metadata)  # the embedding/head stay dequantized: an Embedding is no matmul
+    layers = {name: layer for name, layer in ((metadata or {}).get("layers") or {}).items() if layer.get("bits") in bits and name not in tables}
     if not layers:
         stored = (metadata or {}).get("bits")
         other = next((name for name, b in BACKEND_BITS.items() if stored in b), None)

@@ -46,6 +46,12 @@ def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: s
     }
 
 
+def table_layers(metadata: dict[str, Any] | None) -> set[str]:
+    """The embedding and head a checkpoint's metadata names (its size breakdown), quantized or kept."""
+    breakdown = (metadata or {}).get("size_breakdown")
+    return {name for name in (breakdown.get("embedding"), breakdown.get("head")) if name} if isinstance(breakdown, dict) else set()
+
+
 def size_summary(original: dict[str, Any], quantized_disk: int, quantized_memory: int) -> dict[str, Any]:
     """Bytes on disk and in memory before/after, bits per weight over all parameters, ratios."""
     parameters = original["parameters"]

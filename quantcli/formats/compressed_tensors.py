@@ -203,7 +203,9 @@ def compressed_result(
     )
 
 
-def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any]) -> dict[str, Any]:
+def _dense_state_dict(
+    folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any], tied_head: str | None = None,
+) -> dict[str, Any]:
     """Every tensor of ``folder``, quantized layers decompressed with their scheme's own compressor
     (schemes target layers by name or by class, e.g. ``Linear``, as llm-compressor writes them)."""
     from compressed_tensors.compressors import BaseCompressor
@@ -223,7 +225,7 @@ def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: 
         if scheme is None:
             raise CheckpointError(f"{folder}: layer {prefix} has quantized tensors but no scheme in config.json. The checkpoint is corrupt; re-run quantcli quantize.")
         local = {key[len(prefix) + 1 :]: value for key, value in state.items() if key.rsplit(".", 1)[0] == prefix}
-        if "weight" not in local and "weight_packed" not in local:  # a tied head: model.tie_weights() gives it the embedding
+        if prefix == tied_head and "weight" not in local:  # its int8 tensor is the embedding's: tie_weights() gives it
             continue
         compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
         dense[prefix + ".weight"] = compressor.decompress(local, scheme)["weight"].to(dtype)
@@ -249,7 +251,9 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()))
+    head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
+    tied_head = head if config.tie_word_embeddings else None
+    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()), tied_head)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
