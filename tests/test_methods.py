@@ -58,8 +58,11 @@ def test_four_bit_costs_a_measured_reported_amount(runs, name):
     assert math.isclose(delta["absolute"], runs[name]["perplexity_after"]["perplexity"] - runs[name]["perplexity_before"]["perplexity"])
 
 
-def test_asymmetric_groups_beat_symmetric_at_four_bits(runs):
-    assert runs["rtn4-asym"]["perplexity_after"]["perplexity"] < runs["rtn4"]["perplexity_after"]["perplexity"]
+def test_signed_symmetric_groups_match_asymmetric_at_four_bits(runs):
+    """With every code used (the signed observer, the 4-bit default) symmetric groups lose no more than
+    asymmetric ones, which spend a zero point per group (measured: 5.534 vs 5.564 here)."""
+    assert runs["rtn4"]["options"]["observer"] == "signed" and runs["rtn4-asym"]["options"]["observer"] == "minmax"
+    assert runs["rtn4"]["perplexity_after"]["perplexity"] < 1.01 * runs["rtn4-asym"]["perplexity_after"]["perplexity"]
 
 
 def test_sizes_shrink_as_bits_shrink(runs):
