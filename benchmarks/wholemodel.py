@@ -129,10 +129,11 @@ def main() -> None:
         for name in args.rows:
             row = run_row(name, setup, Path(tmp) / name)
             row["judged"] = judge(row, fp32, llama)
-            data["rows"] = [r for r in data["rows"] if r["row"] != name] + [row]
+            saved = json.loads(out.read_text())["rows"] if out.exists() else []  # rows another run wrote meanwhile
+            data["rows"] = [r for r in saved if r["row"] != name] + [row]
             out.write_text(json.dumps(data, indent=2) + "\n")
             out.with_suffix(".md").write_text(markdown(data))
-            print(json.dumps({k: row[k] for k in ("row", "perplexity", "disk_bytes", "judged")}), flush=True)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
