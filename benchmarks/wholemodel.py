@@ -33,6 +33,8 @@ ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "gptq-int4-minmax": ("gptq", 4, {"observer": "minmax"}, {}),
     "gptq-int4-signed": ("gptq", 4, {"observer": "signed"}, {}),
     "gptq-int4-emb4": ("gptq", 4, {}, {"embeddings": 4}),
+    "rtn-int8-fp32-kept": ("rtn", 8, {}, {"keep_dtype": "float32"}),
+    "rtn-int8-keep-embeddings": ("rtn", 8, {}, {"embeddings": "keep"}),
 }
 TARGETS = {4: ("llama.cpp Q4_0", 0.5), 8: ("llama.cpp Q8_0", None)}  # size cap and increase cap (None: 0.1 %)
 
@@ -103,6 +105,11 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown(path: str) -> str:
+    """A data path relative to the repository when it is inside it."""
+    return str(Path(path).relative_to(setups.REPO)) if Path(path).is_relative_to(setups.REPO) else path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     setups.add_arguments(parser)
@@ -118,8 +125,8 @@ def main() -> None:
         "model": setup.label, "fp32_perplexity": fp32, "llamacpp": {k: llama[k] for k in ("HF fp32 (transformers)", "llama.cpp Q8_0", "llama.cpp Q4_0")},
         "llamacpp_settings": llama_data["settings"], "caveat": setup.caveat,
         "settings_line": (
-            f"Eval: {setup.eval_dataset} (repo path), first {setup.max_tokens} tokens, windows of {setup.seq_len}, stream protocol;"
-            f" calibration: {setup.calib_dataset}, 128 × 256 tokens, seed 0. Each quantcli checkpoint reloaded from disk with quantcli.load"
+            f"Eval: {shown(setup.eval_dataset)}, first {setup.max_tokens} tokens, windows of {setup.seq_len}, stream protocol;"
+            f" calibration: {shown(setup.calib_dataset)}, 128 × 256 tokens, seed 0. Each quantcli checkpoint reloaded from disk with quantcli.load"
             " (identical logits to plain transformers' from_pretrained, tested). fp32 and llama.cpp rows from"
             " results/llamacpp-smollm2.json (same token ids and windows). Sizes: quantcli's safetensors files; llama.cpp's whole GGUF"
             f" file. {setup.caveat} Machine: 2 shared CPU cores."
