@@ -121,8 +121,10 @@ class EvalConfig:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
     "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
-    "device_map": (str, type(None)),
+    "device_map": (str, type(None)), "embeddings": (int, str), "keep_dtype": (str,),
 }
+EMBEDDING_CHOICES = (8, 4, "keep")
+KEEP_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -148,10 +150,18 @@ class QuantizeConfig:
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
     allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
+    embeddings: int | str = 8  # rtn/gptq: the input embedding and output head (one tensor when tied) in 8 or 4 bits, or "keep"
+    keep_dtype: str = "auto"  # rtn/gptq: storage dtype of unquantized tensors; auto = 16-bit (see quantcli.keptdtype)
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
             _check_type(f"'{name}'", getattr(self, name), *kinds)
+        if isinstance(self.embeddings, str) and self.embeddings.isdigit():
+            object.__setattr__(self, "embeddings", int(self.embeddings))
+        if self.embeddings not in EMBEDDING_CHOICES:
+            raise InputError(f"--embeddings must be 8, 4 or keep, got {shown(self.embeddings)}.")
+        if self.keep_dtype not in KEEP_DTYPES:
+            raise InputError(f"--keep-dtype must be {', '.join(KEEP_DTYPES)}, got {shown(self.keep_dtype)}.")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         if self.bits not in (3, 4, 8, 16):

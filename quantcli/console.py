@@ -114,6 +114,7 @@ def render_quantize(report: dict[str, Any]) -> None:
 
         for line in describe(report["stats"]["allocation"]):
             stdout.print(line, markup=False)
+    render_breakdown(size.get("breakdown"))
     render_gates(report.get("gates") or [])
 
 
@@ -144,6 +145,20 @@ def render_eval(result: dict[str, Any]) -> None:
     stdout.print(f"settings: {eval_settings_line(result['settings'], result['tokens_scored'])}")
 
 
+def render_breakdown(breakdown: dict[str, Any] | None) -> None:
+    """The checkpoint's bytes by tensor class (embeddings, head, quantized linears, scales, other)."""
+    if not breakdown:
+        return
+    table = Table(title="size by tensor class")
+    for column in ("class", "bytes", "share"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, value in breakdown["classes"].items():
+        table.add_row(name.replace("_", " "), human_bytes(value["bytes"]), f"{100 * value['share']:.1f}%")
+    bits = breakdown.get("bits_per_weight")
+    table.add_row("total", human_bytes(breakdown["tensor_bytes"]), f"{bits:.2f} bits/weight" if bits else "")
+    stdout.print(table)
+
+
 def render_inspect(info: dict[str, Any]) -> None:
     stdout.print(f"method {info['method']} · {info['bits']}-bit · format {info['format']} · quantcli format v{info['format_version']}")
     options = ", ".join(f"{k}={v}" for k, v in (info.get("options") or {}).items())
@@ -157,6 +172,7 @@ def render_inspect(info: dict[str, Any]) -> None:
     for name, why in (info.get("skipped") or {}).items():
         table.add_row(name, "-", "kept", "-", "", why)
     stdout.print(table)
+    render_breakdown(info.get("size_breakdown"))
 
 
 def render_bench(result: dict[str, Any]) -> None:

@@ -85,14 +85,16 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
 
 def recover_symmetric(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
     """Per-group scales ``[out, groups]`` of symmetric RTN weights stored dense: a group's largest
-    magnitude is ``qmax`` or ``-qmin`` steps; the candidate that reproduces the group best wins."""
+    magnitude is ``qmax`` or ``-qmin`` steps, or (the ``signed`` observer) exactly ``qmin`` steps with a
+    signed scale; the candidate that reproduces the group best wins."""
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, -1, group_size or in_features)
     absmax = groups.abs().amax(dim=-1)
+    signed = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
     qmin, qmax = int_range(bits)
     best_scale, best_error = None, None
-    for steps in (float(qmax), float(-qmin)):
-        scale = torch.where(absmax > 0, absmax / steps, torch.ones_like(absmax))
+    for top in (absmax / qmax, absmax / -qmin, signed / qmin):
+        scale = torch.where(absmax > 0, top, torch.ones_like(absmax))
         q = torch.round(groups / scale[..., None]).clamp(qmin, qmax)
         error = (q * scale[..., None] - groups).abs().amax(dim=-1)
         if best_error is None:
@@ -122,7 +124,7 @@ def _steps(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     groups = weight.float().reshape(out_features, scale.shape[1], -1)
     scale = scale.float()[..., None]
     steps = torch.round(groups / scale)
-    tolerance = 0.01 * scale + 2 * torch.finfo(weight.dtype).eps * groups.abs()  # weights stored in 16 bits round
+    tolerance = 0.01 * scale.abs() + 2 * torch.finfo(weight.dtype).eps * groups.abs()  # weights stored in 16 bits round
     if ((steps * scale - groups).abs() > tolerance).any():
         return None
     return steps.reshape(out_features, in_features).to(torch.int32)
@@ -162,7 +164,10 @@ def kernel_layers(backend: str, metadata: dict[str, Any] | None, device: str) ->
     """The checkpoint's layers ``backend`` runs, from its metadata; raises before any model loads
     when the backend cannot run here or the checkpoint has no such layers."""
     bits = BACKEND_BITS[backend]
-    layers = {name: layer for name, layer in ((metadata or {}).get("layers") or {}).items() if layer.get("bits") in bits}
+    from quantcli.report import table_layers
+
+    tables = table_layers(metadata)  # the embedding/head stay dequantized: an Embedding is no matmul
+    layers = {name: layer for name, layer in ((metadata or {}).get("layers") or {}).items() if layer.get("bits") in bits and name not in tables}
     if not layers:
         stored = (metadata or {}).get("bits")
         other = next((name for name, b in BACKEND_BITS.items() if stored in b), None)

@@ -100,7 +100,10 @@ def check_claims(folder: Path, metadata: dict[str, Any], model: Any) -> None:
         raise CheckpointError(f"{path} names method {str(method)[:40]!r}, which quantcli does not know. The file is corrupt; re-run quantcli quantize.")
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise CheckpointError(f"{path} has no valid per-layer map ('layers'). The file is corrupt; re-run quantcli quantize.")
-    layer_bits = {layer.get("bits") for layer in layers.values()}
+    from quantcli.report import table_layers
+
+    tables = table_layers(metadata)  # the embedding/head have their own width (--embeddings)
+    layer_bits = {layer.get("bits") for name, layer in layers.items() if name not in tables}
     if not isinstance(bits, int) or isinstance(bits, bool) or (layers and bits not in layer_bits):
         raise CheckpointError(f"{path} claims {str(bits)[:20]}-bit but its layers are {sorted(map(str, layer_bits))}-bit. The file is corrupt; re-run quantcli quantize.")
     modules = dict(model.named_modules())

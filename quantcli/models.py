@@ -198,10 +198,13 @@ def bytes_on_disk(files: list[Path]) -> int:
 
 @dataclass(frozen=True)
 class Selection:
-    """Layers chosen for quantization, and those skipped with the reason."""
+    """Layers chosen for quantization, and those skipped with the reason. ``tables`` are the input
+    embedding and an untied output head (``get_input_embeddings``/``get_output_embeddings``), quantized
+    per row; a head tied to the embedding is the same tensor, so only the embedding is listed."""
 
     names: tuple[str, ...]
     skipped: dict[str, str]
+    tables: tuple[str, ...] = ()
 
 
 def is_conv1d(module: Any) -> bool:
@@ -209,28 +212,54 @@ def is_conv1d(module: Any) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def select_modules(model: Any, skip_globs: tuple[str, ...] = (), include_globs: tuple[str, ...] = ("*",)) -> Selection:
-    """Linear and Conv1D layers matching ``include_globs`` minus ``skip_globs``; the output head is skipped."""
+def is_tied(model: Any) -> bool:
+    """Whether the output head computes with the input embedding's own tensor."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return embedding is not None and head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
+
+
+def table_names(model: Any) -> tuple[str | None, str | None]:
+    """The names of the input embedding and the output head (None where the model has none)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    found = {id(module): name for name, module in model.named_modules()}
+    return found.get(id(embedding)) if embedding is not None else None, found.get(id(head)) if head is not None else None
+
+
+def select_modules(
+    model: Any, skip_globs: tuple[str, ...] = (), include_globs: tuple[str, ...] = ("*",), tables: bool = False,
+) -> Selection:
+    """Linear and Conv1D layers matching ``include_globs`` minus ``skip_globs``; with ``tables``, also
+    the input embedding and an untied output head (found by ``get_input_embeddings`` and
+    ``get_output_embeddings``, whatever their class), else they are kept."""
     import torch
 
-    head = model.get_output_embeddings()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = is_tied(model)
+    modules = dict(model.named_modules())
+    embedding_name = next((name for name, module in modules.items() if module is embedding), None)
     names: list[str] = []
+    chosen: list[str] = []
     skipped: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not (isinstance(module, torch.nn.Linear) or is_conv1d(module)):
+    for name, module in modules.items():
+        is_table = module is embedding or module is head
+        if not (is_table or isinstance(module, torch.nn.Linear) or is_conv1d(module)):
             continue
-        if module is head:
-            skipped[name] = "output head (lm_head) kept in full precision"
+        if module is head and tied:
+            skipped[name] = f"tied to {embedding_name}: the same tensor, " + ("quantized and stored once there" if tables and embedding_name in chosen else "stored once there")
         elif any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs):
             skipped[name] = "matched --skip-modules"
+        elif is_table and not tables:
+            skipped[name] = f"{'input embedding' if module is embedding else 'output head'} kept (--embeddings keep, or a method that quantizes Linear layers only)"
+        elif is_table:
+            chosen.append(name)
         elif any(fnmatch.fnmatchcase(name, glob) for glob in include_globs):
             names.append(name)
     for glob in skip_globs:
-        if not any(fnmatch.fnmatchcase(name, glob) for name in [*names, *skipped]):
+        if not any(fnmatch.fnmatchcase(name, glob) for name in [*names, *chosen, *skipped]):
             raise InputError(f"--skip-modules pattern '{glob}' matches no layer. Layer names look like '{(names or list(skipped) or ['?'])[0]}'.")
     if not names:
         raise InputError("no Linear or Conv1D layer is left to quantize. Loosen --skip-modules.")
-    return Selection(tuple(names), skipped)
+    return Selection(tuple(names), skipped, tuple(chosen))
 
 
 def weight_matrix(module: Any) -> "torch.Tensor":

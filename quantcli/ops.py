@@ -25,7 +25,7 @@ def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return weight.reshape(out_features, in_features // size, size)
 
 
-OBSERVERS = ("minmax", "mse")
+OBSERVERS = ("minmax", "mse", "signed")
 
 
 def _qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,17 +66,33 @@ def compute_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group: shapes ``[out, groups]`` (scale in weight dtype, zp int8).
 
-    ``observer="minmax"`` spans each group's full range; ``"mse"`` searches a clipped range.
+    ``observer="minmax"`` spans each group's full range (symmetric: ``absmax / (2**bits / 2 - 0.5)``,
+    absmax/7.5 at 4 bits, so a positive maximum rounds to 8 and is clipped to 7); ``"mse"`` searches a
+    clipped range; ``"signed"`` (symmetric only) is llama.cpp's Q4_0/Q8_0 rule: the group's
+    largest-magnitude weight lands exactly on code ``-2**(bits-1)`` (-8 at 4 bits), so all ``2**bits``
+    codes are used and the scale is negative when that weight is positive.
     """
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
     groups = _grouped(weight.float(), group_size)
+    if observer == "signed":
+        return _signed_scale(groups, bits, symmetric, weight.dtype)
     low = groups.amin(dim=-1).clamp(max=0)
     high = groups.amax(dim=-1).clamp(min=0)
     if observer == "mse":
         low, high = _mse_range(groups, low, high, bits, symmetric, weight.dtype)
     scale, zero_point = _qparams_from_range(low, high, bits, symmetric)
     return scale.to(weight.dtype), zero_point
+
+
+def _signed_scale(groups: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0's scale ``-w_max / 2**(bits-1)``, ``w_max`` the signed weight of largest magnitude."""
+    if not symmetric:
+        raise ValueError("the signed observer is symmetric only (it puts the largest weight on the lowest code)")
+    index = groups.abs().argmax(dim=-1, keepdim=True)
+    scale = -groups.gather(-1, index).squeeze(-1) / 2 ** (bits - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
+    return scale, torch.zeros_like(scale, dtype=torch.int8)
 
 
 def quantize(

@@ -35,10 +35,11 @@ from quantcli.models import (
     pick_dtype,
     resolve_model,
     select_modules,
+    table_names,
     weight_files,
 )
 from quantcli.progress import NullProgress, Progress
-from quantcli.report import QuantizeReport, size_summary
+from quantcli.report import QuantizeReport, size_breakdown, size_summary
 
 
 
@@ -132,6 +133,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
         result = (_stream if config.low_memory else _in_memory)(run, staging)
         result.tokenizer.save_pretrained(staging)
         quantized_bytes = bytes_on_disk(weight_files(str(staging)))
+        breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(result.quantized.model), result.original["parameters"])
         report = QuantizeReport(
             schema_version=SCHEMA_VERSION,
             quantcli_version=__version__,
@@ -144,7 +146,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
             options=result.quantized.options,
             recipe=config.to_dict(),
             calibration=None if result.calibration is None else {**vars(config.calibration), "tokens": int(result.calibration.numel())},
-            size={**size_summary(result.original, quantized_bytes, result.quantized_memory), "original_format": describe(source)},
+            size={**size_summary(result.original, quantized_bytes, result.quantized_memory), "original_format": describe(source), "breakdown": breakdown},
             perplexity_before=result.before,
             perplexity_after=result.after,
             timings=run.timings,
@@ -164,6 +166,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
             "layers": report.to_dict()["layers"],
             "skipped": result.skipped,
             **({"allocation": allocation_map(result.quantized.stats["allocation"])} if config.allocation else {}),
+            "size_breakdown": breakdown,
         })
         write_json(staging / REPORT_FILE, report.to_dict())
     return report
@@ -194,6 +197,24 @@ def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str
     }
 
 
+def _quantizes_tables(run: _Run) -> bool:
+    """Whether the input embedding and output head are quantized too (``--embeddings 8`` or ``4``)."""
+    return run.method.quantizes_tables and run.config.embeddings != "keep" and run.config.bits < 16
+
+
+def _table_bits(config: QuantizeConfig) -> int:
+    return config.embeddings if isinstance(config.embeddings, int) else 8
+
+
+def _kept_dtype(run: _Run, model: Any) -> Any:
+    """The 16-bit (or asked) dtype an integer checkpoint stores its unquantized tensors in, or None."""
+    if run.method.output_format != "compressed-tensors":
+        return None
+    from quantcli.keptdtype import storage_dtype
+
+    return storage_dtype(run.config.keep_dtype, run.source, model)
+
+
 def _calibration(run: _Run, tokenizer: Any) -> Any:
     if not run.method.needs_calibration and run.config.allocation is None:
         return None
@@ -217,9 +238,10 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
         if run.method.needs_calibration or config.allocation is not None:
             check_context(model, config.calibration.seq_len)
     timings["load"] = time.perf_counter() - start
-    selection = select_modules(model, config.skip_modules)
+    selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
-        check_layers_quantizable(model, selection.names, config.model)
+        check_layers_quantizable(model, selection.names + selection.tables, config.model)
+    kept_dtype = _kept_dtype(run, model)
     original = _original_sizes(run.source, model)
     before = None
     if config.eval is not None:
@@ -232,7 +254,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
     with progress.task(f"quantize ({run.method_name})", total=len(selection.names)) as advance:
         request = QuantizeRequest(
             run.source, model, tokenizer, selection.names, run.device, pick_dtype(config.dtype, run.device), run.method_config,
-            calibration, config.trust_remote_code, advance, config.device_map,
+            calibration, config.trust_remote_code, advance, config.device_map, tables=selection.tables, table_bits=_table_bits(config),
         )
         del model
         if config.allocation is not None:
@@ -241,6 +263,11 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
             quantized = allocate(request, run.method_name, config, progress)
         else:
             quantized = run.method.quantize(request)
+        if kept_dtype is not None:  # evaluate the values the checkpoint stores
+            from quantcli.keptdtype import round_kept
+
+            quantized.kept_dtype = kept_dtype
+            round_kept(quantized.model, set(quantized.records), kept_dtype)
         check_model_finite(quantized.model, config.model)
         del request
         gc.collect()
@@ -256,7 +283,8 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
     with progress.task("save", total=None):
         quantized.save(staging, config.max_shard_size)
     timings["save"] = time.perf_counter() - start
-    return _Result(quantized, tokenizer, original, quantized_memory, selection.skipped, calibration, before, after)
+    skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}  # a tied head stored as a layer
+    return _Result(quantized, tokenizer, original, quantized_memory, skipped, calibration, before, after)
 
 
 def _stream(run: _Run, staging: Path) -> _Result:
@@ -274,23 +302,25 @@ def _stream(run: _Run, staging: Path) -> _Result:
     check_vocab(model, tokenizer, config.model)
     if run.method.needs_calibration:
         check_context(model, config.calibration.seq_len)
-    selection = select_modules(model, config.skip_modules)
+    selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
+    kept_dtype = _kept_dtype(run, model)
     if any(is_conv1d(module) for name, module in model.named_modules() if name in selection.names):
         raise UnavailableError("--low-memory supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
     original = _original_sizes(run.source, model, skeleton=True)
     calibration = _calibration(run, tokenizer)
     settings = {
         "source": str(Path(run.source).resolve()), "method": run.method_name, "options": asdict(run.method_config),
-        "skip_modules": list(config.skip_modules), "dtype": str(dtype),
+        "skip_modules": list(config.skip_modules), "dtype": str(dtype), "tables": list(selection.tables),
+        "table_bits": _table_bits(config), "kept_dtype": str(kept_dtype),
         "calibration": vars(config.calibration) if calibration is not None else None,
     }
-    blocks = ShardBlocks(model, selection.names, run.source, staging, settings, get_format(run.method.output_format))
+    blocks = ShardBlocks(model, selection.names + selection.tables, run.source, staging, settings, get_format(run.method.output_format), kept_dtype)
     check_streamed(model, file_shapes(blocks.where), config.model)
     try:
         with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
             request = QuantizeRequest(
                 run.source, model, tokenizer, selection.names, run.device, dtype, run.method_config,
-                calibration, config.trust_remote_code, advance, blocks=blocks,
+                calibration, config.trust_remote_code, advance, blocks=blocks, tables=selection.tables, table_bits=_table_bits(config),
             )
             quantized = run.method.quantize(request)
             blocks.finish()
@@ -303,7 +333,8 @@ def _stream(run: _Run, staging: Path) -> _Result:
         raise interrupt from None
     run.timings["quantize"] = time.perf_counter() - start
     quantized.stats.update({"shards": len(blocks.shards), "resumed_shards": blocks.resumed})
-    return _Result(quantized, tokenizer, original, original["memory_bytes"], selection.skipped, calibration)
+    skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}
+    return _Result(quantized, tokenizer, original, original["memory_bytes"], skipped, calibration)
 
 
 def evaluate(

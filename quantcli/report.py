@@ -9,6 +9,49 @@ from quantcli.perplexity import EvalResult
 from quantcli.methods.base import LayerRecord
 
 
+SIZE_CLASSES = ("embeddings", "head", "quantized_linears", "scales_and_zero_points", "other")
+SCALE_TENSORS = ("weight_scale", "weight_zero_point", "weight_global_scale")
+
+
+def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: str | None, parameters: int) -> dict[str, Any]:
+    """Bytes of a checkpoint's tensors by class, read from the safetensors headers: the input embedding
+    and the output head (their integer codes, or their dense weights when kept), the other quantized
+    layers' codes, every scale and zero point, and all else (norms, biases, position embeddings).
+    ``bits_per_weight`` counts all tensor bytes over all parameters."""
+    import math
+
+    from safetensors import safe_open
+
+    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    totals = dict.fromkeys(SIZE_CLASSES, 0)
+    for file in files:
+        if str(file).endswith(".safetensors"):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    view = handle.get_slice(key)
+                    module, _, kind = key.rpartition(".")
+                    if kind in SCALE_TENSORS:
+                        group = "scales_and_zero_points"
+                    elif module in (embedding, head):
+                        group = "embeddings" if module == embedding else "head"
+                    else:
+                        group = "quantized_linears" if module in layers else "other"
+                    totals[group] += math.prod(view.get_shape()) * sizes.get(view.get_dtype(), 4)
+    total = sum(totals.values())
+    return {
+        "classes": {name: {"bytes": value, "share": value / total if total else 0.0} for name, value in totals.items()},
+        "tensor_bytes": total,
+        "bits_per_weight": 8 * total / parameters if parameters else None,
+        "embedding": embedding, "head": head,
+    }
+
+
+def table_layers(metadata: dict[str, Any] | None) -> set[str]:
+    """The embedding and head a checkpoint's metadata names (its size breakdown), quantized or kept."""
+    breakdown = (metadata or {}).get("size_breakdown")
+    return {name for name in (breakdown.get("embedding"), breakdown.get("head")) if name} if isinstance(breakdown, dict) else set()
+
+
 def size_summary(original: dict[str, Any], quantized_disk: int, quantized_memory: int) -> dict[str, Any]:
     """Bytes on disk and in memory before/after, bits per weight over all parameters, ratios."""
     parameters = original["parameters"]
@@ -49,9 +92,15 @@ class QuantizeReport:
     gates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def tables(self) -> tuple[str, ...]:
+        """The input embedding and output head, whichever were quantized (per row, not on the layers' grid)."""
+        breakdown = self.size.get("breakdown") or {}
+        return tuple(name for name in (breakdown.get("embedding"), breakdown.get("head")) if name in self.layers)
+
+    @property
     def fallbacks(self) -> dict[str, str]:
         """Layers stored differently from the method's default, with the reason."""
-        return {name: layer.note for name, layer in self.layers.items() if layer.note}
+        return {name: layer.note for name, layer in self.layers.items() if layer.note and name not in self.tables}
 
     @property
     def grouping(self) -> dict[str, Any] | None:
@@ -60,7 +109,8 @@ class QuantizeReport:
             return None
         from quantcli.intweights import describe_grouping
 
-        return describe_grouping(self.options["group_size"], {name: (layer.shape[1], layer.group_size) for name, layer in self.layers.items() if layer.shape})
+        layers = {name: (layer.shape[1], layer.group_size) for name, layer in self.layers.items() if layer.shape and name not in self.tables}
+        return describe_grouping(self.options["group_size"], layers)
 
     @property
     def perplexity_delta(self) -> dict[str, float] | None:

@@ -54,7 +54,9 @@ def skeleton(source: str, dtype: Any, trust_remote_code: bool) -> Any:
     refuse_remote_code(source, trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype).eval()
+    model.tie_weights()  # as from_pretrained does: a tied head shares the embedding's parameter
+    return model
 
 
 def _read(names: list[str], where: dict[str, Path]) -> dict[str, Any]:
@@ -84,10 +86,13 @@ class ShardBlocks:
     """The decoder blocks of ``source`` read from its shards one at a time, each written to
     ``staging`` as its own shard when quantized (same interface as :class:`quantcli.blockwise.ModelBlocks`)."""
 
-    def __init__(self, model: Any, names: tuple[str, ...], source: str, staging: Path, settings: dict[str, Any], output_format: Any) -> None:
+    def __init__(
+        self, model: Any, names: tuple[str, ...], source: str, staging: Path, settings: dict[str, Any], output_format: Any, kept_dtype: Any = None,
+    ) -> None:
         from quantcli.blockwise import decoder_blocks
 
         self.model, self.staging, self.settings, self.format, self.names = model, staging, settings, output_format, names
+        self.kept_dtype = kept_dtype  # what tensors no quantized layer owns are written in (None: as held)
         self.prefix, self.blocks = decoder_blocks(model, names)
         self.where = source_tensors(source)
         self.groups = shard_groups(list(self.where), self.prefix, len(self.blocks))
@@ -111,6 +116,7 @@ class ShardBlocks:
 
         for name, tensor in _read([name for name in names if name in self.known], self.where).items():
             set_module_tensor_to_device(self.model, name, "cpu", value=tensor)
+        self.model.tie_weights()  # a tied head shares the embedding's new tensor again
 
     def _free(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -118,6 +124,7 @@ class ShardBlocks:
         for name in names:
             if name in self.known:
                 set_module_tensor_to_device(self.model, name, "meta")
+        self.model.tie_weights()
 
     def resume_point(self) -> tuple[int, Any]:
         """The first unfinished block and its saved calibration inputs (None without calibration)."""
@@ -201,8 +208,10 @@ class ShardBlocks:
             if kind == "weight" and records.get(layer) is not None:
                 stored = self.format.layer_tensors(layer, records[layer], self.modules[layer])
                 tensors.update({f"{layer}.{part}": value for part, value in stored.items()})
+                tensors.update(self.format.tied_tensors(self.model, layer, stored))
             elif key not in tensors:
-                tensors[key] = self._current(key)
+                value = self._current(key)
+                tensors[key] = value.to(self.kept_dtype) if self.kept_dtype is not None and value.is_floating_point() else value
         path = self.staging / self.shards[index]
         save_file(tensors, str(path.with_suffix(".tmp")), metadata={"format": "pt"})
         path.with_suffix(".tmp").rename(path)

@@ -51,11 +51,16 @@ def calibration(tokenizer) -> torch.Tensor:
 
 
 def run_gptq(source: str, tokenizer, calibration: torch.Tensor, bits: int = 4, **options) -> QuantizedModel:
-    """GPTQ in memory, as the pipeline calls it."""
+    """GPTQ in memory, as the pipeline calls it: the embedding/head as int8 rows, kept tensors rounded to bfloat16."""
+    from quantcli.keptdtype import round_kept
+
     model = load_model(source, torch.float32, "cpu")
     method = get_method("gptq")
     config = method.make_config(bits, options)
-    return method.quantize(QuantizeRequest(source, model, tokenizer, select_modules(model).names, "cpu", torch.float32, config, calibration))
+    selection = select_modules(model, tables=True)
+    result = method.quantize(QuantizeRequest(source, model, tokenizer, selection.names, "cpu", torch.float32, config, calibration, tables=selection.tables))
+    round_kept(result.model, set(result.records), torch.bfloat16)
+    return result
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

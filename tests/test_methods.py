@@ -59,8 +59,11 @@ def test_four_bit_costs_a_measured_reported_amount(runs, name):
     assert math.isclose(delta["absolute"], runs[name]["perplexity_after"]["perplexity"] - runs[name]["perplexity_before"]["perplexity"])
 
 
-def test_asymmetric_groups_beat_symmetric_at_four_bits(runs):
-    assert runs["rtn4-asym"]["perplexity_after"]["perplexity"] < runs["rtn4"]["perplexity_after"]["perplexity"]
+def test_signed_symmetric_groups_match_asymmetric_at_four_bits(runs):
+    """With every code used (the signed observer, the 4-bit default) symmetric groups lose no more than
+    asymmetric ones, which spend a zero point per group (measured: 5.534 vs 5.564 here)."""
+    assert runs["rtn4"]["options"]["observer"] == "signed" and runs["rtn4-asym"]["options"]["observer"] == "minmax"
+    assert runs["rtn4"]["perplexity_after"]["perplexity"] < 1.01 * runs["rtn4-asym"]["perplexity_after"]["perplexity"]
 
 
 def test_three_bit_costs_more_than_four(runs):
@@ -79,7 +82,7 @@ def test_sizes_shrink_as_bits_shrink(runs):
         assert original > disk["bnb-nf4"]
     else:
         assert disk["bnb-int8"] > disk["bnb-nf4"]
-    assert runs["rtn4"]["size"]["quantized_bits_per_weight"] < 9 < runs["rtn8"]["size"]["quantized_bits_per_weight"] < 16
+    assert runs["rtn4"]["size"]["quantized_bits_per_weight"] < 6 < runs["rtn8"]["size"]["quantized_bits_per_weight"] < 9  # int8 embedding, 16-bit norms
 
 
 def test_down_proj_gets_the_nearest_dividing_group_size_stated_once(runs):
@@ -96,7 +99,8 @@ def test_down_proj_gets_the_nearest_dividing_group_size_stated_once(runs):
     }
     assert runs["rtn8"]["grouping"]["summary"] == "grouping: per channel, all 35 integer layers"
     assert runs["bnb-nf4"]["grouping"] is None
-    assert "lm_head" in runs["rtn4"]["skipped"]
+    assert runs["rtn4"]["skipped"] == {}  # the tied embedding/head is quantized too (8-bit rows)
+    assert runs["rtn4"]["layers"]["lm_head"]["note"].startswith("tied to model.embed_tokens")
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -119,10 +123,11 @@ def test_checkpoint_describes_itself(runs):
     folder = runs["rtn4"]["output"]
     info = quantcli.inspect(folder)
     assert info["method"] == "rtn" and info["bits"] == 4 and info["format"] == "compressed-tensors"
-    assert len(info["layers"]) == 35
+    assert len(info["layers"]) == 35 + 2  # + the embedding and its tied head
     quantcli_path = Path(folder) / "config.json"
     config = json.loads(quantcli_path.read_text())
-    assert config["quantization_config"]["format"] == "pack-quantized"
+    groups = config["quantization_config"]["config_groups"].values()  # 4-bit layers packed, the 8-bit embedding/head plain int8
+    assert config["quantization_config"]["format"] == "mixed-precision" and {g["format"] for g in groups} == {"pack-quantized", "int-quantized"}
     saved = json.loads(quantcli_path.with_name("report.json").read_text())
     assert saved["perplexity_after"]["settings"] == {
         "dataset": "tinystories:eval", "protocol": "stream", "bos": "auto", "max_tokens": 2048, "seq_len": 256, "stride": 256,

@@ -98,27 +98,35 @@ def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features:
     return tensors
 
 
-def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None]) -> int:
+def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_dtype: str | None = None) -> int:
     """Bytes of the one safetensors file a compressed-tensors save of ``model`` writes when each layer
     in ``layouts`` is stored that way (None: kept): every tensor's data plus the JSON header, whose
-    length depends on the tensors' names, shapes and offsets (tied tensors are stored once)."""
+    length depends on the tensors' names, shapes and offsets. Tied tensors are stored once; a head
+    tied to a quantized embedding stores its own copy of the row scales. Floating-point tensors no
+    layout owns are stored in ``kept_dtype`` (e.g. ``bfloat16``; None: as held)."""
     import json
 
     from quantcli.models import weight_matrix
 
     modules = dict(model.named_modules())  # type: ignore[attr-defined]
-    tensors, seen = [], set()
+    tensors, owners = [], {}
     for key, tensor in model.state_dict(keep_vars=True).items():  # type: ignore[attr-defined]
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
         owner = key.rsplit(".", 1)[0]
+        if tensor.data_ptr() in owners:
+            first = owners[tensor.data_ptr()]
+            if key.endswith(".weight") and layouts.get(first) is not None:  # the tied head: its scales again
+                out_features, in_features = weight_matrix(modules[first]).shape
+                tensors += [(t[0].replace(first, owner, 1), *t[1:]) for t in _layer_tensors(first, layouts[first], out_features, in_features, _DTYPES[str(tensor.dtype).removeprefix("torch.")]) if t[0].endswith("weight_scale")]
+            continue
+        owners[tensor.data_ptr()] = owner
         dtype = _DTYPES[str(tensor.dtype).removeprefix("torch.")]
         if key.endswith(".weight") and layouts.get(owner) is not None:
             out_features, in_features = weight_matrix(modules[owner]).shape
             tensors += _layer_tensors(owner, layouts[owner], out_features, in_features, dtype)
         else:
-            tensors.append((key, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size()))
+            stored = _DTYPES[kept_dtype] if kept_dtype and tensor.is_floating_point() else dtype
+            size = tensor.numel() * {"F32": 4, "F16": 2, "BF16": 2}.get(stored, tensor.element_size())
+            tensors.append((key, stored, tuple(tensor.shape), size))
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     itemsize = {"I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I8": 1}

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates
-from quantcli.allocate.search import Verifier, _layouts, _predicted, _solve, _windows, assemble, frontier, layer_options, probe, size_choice, uniform_choices
+from quantcli.allocate.search import (
+    Verifier, _layouts, _predicted, _solve, _windows, assemble, frontier, layer_options, probe, size_choice, table_options, uniform_choices,
+)
 from quantcli.allocate.sensitivity import hessians, output_fisher
 from quantcli.errors import GateFailedError
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
@@ -52,6 +54,10 @@ class Prepared:
     verify: Verifier
     texts: tuple[str, str, str]
     seconds: dict[str, float]
+    kept_dtype: str | None = None  # the dtype unquantized tensors are stored in (quantcli.keptdtype)
+
+    def bytes(self, choice: dict[str, int]) -> int:
+        return checkpoint_bytes(self.model, _layouts(self.table, choice), self.kept_dtype)
 
 
 def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -> Prepared:
@@ -65,6 +71,10 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     search_source, verify_source = read_documents(search_spec, calib.text_column), read_documents(verify_spec, calib.text_column)
     seq_len = config.eval.seq_len if config.eval is not None else calib.seq_len
     seconds: dict[str, float] = {}
+    from quantcli.keptdtype import storage_dtype
+
+    kept = storage_dtype(config.keep_dtype, request.source, model)
+    kept_dtype = str(kept).removeprefix("torch.") if kept is not None else None
     start = time.perf_counter()
     base = copy.deepcopy(model).eval()
     with progress.task("allocation: Hessians and output Fisher", total=None):
@@ -73,7 +83,8 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     seconds["sensitivity"] = time.perf_counter() - start
     start = time.perf_counter()
     with progress.task(f"allocation: {len(candidates)} candidates per layer ({method})", total=len(request.layers)) as advance:
-        table = layer_options(model, request.layers, candidates, method, request.config, found, fisher, lambda n: (advance(n), request.progress(n)))
+        table = layer_options(model, request.layers, candidates, method, request.config, found, fisher, lambda n: (advance(n), request.progress(n)),
+                              kept.itemsize if kept is not None else None)
     del found
     seconds["candidates"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -82,9 +93,10 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     for options in table.values():
         for option in options:
             option.predicted = check["scale"] * option.proxy
+    table.update(table_options(model, request))  # fixed, not searched: verified and counted with the rest
     verify = Verifier(base, _windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec)
     seconds["proxy_check"] = time.perf_counter() - start
-    return Prepared(model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds)
+    return Prepared(model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds, kept_dtype)
 
 
 def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tuple[dict[str, int], list[dict[str, Any]], int, int | None]:
@@ -95,7 +107,7 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
     model, base, table, verify = prepared.model, prepared.base, prepared.table, prepared.verify
     target_bytes = value if kind == "size" else math.floor(value * parameter_count(model) / 8) if kind == "bpw" else None
     rounds: list[dict[str, Any]] = []
-    tried: list[dict[str, int]] = [size_choice(model, table, target_bytes)] if target_bytes is not None else []
+    tried: list[dict[str, int]] = [size_choice(model, table, target_bytes, prepared.kept_dtype)] if target_bytes is not None else []
     budget = budget_target(kind, value)
     for number in range(max_rounds if target_bytes is None else 1):
         choice = tried[-1] if target_bytes is not None else _solve(table, budget, by_size=False)
@@ -103,7 +115,7 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
             break
         tried += [] if target_bytes is not None else [choice]
         assemble(model, base, table, choice)
-        total = checkpoint_bytes(model, _layouts(table, choice))
+        total = prepared.bytes(choice)
         measured = verify(model)
         met = _met(kind, value, measured, total, target_bytes)
         rounds.append({"round": number + 1, "budget_kl": None if target_bytes else budget, "predicted_kl": _predicted(table, choice),
@@ -133,7 +145,7 @@ def compare_uniform(prepared: Prepared, kind: str, value: float, target_bytes: i
     from the largest that fits down until one is measured). Leaves the model as it was."""
     model, base, table = prepared.model, prepared.base, prepared.table
     saved = {name: weight_matrix(module).clone() for name, module in model.named_modules() if name in table}
-    schemes = [(checkpoint_bytes(model, _layouts(table, picks)), name, picks) for name, picks in uniform_choices(table, prepared.candidates).items() if name != "keep"]
+    schemes = [(prepared.bytes(picks), name, picks) for name, picks in uniform_choices(table, prepared.candidates).items() if name != "keep"]
     order = sorted(schemes) if target_bytes is None else sorted((s for s in schemes if s[0] <= target_bytes), reverse=True)
     uniform = []
     for total, name, picks in order:
@@ -173,11 +185,12 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
         if option.weights is not None:
             records[name], notes[name] = option.weights, list(option.notes)
     summary = _summary(kind, value, target_bytes, method, prepared.candidates, prepared.texts, prepared.check, rounds, chosen,
-                       prepared.verify.base_perplexity, layers, uniform, frontier(model, table), prepared.seconds)
+                       prepared.verify.base_perplexity, layers, uniform, frontier(model, table, prepared.kept_dtype), prepared.seconds)
     del prepared
     weights: Counter = Counter()
-    for record in records.values():
-        weights[record.layout.bits] += record.q.numel()
+    for name, record in records.items():
+        if name not in request.tables:  # the embedding's fixed 8 bits would outweigh a 4-bit body
+            weights[record.layout.bits] += record.q.numel()
     bits = weights.most_common(1)[0][0] if weights else config.bits
     options = {key: val for key, val in request.config.grid_options().items() if key != "group_size"}
     if method == "gptq":

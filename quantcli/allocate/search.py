@@ -60,9 +60,8 @@ def dequantized(option: Option) -> torch.Tensor:
 
 
 def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidate, ...], method: str, config: Any,
-                  found: dict[str, Any], fisher: dict[str, torch.Tensor], advance: Any) -> dict[str, list[Option]]:
-    """Every layer's distinct options, cheapest first. (The tied embedding/head joins here as one more
-    tensor once the format can store it quantized; until then its only option is keep.)"""
+                  found: dict[str, Any], fisher: dict[str, torch.Tensor], advance: Any, kept_size: int | None = None) -> dict[str, list[Option]]:
+    """Every layer's distinct options, cheapest first (``kept_size``: bytes per kept weight on disk)."""
     modules = dict(model.named_modules())
     table: dict[str, list[Option]] = {}
     for name in names:
@@ -74,12 +73,29 @@ def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidat
             if layout in options:
                 options[layout].names.append(candidate.name)
                 continue
-            option = options[layout] = Option([candidate.name], layout, stored_bytes(layout, out_features, in_features, matrix.element_size()))
+            dtype_bytes = kept_size if layout is None and kept_size else matrix.element_size()
+            option = options[layout] = Option([candidate.name], layout, stored_bytes(layout, out_features, in_features, dtype_bytes))
             if layout is not None:
                 option.weights, option.notes = round_layer(method, config, matrix, found.get(name), layout)
                 option.proxy = proxy(matrix.float() - dequantized(option).float(), found.get(name), fisher[name])
         table[name] = sorted(options.values(), key=lambda o: o.bytes)
         advance(1)
+    return table
+
+
+def table_options(model: Any, request: Any) -> dict[str, list[Option]]:
+    """The input embedding (and an untied head) as ``--embeddings`` asks, rounded to nearest per row:
+    one fixed option each, not searched (no Hessian: their inputs are one-hot)."""
+    from quantcli.intweights import TABLE_NOTE, table_layouts
+
+    modules = dict(model.named_modules())
+    table = {}
+    for name, layout in table_layouts(model, request.tables, request.table_bits, request.config).items():
+        matrix = weight_matrix(modules[name])
+        weights, _ = round_layer("rtn", request.config, matrix, None, layout)
+        unit = "row" if layout.group_size is None else f"group of {layout.group_size}"
+        label = f"int{layout.bits}" + ("" if layout.group_size is None else f"-g{layout.group_size}")
+        table[name] = [Option([label], layout, stored_bytes(layout, *matrix.shape, matrix.element_size()), weights=weights, notes=[TABLE_NOTE.format(unit=unit)])]
     return table
 
 
@@ -161,10 +177,10 @@ def _solve(table: dict[str, list[Option]], budget: float, by_size: bool, resolut
 
 def uniform_choices(table: dict[str, list[Option]], candidates: tuple[Candidate, ...]) -> dict[str, dict[str, int]]:
     """Each candidate applied to every layer (its index in each layer's options)."""
-    return {c.name: {n: next(i for i, o in enumerate(options) if c.name in o.names) for n, options in table.items()} for c in candidates}
+    return {c.name: {n: next((i for i, o in enumerate(options) if c.name in o.names), 0) for n, options in table.items()} for c in candidates}
 
 
-def frontier(model: Any, table: dict[str, list[Option]], points: int = 16) -> list[dict[str, float]]:
+def frontier(model: Any, table: dict[str, list[Option]], kept_dtype: str | None = None, points: int = 16) -> list[dict[str, float]]:
     """The predicted size/KL curve the solver sees: optimal allocations for log-spaced KL budgets."""
     largest = sum(max(o.predicted for o in options) for options in table.values())
     smallest = min((o.predicted for options in table.values() for o in options if o.predicted > 0), default=0.0)
@@ -173,23 +189,23 @@ def frontier(model: Any, table: dict[str, list[Option]], points: int = 16) -> li
         budget = smallest * (largest / smallest) ** (step / (points - 1))
         choice = _solve(table, budget, by_size=False, resolution=4000)
         if choice is not None:
-            curve.append({"bytes": checkpoint_bytes(model, _layouts(table, choice)), "predicted_kl": _predicted(table, choice)})
+            curve.append({"bytes": checkpoint_bytes(model, _layouts(table, choice), kept_dtype), "predicted_kl": _predicted(table, choice)})
     return curve
 
 
-def size_choice(model: Any, table: dict[str, list[Option]], target_bytes: int) -> dict[str, int]:
+def size_choice(model: Any, table: dict[str, list[Option]], target_bytes: int, kept_dtype: str | None = None) -> dict[str, int]:
     """The lowest predicted loss whose whole checkpoint fits ``target_bytes`` exactly (header included)."""
     keep_all = {name: next(i for i, o in enumerate(options) if o.layout is None) if any(o.layout is None for o in options) else 0 for name, options in table.items()}
-    others = checkpoint_bytes(model, _layouts(table, keep_all)) - sum(table[n][i].bytes for n, i in keep_all.items())
+    others = checkpoint_bytes(model, _layouts(table, keep_all), kept_dtype) - sum(table[n][i].bytes for n, i in keep_all.items())
     budget = target_bytes - others - 256 * len(table)  # room for the header growing with packed tensors' names
     for _ in range(6):
         choice = _solve(table, budget, by_size=True)
         if choice is None:
             break
-        total = checkpoint_bytes(model, _layouts(table, choice))
+        total = checkpoint_bytes(model, _layouts(table, choice), kept_dtype)
         if total <= target_bytes:
             return choice
         budget -= total - target_bytes
-    smallest = checkpoint_bytes(model, _layouts(table, {n: 0 for n in table}))
+    smallest = checkpoint_bytes(model, _layouts(table, {n: 0 for n in table}), kept_dtype)
     raise InputError(f"no allocation fits {target_bytes:,} bytes: the smallest candidates give {smallest:,} bytes ({smallest / 1e6:.3f} MB)."
                      " Raise --target-size/--target-bpw or add smaller candidates (e.g. int3-g128).")

@@ -29,6 +29,10 @@ class Format:
         """The stored tensors of layer ``name`` (keys relative to it) from its method's ``record``."""
         raise NotImplementedError(f"the {self.name} format cannot be written layer by layer yet")
 
+    def tied_tensors(self, model: Any, name: str, stored: dict[str, Any]) -> dict[str, Any]:
+        """Tensors (full names) that a head tied to layer ``name`` needs beside ``name``'s ``stored`` ones."""
+        return {}
+
     def save(self, quantized: Any, folder: Path, max_shard_size: int | None = None) -> None:
         """Write a whole quantized model (:class:`quantcli.methods.base.QuantizedModel`) into ``folder``;
         by default transformers' own serialisation of the model (dense, bitsandbytes)."""

@@ -7,6 +7,16 @@ Asymmetric 3/4-bit ones are valid but transformers 5.23 + compressed-tensors 0.2
 them (packed zero point vs unpacked skeleton; llm-compressor#1618), so :func:`load_compressed`
 decompresses with the library's own compressors instead, which reads every variant.
 GPT-2's ``Conv1D`` cannot be packed by compressed-tensors: such layers are written dense.
+
+The input embedding (an ``Embedding``, targeted by name) and an untied head are quantized like any
+layer; a tied head is the embedding's tensor, stored once (the head's own entry is dropped and
+transformers re-ties it). transformers 5.24's default compressed route cannot build either a tied
+quantized embedding (the head would be tied to the int8/packed tensor) or a packed ``Embedding``
+(its weight initialiser reads ``.weight``), so such checkpoints set ``dequantize: true`` in their
+quantization config: plain ``from_pretrained`` then decompresses every layer at load with
+compressed-tensors' own decompressors, the same values. vLLM cannot serve a quantized embedding or
+head: its compressed-tensors config gives quantization methods to ``LinearBase``, ``Attention`` and
+``FusedMoE`` layers only, and ``VocabParallelEmbedding``/``ParallelLMHead`` are neither (see docs).
 """
 
 from __future__ import annotations
@@ -59,10 +69,9 @@ def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
 
     _quiet_library_logs()
     modules = dict(model.named_modules())
-    head = model.get_output_embeddings()
     ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in layouts]
     config = QuantizationConfig(
-        config_groups=_schemes(layouts), ignore=ignore or [n for n, m in modules.items() if m is head],
+        config_groups=_schemes(layouts), ignore=ignore,
         quantization_status=QuantizationStatus.FROZEN,
     )
     apply_quantization_config(model, config, show_progress=False)
@@ -81,35 +90,94 @@ def compress_layer(layer: IntWeights, scale_dtype: Any) -> dict[str, Any]:
     return compressor.compress({"weight": exact, "weight_scale": layer.scale.to(scale_dtype), "weight_zero_point": layer.zero_point}, scheme)
 
 
-def save_compressed(model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None) -> None:
-    """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``).
+def save_compressed(
+    model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None, kept_dtype: Any = None,
+) -> None:
+    """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``);
+    tensors no integer layer owns are stored in ``kept_dtype`` if given (:mod:`quantcli.keptdtype`).
 
     The library re-derives each integer as ``round(w / scale + zp)`` from the layer's weight, so
-    the weight is set to the exact fp32 dequantized values first; that makes it lossless.
+    the weight is set to the exact fp32 dequantized values first (in place: a tied head keeps
+    sharing it); that makes it lossless.
     """
     import torch
     from compressed_tensors.compressors import ModelCompressor
 
     from quantcli import ops
+    from quantcli.keptdtype import store_kept
 
     modules = dict(model.named_modules())
+    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     packable = {name: layer for name, layer in weights.items() if storage_note(modules[name]) is None}
     if not packable:
+        if kept_dtype is not None:
+            store_kept(model, set(weights), kept_dtype)
         model.save_pretrained(folder, **shard_kwargs(max_shard_size))
+        _finish_config(folder, model, {}, compute_dtype)
         return
-    apply_config(model, {name: layer.layout for name, layer in packable.items()})
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    layouts = target_layouts(model, {name: layer.layout for name, layer in packable.items()})
+    tied, shared = tied_head_name(model, layouts), tied_embedding_name(model, packable)
+    apply_config(model, layouts)
     with torch.no_grad():
         for name, layer in packable.items():
             module = modules[name]
             module.weight_scale.data = layer.scale.to(module.weight_scale.dtype)
             if not layer.layout.symmetric:
                 module.weight_zero_point.data = layer.zero_point.to(module.weight_zero_point.dtype)
-            exact = ops.dequantize(layer.q, layer.scale.float(), layer.zero_point, layer.layout.group_size)
-            module.weight = torch.nn.Parameter(exact, requires_grad=False)
+            module.weight.data = ops.dequantize(layer.q, layer.scale.float(), layer.zero_point, layer.layout.group_size)
+        if tied:
+            head.weight_scale.data = embedding.weight_scale.data.clone()
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
+    if shared is not None:  # one stored tensor: the embedding's
+        head.weight = embedding.weight if tied else None
+    if kept_dtype is not None:
+        store_kept(model, set(weights) | set(layouts), kept_dtype)
     model.save_pretrained(folder, **shard_kwargs(max_shard_size))
     compressor.update_config(str(folder))
+    _finish_config(folder, model, layouts, compute_dtype)
+
+
+def tied_embedding_name(model: Any, names: Any) -> str | None:
+    """The input embedding's name when it is among ``names`` and the output head is tied to it."""
+    from quantcli.models import is_tied
+
+    embedding = model.get_input_embeddings()
+    return next((name for name, module in model.named_modules() if module is embedding and name in names), None) if is_tied(model) else None
+
+
+def tied_head_name(model: Any, layouts: dict[str, IntLayout]) -> str | None:
+    """The tied output head's name when ``layouts`` target it beside the embedding it shares."""
+    head = model.get_output_embeddings()
+    return next((name for name, module in model.named_modules() if module is head and name in layouts), None) if tied_embedding_name(model, layouts) else None
+
+
+def target_layouts(model: Any, layouts: dict[str, IntLayout]) -> dict[str, IntLayout]:
+    """``layouts`` plus a tied head on its embedding's 8-bit grid. transformers ties ``lm_head.weight``
+    to the embedding's stored int8 ``weight`` before decompressing, so the head must be a quantized
+    module too, with its own copy of the per-row scales (vocab × 4 bytes): then both decompress to
+    the same values. A packed (4-bit) embedding has no ``weight`` to tie; its head is left out and the
+    checkpoint is marked ``dequantize`` (see the module docstring)."""
+    name = tied_embedding_name(model, layouts)
+    if name is None or layouts[name].bits != 8:
+        return layouts
+    head = model.get_output_embeddings()
+    return {**layouts, next(n for n, m in model.named_modules() if m is head): layouts[name]}
+
+
+def _finish_config(folder: Path, model: Any, layouts: dict[str, IntLayout], compute_dtype: Any) -> None:
+    """config.json: the dtype the model computes in (so plain transformers reloads what quantcli
+    evaluated, whatever 16-bit dtype the kept tensors are stored in), and ``dequantize: true`` when a
+    packed embedding is stored (see the module docstring)."""
+    embedding = model.get_input_embeddings()
+    packed_embedding = any(layout.bits < 8 and module is embedding for name, module in model.named_modules() for layout in [layouts.get(name)] if layout)
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["dtype"] = str(compute_dtype).removeprefix("torch.")
+    if packed_embedding and isinstance(config.get("quantization_config"), dict):
+        config["quantization_config"]["dequantize"] = True
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def compressed_result(
@@ -125,13 +193,19 @@ def compressed_result(
         note = "; ".join(filter(None, (*layer_notes, storage_note(modules[name]))))
         scheme = "group" if layout.group_size else "channel"
         layers[name] = LayerRecord(layout.bits, scheme, layout.group_size, tuple(weights[name].q.shape), note or None)
+    packable = {name: weights[name].layout for name in weights if storage_note(modules[name]) is None}
+    for name in set(target_layouts(model, packable)) - set(packable):  # a tied head: the embedding's tensor
+        embedding = tied_embedding_name(model, packable)
+        layers[name] = LayerRecord(8, "channel", None, layers[embedding].shape, f"tied to {embedding}: its int8 tensor, stored once; only the row scales are stored again")
     packed_any = any(storage_note(modules[name]) is None for name in weights)
     return QuantizedModel(
         model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers, weights, stats or {},
     )
 
 
-def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any]) -> dict[str, Any]:
+def _dense_state_dict(
+    folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any], tied_head: str | None = None,
+) -> dict[str, Any]:
     """Every tensor of ``folder``, quantized layers decompressed with their scheme's own compressor
     (schemes target layers by name or by class, e.g. ``Linear``, as llm-compressor writes them)."""
     from compressed_tensors.compressors import BaseCompressor
@@ -151,6 +225,8 @@ def _dense_state_dict(folder: Path, quantization_config: dict[str, Any], dtype: 
         if scheme is None:
             raise CheckpointError(f"{folder}: layer {prefix} has quantized tensors but no scheme in config.json. The checkpoint is corrupt; re-run quantcli quantize.")
         local = {key[len(prefix) + 1 :]: value for key, value in state.items() if key.rsplit(".", 1)[0] == prefix}
+        if prefix == tied_head and "weight" not in local:  # its int8 tensor is the embedding's: tie_weights() gives it
+            continue
         compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
         dense[prefix + ".weight"] = compressor.decompress(local, scheme)["weight"].to(dtype)
     dense.update({key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items() if key.rsplit(".", 1)[0] not in prefixes})
@@ -175,7 +251,9 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()))
+    head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
+    tied_head = head if config.tie_word_embeddings else None
+    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()), tied_head)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
@@ -193,17 +271,23 @@ class CompressedTensors(Format):
     def layer_tensors(self, name: str, record: IntWeights, module: Any) -> dict[str, Any]:
         return compress_layer(record, module.weight.dtype)
 
+    def tied_tensors(self, model: Any, name: str, stored: dict[str, Any]) -> dict[str, Any]:
+        head = tied_head_name(model, target_layouts(model, {name: IntLayout(8, True, None)})) if "weight" in stored else None
+        return {f"{head}.weight_scale": stored["weight_scale"].clone()} if head else {}
+
     def finish(self, model: Any, records: dict[str, IntWeights], folder: Path) -> None:
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationStatus
 
-        apply_config(model, {name: record.layout for name, record in records.items()})
+        layouts = target_layouts(model, {name: record.layout for name, record in records.items()})
+        apply_config(model, layouts)
         compressor = ModelCompressor.from_pretrained_model(model)
         compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
         compressor.update_config(str(folder))
+        _finish_config(folder, model, layouts, next(p.dtype for p in model.parameters() if p.is_floating_point()))
 
     def save(self, quantized: QuantizedModel, folder: Path, max_shard_size: int | None = None) -> None:
-        save_compressed(quantized.model, quantized.records, folder, max_shard_size)
+        save_compressed(quantized.model, quantized.records, folder, max_shard_size, quantized.kept_dtype)
 
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
         return load_compressed(folder, device)

@@ -37,6 +37,8 @@ class QuantizeRequest:
     progress: Callable[[int], None] = lambda advance: None
     device_map: str | None = None
     blocks: Any = None  # a streaming block source (quantcli.streaming); None: the blocks of ``model`` in memory
+    tables: tuple[str, ...] = ()  # the input embedding / untied output head, for methods with ``quantizes_tables``
+    table_bits: int = 8  # 8: per row; 4: the layers' own grid
 
     def block_source(self, names: tuple[str, ...]) -> Any:
         """Where the driver (:func:`quantcli.blockwise.quantize_blockwise`) gets each decoder block."""
@@ -63,6 +65,7 @@ class QuantizedModel:
     layers: dict[str, LayerRecord]
     records: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    kept_dtype: Any = None  # the torch dtype unquantized tensors are stored in (None: as the model holds them)
 
     def save(self, folder: Path, max_shard_size: int | None = None) -> None:
         """Write the checkpoint into ``folder`` in its format (shards of at most ``max_shard_size`` bytes if given)."""
@@ -112,6 +115,7 @@ class Quantizer:
     supported_bits: ClassVar[tuple[int, ...]]
     config_class: ClassVar[type]
     needs_calibration: ClassVar[bool] = False
+    quantizes_tables: ClassVar[bool] = False  # can quantize the input embedding and output head (QuantizeRequest.tables)
     output_format: ClassVar[str]
 
     def make_config(self, bits: int, options: Mapping[str, Any]) -> Any:

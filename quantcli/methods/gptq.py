@@ -13,6 +13,11 @@ original weights in plain group order, so the checkpoint keeps the plain group l
 weights when GPTQ first reaches it. The group rule is :func:`plan_layouts`' (172-wide layers get groups
 of 43). Layers no calibration pass reaches fall back to round-to-nearest, with a note.
 
+The input embedding (and an untied output head, ``QuantizeRequest.tables``) is rounded to nearest
+per row: an embedding's inputs are one-hot token ids, so ``XᵀX`` is diagonal (token counts) and GPTQ
+could only reweight rows it never couples; the head's Hessian (the final norm's outputs) is not
+collected by the block driver. A tied tensor could use the head's Hessian; not tried.
+
 ``clip_search`` (default on) scores each row rounded to nearest with its range shrunk by each of
 ``CLIP_SHRINKS`` by its output error on the calibration inputs, runs GPTQ on the best
 ``CLIP_FINALISTS`` and on the full range, and keeps the one with the lowest output error.
@@ -33,7 +38,7 @@ import torch
 from quantcli import ops
 from quantcli.blockwise import quantize_blockwise
 from quantcli.errors import InputError
-from quantcli.intweights import IntGridConfig, IntLayout, IntWeights, plan_layouts
+from quantcli.intweights import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
@@ -243,6 +248,7 @@ class GPTQQuantizer(Quantizer):
     supported_bits = (8, 4, 3)
     config_class = GPTQConfig
     needs_calibration = True
+    quantizes_tables = True
     output_format = "compressed-tensors"
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
@@ -252,11 +258,21 @@ class GPTQQuantizer(Quantizer):
         if request.calibration is None:
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
+        from quantcli.methods.rtn import round_to_nearest
+
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
+        plan.update(table_layouts(model, request.tables, request.table_bits, config))
         notes: dict[str, list[str]] = {name: [] for name in plan}
 
         def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:
             layout, module, matrix = plan[name], modules[name], weight_matrix(modules[name])
+            if name in request.tables:  # one-hot inputs: no Hessian worth the name (see the module docstring)
+                unit = "row" if layout.group_size is None else f"group of {layout.group_size}"
+                notes[name].append(TABLE_NOTE.format(unit=unit))
+                layer = round_to_nearest(matrix, layout)
+                set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
+                request.progress(1)
+                return layer
             if hessian is None:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
                 notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
                 hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)

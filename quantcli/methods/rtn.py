@@ -7,11 +7,16 @@ zero points). Written as a compressed-tensors checkpoint (``int-quantized`` for 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from quantcli import ops
-from quantcli.intweights import IntGridConfig, IntWeights, plan_layouts
+from quantcli.intweights import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.models import set_weight_matrix, weight_matrix
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RTNConfig(IntGridConfig):
@@ -24,6 +29,7 @@ class RTNQuantizer(Quantizer):
     summary = "round-to-nearest, pure PyTorch (INT8 per-channel, INT4/INT3 group-wise); compressed-tensors output"
     supported_bits = (8, 4, 3)
     config_class = RTNConfig
+    quantizes_tables = True
     output_format = "compressed-tensors"
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
@@ -34,17 +40,24 @@ class RTNQuantizer(Quantizer):
         model = request.model
         modules = dict(model.named_modules())
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
+        plan.update(table_layouts(model, request.tables, request.table_bits, config))
 
         def finish(name: str, hessian: None) -> IntWeights:
-            layout, matrix = plan[name], weight_matrix(modules[name])
-            scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
-            q = ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size)
-            set_weight_matrix(modules[name], ops.dequantize(q, scale, zero_point, layout.group_size))
+            layer = round_to_nearest(weight_matrix(modules[name]), plan[name])
+            set_weight_matrix(modules[name], ops.dequantize(layer.q, layer.scale, layer.zero_point, layer.layout.group_size))
             request.progress(1)
-            return IntWeights(q, scale, zero_point, layout)
+            return layer
 
         blocks = request.block_source(tuple(plan))
         quantize_blockwise(blocks, tuple(plan), None, finish)
         options = config.grid_options()
         notes = {name: [] for name in plan}
+        for name in request.tables:
+            notes[name].append(TABLE_NOTE.format(unit="row" if plan[name].group_size is None else f"group of {plan[name].group_size}"))
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes)
+
+
+def round_to_nearest(matrix: "torch.Tensor", layout: IntLayout) -> IntWeights:
+    """One ``[out, in]`` weight's integers, scales and zero points on ``layout``'s grid, rounded to nearest."""
+    scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
+    return IntWeights(ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size), scale, zero_point, layout)
