@@ -77,6 +77,7 @@ def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, 
     return packed + scales + zero_points
 
 
+_SAFETENSORS_RANK = ("I8", "F16", "BF16", "I32", "F32", "I64")  # the order of safetensors' Dtype enum; it writes the highest first
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "int32": "I32", "int64": "I64"}
 
 
@@ -129,8 +130,7 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
             tensors.append((key, stored, tuple(tensor.shape), size))
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    itemsize = {"I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I8": 1}
-    for key, dtype, shape, size in sorted(tensors, key=lambda t: (-itemsize[t[1]], t[0])):  # safetensors' own order
+    for key, dtype, shape, size in sorted(tensors, key=lambda t: (-_SAFETENSORS_RANK.index(t[1]), t[0])):  # safetensors' own order
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     length = len(json.dumps(header, separators=(",", ":")).encode())
