@@ -120,7 +120,7 @@ class EvalConfig:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
     "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
-    "device_map": (str, type(None)),
+    "device_map": (str, type(None)), "format": (str, type(None)), "gguf_type": (str, type(None)),
 }
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -146,13 +146,17 @@ class QuantizeConfig:
     low_memory: bool = False  # stream the weights from disk one decoder block at a time (no perplexity)
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
+    format: str | None = None  # None: the method's own format; "gguf": llama.cpp's, with gguf_type
+    gguf_type: str | None = None  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (quantcli.formats.gguf_grid)
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
             _check_type(f"'{name}'", getattr(self, name), *kinds)
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
-        if self.bits not in (3, 4, 8, 16):
+        if self.format is not None or self.gguf_type is not None:
+            self._check_gguf()
+        elif self.bits not in (3, 4, 8, 16):
             raise InputError(
                 f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
             )
@@ -170,6 +174,21 @@ class QuantizeConfig:
             raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
         if self.gates.min_speedup is not None:
             raise InputError("--min-speedup needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
+
+    def _check_gguf(self) -> None:
+        from quantcli.formats.gguf_grid import TYPES, block_type
+
+        if self.format != "gguf":
+            raise InputError(f"--format takes gguf (other formats follow from --method), got {shown(self.format)}. --gguf-type needs --format gguf.")
+        if self.gguf_type is None:
+            raise InputError(f"--format gguf needs --gguf-type: one of {', '.join(TYPES)}.")
+        kind = block_type(self.gguf_type)
+        if self.bits != kind.bits:
+            raise InputError(f"--gguf-type {kind.name} stores {kind.bits}-bit codes, but --bits is {self.bits}. Drop --bits (the type sets it).")
+        if self.low_memory:
+            raise InputError("--format gguf writes one file from the whole model; drop --low-memory.")
+        if self.max_shard_size is not None:
+            raise InputError("--format gguf writes one file; drop --max-shard-size.")
 
     def _check_streaming(self) -> None:
         if self.gates.max_ppl_increase is not None:
@@ -282,6 +301,10 @@ def merge_quantize_config(
         recipe["eval"] = None  # streaming never holds the whole model, so it evaluates only when asked
     else:
         recipe["eval"] = {**_recipe_section(recipe, "eval"), **evaluation}
+    if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
+        from quantcli.formats.gguf_grid import block_type
+
+        recipe["bits"] = block_type(recipe["gguf_type"]).bits
     if "bits" not in recipe:
         raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
     return config_from_mapping(recipe)

@@ -25,6 +25,7 @@ class RTNQuantizer(Quantizer):
     supported_bits = (8, 4)
     config_class = RTNConfig
     output_format = "compressed-tensors"
+    block_grids = True
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.blockwise import quantize_blockwise
@@ -33,6 +34,8 @@ class RTNQuantizer(Quantizer):
         config = request.config
         model = request.model
         modules = dict(model.named_modules())
+        if request.grid is not None:
+            return self._on_grid(request, modules)
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
 
         def finish(name: str, hessian: None) -> IntWeights:
@@ -48,3 +51,21 @@ class RTNQuantizer(Quantizer):
         options = config.grid_options()
         notes = {name: [] for name in plan}
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes)
+
+    def _on_grid(self, request: QuantizeRequest, modules: dict) -> QuantizedModel:
+        """llama.cpp's own reference rounding onto the request's GGUF block type, layer by layer."""
+        from quantcli.blockwise import quantize_blockwise
+        from quantcli.formats.gguf import gguf_result
+        from quantcli.formats.gguf_grid import quantize_layer, round_to_nearest
+
+        notes: dict[str, list[str]] = {name: [] for name in request.layers}
+
+        def finish(name: str, hessian: None) -> object:
+            record, note = quantize_layer(modules[name], request.grid, lambda matrix: round_to_nearest(matrix, request.grid))
+            notes[name] += [note] if note else []
+            request.progress(1)
+            return record
+
+        blocks = request.block_source(request.layers)
+        quantize_blockwise(blocks, request.layers, None, finish)
+        return gguf_result(request.model, self.name, request.grid, {"gguf_type": request.grid.name}, blocks.records, notes)
