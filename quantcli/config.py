@@ -178,8 +178,10 @@ class QuantizeConfig:
     def _check_gguf(self) -> None:
         from quantcli.formats.gguf_grid import TYPES, block_type
 
+        if self.format is None:
+            raise InputError("--gguf-type needs --format gguf.")
         if self.format != "gguf":
-            raise InputError(f"--format takes gguf (other formats follow from --method), got {shown(self.format)}. --gguf-type needs --format gguf.")
+            raise InputError(f"--format takes gguf (other formats follow from --method), got {shown(self.format)}.")
         if self.gguf_type is None:
             raise InputError(f"--format gguf needs --gguf-type: one of {', '.join(TYPES)}.")
         kind = block_type(self.gguf_type)

@@ -17,6 +17,7 @@ Llama's q/k rows are permuted to llama.cpp's rotary layout, as its converter doe
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,36 @@ def gguf_result(model: Any, method: str, kind: BlockType, options: dict[str, Any
         shape = tuple(weight_matrix(modules[name]).shape)
         bits, scheme = (kind.bits, kind.name) if record is not None else (16, "F16")
         layers[name] = LayerRecord(bits, scheme, BLOCK if record is not None else None, shape, "; ".join(layer_notes) or None)
-    return QuantizedModel(model, method, kind.bits, "gguf", options, layers, records, stats or {})
+    return QuantizedModel(model, method, kind.bits, "gguf", options, layers, {**records, **_embeddings(model, kind)}, stats or {})
+
+
+@dataclass
+class Packed:
+    """A tensor already in the file's layout: ``data`` (numpy) of ggml type ``raw_type`` (None: F32/F16 by dtype)."""
+
+    data: Any
+    raw_type: Any
+
+
+def _embeddings(model: Any, kind: BlockType) -> dict[str, Packed]:
+    """The token embedding and output head in the types the file stores them (see above), their
+    weights set to those values so that the model quantcli measures is the file's."""
+    import gguf
+    import numpy as np
+    import torch
+
+    modules = {module: name for name, module in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is embedding.weight
+    chosen = {embedding: HEAD_TYPE if tied else kind.name, **({} if tied else {head: HEAD_TYPE})}
+    packed = {}
+    for module, to_type in chosen.items():
+        data, raw_type = _dense(module.weight, to_type)
+        values = gguf.quants.dequantize(data, raw_type) if raw_type is not None else data.astype(np.float32)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(values).to(module.weight.dtype))
+        packed[modules[module]] = Packed(data, raw_type)
+    return packed
 
 
 def gguf_file(folder: str | Path) -> Path:
@@ -152,7 +182,7 @@ def _dense(value: Any, to_type: str) -> tuple[Any, Any]:
     return gguf.quants.quantize(array, kind), kind
 
 
-def _tensors(quantized: QuantizedModel, kind: BlockType) -> Any:
+def _tensors(quantized: QuantizedModel) -> Any:
     """``(gguf name, data, raw type)`` of every tensor, in the model's order."""
     import gguf
 
@@ -173,6 +203,9 @@ def _tensors(quantized: QuantizedModel, kind: BlockType) -> Any:
         if config.model_type == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_attention_heads if name.endswith("attn_q.weight") else config.num_key_value_heads
         record = quantized.records.get(module_name) if key.endswith(".weight") else None
+        if isinstance(record, Packed):
+            yield name, record.data, record.raw_type
+            continue
         if record is not None:
             if heads:
                 record = BlockWeights(*(None if t is None else _permute_rows(t, heads) for t in (record.codes, record.scale, record.minimum)), record.type)
@@ -182,14 +215,7 @@ def _tensors(quantized: QuantizedModel, kind: BlockType) -> Any:
             value = value.t()
         if heads:
             value = _permute_rows(value, heads)
-        if module_name in quantized.layers and key.endswith(".weight"):
-            to_type = "F16"  # a layer quantcli chose that the blocks cannot hold (see gguf_grid.quantize_layer)
-        elif name == "output.weight" or (name == "token_embd.weight" and tied):
-            to_type = HEAD_TYPE
-        elif name == "token_embd.weight":
-            to_type = kind.name
-        else:
-            to_type = "F32"
+        to_type = "F16" if module_name in quantized.layers and key.endswith(".weight") else "F32"  # F16: blocks cannot hold it
         yield (name, *_dense(value, to_type))
 
 
@@ -210,7 +236,7 @@ class GGUF(Format):
         writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
         _hyperparameters(writer, config, kind)
         _tokenizer(writer, Path(folder), config.vocab_size)
-        for name, data, raw_type in _tensors(quantized, kind):
+        for name, data, raw_type in _tensors(quantized):
             writer.add_tensor(name, data, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

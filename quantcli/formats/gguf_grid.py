@@ -137,19 +137,30 @@ class FixedGrid:
 
     def round(self, column: "torch.Tensor", group: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         """``(codes, values)`` of one input column (all rows) in block ``group``, as :func:`dequantize` computes them."""
+        low = None if self._low is None else self._low[:, group]
+        return self._nearest(column, self._step[:, group], self._inverse[:, group], low)
+
+    def values(self, matrix: "torch.Tensor") -> "torch.Tensor":
+        """Every weight of ``matrix`` (``[rows, in]``) rounded to the nearest value of its block's grid."""
+        blocks = matrix.float().reshape(matrix.shape[0], -1, BLOCK)
+        low = None if self._low is None else self._low[..., None]
+        return self._nearest(blocks, self._step[..., None], self._inverse[..., None], low)[1].reshape(matrix.shape)
+
+    def _nearest(self, weights: "torch.Tensor", step: "torch.Tensor", inverse: "torch.Tensor", low: "torch.Tensor | None") -> tuple["torch.Tensor", "torch.Tensor"]:
         import torch
 
-        step, inverse = self._step[:, group], self._inverse[:, group]
-        shifted = column if self._low is None else column - self._low[:, group]
+        shifted = weights if low is None else weights - low
         codes = (torch.round(shifted * inverse) + self.type.offset).clamp_(self.type.lowest, self.type.highest)
         values = step * (codes - self.type.offset)
-        return codes, values if self._low is None else values + self._low[:, group]
+        return codes, values if low is None else values + low
 
-    def record(self, codes: "torch.Tensor") -> BlockWeights:
-        """The layer's record once GPTQ has chosen every code (``[out, in]``, plain column order)."""
+    def record(self, codes: "torch.Tensor", rows: "torch.Tensor | None" = None) -> BlockWeights:
+        """The record of GPTQ's chosen ``codes`` (``[rows, in]``, plain column order), keeping only ``rows`` if given."""
         import torch
 
-        return BlockWeights(codes.to(torch.int8), self.scale, self.minimum, self.type)
+        pick = slice(None) if rows is None else rows
+        minimum = None if self.minimum is None else self.minimum[pick]
+        return BlockWeights(codes[pick].to(torch.int8), self.scale[pick], minimum, self.type)
 
 
 def quantize_layer(module: Any, kind: BlockType, choose: Callable[["torch.Tensor"], BlockWeights]) -> tuple[BlockWeights | None, str | None]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -128,15 +128,32 @@ def _factor(hessian: torch.Tensor, act_order: bool, damp: float) -> tuple[torch.
     return hessian, order, upper, notes
 
 
-def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: Any, damp: float = 0.01, block_size: int = 128,
-                 act_order: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """GPTQ one ``[out, in]`` weight onto a fixed external grid (e.g. a GGUF block type's,
-    :class:`quantcli.formats.gguf_grid.FixedGrid`): ``grid.round(column, group)`` gives the codes
-    and values of one column in group ``in // 32``; returns the codes (plain column order) and notes."""
-    _, order, upper, notes = _factor(hessian, act_order, damp)
+def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, make_grid: Callable[[torch.Tensor], Any], damp: float = 0.01,
+                 block_size: int = 128, act_order: bool = False, clip_search: bool = False) -> tuple[Any, list[str]]:
+    """GPTQ one ``[out, in]`` weight onto an external grid whose scales come from the weights it is
+    built on (e.g. a GGUF block type's, :class:`quantcli.formats.gguf_grid.FixedGrid`):
+    ``make_grid(matrix)`` gives an object with ``type.bits``, ``block`` (inputs per group),
+    ``round(column, group) -> (codes, values)``, ``values(matrix)`` and ``record(codes, rows)``.
+    ``clip_search`` as in :func:`gptq_quantize`, the grids built on the rows scaled by each shrink.
+    Returns the layer's record and notes."""
+    matrix = weight.detach().float()
+    out_features = matrix.shape[0]
+    hessian, order, upper, notes = _factor(hessian, act_order, damp)
+    rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
+    if clip_search:
+        losses = torch.stack([_output_error(matrix - make_grid(matrix * shrink).values(matrix), hessian) for shrink in CLIP_SHRINKS])
+        for finalist in torch.tensor(CLIP_SHRINKS, device=matrix.device)[torch.sort(losses, dim=0, stable=True).indices[:CLIP_FINALISTS]]:
+            clipped = torch.nonzero(finalist != 1).flatten()
+            rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
+    row_of = torch.cat(rows)
+    candidates = matrix[row_of]
+    grid = make_grid(candidates * torch.cat(shrinks)[:, None])
     layout = IntLayout(grid.type.bits, True, grid.block)
-    codes, *_ = _quantize_columns(weight.detach().float(), None, upper, order, True, layout, block_size, None, weight.dtype, grid)
-    return codes, notes
+    codes, _, _, rounded = _quantize_columns(candidates, None, upper, order, True, layout, block_size, None, weight.dtype, grid)
+    pick = rows[0]
+    if len(row_of) > out_features:
+        pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
+    return grid.record(codes, pick), notes
 
 
 def _first_best(loss: torch.Tensor, row_of: torch.Tensor, rows: int) -> torch.Tensor:
@@ -298,8 +315,9 @@ class GPTQQuantizer(Quantizer):
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes, stats)
 
     def _on_grid(self, request: QuantizeRequest, modules: dict) -> QuantizedModel:
-        """GPTQ choosing the codes of the request's GGUF block type, its scales llama.cpp's from the
-        original weights (no clip search: the scales stay the reference quantizer's)."""
+        """GPTQ choosing the codes of the request's GGUF block type, its scales llama.cpp's reference
+        ones from the original weights, each row's range shrunk where the clip search finds it better
+        (``--no-clip-search``: exactly the reference scales)."""
         from quantcli.formats.gguf import gguf_result
         from quantcli.formats.gguf_grid import FixedGrid, quantize_layer
 
@@ -308,13 +326,13 @@ class GPTQQuantizer(Quantizer):
 
         def finish(name: str, hessian: torch.Tensor | None) -> object:
             def choose(matrix: torch.Tensor) -> object:
-                grid = FixedGrid(matrix, kind)
                 if hessian is None:
                     notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
                 used = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-                codes, extra = gptq_on_grid(matrix, used, grid, config.damp, config.block_size, config.act_order)
+                record, extra = gptq_on_grid(matrix, used, lambda scaled: FixedGrid(scaled, kind), config.damp, config.block_size,
+                                             config.act_order, config.clip_search)
                 notes[name].extend(extra)
-                return grid.record(codes)
+                return record
 
             record, note = quantize_layer(modules[name], kind, choose)
             notes[name] += [note] if note else []
@@ -323,5 +341,5 @@ class GPTQQuantizer(Quantizer):
 
         blocks = request.block_source(request.layers)
         stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
-        options = {"gguf_type": kind.name, "act_order": config.act_order, "damp": config.damp, "block_size": config.block_size}
+        options = {"gguf_type": kind.name, "act_order": config.act_order, "clip_search": config.clip_search, "damp": config.damp, "block_size": config.block_size}
         return gguf_result(request.model, self.name, kind, options, blocks.records, notes, stats)
