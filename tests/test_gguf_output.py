@@ -108,7 +108,7 @@ def test_gptq_on_the_grid_beats_rounding_at_the_same_size(tmp_path):
     sizes = {method: gguf_file(tmp_path / method).stat().st_size for method in reports}
     assert sizes["rtn"] == sizes["gptq"]
     rtn, gptq = (reports[m].perplexity_after.perplexity - reports[m].perplexity_before.perplexity for m in ("rtn", "gptq"))
-    assert 0 < gptq < 0.7 * rtn, (gptq, rtn)  # measured: +2.3% against +7.0% (8192 tokens)
+    assert 0 < gptq < 0.7 * rtn, (gptq, rtn)  # on 32,768 tokens: +3.5% against +6.1% (benchmarks/gguf_export.py)
 
 
 def test_gpt2_conv1d_is_written_transposed(tiny_gpt2, tmp_path):

@@ -160,12 +160,18 @@ def _tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
     writer.add_tokenizer_pre("default" if sentencepiece else "gpt-2")
     writer.add_token_list(texts)
-    writer.add_token_scores(scores)
+    if sentencepiece:  # llama.cpp's SentencePiece tokenizer merges by score; its BPE one reads the merges
+        writer.add_token_scores(scores)
     writer.add_token_types(types)
     import logging
 
+    from transformers import AutoTokenizer
+
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # its notes on tokenizer.json's pair template are not ours to show
-    gguf.SpecialVocab(folder, load_merges=not sentencepiece, n_vocab=count).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=not sentencepiece, n_vocab=count)
+    hf = AutoTokenizer.from_pretrained(folder)
+    special.add_special_token["bos"] = hf.bos_token_id is not None and hf("a")["input_ids"][:1] == [hf.bos_token_id]  # what HF does
+    special.add_to_gguf(writer, quiet=True)
 
 
 def _dense(value: Any, to_type: str) -> tuple[Any, Any]:
