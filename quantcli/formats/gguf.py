@@ -45,6 +45,39 @@ def gguf_result(model: Any, method: str, kind: BlockType, options: dict[str, Any
     return QuantizedModel(model, method, kind.bits, "gguf", options, layers, {**records, **_embeddings(model, kind)}, stats or {})
 
 
+def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
+    """Run a method over the request's layers on its GGUF block type (:mod:`quantcli.blockwise`, with
+    the request's calibration if any): ``choose(matrix, hessian) -> (BlockWeights, notes)`` per layer
+    whose width the blocks fit (:func:`quantcli.formats.gguf_grid.quantize_layer`); a layer no
+    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note."""
+    import torch
+
+    from quantcli.blockwise import quantize_blockwise
+    from quantcli.formats.gguf_grid import quantize_layer
+
+    modules = dict(request.model.named_modules())
+    notes: dict[str, list[str]] = {name: [] for name in request.layers}
+
+    def finish(name: str, hessian: Any) -> BlockWeights | None:
+        def chosen(matrix: Any) -> BlockWeights:
+            used = hessian
+            if request.calibration is not None and hessian is None:
+                notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
+                used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
+            record, extra = choose(matrix, used)
+            notes[name].extend(extra)
+            return record
+
+        record, note = quantize_layer(modules[name], request.grid, chosen)
+        notes[name] += [note] if note else []
+        request.progress(1)
+        return record
+
+    blocks = request.block_source(request.layers)
+    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
+    return gguf_result(request.model, method, request.grid, options, blocks.records, notes, stats if request.calibration is not None else None)
+
+
 @dataclass
 class Packed:
     """A tensor already in the file's layout: ``data`` (numpy) of ggml type ``raw_type`` (None: F32/F16 by dtype)."""

@@ -294,7 +294,7 @@ class GPTQQuantizer(Quantizer):
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
         if request.grid is not None:
-            return self._on_grid(request, modules)
+            return self._on_grid(request)
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
         notes: dict[str, list[str]] = {name: [] for name in plan}
 
@@ -314,32 +314,17 @@ class GPTQQuantizer(Quantizer):
         options = {key: value for key, value in asdict(config).items() if key != "bits"}
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes, stats)
 
-    def _on_grid(self, request: QuantizeRequest, modules: dict) -> QuantizedModel:
+    def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
         """GPTQ choosing the codes of the request's GGUF block type, its scales llama.cpp's reference
         ones from the original weights, each row's range shrunk where the clip search finds it better
         (``--no-clip-search``: exactly the reference scales)."""
-        from quantcli.formats.gguf import gguf_result
-        from quantcli.formats.gguf_grid import FixedGrid, quantize_layer
+        from quantcli.formats.gguf import quantize_on_grid
+        from quantcli.formats.gguf_grid import FixedGrid
 
         config, kind = request.config, request.grid
-        notes: dict[str, list[str]] = {name: [] for name in request.layers}
 
-        def finish(name: str, hessian: torch.Tensor | None) -> object:
-            def choose(matrix: torch.Tensor) -> object:
-                if hessian is None:
-                    notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
-                used = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-                record, extra = gptq_on_grid(matrix, used, lambda scaled: FixedGrid(scaled, kind), config.damp, config.block_size,
-                                             config.act_order, config.clip_search)
-                notes[name].extend(extra)
-                return record
+        def choose(matrix: torch.Tensor, hessian: torch.Tensor) -> tuple[object, list[str]]:
+            return gptq_on_grid(matrix, hessian, lambda scaled: FixedGrid(scaled, kind), config.damp, config.block_size, config.act_order, config.clip_search)
 
-            record, note = quantize_layer(modules[name], kind, choose)
-            notes[name] += [note] if note else []
-            request.progress(1)
-            return record
-
-        blocks = request.block_source(request.layers)
-        stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
         options = {"gguf_type": kind.name, "act_order": config.act_order, "clip_search": config.clip_search, "damp": config.damp, "block_size": config.block_size}
-        return gguf_result(request.model, self.name, kind, options, blocks.records, notes, stats)
+        return quantize_on_grid(request, self.name, options, choose)

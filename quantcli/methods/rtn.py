@@ -35,7 +35,7 @@ class RTNQuantizer(Quantizer):
         model = request.model
         modules = dict(model.named_modules())
         if request.grid is not None:
-            return self._on_grid(request, modules)
+            return self._on_grid(request)
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
 
         def finish(name: str, hessian: None) -> IntWeights:
@@ -52,20 +52,9 @@ class RTNQuantizer(Quantizer):
         notes = {name: [] for name in plan}
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes)
 
-    def _on_grid(self, request: QuantizeRequest, modules: dict) -> QuantizedModel:
+    def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
         """llama.cpp's own reference rounding onto the request's GGUF block type, layer by layer."""
-        from quantcli.blockwise import quantize_blockwise
-        from quantcli.formats.gguf import gguf_result
-        from quantcli.formats.gguf_grid import quantize_layer, round_to_nearest
+        from quantcli.formats.gguf import quantize_on_grid
+        from quantcli.formats.gguf_grid import round_to_nearest
 
-        notes: dict[str, list[str]] = {name: [] for name in request.layers}
-
-        def finish(name: str, hessian: None) -> object:
-            record, note = quantize_layer(modules[name], request.grid, lambda matrix: round_to_nearest(matrix, request.grid))
-            notes[name] += [note] if note else []
-            request.progress(1)
-            return record
-
-        blocks = request.block_source(request.layers)
-        quantize_blockwise(blocks, request.layers, None, finish)
-        return gguf_result(request.model, self.name, request.grid, {"gguf_type": request.grid.name}, blocks.records, notes)
+        return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian: (round_to_nearest(matrix, request.grid), []))
