@@ -32,6 +32,7 @@ from benchmarks.llamacpp import MODELS, NOTES, eval_ids, model_folder  # noqa: E
 
 RESULTS = REPO / "benchmarks" / "results"
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0")
+GPTQ_SETTINGS = "quantcli's defaults (act-order, static blocks, damp 0.01, clip search)"
 CALIBRATION = {"stories260K": "tinystories:calib", "smollm2": str(REPO / "benchmarks" / "data" / "wikitext-2" / "wiki.valid.calib.txt")}
 
 
@@ -74,7 +75,7 @@ def run(name: str, threads: int, workdir: Path, save: Any) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": name, "complete": False, "note": NOTES[name], "rows": [], "quantcli_eval_of_llamacpp_q4_0": None,
         "settings": {"dataset": spec["dataset"], "tokens": len(ids), "seq_len": seq_len, "threads": threads,
-                     "calibration": f"{CALIBRATION[name]}, 128 x 256 tokens, seed 0", "llamacpp_quantizer": "llama_model_quantize, default params, no imatrix"},
+                     "calibration": f"{CALIBRATION[name].replace(str(REPO) + '/', '')}, 128 x 256 tokens, seed 0", "llamacpp_quantizer": "llama_model_quantize, default params, no imatrix"},
     }
     f32 = workdir / "F32.gguf"
     convert(folder, f32, "f32", spec.get("tokenizer_model"))
@@ -137,7 +138,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# GGUF files on {result['model']}: llama.cpp's quantizer vs quantcli RTN vs quantcli GPTQ",
         "",
         f"Perplexity by llama.cpp on {s['dataset']}, {s['tokens']} tokens (benchmarks/llamacpp.py's ids), windows of {s['seq_len']};"
-        f" change vs llama.cpp's F32 GGUF ({result.get('f32_gguf_perplexity', float('nan')):.4f}). GPTQ calibration: {s['calibration']}."
+        f" change vs llama.cpp's F32 GGUF ({result.get('f32_gguf_perplexity', float('nan')):.4f}). GPTQ calibration: {s['calibration']};"
+        f" GPTQ: {s.get('gptq', GPTQ_SETTINGS)}."
         f" llama.cpp: {s['llamacpp_quantizer']}. {result['note']}",
         "" if result["complete"] else "\n**Incomplete run: the rows below are all that finished.**",
         "",

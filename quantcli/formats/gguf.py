@@ -202,7 +202,7 @@ def _tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
 
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # its notes on tokenizer.json's pair template are not ours to show
     special = gguf.SpecialVocab(folder, load_merges=not sentencepiece, n_vocab=count)
-    hf = AutoTokenizer.from_pretrained(folder)
+    hf = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # the tokenizer quantcli just saved
     special.add_special_token["bos"] = hf.bos_token_id is not None and hf("a")["input_ids"][:1] == [hf.bos_token_id]  # what HF does
     special.add_to_gguf(writer, quiet=True)
 
