@@ -93,6 +93,8 @@ def quantize(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: MODEL-METHOD-wBITS."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML recipe; options given here override it."),
+    output_format: Optional[str] = typer.Option(None, "--format", help="gguf: one llama.cpp file (with --gguf-type; rtn or gptq). Default: the method's own format."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="With --format gguf: Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 (sets --bits)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weights per scale (rtn/gptq; -1 per channel)."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric or zero-point integers (rtn/gptq)."),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (bnb-nf4/fp4)."),
@@ -146,7 +148,7 @@ def quantize(
     config = merge_quantize_config(
         config,
         top={**_given(model=model, bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype,
-                      max_shard_size=max_shard_size, skip_modules=skip, embeddings=embeddings, keep_dtype=keep_dtype), **{key: True for key, value in switches.items() if value}},
+                      max_shard_size=max_shard_size, skip_modules=skip, embeddings=embeddings, keep_dtype=keep_dtype, format=output_format, gguf_type=gguf_type), **{key: True for key, value in switches.items() if value}},
         method_options=_given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order,
                               clip_search=clip_search, observer=observer),
         calibration=_given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed, text_column=text_column),

@@ -122,6 +122,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
     "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
     "device_map": (str, type(None)), "embeddings": (int, str), "keep_dtype": (str,),
+    "device_map": (str, type(None)), "format": (str, type(None)), "gguf_type": (str, type(None)),
 }
 EMBEDDING_CHOICES = (8, 4, "keep")
 KEEP_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -152,6 +153,8 @@ class QuantizeConfig:
     allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
     embeddings: int | str = 8  # rtn/gptq: the input embedding and output head (one tensor when tied) in 8 or 4 bits, or "keep"
     keep_dtype: str = "auto"  # rtn/gptq: storage dtype of unquantized tensors; auto = 16-bit (see quantcli.keptdtype)
+    format: str | None = None  # None: the method's own format; "gguf": llama.cpp's, with gguf_type
+    gguf_type: str | None = None  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (quantcli.formats.gguf_grid)
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
@@ -164,7 +167,9 @@ class QuantizeConfig:
             raise InputError(f"--keep-dtype must be {', '.join(KEEP_DTYPES)}, got {shown(self.keep_dtype)}.")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
-        if self.bits not in (3, 4, 8, 16):
+        if self.format is not None or self.gguf_type is not None:
+            self._check_gguf()
+        elif self.bits not in (3, 4, 8, 16):
             raise InputError(
                 f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
             )
@@ -188,8 +193,26 @@ class QuantizeConfig:
     def _check_allocation(self) -> None:
         if self.low_memory:
             raise InputError("--target-* searches per-layer precision on the whole model in memory; drop --low-memory.")
+        if self.format is not None:
+            raise InputError("--target-* writes a mixed-precision compressed-tensors checkpoint; drop --format gguf.")
         if self.method is not None and self.method not in ALLOCATING_METHODS:
             raise InputError(f"--target-* allocates with --method rtn or gptq, not {self.method}.")
+    def _check_gguf(self) -> None:
+        from quantcli.formats.gguf_grid import TYPES, block_type
+
+        if self.format is None:
+            raise InputError("--gguf-type needs --format gguf.")
+        if self.format != "gguf":
+            raise InputError(f"--format takes gguf (other formats follow from --method), got {shown(self.format)}.")
+        if self.gguf_type is None:
+            raise InputError(f"--format gguf needs --gguf-type: one of {', '.join(TYPES)}.")
+        kind = block_type(self.gguf_type)
+        if self.bits != kind.bits:
+            raise InputError(f"--gguf-type {kind.name} stores {kind.bits}-bit codes, but --bits is {self.bits}. Drop --bits (the type sets it).")
+        if self.low_memory:
+            raise InputError("--format gguf writes one file from the whole model; drop --low-memory.")
+        if self.max_shard_size is not None:
+            raise InputError("--format gguf writes one file; drop --max-shard-size.")
 
     def _check_streaming(self) -> None:
         if self.gates.max_ppl_increase is not None:
@@ -308,6 +331,10 @@ def merge_quantize_config(
         recipe["allocation"] = {**_recipe_section(recipe, "allocation"), **allocation}
     if recipe.get("allocation"):
         recipe.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
+    if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
+        from quantcli.formats.gguf_grid import block_type
+
+        recipe["bits"] = block_type(recipe["gguf_type"]).bits
     if "bits" not in recipe:
         raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
     return config_from_mapping(recipe)

@@ -87,6 +87,7 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     source_format(path)  # a corrupt file fails here, with a readable message
     quantization_config = kwargs.pop("quantization_config", None)
     kwargs.pop("use_safetensors", None)
+    kwargs.update(_gpt2_positions(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype, device_map=None if quantization_config else device,
@@ -106,6 +107,15 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
             folder, dtype=dtype, device_map=device, quantization_config=quantization_config, use_safetensors=True, **kwargs
         )
     return requantized.eval()
+
+
+def _gpt2_positions(path: Path) -> dict[str, int]:
+    """transformers 5.24 reads ``gpt2.context_length`` as ``n_ctx``, not ``n_positions`` (the size of
+    GPT-2's position table), so a GPT-2 file with other than 1024 positions fails to load; pass it."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("gpt2.context_length")
+    return {} if field is None else {"n_positions": int(field.contents())}
 
 
 def describe(source: str | Path) -> dict[str, Any] | None:

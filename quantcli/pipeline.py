@@ -54,8 +54,8 @@ def check_streamable(method: str, device: str) -> None:
         raise UnavailableError("--low-memory runs on the CPU; drop --device or pass --device cpu.")
 
 
-def default_output(model: str, method: str, bits: int) -> Path:
-    return Path(f"{Path(model.rstrip('/')).name}-{method}-w{bits}")
+def default_output(model: str, method: str, bits: int, gguf_type: str | None = None) -> Path:
+    return Path(f"{Path(model.rstrip('/')).name}-{method}-{gguf_type or f'w{bits}'}")
 
 
 def eval_source(config: EvalConfig) -> TextSource:
@@ -103,6 +103,7 @@ class _Run:
     progress: Progress
     evaluation: TextSource | None = None
     calibration_text: TextSource | None = None
+    grid: Any = None  # the GGUF block type with --format gguf
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,19 +117,24 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     device = "cpu" if config.low_memory and config.device == "auto" else pick_device(config.device)
     method_name = config.method or ("rtn" if config.allocation else default_method(config.bits, device))
     method = get_method(method_name)
-    method_config = method.make_config(config.bits, config.method_options)
+    grid = None
+    if config.format == "gguf":
+        from quantcli.formats.gguf_grid import block_type
+
+        grid = block_type(config.gguf_type)
+    method_config = method.make_config(config.bits, config.method_options, grid)
     reason = method.unavailable_reason(device)
     if reason:
         raise UnavailableError(f"method {method_name} cannot run on {device} here: {reason}")
     if config.low_memory:
         check_streamable(method_name, device)
     source = resolve_model(config.model)
-    output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits)
+    output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits, config.gguf_type)
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
     calibrates = method.needs_calibration or config.allocation is not None
     calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if calibrates else None
-    run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress(), evaluation, calibration_text)
+    run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress(), evaluation, calibration_text, grid)
     with atomic_folder(output, config.force, resume=config.resume) as staging:
         result = (_stream if config.low_memory else _in_memory)(run, staging)
         result.tokenizer.save_pretrained(staging)
@@ -199,7 +205,7 @@ def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str
 
 def _quantizes_tables(run: _Run) -> bool:
     """Whether the input embedding and output head are quantized too (``--embeddings 8`` or ``4``)."""
-    return run.method.quantizes_tables and run.config.embeddings != "keep" and run.config.bits < 16
+    return run.method.quantizes_tables and run.grid is None and run.config.embeddings != "keep" and run.config.bits < 16
 
 
 def _table_bits(config: QuantizeConfig) -> int:
@@ -208,7 +214,7 @@ def _table_bits(config: QuantizeConfig) -> int:
 
 def _kept_dtype(run: _Run, model: Any) -> Any:
     """The 16-bit (or asked) dtype an integer checkpoint stores its unquantized tensors in, or None."""
-    if run.method.output_format != "compressed-tensors":
+    if run.method.output_format != "compressed-tensors" or run.grid is not None:  # GGUF keeps norms in F32, as llama.cpp does
         return None
     from quantcli.keptdtype import storage_dtype
 
@@ -235,6 +241,10 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
         model = load_model(run.source, pick_dtype(config.dtype, run.device), config.device_map or run.device, config.trust_remote_code)
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
+        if run.grid is not None:
+            from quantcli.formats.gguf import check_architecture
+
+            check_architecture(model.config)
         if run.method.needs_calibration or config.allocation is not None:
             check_context(model, config.calibration.seq_len)
     timings["load"] = time.perf_counter() - start
@@ -254,7 +264,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
     with progress.task(f"quantize ({run.method_name})", total=len(selection.names)) as advance:
         request = QuantizeRequest(
             run.source, model, tokenizer, selection.names, run.device, pick_dtype(config.dtype, run.device), run.method_config,
-            calibration, config.trust_remote_code, advance, config.device_map, tables=selection.tables, table_bits=_table_bits(config),
+            calibration, config.trust_remote_code, advance, config.device_map, tables=selection.tables, table_bits=_table_bits(config), grid=run.grid,
         )
         del model
         if config.allocation is not None:
@@ -281,6 +291,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
     quantized_memory = bytes_in_memory(quantized.model)
     start = time.perf_counter()
     with progress.task("save", total=None):
+        tokenizer.save_pretrained(staging)  # before the weights: a GGUF file carries the tokenizer
         quantized.save(staging, config.max_shard_size)
     timings["save"] = time.perf_counter() - start
     skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}  # a tied head stored as a layer

@@ -158,6 +158,8 @@ def test_targets_need_an_integer_method_in_memory():
         config_from_mapping({"method": "bnb-nf4", "allocation": {"target_kl": 0.1}})
     with pytest.raises(InputError, match="drop --low-memory"):
         config_from_mapping({"method": "rtn", "low_memory": True, "eval": None, "allocation": {"target_kl": 0.1}})
+    with pytest.raises(InputError, match=r"^--target-\* writes a mixed-precision compressed-tensors checkpoint; drop --format gguf\.$"):
+        config_from_mapping({"method": "rtn", "format": "gguf", "gguf_type": "Q4_0", "allocation": {"target_kl": 0.1}})
 
 
 def test_cli_two_targets_exit_2():

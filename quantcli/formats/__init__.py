@@ -1,5 +1,5 @@
 """Output formats. Each module in this package registers one format on import, so adding a format
-(GGUF next) is one new file here plus its tests.
+is one new file here plus its tests (GGUF: ``gguf.py``, with its block grids in ``gguf_grid.py``).
 
 A format turns a method's neutral per-layer records (integer codes, scales, zero points and their
 layout: :class:`quantcli.intweights.IntWeights`, or bitsandbytes' NF4 codes) into stored tensors

@@ -39,6 +39,7 @@ class QuantizeRequest:
     blocks: Any = None  # a streaming block source (quantcli.streaming); None: the blocks of ``model`` in memory
     tables: tuple[str, ...] = ()  # the input embedding / untied output head, for methods with ``quantizes_tables``
     table_bits: int = 8  # 8: per row; 4: the layers' own grid
+    grid: Any = None  # a GGUF block type (quantcli.formats.gguf_grid.BlockType) to round onto, for --format gguf
 
     def block_source(self, names: tuple[str, ...]) -> Any:
         """Where the driver (:func:`quantcli.blockwise.quantize_blockwise`) gets each decoder block."""
@@ -117,9 +118,14 @@ class Quantizer:
     needs_calibration: ClassVar[bool] = False
     quantizes_tables: ClassVar[bool] = False  # can quantize the input embedding and output head (QuantizeRequest.tables)
     output_format: ClassVar[str]
+    block_grids: ClassVar[bool] = False  # rounds onto a GGUF block type when the request carries one (--format gguf)
 
-    def make_config(self, bits: int, options: Mapping[str, Any]) -> Any:
-        if bits not in self.supported_bits:
+    def make_config(self, bits: int, options: Mapping[str, Any], grid: Any = None) -> Any:
+        """The method's config; with a GGUF ``grid`` the bits are the grid's, whatever the method's integer widths."""
+        if grid is not None:
+            if not self.block_grids:
+                raise InputError(f"--format gguf works with --method rtn or gptq, not {self.name}.")
+        elif bits not in self.supported_bits:
             allowed = ", ".join(map(str, self.supported_bits))
             raise InputError(f"method {self.name} does not do {bits}-bit. It supports --bits {allowed}.")
         return build_config(self.name, self.config_class, bits, options)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -96,21 +96,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     keeps, per row, the result with the lowest output error (rows are independent).
     """
     matrix = weight.detach().float()
-    hessian = hessian.detach().float().clone()
-    out_features, columns = matrix.shape
-    notes: list[str] = []
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
-    order = torch.arange(columns, device=matrix.device)
-    if act_order:
-        order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
-    upper, used_damp = _upper_inverse_cholesky(hessian[order][:, order], damp)
-    if upper is None:
-        notes.append(f"round-to-nearest: Hessian not positive definite even with damp {used_damp / 10:g}")
-        upper = torch.eye(columns, device=matrix.device)  # no error feedback: plain rounding
-    elif used_damp != damp:
-        notes.append(f"damp raised to {used_damp:g} for a positive definite Hessian")
-
+    out_features = matrix.shape[0]
+    hessian, order, upper, notes = _factor(hessian, act_order, damp)
     static = layout.group_size is None or act_order or codebook is not None
     rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
     if clip_search:  # a cheap pre-pass shortlists each row's clips; GPTQ runs on them and on the full range
@@ -125,6 +112,53 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
         pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
     q, scale, zero_point = (tensor[pick] for tensor in found)
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
+
+
+def _factor(hessian: torch.Tensor, act_order: bool, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The Hessian with unseen inputs given a unit diagonal, the column order, the upper Cholesky
+    factor of its damped inverse in that order (identity, with a note, when none exists) and notes."""
+    hessian = hessian.detach().float().clone()
+    columns, notes = hessian.shape[0], []
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    order = torch.arange(columns, device=hessian.device)
+    if act_order:
+        order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+    upper, used_damp = _upper_inverse_cholesky(hessian[order][:, order], damp)
+    if upper is None:
+        notes.append(f"round-to-nearest: Hessian not positive definite even with damp {used_damp / 10:g}")
+        upper = torch.eye(columns, device=hessian.device)  # no error feedback: plain rounding
+    elif used_damp != damp:
+        notes.append(f"damp raised to {used_damp:g} for a positive definite Hessian")
+    return hessian, order, upper, notes
+
+
+def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, make_grid: Callable[[torch.Tensor], Any], damp: float = 0.01,
+                 block_size: int = 128, act_order: bool = False, clip_search: bool = False) -> tuple[Any, list[str]]:
+    """GPTQ one ``[out, in]`` weight onto an external grid whose scales come from the weights it is
+    built on (e.g. a GGUF block type's, :class:`quantcli.formats.gguf_grid.FixedGrid`):
+    ``make_grid(matrix)`` gives an object with ``type.bits``, ``block`` (inputs per group),
+    ``round(column, group) -> (codes, values)``, ``values(matrix)`` and ``record(codes, rows)``.
+    ``clip_search`` as in :func:`gptq_quantize`, the grids built on the rows scaled by each shrink.
+    Returns the layer's record and notes."""
+    matrix = weight.detach().float()
+    out_features = matrix.shape[0]
+    hessian, order, upper, notes = _factor(hessian, act_order, damp)
+    rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
+    if clip_search:
+        losses = torch.stack([_output_error(matrix - make_grid(matrix * shrink).values(matrix), hessian) for shrink in CLIP_SHRINKS])
+        for finalist in torch.tensor(CLIP_SHRINKS, device=matrix.device)[torch.sort(losses, dim=0, stable=True).indices[:CLIP_FINALISTS]]:
+            clipped = torch.nonzero(finalist != 1).flatten()
+            rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
+    row_of = torch.cat(rows)
+    candidates = matrix[row_of]
+    grid = make_grid(candidates * torch.cat(shrinks)[:, None])
+    layout = IntLayout(grid.type.bits, True, grid.block)
+    codes, _, _, rounded = _quantize_columns(candidates, None, upper, order, True, layout, block_size, None, weight.dtype, grid)
+    pick = rows[0]
+    if len(row_of) > out_features:
+        pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
+    return grid.record(codes, pick), notes
 
 
 def _first_best(loss: torch.Tensor, row_of: torch.Tensor, rows: int) -> torch.Tensor:
@@ -193,15 +227,19 @@ def _static_grid(matrix: torch.Tensor, shrink: torch.Tensor, layout: IntLayout, 
 
 
 def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, static: bool,
-                      layout: IntLayout, block_size: int, codebook: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+                      layout: IntLayout, block_size: int, codebook: torch.Tensor | None, dtype: torch.dtype,
+                      grid: Any = None) -> tuple[torch.Tensor, ...]:
     """GPTQ's column loop over ``matrix`` (rows' ranges scaled by ``shrink``, ``[rows, 1]``), visiting
     columns in ``order`` with ``upper`` the Cholesky factor for that order; ``static`` groups take
-    their scales from ``matrix`` up front. Returns ``q``, ``scale``, ``zero_point`` and the rounded
-    values, all in the plain column order."""
+    their scales from ``matrix`` up front, an external ``grid`` (see :func:`gptq_on_grid`) rounds
+    instead. Returns ``q``, ``scale``, ``zero_point`` and the rounded values, all in the plain column order."""
     bits, group_size = layout.bits, layout.group_size
     qmin, qmax = ops.int_range(bits)
     out_features, columns = matrix.shape
-    if static:
+    if grid is not None:  # the grid holds its scales; these are placeholders
+        scale = torch.ones(out_features, columns // group_size, device=matrix.device)
+        zero_point = torch.zeros_like(scale, dtype=torch.int8)
+    elif static:
         scale, zero_point = _static_grid(matrix, shrink, layout, codebook, dtype)
     else:
         scale = torch.ones(out_features, columns // group_size, device=matrix.device)
@@ -227,7 +265,9 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
                     scale[:, group : group + 1], zero_point[:, group : group + 1] = s.to(dtype).float(), z
                     step[column : column + group_size], zero[column : column + group_size] = scale[:, group], z[:, 0].float()
                 weights, s, z = block[i], step[column], zero[column]
-                if codebook is None:  # ops.quantize then ops.dequantize, one column
+                if grid is not None:
+                    code, value = grid.round(weights, int(group_of[column]))
+                elif codebook is None:  # ops.quantize then ops.dequantize, one column
                     code = torch.round(weights / s + z).clamp_(qmin, qmax)
                     value = (code - z) * s
                 else:
@@ -250,6 +290,7 @@ class GPTQQuantizer(Quantizer):
     needs_calibration = True
     quantizes_tables = True
     output_format = "compressed-tensors"
+    block_grids = True
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.formats.compressed_tensors import compressed_result
@@ -258,6 +299,8 @@ class GPTQQuantizer(Quantizer):
         if request.calibration is None:
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
+        if request.grid is not None:
+            return self._on_grid(request)
         from quantcli.methods.rtn import round_to_nearest
 
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
@@ -286,3 +329,18 @@ class GPTQQuantizer(Quantizer):
         stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish)
         options = {key: value for key, value in asdict(config).items() if key != "bits"}
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes, stats)
+
+    def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
+        """GPTQ choosing the codes of the request's GGUF block type, its scales llama.cpp's reference
+        ones from the original weights, each row's range shrunk where the clip search finds it better
+        (``--no-clip-search``: exactly the reference scales)."""
+        from quantcli.formats.gguf import quantize_on_grid
+        from quantcli.formats.gguf_grid import FixedGrid
+
+        config, kind = request.config, request.grid
+
+        def choose(matrix: torch.Tensor, hessian: torch.Tensor) -> tuple[object, list[str]]:
+            return gptq_on_grid(matrix, hessian, lambda scaled: FixedGrid(scaled, kind), config.damp, config.block_size, config.act_order, config.clip_search)
+
+        options = {"gguf_type": kind.name, "act_order": config.act_order, "clip_search": config.clip_search, "damp": config.damp, "block_size": config.block_size}
+        return quantize_on_grid(request, self.name, options, choose)

@@ -31,6 +31,7 @@ class RTNQuantizer(Quantizer):
     config_class = RTNConfig
     quantizes_tables = True
     output_format = "compressed-tensors"
+    block_grids = True
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.blockwise import quantize_blockwise
@@ -39,6 +40,8 @@ class RTNQuantizer(Quantizer):
         config = request.config
         model = request.model
         modules = dict(model.named_modules())
+        if request.grid is not None:
+            return self._on_grid(request)
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
         plan.update(table_layouts(model, request.tables, request.table_bits, config))
 
@@ -55,6 +58,13 @@ class RTNQuantizer(Quantizer):
         for name in request.tables:
             notes[name].append(TABLE_NOTE.format(unit="row" if plan[name].group_size is None else f"group of {plan[name].group_size}"))
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes)
+
+    def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
+        """llama.cpp's own reference rounding onto the request's GGUF block type, layer by layer."""
+        from quantcli.formats.gguf import quantize_on_grid
+        from quantcli.formats.gguf_grid import round_to_nearest as round_to_block
+
+        return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian: (round_to_block(matrix, request.grid), []))
 
 
 def round_to_nearest(matrix: "torch.Tensor", layout: IntLayout) -> IntWeights:

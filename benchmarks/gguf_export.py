@@ -1,0 +1,178 @@
+"""quantcli's GGUF files against llama.cpp's own quantizer, all scored by llama.cpp on the same token ids.
+
+For each type (Q8_0, Q4_0, Q4_1, Q5_0): llama.cpp's ``llama_model_quantize`` on an F32 GGUF of the
+model (llama.cpp's convert_hf_to_gguf.py), ``quantcli quantize --format gguf --method rtn`` and
+``--method gptq``; plus llama.cpp's Q4_K_M. Perplexity through llama.cpp (benchmarks/gguf_harness.py)
+on exactly the ids and windows of benchmarks/llamacpp.py: stories260K on tinystories:eval (32,768
+tokens, windows of 256), SmolLM2-135M on wiki.valid.eval.txt (16,384 tokens, windows of 512). GPTQ
+calibrates as benchmarks/setups.py does: tinystories:calib, or wiki.valid.calib.txt, 128 windows of
+256 tokens, seed 0. Each quantcli RTN file's tensors are compared with llama.cpp's file of the same
+type; where every tensor is byte-identical the two files score the same and llama.cpp's number is
+reused (said in the row). Also: ``quantcli eval`` of llama.cpp's own Q4_0 file against llama.cpp.
+
+    PYTHONPATH=. QUANTCLI_LLAMACPP=/path/.llamacpp python benchmarks/gguf_export.py [--models stories260K smollm2]
+
+Writes benchmarks/results/gguf-export-<model>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.gguf_harness import REPO, convert, gguf_sizes, llamacpp_logits, perplexity, quantize, window_nlls  # noqa: E402
+from benchmarks.llamacpp import MODELS, NOTES, eval_ids, model_folder  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0")
+GPTQ_SETTINGS = "quantcli's defaults (act-order, static blocks, damp 0.01, clip search)"
+CALIBRATION = {"stories260K": "tinystories:calib", "smollm2": str(REPO / "benchmarks" / "data" / "wikitext-2" / "wiki.valid.calib.txt")}
+
+
+def same_tensors(ours: Path, theirs: Path) -> bool:
+    """Whether two GGUF files hold the same tensors (names, types, shapes, bytes)."""
+    from gguf import GGUFReader
+
+    def tensors(path: Path) -> dict[str, Any]:
+        return {t.name: (t.tensor_type, tuple(t.shape), t.data.tobytes()) for t in GGUFReader(str(path)).tensors}
+
+    return tensors(ours) == tensors(theirs)
+
+
+def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path) -> tuple[Path, float]:
+    import quantcli
+    from quantcli.config import CalibrationConfig, QuantizeConfig
+    from quantcli.formats.gguf import gguf_file
+    from quantcli.formats.gguf_grid import block_type
+
+    out = workdir / f"{method}-{kind}"
+    config = QuantizeConfig(
+        bits=block_type(kind).bits, model=str(folder), method=method, output=out, eval=None, format="gguf", gguf_type=kind,
+        calibration=CalibrationConfig(dataset=CALIBRATION[name], samples=128, seq_len=256, seed=0), force=True,
+    )
+    start = time.perf_counter()
+    quantcli.quantize(config)
+    return gguf_file(out), time.perf_counter() - start
+
+
+def run(name: str, threads: int, workdir: Path, save: Any) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    spec, folder = MODELS[name], model_folder(name)
+    torch.set_num_threads(threads)
+    ids = eval_ids(AutoTokenizer.from_pretrained(folder), spec["dataset"], spec["max_tokens"])
+    seq_len = spec["seq_len"]
+    log = lambda message: print(f"[{name}] {message}", file=sys.stderr, flush=True)  # noqa: E731
+    score = lambda path: perplexity(window_nlls(llamacpp_logits(path, seq_len, threads), ids, seq_len))  # noqa: E731
+    result: dict[str, Any] = {
+        "model": name, "complete": False, "note": NOTES[name], "rows": [], "quantcli_eval_of_llamacpp_q4_0": None,
+        "settings": {"dataset": spec["dataset"], "tokens": len(ids), "seq_len": seq_len, "threads": threads,
+                     "calibration": f"{CALIBRATION[name].replace(str(REPO) + '/', '')}, 128 x 256 tokens, seed 0", "llamacpp_quantizer": "llama_model_quantize, default params, no imatrix"},
+    }
+    f32 = workdir / "F32.gguf"
+    convert(folder, f32, "f32", spec.get("tokenizer_model"))
+    base = score(f32)
+    result["f32_gguf_perplexity"] = base
+
+    def add(label: str, method: str, kind: str, path: Path, ppl: float, seconds: float | None, note: str = "") -> None:
+        sizes = gguf_sizes(path)
+        result["rows"].append({"type": kind, "by": label, "method": method, "perplexity": ppl, "delta_pct": 100 * (ppl / base - 1),
+                               "quantize_seconds": seconds, "note": note, **sizes})
+        log(f"{label} {kind}: {sizes['file_bytes']} bytes, perplexity {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%)")
+        save(result)
+
+    for kind in ("Q4_0", "Q4_K_M", "Q5_0", "Q4_1", "Q8_0"):
+        theirs = workdir / f"llamacpp-{kind}.gguf"
+        seconds = quantize(f32, theirs, kind, threads)
+        add("llama.cpp", "llama_model_quantize", kind, theirs, score(theirs), seconds)
+        if kind == "Q4_0":
+            result["quantcli_eval_of_llamacpp_q4_0"] = quantcli_eval(theirs, spec, result["rows"][-1]["perplexity"])
+            save(result)
+        if kind not in TYPES:
+            continue
+        path, seconds = quantcli_file(name, folder, "gptq", kind, workdir)
+        add("quantcli", "gptq", kind, path, score(path), seconds)
+        if result.get("tokenizer_ids_equal") is None:
+            result["tokenizer_ids_equal"] = same_ids(path, spec, ids, AutoTokenizer.from_pretrained(folder))
+        path, seconds = quantcli_file(name, folder, "rtn", kind, workdir)
+        if same_tensors(path, theirs):
+            add("quantcli", "rtn", kind, path, result["rows"][-2]["perplexity"], seconds, "every tensor byte-identical to llama.cpp's file: its perplexity")
+        else:
+            add("quantcli", "rtn", kind, path, score(path), seconds)
+    result["complete"] = True
+    save(result)
+    return result
+
+
+def same_ids(path: Path, spec: dict[str, Any], ids: list[int], tokenizer: Any) -> bool:
+    """Whether llama.cpp, with the tokenizer quantcli wrote into ``path``, gives the HF tokenizer's ids on the eval text."""
+    from benchmarks.llamacpp import eval_text
+
+    text = eval_text(spec["dataset"])
+    llm = llamacpp_logits(path, 8).llama
+    theirs = llm.tokenize(text.encode("utf-8"), add_bos=tokenizer(text[:10])["input_ids"][0] == tokenizer.bos_token_id, special=False)
+    return theirs[: len(ids)] == ids and theirs == tokenizer(text)["input_ids"]
+
+
+def quantcli_eval(path: Path, spec: dict[str, Any], llamacpp_ppl: float) -> dict[str, Any]:
+    """``quantcli eval FILE.gguf`` (transformers' GGUF loader, dequantized) on the same tokens as llama.cpp."""
+    import quantcli
+    from quantcli.config import EvalConfig
+
+    dataset = spec["dataset"] if spec["dataset"].startswith("tinystories") else str(REPO / spec["dataset"])
+    ppl = quantcli.evaluate(str(path), EvalConfig(dataset=dataset, seq_len=spec["seq_len"], max_tokens=spec["max_tokens"]))["perplexity"]
+    return {"quantcli": ppl, "llamacpp": llamacpp_ppl, "diff_pct": 100 * (ppl / llamacpp_ppl - 1)}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, check = result["settings"], result["quantcli_eval_of_llamacpp_q4_0"]
+    lines = [
+        f"# GGUF files on {result['model']}: llama.cpp's quantizer vs quantcli RTN vs quantcli GPTQ",
+        "",
+        f"Perplexity by llama.cpp on {s['dataset']}, {s['tokens']} tokens (benchmarks/llamacpp.py's ids), windows of {s['seq_len']};"
+        f" change vs llama.cpp's F32 GGUF ({result.get('f32_gguf_perplexity', float('nan')):.4f}). GPTQ calibration: {s['calibration']};"
+        f" GPTQ: {s.get('gptq', GPTQ_SETTINGS)}."
+        f" llama.cpp: {s['llamacpp_quantizer']}. {result['note']}",
+        "" if result["complete"] else "\n**Incomplete run: the rows below are all that finished.**",
+        "",
+        "| type | by | size on disk | bits/weight | perplexity | change | quantize s | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        seconds = "" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.1f}"
+        lines.append(f"| {r['type']} | {r['by']} {r['method'] if r['by'] == 'quantcli' else ''} | {r['file_bytes']:,} B | {r['bits_per_weight']:.2f}"
+                     f" | {r['perplexity']:.4f} | {r['delta_pct']:+.2f}% | {seconds} | {r['note']} |")
+    if result.get("tokenizer_ids_equal") is not None:
+        lines += ["", f"llama.cpp with the tokenizer quantcli wrote gives the HF tokenizer's ids on the whole eval text: {result['tokenizer_ids_equal']}."]
+    if check:
+        lines += ["", f"`quantcli eval` of llama.cpp's own Q4_0 file: {check['quantcli']:.4f} vs llama.cpp's {check['llamacpp']:.4f} ({check['diff_pct']:+.3f}%)."]
+    lines += ["", "Wall-clock times on a shared 2-core machine (other jobs running)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["stories260K"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    for name in args.models:
+        stem = RESULTS / f"gguf-export-{name}"
+
+        def save(result: dict[str, Any], stem: Path = stem) -> None:
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+            stem.with_suffix(".md").write_text(markdown(result))
+
+        with tempfile.TemporaryDirectory(prefix=f"gguf-export-{name}-") as tmp:
+            print(markdown(run(name, args.threads, Path(tmp), save)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""GGUF, llama.cpp's format: one ``model-TYPE.gguf`` in the output folder, written with the ``gguf``
+package llama.cpp publishes (its writer, tensor-name maps, special-vocab reader and quantizers).
+
+The output folder also holds ``quantcli.json``, ``report.json`` and the Hugging Face tokenizer, so
+``quantcli eval OUT`` needs no flags; llama.cpp (``llama-cli -m OUT/model-Q4_0.gguf``), ollama and
+transformers' GGUF loader read the file alone. Llama-family models and GPT-2 are written.
+
+Per-tensor types follow llama.cpp's quantizer (``llama_tensor_get_type`` for the legacy file types,
+no imatrix): the layers quantcli quantized carry the asked type's blocks (rows whose width is not a
+multiple of 32 are F16); the output head, and the token embedding when it is tied to the head, are
+Q8_0 (llama.cpp picks Q6_K where the width is a multiple of 256 and falls back to Q8_0 otherwise;
+quantcli writes no K-quants, so Q8_0 always); an untied token embedding gets the asked type by
+``gguf``'s own quantizer; norms, biases, position embeddings and ``--skip-modules`` layers stay F32.
+Llama's q/k rows are permuted to llama.cpp's rotary layout, as its converter does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantcli.errors import CheckpointError, UnavailableError
+from quantcli.formats import Format, register_format
+from quantcli.formats.gguf_grid import BLOCK, BlockType, BlockWeights, pack
+from quantcli.methods.base import LayerRecord, QuantizedModel
+
+ARCHITECTURES = ("llama", "gpt2")  # model_type -> gguf.MODEL_ARCH of the same name
+HEAD_TYPE = "Q8_0"
+
+
+def gguf_result(model: Any, method: str, kind: BlockType, options: dict[str, Any], records: dict[str, BlockWeights | None],
+                notes: dict[str, list[str]], stats: dict[str, Any] | None = None) -> QuantizedModel:
+    """A method's result on a GGUF grid: one record per layer (None: stored F16) and the per-layer map."""
+    from quantcli.models import weight_matrix
+
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, layer_notes in notes.items():
+        record = records.get(name)
+        shape = tuple(weight_matrix(modules[name]).shape)
+        bits, scheme = (kind.bits, kind.name) if record is not None else (16, "F16")
+        layers[name] = LayerRecord(bits, scheme, BLOCK if record is not None else None, shape, "; ".join(layer_notes) or None)
+    return QuantizedModel(model, method, kind.bits, "gguf", options, layers, {**records, **_embeddings(model, kind)}, stats or {})
+
+
+def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
+    """Run a method over the request's layers on its GGUF block type (:mod:`quantcli.blockwise`, with
+    the request's calibration if any): ``choose(matrix, hessian) -> (BlockWeights, notes)`` per layer
+    whose width the blocks fit (:func:`quantcli.formats.gguf_grid.quantize_layer`); a layer no
+    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note."""
+    import torch
+
+    from quantcli.blockwise import quantize_blockwise
+    from quantcli.formats.gguf_grid import quantize_layer
+
+    modules = dict(request.model.named_modules())
+    notes: dict[str, list[str]] = {name: [] for name in request.layers}
+
+    def finish(name: str, hessian: Any) -> BlockWeights | None:
+        def chosen(matrix: Any) -> BlockWeights:
+            used = hessian
+            if request.calibration is not None and hessian is None:
+                notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
+                used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
+            record, extra = choose(matrix, used)
+            notes[name].extend(extra)
+            return record
+
+        record, note = quantize_layer(modules[name], request.grid, chosen)
+        notes[name] += [note] if note else []
+        request.progress(1)
+        return record
+
+    blocks = request.block_source(request.layers)
+    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
+    return gguf_result(request.model, method, request.grid, options, blocks.records, notes, stats if request.calibration is not None else None)
+
+
+@dataclass
+class Packed:
+    """A tensor already in the file's layout: ``data`` (numpy) of ggml type ``raw_type`` (None: F32/F16 by dtype)."""
+
+    data: Any
+    raw_type: Any
+
+
+def _embeddings(model: Any, kind: BlockType) -> dict[str, Packed]:
+    """The token embedding and output head in the types the file stores them (see above), their
+    weights set to those values so that the model quantcli measures is the file's."""
+    import gguf
+    import numpy as np
+    import torch
+
+    modules = {module: name for name, module in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is embedding.weight
+    chosen = {embedding: HEAD_TYPE if tied else kind.name, **({} if tied else {head: HEAD_TYPE})}
+    packed = {}
+    for module, to_type in chosen.items():
+        data, raw_type = _dense(module.weight, to_type)
+        values = gguf.quants.dequantize(data, raw_type) if raw_type is not None else data.astype(np.float32)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(values).to(module.weight.dtype))
+        packed[modules[module]] = Packed(data, raw_type)
+    return packed
+
+
+def gguf_file(folder: str | Path) -> Path:
+    """The one ``.gguf`` file of a quantcli GGUF output folder."""
+    found = sorted(Path(folder).glob("*.gguf"))
+    if len(found) != 1:
+        raise CheckpointError(f"{folder} should hold exactly one .gguf file, found {len(found)}. Re-run quantcli quantize.")
+    return found[0]
+
+
+def check_architecture(config: Any) -> None:
+    if config.model_type not in ARCHITECTURES:
+        raise UnavailableError(f"GGUF output supports Llama-family and GPT-2 models (model_type llama, gpt2), not {config.model_type}.")
+
+
+def _permute_rows(tensor: Any, heads: int) -> Any:
+    """Llama's q/k rows from Hugging Face's rotary layout (halves) to llama.cpp's (pairs)."""
+    rows = tensor.shape[0]
+    return tensor.reshape(heads, 2, rows // heads // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
+
+
+def _hyperparameters(writer: Any, config: Any, kind: BlockType) -> None:
+    import gguf
+
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
+    writer.add_head_count(heads)
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{kind.name}"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if config.model_type == "gpt2":
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise UnavailableError(f"GGUF output writes plain rotary embeddings; this model's rope_type is {rope['rope_type']}.")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
+    """The Hugging Face tokenizer in ``folder`` as GGUF metadata: SentencePiece-style BPE (byte fallback,
+    Llama) as llama.cpp's ``llama`` model with scores from the merge ranks, byte-level BPE (GPT-2,
+    SmolLM2) as its ``gpt2`` model with the merges; special tokens, BOS/EOS flags and the chat
+    template through ``gguf.SpecialVocab``."""
+    import gguf
+
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model, pre = data["model"], data.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE":
+        raise UnavailableError(f"GGUF output writes BPE tokenizers (SentencePiece-style or byte-level); this one is {model.get('type')}.")
+    sentencepiece = bool(model.get("byte_fallback"))
+    if not sentencepiece and (pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)):
+        raise UnavailableError(f"GGUF output writes GPT-2's byte-level pre-tokenizer or SentencePiece-style ones; this tokenizer's is {pre.get('type')}.")
+    tokens = {token_id: text for text, token_id in model["vocab"].items()}
+    added = {item["id"]: item for item in data.get("added_tokens", [])}
+    tokens.update({token_id: item["content"] for token_id, item in added.items()})
+    count = max(vocab_size, max(tokens) + 1)
+    merges = [pair if isinstance(pair, str) else " ".join(pair) for pair in model.get("merges", [])]
+    rank = {merge.replace(" ", ""): -float(index) for index, merge in reversed(list(enumerate(merges)))}
+    texts, scores, types = [], [], []
+    for token_id in range(count):
+        text = tokens.get(token_id, f"[PAD{token_id}]")
+        item = added.get(token_id)
+        if item is not None:
+            kind = gguf.TokenType.CONTROL if item.get("special") else gguf.TokenType.USER_DEFINED
+            kind = gguf.TokenType.UNKNOWN if text == model.get("unk_token") else kind
+        elif token_id not in tokens:
+            kind = gguf.TokenType.UNUSED
+        elif sentencepiece and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            kind = gguf.TokenType.BYTE
+        else:
+            kind = gguf.TokenType.NORMAL
+        texts.append(text)
+        scores.append(rank.get(text, 0.0) if sentencepiece else 0.0)
+        types.append(kind)
+    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+    writer.add_tokenizer_pre("default" if sentencepiece else "gpt-2")
+    writer.add_token_list(texts)
+    if sentencepiece:  # llama.cpp's SentencePiece tokenizer merges by score; its BPE one reads the merges
+        writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    import logging
+
+    from transformers import AutoTokenizer
+
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # its notes on tokenizer.json's pair template are not ours to show
+    special = gguf.SpecialVocab(folder, load_merges=not sentencepiece, n_vocab=count)
+    hf = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # the tokenizer quantcli just saved
+    special.add_special_token["bos"] = hf.bos_token_id is not None and hf("a")["input_ids"][:1] == [hf.bos_token_id]  # what HF does
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _dense(value: Any, to_type: str) -> tuple[Any, Any]:
+    """A dense tensor as ``(numpy data, raw type)``: F32/F16 as is, a block type by ``gguf``'s quantizer."""
+    import gguf
+    import numpy as np
+
+    array = value.detach().float().cpu().numpy()
+    if to_type == "F32":
+        return array.astype(np.float32), None
+    if to_type == "F16" or array.shape[-1] % BLOCK:
+        return array.astype(np.float16), None
+    kind = gguf.GGMLQuantizationType[to_type]
+    return gguf.quants.quantize(array, kind), kind
+
+
+def _tensors(quantized: QuantizedModel) -> Any:
+    """``(gguf name, data, raw type)`` of every tensor, in the model's order."""
+    import gguf
+
+    from quantcli.models import is_conv1d
+
+    model, config = quantized.model, quantized.model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
+    modules = dict(model.named_modules())
+    tied = getattr(config, "tie_word_embeddings", False)
+    for key, value in model.state_dict().items():
+        module_name = key.rsplit(".", 1)[0]
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnavailableError(f"GGUF output has no llama.cpp name for tensor {key} of this {config.model_type} model.")
+        if name == "output.weight" and tied:
+            continue
+        heads = None
+        if config.model_type == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_attention_heads if name.endswith("attn_q.weight") else config.num_key_value_heads
+        record = quantized.records.get(module_name) if key.endswith(".weight") else None
+        if isinstance(record, Packed):
+            yield name, record.data, record.raw_type
+            continue
+        if record is not None:
+            if heads:
+                record = BlockWeights(*(None if t is None else _permute_rows(t, heads) for t in (record.codes, record.scale, record.minimum)), record.type)
+            yield name, pack(record), gguf.GGMLQuantizationType[record.type.name]
+            continue
+        if key.endswith(".weight") and is_conv1d(modules[module_name]):
+            value = value.t()
+        if heads:
+            value = _permute_rows(value, heads)
+        to_type = "F16" if module_name in quantized.layers and key.endswith(".weight") else "F32"  # F16: blocks cannot hold it
+        yield (name, *_dense(value, to_type))
+
+
+@register_format
+class GGUF(Format):
+    name = "gguf"
+
+    def save(self, quantized: QuantizedModel, folder: Path, max_shard_size: int | None = None) -> None:
+        """Write ``folder/model-TYPE.gguf``; the tokenizer must already be saved in ``folder``."""
+        import gguf
+
+        from quantcli.formats.gguf_grid import block_type
+
+        config = quantized.model.config
+        check_architecture(config)
+        kind = block_type(quantized.options["gguf_type"])
+        writer = gguf.GGUFWriter(str(Path(folder) / f"model-{kind.name}.gguf"), config.model_type)
+        writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
+        _hyperparameters(writer, config, kind)
+        _tokenizer(writer, Path(folder), config.vocab_size)
+        for name, data, raw_type in _tensors(quantized):
+            writer.add_tensor(name, data, raw_dtype=raw_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
+        import torch
+
+        from quantcli import gguf_input
+
+        return gguf_input.load_model(gguf_file(folder), torch.float32, device)
