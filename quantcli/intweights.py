@@ -135,12 +135,16 @@ def plan_layouts(
 TABLE_NOTE = "embedding table: round-to-nearest per {unit} (its inputs are one-hot, so there is no useful Hessian)"
 
 
+TABLE_GROUP = 64  # int8 embedding rows in groups of 64: SmolLM2 +0.066% perplexity vs +0.18% per row, for 0.5 bit/weight of scales
+
+
 def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridConfig) -> dict[str, IntLayout]:
-    """Layouts of the input embedding / output head ``[vocab, hidden]``: 8 bits symmetric per row
-    (the default at every width, as llama.cpp keeps ``token_embd`` in Q8_0), or 4 bits on the layers' grid."""
-    if bits == 8:
-        return {name: IntLayout(8, True, None) for name in tables}
+    """Layouts of the input embedding / output head ``[vocab, hidden]``: 8 bits symmetric in groups of
+    :data:`TABLE_GROUP` (the default at every width, as llama.cpp keeps ``token_embd`` in Q8_0, whose
+    blocks are 32), or 4 bits on the layers' grid."""
     modules = dict(model.named_modules())
+    if bits == 8:
+        return {name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP)) for name in tables}
     requested = grid.group_size or DEFAULT_GROUP_SIZE
     return {
         name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer)

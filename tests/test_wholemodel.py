@@ -55,7 +55,8 @@ def test_tied_embedding_is_quantized_once_and_reloads_in_plain_transformers(stor
     evaluation = EvalConfig(max_tokens=2048)
     report = quantcli.quantize(QuantizeConfig(bits=bits, method=method, model=stories_path, output=tmp_path / "q", eval=evaluation))
     embedding, head = report.layers["model.embed_tokens"], report.layers["lm_head"]
-    assert (embedding.bits, embedding.scheme, embedding.shape) == (8, "channel", (512, 64))
+    assert (embedding.bits, embedding.scheme, embedding.group_size, embedding.shape) == (8, "group", 64, (512, 64))
+    assert (head.bits, head.scheme, head.group_size) == (8, "group", 64)
     assert head.note.startswith("tied to model.embed_tokens") and "lm_head" not in report.skipped
     files = stored(tmp_path / "q")
     assert files["model.embed_tokens.weight"] == "I8" and "lm_head.weight" not in files and files["lm_head.weight_scale"] == "F32"

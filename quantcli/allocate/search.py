@@ -84,7 +84,7 @@ def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidat
 
 
 def table_options(model: Any, request: Any) -> dict[str, list[Option]]:
-    """The input embedding (and an untied head) as ``--embeddings`` asks, rounded to nearest per row:
+    """The input embedding (and an untied head) as ``--embeddings`` asks, rounded to nearest:
     one fixed option each, not searched (no Hessian: their inputs are one-hot)."""
     from quantcli.intweights import TABLE_NOTE, table_layouts
 

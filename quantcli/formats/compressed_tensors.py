@@ -156,7 +156,7 @@ def tied_head_name(model: Any, layouts: dict[str, IntLayout]) -> str | None:
 def target_layouts(model: Any, layouts: dict[str, IntLayout]) -> dict[str, IntLayout]:
     """``layouts`` plus a tied head on its embedding's 8-bit grid. transformers ties ``lm_head.weight``
     to the embedding's stored int8 ``weight`` before decompressing, so the head must be a quantized
-    module too, with its own copy of the per-row scales (vocab × 4 bytes): then both decompress to
+    module too, with its own copy of the scales (vocab × 4 bytes per group): then both decompress to
     the same values. A packed (4-bit) embedding has no ``weight`` to tie; its head is left out and the
     checkpoint is marked ``dequantize`` (see the module docstring)."""
     name = tied_embedding_name(model, layouts)
@@ -196,7 +196,8 @@ def compressed_result(
     packable = {name: weights[name].layout for name in weights if storage_note(modules[name]) is None}
     for name in set(target_layouts(model, packable)) - set(packable):  # a tied head: the embedding's tensor
         embedding = tied_embedding_name(model, packable)
-        layers[name] = LayerRecord(8, "channel", None, layers[embedding].shape, f"tied to {embedding}: its int8 tensor, stored once; only the row scales are stored again")
+        tied = layers[embedding]
+        layers[name] = LayerRecord(8, tied.scheme, tied.group_size, tied.shape, f"tied to {embedding}: its int8 tensor, stored once; only the scales are stored again")
     packed_any = any(storage_note(modules[name]) is None for name in weights)
     return QuantizedModel(
         model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers, weights, stats or {},
