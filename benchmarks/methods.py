@@ -65,7 +65,7 @@ DEMO_RUNS = [  # label, method, bits, options (gptq: act-order with static group
 GROUPS = [("g128", 128), ("g64", 64), ("g32", 32), ("per-channel", -1)]
 REAL_RUNS = [  # every bit width at every grouping, for RTN (cheap) and GPTQ; bitsandbytes at its own formats
     *[(f"rtn int{bits} {name}", "rtn", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],
-    ("rtn int4 g32 asymmetric (the source's Q4_1 grid)", "rtn", 4, {"group_size": 32, "symmetric": False}),
+    ("rtn int4 g32 asymmetric", "rtn", 4, {"group_size": 32, "symmetric": False}),
     ("bnb-int8", "bnb-int8", 8, {}),
     ("bnb-nf4", "bnb-nf4", 4, {}),
     *[(f"gptq int{bits} {name}", "gptq", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],

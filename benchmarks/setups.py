@@ -18,8 +18,8 @@ WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext-2"
 SMOLLM2_ENV = "QUANTCLI_SMOLLM2"
 SMOLLM2_CAVEAT = (
     "SmolLM2's weights were dequantized from the Q4_1 GGUF it ships as (blocks of 32 inputs, asymmetric),"
-    " so asymmetric 4-bit g32 is near-lossless by construction; symmetric formats, g64/g128, per-channel,"
-    " 3-bit and 8-bit are meaningful."
+    " so llama.cpp's Q4_1 is near-lossless on it by construction (an integer zero point cannot hit Q4_1's"
+    " float minimum: quantcli's asymmetric g32 is not); symmetric formats, g64/g128, per-channel, 3-bit and 8-bit are meaningful."
 )
 
 
