@@ -35,7 +35,8 @@ from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.data import calibration_batch, read_documents
 from quantcli.methods import get_method
 from quantcli.methods.base import QuantizeRequest
-from quantcli.models import load_model, load_tokenizer, select_modules
+from quantcli.models import load_model, load_tokenizer
+from quantcli.layers import select_modules
 from quantcli.pipeline import measure_perplexity
 from quantcli.progress import NullProgress
 

@@ -42,7 +42,8 @@ def run(source: Path, blocks: int, calibration: torch.Tensor, bits: int, group_s
     from quantcli.blockwise import quantize_blockwise
     from quantcli.intweights import plan_layouts
     from quantcli.methods.gptq import gptq_quantize
-    from quantcli.models import load_model, select_modules, weight_matrix
+    from quantcli.models import load_model
+    from quantcli.layers import select_modules, weight_matrix
 
     model = load_model(str(source), torch.float32, "cpu")
     model.model.layers = model.model.layers[:blocks]
@@ -79,7 +80,8 @@ def quality(source: Path, calibration: torch.Tensor, group_size: int, output: Pa
     from quantcli.config import EvalConfig
     from quantcli.methods import get_method
     from quantcli.methods.base import QuantizeRequest
-    from quantcli.models import load_model, load_tokenizer, select_modules
+    from quantcli.models import load_model, load_tokenizer
+    from quantcli.layers import select_modules
     from quantcli.pipeline import measure_perplexity
     from quantcli.progress import NullProgress
 

@@ -21,7 +21,8 @@ import torch
 from quantcli import ops
 from quantcli.config import EvalConfig
 from quantcli.intweights import plan_layouts
-from quantcli.models import load_model, load_tokenizer, select_modules, set_weight_matrix, weight_matrix
+from quantcli.models import load_model, load_tokenizer
+from quantcli.layers import select_modules, set_weight_matrix, weight_matrix
 from quantcli.pipeline import measure_perplexity
 from quantcli.progress import NullProgress
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from quantcli.errors import UnavailableError
-from quantcli.models import weight_matrix
+from quantcli.layers import weight_matrix
 
 BATCH = 8  # calibration samples per forward pass
 

@@ -121,8 +121,8 @@ class EvalConfig:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
     "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
-    "device_map": (str, type(None)), "embeddings": (int, str), "keep_dtype": (str,),
-    "device_map": (str, type(None)), "format": (str, type(None)), "gguf_type": (str, type(None)),
+    "device_map": (str, type(None)), "embeddings": (int, str), "keep_dtype": (str,), "format": (str, type(None)),
+    "gguf_type": (str, type(None)),
 }
 EMBEDDING_CHOICES = (8, 4, "keep")
 KEEP_DTYPES = ("auto", "float32", "bfloat16", "float16")

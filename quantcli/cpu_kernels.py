@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from quantcli.errors import UnavailableError
-from quantcli.models import weight_matrix
+from quantcli.layers import weight_matrix
 from quantcli.ops import int_range
 
 BACKEND_BITS = {"int8-cpu": (8,), "int4-cpu": (4, 3)}

@@ -27,7 +27,7 @@ def check_weight_range(name: str, weight: Any, source: str) -> None:
 
 
 def check_layers_quantizable(model: Any, names: tuple[str, ...], source: str) -> None:
-    from quantcli.models import weight_matrix
+    from quantcli.layers import weight_matrix
 
     modules = dict(model.named_modules())
     for name in names:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import InputError
-from quantcli.models import weight_matrix
+from quantcli.layers import weight_matrix
 
 if TYPE_CHECKING:
     import torch

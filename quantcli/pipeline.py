@@ -19,25 +19,11 @@ from quantcli.data import TextSource, calibration_batch, read_documents, token_s
 from quantcli.errors import DatasetError, InputError, ResumableInterrupt, UnavailableError
 from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
 from quantcli.integrity import check_same_vocabulary, check_streamed, file_shapes
+from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules, table_names
 from quantcli.perplexity import EvalResult, check_context, evaluate_sequences
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
-from quantcli.models import (
-    bytes_in_memory,
-    bytes_on_disk,
-    check_finite,
-    check_vocab,
-    is_conv1d,
-    load_model,
-    load_tokenizer,
-    parameter_count,
-    pick_device,
-    pick_dtype,
-    resolve_model,
-    select_modules,
-    table_names,
-    weight_files,
-)
+from quantcli.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
 from quantcli.progress import NullProgress, Progress
 from quantcli.report import QuantizeReport, size_breakdown, size_summary
 

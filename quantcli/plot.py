@@ -17,7 +17,7 @@ def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
     import torch
 
     from quantcli.checkpoint import load
-    from quantcli.models import dense_weight_matrix, weight_matrix
+    from quantcli.layers import dense_weight_matrix, weight_matrix
 
     quantized, _, metadata = load(checkpoint, "cpu")
     original = load(reference, "cpu")[0]

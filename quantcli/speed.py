@@ -148,7 +148,7 @@ def _run(model: Any, ids: Any, new_tokens: int, memory: _Memory) -> tuple[float,
 
 def measure(model: Any, ids: Any, config: BenchConfig) -> dict[str, Any]:
     """Median prefill and decode speed of a loaded model over ``config.repeats`` runs after warm-up."""
-    from quantcli.models import bytes_in_memory
+    from quantcli.layers import bytes_in_memory
 
     device = next(model.parameters()).device
     ids = ids.to(device)

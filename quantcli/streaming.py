@@ -164,7 +164,7 @@ class ShardBlocks:
     def _check_range(self, layers: list[str]) -> None:
         """Refuse a layer whose values are too large for a finite scale, as the in-memory run does up front."""
         from quantcli.finite import check_weight_range
-        from quantcli.models import weight_matrix
+        from quantcli.layers import weight_matrix
 
         for name in layers:
             check_weight_range(name, weight_matrix(self.modules[name]), "")

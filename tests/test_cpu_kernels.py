@@ -15,7 +15,7 @@ from quantcli.checkpoint import load
 from quantcli.config import EvalConfig, config_from_mapping
 from quantcli.cpu_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, _int4_module, _int8_module
 from quantcli.errors import UnavailableError
-from quantcli.models import bytes_in_memory, weight_matrix
+from quantcli.layers import bytes_in_memory, weight_matrix
 from quantcli.pipeline import measure_perplexity, quantize
 from quantcli.progress import NullProgress
 

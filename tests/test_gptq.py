@@ -19,7 +19,8 @@ from quantcli.errors import InputError
 from quantcli.intweights import IntLayout
 from quantcli.methods import available_methods, get_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
-from quantcli.models import EMBEDDED_MODEL, load_model, load_tokenizer, select_modules
+from quantcli.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from quantcli.layers import select_modules
 
 available_methods()  # fill the registry first: it skips discovery once any method module is imported
 from quantcli.methods.gptq import gptq_quantize  # noqa: E402

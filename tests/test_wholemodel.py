@@ -108,7 +108,8 @@ def test_size_breakdown_sums_to_the_tensors_and_counts_all_parameters(stories_pa
 
 
 def test_bnb_methods_keep_the_embedding(stories_path):
-    from quantcli.models import load_model, select_modules
+    from quantcli.models import load_model
+    from quantcli.layers import select_modules
 
     model = load_model(stories_path, torch.float32, "cpu")
     selection = select_modules(model, tables=False)

@@ -107,7 +107,7 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
     layout owns are stored in ``kept_dtype`` (e.g. ``bfloat16``; None: as held)."""
     import json
 
-    from quantcli.models import weight_matrix
+    from quantcli.layers import weight_matrix
 
     modules = dict(model.named_modules())  # type: ignore[attr-defined]
     tensors, owners = [], {}

@@ -23,7 +23,7 @@ from quantcli.allocate.search import (
 from quantcli.allocate.sensitivity import hessians, output_fisher
 from quantcli.errors import GateFailedError
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
-from quantcli.models import set_weight_matrix, weight_matrix
+from quantcli.layers import set_weight_matrix, weight_matrix
 
 ENOUGH = 0.8  # a round that meets the target using at least this share of it ends the search
 
@@ -102,7 +102,7 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
 def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tuple[dict[str, int], list[dict[str, Any]], int, int | None]:
     """Solve, verify, tighten and repeat: the chosen allocation (left assembled in the model), every
     round, the index of the chosen one, and the target in bytes for size targets."""
-    from quantcli.models import parameter_count
+    from quantcli.layers import parameter_count
 
     model, base, table, verify = prepared.model, prepared.base, prepared.table, prepared.verify
     target_bytes = value if kind == "size" else math.floor(value * parameter_count(model) / 8) if kind == "bpw" else None

@@ -26,7 +26,7 @@ from quantcli.allocate.sensitivity import BATCH, base_log_probs, measured_kl, pr
 from quantcli.allocate.solver import solve
 from quantcli.errors import InputError
 from quantcli.intweights import IntLayout, IntWeights
-from quantcli.models import set_weight_matrix, weight_matrix
+from quantcli.layers import set_weight_matrix, weight_matrix
 
 
 @dataclass

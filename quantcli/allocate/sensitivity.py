@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from quantcli.models import weight_matrix
+from quantcli.layers import weight_matrix
 
 BATCH = 8  # windows per forward pass
 

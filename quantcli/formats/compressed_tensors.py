@@ -29,7 +29,7 @@ from quantcli.errors import CheckpointError
 from quantcli.formats import Format, register_format
 from quantcli.intweights import IntLayout, IntWeights
 from quantcli.methods.base import LayerRecord, QuantizedModel, shard_kwargs
-from quantcli.models import is_conv1d
+from quantcli.layers import is_conv1d
 
 CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
 
@@ -141,7 +141,7 @@ def save_compressed(
 
 def tied_embedding_name(model: Any, names: Any) -> str | None:
     """The input embedding's name when it is among ``names`` and the output head is tied to it."""
-    from quantcli.models import is_tied
+    from quantcli.layers import is_tied
 
     embedding = model.get_input_embeddings()
     return next((name for name, module in model.named_modules() if module is embedding and name in names), None) if is_tied(model) else None

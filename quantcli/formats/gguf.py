@@ -33,7 +33,7 @@ HEAD_TYPE = "Q8_0"
 def gguf_result(model: Any, method: str, kind: BlockType, options: dict[str, Any], records: dict[str, BlockWeights | None],
                 notes: dict[str, list[str]], stats: dict[str, Any] | None = None) -> QuantizedModel:
     """A method's result on a GGUF grid: one record per layer (None: stored F16) and the per-layer map."""
-    from quantcli.models import weight_matrix
+    from quantcli.layers import weight_matrix
 
     modules = dict(model.named_modules())
     layers = {}
@@ -225,7 +225,7 @@ def _tensors(quantized: QuantizedModel) -> Any:
     """``(gguf name, data, raw type)`` of every tensor, in the model's order."""
     import gguf
 
-    from quantcli.models import is_conv1d
+    from quantcli.layers import is_conv1d
 
     model, config = quantized.model, quantized.model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)

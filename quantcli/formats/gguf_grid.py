@@ -167,7 +167,7 @@ def quantize_layer(module: Any, kind: BlockType, choose: Callable[["torch.Tensor
     """One layer onto ``kind``'s grid with ``choose(matrix)`` (rounding or GPTQ); its weights become
     the values llama.cpp will compute with. A layer whose width is not a multiple of 32 is stored
     F16, as llama.cpp's quantizer does: no record, its weights rounded to fp16, and a note."""
-    from quantcli.models import set_weight_matrix, weight_matrix
+    from quantcli.layers import set_weight_matrix, weight_matrix
 
     matrix = weight_matrix(module)
     if matrix.shape[1] % BLOCK:

@@ -18,7 +18,8 @@ from quantcli.errors import InputError, UnavailableError
 from quantcli.formats.bitsandbytes import BLOCK
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
-from quantcli.models import is_conv1d, load_model
+from quantcli.models import load_model
+from quantcli.layers import is_conv1d
 
 
 @dataclass(frozen=True)

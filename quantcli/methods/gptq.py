@@ -41,7 +41,7 @@ from quantcli.errors import InputError
 from quantcli.intweights import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
-from quantcli.models import set_weight_matrix, weight_matrix
+from quantcli.layers import set_weight_matrix, weight_matrix
 
 DAMP_RETRIES = 4  # times damping is multiplied by 10 before a layer falls back to round-to-nearest
 CLIP_SHRINKS = tuple(round(1 - 0.05 * step, 2) for step in range(10))  # 1.0 ... 0.55 of each row's range

@@ -29,7 +29,7 @@ from quantcli.methods.bnb import (
     load_quantized, split_layers,
 )
 from quantcli.methods.gptq import gptq_quantize
-from quantcli.models import set_weight_matrix, weight_matrix
+from quantcli.layers import set_weight_matrix, weight_matrix
 
 
 @dataclass(frozen=True)

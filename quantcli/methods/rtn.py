@@ -13,7 +13,7 @@ from quantcli import ops
 from quantcli.intweights import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
-from quantcli.models import set_weight_matrix, weight_matrix
+from quantcli.layers import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
     import torch
