@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import SCHEMA_VERSION, __version__
-from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, atomic_folder, check_output, load, write_json
+from quantcli.atomic import atomic_folder, check_output, write_json
+from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, load
 from quantcli.allocate.report import allocation_map
 from quantcli.config import EvalConfig, QuantizeConfig
 from quantcli.gates import check_quantize, to_records

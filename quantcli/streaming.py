@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.checkpoint import RESUME_FILE, write_json
+from quantcli.atomic import RESUME_FILE, write_json
 from quantcli.errors import InputError
 
 ACTIVATIONS_FILE = "activations.safetensors"  # in the staging folder: the next block's calibration inputs
