@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_GROUP_SIZE = 64
+PER_CHANNEL = -1  # a grid config's group size for one scale per output channel (as ``--group-size -1``)
 SMALLEST_KERNEL_GROUP = 32  # vLLM Marlin: -1, 32, 64, 128; Machete: -1, 128; torch int4 CPU: 32-256
 SMALLEST_GROUP = 8
 
@@ -40,8 +41,8 @@ class IntLayout:
 @dataclass(frozen=True)
 class IntGridConfig:
     """The integer grid rtn and gptq share, and their options' one typed home: ``group_size`` weights
-    per scale (given as None for the width's default, 64 below 8 bits and per channel at 8, or -1 for
-    per channel; stored resolved, None then meaning per channel), symmetric integers or zero points,
+    per scale (-1: per channel; None, only when given: the width's default, 64 below 8 bits and per
+    channel at 8; stored resolved, so never None after construction), symmetric integers or zero points,
     and the ``observer`` that picks the scales (``minmax``, ``mse`` or ``signed``: see :func:`quantcli.ops.compute_qparams`;
     None for :func:`default_observer`)."""
 
@@ -58,6 +59,11 @@ class IntGridConfig:
             raise InputError("observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop --asymmetric or use --observer minmax.")
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
 
+    @property
+    def layout_group_size(self) -> int | None:
+        """The group size as :class:`IntLayout` writes it (None: per channel)."""
+        return None if self.group_size == PER_CHANNEL else self.group_size
+
     def grid_options(self) -> dict[str, object]:
         return {"group_size": self.group_size, "symmetric": self.symmetric, "observer": self.observer}
 
@@ -72,13 +78,11 @@ class IntWeights:
     layout: IntLayout
 
 
-def resolve_group_size(group_size: int | None, bits: int) -> int | None:
-    """Method default (64 below 8 bits, per channel at 8) for None; -1 means per channel."""
+def resolve_group_size(group_size: int | None, bits: int) -> int:
+    """Method default (64 below 8 bits, per channel at 8) for None; :data:`PER_CHANNEL` (-1) means per channel."""
     if group_size is None:
-        return DEFAULT_GROUP_SIZE if bits < 8 else None
-    if group_size == -1:
-        return None
-    if group_size <= 0:
+        return DEFAULT_GROUP_SIZE if bits < 8 else PER_CHANNEL
+    if group_size <= 0 and group_size != PER_CHANNEL:
         raise InputError(f"group size must be a positive integer or -1 (per channel), got {group_size}.")
     return group_size
 
@@ -145,7 +149,7 @@ def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridC
     modules = dict(model.named_modules())
     if bits == 8:
         return {name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP)) for name in tables}
-    requested = grid.group_size or DEFAULT_GROUP_SIZE
+    requested = grid.layout_group_size or DEFAULT_GROUP_SIZE
     return {
         name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer)
         for name in tables

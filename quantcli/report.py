@@ -107,10 +107,11 @@ class QuantizeReport:
         """How rtn/gptq grouped the integer layers, stated once (None for methods without groups)."""
         if "group_size" not in self.options:
             return None
-        from quantcli.intweights import describe_grouping
+        from quantcli.intweights import PER_CHANNEL, describe_grouping
 
         layers = {name: (layer.shape[1], layer.group_size) for name, layer in self.layers.items() if layer.shape and name not in self.tables}
-        return describe_grouping(self.options["group_size"], layers)
+        requested = self.options["group_size"]
+        return describe_grouping(None if requested == PER_CHANNEL else requested, layers)
 
     @property
     def perplexity_delta(self) -> dict[str, float] | None:

@@ -303,7 +303,7 @@ class GPTQQuantizer(Quantizer):
             return self._on_grid(request)
         from quantcli.methods.rtn import round_to_nearest
 
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer)
         plan.update(table_layouts(model, request.tables, request.table_bits, config))
         notes: dict[str, list[str]] = {name: [] for name in plan}
 

@@ -42,7 +42,7 @@ class RTNQuantizer(Quantizer):
         modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.group_size, config.observer)
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer)
         plan.update(table_layouts(model, request.tables, request.table_bits, config))
 
         def finish(name: str, hessian: None) -> IntWeights:
