@@ -37,7 +37,7 @@ from quantcli.methods import get_method
 from quantcli.methods.base import QuantizeRequest
 from quantcli.models import load_model, load_tokenizer
 from quantcli.layers import select_modules
-from quantcli.pipeline import measure_perplexity
+from quantcli.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 SPLIT = {"calib": (0, 15), "search": (15, 22), "verify": (22, 30)}  # article ranges within wiki.valid.calib.txt

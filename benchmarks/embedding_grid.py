@@ -17,7 +17,7 @@ import torch
 from quantcli import ops
 from quantcli.config import EvalConfig
 from quantcli.models import load_model, load_tokenizer
-from quantcli.pipeline import measure_perplexity
+from quantcli.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 DATA = Path(__file__).parent / "data" / "wikitext-2" / "wiki.valid.eval.txt"

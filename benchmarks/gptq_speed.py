@@ -82,7 +82,7 @@ def quality(source: Path, calibration: torch.Tensor, group_size: int, output: Pa
     from quantcli.methods.base import QuantizeRequest
     from quantcli.models import load_model, load_tokenizer
     from quantcli.layers import select_modules
-    from quantcli.pipeline import measure_perplexity
+    from quantcli.evaluation import measure_perplexity
     from quantcli.progress import NullProgress
 
     tokenizer = load_tokenizer(str(source))

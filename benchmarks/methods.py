@@ -41,7 +41,7 @@ from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import InputError
 from quantcli.methods import get_method
 from quantcli.models import bytes_on_disk, weight_files
-from quantcli.pipeline import measure_perplexity
+from quantcli.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 DEMO_RUNS = [  # label, method, bits, options (gptq: act-order with static groups and clip search unless stated)

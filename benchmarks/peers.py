@@ -31,7 +31,8 @@ import setups
 from quantcli.checkpoint import load
 from quantcli.config import EvalConfig, config_from_mapping
 from quantcli.models import bytes_on_disk, weight_files
-from quantcli.pipeline import measure_perplexity, quantize
+from quantcli.evaluation import measure_perplexity
+from quantcli.pipeline import quantize
 from quantcli.progress import NullProgress
 from quantcli.speed import BenchConfig, measure, prompt_ids
 

@@ -23,7 +23,7 @@ from quantcli.config import EvalConfig
 from quantcli.intweights import plan_layouts
 from quantcli.models import load_model, load_tokenizer
 from quantcli.layers import select_modules, set_weight_matrix, weight_matrix
-from quantcli.pipeline import measure_perplexity
+from quantcli.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 ROWS = [f"{observer}-g{group}" for group in (32, 64) for observer in ("minmax", "signed", "mse")]

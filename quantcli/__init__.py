@@ -14,7 +14,7 @@ SCHEMA_VERSION = 1  # of every JSON result: quantize report, eval, compare, benc
 
 _EXPORTS = {
     "quantize": "quantcli.pipeline",
-    "evaluate": "quantcli.pipeline",
+    "evaluate": "quantcli.evaluation",
     "load": "quantcli.checkpoint",
     "inspect": "quantcli.checkpoint",
     "QuantizeConfig": "quantcli.config",

@@ -186,7 +186,7 @@ def eval_command(
     """Perplexity (with a 95% interval), speed and memory of any checkpoint, original or quantized."""
     from quantcli import console
     from quantcli.config import DEFAULT_EVAL_DATASET, EvalConfig
-    from quantcli.pipeline import evaluate
+    from quantcli.evaluation import evaluate
 
     config = EvalConfig(
         dataset or DEFAULT_EVAL_DATASET, seq_len, stride, max_tokens, bos, batch_size, protocol, text_column, doc_separator

@@ -30,7 +30,7 @@ def _report(folder: Path) -> dict[str, Any] | None:
 
 
 def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None, base_loaded: Any) -> dict[str, Any]:
-    from quantcli.pipeline import evaluate
+    from quantcli.evaluation import evaluate
 
     info = inspect(folder)
     report = _report(folder) or {}
@@ -62,7 +62,7 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
     """Rows for ``dirs``; with ``base`` (loaded once), every checkpoint is re-evaluated against it on
     ``config`` (so perplexity, its change and KL share one setting); ``plot`` also draws the trade-off PNG."""
     from quantcli.checkpoint import load
-    from quantcli.pipeline import measure_perplexity
+    from quantcli.evaluation import measure_perplexity
 
     if not dirs:
         raise InputError("pass at least one quantcli output folder to compare.")

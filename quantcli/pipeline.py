@@ -1,5 +1,6 @@
-"""The two library entry points behind the CLI: ``quantize`` (load → calibrate → quantize → save →
-evaluate → Report) and ``evaluate`` (perplexity and speed of any checkpoint)."""
+"""``quantize``, the library entry point behind ``quantcli quantize``: load → calibrate → quantize →
+save atomically → evaluate → report, in memory or streamed (``--low-memory``). ``quantcli eval``'s
+entry point is :func:`quantcli.evaluation.evaluate`."""
 
 from __future__ import annotations
 
@@ -10,21 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import SCHEMA_VERSION, __version__
-from quantcli.atomic import atomic_folder, check_output, write_json
-from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE, load
 from quantcli.allocate.report import allocation_map
-from quantcli.config import EvalConfig, QuantizeConfig
+from quantcli.atomic import atomic_folder, check_output, write_json
+from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE
+from quantcli.config import QuantizeConfig
+from quantcli.data import TextSource, calibration_batch, read_documents
+from quantcli.errors import InputError, ResumableInterrupt, UnavailableError
+from quantcli.evaluation import eval_source, measure_perplexity
+from quantcli.finite import check_layers_quantizable, check_model_finite
 from quantcli.gates import check_quantize, to_records
 from quantcli.gguf_input import describe
-from quantcli.data import TextSource, calibration_batch, read_documents, token_sequences
-from quantcli.errors import DatasetError, InputError, ResumableInterrupt, UnavailableError
-from quantcli.finite import check_layers_quantizable, check_model_finite, check_perplexity_finite
-from quantcli.integrity import check_same_vocabulary, check_streamed, file_shapes
+from quantcli.integrity import check_streamed, file_shapes
 from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules, table_names
-from quantcli.perplexity import EvalResult, check_context, evaluate_sequences
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
 from quantcli.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
+from quantcli.perplexity import EvalResult, check_context
 from quantcli.progress import NullProgress, Progress
 from quantcli.report import QuantizeReport, size_breakdown, size_summary
 
@@ -43,38 +45,6 @@ def check_streamable(method: str, device: str) -> None:
 
 def default_output(model: str, method: str, bits: int, gguf_type: str | None = None) -> Path:
     return Path(f"{Path(model.rstrip('/')).name}-{method}-{gguf_type or f'w{bits}'}")
-
-
-def eval_source(config: EvalConfig) -> TextSource:
-    """The evaluation text, opened and checked (call before loading a model)."""
-    source = read_documents(config.dataset, config.text_column, config.doc_separator)
-    source.check_protocol(config.protocol)
-    return source
-
-
-def measure_perplexity(
-    model: Any, tokenizer: Any, config: EvalConfig, progress: Progress, label: str, base_model: Any = None, source: TextSource | None = None
-) -> EvalResult:
-    """Perplexity of ``model`` on ``config.dataset`` with every setting recorded."""
-    source = source or eval_source(config)
-    check_context(model, config.seq_len)
-    sequences = token_sequences(source, tokenizer, config.protocol, config.bos, config.max_tokens)
-    total = sum(len(s) for s in sequences)
-    if total < config.seq_len and (config.max_tokens is None or total < config.max_tokens):
-        raise DatasetError(
-            f"evaluation dataset {config.dataset} has {total} tokens, fewer than one window of --seq-len"
-            f" {config.seq_len}. Use more text or a shorter --seq-len."
-        )
-    settings = {
-        "dataset": config.dataset, "protocol": config.protocol, "bos": config.bos, "max_tokens": config.max_tokens,
-        "text_column": config.text_column, "doc_separator": config.doc_separator,
-    }
-    with progress.task(f"eval {label}", total=sum(len(s) - 1 for s in sequences)) as advance:
-        result = evaluate_sequences(
-            model, sequences, config.seq_len, config.effective_stride, config.batch_size, settings, base_model, advance
-        )
-    check_perplexity_finite(result.perplexity, label)
-    return result
 
 
 @dataclass
@@ -333,32 +303,3 @@ def _stream(run: _Run, staging: Path) -> _Result:
     quantized.stats.update({"shards": len(blocks.shards), "resumed_shards": blocks.resumed})
     skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}
     return _Result(quantized, tokenizer, original, original["memory_bytes"], skipped, calibration)
-
-
-def evaluate(
-    model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None, backend: str = "auto",
-    base_model: Any = None, base_tokenizer: Any = None,
-) -> dict[str, Any]:
-    """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given
-    (``base_model``: that model already loaded, as ``compare`` passes it for every row)."""
-    progress = progress or NullProgress()
-    source = eval_source(config)
-    with progress.task("load model", total=None):
-        loaded, tokenizer, metadata = load(model, device, backend=backend)
-        if base and base_model is None:
-            base_model, base_tokenizer, _ = load(base, device)
-    if base_model is not None:
-        check_same_vocabulary(model, loaded, tokenizer, base, base_model, base_tokenizer)
-    result = measure_perplexity(loaded, tokenizer, config, progress, "model", base_model, source)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model": model,
-        "base": base,
-        "method": (metadata or {}).get("method"),
-        "bits": (metadata or {}).get("bits"),
-        "backend": backend,
-        "memory_bytes": bytes_in_memory(loaded),
-        "disk_bytes": bytes_on_disk(weight_files(resolve_model(model))),
-        "source_format": describe(resolve_model(model)),
-        **result.to_dict(),
-    }

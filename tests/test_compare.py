@@ -89,7 +89,7 @@ def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
 
 def test_the_base_is_loaded_once_for_all_rows(checkpoints, monkeypatch):
     import quantcli.checkpoint
-    import quantcli.pipeline
+    import quantcli.evaluation
 
     loads = []
     real = quantcli.checkpoint.load
@@ -99,7 +99,7 @@ def test_the_base_is_loaded_once_for_all_rows(checkpoints, monkeypatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(quantcli.checkpoint, "load", counting)
-    monkeypatch.setattr(quantcli.pipeline, "load", counting)
+    monkeypatch.setattr(quantcli.evaluation, "load", counting)
     result = compare(checkpoints, "stories260K", EvalConfig(max_tokens=512, seq_len=128))
     assert loads.count("stories260K") == 1 and len(loads) == 3
     assert all(row["evaluated"] and row["kl_divergence"] > 0 for row in result["rows"])

@@ -16,7 +16,8 @@ from quantcli.config import EvalConfig, config_from_mapping
 from quantcli.cpu_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, _int4_module, _int8_module
 from quantcli.errors import UnavailableError
 from quantcli.layers import bytes_in_memory, weight_matrix
-from quantcli.pipeline import measure_perplexity, quantize
+from quantcli.evaluation import measure_perplexity
+from quantcli.pipeline import quantize
 from quantcli.progress import NullProgress
 
 from conftest import logits

@@ -12,7 +12,7 @@ from quantcli.checkpoint import load
 from quantcli.config import EvalConfig
 from quantcli.data import read_documents, token_sequences
 from quantcli.perplexity import evaluate_sequences
-from quantcli.pipeline import evaluate
+from quantcli.evaluation import evaluate
 from test_tokenstream import SMOLLM2, WIKI_EVAL, trained_byte_level_bpe
 
 

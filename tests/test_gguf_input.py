@@ -17,7 +17,7 @@ pytest.importorskip("gguf")
 from gguf_files import write_llama_gguf  # noqa: E402
 from quantcli.checkpoint import load  # noqa: E402
 from quantcli.config import EvalConfig  # noqa: E402
-from quantcli.pipeline import evaluate  # noqa: E402
+from quantcli.evaluation import evaluate  # noqa: E402
 
 CLI = [sys.executable, "-m", "quantcli"]
 

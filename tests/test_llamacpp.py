@@ -88,7 +88,7 @@ def test_quantcli_eval_of_a_llamacpp_file_is_llamacpps_perplexity(stories, ggufs
     """``quantcli eval FILE.gguf`` (transformers' GGUF loader, dequantized) on llama.cpp's own Q8_0:
     measured 0.01% from llama.cpp's perplexity on the same tokens; the bar is 0.5%."""
     from quantcli.config import EvalConfig
-    from quantcli.pipeline import evaluate
+    from quantcli.evaluation import evaluate
 
     _, _, ids = stories
     theirs = perplexity(window_nlls(llamacpp_logits(ggufs[1], SEQ_LEN, threads=1), ids, SEQ_LEN))

@@ -14,7 +14,8 @@ from quantcli.config import CalibrationConfig, EvalConfig, config_from_mapping
 from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import CheckpointError, DatasetError, ModelLoadError
 from quantcli.models import load_tokenizer
-from quantcli.pipeline import evaluate, quantize
+from quantcli.evaluation import evaluate
+from quantcli.pipeline import quantize
 
 from conftest import logits
 

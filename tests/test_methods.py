@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import quantcli
 from quantcli.config import EvalConfig, QuantizeConfig
-from quantcli.pipeline import measure_perplexity
+from quantcli.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 from conftest import logits
