@@ -31,8 +31,8 @@ def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
     return errors
 
 
-def plot_compare(rows: list[dict[str, Any]], errors: dict[str, dict[str, float]], path: Path) -> Path:
-    """Write a two-panel PNG: (a) size on disk vs perplexity, (b) per-layer relative error."""
+def pyplot(path: Path) -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, after checking it is installed and ``path`` is a PNG."""
     try:
         import matplotlib
     except ImportError:
@@ -42,6 +42,12 @@ def plot_compare(rows: list[dict[str, Any]], errors: dict[str, dict[str, float]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_compare(rows: list[dict[str, Any]], errors: dict[str, dict[str, float]], path: Path) -> Path:
+    """Write a two-panel PNG: (a) size on disk vs perplexity, (b) per-layer relative error."""
+    plt = pyplot(path)
     figure, (trade_off, per_layer) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.6]})
     for row in rows:
         label = f"{row['method']} {row['bits']}-bit ({Path(row['checkpoint']).name})"

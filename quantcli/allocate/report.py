@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantcli.errors import InputError, UnavailableError
 
 UNITS = {"ppl_increase": "%", "kl": " nats/token", "size": " bytes", "bpw": " bits/weight"}
 
@@ -43,15 +42,9 @@ def describe(summary: dict[str, Any]) -> list[str]:
 def plot_allocation(summary: dict[str, Any], path: Path) -> Path:
     """Size on disk vs KL: the predicted curve the solver searched, each verified round, and every
     uniform scheme (predicted and measured) on the same axes."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UnavailableError("--plot needs matplotlib: pip install 'quantcli[plot]' (or pip install matplotlib).") from None
-    if path.suffix.lower() != ".png":
-        raise InputError(f"--plot {path}: write a .png file.")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from quantcli.plot import pyplot
 
+    plt = pyplot(path)
     figure, axes = plt.subplots(figsize=(8, 5.5))
     curve = summary["frontier"]
     axes.plot([p["bytes"] / 1e6 for p in curve], [p["predicted_kl"] for p in curve], "-", color="grey", label="allocations searched (predicted)")
