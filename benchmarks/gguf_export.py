@@ -18,9 +18,7 @@ Writes benchmarks/results/gguf-export-<model>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gguf_harness import REPO, convert, gguf_sizes, llamacpp_logits, perplexity, quantize, window_nlls  # noqa: E402
-from benchmarks.llamacpp import MODELS, NOTES, eval_ids, model_folder  # noqa: E402
+from benchmarks.llamacpp import MODELS, NOTES, eval_ids, model_folder, run_each  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0")
@@ -163,15 +161,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["stories260K"])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    for name in args.models:
-        stem = RESULTS / f"gguf-export-{name}"
-
-        def save(result: dict[str, Any], stem: Path = stem) -> None:
-            stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-            stem.with_suffix(".md").write_text(markdown(result))
-
-        with tempfile.TemporaryDirectory(prefix=f"gguf-export-{name}-") as tmp:
-            print(markdown(run(name, args.threads, Path(tmp), save)))
+    run_each(args.models, "gguf-export", args.threads, run, markdown)
 
 
 if __name__ == "__main__":

@@ -170,18 +170,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (1 avoids spin-waits on a busy machine)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    names = []
     for name in args.models or list(MODELS):
         if args.models is None and not (model_folder(name) / "config.json").is_file():
             print(f"[{name}] skipped: no HF folder at {model_folder(name)} (set QUANTCLI_SMOLLM2 or run `make smollm2`)", file=sys.stderr)
             continue
-        stem = RESULTS / f"llamacpp-{name}"
+        names.append(name)
+    run_each(names, "llamacpp", args.threads, run, markdown)
+
+
+def run_each(names: list[str], prefix: str, threads: int, run: Callable, markdown: Callable[[dict[str, Any]], str]) -> None:
+    """``run(name, threads, workdir, save)`` per model in a scratch folder; ``save`` (called as rows finish)
+    writes results/PREFIX-NAME.json and .md; the final table goes to stdout."""
+    for name in names:
+        stem = RESULTS / f"{prefix}-{name}"
 
         def save(result: dict[str, Any], stem: Path = stem) -> None:
             stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
             stem.with_suffix(".md").write_text(markdown(result))
 
-        with tempfile.TemporaryDirectory(prefix=f"llamacpp-{name}-") as tmp:
-            print(markdown(run(name, args.threads, Path(tmp), save)))
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}-{name}-") as tmp:
+            print(markdown(run(name, threads, Path(tmp), save)))
 
 
 if __name__ == "__main__":

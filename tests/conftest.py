@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -53,3 +55,15 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
 def logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
+
+
+@contextlib.contextmanager
+def tmpfs(folder, options: str):
+    """A tmpfs mounted at ``folder`` (created) with mount ``options`` for the block; skips the test without root."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip(f"mounting a tmpfs ({options}) needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

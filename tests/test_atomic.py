@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tmpfs
 from quantcli.atomic import atomic_folder, clean_stale
 from quantcli.checkpoint import read_metadata
 
@@ -134,16 +135,9 @@ def test_file_size_limit_gives_one_clear_line_and_writes_nothing(tmp_path):
 
 
 def test_full_disk_gives_one_clear_line_and_writes_nothing(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "size=200k") as disk:
         result = subprocess.run([*QUANTIZE, "-o", str(disk / "out")], env=_env(), capture_output=True, text=True)
         assert result.returncode == 2
         assert result.stderr.startswith("error: the disk is full")
         assert result.stderr.count("\n") == 1
         assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)

@@ -5,13 +5,13 @@ existing folder is replaced only if quantcli wrote it (it holds quantcli.json) o
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from badfiles import copy_model
+from conftest import tmpfs
 from quantcli.cli import app
 
 QUANTIZE = ["quantize", "--bits", "4", "--method", "rtn", "--no-eval", "-q", "--force"]
@@ -119,12 +119,5 @@ def test_an_unwritable_output_is_refused_before_loading(world, output, text):
 
 
 def test_a_read_only_file_system_is_refused_before_loading(world):
-    disk = world / "ro"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    try:
+    with tmpfs(world / "ro", "ro,size=64k") as disk:
         _refused(world, [*QUANTIZE, "model", "-o", str(disk / "out")], f"creating a file in {disk} failed (read-only file system)")
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
