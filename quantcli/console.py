@@ -150,12 +150,12 @@ def render_breakdown(breakdown: dict[str, Any] | None) -> None:
     if not breakdown:
         return
     table = Table(title="size by tensor class")
-    for column in ("class", "bytes", "share"):
-        table.add_column(column, justify="left" if column == "class" else "right")
+    for column in ("class", "bytes", "share", "stored as"):
+        table.add_column(column, justify="right" if column in ("bytes", "share") else "left")
     for name, value in breakdown["classes"].items():
-        table.add_row(name.replace("_", " "), human_bytes(value["bytes"]), f"{100 * value['share']:.1f}%")
+        table.add_row(name.replace("_", " "), human_bytes(value["bytes"]), f"{100 * value['share']:.1f}%", ", ".join(value.get("dtypes", [])))
     bits = breakdown.get("bits_per_weight")
-    table.add_row("total", human_bytes(breakdown["tensor_bytes"]), f"{bits:.2f} bits/weight" if bits else "")
+    table.add_row("total", human_bytes(breakdown["tensor_bytes"]), f"{bits:.2f} bits/weight" if bits else "", "")
     stdout.print(table)
 
 

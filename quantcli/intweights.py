@@ -29,13 +29,21 @@ SMALLEST_GROUP = 8
 
 @dataclass(frozen=True)
 class IntLayout:
-    """Bits, symmetry and grouping of one layer's integers (``group_size=None``: per channel), and
-    the observer that picks their scales (``minmax`` or ``mse``; it does not change the storage)."""
+    """Bits, symmetry and grouping of one layer's integers (``group_size=None``: per channel), the
+    observer that picks their scales (``minmax``, ``mse`` or ``signed``; it does not change the
+    storage), and the dtype the scales are stored in (``bfloat16``...; None: the weight's own)."""
 
     bits: int
     symmetric: bool
     group_size: int | None
     observer: str = "minmax"
+    scale_dtype: str | None = None
+
+    def scale_dtype_for(self, weight_dtype: "torch.dtype") -> "torch.dtype":
+        """The torch dtype the scales are rounded to and stored in, for a weight held in ``weight_dtype``."""
+        import torch
+
+        return weight_dtype if self.scale_dtype is None else getattr(torch, self.scale_dtype)
 
 
 @dataclass(frozen=True)
@@ -119,9 +127,10 @@ def group_size_for(in_features: int, requested: int) -> int:
 
 
 def plan_layouts(
-    model: Any, names: tuple[str, ...], bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax"
+    model: Any, names: tuple[str, ...], bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax",
+    scale_dtype: str | None = None,
 ) -> dict[str, IntLayout]:
-    """Each layer's layout, group sizes by :func:`group_size_for`."""
+    """Each layer's layout, group sizes by :func:`group_size_for`, scales stored in ``scale_dtype``."""
     modules = dict(model.named_modules())
     widths = {name: weight_matrix(modules[name]).shape[1] for name in names}
     if group_size is not None and all(width % group_size for width in widths.values()):
@@ -131,7 +140,7 @@ def plan_layouts(
             f" Pick a divisor of them, e.g. {min(listed) // 2 if min(listed) % 2 == 0 else min(listed)}, or -1 for per-channel."
         )
     return {
-        name: IntLayout(bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer)
+        name: IntLayout(bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer, scale_dtype)
         for name, width in widths.items()
     }
 
@@ -142,16 +151,16 @@ TABLE_NOTE = "embedding table: round-to-nearest per {unit} (its inputs are one-h
 TABLE_GROUP = 64  # int8 embedding rows in groups of 64: SmolLM2 +0.066% perplexity vs +0.18% per row, for 0.5 bit/weight of scales
 
 
-def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridConfig) -> dict[str, IntLayout]:
+def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridConfig, scale_dtype: str | None = None) -> dict[str, IntLayout]:
     """Layouts of the input embedding / output head ``[vocab, hidden]``: 8 bits symmetric in groups of
     :data:`TABLE_GROUP` (the default at every width, as llama.cpp keeps ``token_embd`` in Q8_0, whose
     blocks are 32), or 4 bits on the layers' grid."""
     modules = dict(model.named_modules())
     if bits == 8:
-        return {name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP)) for name in tables}
+        return {name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), scale_dtype=scale_dtype) for name in tables}
     requested = grid.layout_group_size or DEFAULT_GROUP_SIZE
     return {
-        name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer)
+        name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer, scale_dtype)
         for name in tables
     }
 

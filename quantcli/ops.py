@@ -40,7 +40,7 @@ def _qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmet
 
 
 def _mse_range(
-    groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype,
+    groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
     grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink each group's range by the factor (1, 0.99, ... 0.21) that minimises ``sum |w - ŵ|^2.4``:
@@ -51,7 +51,7 @@ def _mse_range(
     for step in range(int(max_shrink * grid)):
         shrink = 1 - step / grid
         scale, zero_point = _qparams_from_range(low * shrink, high * shrink, bits, symmetric)
-        scale = scale.to(dtype).float()
+        scale = _stored(scale, scale_dtype).float()
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1) + zero_point.unsqueeze(-1)), qmin, qmax)
         error = ((q - zero_point.unsqueeze(-1)) * scale.unsqueeze(-1) - groups).abs().pow(norm).sum(-1)
         better = error < best_error
@@ -62,7 +62,8 @@ def _mse_range(
 
 
 def compute_qparams(
-    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax"
+    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax",
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group: shapes ``[out, groups]`` (scale in weight dtype, zp int8).
 
@@ -71,27 +72,38 @@ def compute_qparams(
     clipped range; ``"signed"`` (symmetric only) is llama.cpp's Q4_0/Q8_0 rule: the group's
     largest-magnitude weight lands exactly on code ``-2**(bits-1)`` (-8 at 4 bits), so all ``2**bits``
     codes are used and the scale is negative when that weight is positive.
+
+    Scales are rounded to ``scale_dtype`` (the dtype the checkpoint stores them in; default the
+    weight's) before any integer is chosen, so the integers are the best ones for the stored scales.
     """
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
+    scale_dtype = scale_dtype or weight.dtype
     groups = _grouped(weight.float(), group_size)
     if observer == "signed":
-        return _signed_scale(groups, bits, symmetric, weight.dtype)
-    low = groups.amin(dim=-1).clamp(max=0)
-    high = groups.amax(dim=-1).clamp(min=0)
-    if observer == "mse":
-        low, high = _mse_range(groups, low, high, bits, symmetric, weight.dtype)
-    scale, zero_point = _qparams_from_range(low, high, bits, symmetric)
-    return scale.to(weight.dtype), zero_point
+        scale, zero_point = _signed_scale(groups, bits, symmetric)
+    else:
+        low = groups.amin(dim=-1).clamp(max=0)
+        high = groups.amax(dim=-1).clamp(min=0)
+        if observer == "mse":
+            low, high = _mse_range(groups, low, high, bits, symmetric, scale_dtype)
+        scale, zero_point = _qparams_from_range(low, high, bits, symmetric)
+    return _stored(scale, scale_dtype).to(weight.dtype), zero_point
 
 
-def _signed_scale(groups: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _stored(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` rounded to ``dtype``; a scale that rounds to zero (fp16 below 6e-8) becomes 1, as an
+    all-zero group's does, so no integer is ever divided by zero."""
+    rounded = scale.to(dtype)
+    return torch.where(rounded == 0, torch.ones_like(rounded), rounded)
+
+
+def _signed_scale(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0's scale ``-w_max / 2**(bits-1)``, ``w_max`` the signed weight of largest magnitude."""
     if not symmetric:
         raise ValueError("the signed observer is symmetric only (it puts the largest weight on the lowest code)")
     index = groups.abs().argmax(dim=-1, keepdim=True)
     scale = -groups.gather(-1, index).squeeze(-1) / 2 ** (bits - 1)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(dtype)
     return scale, torch.zeros_like(scale, dtype=torch.int8)
 
 

@@ -178,6 +178,15 @@ def _kept_dtype(run: _Run, model: Any) -> Any:
     return storage_dtype(run.config.keep_dtype, run.source, model)
 
 
+def _scale_dtype(run: _Run, kept_dtype: Any) -> str | None:
+    """What integer layers store their scales in: the kept dtype (``bfloat16``...), so 16-bit scales
+    cost half of fp32's; None (the model's dtype) with a 4-bit embedding, whose checkpoint plain
+    transformers decompresses at load in the scales' own dtype (docs/WHOLEMODEL.md)."""
+    if kept_dtype is None or (_quantizes_tables(run) and _table_bits(run.config) < 8):
+        return None
+    return str(kept_dtype).removeprefix("torch.")
+
+
 def _calibration(run: _Run, tokenizer: Any) -> Any:
     if not run.method.needs_calibration and run.config.allocation is None:
         return None
@@ -222,6 +231,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
         request = QuantizeRequest(
             run.source, model, tokenizer, selection.names, run.device, pick_dtype(config.dtype, run.device), run.method_config,
             calibration, config.trust_remote_code, advance, config.device_map, tables=selection.tables, table_bits=_table_bits(config), grid=run.grid,
+            scale_dtype=_scale_dtype(run, kept_dtype),
         )
         del model
         if config.allocation is not None:
@@ -289,6 +299,7 @@ def _stream(run: _Run, staging: Path) -> _Result:
             request = QuantizeRequest(
                 run.source, model, tokenizer, selection.names, run.device, dtype, run.method_config,
                 calibration, config.trust_remote_code, advance, blocks=blocks, tables=selection.tables, table_bits=_table_bits(config),
+                scale_dtype=_scale_dtype(run, kept_dtype),
             )
             quantized = run.method.quantize(request)
             blocks.finish()

@@ -16,14 +16,15 @@ SCALE_TENSORS = ("weight_scale", "weight_zero_point", "weight_global_scale")
 def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: str | None, parameters: int) -> dict[str, Any]:
     """Bytes of a checkpoint's tensors by class, read from the safetensors headers: the input embedding
     and the output head (their integer codes, or their dense weights when kept), the other quantized
-    layers' codes, every scale and zero point, and all else (norms, biases, position embeddings).
-    ``bits_per_weight`` counts all tensor bytes over all parameters."""
+    layers' codes, every scale and zero point, and all else (norms, biases, position embeddings), each
+    with the safetensors dtypes it is stored in. ``bits_per_weight`` counts all tensor bytes over all parameters."""
     import math
 
     from safetensors import safe_open
 
     sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
     totals = dict.fromkeys(SIZE_CLASSES, 0)
+    dtypes: dict[str, set[str]] = {name: set() for name in SIZE_CLASSES}
     for file in files:
         if str(file).endswith(".safetensors"):
             with safe_open(str(file), framework="pt") as handle:
@@ -37,9 +38,10 @@ def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: s
                     else:
                         group = "quantized_linears" if module in layers else "other"
                     totals[group] += math.prod(view.get_shape()) * sizes.get(view.get_dtype(), 4)
+                    dtypes[group].add(view.get_dtype())
     total = sum(totals.values())
     return {
-        "classes": {name: {"bytes": value, "share": value / total if total else 0.0} for name, value in totals.items()},
+        "classes": {name: {"bytes": value, "share": value / total if total else 0.0, "dtypes": sorted(dtypes[name])} for name, value in totals.items()},
         "tensor_bytes": total,
         "bits_per_weight": 8 * total / parameters if parameters else None,
         "embedding": embedding, "head": head,

@@ -56,3 +56,31 @@ def test_mse_observer_never_loses_to_minmax(symmetric):
     assert error["mse"].sum() < 0.95 * error["minmax"].sum()
     with pytest.raises(ValueError, match="observer must be one of"):
         ops.compute_qparams(weight, 4, True, 32, "percentile")
+
+
+@pytest.mark.parametrize("observer", ["minmax", "signed", "mse"])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_scales_are_rounded_to_their_storage_dtype_before_the_integers_are_chosen(observer, scale_dtype):
+    """The integers are the nearest ones for the 16-bit scale the checkpoint stores, so storing it
+    loses nothing: every weight within half a step, or one step where the grid clips it (the
+    positive end of a symmetric grid; mse clips on purpose)."""
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(5)) * 0.02
+    scale, zero_point = ops.compute_qparams(weight, 4, True, 32, observer, scale_dtype)
+    assert scale.dtype == torch.float32 and torch.equal(scale, scale.to(scale_dtype).float())
+    q = ops.quantize(weight, scale, zero_point, 4, 32)
+    assert torch.equal(q, ops.quantize(weight, scale.to(scale_dtype), zero_point, 4, 32))
+    error = (ops.dequantize(q, scale, zero_point, 32) - weight).abs()
+    step = scale.abs().repeat_interleave(32, dim=1)
+    inside = (weight / scale.repeat_interleave(32, dim=1)).abs() < 7
+    assert (error[inside] <= 0.5 * step[inside] + 1e-7).all()
+    if observer != "mse":
+        assert (error <= step + 1e-7).all()
+    unrounded = ops.compute_qparams(weight, 4, True, 32, observer)[0]
+    assert not torch.equal(unrounded, scale)  # fp32 scales differ: the rounding is real
+
+
+def test_a_scale_that_rounds_to_zero_in_float16_becomes_one():
+    weight = torch.full((2, 32), 1e-9)
+    scale, _ = ops.compute_qparams(weight, 4, True, 32, "signed", torch.float16)
+    assert torch.equal(scale, torch.ones_like(scale))
+    assert (ops.quantize(weight, scale, torch.zeros(2, 1, dtype=torch.int8), 4, 32) == 0).all()

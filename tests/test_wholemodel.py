@@ -59,7 +59,7 @@ def test_tied_embedding_is_quantized_once_and_reloads_in_plain_transformers(stor
     assert (head.bits, head.scheme, head.group_size) == (8, "group", 64)
     assert head.note.startswith("tied to model.embed_tokens") and "lm_head" not in report.skipped
     files = stored(tmp_path / "q")
-    assert files["model.embed_tokens.weight"] == "I8" and "lm_head.weight" not in files and files["lm_head.weight_scale"] == "F32"
+    assert files["model.embed_tokens.weight"] == "I8" and "lm_head.weight" not in files and files["lm_head.weight_scale"] == "BF16"
     assert files["model.norm.weight"] == "BF16" and files["model.layers.0.input_layernorm.weight"] == "BF16"
     assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "float32"
     ours = logits(quantcli.load(tmp_path / "q")[0], prompt_ids)
@@ -93,7 +93,8 @@ def test_keep_embeddings_and_keep_dtype_float32(stories_path, tmp_path):
     assert "model.embed_tokens" not in report.layers and "kept" in report.skipped["model.embed_tokens"]
     assert stored(tmp_path / "keep")["model.embed_tokens.weight"] == "BF16"
     quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=stories_path, output=tmp_path / "fp32", eval=None, keep_dtype="float32"))
-    assert stored(tmp_path / "fp32")["model.norm.weight"] == "F32"
+    fp32 = stored(tmp_path / "fp32")
+    assert fp32["model.norm.weight"] == "F32" and fp32["model.layers.0.mlp.up_proj.weight_scale"] == "F32"
 
 
 def test_size_breakdown_sums_to_the_tensors_and_counts_all_parameters(stories_path, tmp_path):
@@ -103,6 +104,7 @@ def test_size_breakdown_sums_to_the_tensors_and_counts_all_parameters(stories_pa
     assert classes["embeddings"] == 512 * 64  # one int8 per weight, stored once
     assert classes["head"] == 0  # tied: only its scales, counted with the scales
     assert sum(classes.values()) == breakdown["tensor_bytes"]
+    assert breakdown["classes"]["scales_and_zero_points"]["dtypes"] == ["BF16"] and breakdown["classes"]["embeddings"]["dtypes"] == ["I8"]
     assert breakdown["bits_per_weight"] == pytest.approx(8 * breakdown["tensor_bytes"] / report.size["parameters"])
     assert quantcli.inspect(tmp_path / "q")["size_breakdown"] == breakdown
 

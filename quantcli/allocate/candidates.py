@@ -36,13 +36,13 @@ class Candidate:
     bits: int | None = None
     group_size: int | None = None
 
-    def layout(self, in_features: int, symmetric: bool, observer: str) -> IntLayout | None:
+    def layout(self, in_features: int, symmetric: bool, observer: str, scale_dtype: str | None = None) -> IntLayout | None:
         from quantcli.intweights import IntLayout, group_size_for
 
         if self.bits is None:
             return None
         group = None if self.group_size is None else group_size_for(in_features, self.group_size)
-        return IntLayout(self.bits, symmetric, group, observer)
+        return IntLayout(self.bits, symmetric, group, observer, scale_dtype)
 
 
 def parse_candidates(names: tuple[str, ...] | list[str]) -> tuple[Candidate, ...]:
@@ -65,11 +65,12 @@ def parse_candidates(names: tuple[str, ...] | list[str]) -> tuple[Candidate, ...
 
 
 def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, dtype_bytes: int) -> int:
-    """Bytes on disk of one weight stored as ``layout`` (None: kept in a dtype of ``dtype_bytes``)."""
+    """Bytes on disk of one weight stored as ``layout`` (None: kept in a dtype of ``dtype_bytes``; the
+    scales are in ``layout.scale_dtype``, else in that dtype too)."""
     if layout is None:
         return out_features * in_features * dtype_bytes
     groups = 1 if layout.group_size is None else in_features // layout.group_size
-    scales = out_features * groups * dtype_bytes
+    scales = out_features * groups * (_BYTES[_DTYPES[layout.scale_dtype]] if layout.scale_dtype else dtype_bytes)
     if layout.bits == 8:
         return out_features * in_features + scales + (0 if layout.symmetric else out_features * groups)
     packed = out_features * math.ceil(in_features * layout.bits / 32) * 4 + 2 * 8  # words + weight_shape (int64 x2)
@@ -79,12 +80,15 @@ def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, 
 
 _SAFETENSORS_RANK = ("I8", "F16", "BF16", "I32", "F32", "I64")  # the order of safetensors' Dtype enum; it writes the highest first
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "int32": "I32", "int64": "I64"}
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
-def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features: int, scale_dtype: str) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """``(key, dtype, shape, bytes)`` of each tensor compressed-tensors writes for one layer."""
+def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features: int, held: str) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """``(key, dtype, shape, bytes)`` of each tensor compressed-tensors writes for one layer whose
+    weight is held in ``held`` (the scales' dtype unless ``layout.scale_dtype`` names one)."""
     groups = 1 if layout.group_size is None else in_features // layout.group_size
-    size = {"F32": 4, "F16": 2, "BF16": 2}[scale_dtype]
+    scale_dtype = _DTYPES[layout.scale_dtype] if layout.scale_dtype else held
+    size = _BYTES[scale_dtype]
     tensors = [(f"{name}.weight_scale", scale_dtype, (out_features, groups), out_features * groups * size)]
     if layout.bits == 8:
         tensors.append((f"{name}.weight", "I8", (out_features, in_features), out_features * in_features))
@@ -126,7 +130,7 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
             tensors += _layer_tensors(owner, layouts[owner], out_features, in_features, dtype)
         else:
             stored = _DTYPES[kept_dtype] if kept_dtype and tensor.is_floating_point() else dtype
-            size = tensor.numel() * {"F32": 4, "F16": 2, "BF16": 2}.get(stored, tensor.element_size())
+            size = tensor.numel() * _BYTES.get(stored, tensor.element_size())
             tensors.append((key, stored, tuple(tensor.shape), size))
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0

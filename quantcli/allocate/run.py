@@ -84,7 +84,7 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     start = time.perf_counter()
     with progress.task(f"allocation: {len(candidates)} candidates per layer ({method})", total=len(request.layers)) as advance:
         table = layer_options(model, request.layers, candidates, method, request.config, found, fisher, lambda n: (advance(n), request.progress(n)),
-                              kept.itemsize if kept is not None else None)
+                              kept.itemsize if kept is not None else None, request.scale_dtype)
     del found
     seconds["candidates"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -50,8 +50,9 @@ def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.T
 
         hessian = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1])
         return gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
-    scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
-    return IntWeights(ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size), scale, zero_point, layout), []
+    from quantcli.methods.rtn import round_to_nearest
+
+    return round_to_nearest(matrix, layout), []
 
 
 def dequantized(option: Option) -> torch.Tensor:
@@ -60,8 +61,10 @@ def dequantized(option: Option) -> torch.Tensor:
 
 
 def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidate, ...], method: str, config: Any,
-                  found: dict[str, Any], fisher: dict[str, torch.Tensor], advance: Any, kept_size: int | None = None) -> dict[str, list[Option]]:
-    """Every layer's distinct options, cheapest first (``kept_size``: bytes per kept weight on disk)."""
+                  found: dict[str, Any], fisher: dict[str, torch.Tensor], advance: Any, kept_size: int | None = None,
+                  scale_dtype: str | None = None) -> dict[str, list[Option]]:
+    """Every layer's distinct options, cheapest first (``kept_size``: bytes per kept weight on disk;
+    ``scale_dtype``: what the scales are stored in, None: the weight's dtype)."""
     modules = dict(model.named_modules())
     table: dict[str, list[Option]] = {}
     for name in names:
@@ -69,7 +72,7 @@ def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidat
         out_features, in_features = matrix.shape
         options: dict[IntLayout | None, Option] = {}
         for candidate in candidates:
-            layout = candidate.layout(in_features, config.symmetric, config.observer)
+            layout = candidate.layout(in_features, config.symmetric, config.observer, scale_dtype)
             if layout in options:
                 options[layout].names.append(candidate.name)
                 continue
@@ -90,7 +93,7 @@ def table_options(model: Any, request: Any) -> dict[str, list[Option]]:
 
     modules = dict(model.named_modules())
     table = {}
-    for name, layout in table_layouts(model, request.tables, request.table_bits, request.config).items():
+    for name, layout in table_layouts(model, request.tables, request.table_bits, request.config, request.scale_dtype).items():
         matrix = weight_matrix(modules[name])
         weights, _ = round_layer("rtn", request.config, matrix, None, layout)
         unit = "row" if layout.group_size is None else f"group of {layout.group_size}"

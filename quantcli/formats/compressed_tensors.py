@@ -77,9 +77,10 @@ def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
     apply_quantization_config(model, config, show_progress=False)
 
 
-def compress_layer(layer: IntWeights, scale_dtype: Any) -> dict[str, Any]:
+def compress_layer(layer: IntWeights, held: Any) -> dict[str, Any]:
     """One layer's compressed-tensors tensors (``weight_packed``/``weight``, ``weight_scale``, ...),
-    as :func:`save_compressed` writes them, without a model: what streaming writes block by block."""
+    as :func:`save_compressed` writes them, without a model: what streaming writes block by block
+    (scales in the layout's dtype, else in ``held``, the dtype the weight was held in)."""
     from compressed_tensors.compressors import BaseCompressor
 
     from quantcli import ops
@@ -87,7 +88,8 @@ def compress_layer(layer: IntWeights, scale_dtype: Any) -> dict[str, Any]:
     (scheme,) = _schemes({"layer": layer.layout}).values()
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     exact = ops.dequantize(layer.q, layer.scale.float(), layer.zero_point, layer.layout.group_size)
-    return compressor.compress({"weight": exact, "weight_scale": layer.scale.to(scale_dtype), "weight_zero_point": layer.zero_point}, scheme)
+    scale = layer.scale.to(layer.layout.scale_dtype_for(held))
+    return compressor.compress({"weight": exact, "weight_scale": scale, "weight_zero_point": layer.zero_point}, scheme)
 
 
 def save_compressed(
@@ -122,7 +124,7 @@ def save_compressed(
     with torch.no_grad():
         for name, layer in packable.items():
             module = modules[name]
-            module.weight_scale.data = layer.scale.to(module.weight_scale.dtype)
+            module.weight_scale.data = layer.scale.to(layer.layout.scale_dtype_for(module.weight_scale.dtype))
             if not layer.layout.symmetric:
                 module.weight_zero_point.data = layer.zero_point.to(module.weight_zero_point.dtype)
             module.weight.data = ops.dequantize(layer.q, layer.scale.float(), layer.zero_point, layer.layout.group_size)
@@ -229,6 +231,7 @@ def _dense_state_dict(
         if prefix == tied_head and "weight" not in local:  # its int8 tensor is the embedding's: tie_weights() gives it
             continue
         compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+        local = {key: value.to(dtype) if key == "weight_scale" else value for key, value in local.items()}  # 16-bit scales: multiply in the model's dtype, as transformers does
         dense[prefix + ".weight"] = compressor.decompress(local, scheme)["weight"].to(dtype)
     dense.update({key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items() if key.rsplit(".", 1)[0] not in prefixes})
     return dense

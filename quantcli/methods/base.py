@@ -40,6 +40,7 @@ class QuantizeRequest:
     tables: tuple[str, ...] = ()  # the input embedding / untied output head, for methods with ``quantizes_tables``
     table_bits: int = 8  # 8: per row; 4: the layers' own grid
     grid: Any = None  # a GGUF block type (quantcli.formats.gguf_grid.BlockType) to round onto, for --format gguf
+    scale_dtype: str | None = None  # what integer layers' scales are stored in (the kept dtype, quantcli.keptdtype); None: the model's
 
     def block_source(self, names: tuple[str, ...]) -> Any:
         """Where the driver (:func:`quantcli.blockwise.quantize_blockwise`) gets each decoder block."""

@@ -97,16 +97,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     """
     matrix = weight.detach().float()
     out_features = matrix.shape[0]
+    scale_dtype = layout.scale_dtype_for(weight.dtype)
     hessian, order, upper, notes = _factor(hessian, act_order, damp)
     static = layout.group_size is None or act_order or codebook is not None
     rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
     if clip_search:  # a cheap pre-pass shortlists each row's clips; GPTQ runs on them and on the full range
-        for finalist in _clip_by_rounding(matrix, hessian, layout, codebook, weight.dtype):
+        for finalist in _clip_by_rounding(matrix, hessian, layout, codebook, scale_dtype):
             clipped = torch.nonzero(finalist != 1).flatten()
             rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
     row_of = torch.cat(rows)
     candidates = matrix[row_of]
-    *found, rounded = _quantize_columns(candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, weight.dtype)
+    *found, rounded = _quantize_columns(candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, scale_dtype)
     pick = rows[0]  # the full-range candidates come first
     if len(row_of) > out_features:  # clipped candidates too: keep each row's lowest output error
         pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
@@ -217,13 +218,13 @@ def _group_columns(columns: torch.Tensor, group_size: int | None) -> torch.Tenso
 def _static_grid(matrix: torch.Tensor, shrink: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Float ``scale`` and int8 ``zero_point`` per group from ``matrix`` with each row's range scaled by
-    ``shrink``: the grid the stored scale (model dtype) gives, or ``codebook · absmax`` with a codebook."""
+    ``shrink``: the grid the stored scale (rounded to ``dtype``, its storage dtype) gives, or ``codebook · absmax`` with a codebook."""
     if codebook is not None:
         groups = 1 if layout.group_size is None else matrix.shape[1] // layout.group_size
         absmax = (matrix * shrink).reshape(matrix.shape[0], groups, -1).abs().amax(dim=-1)
         return torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
-    scale, zero_point = ops.compute_qparams(matrix * shrink, layout.bits, layout.symmetric, layout.group_size, layout.observer)
-    return scale.to(dtype).float(), zero_point
+    scale, zero_point = ops.compute_qparams(matrix * shrink, layout.bits, layout.symmetric, layout.group_size, layout.observer, dtype)
+    return scale.float(), zero_point
 
 
 def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, static: bool,
@@ -261,8 +262,8 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
                         beyond = slice(end, column + group_size)
                         pending = torch.cat([pending, work[beyond] - upper[start:column, beyond].t() @ errors[:i]])
                     group = int(group_of[column])
-                    s, z = ops.compute_qparams(pending.t() * shrink, bits, layout.symmetric, None, layout.observer)
-                    scale[:, group : group + 1], zero_point[:, group : group + 1] = s.to(dtype).float(), z
+                    s, z = ops.compute_qparams(pending.t() * shrink, bits, layout.symmetric, None, layout.observer, dtype)
+                    scale[:, group : group + 1], zero_point[:, group : group + 1] = s.float(), z
                     step[column : column + group_size], zero[column : column + group_size] = scale[:, group], z[:, 0].float()
                 weights, s, z = block[i], step[column], zero[column]
                 if grid is not None:
@@ -303,8 +304,8 @@ class GPTQQuantizer(Quantizer):
             return self._on_grid(request)
         from quantcli.methods.rtn import round_to_nearest
 
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer)
-        plan.update(table_layouts(model, request.tables, request.table_bits, config))
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer, request.scale_dtype)
+        plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
         notes: dict[str, list[str]] = {name: [] for name in plan}
 
         def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:

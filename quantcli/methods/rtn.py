@@ -42,8 +42,8 @@ class RTNQuantizer(Quantizer):
         modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer)
-        plan.update(table_layouts(model, request.tables, request.table_bits, config))
+        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer, request.scale_dtype)
+        plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
 
         def finish(name: str, hessian: None) -> IntWeights:
             layer = round_to_nearest(weight_matrix(modules[name]), plan[name])
@@ -69,5 +69,5 @@ class RTNQuantizer(Quantizer):
 
 def round_to_nearest(matrix: "torch.Tensor", layout: IntLayout) -> IntWeights:
     """One ``[out, in]`` weight's integers, scales and zero points on ``layout``'s grid, rounded to nearest."""
-    scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer)
+    scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer, layout.scale_dtype_for(matrix.dtype))
     return IntWeights(ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size), scale, zero_point, layout)
