@@ -5,7 +5,9 @@ An fp32 source would otherwise store them in fp32, which for a kept 49,152 × 57
 the source config's own dtype when that is 16-bit (the dtype the model was published in, so nothing
 is rounded that the authors did not already round), else bfloat16, which has fp32's exponent range
 and so cannot overflow where fp16 (largest value 65,504) could. ``float32`` keeps fp32; ``bfloat16``
-and ``float16`` force one. Scales stay in the model's dtype (fp32 on CPU).
+and ``float16`` force one. Integer layers' scales are stored in the same dtype, rounded before the
+integers are chosen (:func:`quantcli.ops.compute_qparams`), except with a 4-bit embedding (see
+``pipeline._scale_dtype``).
 
 The values are rounded in the model in memory too, so the perplexity quantcli measures is that of
 the checkpoint it writes; the model keeps computing in its own dtype (config.json keeps it, so plain
