@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantcli.allocate import ALLOCATING_METHODS, AllocationConfig
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.gates import GateLimits
 from quantcli.limits import bound_calibration, bound_eval, shown
 
@@ -35,7 +35,7 @@ def parse_size(value: Any) -> int:
         if match and len(match.group(1)) < 30:
             size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
     if size <= 0:
-        raise InputError(f"--max-shard-size must be a size such as 200KB, 500MB or 2GB, got {shown(value)}.")
+        raise InputError(f"{option('max_shard_size')} must be a size such as 200KB, 500MB or 2GB, got {shown(value)}.")
     return size
 
 
@@ -67,10 +67,10 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         _check_type("calibration dataset", self.dataset, str)
-        _check_type("text column (--text-column)", self.text_column, str, type(None))
-        _check_type("calibration seed (--seed)", self.seed, int)
-        check_positive("calibration samples (--calib-samples)", self.samples)
-        check_positive("calibration sequence length (--seq-len)", self.seq_len)
+        _check_type(f"text column ({option('calibration.text_column')})", self.text_column, str, type(None))
+        _check_type(f"calibration seed ({option('calibration.seed')})", self.seed, int)
+        check_positive(f"calibration samples ({option('calibration.samples')})", self.samples)
+        check_positive(f"calibration sequence length ({option('calibration.seq_len')})", self.seq_len)
         bound_calibration(self)
 
 
@@ -90,28 +90,31 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_type("eval dataset", self.dataset, str)
-        _check_type("text column (--text-column)", self.text_column, str, type(None))
-        _check_type("document separator (--doc-separator)", self.doc_separator, str, type(None))
-        check_positive("eval sequence length (--seq-len)", self.seq_len)
+        _check_type(f"text column ({option('eval.text_column')})", self.text_column, str, type(None))
+        _check_type(f"document separator ({option('eval.doc_separator')})", self.doc_separator, str, type(None))
+        check_positive(f"eval sequence length ({option('eval.seq_len')})", self.seq_len)
         if self.seq_len < 2:
-            raise InputError(f"eval sequence length (--seq-len) must be at least 2 (a window predicts each token from the ones before it), got {self.seq_len}.")
-        check_positive("stride (--stride)", self.stride, allow_none=True)
-        check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
-        check_positive("batch size (--batch-size)", self.batch_size)
+            raise InputError(f"eval sequence length ({option('eval.seq_len')}) must be at least 2 (a window predicts each token from the ones before it), got {self.seq_len}.")
+        check_positive(f"stride ({option('eval.stride')})", self.stride, allow_none=True)
+        check_positive(f"max tokens ({option('eval.max_tokens')})", self.max_tokens, allow_none=True)
+        check_positive(f"batch size ({option('eval.batch_size')})", self.batch_size)
         bound_eval(self)
         if self.stride is not None and self.stride > self.seq_len:
             raise InputError(
                 f"stride {self.stride} is larger than the context length {self.seq_len}: tokens would be"
-                " skipped. Use a stride at most --seq-len."
+                f" skipped. Use a stride at most {option('eval.seq_len')}."
             )
         if self.bos == "document":
-            raise InputError("--bos document is now --protocol documents --bos start (documents come from rows or --doc-separator; a blank line is not one).")
+            raise InputError(
+                f"{option('eval.bos', 'document')} is now {option('eval.protocol', 'documents')} {option('eval.bos', 'start')}"
+                f" (documents come from rows or {option('eval.doc_separator')}; a blank line is not one)."
+            )
         if self.bos not in BOS_MODES:
             raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {shown(self.bos)}.")
         if self.protocol not in PROTOCOLS:
-            raise InputError(f"protocol (--protocol) must be one of {', '.join(PROTOCOLS)}, got {shown(self.protocol)}.")
+            raise InputError(f"protocol ({option('eval.protocol')}) must be one of {', '.join(PROTOCOLS)}, got {shown(self.protocol)}.")
         if self.doc_separator is not None and (self.protocol != "documents" or not self.doc_separator):
-            raise InputError("--doc-separator needs --protocol documents and a non-empty string.")
+            raise InputError(f"{option('eval.doc_separator')} needs {option('eval.protocol', 'documents')} and a non-empty string.")
 
     @property
     def effective_stride(self) -> int:
@@ -162,70 +165,78 @@ class QuantizeConfig:
         if isinstance(self.embeddings, str) and self.embeddings.isdigit():
             object.__setattr__(self, "embeddings", int(self.embeddings))
         if self.embeddings not in EMBEDDING_CHOICES:
-            raise InputError(f"--embeddings must be 8, 4 or keep, got {shown(self.embeddings)}.")
+            raise InputError(f"{option('embeddings')} must be 8, 4 or keep, got {shown(self.embeddings)}.")
         if self.keep_dtype not in KEEP_DTYPES:
-            raise InputError(f"--keep-dtype must be {', '.join(KEEP_DTYPES)}, got {shown(self.keep_dtype)}.")
+            raise InputError(f"{option('keep_dtype')} must be {', '.join(KEEP_DTYPES)}, got {shown(self.keep_dtype)}.")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         if self.format is not None or self.gguf_type is not None:
             self._check_gguf()
         elif self.bits not in (3, 4, 8, 16):
             raise InputError(
-                f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
+                f"{option('bits', self.bits)} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {shown(self.device)}.")
+            raise InputError(f"{option('device')} must be auto, cpu, cuda or cuda:N, got {shown(self.device)}.")
         if self.resume and not self.low_memory:
-            raise InputError("--resume continues an interrupted --low-memory run. Add --low-memory.")
+            raise InputError(f"{option('resume')} continues an interrupted {option('low_memory')} run. Add {option('low_memory', True)}.")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}.")
+            raise InputError(f"{option('device_map')} must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
+            raise InputError(f"{option('dtype')} must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
         if self.low_memory:
             self._check_streaming()
         if self.allocation is not None:
             self._check_allocation()
         if self.gates.max_ppl_increase is not None and self.eval is None:
-            raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
+            raise InputError(
+                f"{option('gates.max_ppl_increase')} needs perplexity before and after. Drop {option('eval', None)}"
+                f" (use {option('eval.max_tokens')} to keep it fast)."
+            )
         if self.gates.min_speedup is not None:
-            raise InputError("--min-speedup needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
+            raise InputError(f"{option('gates.min_speedup')} needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
 
     def _check_allocation(self) -> None:
         if self.low_memory:
-            raise InputError("--target-* searches per-layer precision on the whole model in memory; drop --low-memory.")
+            raise InputError(f"{option('allocation')} searches per-layer precision on the whole model in memory; drop {option('low_memory', True)}.")
         if self.format is not None:
-            raise InputError("--target-* writes a mixed-precision compressed-tensors checkpoint; drop --format gguf.")
+            raise InputError(f"{option('allocation')} writes a mixed-precision compressed-tensors checkpoint; drop {option('format', 'gguf')}.")
         if self.method is not None and self.method not in ALLOCATING_METHODS:
-            raise InputError(f"--target-* allocates with --method rtn or gptq, not {self.method}.")
+            raise InputError(f"{option('allocation')} allocates with {option('method', 'rtn')} or gptq, not {self.method}.")
     def _check_gguf(self) -> None:
         from quantcli.formats.gguf_grid import TYPES, block_type
 
         if self.format is None:
-            raise InputError("--gguf-type needs --format gguf.")
+            raise InputError(f"{option('gguf_type')} needs {option('format', 'gguf')}.")
         if self.format != "gguf":
-            raise InputError(f"--format takes gguf (other formats follow from --method), got {shown(self.format)}.")
+            raise InputError(f"{option('format')} takes gguf (other formats follow from {option('method')}), got {shown(self.format)}.")
         if self.gguf_type is None:
-            raise InputError(f"--format gguf needs --gguf-type: one of {', '.join(TYPES)}.")
+            raise InputError(f"{option('format', 'gguf')} needs {option('gguf_type')}: one of {', '.join(TYPES)}.")
         kind = block_type(self.gguf_type)
         if self.bits != kind.bits:
-            raise InputError(f"--gguf-type {kind.name} stores {kind.bits}-bit codes, but --bits is {self.bits}. Drop --bits (the type sets it).")
+            raise InputError(
+                f"{option('gguf_type', kind.name)} stores {kind.bits}-bit codes, but {option('bits')} is {self.bits}. Drop {option('bits')} (the type sets it)."
+            )
         if self.low_memory:
-            raise InputError("--format gguf writes one file from the whole model; drop --low-memory.")
+            raise InputError(f"{option('format', 'gguf')} writes one file from the whole model; drop {option('low_memory', True)}.")
         if self.max_shard_size is not None:
-            raise InputError("--format gguf writes one file; drop --max-shard-size.")
+            raise InputError(f"{option('format', 'gguf')} writes one file; drop {option('max_shard_size')}.")
 
     def _check_streaming(self) -> None:
         if self.gates.max_ppl_increase is not None:
             raise InputError(
-                "--max-ppl-increase needs perplexity before and after, which --low-memory cannot measure (it never holds"
-                " the whole model). Drop --max-ppl-increase, or --low-memory if the model fits in memory."
+                f"{option('gates.max_ppl_increase')} needs perplexity before and after, which {option('low_memory', True)} cannot measure (it never holds"
+                f" the whole model). Drop {option('gates.max_ppl_increase')}, or {option('low_memory', True)} if the model fits in memory."
             )
         if self.eval is not None:
-            raise InputError("--low-memory cannot measure perplexity (it never holds the whole model). Add --no-eval, or drop --low-memory.")
+            raise InputError(
+                f"{option('low_memory', True)} cannot measure perplexity (it never holds the whole model). Add {option('eval', None)},"
+                f" or drop {option('low_memory', True)}."
+            )
         if self.max_shard_size is not None:
-            raise InputError("--low-memory writes one shard per decoder block; drop --max-shard-size.")
+            raise InputError(f"{option('low_memory', True)} writes one shard per decoder block; drop {option('max_shard_size')}.")
         if self.device_map is not None:
-            raise InputError("--low-memory loads one block at a time on the CPU; drop --device-map.")
+            raise InputError(f"{option('low_memory', True)} loads one block at a time on the CPU; drop {option('device_map')}.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -277,7 +288,7 @@ def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
     if kwargs.get("allocation") is not None:
         kwargs.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
     if "bits" not in kwargs:
-        raise InputError("the recipe sets no 'bits'. Add e.g. 'bits: 4' or pass --bits.")
+        raise InputError(f"the recipe sets no 'bits'. Add e.g. 'bits: 4' or pass {option('bits')}.")
     if isinstance(kwargs.get("output"), str):
         kwargs["output"] = Path(kwargs["output"])
     if "skip_modules" in kwargs:
@@ -336,7 +347,7 @@ def merge_quantize_config(
 
         recipe["bits"] = block_type(recipe["gguf_type"]).bits
     if "bits" not in recipe:
-        raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
+        raise InputError(f"no {option('bits')} given. Pass {option('bits', 8)} or {option('bits', 4)}, or a {option('config')} recipe that sets bits.")
     return config_from_mapping(recipe)
 
 

@@ -16,7 +16,7 @@ from quantcli.atomic import atomic_folder, check_output, write_json
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE
 from quantcli.config import QuantizeConfig
 from quantcli.data import TextSource, calibration_batch, read_documents
-from quantcli.errors import InputError, ResumableInterrupt, UnavailableError
+from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
 from quantcli.evaluation import eval_source, measure_perplexity
 from quantcli.finite import check_layers_quantizable, check_model_finite
 from quantcli.gates import check_quantize, to_records
@@ -38,9 +38,9 @@ STREAMABLE = ("rtn", "gptq", "gptq-nf4")  # methods whose records a format write
 def check_streamable(method: str, device: str) -> None:
     """Refuse, before any work, a streaming run this build cannot do."""
     if method not in STREAMABLE:
-        raise UnavailableError(f"--low-memory works with --method {' or '.join(STREAMABLE)}, not {method}.")
+        raise UnavailableError(f"{option('low_memory', True)} works with {option('method', ' or '.join(STREAMABLE))}, not {method}.")
     if device != "cpu":
-        raise UnavailableError("--low-memory runs on the CPU; drop --device or pass --device cpu.")
+        raise UnavailableError(f"{option('low_memory', True)} runs on the CPU; drop {option('device')} or pass {option('device', 'cpu')}.")
 
 
 def default_output(model: str, method: str, bits: int, gguf_type: str | None = None) -> Path:
@@ -203,7 +203,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
 
             check_architecture(model.config)
         if run.method.needs_calibration or config.allocation is not None:
-            check_context(model, config.calibration.seq_len)
+            check_context(model, config.calibration.seq_len, "calibration.seq_len")
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
@@ -262,18 +262,18 @@ def _stream(run: _Run, staging: Path) -> _Result:
 
     config, progress = run.config, run.progress
     if Path(run.source).is_file():  # resolve_model lets only GGUF files through
-        raise InputError(f"--low-memory streams safetensors weights, and {run.source} is a GGUF file, which is read whole. Drop --low-memory.")
+        raise InputError(f"{option('low_memory', True)} streams safetensors weights, and {run.source} is a GGUF file, which is read whole. Drop {option('low_memory', True)}.")
     start = time.perf_counter()
     tokenizer = load_tokenizer(run.source, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, run.device)
     model = skeleton(run.source, dtype, config.trust_remote_code)
     check_vocab(model, tokenizer, config.model)
     if run.method.needs_calibration:
-        check_context(model, config.calibration.seq_len)
+        check_context(model, config.calibration.seq_len, "calibration.seq_len")
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
     kept_dtype = _kept_dtype(run, model)
     if any(is_conv1d(module) for name, module in model.named_modules() if name in selection.names):
-        raise UnavailableError("--low-memory supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
+        raise UnavailableError(f"{option('low_memory', True)} supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
     original = _original_sizes(run.source, model, skeleton=True)
     calibration = _calibration(run, tokenizer)
     settings = {
@@ -295,7 +295,7 @@ def _stream(run: _Run, staging: Path) -> _Result:
     except KeyboardInterrupt as error:
         interrupt = ResumableInterrupt(
             f"interrupted after {len(blocks.done)} of {len(blocks.shards)} layer groups; they are kept in {staging}."
-            " Run the same command with --resume to continue."
+            f" Run the same command with {option('resume', True)} to continue."
         )
         interrupt.exit_code = 128 + getattr(error, "signum", 2)  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
         raise interrupt from None
