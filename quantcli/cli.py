@@ -137,7 +137,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL, write the checkpoint, and report size and perplexity before and after."""
     from quantcli import console
-    from quantcli.config import merge_quantize_config
+    from quantcli.recipes import merge_quantize_config
     from quantcli.gates import enforce
     from quantcli.pipeline import quantize as run_quantize
 
