@@ -10,25 +10,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantcli import SCHEMA_VERSION, __version__
-from quantcli.allocate.report import allocation_map
-from quantcli.atomic import atomic_folder, check_output, write_json
-from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE
+from quantcli.atomic import atomic_folder, check_output
 from quantcli.config import QuantizeConfig
 from quantcli.data import TextSource, calibration_batch, read_documents
 from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
 from quantcli.evaluation import eval_source, measure_perplexity
 from quantcli.finite import check_layers_quantizable, check_model_finite
-from quantcli.gates import check_quantize, to_records
-from quantcli.gguf_input import describe
 from quantcli.integrity import check_streamed, file_shapes
-from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules, table_names
+from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.methods import default_method, get_method
-from quantcli.methods.base import QuantizedModel, QuantizeRequest
+from quantcli.methods.base import QuantizeRequest
 from quantcli.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
-from quantcli.perplexity import EvalResult, check_context
+from quantcli.perplexity import check_context
 from quantcli.progress import NullProgress, Progress
-from quantcli.report import QuantizeReport, size_breakdown, size_summary
+from quantcli.report import QuantizeReport
+from quantcli.reportfiles import PathResult, write_reports
 
 
 
@@ -95,58 +91,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     with atomic_folder(output, config.force, resume=config.resume) as staging:
         result = (_stream if config.low_memory else _in_memory)(run, staging)
         result.tokenizer.save_pretrained(staging)
-        quantized_bytes = bytes_on_disk(weight_files(str(staging)))
-        breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(result.quantized.model), result.original["parameters"])
-        report = QuantizeReport(
-            schema_version=SCHEMA_VERSION,
-            quantcli_version=__version__,
-            model=config.model,
-            output=str(output),
-            method=method_name,
-            bits=result.quantized.bits,
-            format=result.quantized.format,
-            device=device,
-            options=result.quantized.options,
-            recipe=config.to_dict(),
-            calibration=None if result.calibration is None else {**vars(config.calibration), "tokens": int(result.calibration.numel())},
-            size={**size_summary(result.original, quantized_bytes, result.quantized_memory), "original_format": describe(source), "breakdown": breakdown},
-            perplexity_before=result.before,
-            perplexity_after=result.after,
-            timings=run.timings,
-            layers=result.quantized.layers,
-            skipped=result.skipped,
-            stats=result.quantized.stats,
-        )
-        report.gates = to_records(check_quantize(config.gates, report.to_dict()))
-        write_json(staging / METADATA_FILE, {
-            "format_version": FORMAT_VERSION,
-            "quantcli_version": __version__,
-            "method": method_name,
-            "bits": result.quantized.bits,
-            "format": result.quantized.format,
-            "options": result.quantized.options,
-            "source_model": config.model,
-            "layers": report.to_dict()["layers"],
-            "skipped": result.skipped,
-            **({"allocation": allocation_map(result.quantized.stats["allocation"])} if config.allocation else {}),
-            "size_breakdown": breakdown,
-        })
-        write_json(staging / REPORT_FILE, report.to_dict())
+        report = write_reports(staging, output, config, method_name, device, source, run.timings, result)
     return report
-
-
-@dataclass
-class _Result:
-    """What a path hands back for the report: the quantized model's records and the sizes before."""
-
-    quantized: QuantizedModel
-    tokenizer: Any
-    original: dict[str, Any]
-    quantized_memory: int
-    skipped: dict[str, str]
-    calibration: Any = None
-    before: EvalResult | None = None
-    after: EvalResult | None = None
 
 
 def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str, Any]:
@@ -189,7 +135,7 @@ def _calibration(run: _Run, tokenizer: Any) -> Any:
     return batch
 
 
-def _in_memory(run: _Run, staging: Path) -> _Result:
+def _in_memory(run: _Run, staging: Path) -> PathResult:
     """Load the whole model, quantize it, evaluate before/after if asked, and save it into ``staging``."""
     config, progress, timings = run.config, run.progress, run.timings
     start = time.perf_counter()
@@ -252,10 +198,10 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
         quantized.save(staging, config.max_shard_size)
     timings["save"] = time.perf_counter() - start
     skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}  # a tied head stored as a layer
-    return _Result(quantized, tokenizer, original, quantized_memory, skipped, calibration, before, after)
+    return PathResult(quantized, tokenizer, original, quantized_memory, skipped, calibration, before, after)
 
 
-def _stream(run: _Run, staging: Path) -> _Result:
+def _stream(run: _Run, staging: Path) -> PathResult:
     """Quantize one decoder block at a time from the safetensors shards, writing each into ``staging``."""
     from quantcli.formats import get_format
     from quantcli.streaming import ShardBlocks, skeleton
@@ -302,4 +248,4 @@ def _stream(run: _Run, staging: Path) -> _Result:
     run.timings["quantize"] = time.perf_counter() - start
     quantized.stats.update({"shards": len(blocks.shards), "resumed_shards": blocks.resumed})
     skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}
-    return _Result(quantized, tokenizer, original, original["memory_bytes"], skipped, calibration)
+    return PathResult(quantized, tokenizer, original, original["memory_bytes"], skipped, calibration)
