@@ -34,7 +34,7 @@ STREAMABLE = ("rtn", "gptq", "gptq-nf4")  # methods whose records a format write
 def check_streamable(method: str, device: str) -> None:
     """Refuse, before any work, a streaming run this build cannot do."""
     if method not in STREAMABLE:
-        raise UnavailableError(f"{option('low_memory', True)} works with {option('method', ' or '.join(STREAMABLE))}, not {method}.")
+        raise UnavailableError(f"{option('low_memory', True)} works with {option('method')} {' or '.join(STREAMABLE)}, not {method}.")
     if device != "cpu":
         raise UnavailableError(f"{option('low_memory', True)} runs on the CPU; drop {option('device')} or pass {option('device', 'cpu')}.")
 
