@@ -51,9 +51,10 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except QuantCliError as error:
             if debug:
                 raise
+            from quantcli.cliflags import cli_text
             from quantcli.limits import clip_message
 
-            print(f"error: {clip_message(str(error))}", file=sys.stderr)
+            print(f"error: {clip_message(cli_text(error, wrapper))}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP
             print(f"interrupted{describe(error)}: nothing was written.", file=sys.stderr)
@@ -136,7 +137,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL, write the checkpoint, and report size and perplexity before and after."""
     from quantcli import console
-    from quantcli.config import merge_quantize_config
+    from quantcli.recipes import merge_quantize_config
     from quantcli.gates import enforce
     from quantcli.pipeline import quantize as run_quantize
 
@@ -270,10 +271,12 @@ def bench(
 @app.command()
 def methods() -> None:
     """List the quantization methods and whether each can run here."""
+    from quantcli.cliflags import cli_text
     from quantcli.methods import available_methods
 
     for cls in available_methods():
         reason = cls().unavailable_reason("cpu")
+        reason = reason and cli_text(reason)
         bits = "/".join(map(str, cls.supported_bits))
         status = f"  (CPU: {reason})" if reason else ""
         print(f"{cls.name:10} {bits:7} {cls.summary}{status}")

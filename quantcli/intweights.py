@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.layers import weight_matrix
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class IntGridConfig:
             object.__setattr__(self, "observer", default_observer(self.bits, self.symmetric))
         check_observer(self.observer)
         if self.observer == "signed" and not self.symmetric:
-            raise InputError("observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop --asymmetric or use --observer minmax.")
+            raise InputError(f"observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop {option('symmetric', False)} or use {option('observer', 'minmax')}.")
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
 
     @property

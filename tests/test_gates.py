@@ -46,18 +46,18 @@ def test_size_gate_fails(tmp_path):
 
 
 def test_gate_misuse_is_input_error():
-    with pytest.raises(InputError, match="Drop --no-eval"):
+    with pytest.raises(InputError, match="Drop eval=None"):
         config_from_mapping({"bits": 4, "eval": None, "gates": {"max_ppl_increase": 2}})
     with pytest.raises(InputError, match="quantcli bench"):
         config_from_mapping({"bits": 4, "gates": {"min_speedup": 1.5}})
     with pytest.raises(InputError, match="non-negative"):
         GateLimits(max_size=-1)
-    with pytest.raises(InputError, match="--base"):
+    with pytest.raises(InputError, match="Pass base='MODEL'"):
         check_speedup(GateLimits(min_speedup=2), None)
 
 
 def test_speedup_gate_message():
-    with pytest.raises(GateFailedError, match=r"decode speedup 1.20x < --min-speedup 1.5x") as error:
+    with pytest.raises(GateFailedError, match=r"decode speedup 1.20x < gates.min_speedup 1.5x") as error:
         enforce(to_records(check_speedup(GateLimits(min_speedup=1.5), 1.2)))
     assert error.value.exit_code == 4
     enforce(to_records(check_speedup(GateLimits(min_speedup=1.5), 1.6)))

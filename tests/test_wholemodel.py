@@ -141,9 +141,9 @@ def test_signed_checkpoint_reloads_exactly_in_plain_transformers(stories_path, t
 
 
 def test_bad_embeddings_and_keep_dtype_are_input_errors():
-    with pytest.raises(InputError, match="--embeddings must be 8, 4 or keep, got 6"):
+    with pytest.raises(InputError, match="embeddings must be 8, 4 or keep, got 6"):
         QuantizeConfig(bits=4, embeddings=6)
-    with pytest.raises(InputError, match="--keep-dtype must be auto, float32, bfloat16, float16"):
+    with pytest.raises(InputError, match="keep_dtype must be auto, float32, bfloat16, float16"):
         QuantizeConfig(bits=4, keep_dtype="int8")
     with pytest.raises(InputError, match="observer signed puts each group's largest weight"):
         get_method("rtn").make_config(4, {"observer": "signed", "symmetric": False})
