@@ -244,14 +244,3 @@ class QuantizeConfig:
         data["method_options"] = dict(self.method_options)
         return data
 
-
-RECIPE_FUNCTIONS = ("config_from_mapping", "load_recipe", "merge_quantize_config", "parse_option")
-
-
-def __getattr__(name: str) -> Any:
-    """``from quantcli.config import config_from_mapping`` (and the other recipe functions) keeps working."""
-    if name in RECIPE_FUNCTIONS:
-        from quantcli import recipes
-
-        return getattr(recipes, name)
-    raise AttributeError(f"module 'quantcli.config' has no attribute {name!r}")

@@ -19,7 +19,8 @@ from quantcli.allocate import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates, stored_bytes
 from quantcli.allocate.sensitivity import spearman
 from quantcli.allocate.solver import solve
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig, config_from_mapping
+from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.data import EMBEDDED_TEXT
 from quantcli.errors import InputError
 from quantcli.intweights import IntLayout

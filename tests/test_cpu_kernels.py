@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from quantcli import ops
 from quantcli.checkpoint import load
-from quantcli.config import EvalConfig, config_from_mapping
+from quantcli.config import EvalConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.cpu_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, _int4_module, _int8_module
 from quantcli.errors import UnavailableError
 from quantcli.layers import bytes_in_memory, weight_matrix

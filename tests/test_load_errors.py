@@ -10,7 +10,8 @@ import torch
 from badfiles import big_tokenizer_model, edit_json, nan_model, quantized_checkpoint, truncate
 from quantcli import load
 from quantcli.checkpoint import read_metadata
-from quantcli.config import CalibrationConfig, EvalConfig, config_from_mapping
+from quantcli.config import CalibrationConfig, EvalConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import CheckpointError, DatasetError, ModelLoadError
 from quantcli.models import load_tokenizer

@@ -12,7 +12,8 @@ import quantcli
 from quantcli.allocate import TARGETS, AllocationConfig
 from quantcli.cli import app
 from quantcli.cliflags import SECTION_FLAGS, flag, program_commands
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig, config_from_mapping
+from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.errors import NO_VALUE, InputError, option
 from quantcli.gates import GateLimits
 from quantcli.speed import BenchConfig

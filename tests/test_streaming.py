@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from quantcli import load
-from quantcli.config import config_from_mapping
+from quantcli.recipes import config_from_mapping
 from quantcli.errors import ResumableInterrupt
 from quantcli.models import EMBEDDED_MODEL
 from quantcli.pipeline import quantize
