@@ -125,12 +125,10 @@ def _kept_dtype(run: _Run, model: Any) -> Any:
 
 
 def _scale_dtype(run: _Run, kept_dtype: Any) -> str | None:
-    """What integer layers store their scales in: the kept dtype (``bfloat16``...) below 8 bits, where
-    scales are a tenth of the file and 16-bit ones pay for groups of 32; None (the model's dtype) at 8
-    bits, where they are 1.5% of it and SmolLM2 measured +0.072% perplexity with fp32 scales against
-    +0.125% (fp16) and +0.165% (bf16); None with a 4-bit embedding too, whose checkpoint plain
+    """What integer layers store their scales in: the kept dtype (``bfloat16``...), rounded before the
+    integers are chosen; None (the model's dtype) with a 4-bit embedding, whose checkpoint plain
     transformers decompresses at load in the scales' own dtype (docs/WHOLEMODEL.md)."""
-    if kept_dtype is None or run.config.bits >= 8 or (_quantizes_tables(run) and _table_bits(run.config) < 8):
+    if kept_dtype is None or (_quantizes_tables(run) and _table_bits(run.config) < 8):
         return None
     return str(kept_dtype).removeprefix("torch.")
 
