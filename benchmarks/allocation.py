@@ -3,7 +3,10 @@
 Texts (all WikiText-2 validation, see data/wikitext-2/README.md): the standard evaluation half
 (articles 1-30, the held-out text every number below is measured on) and the calibration half
 (articles 31-60) cut at article boundaries into calibration (31-45), search (46-52, the proxy check)
-and verification (53-60, the tighten-and-repeat loop). No step of the search sees articles 1-30.
+and verification (53-60, the tighten-and-repeat loop, windows spread over all 8 articles; a round
+meets the target when the upper confidence bound of its increase does). No step of the search sees
+articles 1-30. Uniform schemes are measured on the verification text too, to show how far the
+verification predicts the held-out text.
 
 One preparation (Hessians, output Fisher, every candidate for every layer, the proxy check) serves
 every target; each target then runs its own solve/verify rounds. Uniform schemes are the same
@@ -30,12 +33,13 @@ import setups
 from quantcli.allocate import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes
 from quantcli.allocate.run import decide, prepare
-from quantcli.allocate.search import _layouts, _predicted, assemble, uniform_choices
+from quantcli.allocate.search import _predicted, assemble, uniform_choices
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.data import calibration_batch, read_documents
 from quantcli.methods import get_method
 from quantcli.methods.base import QuantizeRequest
 from quantcli.models import load_model, load_tokenizer
+from quantcli.keptdtype import storage_dtype
 from quantcli.layers import select_modules
 from quantcli.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
@@ -69,7 +73,8 @@ def main() -> None:
     parser.add_argument("--gptq-baseline", action="store_true", help="Also time a plain GPTQ int4 g64 run in the same process.")
     parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows of 256 tokens (128: the methods' default).")
     parser.add_argument("--search-tokens", type=int, default=2048)
-    parser.add_argument("--verify-tokens", type=int, default=4096)
+    parser.add_argument("--verify-tokens", type=int, default=8192)
+    parser.add_argument("--confidence", type=float, default=0.95, help="One-sided confidence of the verification's upper bound (0.5: the mean).")
     parser.add_argument("--probe-layers", type=int, default=8)
     parser.add_argument("--uniform", nargs="+", help="Candidates to measure as uniform schemes (default: all).")
     parser.add_argument("--threads", type=int, help="torch threads (1 is faster on a busy shared machine).")
@@ -84,19 +89,23 @@ def main() -> None:
     evaluation = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=setup.max_tokens)
     calibration = CalibrationConfig(dataset=texts["calib"], samples=args.calib_samples, seq_len=256, seed=0)
     allocation = AllocationConfig(target_ppl_increase=1.0, search_dataset=texts["search"], verify_dataset=texts["verify"], search_tokens=args.search_tokens,
-                                  verify_tokens=args.verify_tokens, probe_layers=args.probe_layers, fisher_samples=min(32, args.calib_samples))
+                                  verify_tokens=args.verify_tokens, probe_layers=args.probe_layers, fisher_samples=min(32, args.calib_samples),
+                                  confidence=args.confidence)
     config = QuantizeConfig(model=setup.path, bits=4, method=args.method, calibration=calibration, eval=evaluation, allocation=allocation)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(setup.path)
     model = load_model(setup.path, torch.float32, "cpu")
-    names = select_modules(model).names
+    selection = select_modules(model, tables=True)  # the embedding (tied head) int8 g64 and bf16 scales, as `quantcli quantize` does by default
+    kept = storage_dtype("auto", setup.path, model)
+    scale_dtype = None if kept is None else str(kept).removeprefix("torch.")
     base = evaluate(model, tokenizer, evaluation)
     print("fp32", base, flush=True)
 
     start = time.perf_counter()
     batch = calibration_batch(read_documents(texts["calib"]), tokenizer, calibration.samples, calibration.seq_len, calibration.seed)
     method_config = get_method(args.method).make_config(4, {})
-    request = QuantizeRequest(setup.path, model, tokenizer, names, "cpu", torch.float32, method_config, batch)
+    request = QuantizeRequest(setup.path, model, tokenizer, selection.names, "cpu", torch.float32, method_config, batch,
+                              tables=selection.tables, table_bits=8, scale_dtype=scale_dtype)
     prepared = prepare(request, args.method, config, NullProgress())
     prepare_seconds = time.perf_counter() - start
     breakdown, check = dict(prepared.seconds), prepared.check
@@ -107,7 +116,7 @@ def main() -> None:
         start = time.perf_counter()
         choice, rounds, chosen, _ = decide(prepared, "ppl_increase", target, allocation.max_rounds)
         decide_seconds = time.perf_counter() - start
-        total = checkpoint_bytes(model, _layouts(prepared.table, choice))
+        total = prepared.bytes(choice)
         held_out = evaluate(model, tokenizer, evaluation, base["perplexity"])
         counts: dict[str, int] = {}
         for name, index in choice.items():
@@ -119,13 +128,13 @@ def main() -> None:
                      "layers": {name: prepared.table[name][index].names[0] for name, index in choice.items()}})
         print("target", target, total, held_out, counts, flush=True)
 
-    uniform = [{"scheme": "fp32 (keep)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}}]
+    uniform = [{"scheme": "original (fp32)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}, "verify": None}]
     for name, picks in uniform_choices(prepared.table, prepared.candidates).items():
         if name == "keep" or (args.uniform and name not in args.uniform):
             continue
         assemble(model, prepared.base, prepared.table, picks)
-        uniform.append({"scheme": f"{args.method} {name}", "bytes": checkpoint_bytes(model, _layouts(prepared.table, picks)),
-                        "predicted_kl": _predicted(prepared.table, picks), "held_out": evaluate(model, tokenizer, evaluation, base["perplexity"])})
+        uniform.append({"scheme": f"{args.method} {name}", "bytes": prepared.bytes(picks), "predicted_kl": _predicted(prepared.table, picks),
+                        "held_out": evaluate(model, tokenizer, evaluation, base["perplexity"]), "verify": prepared.verify(model)})
         print("uniform", uniform[-1], flush=True)
     for row in rows:
         rival = [u for u in uniform if u["held_out"]["increase_pct"] <= row["held_out"]["increase_pct"]]
@@ -136,7 +145,9 @@ def main() -> None:
     settings = {"model": setup.label, "method": args.method, "candidates": list(allocation.candidates), "texts": {
                     "eval": f"{Path(setup.eval_dataset).name} ({setup.max_tokens} tokens, seq_len {setup.seq_len}, stride {setup.seq_len})",
                     "calibration": f"wiki.valid.calib.txt articles 31-45 ({args.calib_samples} x 256 tokens, seed 0)",
-                    "search": f"articles 46-52 ({args.search_tokens} tokens, {args.probe_layers} probe layers)", "verify": f"articles 53-60 ({args.verify_tokens} tokens)"},
+                    "search": f"articles 46-52 ({args.search_tokens} tokens, {args.probe_layers} probe layers)",
+                    "verify": f"articles 53-60 ({args.verify_tokens} tokens in windows of {setup.seq_len} spread over them, {args.confidence:.0%} upper bound)"},
+                "kept_dtype": prepared.kept_dtype, "embeddings": "int8 g64 (fixed, not searched)", "scale_dtype": request.scale_dtype, "date": time.strftime("%Y-%m-%d"),
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "note": "shared 2-core machine (other jobs running): wall-clock times are noisy; ratios are from the same process", "caveat": setup.caveat}
     result = {"settings": settings, "prepare_seconds": prepare_seconds, "prepare_breakdown": breakdown, "proxy_check": check, "rows": rows,
@@ -164,17 +175,18 @@ def main() -> None:
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Per-layer allocation ({s['method']}, candidates {', '.join(s['candidates'])}) on {s['model']}. Held-out: {s['texts']['eval']};"
-             f" calibration {s['texts']['calibration']}; search {s['texts']['search']}; verification {s['texts']['verify']}. {s['note']}.", ""]
-    lines += ["| target Δppl | size on disk | held-out Δppl | / target | verify Δppl | rounds | layers | smallest uniform as good | bytes saved | Pareto |",
+             f" calibration {s['texts']['calibration']}; search {s['texts']['search']}; verification {s['texts']['verify']}; embeddings {s['embeddings']}, kept tensors {s['kept_dtype']}, scales {s['scale_dtype']}; {s['date']}. {s['note']}.", ""]
+    lines += ["| target Δppl | size on disk | held-out Δppl | / target | verify Δppl (upper bound) | rounds | layers | smallest uniform as good | bytes saved | Pareto |",
               "|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in result["rows"]:
         layers = ", ".join(f"{n} {c}" for c, n in sorted(r["choices"].items(), key=lambda item: -item[1]))
         saved = "" if r["bytes_saved_vs_best_uniform_as_good"] is None else f"{r['bytes_saved_vs_best_uniform_as_good'] / 1e6:+.2f} MB"
         lines.append(f"| +{r['target_pct']:g}% | {r['bytes'] / 1e6:.2f} MB | {r['held_out']['increase_pct']:+.2f}% | {r['held_out_over_target']:.2f} |"
-                     f" {r['verify']['ppl_increase']:+.2f}% | {len(r['rounds'])} | {layers} | {r['best_uniform_as_good'] or '-'} | {saved} | {'yes' if r['pareto'] else 'NO'} |")
-    lines += ["", "| uniform scheme | size on disk | held-out perplexity | Δppl |", "|---|---:|---:|---:|"]
+                     f" {r['verify']['ppl_increase']:+.2f}% ({r['verify']['ppl_increase_upper']:+.2f}%) | {len(r['rounds'])} | {layers} | {r['best_uniform_as_good'] or '-'} | {saved} | {'yes' if r['pareto'] else 'NO'} |")
+    lines += ["", "| uniform scheme | size on disk | held-out perplexity | held-out Δppl | verify Δppl (upper bound) |", "|---|---:|---:|---:|---:|"]
     for u in result["uniform"]:
-        lines.append(f"| {u['scheme']} | {u['bytes'] / 1e6:.2f} MB | {u['held_out']['perplexity']:.4f} | {u['held_out']['increase_pct']:+.2f}% |")
+        verify = f"{u['verify']['ppl_increase']:+.2f}% ({u['verify']['ppl_increase_upper']:+.2f}%)" if u["verify"] else "-"
+        lines.append(f"| {u['scheme']} | {u['bytes'] / 1e6:.2f} MB | {u['held_out']['perplexity']:.4f} | {u['held_out']['increase_pct']:+.2f}% | {verify} |")
     check = result["proxy_check"]
     lines += ["", f"Proxy check (single-layer KL on the search text, {len(check['pairs'])} layer/candidate pairs): Spearman {check['spearman']:.3f}, fitted scale {check['scale']:.3g}."]
     lines += [f"Search preparation: {result['prepare_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result['prepare_breakdown'].items())}); per target: " + ", ".join(f"{r['decide_seconds']:.0f} s" for r in result["rows"]) + "."]

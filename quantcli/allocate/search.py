@@ -7,9 +7,10 @@ verify-tighten-repeat loop on held-out text. Deterministic for a seed.
    for each), its exact bytes (:mod:`.candidates`) and its proxy cost.
 3. The proxy is checked on the search text: KL with only one layer changed, for ``probe_layers``
    layers × 2 candidates, gives the rank correlation and the one global scale predictions use.
-4. Solve (:mod:`.solver`); build the model; measure it on the verification text; if it misses the
-   target, scale the budget by target/measured and repeat (at most ``max_rounds``); keep the smallest
-   result that met it. Uniform schemes are measured on the same text for the comparison.
+4. Solve (:mod:`.solver`); build the model; measure it on the verification text (:mod:`.verify`);
+   if the upper confidence bound of its increase misses the target, scale the budget by
+   target/bound and repeat (at most ``max_rounds``); keep the smallest result whose bound met it.
+   Uniform schemes are measured on the same text for the comparison.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from quantcli import ops
 from quantcli.allocate.candidates import Candidate, checkpoint_bytes, stored_bytes
-from quantcli.allocate.sensitivity import BATCH, base_log_probs, measured_kl, proxy, spearman
+from quantcli.allocate.sensitivity import base_log_probs, measured_kl, proxy, spearman
 from quantcli.allocate.solver import solve
 from quantcli.errors import InputError
 from quantcli.intweights import IntLayout, IntWeights
@@ -102,17 +103,6 @@ def table_options(model: Any, request: Any) -> dict[str, list[Option]]:
     return table
 
 
-def _windows(source: Any, tokenizer: Any, tokens: int, seq_len: int, what: str) -> torch.Tensor:
-    from quantcli.data import token_sequences
-    from quantcli.errors import DatasetError
-
-    stream = token_sequences(source, tokenizer, "stream", "auto", tokens)[0]
-    count = stream.numel() // seq_len
-    if not count:
-        raise DatasetError(f"{what} text {source.spec} has {stream.numel()} tokens, fewer than one window of {seq_len}. Use more text.")
-    return stream[: count * seq_len].reshape(count, seq_len)
-
-
 def probe(model: Any, base: Any, table: dict[str, list[Option]], windows: torch.Tensor, layers: int) -> dict[str, Any]:
     """Measured KL with one layer changed, for ``layers`` layers evenly spaced × their smallest and
     middle integer options: the proxy's rank correlation and the scale that maps it to KL."""
@@ -131,27 +121,6 @@ def probe(model: Any, base: Any, table: dict[str, list[Option]], windows: torch.
     scale = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
     correlation = spearman([p["proxy"] for p in pairs], [p["measured_kl"] for p in pairs]) if len(pairs) > 1 else None
     return {"pairs": pairs, "spearman": correlation, "scale": scale, "tokens": int(windows.numel())}
-
-
-class Verifier:
-    """Perplexity and KL against the original model on the verification windows; the original's
-    log-probabilities are computed once and kept (``windows × vocabulary`` floats)."""
-
-    def __init__(self, base: Any, windows: torch.Tensor, spec: str) -> None:
-        self.windows, self.spec = windows, spec
-        self.reference = base_log_probs(base, windows)
-        self.base_nll = self._nll(self.reference)
-        self.base_perplexity = math.exp(self.base_nll)
-
-    def _nll(self, log_probs: list[torch.Tensor]) -> float:
-        total = sum(float(-lp[:, :-1].gather(-1, chunk[:, 1:, None]).sum()) for lp, chunk in zip(log_probs, self.windows.split(BATCH)))
-        return total / (self.windows.shape[0] * (self.windows.shape[1] - 1))
-
-    def __call__(self, model: Any) -> dict[str, float]:
-        log_probs = base_log_probs(model, self.windows)
-        nll = self._nll(log_probs)
-        kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(self.reference, log_probs)) / self.windows.numel()
-        return {"perplexity": math.exp(nll), "ppl_increase": 100 * math.expm1(nll - self.base_nll), "kl": kl, "tokens": int(self.windows.numel())}
 
 
 def assemble(model: Any, base: Any, table: dict[str, list[Option]], choice: dict[str, int]) -> None:
