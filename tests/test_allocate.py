@@ -4,6 +4,7 @@ refuses), the mixed checkpoint in plain transformers, bad targets."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -291,3 +292,24 @@ def test_verification_windows_are_spread_over_the_whole_text(stories_path):
         start = i * available // 4 * 128
         assert torch.equal(window, stream[start : start + 128])
     assert 3 * available // 4 * 128 > stream.numel() // 2  # the last window is in the text's second half
+
+
+def test_the_embedding_is_searched_with_its_measured_cost(prepared, stories_path):
+    from quantcli.allocate.search import _solve, dequantized, uniform_choices
+    from quantcli.allocate.sensitivity import base_log_probs, measured_kl
+    from quantcli.allocate.verify import windows
+    from quantcli.data import read_documents
+    from quantcli.models import load_tokenizer
+
+    options = prepared.table["model.embed_tokens"]
+    assert [(o.names, o.uniform) for o in options] == [(["int8-g64"], True), (["keep"], False)]  # cheapest first; int8: what --embeddings 8 writes
+    int8, keep = options
+    assert keep.predicted == 0 and int8.bytes < keep.bytes
+    search = windows(read_documents(prepared.texts[1]), load_tokenizer(stories_path), 512, 256, "search")  # the text prepare measured it on
+    model = copy.deepcopy(prepared.base)
+    model.get_input_embeddings().weight.data = dequantized(int8)
+    assert measured_kl(model, search, base_log_probs(prepared.base, search)) == pytest.approx(int8.predicted, rel=1e-5) and int8.predicted > 0
+    assert {name: picks["model.embed_tokens"] for name, picks in uniform_choices(prepared.table, prepared.candidates).items()} == {
+        "keep": 1, "int8": 0, "int4-g128": 0, "int4-g64": 0, "int4-g32": 0, "int3-g32": 0}
+    assert _solve(prepared.table, 0.5 * int8.predicted, by_size=False)["model.embed_tokens"] == 1  # its cost alone exceeds the budget: kept
+    assert _solve(prepared.table, 1.0, by_size=False)["model.embed_tokens"] == 0

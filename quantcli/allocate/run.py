@@ -90,11 +90,12 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     seconds["candidates"] = time.perf_counter() - start
     start = time.perf_counter()
     with progress.task("allocation: proxy check on the search text", total=None):
-        check = probe(model, base, table, windows(search_source, request.tokenizer, alloc.search_tokens, calib.seq_len, "search"), alloc.probe_layers)
+        search = windows(search_source, request.tokenizer, alloc.search_tokens, calib.seq_len, "search")
+        check = probe(model, base, table, search, alloc.probe_layers)
     for options in table.values():
         for option in options:
             option.predicted = check["scale"] * option.proxy
-    table.update(table_options(model, request))  # fixed, not searched: verified and counted with the rest
+    table.update(table_options(model, base, request, search, any(c.bits is None for c in candidates), kept.itemsize if kept is not None else None))  # costs measured, not predicted
     verify = Verifier(base, windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec, alloc.confidence)
     seconds["proxy_check"] = time.perf_counter() - start
     return Prepared(model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds, kept_dtype)

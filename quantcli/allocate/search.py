@@ -42,6 +42,7 @@ class Option:
     predicted: float = 0.0  # proxy times the scale fitted to measured KL
     weights: IntWeights | None = None
     notes: list[str] = field(default_factory=list)
+    uniform: bool = False  # the option every uniform scheme gives this tensor when no candidate names it (a table's --embeddings choice)
 
 
 def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout) -> tuple[IntWeights, list[str]]:
@@ -87,19 +88,36 @@ def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidat
     return table
 
 
-def table_options(model: Any, request: Any) -> dict[str, list[Option]]:
-    """The input embedding (and an untied head) as ``--embeddings`` asks, rounded to nearest:
-    one fixed option each, not searched (no Hessian: their inputs are one-hot)."""
+def table_options(model: Any, base: Any, request: Any, windows: torch.Tensor, keep: bool, kept_size: int | None = None) -> dict[str, list[Option]]:
+    """The input embedding (and an untied head), searched like the layers: kept (when ``keep`` is a
+    candidate), or rounded to nearest as ``--embeddings`` asks (8: int8 in groups of 64; 4: that or
+    the layers' 4-bit grid; scales in ``request.scale_dtype``). No Hessian (their inputs are
+    one-hot), so each option's cost is measured: the KL on ``windows`` with only that table changed.
+    A head tied to a quantized embedding stores the scales again: counted in the option's bytes."""
     from quantcli.intweights import TABLE_NOTE, table_layouts
+    from quantcli.layers import is_tied
 
     modules = dict(model.named_modules())
+    reference = base_log_probs(base, windows) if request.tables else []
+    layouts = [table_layouts(model, request.tables, bits, request.config, request.scale_dtype) for bits in sorted({8, request.table_bits})]
     table = {}
-    for name, layout in table_layouts(model, request.tables, request.table_bits, request.config, request.scale_dtype).items():
-        matrix = weight_matrix(modules[name])
-        weights, _ = round_layer("rtn", request.config, matrix, None, layout)
-        unit = "row" if layout.group_size is None else f"group of {layout.group_size}"
-        label = f"int{layout.bits}" + ("" if layout.group_size is None else f"-g{layout.group_size}")
-        table[name] = [Option([label], layout, stored_bytes(layout, *matrix.shape, matrix.element_size()), weights=weights, notes=[TABLE_NOTE.format(unit=unit)])]
+    for name in request.tables:
+        original = weight_matrix(modules[name])
+        rows, width = original.shape
+        options = [Option(["keep"], None, stored_bytes(None, rows, width, kept_size or original.element_size()))] if keep else []
+        for layout in (found[name] for found in layouts):
+            unit, groups = ("row", 1) if layout.group_size is None else (f"group of {layout.group_size}", width // layout.group_size)
+            label = f"int{layout.bits}" + ("" if layout.group_size is None else f"-g{layout.group_size}")
+            head_scales = rows * groups * (2 if layout.scale_dtype in ("bfloat16", "float16") else original.element_size()) if is_tied(model) else 0
+            weights, _ = round_layer("rtn", request.config, original, None, layout)
+            option = Option([label], layout, stored_bytes(layout, rows, width, original.element_size()) + head_scales, weights=weights,
+                            notes=[TABLE_NOTE.format(unit=unit)], uniform=layout.bits == request.table_bits)  # uniform: what `--embeddings B` writes
+            saved = original.clone()
+            set_weight_matrix(modules[name], dequantized(option))
+            option.predicted = measured_kl(model, windows, reference)
+            set_weight_matrix(modules[name], saved)
+            options.append(option)
+        table[name] = sorted(options, key=lambda o: o.bytes)
     return table
 
 
@@ -148,8 +166,12 @@ def _solve(table: dict[str, list[Option]], budget: float, by_size: bool, resolut
 
 
 def uniform_choices(table: dict[str, list[Option]], candidates: tuple[Candidate, ...]) -> dict[str, dict[str, int]]:
-    """Each candidate applied to every layer (its index in each layer's options)."""
-    return {c.name: {n: next((i for i, o in enumerate(options) if c.name in o.names), 0) for n, options in table.items()} for c in candidates}
+    """Each candidate applied to every layer (its index in each layer's options); a table no candidate
+    names takes its ``--embeddings`` option, as a plain quantize would."""
+    def index(options: list[Option], name: str) -> int:
+        return next((i for i, o in enumerate(options) if name in o.names), next((i for i, o in enumerate(options) if o.uniform), 0))
+
+    return {c.name: {n: index(options, c.name) for n, options in table.items()} for c in candidates}
 
 
 def frontier(model: Any, table: dict[str, list[Option]], kept_dtype: str | None = None, points: int = 16) -> list[dict[str, float]]:
