@@ -127,6 +127,7 @@ def main() -> None:
                      "chosen_round": chosen + 1, "choices": counts, "decide_seconds": decide_seconds,
                      "layers": {name: prepared.table[name][index].names[0] for name, index in choice.items()}})
         print("target", target, total, held_out, counts, flush=True)
+        setup.output(f"allocation-{args.method}").with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")  # a slow run's targets so far
 
     uniform = [{"scheme": "original (fp32)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}, "verify": None}]
     for name, picks in uniform_choices(prepared.table, prepared.candidates).items():
@@ -147,7 +148,7 @@ def main() -> None:
                     "calibration": f"wiki.valid.calib.txt articles 31-45 ({args.calib_samples} x 256 tokens, seed 0)",
                     "search": f"articles 46-52 ({args.search_tokens} tokens, {args.probe_layers} probe layers)",
                     "verify": f"articles 53-60 ({args.verify_tokens} tokens in windows of {setup.seq_len} spread over them, {args.confidence:.0%} upper bound)"},
-                "kept_dtype": prepared.kept_dtype, "embeddings": "int8 g64 (fixed, not searched)", "scale_dtype": request.scale_dtype, "date": time.strftime("%Y-%m-%d"),
+                "kept_dtype": prepared.kept_dtype, "embeddings": "searched: keep or int8 g64 (cost measured as KL with only it changed)", "scale_dtype": request.scale_dtype, "date": time.strftime("%Y-%m-%d"),
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "note": "shared 2-core machine (other jobs running): wall-clock times are noisy; ratios are from the same process", "caveat": setup.caveat}
     result = {"settings": settings, "prepare_seconds": prepare_seconds, "prepare_breakdown": breakdown, "proxy_check": check, "rows": rows,
