@@ -5,8 +5,7 @@ Texts (all WikiText-2 validation, see data/wikitext-2/README.md): the standard e
 (articles 31-60) cut at article boundaries into calibration (31-45), search (46-52, the proxy check)
 and verification (53-60, the tighten-and-repeat loop, windows spread over all 8 articles; a round
 meets the target when the upper confidence bound of its increase does). No step of the search sees
-articles 1-30. Uniform schemes are measured on the verification text too, to show how far the
-verification predicts the held-out text.
+articles 1-30. Results are saved after every step (uniform schemes first, then each target).
 
 One preparation (Hessians, output Fisher, every candidate for every layer, the proxy check) serves
 every target; each target then runs its own solve/verify rounds. Uniform schemes are the same
@@ -111,57 +110,55 @@ def main() -> None:
     breakdown, check = dict(prepared.seconds), prepared.check
     print("prepared", prepared.seconds, prepared.check["spearman"], prepared.check["scale"], flush=True)
 
-    rows = []
-    for target in args.targets:
-        start = time.perf_counter()
-        choice, rounds, chosen, _ = decide(prepared, "ppl_increase", target, allocation.max_rounds)
-        decide_seconds = time.perf_counter() - start
-        total = prepared.bytes(choice)
-        held_out = evaluate(model, tokenizer, evaluation, base["perplexity"])
-        counts: dict[str, int] = {}
-        for name, index in choice.items():
-            label = prepared.table[name][index].names[0]
-            counts[label] = counts.get(label, 0) + 1
-        rows.append({"target_pct": target, "bytes": total, "predicted_kl": _predicted(prepared.table, choice), "held_out": held_out,
-                     "held_out_over_target": held_out["increase_pct"] / target, "verify": rounds[chosen]["measured"], "rounds": rounds,
-                     "chosen_round": chosen + 1, "choices": counts, "decide_seconds": decide_seconds,
-                     "layers": {name: prepared.table[name][index].names[0] for name, index in choice.items()}})
-        print("target", target, total, held_out, counts, flush=True)
-        setup.output(f"allocation-{args.method}").with_suffix(".partial.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")  # a slow run's targets so far
-
-    uniform = [{"scheme": "original (fp32)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}, "verify": None}]
-    for name, picks in uniform_choices(prepared.table, prepared.candidates).items():
-        if name == "keep" or (args.uniform and name not in args.uniform):
-            continue
-        assemble(model, prepared.base, prepared.table, picks)
-        uniform.append({"scheme": f"{args.method} {name}", "bytes": prepared.bytes(picks), "predicted_kl": _predicted(prepared.table, picks),
-                        "held_out": evaluate(model, tokenizer, evaluation, base["perplexity"]), "verify": prepared.verify(model)})
-        print("uniform", uniform[-1], flush=True)
-    for row in rows:
-        rival = [u for u in uniform if u["held_out"]["increase_pct"] <= row["held_out"]["increase_pct"]]
-        row["best_uniform_as_good"] = min(rival, key=lambda u: u["bytes"])["scheme"] if rival else None
-        row["bytes_saved_vs_best_uniform_as_good"] = min(u["bytes"] for u in rival) - row["bytes"] if rival else None
-        row["pareto"] = all(u["bytes"] > row["bytes"] for u in rival)
-
     settings = {"model": setup.label, "method": args.method, "candidates": list(allocation.candidates), "texts": {
                     "eval": f"{Path(setup.eval_dataset).name} ({setup.max_tokens} tokens, seq_len {setup.seq_len}, stride {setup.seq_len})",
                     "calibration": f"wiki.valid.calib.txt articles 31-45 ({args.calib_samples} x 256 tokens, seed 0)",
                     "search": f"articles 46-52 ({args.search_tokens} tokens, {args.probe_layers} probe layers)",
                     "verify": f"articles 53-60 ({args.verify_tokens} tokens in windows of {setup.seq_len} spread over them, {args.confidence:.0%} upper bound)"},
-                "kept_dtype": prepared.kept_dtype, "embeddings": "searched: keep or int8 g64 (cost measured as KL with only it changed)", "scale_dtype": request.scale_dtype, "date": time.strftime("%Y-%m-%d"),
-                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                "note": "shared 2-core machine (other jobs running): wall-clock times are noisy; ratios are from the same process", "caveat": setup.caveat}
+                "kept_dtype": prepared.kept_dtype, "embeddings": "searched: keep or int8 g64 (cost measured as KL with only it changed)",
+                "scale_dtype": request.scale_dtype, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "machine": platform.machine(), "caveat": setup.caveat,
+                "note": "shared 2-core machine (other jobs running): wall-clock times are noisy; ratios are from the same process"}
+    rows: list[dict] = []
+    uniform = [{"scheme": "original (fp32)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}}]
     result = {"settings": settings, "prepare_seconds": prepare_seconds, "prepare_breakdown": breakdown, "proxy_check": check, "rows": rows,
               "uniform": uniform, "gptq_baseline": None}
     out = setup.output(f"allocation-{args.method}")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:
+    def save() -> None:  # after every step: a slow run keeps what it measured
         out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         out.with_suffix(".md").write_text(markdown(result))
         plot(result, out.with_suffix(".png"))
 
-    save()  # again after the GPTQ baseline, which is slow
+    for name, picks in uniform_choices(prepared.table, prepared.candidates).items():
+        if name == "keep" or (args.uniform and name not in args.uniform):
+            continue
+        assemble(model, prepared.base, prepared.table, picks)
+        uniform.append({"scheme": f"{args.method} {name}", "bytes": prepared.bytes(picks), "predicted_kl": _predicted(prepared.table, picks),
+                        "held_out": evaluate(model, tokenizer, evaluation, base["perplexity"])})
+        print("uniform", uniform[-1], flush=True)
+    for target in args.targets:
+        start = time.perf_counter()
+        choice, rounds, chosen, _ = decide(prepared, "ppl_increase", target, allocation.max_rounds)
+        decide_seconds = time.perf_counter() - start
+        held_out = evaluate(model, tokenizer, evaluation, base["perplexity"])
+        counts: dict[str, int] = {}
+        for name, index in choice.items():
+            label = prepared.table[name][index].names[0]
+            counts[label] = counts.get(label, 0) + 1
+        rival = [u for u in uniform if u["held_out"]["increase_pct"] <= held_out["increase_pct"]]
+        total = prepared.bytes(choice)
+        rows.append({"target_pct": target, "bytes": total, "predicted_kl": _predicted(prepared.table, choice), "held_out": held_out,
+                     "held_out_over_target": held_out["increase_pct"] / target, "verify": rounds[chosen]["measured"], "rounds": rounds,
+                     "chosen_round": chosen + 1, "choices": counts, "decide_seconds": decide_seconds,
+                     "best_uniform_as_good": min(rival, key=lambda u: u["bytes"])["scheme"] if rival else None,
+                     "bytes_saved_vs_best_uniform_as_good": min(u["bytes"] for u in rival) - total if rival else None,
+                     "pareto": all(u["bytes"] > total for u in rival),
+                     "layers": {name: prepared.table[name][index].names[0] for name, index in choice.items()}})
+        print("target", target, total, held_out, counts, flush=True)
+        save()
+    save()
     if args.gptq_baseline:
         del prepared
         start = time.perf_counter()
@@ -184,10 +181,9 @@ def markdown(result: dict) -> str:
         saved = "" if r["bytes_saved_vs_best_uniform_as_good"] is None else f"{r['bytes_saved_vs_best_uniform_as_good'] / 1e6:+.2f} MB"
         lines.append(f"| +{r['target_pct']:g}% | {r['bytes'] / 1e6:.2f} MB | {r['held_out']['increase_pct']:+.2f}% | {r['held_out_over_target']:.2f} |"
                      f" {r['verify']['ppl_increase']:+.2f}% ({r['verify']['ppl_increase_upper']:+.2f}%) | {len(r['rounds'])} | {layers} | {r['best_uniform_as_good'] or '-'} | {saved} | {'yes' if r['pareto'] else 'NO'} |")
-    lines += ["", "| uniform scheme | size on disk | held-out perplexity | held-out Δppl | verify Δppl (upper bound) |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "| uniform scheme | size on disk | held-out perplexity | held-out Δppl |", "|---|---:|---:|---:|"]
     for u in result["uniform"]:
-        verify = f"{u['verify']['ppl_increase']:+.2f}% ({u['verify']['ppl_increase_upper']:+.2f}%)" if u["verify"] else "-"
-        lines.append(f"| {u['scheme']} | {u['bytes'] / 1e6:.2f} MB | {u['held_out']['perplexity']:.4f} | {u['held_out']['increase_pct']:+.2f}% | {verify} |")
+        lines.append(f"| {u['scheme']} | {u['bytes'] / 1e6:.2f} MB | {u['held_out']['perplexity']:.4f} | {u['held_out']['increase_pct']:+.2f}% |")
     check = result["proxy_check"]
     lines += ["", f"Proxy check (single-layer KL on the search text, {len(check['pairs'])} layer/candidate pairs): Spearman {check['spearman']:.3f}, fitted scale {check['scale']:.3g}."]
     lines += [f"Search preparation: {result['prepare_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result['prepare_breakdown'].items())}); per target: " + ", ".join(f"{r['decide_seconds']:.0f} s" for r in result["rows"]) + "."]
