@@ -4,8 +4,9 @@ Quality targets (``--target-ppl-increase``, ``--target-kl``) are budgets of pred
 minimises bytes within it, the verification text measures the result, and the budget is scaled by
 target/measured until a round meets the target with little to spare (``max_rounds`` at most; the
 smallest result that met it is kept). "Meets" means the upper confidence bound of the measured
-increase (:mod:`.verify`, ``confidence`` 0.95 by default) is within the target, not just its mean. Size targets (``--target-size``, ``--target-bpw``) minimise
-predicted KL within the exact byte count; the verification text then only reports the quality.
+increase (:mod:`.verify`, ``confidence`` 0.95 by default) is within the target, not just its mean.
+Size targets (``--target-size``, ``--target-bpw``) minimise predicted KL within the exact byte
+count; the verification text then only reports the quality.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     for options in table.values():
         for option in options:
             option.predicted = check["scale"] * option.proxy
-    table.update(table_options(model, base, request, search, any(c.bits is None for c in candidates), kept.itemsize if kept is not None else None))  # costs measured, not predicted
+    keep = any(c.bits is None for c in candidates)
+    table.update(table_options(model, base, request, search, keep, kept.itemsize if kept is not None else None))  # costs measured, not predicted
     verify = Verifier(base, windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec, alloc.confidence)
     seconds["proxy_check"] = time.perf_counter() - start
     return Prepared(model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds, kept_dtype)
