@@ -35,6 +35,7 @@ from quantcli.allocate.run import decide, prepare
 from quantcli.allocate.search import _predicted, assemble, uniform_choices
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.data import calibration_batch, read_documents
+from quantcli.errors import GateFailedError
 from quantcli.methods import get_method
 from quantcli.methods.base import QuantizeRequest
 from quantcli.models import load_model, load_tokenizer
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--verify-tokens", type=int, default=8192)
     parser.add_argument("--confidence", type=float, default=0.95, help="One-sided confidence of the verification's upper bound (0.5: the mean).")
     parser.add_argument("--probe-layers", type=int, default=8)
+    parser.add_argument("--max-rounds", type=int, default=4)
     parser.add_argument("--uniform", nargs="+", help="Candidates to measure as uniform schemes (default: all).")
     parser.add_argument("--threads", type=int, help="torch threads (1 is faster on a busy shared machine).")
     args = parser.parse_args()
@@ -89,7 +91,7 @@ def main() -> None:
     calibration = CalibrationConfig(dataset=texts["calib"], samples=args.calib_samples, seq_len=256, seed=0)
     allocation = AllocationConfig(target_ppl_increase=1.0, search_dataset=texts["search"], verify_dataset=texts["verify"], search_tokens=args.search_tokens,
                                   verify_tokens=args.verify_tokens, probe_layers=args.probe_layers, fisher_samples=min(32, args.calib_samples),
-                                  confidence=args.confidence)
+                                  confidence=args.confidence, max_rounds=args.max_rounds)
     config = QuantizeConfig(model=setup.path, bits=4, method=args.method, calibration=calibration, eval=evaluation, allocation=allocation)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(setup.path)
@@ -140,7 +142,13 @@ def main() -> None:
         print("uniform", uniform[-1], flush=True)
     for target in args.targets:
         start = time.perf_counter()
-        choice, rounds, chosen, _ = decide(prepared, "ppl_increase", target, allocation.max_rounds)
+        try:
+            choice, rounds, chosen, _ = decide(prepared, "ppl_increase", target, allocation.max_rounds)
+        except GateFailedError as error:  # no round's upper bound met the target: nothing would be written
+            rows.append({"target_pct": target, "refused": str(error), "decide_seconds": time.perf_counter() - start})
+            print("target", target, "refused:", error, flush=True)
+            save()
+            continue
         decide_seconds = time.perf_counter() - start
         held_out = evaluate(model, tokenizer, evaluation, base["perplexity"])
         counts: dict[str, int] = {}
@@ -177,6 +185,9 @@ def markdown(result: dict) -> str:
     lines += ["| target Δppl | size on disk | held-out Δppl | / target | verify Δppl (upper bound) | rounds | layers | smallest uniform as good | bytes saved | Pareto |",
               "|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in result["rows"]:
+        if "refused" in r:
+            lines.append(f"| +{r['target_pct']:g}% | refused (exit 4, nothing written): {r['refused']} |||||||||")
+            continue
         layers = ", ".join(f"{n} {c}" for c, n in sorted(r["choices"].items(), key=lambda item: -item[1]))
         saved = "" if r["bytes_saved_vs_best_uniform_as_good"] is None else f"{r['bytes_saved_vs_best_uniform_as_good'] / 1e6:+.2f} MB"
         lines.append(f"| +{r['target_pct']:g}% | {r['bytes'] / 1e6:.2f} MB | {r['held_out']['increase_pct']:+.2f}% | {r['held_out_over_target']:.2f} |"
@@ -189,7 +200,7 @@ def markdown(result: dict) -> str:
     lines += [f"Search preparation: {result['prepare_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result['prepare_breakdown'].items())}); per target: " + ", ".join(f"{r['decide_seconds']:.0f} s" for r in result["rows"]) + "."]
     if result["gptq_baseline"]:
         g = result["gptq_baseline"]["seconds"]
-        per_target = result["prepare_seconds"] + max(r["decide_seconds"] for r in result["rows"])
+        per_target = result["prepare_seconds"] + max(r["decide_seconds"] for r in result["rows"])  # refused targets included
         lines.append(f"Plain GPTQ int4 g64 (no eval) in the same process: {g:.0f} s; one target's search (preparation + slowest solve/verify): {per_target:.0f} s = {per_target / g:.2f}x.")
     if result["settings"]["caveat"]:
         lines += ["", f"Caveat: {result['settings']['caveat']}"]
@@ -208,7 +219,7 @@ def plot(result: dict, path: Path) -> None:
     for u in result["uniform"]:
         axes.scatter(u["bytes"] / 1e6, max(u["held_out"]["increase_pct"], 1e-3), marker="s", color="tab:blue")
         axes.annotate(u["scheme"], (u["bytes"] / 1e6, max(u["held_out"]["increase_pct"], 1e-3)), textcoords="offset points", xytext=(5, 3), fontsize=8)
-    for r in result["rows"]:
+    for r in (r for r in result["rows"] if "refused" not in r):
         axes.scatter(r["bytes"] / 1e6, max(r["held_out"]["increase_pct"], 1e-3), marker="*", s=140, color="tab:red")
         axes.annotate(f"target +{r['target_pct']:g}%", (r["bytes"] / 1e6, max(r["held_out"]["increase_pct"], 1e-3)), textcoords="offset points", xytext=(5, -10), fontsize=8)
     axes.scatter([], [], marker="s", color="tab:blue", label="uniform")
