@@ -1,8 +1,10 @@
 """Per-layer precision (quantcli.allocate): the solver against brute force, exact byte counts, the
-target met on stories260K on held-out text, the mixed checkpoint in plain transformers, bad targets."""
+target met on stories260K on held-out text, the verification's confidence bound (and a round it
+refuses), the mixed checkpoint in plain transformers, bad targets."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -110,7 +112,9 @@ def allocated(tmp_path_factory):
 def test_target_met_on_verification_and_held_out_text(allocated):
     report, _ = allocated
     summary = report["stats"]["allocation"]
-    assert summary["result"]["measured_ppl_increase"] <= TARGET  # the verification text
+    assert summary["result"]["measured_ppl_increase"] <= summary["result"]["measured_ppl_increase_upper"] <= TARGET  # the verification text
+    assert summary["result"]["confidence"] == 0.95 and summary["texts"]["verify_windows"] == 4096 // 256
+    assert [r["met"] for r in summary["rounds"]] == [r["measured"]["ppl_increase_upper"] <= TARGET for r in summary["rounds"]]
     assert report["perplexity_delta"]["percent"] <= 1.25 * TARGET  # tinystories:eval, seen by no step of the search
     assert len({(layer["bits"], layer["group_size"]) for layer in summary["layers"].values()}) > 1  # really mixed
     assert summary["proxy_check"]["spearman"] > 0.5
@@ -147,6 +151,7 @@ def test_mixed_checkpoint_loads_in_plain_transformers_with_identical_logits(allo
     ({"target_bpw": 40}, "allocation.target_bpw must be at most 32 bits per weight, got 40."),
     ({"target_kl": 0.1, "candidates": ["keep"]}, "allocation.candidates needs at least one integer candidate (e.g. int4-g128) besides keep."),
     ({"target_kl": 0.1, "candidates": ["int4-g0"]}, "unknown candidate 'int4-g0': use keep, int8, int4, int3, optionally with a group size as in int4-g128."),
+    ({"target_kl": 0.1, "confidence": 1.0}, "allocation.confidence (a recipe key) must be at least 0.5 and below 1 (0.95: a 95% upper bound), got 1.0."),
 ])
 def test_bad_allocation_settings(mapping, message):
     with pytest.raises(InputError) as error:
@@ -195,3 +200,117 @@ def test_checkpoint_bytes_counts_an_unquantized_save(stories_path):
 
     model = load_model(stories_path, torch.float32, "cpu")
     assert checkpoint_bytes(model, {}) == (Path(stories_path) / "model.safetensors").stat().st_size
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, stories_path):
+    """One stories260K preparation (as benchmarks/allocation.py makes it): every candidate, proxy check, verifier."""
+    from quantcli.allocate.run import prepare
+    from quantcli.data import calibration_batch, read_documents
+    from quantcli.layers import select_modules
+    from quantcli.methods import get_method
+    from quantcli.methods.base import QuantizeRequest
+    from quantcli.models import load_model, load_tokenizer
+    from quantcli.progress import NullProgress
+
+    texts = _split_text(tmp_path_factory.mktemp("prepare"))
+    config = QuantizeConfig(bits=4, method="rtn", calibration=CalibrationConfig(dataset=texts["calib"], samples=16), eval=EvalConfig(),
+                            allocation=AllocationConfig(target_ppl_increase=TARGET, search_dataset=texts["search"], verify_dataset=texts["verify"],
+                                                        search_tokens=512, verify_tokens=2048, probe_layers=3))
+    model, tokenizer = load_model(stories_path, torch.float32, "cpu"), load_tokenizer(stories_path)
+    selection = select_modules(model, tables=True)
+    batch = calibration_batch(read_documents(texts["calib"]), tokenizer, 16, 256, 0)
+    request = QuantizeRequest(stories_path, model, tokenizer, selection.names, "cpu", torch.float32, get_method("rtn").make_config(4, {}), batch,
+                              tables=selection.tables, scale_dtype="bfloat16")
+    return prepare(request, "rtn", config, NullProgress())
+
+
+def test_verification_bound_is_students_t_over_paired_windows(prepared):
+    from quantcli.allocate.run import _met
+    from quantcli.allocate.search import assemble, uniform_choices
+
+    verify = prepared.verify
+    assemble(prepared.model, prepared.base, prepared.table, uniform_choices(prepared.table, prepared.candidates)["int4-g32"])
+    measured = verify(prepared.model)
+    windows = verify.windows
+    assert windows.shape == (8, 256)
+
+    def window_nll(model):
+        with torch.no_grad():
+            out = model(input_ids=windows).logits.float()
+        return torch.nn.functional.cross_entropy(out[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").mean(1).double()
+
+    increase = window_nll(prepared.model) - window_nll(prepared.base)
+    upper = increase.mean() + 1.8946 * increase.std() / 8 ** 0.5  # t(0.95, 7 degrees of freedom), from the tables
+    assert set(measured) == {"perplexity", "ppl_increase", "ppl_increase_upper", "kl", "kl_upper", "confidence", "windows", "tokens"}
+    assert (measured["windows"], measured["tokens"], measured["confidence"]) == (8, 2048, 0.95)
+    assert measured["ppl_increase"] == pytest.approx(100 * float(increase.mean().expm1()), rel=1e-4)
+    assert measured["ppl_increase_upper"] == pytest.approx(100 * float(upper.expm1()), rel=1e-3)
+    assert measured["kl"] < measured["kl_upper"]
+    middle = (measured["ppl_increase"] + measured["ppl_increase_upper"]) / 2  # the mean meets it, the bound does not
+    assert not _met("ppl_increase", middle, measured, 0, None)
+    assert _met("ppl_increase", measured["ppl_increase_upper"], measured, 0, None)
+
+
+def test_a_round_whose_bound_exceeds_the_target_is_refused(prepared):
+    """Some target that round 1's mean meets and its upper bound does not: exit 4's error, nothing chosen."""
+    import re
+
+    from quantcli.allocate.run import decide
+    from quantcli.errors import GateFailedError
+
+    for target in (0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+        try:
+            decide(prepared, "ppl_increase", target, max_rounds=1)
+            continue
+        except GateFailedError as error:
+            message = str(error)
+        measured = prepared.verify(prepared.model)  # round 1's allocation is left in the model
+        if measured["ppl_increase"] <= target:
+            break
+    else:
+        pytest.fail("no target separated round 1's mean from its upper bound")
+    assert message == (
+        f"allocation missed --target-ppl-increase {target:g} on the verification text after 1 round(s) (closest: KL {measured['kl']:.5f}"
+        f" (upper bound {measured['kl_upper']:.5f}), perplexity {measured['ppl_increase']:+.2f}% (upper bound {measured['ppl_increase_upper']:+.2f}%)"
+        f" at 95% confidence, {re.search(r'([0-9.]+) MB', message).group(1)} MB). Loosen the target, add candidates (keep, int8), raise max_rounds,"
+        " or verify on more text for a tighter bound."
+    )
+    assert measured["ppl_increase"] <= target < measured["ppl_increase_upper"]
+
+
+def test_verification_windows_are_spread_over_the_whole_text(stories_path):
+    from quantcli.allocate.verify import windows
+    from quantcli.data import read_documents, token_sequences
+    from quantcli.models import load_tokenizer
+
+    tokenizer, source = load_tokenizer(stories_path), read_documents("tinystories:eval")
+    stream = token_sequences(source, tokenizer, "stream", "auto", None)[0]
+    picked = windows(source, tokenizer, 4 * 128, 128, "verification")
+    available = stream.numel() // 128
+    assert picked.shape == (4, 128)
+    for i, window in enumerate(picked):
+        start = i * available // 4 * 128
+        assert torch.equal(window, stream[start : start + 128])
+    assert 3 * available // 4 * 128 > stream.numel() // 2  # the last window is in the text's second half
+
+
+def test_the_embedding_is_searched_with_its_measured_cost(prepared, stories_path):
+    from quantcli.allocate.search import _solve, dequantized, uniform_choices
+    from quantcli.allocate.sensitivity import base_log_probs, measured_kl
+    from quantcli.allocate.verify import windows
+    from quantcli.data import read_documents
+    from quantcli.models import load_tokenizer
+
+    options = prepared.table["model.embed_tokens"]
+    assert [(o.names, o.uniform) for o in options] == [(["int8-g64"], True), (["keep"], False)]  # cheapest first; int8: what --embeddings 8 writes
+    int8, keep = options
+    assert keep.predicted == 0 and int8.bytes < keep.bytes
+    search = windows(read_documents(prepared.texts[1]), load_tokenizer(stories_path), 512, 256, "search")  # the text prepare measured it on
+    model = copy.deepcopy(prepared.base)
+    model.get_input_embeddings().weight.data = dequantized(int8)
+    assert measured_kl(model, search, base_log_probs(prepared.base, search)) == pytest.approx(int8.predicted, rel=1e-5) and int8.predicted > 0
+    assert {name: picks["model.embed_tokens"] for name, picks in uniform_choices(prepared.table, prepared.candidates).items()} == {
+        "keep": 1, "int8": 0, "int4-g128": 0, "int4-g64": 0, "int4-g32": 0, "int3-g32": 0}
+    assert _solve(prepared.table, 0.5 * int8.predicted, by_size=False)["model.embed_tokens"] == 1  # its cost alone exceeds the budget: kept
+    assert _solve(prepared.table, 1.0, by_size=False)["model.embed_tokens"] == 0

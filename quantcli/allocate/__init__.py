@@ -27,7 +27,9 @@ class AllocationConfig:
     """One target (exactly one of the four ``target_*``) and how to search for it: ``candidates``
     per tensor; ``search_dataset`` (proxy check, default the calibration text) and
     ``verify_dataset`` (the tighten-and-repeat check, default the eval text) with their token
-    budgets; ``max_rounds`` verifications at most; ``plot`` a PNG of the size/quality curve."""
+    budgets; ``max_rounds`` verifications at most; a quality target counts as met when the
+    one-sided ``confidence`` upper bound of the verified increase is within it (0.5: its mean);
+    ``plot`` a PNG of the size/quality curve."""
 
     target_ppl_increase: float | None = None
     target_kl: float | None = None
@@ -37,10 +39,11 @@ class AllocationConfig:
     search_dataset: str | None = None
     verify_dataset: str | None = None
     search_tokens: int = 2048
-    verify_tokens: int = 4096
+    verify_tokens: int = 8192
     fisher_samples: int = 32
     probe_layers: int = 8
     max_rounds: int = 4
+    confidence: float = 0.95
     plot: str | None = None
 
     def __post_init__(self) -> None:
@@ -55,6 +58,8 @@ class AllocationConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
                 raise InputError(f"{option(f'allocation.{name}')} must be a positive number, got {value!r}.")
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not 0.5 <= self.confidence < 1:
+            raise InputError(f"allocation.confidence (a recipe key) must be at least 0.5 and below 1 (0.95: a 95% upper bound), got {self.confidence!r}.")
         if self.target_bpw is not None and self.target_bpw > 32:
             raise InputError(f"{option('allocation.target_bpw')} must be at most 32 bits per weight, got {self.target_bpw!r}.")
         if self.target_size is not None:

@@ -25,7 +25,8 @@ def describe(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"allocation: target {target['kind'].replace('_', ' ')} {target['value']:g}{UNITS[target['kind']]} · {summary['method']} · layers: {choices}",
         f"allocation: predicted KL {result['predicted_kl']:.5f} (perplexity {result['predicted_ppl_increase']:+.2f}%), measured on {texts['verify']}"
-        f" ({texts['verify_tokens']} tokens): KL {result['measured_kl']:.5f}, perplexity {result['measured_ppl_increase']:+.2f}%"
+        f" ({texts['verify_tokens']} tokens, {texts['verify_windows']} windows): KL {result['measured_kl']:.5f} (upper bound {result['measured_kl_upper']:.5f}),"
+        f" perplexity {result['measured_ppl_increase']:+.2f}% (upper bound {result['measured_ppl_increase_upper']:+.2f}%) at {result['confidence']:.0%} confidence"
         f" · round {summary['chosen_round']} of {len(summary['rounds'])}",
     ]
     if check["spearman"] is not None:

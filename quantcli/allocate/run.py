@@ -3,8 +3,10 @@
 Quality targets (``--target-ppl-increase``, ``--target-kl``) are budgets of predicted KL: the solve
 minimises bytes within it, the verification text measures the result, and the budget is scaled by
 target/measured until a round meets the target with little to spare (``max_rounds`` at most; the
-smallest result that met it is kept). Size targets (``--target-size``, ``--target-bpw``) minimise
-predicted KL within the exact byte count; the verification text then only reports the quality.
+smallest result that met it is kept). "Meets" means the upper confidence bound of the measured
+increase (:mod:`.verify`, ``confidence`` 0.95 by default) is within the target, not just its mean.
+Size targets (``--target-size``, ``--target-bpw``) minimise predicted KL within the exact byte
+count; the verification text then only reports the quality.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates
-from quantcli.allocate.search import (
-    Verifier, _layouts, _predicted, _solve, _windows, assemble, frontier, layer_options, probe, size_choice, table_options, uniform_choices,
-)
+from quantcli.allocate.search import _layouts, _predicted, _solve, assemble, frontier, layer_options, probe, size_choice, table_options, uniform_choices
+from quantcli.allocate.verify import Verifier, windows
 from quantcli.allocate.sensitivity import hessians, output_fisher
 from quantcli.errors import GateFailedError, option
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
@@ -29,16 +30,17 @@ ENOUGH = 0.8  # a round that meets the target using at least this share of it en
 
 
 def _met(kind: str, value: float, measured: dict[str, float], total: int, target_bytes: int | None) -> bool:
+    """A quality target is met when the upper confidence bound of the measured loss is within it."""
     if kind == "kl":
-        return measured["kl"] <= value
+        return measured["kl_upper"] <= value
     if kind == "ppl_increase":
-        return measured["ppl_increase"] <= value
+        return measured["ppl_increase_upper"] <= value
     return total <= target_bytes
 
 
 def _as_kl(kind: str, measured: dict[str, float]) -> float:
-    """The measured loss in the budget's unit (nats/token): KL, or log of the perplexity ratio."""
-    return measured["kl"] if kind == "kl" else math.log1p(measured["ppl_increase"] / 100)
+    """The measured loss's upper bound in the budget's unit (nats/token): KL, or log of the perplexity ratio."""
+    return measured["kl_upper"] if kind == "kl" else math.log1p(measured["ppl_increase_upper"] / 100)
 
 
 @dataclass
@@ -89,12 +91,14 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     seconds["candidates"] = time.perf_counter() - start
     start = time.perf_counter()
     with progress.task("allocation: proxy check on the search text", total=None):
-        check = probe(model, base, table, _windows(search_source, request.tokenizer, alloc.search_tokens, calib.seq_len, "search"), alloc.probe_layers)
+        search = windows(search_source, request.tokenizer, alloc.search_tokens, calib.seq_len, "search")
+        check = probe(model, base, table, search, alloc.probe_layers)
     for options in table.values():
         for opt in options:
             opt.predicted = check["scale"] * opt.proxy
-    table.update(table_options(model, request))  # fixed, not searched: verified and counted with the rest
-    verify = Verifier(base, _windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec)
+    keep = any(c.bits is None for c in candidates)
+    table.update(table_options(model, base, request, search, keep, kept.itemsize if kept is not None else None))  # costs measured, not predicted
+    verify = Verifier(base, windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec, alloc.confidence)
     seconds["proxy_check"] = time.perf_counter() - start
     return Prepared(model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds, kept_dtype)
 
@@ -131,8 +135,9 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
         best = min(rounds, key=lambda r: _as_kl(kind, r["measured"]))
         raise GateFailedError(
             f"allocation missed {option(f'allocation.target_{kind}')} {value:g} on the verification text after {len(rounds)} round(s)"
-            f" (closest: KL {best['measured']['kl']:.5f}, perplexity {best['measured']['ppl_increase']:+.2f}%, {best['bytes'] / 1e6:.3f} MB)."
-            " Loosen the target, add candidates (keep, int8), or raise max_rounds."
+            f" (closest: KL {best['measured']['kl']:.5f} (upper bound {best['measured']['kl_upper']:.5f}), perplexity {best['measured']['ppl_increase']:+.2f}%"
+            f" (upper bound {best['measured']['ppl_increase_upper']:+.2f}%) at {best['measured']['confidence']:.0%} confidence, {best['bytes'] / 1e6:.3f} MB)."
+            " Loosen the target, add candidates (keep, int8), raise max_rounds, or verify on more text for a tighter bound."
         )
     chosen = min(passing)[1]
     assemble(model, base, table, tried[chosen])
@@ -223,12 +228,14 @@ def _summary(kind, value, target_bytes, method, candidates, texts, check, rounds
         "method": method,
         "candidates": [c.name for c in candidates],
         "texts": {"calibration": texts[0], "search": texts[1], "verify": texts[2], "search_tokens": check["tokens"], "verify_tokens": final["measured"]["tokens"],
-                  "verify_base_perplexity": base_ppl},
+                  "verify_windows": final["measured"]["windows"], "verify_base_perplexity": base_ppl},
         "proxy_check": check,
         "rounds": rounds,
         "chosen_round": chosen + 1,
         "result": {"bytes": final["bytes"], "predicted_kl": final["predicted_kl"], "predicted_ppl_increase": 100 * math.expm1(final["predicted_kl"]),
-                   "measured_kl": final["measured"]["kl"], "measured_ppl_increase": final["measured"]["ppl_increase"], "choices": dict(counts)},
+                   "measured_kl": final["measured"]["kl"], "measured_ppl_increase": final["measured"]["ppl_increase"],
+                   "measured_kl_upper": final["measured"]["kl_upper"], "measured_ppl_increase_upper": final["measured"]["ppl_increase_upper"],
+                   "confidence": final["measured"]["confidence"], "choices": dict(counts)},
         "uniform": uniform,
         "best_uniform": best and {"candidate": best["candidate"], "bytes": best["bytes"], "measured": best["measured"]},
         "bytes_saved_vs_best_uniform": best and best["bytes"] - final["bytes"],

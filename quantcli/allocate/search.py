@@ -7,9 +7,10 @@ verify-tighten-repeat loop on held-out text. Deterministic for a seed.
    for each), its exact bytes (:mod:`.candidates`) and its proxy cost.
 3. The proxy is checked on the search text: KL with only one layer changed, for ``probe_layers``
    layers × 2 candidates, gives the rank correlation and the one global scale predictions use.
-4. Solve (:mod:`.solver`); build the model; measure it on the verification text; if it misses the
-   target, scale the budget by target/measured and repeat (at most ``max_rounds``); keep the smallest
-   result that met it. Uniform schemes are measured on the same text for the comparison.
+4. Solve (:mod:`.solver`); build the model; measure it on the verification text (:mod:`.verify`);
+   if the upper confidence bound of its increase misses the target, scale the budget by
+   target/bound and repeat (at most ``max_rounds``); keep the smallest result whose bound met it.
+   Uniform schemes are measured on the same text for the comparison.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from quantcli import ops
 from quantcli.allocate.candidates import Candidate, checkpoint_bytes, stored_bytes
-from quantcli.allocate.sensitivity import BATCH, base_log_probs, measured_kl, proxy, spearman
+from quantcli.allocate.sensitivity import base_log_probs, measured_kl, proxy, spearman
 from quantcli.allocate.solver import solve
 from quantcli.errors import InputError, option
 from quantcli.intweights import IntLayout, IntWeights
@@ -41,6 +42,7 @@ class Option:
     predicted: float = 0.0  # proxy times the scale fitted to measured KL
     weights: IntWeights | None = None
     notes: list[str] = field(default_factory=list)
+    uniform: bool = False  # the option every uniform scheme gives this tensor when no candidate names it (a table's --embeddings choice)
 
 
 def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout) -> tuple[IntWeights, list[str]]:
@@ -86,31 +88,37 @@ def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidat
     return table
 
 
-def table_options(model: Any, request: Any) -> dict[str, list[Option]]:
-    """The input embedding (and an untied head) as ``--embeddings`` asks, rounded to nearest:
-    one fixed option each, not searched (no Hessian: their inputs are one-hot)."""
+def table_options(model: Any, base: Any, request: Any, windows: torch.Tensor, keep: bool, kept_size: int | None = None) -> dict[str, list[Option]]:
+    """The input embedding (and an untied head), searched like the layers: kept (when ``keep`` is a
+    candidate), or rounded to nearest as ``--embeddings`` asks (8: int8 in groups of 32; 4: that or
+    the layers' 4-bit grid; scales in ``request.scale_dtype``). No Hessian (their inputs are
+    one-hot), so each option's cost is measured: the KL on ``windows`` with only that table changed.
+    A head tied to a quantized embedding stores the scales again: counted in the option's bytes."""
     from quantcli.intweights import TABLE_NOTE, table_layouts
+    from quantcli.layers import is_tied
 
     modules = dict(model.named_modules())
+    reference = base_log_probs(base, windows) if request.tables else []
+    layouts = [table_layouts(model, request.tables, bits, request.config, request.scale_dtype) for bits in sorted({8, request.table_bits})]
     table = {}
-    for name, layout in table_layouts(model, request.tables, request.table_bits, request.config, request.scale_dtype).items():
-        matrix = weight_matrix(modules[name])
-        weights, _ = round_layer("rtn", request.config, matrix, None, layout)
-        unit = "row" if layout.group_size is None else f"group of {layout.group_size}"
-        label = f"int{layout.bits}" + ("" if layout.group_size is None else f"-g{layout.group_size}")
-        table[name] = [Option([label], layout, stored_bytes(layout, *matrix.shape, matrix.element_size()), weights=weights, notes=[TABLE_NOTE.format(unit=unit)])]
+    for name in request.tables:
+        original = weight_matrix(modules[name])
+        rows, width = original.shape
+        options = [Option(["keep"], None, stored_bytes(None, rows, width, kept_size or original.element_size()))] if keep else []
+        for layout in (found[name] for found in layouts):
+            unit, groups = ("row", 1) if layout.group_size is None else (f"group of {layout.group_size}", width // layout.group_size)
+            label = f"int{layout.bits}" + ("" if layout.group_size is None else f"-g{layout.group_size}")
+            head_scales = rows * groups * (2 if layout.scale_dtype in ("bfloat16", "float16") else original.element_size()) if is_tied(model) else 0
+            weights, _ = round_layer("rtn", request.config, original, None, layout)
+            option = Option([label], layout, stored_bytes(layout, rows, width, original.element_size()) + head_scales, weights=weights,
+                            notes=[TABLE_NOTE.format(unit=unit)], uniform=layout.bits == request.table_bits)  # uniform: what `--embeddings B` writes
+            saved = original.clone()
+            set_weight_matrix(modules[name], dequantized(option))
+            option.predicted = measured_kl(model, windows, reference)
+            set_weight_matrix(modules[name], saved)
+            options.append(option)
+        table[name] = sorted(options, key=lambda o: o.bytes)
     return table
-
-
-def _windows(source: Any, tokenizer: Any, tokens: int, seq_len: int, what: str) -> torch.Tensor:
-    from quantcli.data import token_sequences
-    from quantcli.errors import DatasetError
-
-    stream = token_sequences(source, tokenizer, "stream", "auto", tokens)[0]
-    count = stream.numel() // seq_len
-    if not count:
-        raise DatasetError(f"{what} text {source.spec} has {stream.numel()} tokens, fewer than one window of {seq_len}. Use more text.")
-    return stream[: count * seq_len].reshape(count, seq_len)
 
 
 def probe(model: Any, base: Any, table: dict[str, list[Option]], windows: torch.Tensor, layers: int) -> dict[str, Any]:
@@ -131,27 +139,6 @@ def probe(model: Any, base: Any, table: dict[str, list[Option]], windows: torch.
     scale = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
     correlation = spearman([p["proxy"] for p in pairs], [p["measured_kl"] for p in pairs]) if len(pairs) > 1 else None
     return {"pairs": pairs, "spearman": correlation, "scale": scale, "tokens": int(windows.numel())}
-
-
-class Verifier:
-    """Perplexity and KL against the original model on the verification windows; the original's
-    log-probabilities are computed once and kept (``windows × vocabulary`` floats)."""
-
-    def __init__(self, base: Any, windows: torch.Tensor, spec: str) -> None:
-        self.windows, self.spec = windows, spec
-        self.reference = base_log_probs(base, windows)
-        self.base_nll = self._nll(self.reference)
-        self.base_perplexity = math.exp(self.base_nll)
-
-    def _nll(self, log_probs: list[torch.Tensor]) -> float:
-        total = sum(float(-lp[:, :-1].gather(-1, chunk[:, 1:, None]).sum()) for lp, chunk in zip(log_probs, self.windows.split(BATCH)))
-        return total / (self.windows.shape[0] * (self.windows.shape[1] - 1))
-
-    def __call__(self, model: Any) -> dict[str, float]:
-        log_probs = base_log_probs(model, self.windows)
-        nll = self._nll(log_probs)
-        kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(self.reference, log_probs)) / self.windows.numel()
-        return {"perplexity": math.exp(nll), "ppl_increase": 100 * math.expm1(nll - self.base_nll), "kl": kl, "tokens": int(self.windows.numel())}
 
 
 def assemble(model: Any, base: Any, table: dict[str, list[Option]], choice: dict[str, int]) -> None:
@@ -179,8 +166,12 @@ def _solve(table: dict[str, list[Option]], budget: float, by_size: bool, resolut
 
 
 def uniform_choices(table: dict[str, list[Option]], candidates: tuple[Candidate, ...]) -> dict[str, dict[str, int]]:
-    """Each candidate applied to every layer (its index in each layer's options)."""
-    return {c.name: {n: next((i for i, o in enumerate(options) if c.name in o.names), 0) for n, options in table.items()} for c in candidates}
+    """Each candidate applied to every layer (its index in each layer's options); a table no candidate
+    names takes its ``--embeddings`` option, as a plain quantize would."""
+    def index(options: list[Option], name: str) -> int:
+        return next((i for i, o in enumerate(options) if name in o.names), next((i for i, o in enumerate(options) if o.uniform), 0))
+
+    return {c.name: {n: index(options, c.name) for n, options in table.items()} for c in candidates}
 
 
 def frontier(model: Any, table: dict[str, list[Option]], kept_dtype: str | None = None, points: int = 16) -> list[dict[str, float]]:
