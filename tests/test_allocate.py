@@ -125,7 +125,7 @@ def test_predicted_bytes_are_the_bytes_on_disk(allocated):
     report, _ = allocated
     assert report["stats"]["allocation"]["result"]["bytes"] == report["size"]["quantized_disk_bytes"]
     embedding = report["stats"]["allocation"]["layers"]["model.embed_tokens"]  # --embeddings 8 (default): fixed, not searched
-    assert (embedding["choice"], embedding["bits"], embedding["group_size"]) == ("int8-g64", 8, 64)
+    assert (embedding["choice"], embedding["bits"], embedding["group_size"]) == ("int8-g32", 8, 32)
 
 
 def test_mixed_checkpoint_loads_in_plain_transformers_with_identical_logits(allocated, prompt_ids):
@@ -271,7 +271,7 @@ def test_a_round_whose_bound_exceeds_the_target_is_refused(prepared):
     else:
         pytest.fail("no target separated round 1's mean from its upper bound")
     assert message == (
-        f"allocation missed --target-ppl-increase {target:g} on the verification text after 1 round(s) (closest: KL {measured['kl']:.5f}"
+        f"allocation missed allocation.target_ppl_increase {target:g} on the verification text after 1 round(s) (closest: KL {measured['kl']:.5f}"
         f" (upper bound {measured['kl_upper']:.5f}), perplexity {measured['ppl_increase']:+.2f}% (upper bound {measured['ppl_increase_upper']:+.2f}%)"
         f" at 95% confidence, {re.search(r'([0-9.]+) MB', message).group(1)} MB). Loosen the target, add candidates (keep, int8), raise max_rounds,"
         " or verify on more text for a tighter bound."
@@ -303,7 +303,7 @@ def test_the_embedding_is_searched_with_its_measured_cost(prepared, stories_path
     from quantcli.models import load_tokenizer
 
     options = prepared.table["model.embed_tokens"]
-    assert [(o.names, o.uniform) for o in options] == [(["int8-g64"], True), (["keep"], False)]  # cheapest first; int8: what --embeddings 8 writes
+    assert [(o.names, o.uniform) for o in options] == [(["int8-g32"], True), (["keep"], False)]  # cheapest first; int8: what --embeddings 8 writes
     int8, keep = options
     assert keep.predicted == 0 and int8.bytes < keep.bytes
     search = windows(read_documents(prepared.texts[1]), load_tokenizer(stories_path), 512, 256, "search")  # the text prepare measured it on
