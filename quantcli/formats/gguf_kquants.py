@@ -75,6 +75,15 @@ def _sum(values: "torch.Tensor") -> "torch.Tensor":
     return total
 
 
+def _div(a: "torch.Tensor | float", b: "torch.Tensor | float") -> "torch.Tensor":
+    """``a / b`` in float32 as C divides: both operands full tensors of one shape (torch divides by a
+    scalar, or a scalar by a tensor, through a reciprocal, which rounds twice)."""
+    import torch
+
+    a, b = torch.broadcast_tensors(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32))
+    return torch.div(a.contiguous(), b.contiguous())
+
+
 def torch_round(values: "torch.Tensor") -> "torch.Tensor":
     """ggml's ``nearest_int``: round half to even (its 1.5·2^23 trick)."""
     import torch
@@ -91,22 +100,22 @@ def _search_with_min(x: "torch.Tensor", weights: "torch.Tensor", top: int) -> tu
     high = x.amax(dim=1)
     sum_w, sum_x = _sum(weights), _sum(weights * x)
     flat = high == low
-    inverse = top / torch.where(flat, torch.ones_like(high), high - low)
-    scale = 1 / inverse
+    inverse = _div(top, torch.where(flat, torch.ones_like(high), high - low))
+    scale = _div(1, inverse)
     codes = torch.clamp(torch_round(inverse[:, None] * (x - low[:, None])), 0, top)
     error = scale[:, None] * codes + low[:, None] - x
     best = _sum(weights * (error * error))
     for step in range(21):  # each candidate from the minimum found so far, as llama.cpp's loop updates it
-        inverse = (torch.tensor(-1.0) + torch.tensor(0.1) * step + top) / torch.where(flat, torch.ones_like(high), high - low)
+        inverse = _div(torch.tensor(-1.0) + torch.tensor(0.1) * step + top, torch.where(flat, torch.ones_like(high), high - low))
         trial = torch.clamp(torch_round(inverse[:, None] * (x - low[:, None])), 0, top)
         wl = weights * trial
         sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * trial), _sum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
-        trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        trial_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        trial_scale = _div(sum_w * sum_xl - sum_x * sum_l, det)
+        trial_min = _div(sum_l2 * sum_x - sum_l * sum_xl, det)
         positive = trial_min > 0
         trial_min = torch.where(positive, torch.zeros_like(trial_min), trial_min)
-        trial_scale = torch.where(positive, sum_xl / sum_l2, trial_scale)
+        trial_scale = torch.where(positive, _div(sum_xl, sum_l2), trial_scale)
         error = trial_scale[:, None] * trial + trial_min[:, None] - x
         error = _sum(weights * (error * error))
         better = (det > 0) & (error < best) & ~flat
@@ -134,14 +143,14 @@ def _search_signed(x: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.
         levels = torch.clamp(torch_round(inverse[:, None] * x), -top, top - 1)
         return levels, _sum(weights * x * levels), _sum(weights * levels * levels)
 
-    codes, sum_lx, sum_l2 = trial(-top / signed_max)
-    scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    codes, sum_lx, sum_l2 = trial(_div(-top, signed_max))
+    scale = torch.where(sum_l2 != 0, _div(sum_lx, sum_l2), torch.zeros_like(sum_l2))
     best = scale * sum_lx
     for step in (*range(-9, 0), *range(1, 10)):
-        levels, sum_lx, sum_l2 = trial(-(top + torch.tensor(0.1) * step) / signed_max)
+        levels, sum_lx, sum_l2 = trial(_div(-(top + torch.tensor(0.1) * step), signed_max))
         better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
         codes = torch.where(better[:, None], levels, codes)
-        scale = torch.where(better, sum_lx / sum_l2, scale)
+        scale = torch.where(better, _div(sum_lx, sum_l2), scale)
         best = torch.where(better, scale * sum_lx, best)
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], torch.full_like(codes, -top), codes)
 
@@ -158,32 +167,32 @@ def round_to_nearest(matrix: "torch.Tensor", kind: KType) -> KWeights:
     rows, width = matrix.shape
     x = matrix.detach().float().reshape(-1, kind.sub)
     if kind.has_min:  # quantize_row_q4_K_ref
-        spread = torch.sqrt((_sum(x * x) / kind.sub).double()).float()  # correctly rounded, as sqrtf (torch's float32 sqrt is not)
+        spread = torch.sqrt(_div(_sum(x * x), kind.sub).double()).float()  # correctly rounded, as sqrtf (torch's float32 sqrt is not)
         scale, minimum, codes = _search_with_min(x, spread[:, None] + x.abs(), kind.highest)
         scale, minimum = scale.reshape(rows, -1, SUPER // kind.sub), minimum.reshape(rows, -1, SUPER // kind.sub)
         top_scale, top_min = scale.amax(dim=-1).clamp(min=0), minimum.amax(dim=-1).clamp(min=0)
-        inv_scale = torch.where(top_scale > 0, 63 / top_scale, torch.zeros_like(top_scale))
-        inv_min = torch.where(top_min > 0, 63 / top_min, torch.zeros_like(top_min))
+        inv_scale = torch.where(top_scale > 0, _div(63, top_scale), torch.zeros_like(top_scale))
+        inv_min = torch.where(top_min > 0, _div(63, top_min), torch.zeros_like(top_min))
         scales = torch.clamp(_as_byte(inv_scale[..., None] * scale), max=63)
         mins = torch.clamp(_as_byte(inv_min[..., None] * minimum), max=63)
-        d, dmin = (top_scale / 63).half(), (top_min / 63).half()
+        d, dmin = _div(top_scale, 63).half(), _div(top_min, 63).half()
         step = (d.float()[..., None] * scales.float()).reshape(-1)
         offset = (dmin.float()[..., None] * mins.float()).reshape(-1)
-        requantized = torch.clamp(torch_round((x + offset[:, None]) / torch.where(step == 0, torch.ones_like(step), step)[:, None]), 0, 15)
+        requantized = torch.clamp(torch_round(_div(x + offset[:, None], torch.where(step == 0, torch.ones_like(step), step)[:, None])), 0, 15)
     else:  # quantize_row_q6_K_ref
         scale, codes = _search_signed(x, 32)
         scale = scale.reshape(rows, -1, SUPER // kind.sub)
         first = scale.abs().argmax(dim=-1, keepdim=True)
         top_scale = torch.gather(scale, -1, first)[..., 0]
         empty = top_scale.abs() < GROUP_MAX_EPS
-        inverse = -128 / torch.where(empty, torch.ones_like(top_scale), top_scale)
-        d = torch.where(empty, torch.zeros_like(inverse), 1 / inverse).half()
+        inverse = _div(-128, torch.where(empty, torch.ones_like(top_scale), top_scale))
+        d = torch.where(empty, torch.zeros_like(inverse), _div(1, inverse)).half()
         scales = torch.clamp(torch_round(inverse[..., None] * scale), max=127).long()
         scales = torch.where(empty[..., None], torch.zeros_like(scales), scales)
         codes = torch.where(empty.repeat_interleave(SUPER // kind.sub, dim=-1).reshape(-1, 1), torch.full_like(codes, -32), codes)
         mins = dmin = None
         step = (d.float()[..., None] * scales.float()).reshape(-1)
-        requantized = torch.clamp(torch_round(x / torch.where(step == 0, torch.ones_like(step), step)[:, None]), -32, 31)
+        requantized = torch.clamp(torch_round(_div(x, torch.where(step == 0, torch.ones_like(step), step)[:, None])), -32, 31)
     codes = torch.where((step == 0)[:, None], codes, requantized)
     as_stored = lambda t: None if t is None else t.reshape(rows, -1).to(torch.int16)  # noqa: E731
     return KWeights(codes.reshape(rows, width).to(torch.int8), as_stored(scales), as_stored(mins), d, dmin, kind)
