@@ -8,8 +8,8 @@ on exactly the ids and windows of benchmarks/llamacpp.py: stories260K on tinysto
 tokens, windows of 256), SmolLM2-135M on wiki.valid.eval.txt (16,384 tokens, windows of 512). GPTQ
 calibrates as benchmarks/setups.py does: tinystories:calib, or wiki.valid.calib.txt, 128 windows of
 256 tokens, seed 0. Each quantcli RTN file's tensors are compared with llama.cpp's file of the same
-type (quantcli's Q4_K, which llama.cpp has no file type for, with its Q4_K_M file: the tensors of
-the same type); where every tensor is byte-identical the two files score the same and llama.cpp's
+type (quantcli's Q4_K, which llama.cpp has no file type for, with its Q4_K_S file, run before it:
+the tensors of the same type); where every tensor is byte-identical the two files score the same and llama.cpp's
 number is reused (said in the row). Also: ``quantcli eval`` of llama.cpp's own Q4_0 file against llama.cpp.
 
     PYTHONPATH=. QUANTCLI_LLAMACPP=/path/.llamacpp python benchmarks/gguf_export.py [--models stories260K smollm2] [--types Q4_K_M Q4_K] [--label kquants]
@@ -97,7 +97,7 @@ def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...
 
     llamacpp_ppl: dict[str, float] = {}
     for kind in types:
-        theirs = workdir / f"llamacpp-{kind if kind in FTYPES else 'Q4_K_M'}.gguf"
+        theirs = workdir / f"llamacpp-{kind if kind in FTYPES else 'Q4_K_S'}.gguf"  # Q4_K: llama.cpp's Q4_K_S is Q4_K but for some Q5_K
         if kind in FTYPES:
             seconds = quantize(f32, theirs, kind, threads)
             llamacpp_ppl[kind] = score(theirs)
