@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 SUPER = 256  # inputs per super-block (ggml's QK_K)
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a Q6_K sub-block below this magnitude is all zero
+CHUNK = 2**20  # weights rounded at once
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,9 @@ def _div(a: "torch.Tensor | float", b: "torch.Tensor | float") -> "torch.Tensor"
     return torch.div(a.contiguous(), b.contiguous())
 
 
-def torch_round(values: "torch.Tensor") -> "torch.Tensor":
+def _nearest(values: "torch.Tensor") -> "torch.Tensor":
     """ggml's ``nearest_int``: round half to even (its 1.5·2^23 trick)."""
-    import torch
-
-    return torch.round(values)
+    return values.round()
 
 
 def _search_with_min(x: "torch.Tensor", weights: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
@@ -102,12 +101,12 @@ def _search_with_min(x: "torch.Tensor", weights: "torch.Tensor", top: int) -> tu
     flat = high == low
     inverse = _div(top, torch.where(flat, torch.ones_like(high), high - low))
     scale = _div(1, inverse)
-    codes = torch.clamp(torch_round(inverse[:, None] * (x - low[:, None])), 0, top)
+    codes = torch.clamp(_nearest(inverse[:, None] * (x - low[:, None])), 0, top)
     error = scale[:, None] * codes + low[:, None] - x
     best = _sum(weights * (error * error))
     for step in range(21):  # each candidate from the minimum found so far, as llama.cpp's loop updates it
         inverse = _div(torch.tensor(-1.0) + torch.tensor(0.1) * step + top, torch.where(flat, torch.ones_like(high), high - low))
-        trial = torch.clamp(torch_round(inverse[:, None] * (x - low[:, None])), 0, top)
+        trial = torch.clamp(_nearest(inverse[:, None] * (x - low[:, None])), 0, top)
         wl = weights * trial
         sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * trial), _sum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -140,7 +139,7 @@ def _search_signed(x: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.
     weights = x * x
 
     def trial(inverse: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-        levels = torch.clamp(torch_round(inverse[:, None] * x), -top, top - 1)
+        levels = torch.clamp(_nearest(inverse[:, None] * x), -top, top - 1)
         return levels, _sum(weights * x * levels), _sum(weights * levels * levels)
 
     codes, sum_lx, sum_l2 = trial(_div(-top, signed_max))
@@ -157,11 +156,23 @@ def _search_signed(x: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.
 
 def _as_byte(values: "torch.Tensor") -> "torch.Tensor":
     """ggml's ``nearest_int`` stored in a ``uint8`` (modulo 256, as C converts)."""
-    return torch_round(values).long() & 0xFF
+    return _nearest(values).long() & 0xFF
 
 
 def round_to_nearest(matrix: "torch.Tensor", kind: KType) -> KWeights:
-    """llama.cpp's reference quantization of ``matrix`` (``[out, in]``, ``in`` a multiple of 256)."""
+    """llama.cpp's reference quantization of ``matrix`` (``[out, in]``, ``in`` a multiple of 256), in
+    chunks of rows (its search holds a dozen float32 copies of what it works on)."""
+    import torch
+
+    step = max(1, CHUNK // matrix.shape[1])
+    if matrix.shape[0] <= step:
+        return _round_rows(matrix, kind)
+    parts = [_round_rows(matrix[first : first + step], kind) for first in range(0, matrix.shape[0], step)]
+    joined = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return KWeights(*(joined(name) for name in ("codes", "scales", "mins", "d", "dmin")), kind)
+
+
+def _round_rows(matrix: "torch.Tensor", kind: KType) -> KWeights:
     import torch
 
     rows, width = matrix.shape
@@ -178,7 +189,7 @@ def round_to_nearest(matrix: "torch.Tensor", kind: KType) -> KWeights:
         d, dmin = _div(top_scale, 63).half(), _div(top_min, 63).half()
         step = (d.float()[..., None] * scales.float()).reshape(-1)
         offset = (dmin.float()[..., None] * mins.float()).reshape(-1)
-        requantized = torch.clamp(torch_round(_div(x + offset[:, None], torch.where(step == 0, torch.ones_like(step), step)[:, None])), 0, 15)
+        requantized = torch.clamp(_nearest(_div(x + offset[:, None], torch.where(step == 0, torch.ones_like(step), step)[:, None])), 0, 15)
     else:  # quantize_row_q6_K_ref
         scale, codes = _search_signed(x, 32)
         scale = scale.reshape(rows, -1, SUPER // kind.sub)
@@ -187,12 +198,12 @@ def round_to_nearest(matrix: "torch.Tensor", kind: KType) -> KWeights:
         empty = top_scale.abs() < GROUP_MAX_EPS
         inverse = _div(-128, torch.where(empty, torch.ones_like(top_scale), top_scale))
         d = torch.where(empty, torch.zeros_like(inverse), _div(1, inverse)).half()
-        scales = torch.clamp(torch_round(inverse[..., None] * scale), max=127).long()
+        scales = torch.clamp(_nearest(inverse[..., None] * scale), max=127).long()
         scales = torch.where(empty[..., None], torch.zeros_like(scales), scales)
         codes = torch.where(empty.repeat_interleave(SUPER // kind.sub, dim=-1).reshape(-1, 1), torch.full_like(codes, -32), codes)
         mins = dmin = None
         step = (d.float()[..., None] * scales.float()).reshape(-1)
-        requantized = torch.clamp(torch_round(_div(x, torch.where(step == 0, torch.ones_like(step), step)[:, None])), -32, 31)
+        requantized = torch.clamp(_nearest(_div(x, torch.where(step == 0, torch.ones_like(step), step)[:, None])), -32, 31)
     codes = torch.where((step == 0)[:, None], codes, requantized)
     as_stored = lambda t: None if t is None else t.reshape(rows, -1).to(torch.int16)  # noqa: E731
     return KWeights(codes.reshape(rows, width).to(torch.int8), as_stored(scales), as_stored(mins), d, dmin, kind)
