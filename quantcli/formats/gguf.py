@@ -54,16 +54,6 @@ def _llamacpp_names(model: Any) -> Any:
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
 
 
-def _type_note(file_type: Any, final: str, rule: str, width: int) -> str | None:
-    """Why a layer's type is not the asked one, or None."""
-    if final == "F16":
-        return f"F16, as llama.cpp keeps it: in_features {width} is not a multiple of {BLOCK}"
-    notes = [f"{rule}: llama.cpp's {file_type.name} gives this layer more bits"] if rule != getattr(file_type, "base", file_type.name) else []
-    if final != rule:
-        notes.append(f"{final}: llama.cpp's fallback for {rule}, whose blocks of 256 do not fit in_features {width}")
-    return "; ".join(notes) or None
-
-
 def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
     """Run a method over the request's layers on its GGUF file type (:mod:`quantcli.blockwise`, with
     the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
@@ -91,8 +81,7 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
             return record
 
         width = weight_matrix(modules[name]).shape[1]
-        layer_type, rule = tensor_type(file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers)
-        note = _type_note(file_type, layer_type, rule, width)
+        layer_type, note = tensor_type(file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers)
         notes[name] += [note] if note else []
         request.grid = block_type(layer_type) if layer_type != "F16" else None  # the layer's own type while its method runs
         try:

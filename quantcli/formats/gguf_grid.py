@@ -84,15 +84,15 @@ def _use_more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
-def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool = False) -> tuple[str, str]:
+def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool = False) -> tuple[str, str | None]:
     """The type llama.cpp's quantizer (``llama_tensor_get_type`` in ``src/llama-quant.cpp``, default
     parameters, no imatrix) gives a weight ``name`` (llama.cpp's, e.g. ``blk.3.attn_v.weight``) with
     rows ``width`` wide: ``head`` (the output, or the token embedding tied to it) is Q8_0 when the
     file type is Q8_0 or the width is not a multiple of the file type's block, else Q6_K; in Q4_K_M,
     ``attn_v`` and ``ffn_down`` of the layers ``use_more_bits`` picks are Q6_K; every other weight
     the file type's. Then its ``tensor_type_fallback`` for widths not a multiple of the block:
-    Q4_K -> Q5_0, Q6_K -> Q8_0, and F16 below a multiple of 32. Returns the type and the rule's
-    choice before the fallback."""
+    Q4_K -> Q5_0, Q6_K -> Q8_0, and F16 below a multiple of 32. Returns the type and, where it is
+    not the file type's, why."""
     base = file_type.base if isinstance(file_type, Mix) else file_type.name
     block = getattr(_all_types()[base], "block", BLOCK)
     chosen = base
@@ -104,10 +104,14 @@ def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool =
             raise InputError("--gguf-type Q4_K_M gives a fused attn_qkv weight (GPT-2) Q5_K, which quantcli does not write. Use Q4_K or Q6_K.")
         if role in ("attn_v", "ffn_down") and _use_more_bits(layer, layers):
             chosen = "Q6_K"
+    if width % BLOCK:
+        return "F16", f"F16, as llama.cpp keeps it: in_features {width} is not a multiple of {BLOCK}"
+    notes = [] if chosen == base or head else [f"{chosen}: llama.cpp's {file_type.name} gives this layer more bits"]
     final = chosen
     if width % getattr(_all_types()[chosen], "block", BLOCK):
-        final = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}.get(chosen, chosen)
-    return "F16" if width % BLOCK else final, chosen
+        final = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[chosen]
+        notes.append(f"{final}: llama.cpp's fallback for {chosen}, whose blocks of 256 do not fit in_features {width}")
+    return final, "; ".join(notes) or None
 
 
 @dataclass
