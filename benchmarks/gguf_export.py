@@ -1,18 +1,20 @@
 """quantcli's GGUF files against llama.cpp's own quantizer, all scored by llama.cpp on the same token ids.
 
-For each type (Q8_0, Q4_0, Q4_1, Q5_0): llama.cpp's ``llama_model_quantize`` on an F32 GGUF of the
-model (llama.cpp's convert_hf_to_gguf.py), ``quantcli quantize --format gguf --method rtn`` and
-``--method gptq``; plus llama.cpp's Q4_K_M. Perplexity through llama.cpp (benchmarks/gguf_harness.py)
+For each type (default Q4_0, Q4_K_M, Q5_0, Q4_1, Q8_0; ``--types`` picks others: Q4_K, Q6_K, Q4_K_S):
+llama.cpp's ``llama_model_quantize`` on an F32 GGUF of the model (llama.cpp's convert_hf_to_gguf.py)
+where llama.cpp has that file type, ``quantcli quantize --format gguf --method gptq`` and
+``--method rtn`` where quantcli has it (``--rtn-only``: no GPTQ rows). Perplexity through llama.cpp (benchmarks/gguf_harness.py)
 on exactly the ids and windows of benchmarks/llamacpp.py: stories260K on tinystories:eval (32,768
 tokens, windows of 256), SmolLM2-135M on wiki.valid.eval.txt (16,384 tokens, windows of 512). GPTQ
 calibrates as benchmarks/setups.py does: tinystories:calib, or wiki.valid.calib.txt, 128 windows of
 256 tokens, seed 0. Each quantcli RTN file's tensors are compared with llama.cpp's file of the same
-type; where every tensor is byte-identical the two files score the same and llama.cpp's number is
-reused (said in the row). Also: ``quantcli eval`` of llama.cpp's own Q4_0 file against llama.cpp.
+type (quantcli's Q4_K, which llama.cpp has no file type for, with its Q4_K_S file, run before it:
+the tensors of the same type); where every tensor is byte-identical the two files score the same and llama.cpp's
+number is reused (said in the row). Also: ``quantcli eval`` of llama.cpp's own Q4_0 file against llama.cpp.
 
-    PYTHONPATH=. QUANTCLI_LLAMACPP=/path/.llamacpp python benchmarks/gguf_export.py [--models stories260K smollm2]
+    PYTHONPATH=. QUANTCLI_LLAMACPP=/path/.llamacpp python benchmarks/gguf_export.py [--models stories260K smollm2] [--types Q4_K_M Q4_K] [--label kquants]
 
-Writes benchmarks/results/gguf-export-<model>.{json,md}.
+Writes benchmarks/results/gguf-export[-LABEL]-<model>.{json,md}.
 """
 
 from __future__ import annotations
@@ -29,19 +31,22 @@ from benchmarks.gguf_harness import REPO, convert, gguf_sizes, llamacpp_logits, 
 from benchmarks.llamacpp import MODELS, NOTES, eval_ids, model_folder, run_each  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0")
+TYPES = ("Q4_0", "Q4_K_M", "Q5_0", "Q4_1", "Q8_0")
 GPTQ_SETTINGS = "quantcli's defaults (act-order, static blocks, damp 0.01, clip search)"
 CALIBRATION = {"stories260K": "tinystories:calib", "smollm2": str(REPO / "benchmarks" / "data" / "wikitext-2" / "wiki.valid.calib.txt")}
 
 
-def same_tensors(ours: Path, theirs: Path) -> bool:
-    """Whether two GGUF files hold the same tensors (names, types, shapes, bytes)."""
+def same_tensors(ours: Path, theirs: Path) -> tuple[int, int, int]:
+    """``(identical, of the same type, all)``: tensors of ``ours`` with the same name, type, shape and
+    bytes in ``theirs``, those with the same name and type, and all of them."""
     from gguf import GGUFReader
 
     def tensors(path: Path) -> dict[str, Any]:
         return {t.name: (t.tensor_type, tuple(t.shape), t.data.tobytes()) for t in GGUFReader(str(path)).tensors}
 
-    return tensors(ours) == tensors(theirs)
+    a, b = tensors(ours), tensors(theirs)
+    typed = [name for name in a if name in b and a[name][0] == b[name][0]]
+    return sum(a[name] == b[name] for name in typed), len(typed), len(a)
 
 
 def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path) -> tuple[Path, float]:
@@ -60,7 +65,7 @@ def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path
     return gguf_file(out), time.perf_counter() - start
 
 
-def run(name: str, threads: int, workdir: Path, save: Any) -> dict[str, Any]:
+def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...] = TYPES, rtn_only: bool = False) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
@@ -87,24 +92,33 @@ def run(name: str, threads: int, workdir: Path, save: Any) -> dict[str, Any]:
         log(f"{label} {kind}: {sizes['file_bytes']} bytes, perplexity {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%)")
         save(result)
 
-    for kind in ("Q4_0", "Q4_K_M", "Q5_0", "Q4_1", "Q8_0"):
-        theirs = workdir / f"llamacpp-{kind}.gguf"
-        seconds = quantize(f32, theirs, kind, threads)
-        add("llama.cpp", "llama_model_quantize", kind, theirs, score(theirs), seconds)
+    from benchmarks.gguf_harness import FTYPES
+    from quantcli.formats.gguf_grid import TYPES as QUANTCLI_TYPES
+
+    llamacpp_ppl: dict[str, float] = {}
+    for kind in types:
+        theirs = workdir / f"llamacpp-{kind if kind in FTYPES else 'Q4_K_S'}.gguf"  # Q4_K: llama.cpp's Q4_K_S is Q4_K but for some Q5_K
+        if kind in FTYPES:
+            seconds = quantize(f32, theirs, kind, threads)
+            llamacpp_ppl[kind] = score(theirs)
+            add("llama.cpp", "llama_model_quantize", kind, theirs, llamacpp_ppl[kind], seconds)
         if kind == "Q4_0":
             result["quantcli_eval_of_llamacpp_q4_0"] = quantcli_eval(theirs, spec, result["rows"][-1]["perplexity"])
             save(result)
-        if kind not in TYPES:
+        if kind not in QUANTCLI_TYPES:
             continue
-        path, seconds = quantcli_file(name, folder, "gptq", kind, workdir)
-        add("quantcli", "gptq", kind, path, score(path), seconds)
-        if result.get("tokenizer_ids_equal") is None:
-            result["tokenizer_ids_equal"] = same_ids(path, spec, ids, AutoTokenizer.from_pretrained(folder))
+        if not rtn_only:
+            path, seconds = quantcli_file(name, folder, "gptq", kind, workdir)
+            add("quantcli", "gptq", kind, path, score(path), seconds)
+            if result.get("tokenizer_ids_equal") is None:
+                result["tokenizer_ids_equal"] = same_ids(path, spec, ids, AutoTokenizer.from_pretrained(folder))
         path, seconds = quantcli_file(name, folder, "rtn", kind, workdir)
-        if same_tensors(path, theirs):
-            add("quantcli", "rtn", kind, path, result["rows"][-2]["perplexity"], seconds, "every tensor byte-identical to llama.cpp's file: its perplexity")
+        identical, typed, total = same_tensors(path, theirs) if theirs.exists() else (0, 0, 0)
+        if kind in llamacpp_ppl and identical == typed == total:
+            add("quantcli", "rtn", kind, path, llamacpp_ppl[kind], seconds, "every tensor byte-identical to llama.cpp's file: its perplexity")
         else:
-            add("quantcli", "rtn", kind, path, score(path), seconds)
+            note = f"{identical} of the {typed} tensors typed as in llama.cpp's {theirs.stem[9:]} file byte-identical ({total} tensors)" if typed else ""
+            add("quantcli", "rtn", kind, path, score(path), seconds, note)
     result["complete"] = True
     save(result)
     return result
@@ -160,8 +174,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["stories260K"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--types", nargs="+", default=list(TYPES), help="GGUF types, in the order run (default: %(default)s)")
+    parser.add_argument("--rtn-only", action="store_true", help="no GPTQ rows")
+    parser.add_argument("--label", help="results go to gguf-export-LABEL-<model>")
     args = parser.parse_args()
-    run_each(args.models, "gguf-export", args.threads, run, markdown)
+    chosen = lambda *rest: run(*rest, types=tuple(args.types), rtn_only=args.rtn_only)  # noqa: E731
+    run_each(args.models, "gguf-export" + (f"-{args.label}" if args.label else ""), args.threads, chosen, markdown)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 LLAMACPP_DIR = Path(os.environ.get("QUANTCLI_LLAMACPP", REPO / ".llamacpp"))
 CONVERT_SCRIPT = LLAMACPP_DIR / "llama.cpp" / "convert_hf_to_gguf.py"
 # llama.cpp's file types (enum llama_ftype in llama.h), by the names its quantize tool uses.
-FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 
 Logits = Callable[[Sequence[int]], np.ndarray]  # token ids of one window -> [len, vocab] float32 logits
 

@@ -95,7 +95,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML recipe; options given here override it."),
     output_format: Optional[str] = typer.Option(None, "--format", help="gguf: one llama.cpp file (with --gguf-type; rtn or gptq). Default: the method's own format."),
-    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="With --format gguf: Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 (sets --bits)."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="With --format gguf: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K or the mix Q4_K_M (sets --bits)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weights per scale (rtn/gptq; -1 per channel)."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Symmetric or zero-point integers (rtn/gptq)."),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (bnb-nf4/fp4)."),

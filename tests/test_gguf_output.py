@@ -17,7 +17,7 @@ import quantcli
 from quantcli.cli import app
 from quantcli.config import QuantizeConfig
 from quantcli.formats.gguf import gguf_file
-from quantcli.formats.gguf_grid import TYPES, BlockWeights, FixedGrid, dequantize, pack, round_to_nearest
+from quantcli.formats.gguf_grid import LEGACY, BlockWeights, FixedGrid, dequantize, pack, round_to_nearest
 
 runner = CliRunner()
 
@@ -33,18 +33,18 @@ def matrices(stories_path):
     return found + [edges]
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", LEGACY)
 def test_rounding_is_llamacpps_reference_quantizer_bit_for_bit(matrices, name):
     qtype = gguf.GGMLQuantizationType[name]
     for matrix in matrices:
-        record = round_to_nearest(matrix, TYPES[name])
+        record = round_to_nearest(matrix, LEGACY[name])
         assert np.array_equal(pack(record), gguf.quants.quantize(matrix.numpy(), qtype)), matrix.shape
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", LEGACY)
 def test_packed_blocks_read_back_through_ggufs_dequantizer(name):
     """Any codes in range with any fp16 scales (as GPTQ chooses them) unpack to what quantcli computed with."""
-    kind = TYPES[name]
+    kind = LEGACY[name]
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(kind.lowest, kind.highest + 1, (8, 96), generator=generator, dtype=torch.int8)
     scale = (torch.randn(8, 3, generator=generator) * 0.01).half()
@@ -54,11 +54,11 @@ def test_packed_blocks_read_back_through_ggufs_dequantizer(name):
     assert np.array_equal(theirs, dequantize(record).numpy())
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", LEGACY)
 def test_fixed_grid_rounds_to_the_stored_values(matrices, name):
     """Without error feedback the fixed grid gives llama.cpp's codes (up to exact ties) and the values
     the file will hold: what GPTQ's error feedback assumes is what llama.cpp computes with."""
-    matrix, kind = matrices[0], TYPES[name]
+    matrix, kind = matrices[0], LEGACY[name]
     grid = FixedGrid(matrix, kind)
     columns = [grid.round(matrix[:, column], column // 32) for column in range(matrix.shape[1])]
     codes = torch.stack([code for code, _ in columns], dim=1)
@@ -126,8 +126,8 @@ def test_gpt2_conv1d_is_written_transposed(tiny_gpt2, tmp_path):
 
 @pytest.mark.parametrize("args,code,message", [
     (["--format", "gguf", "--gguf-type", "Q4_0", "-m", "bnb-nf4"], 2, "--format gguf works with --method rtn or gptq, not bnb-nf4."),
-    (["--format", "gguf", "--gguf-type", "Q4_K"], 2, "--gguf-type must be one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, got 'Q4_K'."),
-    (["--format", "gguf", "--bits", "4"], 2, "--format gguf needs --gguf-type: one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1."),
+    (["--format", "gguf", "--gguf-type", "Q3_K"], 2, "--gguf-type must be one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K, Q4_K_M, got 'Q3_K'."),
+    (["--format", "gguf", "--bits", "4"], 2, "--format gguf needs --gguf-type: one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K, Q4_K_M."),
     (["--gguf-type", "Q4_0"], 2, "--gguf-type needs --format gguf."),
     (["--format", "safetensors", "--bits", "4"], 2, "--format takes gguf (other formats follow from --method), got 'safetensors'."),
     (["--format", "gguf", "--gguf-type", "Q8_0", "--bits", "4"], 2, "--gguf-type Q8_0 stores 8-bit codes, but --bits is 4. Drop --bits (the type sets it)."),

@@ -5,32 +5,33 @@ The output folder also holds ``quantcli.json``, ``report.json`` and the Hugging 
 ``quantcli eval OUT`` needs no flags; llama.cpp (``llama-cli -m OUT/model-Q4_0.gguf``), ollama and
 transformers' GGUF loader read the file alone. Llama-family models and GPT-2 are written.
 
-Per-tensor types follow llama.cpp's quantizer (``llama_tensor_get_type`` for the legacy file types,
-no imatrix): the layers quantcli quantized carry the asked type's blocks (rows whose width is not a
-multiple of 32 are F16); the output head, and the token embedding when it is tied to the head, are
-Q8_0 (llama.cpp picks Q6_K where the width is a multiple of 256 and falls back to Q8_0 otherwise;
-quantcli writes no K-quants, so Q8_0 always); an untied token embedding gets the asked type by
-``gguf``'s own quantizer; norms, biases, position embeddings and ``--skip-modules`` layers stay F32.
+Per-tensor types follow llama.cpp's quantizer (``llama_tensor_get_type``, no imatrix;
+:func:`quantcli.formats.gguf_grid.tensor_type`): the layers quantcli quantized carry the asked type's
+blocks, or Q4_K_M's per-layer choice, or llama.cpp's fallback where the width does not fit (F16
+below a multiple of 32); the output head, and the token embedding when it is tied to the head, are
+Q6_K, or Q8_0 where the width is not a multiple of 256 or the type is Q8_0; an untied token
+embedding gets the layers' type by llama.cpp's reference quantizer; norms, biases, position
+embeddings and ``--skip-modules`` layers stay F32.
 Llama's q/k rows are permuted to llama.cpp's rotary layout, as its converter does.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError, UnavailableError
 from quantcli.formats import Format, register_format
-from quantcli.formats.gguf_grid import BLOCK, BlockType, BlockWeights, pack
+from quantcli.formats.gguf_grid import BLOCK, block_type, pack, tensor_type
 from quantcli.methods.base import LayerRecord, QuantizedModel
 
 ARCHITECTURES = ("llama", "gpt2")  # model_type -> gguf.MODEL_ARCH of the same name
-HEAD_TYPE = "Q8_0"
+FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_S"}  # general.file_type: the closest llama.cpp names (Q4_K_S is Q4_K with some Q5_K)
 
 
-def gguf_result(model: Any, method: str, kind: BlockType, options: dict[str, Any], records: dict[str, BlockWeights | None],
+def gguf_result(model: Any, method: str, kind: Any, options: dict[str, Any], records: dict[str, Any],
                 notes: dict[str, list[str]], stats: dict[str, Any] | None = None) -> QuantizedModel:
     """A method's result on a GGUF grid: one record per layer (None: stored F16) and the per-layer map."""
     from quantcli.layers import weight_matrix
@@ -40,26 +41,37 @@ def gguf_result(model: Any, method: str, kind: BlockType, options: dict[str, Any
     for name, layer_notes in notes.items():
         record = records.get(name)
         shape = tuple(weight_matrix(modules[name]).shape)
-        bits, scheme = (kind.bits, kind.name) if record is not None else (16, "F16")
-        layers[name] = LayerRecord(bits, scheme, BLOCK if record is not None else None, shape, "; ".join(layer_notes) or None)
+        bits, scheme = (record.type.bits, record.type.name) if record is not None else (16, "F16")
+        group = getattr(record.type, "sub", BLOCK) if record is not None else None
+        layers[name] = LayerRecord(bits, scheme, group, shape, "; ".join(layer_notes) or None)
     return QuantizedModel(model, method, kind.bits, "gguf", options, layers, {**records, **_embeddings(model, kind)}, stats or {})
 
 
+def _llamacpp_names(model: Any) -> Any:
+    import gguf
+
+    config = model.config
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
+
+
 def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
-    """Run a method over the request's layers on its GGUF block type (:mod:`quantcli.blockwise`, with
-    the request's calibration if any): ``choose(matrix, hessian) -> (BlockWeights, notes)`` per layer
-    whose width the blocks fit (:func:`quantcli.formats.gguf_grid.quantize_layer`); a layer no
+    """Run a method over the request's layers on its GGUF file type (:mod:`quantcli.blockwise`, with
+    the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
+    which ``request.grid`` holds while ``choose(matrix, hessian) -> (record, notes)`` runs on it
+    (:func:`quantcli.formats.gguf_grid.quantize_layer`; F16 layers are not chosen); a layer no
     calibration pass reaches gets a zero Hessian, i.e. rounding, with a note."""
     import torch
 
     from quantcli.blockwise import quantize_blockwise
     from quantcli.formats.gguf_grid import quantize_layer
+    from quantcli.layers import weight_matrix
 
     modules = dict(request.model.named_modules())
     notes: dict[str, list[str]] = {name: [] for name in request.layers}
+    file_type, names, layers = request.grid, _llamacpp_names(request.model), request.model.config.num_hidden_layers
 
-    def finish(name: str, hessian: Any) -> BlockWeights | None:
-        def chosen(matrix: Any) -> BlockWeights:
+    def finish(name: str, hessian: Any) -> Any:
+        def chosen(matrix: Any) -> Any:
             used = hessian
             if request.calibration is not None and hessian is None:
                 notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
@@ -68,8 +80,14 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
             notes[name].extend(extra)
             return record
 
-        record, note = quantize_layer(modules[name], request.grid, chosen)
+        width = weight_matrix(modules[name]).shape[1]
+        layer_type, note = tensor_type(file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers)
         notes[name] += [note] if note else []
+        request.grid = block_type(layer_type) if layer_type != "F16" else None  # the layer's own type while its method runs
+        try:
+            record = quantize_layer(modules[name], layer_type, chosen)
+        finally:
+            request.grid = file_type
         request.progress(1)
         return record
 
@@ -86,7 +104,7 @@ class Packed:
     raw_type: Any
 
 
-def _embeddings(model: Any, kind: BlockType) -> dict[str, Packed]:
+def _embeddings(model: Any, kind: Any) -> dict[str, Packed]:
     """The token embedding and output head in the types the file stores them (see above), their
     weights set to those values so that the model quantcli measures is the file's."""
     import gguf
@@ -96,7 +114,9 @@ def _embeddings(model: Any, kind: BlockType) -> dict[str, Packed]:
     modules = {module: name for name, module in model.named_modules()}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is None or head.weight is embedding.weight
-    chosen = {embedding: HEAD_TYPE if tied else kind.name, **({} if tied else {head: HEAD_TYPE})}
+    layers, width = model.config.num_hidden_layers, embedding.weight.shape[1]
+    head_type = tensor_type(kind, "output.weight", width, layers, head=True)[0]
+    chosen = {embedding: head_type if tied else tensor_type(kind, "token_embd.weight", width, layers)[0], **({} if tied else {head: head_type})}
     packed = {}
     for module, to_type in chosen.items():
         data, raw_type = _dense(module.weight, to_type)
@@ -126,7 +146,7 @@ def _permute_rows(tensor: Any, heads: int) -> Any:
     return tensor.reshape(heads, 2, rows // heads // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
 
 
-def _hyperparameters(writer: Any, config: Any, kind: BlockType) -> None:
+def _hyperparameters(writer: Any, config: Any, kind: Any) -> None:
     import gguf
 
     hidden, heads = config.hidden_size, config.num_attention_heads
@@ -135,7 +155,7 @@ def _hyperparameters(writer: Any, config: Any, kind: BlockType) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
     writer.add_head_count(heads)
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{kind.name}"])
+    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES.get(kind.name, f"MOSTLY_{kind.name}")])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if config.model_type == "gpt2":
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
@@ -208,17 +228,22 @@ def _tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
 
 
 def _dense(value: Any, to_type: str) -> tuple[Any, Any]:
-    """A dense tensor as ``(numpy data, raw type)``: F32/F16 as is, a block type by ``gguf``'s quantizer."""
+    """A dense tensor as ``(numpy data, raw type)``: F32/F16 as is, a block type by llama.cpp's
+    reference quantizer (``gguf``'s for the legacy types, :mod:`quantcli.formats.gguf_kquants`')."""
     import gguf
     import numpy as np
+
+    from quantcli.formats.gguf_grid import LEGACY, round_to_nearest
 
     array = value.detach().float().cpu().numpy()
     if to_type == "F32":
         return array.astype(np.float32), None
-    if to_type == "F16" or array.shape[-1] % BLOCK:
+    if to_type == "F16":
         return array.astype(np.float16), None
     kind = gguf.GGMLQuantizationType[to_type]
-    return gguf.quants.quantize(array, kind), kind
+    if to_type in LEGACY:
+        return gguf.quants.quantize(array, kind), kind
+    return pack(round_to_nearest(value.detach().float().cpu(), block_type(to_type))), kind
 
 
 def _tensors(quantized: QuantizedModel) -> Any:
@@ -247,7 +272,8 @@ def _tensors(quantized: QuantizedModel) -> Any:
             continue
         if record is not None:
             if heads:
-                record = BlockWeights(*(None if t is None else _permute_rows(t, heads) for t in (record.codes, record.scale, record.minimum)), record.type)
+                record = replace(record, **{f.name: _permute_rows(getattr(record, f.name), heads) for f in fields(record)
+                                            if f.name != "type" and getattr(record, f.name) is not None})
             yield name, pack(record), gguf.GGMLQuantizationType[record.type.name]
             continue
         if key.endswith(".weight") and is_conv1d(modules[module_name]):

@@ -1,4 +1,5 @@
-"""llama.cpp's legacy block types as grids quantcli's methods can round onto: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+"""llama.cpp's legacy block types as grids quantcli's methods can round onto: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1;
+the K-quants Q4_K and Q6_K (:mod:`quantcli.formats.gguf_kquants`); and which type each tensor gets.
 
 Each row is cut into blocks of 32 consecutive inputs; a block stores an fp16 scale ``d`` (and, for
 the ``_1`` types, an fp16 minimum ``m``) and one code per weight, worth ``d * (code - offset)``
@@ -10,6 +11,11 @@ package): ``_0`` types take the block's value of largest magnitude, with its sig
 that quantizer, code for code (tested bit for bit against ``gguf.quants``); :class:`FixedGrid`
 keeps those scales and lets GPTQ choose the codes (:func:`quantcli.methods.gptq.gptq_on_grid`).
 :func:`pack` lays codes and scales out as the type's blocks (tested against ``gguf``'s dequantizer).
+:func:`round_to_nearest`, :func:`fixed_grid`, :func:`dequantize` and :func:`pack` take either kind.
+
+:func:`tensor_type` is llama.cpp's choice of each tensor's type for a file type (``--gguf-type``):
+the type itself, or for the mix ``Q4_K_M`` its per-tensor rule, then its fallback for widths the
+blocks do not fit; the output head (and a tied embedding) as llama.cpp quantizes it.
 """
 
 from __future__ import annotations
@@ -39,7 +45,16 @@ class BlockType:
     has_min: bool
 
 
-TYPES = {
+@dataclass(frozen=True)
+class Mix:
+    """A file type of several block types: ``base`` where llama.cpp's rule picks no other (``Q4_K_M``)."""
+
+    name: str
+    bits: int
+    base: str
+
+
+LEGACY = {
     "Q8_0": BlockType("Q8_0", 8, -127, 127, 0, False),
     "Q4_0": BlockType("Q4_0", 4, 0, 15, 8, False),
     "Q4_1": BlockType("Q4_1", 4, 0, 15, 0, True),
@@ -48,10 +63,55 @@ TYPES = {
 }
 
 
-def block_type(name: str) -> BlockType:
+def _all_types() -> dict[str, Any]:
+    from quantcli.formats.gguf_kquants import K_TYPES
+
+    return {**LEGACY, **K_TYPES, "Q4_K_M": Mix("Q4_K_M", 4, "Q4_K")}
+
+
+TYPES = tuple(LEGACY) + ("Q4_K", "Q6_K", "Q4_K_M")  # every --gguf-type
+
+
+def block_type(name: str) -> Any:
+    """The ``--gguf-type``: a :class:`BlockType`, a K-quant or the ``Q4_K_M`` mix."""
     if name not in TYPES:
         raise InputError(f"{option('gguf_type')} must be one of {', '.join(TYPES)}, got {name!r}.")
-    return TYPES[name]
+    return _all_types()[name]
+
+
+def _use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool = False) -> tuple[str, str | None]:
+    """The type llama.cpp's quantizer (``llama_tensor_get_type`` in ``src/llama-quant.cpp``, default
+    parameters, no imatrix) gives a weight ``name`` (llama.cpp's, e.g. ``blk.3.attn_v.weight``) with
+    rows ``width`` wide: ``head`` (the output, or the token embedding tied to it) is Q8_0 when the
+    file type is Q8_0 or the width is not a multiple of the file type's block, else Q6_K; in Q4_K_M,
+    ``attn_v`` and ``ffn_down`` of the layers ``use_more_bits`` picks are Q6_K; every other weight
+    the file type's. Then its ``tensor_type_fallback`` for widths not a multiple of the block:
+    Q4_K -> Q5_0, Q6_K -> Q8_0, and F16 below a multiple of 32. Returns the type and, where it is
+    not the file type's, why."""
+    base = file_type.base if isinstance(file_type, Mix) else file_type.name
+    block = getattr(_all_types()[base], "block", BLOCK)
+    chosen = base
+    if head:
+        chosen = "Q8_0" if base == "Q8_0" or width % block else "Q6_K"
+    elif file_type.name == "Q4_K_M" and name.startswith("blk."):
+        role, layer = name.split(".")[2], int(name.split(".")[1])
+        if role == "attn_qkv":
+            raise InputError(f"{option('gguf_type', 'Q4_K_M')} gives a fused attn_qkv weight (GPT-2) Q5_K, which quantcli does not write. Use Q4_K or Q6_K.")
+        if role in ("attn_v", "ffn_down") and _use_more_bits(layer, layers):
+            chosen = "Q6_K"
+    if width % BLOCK:
+        return "F16", f"F16, as llama.cpp keeps it: in_features {width} is not a multiple of {BLOCK}"
+    notes = [] if chosen == base or head else [f"{chosen}: llama.cpp's {file_type.name} gives this layer more bits"]
+    final = chosen
+    if width % getattr(_all_types()[chosen], "block", BLOCK):
+        final = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[chosen]
+        notes.append(f"{final}: llama.cpp's fallback for {chosen}, whose blocks of 256 do not fit in_features {width}")
+    return final, "; ".join(notes) or None
 
 
 @dataclass
@@ -90,12 +150,16 @@ def _inverse(scale: "torch.Tensor") -> "torch.Tensor":
     return torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
 
 
-def round_to_nearest(matrix: "torch.Tensor", kind: BlockType) -> BlockWeights:
+def round_to_nearest(matrix: "torch.Tensor", kind: Any) -> Any:
     """llama.cpp's reference quantization of ``matrix`` (``[out, in]``, ``in`` a multiple of 32): codes
     from the fp32 scales, rounded as ``ggml-quants.c`` rounds them (half away from zero for Q8_0,
     ``trunc(x + 0.5)`` on shifted non-negative values otherwise)."""
     import torch
 
+    if not isinstance(kind, BlockType):
+        from quantcli.formats import gguf_kquants
+
+        return gguf_kquants.round_to_nearest(matrix, kind)
     blocks = _blocks(matrix)
     scale, low = _reference_scales(blocks, kind)
     inverse = _inverse(scale)
@@ -111,8 +175,12 @@ def round_to_nearest(matrix: "torch.Tensor", kind: BlockType) -> BlockWeights:
     return BlockWeights(codes, scale[..., 0].half(), None if low is None else low[..., 0].half(), kind)
 
 
-def dequantize(record: BlockWeights) -> "torch.Tensor":
+def dequantize(record: Any) -> "torch.Tensor":
     """The fp32 ``[out, in]`` values llama.cpp computes with (``gguf``'s dequantizer's arithmetic)."""
+    if not isinstance(record, BlockWeights):
+        from quantcli.formats import gguf_kquants
+
+        return gguf_kquants.dequantize(record)
     rows = record.codes.shape[0]
     codes = record.codes.float().reshape(rows, -1, BLOCK) - record.type.offset
     values = record.scale.float()[..., None] * codes
@@ -142,7 +210,7 @@ class FixedGrid:
 
     def values(self, matrix: "torch.Tensor") -> "torch.Tensor":
         """Every weight of ``matrix`` (``[rows, in]``) rounded to the nearest value of its block's grid."""
-        blocks = matrix.float().reshape(matrix.shape[0], -1, BLOCK)
+        blocks = matrix.float().reshape(matrix.shape[0], -1, self.block)
         low = None if self._low is None else self._low[..., None]
         return self._nearest(blocks, self._step[..., None], self._inverse[..., None], low)[1].reshape(matrix.shape)
 
@@ -163,27 +231,40 @@ class FixedGrid:
         return BlockWeights(codes[pick].to(torch.int8), self.scale[pick], minimum, self.type)
 
 
-def quantize_layer(module: Any, kind: BlockType, choose: Callable[["torch.Tensor"], BlockWeights]) -> tuple[BlockWeights | None, str | None]:
-    """One layer onto ``kind``'s grid with ``choose(matrix)`` (rounding or GPTQ); its weights become
-    the values llama.cpp will compute with. A layer whose width is not a multiple of 32 is stored
-    F16, as llama.cpp's quantizer does: no record, its weights rounded to fp16, and a note."""
+def fixed_grid(matrix: "torch.Tensor", kind: Any) -> Any:
+    """The grid GPTQ rounds onto: :class:`FixedGrid`, or a K-quant's :class:`~quantcli.formats.gguf_kquants.KGrid`."""
+    if isinstance(kind, BlockType):
+        return FixedGrid(matrix, kind)
+    from quantcli.formats.gguf_kquants import KGrid
+
+    return KGrid(matrix, kind)
+
+
+def quantize_layer(module: Any, type_name: str, choose: Callable[["torch.Tensor"], Any]) -> Any:
+    """One layer onto the grid of ``type_name`` (:func:`tensor_type`'s) with ``choose(matrix)``
+    (rounding or GPTQ); its weights become the values llama.cpp will compute with. ``F16`` (a width
+    not a multiple of 32, as llama.cpp's quantizer keeps it): no record, its weights rounded to fp16."""
     from quantcli.layers import set_weight_matrix, weight_matrix
 
     matrix = weight_matrix(module)
-    if matrix.shape[1] % BLOCK:
+    if type_name == "F16":
         set_weight_matrix(module, matrix.half().float())
-        return None, f"F16, as llama.cpp keeps it: in_features {matrix.shape[1]} is not a multiple of {BLOCK}"
+        return None
     record = choose(matrix)
     set_weight_matrix(module, dequantize(record).to(matrix.device))
-    return record, None
+    return record
 
 
-def pack(record: BlockWeights) -> "np.ndarray":
+def pack(record: Any) -> "np.ndarray":
     """The type's blocks, ``[out, in / 32 * bytes per block]`` uint8, as ``ggml`` lays them out:
     fp16 ``d`` (and ``m``), then for 5-bit types the 32 fifth bits as a little-endian uint32, then the
     codes (Q8_0: one signed byte each; 4/5-bit: the low nibbles of codes ``j`` and ``j + 16`` in one byte)."""
     import numpy as np
 
+    if not isinstance(record, BlockWeights):
+        from quantcli.formats import gguf_kquants
+
+        return gguf_kquants.pack(record)
     rows = record.codes.shape[0]
     codes = record.codes.cpu().numpy().reshape(rows, -1, BLOCK)
     parts = [record.scale.cpu().numpy().astype(np.float16)[..., None].view(np.uint8)]

@@ -336,12 +336,13 @@ class GPTQQuantizer(Quantizer):
         ones from the original weights, each row's range shrunk where the clip search finds it better
         (``--no-clip-search``: exactly the reference scales)."""
         from quantcli.formats.gguf import quantize_on_grid
-        from quantcli.formats.gguf_grid import FixedGrid
+        from quantcli.formats.gguf_grid import fixed_grid
 
-        config, kind = request.config, request.grid
+        config = request.config
 
         def choose(matrix: torch.Tensor, hessian: torch.Tensor) -> tuple[object, list[str]]:
-            return gptq_on_grid(matrix, hessian, lambda scaled: FixedGrid(scaled, kind), config.damp, config.block_size, config.act_order, config.clip_search)
+            kind = request.grid  # this layer's block type (quantize_on_grid sets it)
+            return gptq_on_grid(matrix, hessian, lambda scaled: fixed_grid(scaled, kind), config.damp, config.block_size, config.act_order, config.clip_search)
 
-        options = {"gguf_type": kind.name, "act_order": config.act_order, "clip_search": config.clip_search, "damp": config.damp, "block_size": config.block_size}
+        options = {"gguf_type": request.grid.name, "act_order": config.act_order, "clip_search": config.clip_search, "damp": config.damp, "block_size": config.block_size}
         return quantize_on_grid(request, self.name, options, choose)
