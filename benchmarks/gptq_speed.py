@@ -41,7 +41,7 @@ def run(source: Path, blocks: int, calibration: torch.Tensor, bits: int, group_s
     from quantcli import ops
     from quantcli.blockwise import quantize_blockwise
     from quantcli.intweights import plan_layouts
-    from quantcli.methods.gptq import gptq_quantize
+    from quantcli.gptq_solver import gptq_quantize
     from quantcli.models import load_model
     from quantcli.layers import select_modules, weight_matrix
 

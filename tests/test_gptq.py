@@ -23,7 +23,7 @@ from quantcli.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from quantcli.layers import select_modules
 
 available_methods()  # fill the registry first: it skips discovery once any method module is imported
-from quantcli.methods.gptq import gptq_quantize  # noqa: E402
+from quantcli.gptq_solver import gptq_quantize  # noqa: E402
 
 SOURCE = str(EMBEDDED_MODEL)
 CALIB = CalibrationConfig(samples=32, seq_len=128)
@@ -131,7 +131,7 @@ def test_clip_search_lowers_every_rows_output_error(layer_inputs, name, bits, gr
 
 def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
     """Big layers stack fewer candidates per pass (PASS_ELEMENTS); the choice must not change."""
-    import quantcli.methods.gptq as gptq
+    import quantcli.gptq_solver as gptq
 
     weight, x = layer_inputs[DOWN]
     hessian, layout = 2 * x.T @ x / x.shape[0], IntLayout(4, True, None)
@@ -144,7 +144,7 @@ def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
 @pytest.mark.parametrize("name, group_size, symmetric", [(GATE, 32, True), (DOWN, None, True), (GATE, 32, False)])
 def test_clip_prepass_picks_each_rows_best_rounded_clip(layer_inputs, name, group_size, symmetric):
     """The first clip each row's GPTQ runs get is the factor whose round-to-nearest weights have the lowest output error."""
-    from quantcli.methods.gptq import CLIP_SHRINKS, _clip_by_rounding
+    from quantcli.gptq_solver import CLIP_SHRINKS, _clip_by_rounding
 
     weight, x = layer_inputs[name]
     layout = IntLayout(4, symmetric, group_size)

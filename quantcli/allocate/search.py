@@ -48,7 +48,7 @@ class Option:
 def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout) -> tuple[IntWeights, list[str]]:
     """``matrix`` as ``layout`` by the run's method: gptq with the layer's Hessian, or rtn."""
     if method == "gptq":
-        from quantcli.methods.gptq import gptq_quantize
+        from quantcli.gptq_solver import gptq_quantize
 
         hessian = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1])
         return gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)

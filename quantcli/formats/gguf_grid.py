@@ -9,7 +9,7 @@ The scales are llama.cpp's reference quantizer's (``ggml-quants.c``, mirrored by
 package): ``_0`` types take the block's value of largest magnitude, with its sign, as ``-offset·d``
 (Q8_0: ``d = max|w| / 127``); ``_1`` types span the block's min..max. :func:`round_to_nearest` is
 that quantizer, code for code (tested bit for bit against ``gguf.quants``); :class:`FixedGrid`
-keeps those scales and lets GPTQ choose the codes (:func:`quantcli.methods.gptq.gptq_on_grid`).
+keeps those scales and lets GPTQ choose the codes (:func:`quantcli.gptq_solver.gptq_on_grid`).
 :func:`pack` lays codes and scales out as the type's blocks (tested against ``gguf``'s dequantizer).
 :func:`round_to_nearest`, :func:`fixed_grid`, :func:`dequantize` and :func:`pack` take either kind.
 

@@ -28,7 +28,7 @@ from quantcli.methods.bnb import (
     bitsandbytes_missing, build_result, fourbit_fallbacks, fourbit_quantization_config, fourbit_record, kept_linears,
     load_quantized, split_layers,
 )
-from quantcli.methods.gptq import gptq_quantize
+from quantcli.gptq_solver import gptq_quantize
 from quantcli.layers import set_weight_matrix, weight_matrix
 
 
