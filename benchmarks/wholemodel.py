@@ -30,6 +30,7 @@ ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "rtn-int8": ("rtn", 8, {}, {}),
     "rtn-int4": ("rtn", 4, {}, {}),
     "gptq-int4-g32": ("gptq", 4, {"group_size": 32}, {}),
+    "gptq-int4-g32-mse": ("gptq", 4, {"group_size": 32, "observer": "mse"}, {}),
     "gptq-int4-minmax": ("gptq", 4, {"observer": "minmax"}, {}),
     "gptq-int4-signed": ("gptq", 4, {"observer": "signed"}, {}),
     "gptq-int4-emb4": ("gptq", 4, {}, {"embeddings": 4}),
