@@ -29,7 +29,8 @@ import torch
 
 import setups
 from quantcli.checkpoint import load
-from quantcli.config import EvalConfig, config_from_mapping
+from quantcli.config import EvalConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.models import bytes_on_disk, weight_files
 from quantcli.evaluation import measure_perplexity
 from quantcli.pipeline import quantize

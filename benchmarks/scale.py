@@ -27,7 +27,7 @@ import setups
 CHILD = r"""
 import json, sys, time
 import psutil, torch, transformers, compressed_tensors, safetensors.torch
-from quantcli.config import config_from_mapping
+from quantcli.recipes import config_from_mapping
 from quantcli.pipeline import quantize
 baseline = psutil.Process().memory_info().rss
 method, mode, model, output, samples, seq_len, options = sys.argv[1:8]

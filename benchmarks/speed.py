@@ -26,7 +26,7 @@ import torch
 
 import setups
 from quantcli.checkpoint import load
-from quantcli.config import config_from_mapping
+from quantcli.recipes import config_from_mapping
 from quantcli.pipeline import quantize
 from quantcli.speed import BenchConfig, measure
 

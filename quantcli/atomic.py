@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt
+from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt, option
 
 RESUME_FILE = "resume.json"  # in the staging folder of a --low-memory run: the settings and finished shards
 
@@ -109,7 +109,7 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
         apply_umask(staging)
         if target.exists():
             if not force:
-                raise OutputExistsError(f"output folder {target} appeared while quantizing. Pass --force to replace it.")
+                raise OutputExistsError(f"output folder {target} appeared while quantizing. Pass {option('force', True)} to replace it.")
             from quantcli.paths import check_replaceable
 
             check_replaceable(target)
@@ -125,10 +125,10 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
         if _disk_full(error):
             raise OutputWriteError(
                 f"the disk is full (or the file size limit was hit) while writing {target}; nothing was written."
-                " Free space or choose another --output."
+                f" Free space or choose another {option('output')}."
             ) from error
         if isinstance(error, OSError) and _under(error.filename, target.parent):
-            raise OutputWriteError(f"cannot write {target}: {error.strerror or error}; nothing was written. Choose another --output.") from error
+            raise OutputWriteError(f"cannot write {target}: {error.strerror or error}; nothing was written. Choose another {option('output')}.") from error
         raise
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from quantcli.errors import UnavailableError
+from quantcli.errors import UnavailableError, option
 from quantcli.layers import weight_matrix
 
 BATCH = 8  # calibration samples per forward pass
@@ -186,7 +186,7 @@ def quantize_blockwise(
     modules = dict(blocks.model.named_modules())
     prefix = blocks.prefix
     if calibration is not None and not len(blocks.blocks):
-        raise UnavailableError("found no list of decoder blocks holding the layers to quantize in this model. Use --method rtn.")
+        raise UnavailableError(f"found no list of decoder blocks holding the layers to quantize in this model. Use {option('method', 'rtn')}.")
     device = _device(blocks.model)
     done: set[str] = set()
     groups = 0

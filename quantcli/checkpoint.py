@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quantcli.errors import CheckpointError, InputError, ModelLoadError, QuantCliError
+from quantcli.errors import CheckpointError, InputError, ModelLoadError, QuantCliError, option
 
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
@@ -60,7 +60,7 @@ def load(
     from quantcli.models import check_vocab, load_tokenizer, pick_device, resolve_model
 
     if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
+        raise InputError(f"{option('backend')} must be one of {', '.join(BACKENDS)}, got {backend!r}.")
 
     source = resolve_model(str(path))
     metadata = read_metadata(Path(source)) if Path(source).is_dir() else None

@@ -51,9 +51,10 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except QuantCliError as error:
             if debug:
                 raise
+            from quantcli.cliflags import cli_text
             from quantcli.limits import clip_message
 
-            print(f"error: {clip_message(str(error))}", file=sys.stderr)
+            print(f"error: {clip_message(cli_text(error, wrapper))}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP
             print(f"interrupted{describe(error)}: nothing was written.", file=sys.stderr)
@@ -101,7 +102,7 @@ def quantize(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy."),
     clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."),
     observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: signed (Q4_0: largest weight on the lowest code; default below 8 bits, symmetric), minmax (absmax; default at 8 bits and asymmetric) or mse (clipping search)."),
-    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="rtn/gptq: the input embedding and output head (one tensor when tied): 8 (groups of 64, default), 4 (the layers' grid) or keep."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="rtn/gptq: the input embedding and output head (one tensor when tied): 8 (int8 in groups of 32, default), 4 (the layers' grid) or keep."),
     keep_dtype: Optional[str] = typer.Option(None, "--keep-dtype", help="rtn/gptq: dtype of tensors left unquantized (norms, biases, a kept head): auto (16-bit; default) or float32, bfloat16, float16."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option not worth a flag, KEY=VALUE (repeatable), e.g. -O damp=0.05; checked by the method."),
@@ -136,7 +137,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL, write the checkpoint, and report size and perplexity before and after."""
     from quantcli import console
-    from quantcli.config import merge_quantize_config
+    from quantcli.recipes import merge_quantize_config
     from quantcli.gates import enforce
     from quantcli.pipeline import quantize as run_quantize
 
@@ -270,10 +271,12 @@ def bench(
 @app.command()
 def methods() -> None:
     """List the quantization methods and whether each can run here."""
+    from quantcli.cliflags import cli_text
     from quantcli.methods import available_methods
 
     for cls in available_methods():
         reason = cls().unavailable_reason("cpu")
+        reason = reason and cli_text(reason)
         bits = "/".join(map(str, cls.supported_bits))
         status = f"  (CPU: {reason})" if reason else ""
         print(f"{cls.name:10} {bits:7} {cls.summary}{status}")

@@ -10,7 +10,7 @@ from typing import Any
 from quantcli import SCHEMA_VERSION
 from quantcli.checkpoint import REPORT_FILE, inspect
 from quantcli.config import EvalConfig
-from quantcli.errors import CheckpointError, InputError
+from quantcli.errors import CheckpointError, InputError, option
 from quantcli.progress import NullProgress, Progress
 
 
@@ -72,8 +72,8 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         from quantcli.paths import check_writable
 
         if Path(plot).suffix.lower() != ".png":
-            raise InputError(f"--plot {plot}: write a .png file.")
-        check_writable(Path(plot), "--plot")
+            raise InputError(f"{option('plot', plot)}: write a .png file.")
+        check_writable(Path(plot), "plot")
     loaded = None
     if base is not None:
         with progress.task("load base", total=None):
@@ -95,7 +95,7 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
 
         reference = base or rows[0]["source_model"]
         if reference is None:
-            raise InputError("the per-layer error plot needs the original model. Pass --base MODEL.")
+            raise InputError(f"the per-layer error plot needs the original model. Pass {option('base', 'MODEL')}.")
         errors = {row["checkpoint"]: layer_errors(row["checkpoint"], reference) for row in rows}
         result["layer_errors"] = errors
         try:
@@ -103,7 +103,7 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         except OSError as error:
             from quantcli.errors import OutputWriteError
 
-            raise OutputWriteError(f"cannot write --plot {plot}: {error.strerror or error}. Choose a writable --plot path.") from None
+            raise OutputWriteError(f"cannot write {option('plot', plot)}: {error.strerror or error}. Choose a writable {option('plot')} path.") from None
     return result
 
 

@@ -1,19 +1,18 @@
-"""Frozen, validated run configurations, and YAML recipes that build them.
+"""Frozen, validated run configurations: each option is checked here, once, when a config is built.
 
-A recipe is flat YAML: the top-level keys of :class:`QuantizeConfig` plus ``calibration:`` and
-``eval:`` mappings; any other top-level key is a method option (``group_size: 32``) that the
-chosen method's own config validates. Unknown keys are rejected, never ignored.
+Recipes (YAML files, mappings and command-line overrides) become a :class:`QuantizeConfig` in
+:mod:`quantcli.recipes`; its functions can also be imported from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from quantcli.allocate import ALLOCATING_METHODS, AllocationConfig
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.gates import GateLimits
 from quantcli.limits import bound_calibration, bound_eval, shown
 
@@ -35,7 +34,7 @@ def parse_size(value: Any) -> int:
         if match and len(match.group(1)) < 30:
             size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
     if size <= 0:
-        raise InputError(f"--max-shard-size must be a size such as 200KB, 500MB or 2GB, got {shown(value)}.")
+        raise InputError(f"{option('max_shard_size')} must be a size such as 200KB, 500MB or 2GB, got {shown(value)}.")
     return size
 
 
@@ -67,10 +66,10 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         _check_type("calibration dataset", self.dataset, str)
-        _check_type("text column (--text-column)", self.text_column, str, type(None))
-        _check_type("calibration seed (--seed)", self.seed, int)
-        check_positive("calibration samples (--calib-samples)", self.samples)
-        check_positive("calibration sequence length (--seq-len)", self.seq_len)
+        _check_type(f"text column ({option('calibration.text_column')})", self.text_column, str, type(None))
+        _check_type(f"calibration seed ({option('calibration.seed')})", self.seed, int)
+        check_positive(f"calibration samples ({option('calibration.samples')})", self.samples)
+        check_positive(f"calibration sequence length ({option('calibration.seq_len')})", self.seq_len)
         bound_calibration(self)
 
 
@@ -90,28 +89,31 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_type("eval dataset", self.dataset, str)
-        _check_type("text column (--text-column)", self.text_column, str, type(None))
-        _check_type("document separator (--doc-separator)", self.doc_separator, str, type(None))
-        check_positive("eval sequence length (--seq-len)", self.seq_len)
+        _check_type(f"text column ({option('eval.text_column')})", self.text_column, str, type(None))
+        _check_type(f"document separator ({option('eval.doc_separator')})", self.doc_separator, str, type(None))
+        check_positive(f"eval sequence length ({option('eval.seq_len')})", self.seq_len)
         if self.seq_len < 2:
-            raise InputError(f"eval sequence length (--seq-len) must be at least 2 (a window predicts each token from the ones before it), got {self.seq_len}.")
-        check_positive("stride (--stride)", self.stride, allow_none=True)
-        check_positive("max tokens (--max-tokens)", self.max_tokens, allow_none=True)
-        check_positive("batch size (--batch-size)", self.batch_size)
+            raise InputError(f"eval sequence length ({option('eval.seq_len')}) must be at least 2 (a window predicts each token from the ones before it), got {self.seq_len}.")
+        check_positive(f"stride ({option('eval.stride')})", self.stride, allow_none=True)
+        check_positive(f"max tokens ({option('eval.max_tokens')})", self.max_tokens, allow_none=True)
+        check_positive(f"batch size ({option('eval.batch_size')})", self.batch_size)
         bound_eval(self)
         if self.stride is not None and self.stride > self.seq_len:
             raise InputError(
                 f"stride {self.stride} is larger than the context length {self.seq_len}: tokens would be"
-                " skipped. Use a stride at most --seq-len."
+                f" skipped. Use a stride at most {option('eval.seq_len')}."
             )
         if self.bos == "document":
-            raise InputError("--bos document is now --protocol documents --bos start (documents come from rows or --doc-separator; a blank line is not one).")
+            raise InputError(
+                f"{option('eval.bos', 'document')} is now {option('eval.protocol', 'documents')} {option('eval.bos', 'start')}"
+                f" (documents come from rows or {option('eval.doc_separator')}; a blank line is not one)."
+            )
         if self.bos not in BOS_MODES:
             raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {shown(self.bos)}.")
         if self.protocol not in PROTOCOLS:
-            raise InputError(f"protocol (--protocol) must be one of {', '.join(PROTOCOLS)}, got {shown(self.protocol)}.")
+            raise InputError(f"protocol ({option('eval.protocol')}) must be one of {', '.join(PROTOCOLS)}, got {shown(self.protocol)}.")
         if self.doc_separator is not None and (self.protocol != "documents" or not self.doc_separator):
-            raise InputError("--doc-separator needs --protocol documents and a non-empty string.")
+            raise InputError(f"{option('eval.doc_separator')} needs {option('eval.protocol', 'documents')} and a non-empty string.")
 
     @property
     def effective_stride(self) -> int:
@@ -162,70 +164,78 @@ class QuantizeConfig:
         if isinstance(self.embeddings, str) and self.embeddings.isdigit():
             object.__setattr__(self, "embeddings", int(self.embeddings))
         if self.embeddings not in EMBEDDING_CHOICES:
-            raise InputError(f"--embeddings must be 8, 4 or keep, got {shown(self.embeddings)}.")
+            raise InputError(f"{option('embeddings')} must be 8, 4 or keep, got {shown(self.embeddings)}.")
         if self.keep_dtype not in KEEP_DTYPES:
-            raise InputError(f"--keep-dtype must be {', '.join(KEEP_DTYPES)}, got {shown(self.keep_dtype)}.")
+            raise InputError(f"{option('keep_dtype')} must be {', '.join(KEEP_DTYPES)}, got {shown(self.keep_dtype)}.")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         if self.format is not None or self.gguf_type is not None:
             self._check_gguf()
         elif self.bits not in (3, 4, 8, 16):
             raise InputError(
-                f"--bits {self.bits} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
+                f"{option('bits', self.bits)} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {shown(self.device)}.")
+            raise InputError(f"{option('device')} must be auto, cpu, cuda or cuda:N, got {shown(self.device)}.")
         if self.resume and not self.low_memory:
-            raise InputError("--resume continues an interrupted --low-memory run. Add --low-memory.")
+            raise InputError(f"{option('resume')} continues an interrupted {option('low_memory')} run. Add {option('low_memory', True)}.")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}.")
+            raise InputError(f"{option('device_map')} must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}.")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise InputError(f"--dtype must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
+            raise InputError(f"{option('dtype')} must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
         if self.low_memory:
             self._check_streaming()
         if self.allocation is not None:
             self._check_allocation()
         if self.gates.max_ppl_increase is not None and self.eval is None:
-            raise InputError("--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).")
+            raise InputError(
+                f"{option('gates.max_ppl_increase')} needs perplexity before and after. Drop {option('eval', None)}"
+                f" (use {option('eval.max_tokens')} to keep it fast)."
+            )
         if self.gates.min_speedup is not None:
-            raise InputError("--min-speedup needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
+            raise InputError(f"{option('gates.min_speedup')} needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
 
     def _check_allocation(self) -> None:
         if self.low_memory:
-            raise InputError("--target-* searches per-layer precision on the whole model in memory; drop --low-memory.")
+            raise InputError(f"{option('allocation')} searches per-layer precision on the whole model in memory; drop {option('low_memory', True)}.")
         if self.format is not None:
-            raise InputError("--target-* writes a mixed-precision compressed-tensors checkpoint; drop --format gguf.")
+            raise InputError(f"{option('allocation')} writes a mixed-precision compressed-tensors checkpoint; drop {option('format', 'gguf')}.")
         if self.method is not None and self.method not in ALLOCATING_METHODS:
-            raise InputError(f"--target-* allocates with --method rtn or gptq, not {self.method}.")
+            raise InputError(f"{option('allocation')} allocates with {option('method', 'rtn')} or gptq, not {self.method}.")
     def _check_gguf(self) -> None:
         from quantcli.formats.gguf_grid import TYPES, block_type
 
         if self.format is None:
-            raise InputError("--gguf-type needs --format gguf.")
+            raise InputError(f"{option('gguf_type')} needs {option('format', 'gguf')}.")
         if self.format != "gguf":
-            raise InputError(f"--format takes gguf (other formats follow from --method), got {shown(self.format)}.")
+            raise InputError(f"{option('format')} takes gguf (other formats follow from {option('method')}), got {shown(self.format)}.")
         if self.gguf_type is None:
-            raise InputError(f"--format gguf needs --gguf-type: one of {', '.join(TYPES)}.")
+            raise InputError(f"{option('format', 'gguf')} needs {option('gguf_type')}: one of {', '.join(TYPES)}.")
         kind = block_type(self.gguf_type)
         if self.bits != kind.bits:
-            raise InputError(f"--gguf-type {kind.name} stores {kind.bits}-bit codes, but --bits is {self.bits}. Drop --bits (the type sets it).")
+            raise InputError(
+                f"{option('gguf_type', kind.name)} stores {kind.bits}-bit codes, but {option('bits')} is {self.bits}. Drop {option('bits')} (the type sets it)."
+            )
         if self.low_memory:
-            raise InputError("--format gguf writes one file from the whole model; drop --low-memory.")
+            raise InputError(f"{option('format', 'gguf')} writes one file from the whole model; drop {option('low_memory', True)}.")
         if self.max_shard_size is not None:
-            raise InputError("--format gguf writes one file; drop --max-shard-size.")
+            raise InputError(f"{option('format', 'gguf')} writes one file; drop {option('max_shard_size')}.")
 
     def _check_streaming(self) -> None:
         if self.gates.max_ppl_increase is not None:
             raise InputError(
-                "--max-ppl-increase needs perplexity before and after, which --low-memory cannot measure (it never holds"
-                " the whole model). Drop --max-ppl-increase, or --low-memory if the model fits in memory."
+                f"{option('gates.max_ppl_increase')} needs perplexity before and after, which {option('low_memory', True)} cannot measure (it never holds"
+                f" the whole model). Drop {option('gates.max_ppl_increase')}, or {option('low_memory', True)} if the model fits in memory."
             )
         if self.eval is not None:
-            raise InputError("--low-memory cannot measure perplexity (it never holds the whole model). Add --no-eval, or drop --low-memory.")
+            raise InputError(
+                f"{option('low_memory', True)} cannot measure perplexity (it never holds the whole model). Add {option('eval', None)},"
+                f" or drop {option('low_memory', True)}."
+            )
         if self.max_shard_size is not None:
-            raise InputError("--low-memory writes one shard per decoder block; drop --max-shard-size.")
+            raise InputError(f"{option('low_memory', True)} writes one shard per decoder block; drop {option('max_shard_size')}.")
         if self.device_map is not None:
-            raise InputError("--low-memory loads one block at a time on the CPU; drop --device-map.")
+            raise InputError(f"{option('low_memory', True)} loads one block at a time on the CPU; drop {option('device_map')}.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -234,133 +244,3 @@ class QuantizeConfig:
         data["method_options"] = dict(self.method_options)
         return data
 
-
-_SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig, "gates": GateLimits, "allocation": AllocationConfig}
-
-
-def _section(name: str, cls: type, values: Any) -> Any:
-    if values is None and name in ("eval", "allocation"):
-        return None
-    if not isinstance(values, Mapping):
-        raise InputError(f"'{name}' must be a mapping of settings, got {type(values).__name__}.")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"unknown key(s) {', '.join(unknown)} in '{name}'. Valid keys: {', '.join(sorted(known))}.")
-    try:
-        return cls(**values)
-    except TypeError as error:
-        raise InputError(f"bad '{name}' settings: {error}.") from None
-
-
-def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
-    """Build a :class:`QuantizeConfig`; keys that are not its fields become method options."""
-    if not isinstance(values, Mapping):
-        raise InputError(f"a recipe must be a mapping of settings, got {type(values).__name__}.")
-    top = {f.name for f in fields(QuantizeConfig)} - {"method_options"}
-    kwargs: dict[str, Any] = {}
-    options = values.get("method_options") or {}
-    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
-        raise InputError(f"'method_options' must be a mapping of option names to values, got {shown(options)}.")
-    options = dict(options)
-    for key, value in values.items():
-        if not isinstance(key, str):
-            raise InputError(f"recipe keys must be strings, got {shown(key)}.")
-        if key == "method_options":
-            continue
-        if key in _SECTIONS:
-            kwargs[key] = _section(key, _SECTIONS[key], value)
-        elif key in top:
-            kwargs[key] = value
-        else:
-            options[key] = value
-    if kwargs.get("allocation") is not None:
-        kwargs.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
-    if "bits" not in kwargs:
-        raise InputError("the recipe sets no 'bits'. Add e.g. 'bits: 4' or pass --bits.")
-    if isinstance(kwargs.get("output"), str):
-        kwargs["output"] = Path(kwargs["output"])
-    if "skip_modules" in kwargs:
-        skip = kwargs["skip_modules"]
-        if isinstance(skip, str):
-            skip = [skip]
-        if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
-            raise InputError("'skip_modules' must be a list of glob patterns.")
-        kwargs["skip_modules"] = tuple(skip)
-    try:
-        return QuantizeConfig(method_options=options, **kwargs)
-    except TypeError as error:
-        raise InputError(f"bad recipe: {error}.") from None
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """One ``-O KEY=VALUE`` method option; the value is read as a YAML scalar (``0.05``, ``true``, ``fp16``)."""
-    import yaml
-
-    key, equals, raw = text.partition("=")
-    if not equals or not key.strip():
-        raise InputError(f"-O takes KEY=VALUE (e.g. -O damp=0.05), got {text!r}.")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
-        value = raw
-    if not isinstance(value, (str, int, float, bool)) or value is None:
-        value = raw
-    return key.strip().replace("-", "_"), value
-
-
-def merge_quantize_config(
-    recipe_path: Path | None, top: Mapping[str, Any], method_options: Mapping[str, Any], calibration: Mapping[str, Any],
-    evaluation: Mapping[str, Any] | None, gates: Mapping[str, Any], options: list[str] = (), allocation: Mapping[str, Any] | None = None,
-) -> QuantizeConfig:
-    """The one merge of a YAML recipe with what the command line gave (each mapping holds only the
-    options actually given; ``evaluation=None`` is ``--no-eval``; ``options`` are ``-O KEY=VALUE``)."""
-    recipe: dict[str, Any] = load_recipe(recipe_path) if recipe_path else {}
-    recipe.update(top)
-    recipe.update(method_options)
-    recipe.update(dict(parse_option(text) for text in options))
-    for name, given in (("calibration", calibration), ("gates", gates)):
-        recipe[name] = {**_recipe_section(recipe, name), **given}
-    streams = bool(recipe.get("low_memory"))
-    asked = set(evaluation or {}) - {"seq_len"}  # --seq-len also sets calibration windows
-    if evaluation is None or (streams and not asked and "eval" not in recipe):
-        recipe["eval"] = None  # streaming never holds the whole model, so it evaluates only when asked
-    else:
-        recipe["eval"] = {**_recipe_section(recipe, "eval"), **evaluation}
-    if allocation:
-        recipe["allocation"] = {**_recipe_section(recipe, "allocation"), **allocation}
-    if recipe.get("allocation"):
-        recipe.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
-    if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
-        from quantcli.formats.gguf_grid import block_type
-
-        recipe["bits"] = block_type(recipe["gguf_type"]).bits
-    if "bits" not in recipe:
-        raise InputError("no --bits given. Pass --bits 8 or --bits 4, or a --config recipe that sets bits.")
-    return config_from_mapping(recipe)
-
-
-def _recipe_section(recipe: Mapping[str, Any], key: str) -> dict[str, Any]:
-    value = recipe.get(key) or {}
-    if not isinstance(value, Mapping):
-        raise InputError(f"'{key}' must be a mapping of settings, got {type(value).__name__}.")
-    return dict(value)
-
-
-def load_recipe(path: Path) -> dict[str, Any]:
-    """Read a YAML recipe file into a plain mapping (validated later by :func:`config_from_mapping`)."""
-    from quantcli.limits import MAX_RECIPE_BYTES, read_bounded
-    from quantcli.strictyaml import load_strict
-
-    try:
-        text = read_bounded(Path(path), "recipe", MAX_RECIPE_BYTES).decode("utf-8")
-    except FileNotFoundError:
-        raise InputError(f"recipe file {path} does not exist. Pass the path of a YAML file, e.g. configs/rtn-int4.yaml.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read recipe {path}: {error}.") from None
-    data = load_strict(text, path)
-    if data is None:
-        raise InputError(f"recipe {path} is empty. Add at least 'bits: 4'.")
-    if not isinstance(data, dict):
-        raise InputError(f"recipe {path} must be a YAML mapping (key: value lines), not a {type(data).__name__}.")
-    return data

@@ -112,18 +112,21 @@ def render_quantize(report: dict[str, Any]) -> None:
     if (report.get("stats") or {}).get("allocation"):
         from quantcli.allocate.report import describe
 
+        from quantcli.cliflags import cli_text
+
         for line in describe(report["stats"]["allocation"]):
-            stdout.print(line, markup=False)
+            stdout.print(cli_text(line), markup=False)
     render_breakdown(size.get("breakdown"))
     render_gates(report.get("gates") or [])
 
 
 def render_gates(records: list[dict[str, Any]]) -> None:
+    from quantcli.cliflags import cli_text
     from quantcli.gates import GateResult
 
     for record in records:
         result = GateResult(**record)
-        stdout.print(f"{'[green]gate passed[/]' if result.passed else '[red]gate FAILED[/]'}: {result.message}")
+        stdout.print(f"{'[green]gate passed[/]' if result.passed else '[red]gate FAILED[/]'}: {cli_text(result.message)}")
 
 
 def render_eval(result: dict[str, Any]) -> None:

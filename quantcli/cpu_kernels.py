@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from quantcli.errors import UnavailableError
+from quantcli.errors import UnavailableError, option
 from quantcli.layers import weight_matrix
 from quantcli.ops import int_range
 
@@ -171,13 +171,13 @@ def kernel_layers(backend: str, metadata: dict[str, Any] | None, device: str) ->
     if not layers:
         stored = (metadata or {}).get("bits")
         other = next((name for name, b in BACKEND_BITS.items() if stored in b), None)
-        hint = f"This checkpoint is {stored}-bit: use --backend {other}." if other else "Use --backend auto."
+        hint = f"This checkpoint is {stored}-bit: use {option('backend', other)}." if other else f"Use {option('backend', 'auto')}."
         raise UnavailableError(f"backend {backend} runs quantcli rtn/gptq checkpoints of {'/'.join(map(str, bits))} bits. {hint}")
     if device != "cpu":
-        raise UnavailableError(f"backend {backend} runs on CPU only, not {device}. Pass --device cpu or use --backend auto.")
+        raise UnavailableError(f"backend {backend} runs on CPU only, not {device}. Pass {option('device', 'cpu')} or use {option('backend', 'auto')}.")
     needed = "_weight_int8pack_mm" if backend == "int8-cpu" else "_weight_int4pack_mm_for_cpu"
     if not hasattr(torch, needed):
-        raise UnavailableError(f"backend {backend} needs torch.{needed} (torch >= 2.6); this is torch {torch.__version__}. Upgrade torch or use --backend auto.")
+        raise UnavailableError(f"backend {backend} needs torch.{needed} (torch >= 2.6); this is torch {torch.__version__}. Upgrade torch or use {option('backend', 'auto')}.")
     return layers
 
 
@@ -203,6 +203,6 @@ def convert(model: Any, layers: dict[str, dict[str, Any]], folder: str | Path, b
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, built)
     if len(dense) == len(layers):
-        raise UnavailableError(f"backend {backend} can run none of this checkpoint's layers ({next(iter(dense.values()))}). Use --backend auto.")
+        raise UnavailableError(f"backend {backend} can run none of this checkpoint's layers ({next(iter(dense.values()))}). Use {option('backend', 'auto')}.")
     model.cpu_kernels_dense = dense
     return model

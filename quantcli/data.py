@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from quantcli.errors import DatasetError, InputError
+from quantcli.errors import DatasetError, InputError, option
 from quantcli.tokenstream import special_ids, text_ids
 
 if TYPE_CHECKING:
@@ -65,8 +65,8 @@ class TextSource:
         """Refuse ``documents`` for text that marks no documents."""
         if protocol == "documents" and not self.has_documents:
             raise InputError(
-                f"--protocol documents needs documents, and {self.spec} is plain text, where a blank line is not a"
-                " document boundary. Pass --doc-separator STRING, use rows (.jsonl/.csv/.parquet/Hub), or --protocol stream."
+                f"{option('eval.protocol', 'documents')} needs documents, and {self.spec} is plain text, where a blank line is not a"
+                f" document boundary. Pass {option('eval.doc_separator', 'STRING')}, use rows (.jsonl/.csv/.parquet/Hub), or {option('eval.protocol', 'stream')}."
             )
 
     def iter_documents(self) -> Iterator[str]:
@@ -114,8 +114,8 @@ def _text_column(dataset: Any, spec: str, text_column: str | None) -> str:
         return wanted
     columns = ", ".join(dataset.column_names)
     if text_column:
-        raise InputError(f"dataset {spec} has no column '{text_column}' (columns: {columns}). Pass one of them to --text-column.")
-    raise InputError(f"dataset {spec} has no 'text' column (columns: {columns}). Name the column with --text-column.")
+        raise InputError(f"dataset {spec} has no column '{text_column}' (columns: {columns}). Pass one of them to {option('text_column')}.")
+    raise InputError(f"dataset {spec} has no 'text' column (columns: {columns}). Name the column with {option('text_column')}.")
 
 
 def _rows(spec: str, path: str, name: str | None, split: str, text_column: str | None, data_files: str | None = None) -> list[str]:
@@ -177,7 +177,7 @@ def read_documents(spec: str, text_column: str | None = None, doc_separator: str
     if source.documents is not None and not any(d.strip() for d in source.documents):
         raise DatasetError(f"dataset {spec} holds no text. Point it at a file or split with non-empty documents.")
     if doc_separator is not None and source.documents is not None:
-        raise InputError(f"--doc-separator splits plain text, and {spec} already has one document per row. Drop --doc-separator.")
+        raise InputError(f"{option('eval.doc_separator')} splits plain text, and {spec} already has one document per row. Drop {option('eval.doc_separator')}.")
     return source
 
 
@@ -187,7 +187,7 @@ def _specials(tokenizer: Any, bos: str) -> tuple[list[int], list[int]]:
         return special_ids(tokenizer)
     if bos == "start":
         if tokenizer.bos_token_id is None:
-            raise InputError("--bos start: this tokenizer has no BOS token. Use --bos auto or --bos none.")
+            raise InputError(f"{option('eval.bos', 'start')}: this tokenizer has no BOS token. Use {option('eval.bos', 'auto')} or {option('eval.bos', 'none')}.")
         return [tokenizer.bos_token_id], []
     return [], []
 
@@ -232,7 +232,7 @@ def calibration_batch(source: TextSource, tokenizer: Any, samples: int, seq_len:
     if stream.numel() < seq_len:
         raise DatasetError(
             f"calibration dataset {source.spec} has {stream.numel()} tokens, fewer than one window of"
-            f" --seq-len {seq_len}. Use more text or a shorter --seq-len."
+            f" {option('calibration.seq_len', seq_len)}. Use more text or a shorter {option('calibration.seq_len')}."
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len + 1, (samples,), generator=generator)

@@ -1,5 +1,10 @@
 """Typed errors. Each carries the fix in its message and the exit code the CLI returns.
 
+Messages name an option with :func:`option` (``option("calibration.seq_len")``, ``option("bits", 3)``)
+rather than by a command-line flag: ``str(error)`` shows the Python name, which is also the recipe key
+(``calibration.seq_len``, ``bits=3``), and the CLI's error boundary shows the flag (``--seq-len``,
+``--bits 3``; quantcli.cliflags). Method options are named bare (``group_size``), as in a recipe.
+
 Exit codes (documented in the README):
     0 success · 1 internal error (a bug: please report it) · 2 bad input (options, paths, configs)
     3 a model, checkpoint or dataset could not be loaded · 4 a quality gate failed
@@ -8,11 +13,47 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import ast
+import math
+import re
+from typing import Any, Callable
+
+NO_VALUE: Any = object()  # an option named without a value
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: never in a repr()-shown value
+_TOKEN = re.compile(f"{_OPEN}([A-Za-z_][\\w.]*)(?:=([^{_CLOSE}]*))?{_CLOSE}")
+OptionNamer = Callable[[str, Any], str]  # (config path, value or NO_VALUE) -> the option's name for this reader
+
+
+def option(path: str, value: Any = NO_VALUE) -> str:
+    """A token naming the option at ``path`` (with ``value``: the option set to it) in a message."""
+    if value is NO_VALUE:
+        return f"{_OPEN}{path}{_CLOSE}"
+    if not isinstance(value, (bool, int, float, str, type(None))) or isinstance(value, float) and not math.isfinite(value):
+        value = str(value)  # literal_eval reads back only literals
+    return f"{_OPEN}{path}={ascii(value)}{_CLOSE}"
+
+
+def python_name(path: str, value: Any = NO_VALUE) -> str:
+    """How Python code and recipes name an option: ``calibration.seq_len``, ``bits=3``, ``eval=None``."""
+    return path if value is NO_VALUE else f"{path}={value!r}"
+
+
+def render_options(text: str, namer: OptionNamer) -> str:
+    """``text`` with each :func:`option` token named by ``namer``."""
+    return _TOKEN.sub(lambda m: namer(m.group(1), NO_VALUE if m.group(2) is None else ast.literal_eval(m.group(2))), text)
+
 
 class QuantCliError(Exception):
     """Base class for every error the library raises on purpose."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return render_options(super().__str__(), python_name)
+
+    def render(self, namer: OptionNamer) -> str:
+        """The message with its options named by ``namer`` (the CLI passes its flags)."""
+        return render_options(super().__str__(), namer)
 
 
 class InputError(QuantCliError):

@@ -9,7 +9,7 @@ from quantcli import SCHEMA_VERSION
 from quantcli.checkpoint import load
 from quantcli.config import EvalConfig
 from quantcli.data import TextSource, read_documents, token_sequences
-from quantcli.errors import DatasetError
+from quantcli.errors import DatasetError, option
 from quantcli.finite import check_perplexity_finite
 from quantcli.gguf_input import describe
 from quantcli.integrity import check_same_vocabulary
@@ -36,8 +36,8 @@ def measure_perplexity(
     total = sum(len(s) for s in sequences)
     if total < config.seq_len and (config.max_tokens is None or total < config.max_tokens):
         raise DatasetError(
-            f"evaluation dataset {config.dataset} has {total} tokens, fewer than one window of --seq-len"
-            f" {config.seq_len}. Use more text or a shorter --seq-len."
+            f"evaluation dataset {config.dataset} has {total} tokens, fewer than one window of {option('eval.seq_len', config.seq_len)}."
+            f" Use more text or a shorter {option('eval.seq_len')}."
         )
     settings = {
         "dataset": config.dataset, "protocol": config.protocol, "bos": config.bos, "max_tokens": config.max_tokens,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from quantcli.errors import ModelLoadError
+from quantcli.errors import ModelLoadError, option
 
 SCALE_LIMIT = 1e30  # |weight| above this makes (max - min) / levels or its products overflow float32
 
@@ -22,7 +22,7 @@ def check_weight_range(name: str, weight: Any, source: str) -> None:
     if not math.isfinite(spread) or peak > SCALE_LIMIT:
         raise ModelLoadError(
             f"{source + ': ' if source else ''}layer {name} has weights up to {peak:.3g} in magnitude; its quantization scale would overflow"
-            f" to inf and the checkpoint would hold NaN. Keep it in full precision with --skip-modules '{name}', or fix the checkpoint."
+            f" to inf and the checkpoint would hold NaN. Keep it in full precision with {option('skip_modules')} '{name}', or fix the checkpoint."
         )
 
 
@@ -40,7 +40,7 @@ def check_model_finite(model: Any, what: str) -> None:
 
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            raise ModelLoadError(f"{what}: {name} holds NaN/inf after quantization; nothing was written. Keep that layer in full precision with --skip-modules.")
+            raise ModelLoadError(f"{what}: {name} holds NaN/inf after quantization; nothing was written. Keep that layer in full precision with {option('skip_modules')}.")
 
 
 def check_perplexity_finite(perplexity: float, label: str) -> None:

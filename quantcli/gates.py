@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from quantcli.errors import GateFailedError, InputError
+from quantcli.errors import GateFailedError, InputError, option
 
 MB = 10**6
 
@@ -28,7 +28,7 @@ class GateLimits:
         from quantcli.limits import check_finite
 
         for name, value in asdict(self).items():
-            check_finite(f"gate --{name.replace('_', '-')}", value)
+            check_finite(f"gate {option('gates.' + name)}", value)
 
     @property
     def active(self) -> bool:
@@ -47,10 +47,10 @@ class GateResult:
     @property
     def message(self) -> str:
         if self.name == "max_ppl_increase":
-            return f"perplexity {self.value:+.2f}% {'<=' if self.passed else '>'} --max-ppl-increase {self.limit:g}%"
+            return f"perplexity {self.value:+.2f}% {'<=' if self.passed else '>'} {option('gates.max_ppl_increase')} {self.limit:g}%"
         if self.name == "max_size":
-            return f"size on disk {self.value:.3f} MB {'<=' if self.passed else '>'} --max-size {self.limit:g} MB"
-        return f"decode speedup {self.value:.2f}x {'>=' if self.passed else '<'} --min-speedup {self.limit:g}x"
+            return f"size on disk {self.value:.3f} MB {'<=' if self.passed else '>'} {option('gates.max_size')} {self.limit:g} MB"
+        return f"decode speedup {self.value:.2f}x {'>=' if self.passed else '<'} {option('gates.min_speedup')} {self.limit:g}x"
 
 
 def check_quantize(limits: GateLimits, report: dict[str, Any]) -> list[GateResult]:
@@ -71,7 +71,7 @@ def check_speedup(limits: GateLimits, speedup: float | None) -> list[GateResult]
     if limits.min_speedup is None:
         return []
     if speedup is None:
-        raise InputError("--min-speedup compares against a base model. Pass --base MODEL.")
+        raise InputError(f"{option('gates.min_speedup')} compares against a base model. Pass {option('base', 'MODEL')}.")
     return [GateResult("min_speedup", limits.min_speedup, speedup, speedup >= limits.min_speedup)]
 
 

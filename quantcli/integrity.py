@@ -151,12 +151,12 @@ def check_metadata_fields(metadata: dict[str, Any], path: Path) -> None:
 
 def check_same_vocabulary(name: str, model: Any, tokenizer: Any, base: str, base_model: Any, base_tokenizer: Any) -> None:
     """KL and top-1 agreement compare the two models token by token: they need one vocabulary."""
-    from quantcli.errors import InputError
+    from quantcli.errors import InputError, option
 
     rows = model.get_output_embeddings().weight.shape[0]
     base_rows = base_model.get_output_embeddings().weight.shape[0]
     if rows != base_rows or tokenizer.get_vocab() != base_tokenizer.get_vocab():
         raise InputError(
-            f"--base {base} has another vocabulary than {name} ({base_rows} vs {rows} output rows, or different tokens):"
-            " KL divergence and top-1 agreement need the same tokens. Pass the model it was quantized from as --base."
+            f"{option('base', base)} has another vocabulary than {name} ({base_rows} vs {rows} output rows, or different tokens):"
+            f" KL divergence and top-1 agreement need the same tokens. Pass the model it was quantized from as {option('base')}."
         )

@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.layers import weight_matrix
 
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = 32  # below 8 bits; with 16-bit scales the same bytes as groups of 64 with fp32 ones (docs/WHOLEMODEL.md)
 PER_CHANNEL = -1  # a grid config's group size for one scale per output channel (as ``--group-size -1``)
 SMALLEST_KERNEL_GROUP = 32  # vLLM Marlin: -1, 32, 64, 128; Machete: -1, 128; torch int4 CPU: 32-256
 SMALLEST_GROUP = 8
@@ -49,7 +49,7 @@ class IntLayout:
 @dataclass(frozen=True)
 class IntGridConfig:
     """The integer grid rtn and gptq share, and their options' one typed home: ``group_size`` weights
-    per scale (-1: per channel; None, only when given: the width's default, 64 below 8 bits and per
+    per scale (-1: per channel; None, only when given: the width's default, 32 below 8 bits and per
     channel at 8; stored resolved, so never None after construction), symmetric integers or zero points,
     and the ``observer`` that picks the scales (``minmax``, ``mse`` or ``signed``: see :func:`quantcli.ops.compute_qparams`;
     None for :func:`default_observer`)."""
@@ -64,7 +64,7 @@ class IntGridConfig:
             object.__setattr__(self, "observer", default_observer(self.bits, self.symmetric))
         check_observer(self.observer)
         if self.observer == "signed" and not self.symmetric:
-            raise InputError("observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop --asymmetric or use --observer minmax.")
+            raise InputError(f"observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop {option('symmetric', False)} or use {option('observer', 'minmax')}.")
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
 
     @property
@@ -87,7 +87,7 @@ class IntWeights:
 
 
 def resolve_group_size(group_size: int | None, bits: int) -> int:
-    """Method default (64 below 8 bits, per channel at 8) for None; :data:`PER_CHANNEL` (-1) means per channel."""
+    """Method default (32 below 8 bits, per channel at 8) for None; :data:`PER_CHANNEL` (-1) means per channel."""
     if group_size is None:
         return DEFAULT_GROUP_SIZE if bits < 8 else PER_CHANNEL
     if group_size <= 0 and group_size != PER_CHANNEL:
@@ -96,15 +96,18 @@ def resolve_group_size(group_size: int | None, bits: int) -> int:
 
 
 def default_observer(bits: int, symmetric: bool) -> str:
-    """``signed`` (llama.cpp Q4_0's rule, every code used) for symmetric grids below 8 bits, else ``minmax``.
+    """``signed`` (llama.cpp's Q4_0/Q8_0 rule, every code used, the largest weight exact) for symmetric
+    grids, else ``minmax``.
 
     Measured on SmolLM2-135M (docs/WHOLEMODEL.md): round-to-nearest int4 in groups of 32 costs +15.4%
     perplexity with ``signed`` against +29.9% with ``minmax`` (absmax/7.5, one code unreachable per
-    sign). compressed-tensors stores the negative scales it needs exactly, and vLLM's kernels
-    multiply by the scale whatever its sign. At 8 bits ``minmax`` is kept (already lossless here);
-    asymmetric grids have a zero point and use every code anyway.
+    sign); int8 (linears per channel, embedding in groups of 64, bfloat16 scales) +0.039% against
+    +0.165%: ``minmax``'s absmax/127.5 leaves the largest weights half a step off, more once the scale
+    is rounded to 16 bits. compressed-tensors stores the negative scales it needs exactly, and vLLM's
+    kernels multiply by the scale whatever its sign. Asymmetric grids have a zero point and use every
+    code anyway.
     """
-    return "signed" if symmetric and bits < 8 else "minmax"
+    return "signed" if symmetric else "minmax"
 
 
 def check_observer(observer: str) -> str:
@@ -148,16 +151,16 @@ def plan_layouts(
 TABLE_NOTE = "embedding table: round-to-nearest per {unit} (its inputs are one-hot, so there is no useful Hessian)"
 
 
-TABLE_GROUP = 64  # int8 embedding rows in groups of 64: SmolLM2 +0.066% perplexity vs +0.18% per row, for 0.5 bit/weight of scales
+TABLE_GROUP = 32  # int8 embedding rows in groups of 32, as llama.cpp's Q8_0 blocks (SmolLM2: docs/WHOLEMODEL.md)
 
 
 def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridConfig, scale_dtype: str | None = None) -> dict[str, IntLayout]:
     """Layouts of the input embedding / output head ``[vocab, hidden]``: 8 bits symmetric in groups of
-    :data:`TABLE_GROUP` (the default at every width, as llama.cpp keeps ``token_embd`` in Q8_0, whose
-    blocks are 32), or 4 bits on the layers' grid."""
+    :data:`TABLE_GROUP` with the ``signed`` observer (the default at every width, as llama.cpp keeps
+    ``token_embd`` in Q8_0), or 4 bits on the layers' grid."""
     modules = dict(model.named_modules())
     if bits == 8:
-        return {name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), scale_dtype=scale_dtype) for name in tables}
+        return {name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), "signed", scale_dtype) for name in tables}
     requested = grid.layout_group_size or DEFAULT_GROUP_SIZE
     return {
         name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer, scale_dtype)

@@ -8,7 +8,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 
 if TYPE_CHECKING:
     import torch
@@ -74,9 +74,9 @@ def select_modules(
             names.append(name)
     for glob in skip_globs:
         if not any(fnmatch.fnmatchcase(name, glob) for name in [*names, *chosen, *skipped]):
-            raise InputError(f"--skip-modules pattern '{glob}' matches no layer. Layer names look like '{(names or list(skipped) or ['?'])[0]}'.")
+            raise InputError(f"{option('skip_modules')} pattern '{glob}' matches no layer. Layer names look like '{(names or list(skipped) or ['?'])[0]}'.")
     if not names:
-        raise InputError("no Linear or Conv1D layer is left to quantize. Loosen --skip-modules.")
+        raise InputError(f"no Linear or Conv1D layer is left to quantize. Loosen {option('skip_modules')}.")
     return Selection(tuple(names), skipped, tuple(chosen))
 
 

@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines
 MAX_DATASET_BYTES = 2 << 30  # read into memory whole
@@ -92,24 +92,24 @@ def check_dataset_file(path: Path, spec: str) -> None:
 
 
 def bound_calibration(config: Any) -> None:
-    check_count("calibration samples (--calib-samples)", config.samples, MAX_SAMPLES)
-    check_count("calibration sequence length (--seq-len)", config.seq_len, MAX_SEQ_LEN)
-    check_count("calibration seed (--seed)", config.seed, MAX_SEED, least=0)
+    check_count(f"calibration samples ({option('calibration.samples')})", config.samples, MAX_SAMPLES)
+    check_count(f"calibration sequence length ({option('calibration.seq_len')})", config.seq_len, MAX_SEQ_LEN)
+    check_count(f"calibration seed ({option('calibration.seed')})", config.seed, MAX_SEED, least=0)
     if config.samples * config.seq_len > MAX_CALIB_TOKENS:
         raise InputError(
-            f"--calib-samples {config.samples:,} x --seq-len {config.seq_len:,} is {config.samples * config.seq_len:,} calibration tokens,"
+            f"{option('calibration.samples')} {config.samples:,} x {option('calibration.seq_len')} {config.seq_len:,} is {config.samples * config.seq_len:,} calibration tokens,"
             f" more than {MAX_CALIB_TOKENS:,}. Use fewer samples or shorter windows."
         )
 
 
 def bound_eval(config: Any) -> None:
-    check_count("eval sequence length (--seq-len)", config.seq_len, MAX_SEQ_LEN)
-    check_count("max tokens (--max-tokens)", config.max_tokens, MAX_TOKENS)
-    check_count("batch size (--batch-size)", config.batch_size, MAX_BATCH)
+    check_count(f"eval sequence length ({option('eval.seq_len')})", config.seq_len, MAX_SEQ_LEN)
+    check_count(f"max tokens ({option('eval.max_tokens')})", config.max_tokens, MAX_TOKENS)
+    check_count(f"batch size ({option('eval.batch_size')})", config.batch_size, MAX_BATCH)
 
 
 def bound_bench(config: Any) -> None:
-    check_count("--prompt-tokens", config.prompt_tokens, MAX_SEQ_LEN)
-    check_count("--new-tokens", config.new_tokens, MAX_NEW_TOKENS)
-    check_count("--repeats", config.repeats, MAX_REPEATS)
-    check_count("--warmup", config.warmup, MAX_REPEATS, least=0)
+    check_count(option("prompt_tokens"), config.prompt_tokens, MAX_SEQ_LEN)
+    check_count(option("new_tokens"), config.new_tokens, MAX_NEW_TOKENS)
+    check_count(option("repeats"), config.repeats, MAX_REPEATS)
+    check_count(option("warmup"), config.warmup, MAX_REPEATS, least=0)

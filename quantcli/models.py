@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantcli.config import DEFAULT_MODEL
-from quantcli.errors import InputError, ModelLoadError
+from quantcli.errors import InputError, ModelLoadError, option
 from quantcli.remote import REMOTE_CODE_HINT, refuse_remote_code
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def pick_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         from quantcli.errors import UnavailableError
 
-        raise UnavailableError(f"--device {device} asked for CUDA, but torch sees no GPU here. Use --device cpu.")
+        raise UnavailableError(f"{option('device', device)} asked for CUDA, but torch sees no GPU here. Use {option('device', 'cpu')}.")
     return device
 
 
@@ -168,7 +168,7 @@ def check_finite(model: Any, source: str) -> None:
             if stored:
                 raise ModelLoadError(
                     f"{source}: weight {name} is stored as {stored} and {bad} of its values overflow"
-                    f" {str(tensor.dtype).removeprefix('torch.')} (inf after the cast). Use --dtype float32 or bfloat16."
+                    f" {str(tensor.dtype).removeprefix('torch.')} (inf after the cast). Use {option('dtype', 'float32')} or bfloat16."
                 )
             raise ModelLoadError(
                 f"{source}: weight {name} holds {bad} NaN/inf value(s); quantizing it would spread them."

@@ -21,13 +21,13 @@ class Window:
     scored: int
 
 
-def check_context(model: Any, seq_len: int) -> None:
-    """Refuse windows longer than the model's context (``max_position_embeddings``)."""
-    from quantcli.errors import InputError
+def check_context(model: Any, seq_len: int, name: str = "eval.seq_len") -> None:
+    """Refuse windows (of the option ``name``) longer than the model's context (``max_position_embeddings``)."""
+    from quantcli.errors import InputError, option
 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
-        raise InputError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens (max_position_embeddings). Use --seq-len {limit} or less.")
+        raise InputError(f"{option(name, seq_len)} is beyond the model's context of {limit} tokens (max_position_embeddings). Use {option(name, limit)} or less.")
 
 
 def windows(total: int, seq_len: int, stride: int) -> list[Window]:

@@ -10,25 +10,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantcli import SCHEMA_VERSION, __version__
-from quantcli.allocate.report import allocation_map
-from quantcli.atomic import atomic_folder, check_output, write_json
-from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE
+from quantcli.atomic import atomic_folder, check_output
 from quantcli.config import QuantizeConfig
 from quantcli.data import TextSource, calibration_batch, read_documents
-from quantcli.errors import InputError, ResumableInterrupt, UnavailableError
+from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
 from quantcli.evaluation import eval_source, measure_perplexity
 from quantcli.finite import check_layers_quantizable, check_model_finite
-from quantcli.gates import check_quantize, to_records
-from quantcli.gguf_input import describe
 from quantcli.integrity import check_streamed, file_shapes
-from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules, table_names
+from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.methods import default_method, get_method
-from quantcli.methods.base import QuantizedModel, QuantizeRequest
+from quantcli.methods.base import QuantizeRequest
 from quantcli.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
-from quantcli.perplexity import EvalResult, check_context
+from quantcli.perplexity import check_context
 from quantcli.progress import NullProgress, Progress
-from quantcli.report import QuantizeReport, size_breakdown, size_summary
+from quantcli.report import QuantizeReport
+from quantcli.reportfiles import PathResult, write_reports
 
 
 
@@ -38,9 +34,9 @@ STREAMABLE = ("rtn", "gptq", "gptq-nf4")  # methods whose records a format write
 def check_streamable(method: str, device: str) -> None:
     """Refuse, before any work, a streaming run this build cannot do."""
     if method not in STREAMABLE:
-        raise UnavailableError(f"--low-memory works with --method {' or '.join(STREAMABLE)}, not {method}.")
+        raise UnavailableError(f"{option('low_memory', True)} works with {option('method')} {' or '.join(STREAMABLE)}, not {method}.")
     if device != "cpu":
-        raise UnavailableError("--low-memory runs on the CPU; drop --device or pass --device cpu.")
+        raise UnavailableError(f"{option('low_memory', True)} runs on the CPU; drop {option('device')} or pass {option('device', 'cpu')}.")
 
 
 def default_output(model: str, method: str, bits: int, gguf_type: str | None = None) -> Path:
@@ -95,58 +91,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     with atomic_folder(output, config.force, resume=config.resume) as staging:
         result = (_stream if config.low_memory else _in_memory)(run, staging)
         result.tokenizer.save_pretrained(staging)
-        quantized_bytes = bytes_on_disk(weight_files(str(staging)))
-        breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(result.quantized.model), result.original["parameters"])
-        report = QuantizeReport(
-            schema_version=SCHEMA_VERSION,
-            quantcli_version=__version__,
-            model=config.model,
-            output=str(output),
-            method=method_name,
-            bits=result.quantized.bits,
-            format=result.quantized.format,
-            device=device,
-            options=result.quantized.options,
-            recipe=config.to_dict(),
-            calibration=None if result.calibration is None else {**vars(config.calibration), "tokens": int(result.calibration.numel())},
-            size={**size_summary(result.original, quantized_bytes, result.quantized_memory), "original_format": describe(source), "breakdown": breakdown},
-            perplexity_before=result.before,
-            perplexity_after=result.after,
-            timings=run.timings,
-            layers=result.quantized.layers,
-            skipped=result.skipped,
-            stats=result.quantized.stats,
-        )
-        report.gates = to_records(check_quantize(config.gates, report.to_dict()))
-        write_json(staging / METADATA_FILE, {
-            "format_version": FORMAT_VERSION,
-            "quantcli_version": __version__,
-            "method": method_name,
-            "bits": result.quantized.bits,
-            "format": result.quantized.format,
-            "options": result.quantized.options,
-            "source_model": config.model,
-            "layers": report.to_dict()["layers"],
-            "skipped": result.skipped,
-            **({"allocation": allocation_map(result.quantized.stats["allocation"])} if config.allocation else {}),
-            "size_breakdown": breakdown,
-        })
-        write_json(staging / REPORT_FILE, report.to_dict())
+        report = write_reports(staging, output, config, method_name, device, source, run.timings, result)
     return report
-
-
-@dataclass
-class _Result:
-    """What a path hands back for the report: the quantized model's records and the sizes before."""
-
-    quantized: QuantizedModel
-    tokenizer: Any
-    original: dict[str, Any]
-    quantized_memory: int
-    skipped: dict[str, str]
-    calibration: Any = None
-    before: EvalResult | None = None
-    after: EvalResult | None = None
 
 
 def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str, Any]:
@@ -179,8 +125,8 @@ def _kept_dtype(run: _Run, model: Any) -> Any:
 
 
 def _scale_dtype(run: _Run, kept_dtype: Any) -> str | None:
-    """What integer layers store their scales in: the kept dtype (``bfloat16``...), so 16-bit scales
-    cost half of fp32's; None (the model's dtype) with a 4-bit embedding, whose checkpoint plain
+    """What integer layers store their scales in: the kept dtype (``bfloat16``...), rounded before the
+    integers are chosen; None (the model's dtype) with a 4-bit embedding, whose checkpoint plain
     transformers decompresses at load in the scales' own dtype (docs/WHOLEMODEL.md)."""
     if kept_dtype is None or (_quantizes_tables(run) and _table_bits(run.config) < 8):
         return None
@@ -198,7 +144,7 @@ def _calibration(run: _Run, tokenizer: Any) -> Any:
     return batch
 
 
-def _in_memory(run: _Run, staging: Path) -> _Result:
+def _in_memory(run: _Run, staging: Path) -> PathResult:
     """Load the whole model, quantize it, evaluate before/after if asked, and save it into ``staging``."""
     config, progress, timings = run.config, run.progress, run.timings
     start = time.perf_counter()
@@ -212,7 +158,7 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
 
             check_architecture(model.config)
         if run.method.needs_calibration or config.allocation is not None:
-            check_context(model, config.calibration.seq_len)
+            check_context(model, config.calibration.seq_len, "calibration.seq_len")
     timings["load"] = time.perf_counter() - start
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
@@ -262,28 +208,28 @@ def _in_memory(run: _Run, staging: Path) -> _Result:
         quantized.save(staging, config.max_shard_size)
     timings["save"] = time.perf_counter() - start
     skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}  # a tied head stored as a layer
-    return _Result(quantized, tokenizer, original, quantized_memory, skipped, calibration, before, after)
+    return PathResult(quantized, tokenizer, original, quantized_memory, skipped, calibration, before, after)
 
 
-def _stream(run: _Run, staging: Path) -> _Result:
+def _stream(run: _Run, staging: Path) -> PathResult:
     """Quantize one decoder block at a time from the safetensors shards, writing each into ``staging``."""
     from quantcli.formats import get_format
     from quantcli.streaming import ShardBlocks, skeleton
 
     config, progress = run.config, run.progress
     if Path(run.source).is_file():  # resolve_model lets only GGUF files through
-        raise InputError(f"--low-memory streams safetensors weights, and {run.source} is a GGUF file, which is read whole. Drop --low-memory.")
+        raise InputError(f"{option('low_memory', True)} streams safetensors weights, and {run.source} is a GGUF file, which is read whole. Drop {option('low_memory', True)}.")
     start = time.perf_counter()
     tokenizer = load_tokenizer(run.source, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, run.device)
     model = skeleton(run.source, dtype, config.trust_remote_code)
     check_vocab(model, tokenizer, config.model)
     if run.method.needs_calibration:
-        check_context(model, config.calibration.seq_len)
+        check_context(model, config.calibration.seq_len, "calibration.seq_len")
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
     kept_dtype = _kept_dtype(run, model)
     if any(is_conv1d(module) for name, module in model.named_modules() if name in selection.names):
-        raise UnavailableError("--low-memory supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
+        raise UnavailableError(f"{option('low_memory', True)} supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
     original = _original_sizes(run.source, model, skeleton=True)
     calibration = _calibration(run, tokenizer)
     settings = {
@@ -306,11 +252,11 @@ def _stream(run: _Run, staging: Path) -> _Result:
     except KeyboardInterrupt as error:
         interrupt = ResumableInterrupt(
             f"interrupted after {len(blocks.done)} of {len(blocks.shards)} layer groups; they are kept in {staging}."
-            " Run the same command with --resume to continue."
+            f" Run the same command with {option('resume', True)} to continue."
         )
         interrupt.exit_code = 128 + getattr(error, "signum", 2)  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
         raise interrupt from None
     run.timings["quantize"] = time.perf_counter() - start
     quantized.stats.update({"shards": len(blocks.shards), "resumed_shards": blocks.resumed})
     skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}
-    return _Result(quantized, tokenizer, original, original["memory_bytes"], skipped, calibration)
+    return PathResult(quantized, tokenizer, original, original["memory_bytes"], skipped, calibration)

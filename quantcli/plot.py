@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantcli.errors import InputError, UnavailableError
+from quantcli.errors import InputError, UnavailableError, option
 
 
 def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
@@ -25,7 +25,7 @@ def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
     errors: dict[str, float] = {}
     for name in (metadata or {}).get("layers") or {}:
         if name not in modules_o:
-            raise InputError(f"{checkpoint} has layer {name} that {reference} lacks: pass the model it was quantized from as --base.")
+            raise InputError(f"{checkpoint} has layer {name} that {reference} lacks: pass the model it was quantized from as {option('base')}.")
         w_q, w_o = dense_weight_matrix(modules_q[name]), weight_matrix(modules_o[name]).float()
         errors[name] = (torch.linalg.norm(w_q - w_o) / torch.linalg.norm(w_o)).item()
     return errors
@@ -36,9 +36,9 @@ def pyplot(path: Path) -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise UnavailableError("--plot needs matplotlib: pip install 'quantcli[plot]' (or pip install matplotlib).") from None
+        raise UnavailableError(f"{option('plot')} needs matplotlib: pip install 'quantcli[plot]' (or pip install matplotlib).") from None
     if path.suffix.lower() != ".png":
-        raise InputError(f"--plot {path}: write a .png file.")
+        raise InputError(f"{option('plot', path)}: write a .png file.")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quantcli.errors import ModelLoadError
+from quantcli.errors import ModelLoadError, option
 
 REMOTE_CODE_HINT = (
     "{source} ships its own Python code (auto_map in its config), which quantcli does not run by default."
-    " Read that code, then pass --trust-remote-code if you trust it."
+    f" Read that code, then pass {option('trust_remote_code', True)} if you trust it."
 )
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from quantcli import SCHEMA_VERSION
 from quantcli.config import DEFAULT_EVAL_DATASET, check_positive
-from quantcli.errors import DatasetError, InputError
+from quantcli.errors import DatasetError, InputError, option
 from quantcli.gates import GateLimits, check_speedup, to_records
 from quantcli.progress import NullProgress, Progress
 
@@ -34,9 +34,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "repeats"):
-            check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+            check_positive(option(name), getattr(self, name))
         if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise InputError(f"--warmup must be 0 or more, got {self.warmup!r}.")
+            raise InputError(f"{option('warmup')} must be 0 or more, got {self.warmup!r}.")
         from quantcli.limits import bound_bench
 
         bound_bench(self)
@@ -48,7 +48,7 @@ def prompt_ids(tokenizer: Any, config: BenchConfig) -> Any:
 
     stream = token_sequences(read_documents(config.dataset), tokenizer, "stream", "auto", config.prompt_tokens)[0]
     if stream.numel() < config.prompt_tokens:
-        raise DatasetError(f"{config.dataset} holds {stream.numel()} tokens, fewer than --prompt-tokens {config.prompt_tokens}.")
+        raise DatasetError(f"{config.dataset} holds {stream.numel()} tokens, fewer than {option('prompt_tokens', config.prompt_tokens)}.")
     return stream[None]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantcli.atomic import RESUME_FILE, write_json
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 
 ACTIVATIONS_FILE = "activations.safetensors"  # in the staging folder: the next block's calibration inputs
 
@@ -36,7 +36,7 @@ def source_tensors(source: str) -> dict[str, Path]:
         folder = Path(snapshot_download(source, local_files_only=True))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise InputError(f"--low-memory streams safetensors weights, and {source} has none. Convert the checkpoint to safetensors first.")
+        raise InputError(f"{option('low_memory', True)} streams safetensors weights, and {source} has none. Convert the checkpoint to safetensors first.")
     where: dict[str, Path] = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:

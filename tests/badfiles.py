@@ -64,7 +64,7 @@ def big_tokenizer_model(folder: Path) -> Path:
 
 
 def quantized_checkpoint(folder: Path, **options) -> Path:
-    from quantcli.config import config_from_mapping
+    from quantcli.recipes import config_from_mapping
     from quantcli.pipeline import quantize
 
     quantize(config_from_mapping({"bits": 4, "method": "rtn", "output": folder, "eval": None, **options}))

@@ -19,7 +19,8 @@ from quantcli.allocate import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates, stored_bytes
 from quantcli.allocate.sensitivity import spearman
 from quantcli.allocate.solver import solve
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig, config_from_mapping
+from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.data import EMBEDDED_TEXT
 from quantcli.errors import InputError
 from quantcli.intweights import IntLayout
@@ -139,12 +140,12 @@ def test_mixed_checkpoint_loads_in_plain_transformers_with_identical_logits(allo
 
 
 @pytest.mark.parametrize("mapping,message", [
-    ({"target_kl": 0.1, "target_size": "1MB"}, "pass exactly one allocation target: --target-ppl-increase, --target-kl, --target-size, --target-bpw (got --target-kl and --target-size)."),
-    ({"candidates": ["keep", "int4"]}, "pass exactly one allocation target: --target-ppl-increase, --target-kl, --target-size, --target-bpw."),
-    ({"target_kl": 0}, "--target-kl must be a positive number, got 0."),
-    ({"target_size": "lots"}, "--target-size must be a size such as 80MB or 1.5GB, got 'lots'."),
-    ({"target_bpw": 40}, "--target-bpw must be at most 32 bits per weight, got 40."),
-    ({"target_kl": 0.1, "candidates": ["keep"]}, "--candidates needs at least one integer candidate (e.g. int4-g128) besides keep."),
+    ({"target_kl": 0.1, "target_size": "1MB"}, "pass exactly one allocation target: allocation.target_ppl_increase, allocation.target_kl, allocation.target_size, allocation.target_bpw (got allocation.target_kl and allocation.target_size)."),
+    ({"candidates": ["keep", "int4"]}, "pass exactly one allocation target: allocation.target_ppl_increase, allocation.target_kl, allocation.target_size, allocation.target_bpw."),
+    ({"target_kl": 0}, "allocation.target_kl must be a positive number, got 0."),
+    ({"target_size": "lots"}, "allocation.target_size must be a size such as 80MB or 1.5GB, got 'lots'."),
+    ({"target_bpw": 40}, "allocation.target_bpw must be at most 32 bits per weight, got 40."),
+    ({"target_kl": 0.1, "candidates": ["keep"]}, "allocation.candidates needs at least one integer candidate (e.g. int4-g128) besides keep."),
     ({"target_kl": 0.1, "candidates": ["int4-g0"]}, "unknown candidate 'int4-g0': use keep, int8, int4, int3, optionally with a group size as in int4-g128."),
 ])
 def test_bad_allocation_settings(mapping, message):
@@ -154,11 +155,11 @@ def test_bad_allocation_settings(mapping, message):
 
 
 def test_targets_need_an_integer_method_in_memory():
-    with pytest.raises(InputError, match=r"^--target-\* allocates with --method rtn or gptq, not bnb-nf4\.$"):
+    with pytest.raises(InputError, match=r"^allocation allocates with method='rtn' or gptq, not bnb-nf4\.$"):
         config_from_mapping({"method": "bnb-nf4", "allocation": {"target_kl": 0.1}})
-    with pytest.raises(InputError, match="drop --low-memory"):
+    with pytest.raises(InputError, match="drop low_memory=True"):
         config_from_mapping({"method": "rtn", "low_memory": True, "eval": None, "allocation": {"target_kl": 0.1}})
-    with pytest.raises(InputError, match=r"^--target-\* writes a mixed-precision compressed-tensors checkpoint; drop --format gguf\.$"):
+    with pytest.raises(InputError, match=r"^allocation writes a mixed-precision compressed-tensors checkpoint; drop format='gguf'\.$"):
         config_from_mapping({"method": "rtn", "format": "gguf", "gguf_type": "Q4_0", "allocation": {"target_kl": 0.1}})
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from quantcli.compare import compare, markdown
-from quantcli.config import EvalConfig, config_from_mapping
+from quantcli.config import EvalConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.pipeline import quantize
 
 EVAL = {"max_tokens": 1024, "seq_len": 128}

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from quantcli import ops
 from quantcli.checkpoint import load
-from quantcli.config import EvalConfig, config_from_mapping
+from quantcli.config import EvalConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.cpu_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, _int4_module, _int8_module
 from quantcli.errors import UnavailableError
 from quantcli.layers import bytes_in_memory, weight_matrix
@@ -109,12 +110,12 @@ def test_gpt2_conv1d_stored_dense_recovers_its_integers(tiny_gpt2, tmp_path, pro
 
 
 def test_refuses_wrong_checkpoints_before_loading_the_model(stories_path, checkpoints, tmp_path):
-    with pytest.raises(UnavailableError, match="runs quantcli rtn/gptq checkpoints of 8 bits. Use --backend auto."):
+    with pytest.raises(UnavailableError, match="runs quantcli rtn/gptq checkpoints of 8 bits. Use backend='auto'."):
         load(stories_path, "cpu", backend="int8-cpu")
     metadata_only = tmp_path / "no-weights"  # the refusal comes from the metadata, before any weight is read
     metadata_only.mkdir()
     (metadata_only / "quantcli.json").write_text((checkpoints / "w4" / "quantcli.json").read_text())
-    with pytest.raises(UnavailableError, match="This checkpoint is 4-bit: use --backend int4-cpu."):
+    with pytest.raises(UnavailableError, match="This checkpoint is 4-bit: use backend='int4-cpu'."):
         load(metadata_only, "cpu", backend="int8-cpu")
 
 

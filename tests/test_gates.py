@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from quantcli.config import config_from_mapping
+from quantcli.recipes import config_from_mapping
 from quantcli.errors import GateFailedError, InputError
 from quantcli.gates import GateLimits, check_speedup, enforce, to_records
 
@@ -42,22 +42,22 @@ def test_passing_gates_exit_0_and_json_records_them(tmp_path):
 def test_size_gate_fails(tmp_path):
     result = run([*QUANTIZE, "--no-eval", "-o", str(tmp_path / "s"), "--max-size", "0.1"], tmp_path)
     assert result.returncode == 4
-    assert "size on disk 0.18" in result.stderr and "> --max-size 0.1 MB" in result.stderr  # int8 embedding, 16-bit norms
+    assert "size on disk 0.171 MB > --max-size 0.1 MB" in result.stderr  # int8 embedding, 16-bit norms and scales
 
 
 def test_gate_misuse_is_input_error():
-    with pytest.raises(InputError, match="Drop --no-eval"):
+    with pytest.raises(InputError, match="Drop eval=None"):
         config_from_mapping({"bits": 4, "eval": None, "gates": {"max_ppl_increase": 2}})
     with pytest.raises(InputError, match="quantcli bench"):
         config_from_mapping({"bits": 4, "gates": {"min_speedup": 1.5}})
     with pytest.raises(InputError, match="non-negative"):
         GateLimits(max_size=-1)
-    with pytest.raises(InputError, match="--base"):
+    with pytest.raises(InputError, match="Pass base='MODEL'"):
         check_speedup(GateLimits(min_speedup=2), None)
 
 
 def test_speedup_gate_message():
-    with pytest.raises(GateFailedError, match=r"decode speedup 1.20x < --min-speedup 1.5x") as error:
+    with pytest.raises(GateFailedError, match=r"decode speedup 1.20x < gates.min_speedup 1.5x") as error:
         enforce(to_records(check_speedup(GateLimits(min_speedup=1.5), 1.2)))
     assert error.value.exit_code == 4
     enforce(to_records(check_speedup(GateLimits(min_speedup=1.5), 1.6)))

@@ -254,7 +254,7 @@ def test_gpt2_conv1d_quantizes_and_reloads(tmp_path, tokenizer, calibration):
     (4, {"group_size": 0}, "group size must be a positive integer or -1"),
     (4, {"desc_act": True}, "do not apply to method gptq"),
     (4, {"act_order": "yes"}, "act_order of method gptq must be bool"),
-    (2, {}, "supports --bits 8, 4, 3"),
+    (2, {}, "supports bits 8, 4, 3"),
 ])
 def test_bad_options_say_the_fix(bits, options, message):
     with pytest.raises(InputError, match=message):

@@ -10,7 +10,8 @@ import torch
 from badfiles import big_tokenizer_model, edit_json, nan_model, quantized_checkpoint, truncate
 from quantcli import load
 from quantcli.checkpoint import read_metadata
-from quantcli.config import CalibrationConfig, EvalConfig, config_from_mapping
+from quantcli.config import CalibrationConfig, EvalConfig
+from quantcli.recipes import config_from_mapping
 from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import CheckpointError, DatasetError, ModelLoadError
 from quantcli.models import load_tokenizer
@@ -73,14 +74,14 @@ def test_calibration_text_shorter_than_one_window(tmp_path, stories_path):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.")
     tokenizer = load_tokenizer(stories_path)
-    with pytest.raises(DatasetError, match=r"has \d+ tokens, fewer than one window of --seq-len 256"):
+    with pytest.raises(DatasetError, match=r"has \d+ tokens, fewer than one window of calibration.seq_len=256"):
         calibration_batch(read_documents(str(short)), tokenizer, 4, CalibrationConfig().seq_len, 0)
 
 
 def test_eval_text_shorter_than_one_window(tmp_path, checkpoint):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.")
-    with pytest.raises(DatasetError, match=r"evaluation dataset .* has \d+ tokens, fewer than one window of --seq-len 64"):
+    with pytest.raises(DatasetError, match=r"evaluation dataset .* has \d+ tokens, fewer than one window of eval.seq_len=64"):
         evaluate(str(checkpoint), EvalConfig(str(short), seq_len=64), device="cpu")
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from quantcli.config import config_from_mapping
+from quantcli.recipes import config_from_mapping
 from quantcli.errors import InputError
 from quantcli.pipeline import quantize
 
@@ -61,7 +61,7 @@ def test_method_options_not_worth_a_flag_go_through_dash_o_and_the_method_checks
     from typer.testing import CliRunner
 
     from quantcli.cli import app
-    from quantcli.config import merge_quantize_config
+    from quantcli.recipes import merge_quantize_config
 
     config = merge_quantize_config(None, {"bits": 4, "method": "gptq"}, {"group_size": 32}, {}, {}, {}, ["damp=0.05", "block-size=64", "act_order=false"])
     assert dict(config.method_options) == {"group_size": 32, "damp": 0.05, "block_size": 64, "act_order": False}

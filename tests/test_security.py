@@ -14,9 +14,9 @@ from quantcli.models import load_model, load_tokenizer
 def test_remote_code_is_refused_without_the_flag_and_never_imported(tmp_path):
     marker = tmp_path / "ran"
     folder = remote_code_model(tmp_path / "model", marker)
-    with pytest.raises(ModelLoadError, match="pass --trust-remote-code if you trust it"):
+    with pytest.raises(ModelLoadError, match="pass trust_remote_code=True if you trust it"):
         load_model(str(folder), torch.float32, "cpu")
-    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+    with pytest.raises(ModelLoadError, match="trust_remote_code=True"):
         load(folder, "cpu")
     assert not marker.exists()
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from quantcli import load
-from quantcli.config import config_from_mapping
+from quantcli.recipes import config_from_mapping
 from quantcli.errors import ResumableInterrupt
 from quantcli.models import EMBEDDED_MODEL
 from quantcli.pipeline import quantize
@@ -88,7 +88,7 @@ def test_resume_continues_after_the_last_finished_layer_with_the_same_result(lla
     quantize(config_from_mapping({**recipe, "output": tmp_path / "whole"}))
 
     target = tmp_path / "resumed"
-    with pytest.raises(ResumableInterrupt, match="interrupted after 2 of 7 layer groups.*--resume"):
+    with pytest.raises(ResumableInterrupt, match="interrupted after 2 of 7 layer groups.*resume=True"):
         quantize(config_from_mapping({**recipe, "output": target}), StopAfter(2 * LAYERS_PER_BLOCK + 1))
     assert not target.exists()
     (staging,) = tmp_path.glob(".resumed.partial-*")

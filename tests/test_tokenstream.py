@@ -111,7 +111,7 @@ def test_a_separator_makes_documents_of_plain_text(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     path = tmp_path / "stories"
     path.write_text("One day a dog ran.\n\nIt was fast.<|endoftext|>A bird sang.<|endoftext|>")
-    with pytest.raises(InputError, match="is plain text, where a blank line is not a document boundary. Pass --doc-separator STRING"):
+    with pytest.raises(InputError, match="is plain text, where a blank line is not a document boundary. Pass eval.doc_separator='STRING'"):
         token_sequences(read_documents(str(path)), tokenizer, "documents")
     documents = token_sequences(read_documents(str(path), doc_separator="<|endoftext|>"), tokenizer, "documents", "auto")
     assert [d.tolist() for d in documents] == [tokenizer("One day a dog ran.\n\nIt was fast.")["input_ids"], tokenizer("A bird sang.")["input_ids"]]

@@ -16,14 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantcli.allocate.candidates import DEFAULT_CANDIDATES, parse_candidates
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 
 TARGETS = ("target_ppl_increase", "target_kl", "target_size", "target_bpw")
 ALLOCATING_METHODS = ("rtn", "gptq")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -52,25 +48,25 @@ class AllocationConfig:
 
         given = [name for name in TARGETS if getattr(self, name) is not None]
         if len(given) != 1:
-            listed = ", ".join(map(flag, TARGETS))
-            got = f" (got {' and '.join(map(flag, given))})" if given else ""
+            listed = ", ".join(option(f"allocation.{name}") for name in TARGETS)
+            got = f" (got {' and '.join(option(f'allocation.{name}') for name in given)})" if given else ""
             raise InputError(f"pass exactly one allocation target: {listed}{got}.")
         for name in ("target_ppl_increase", "target_kl", "target_bpw"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
-                raise InputError(f"{flag(name)} must be a positive number, got {value!r}.")
+                raise InputError(f"{option(f'allocation.{name}')} must be a positive number, got {value!r}.")
         if self.target_bpw is not None and self.target_bpw > 32:
-            raise InputError(f"--target-bpw must be at most 32 bits per weight, got {self.target_bpw!r}.")
+            raise InputError(f"{option('allocation.target_bpw')} must be at most 32 bits per weight, got {self.target_bpw!r}.")
         if self.target_size is not None:
             try:
                 object.__setattr__(self, "target_size", parse_size(self.target_size))
             except InputError:
-                raise InputError(f"--target-size must be a size such as 80MB or 1.5GB, got {self.target_size!r}.") from None
+                raise InputError(f"{option('allocation.target_size')} must be a size such as 80MB or 1.5GB, got {self.target_size!r}.") from None
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", tuple(part for part in self.candidates.split(",") if part.strip()))
         object.__setattr__(self, "candidates", tuple(c.name for c in parse_candidates(list(self.candidates))))
         if self.plot is not None and not str(self.plot).lower().endswith(".png"):
-            raise InputError(f"--plot {self.plot}: write a .png file.")
+            raise InputError(f"{option('allocation.plot', self.plot)}: write a .png file.")
         for name in ("search_tokens", "verify_tokens", "fisher_samples", "probe_layers", "max_rounds"):
             check_positive(name.replace("_", " "), getattr(self, name))
 

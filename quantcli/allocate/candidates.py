@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 
 if TYPE_CHECKING:
     from quantcli.intweights import IntLayout
@@ -58,9 +58,9 @@ def parse_candidates(names: tuple[str, ...] | list[str]) -> tuple[Candidate, ...
         else:
             raise InputError(f"unknown candidate {name!r}: use keep, int8, int4, int3, optionally with a group size as in int4-g128.")
     if len({c.name for c in parsed}) != len(parsed):
-        raise InputError(f"--candidates lists a candidate twice: {', '.join(names)}.")
+        raise InputError(f"{option('allocation.candidates')} lists a candidate twice: {', '.join(names)}.")
     if not any(c.bits for c in parsed):
-        raise InputError("--candidates needs at least one integer candidate (e.g. int4-g128) besides keep.")
+        raise InputError(f"{option('allocation.candidates')} needs at least one integer candidate (e.g. int4-g128) besides keep.")
     return tuple(parsed)
 
 

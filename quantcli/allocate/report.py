@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quantcli.errors import option
+
 
 UNITS = {"ppl_increase": "%", "kl": " nats/token", "size": " bytes", "bpw": " bits/weight"}
 
@@ -35,7 +37,7 @@ def describe(summary: dict[str, Any]) -> list[str]:
     else:
         lines.append("allocation: no uniform scheme among the candidates meets the target")
     if texts["verify"] in (texts["calibration"], texts["search"]):
-        lines.append("allocation: warning: the verification text is also the calibration or search text; pass a held-out --verify-dataset")
+        lines.append(f"allocation: warning: the verification text is also the calibration or search text; pass a held-out {option('allocation.verify_dataset')}")
     return lines
 
 

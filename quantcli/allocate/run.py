@@ -21,7 +21,7 @@ from quantcli.allocate.search import (
     Verifier, _layouts, _predicted, _solve, _windows, assemble, frontier, layer_options, probe, size_choice, table_options, uniform_choices,
 )
 from quantcli.allocate.sensitivity import hessians, output_fisher
-from quantcli.errors import GateFailedError
+from quantcli.errors import GateFailedError, option
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
 from quantcli.layers import set_weight_matrix, weight_matrix
 
@@ -91,8 +91,8 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     with progress.task("allocation: proxy check on the search text", total=None):
         check = probe(model, base, table, _windows(search_source, request.tokenizer, alloc.search_tokens, calib.seq_len, "search"), alloc.probe_layers)
     for options in table.values():
-        for option in options:
-            option.predicted = check["scale"] * option.proxy
+        for opt in options:
+            opt.predicted = check["scale"] * opt.proxy
     table.update(table_options(model, request))  # fixed, not searched: verified and counted with the rest
     verify = Verifier(base, _windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec)
     seconds["proxy_check"] = time.perf_counter() - start
@@ -130,7 +130,7 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
     if not passing:
         best = min(rounds, key=lambda r: _as_kl(kind, r["measured"]))
         raise GateFailedError(
-            f"allocation missed --target-{kind.replace('_', '-')} {value:g} on the verification text after {len(rounds)} round(s)"
+            f"allocation missed {option(f'allocation.target_{kind}')} {value:g} on the verification text after {len(rounds)} round(s)"
             f" (closest: KL {best['measured']['kl']:.5f}, perplexity {best['measured']['ppl_increase']:+.2f}%, {best['bytes'] / 1e6:.3f} MB)."
             " Loosen the target, add candidates (keep, int8), or raise max_rounds."
         )

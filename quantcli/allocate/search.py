@@ -24,7 +24,7 @@ from quantcli import ops
 from quantcli.allocate.candidates import Candidate, checkpoint_bytes, stored_bytes
 from quantcli.allocate.sensitivity import BATCH, base_log_probs, measured_kl, proxy, spearman
 from quantcli.allocate.solver import solve
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.intweights import IntLayout, IntWeights
 from quantcli.layers import set_weight_matrix, weight_matrix
 
@@ -122,10 +122,10 @@ def probe(model: Any, base: Any, table: dict[str, list[Option]], windows: torch.
     pairs = []
     for name in picked:
         integer = [o for o in table[name] if o.weights is not None]
-        for option in {id(o): o for o in (integer[0], integer[len(integer) // 2])}.values():
+        for opt in {id(o): o for o in (integer[0], integer[len(integer) // 2])}.values():
             original = weight_matrix(modules[name]).clone()
-            set_weight_matrix(modules[name], dequantized(option))
-            pairs.append({"layer": name, "candidate": option.names[0], "proxy": option.proxy, "measured_kl": measured_kl(model, windows, reference)})
+            set_weight_matrix(modules[name], dequantized(opt))
+            pairs.append({"layer": name, "candidate": opt.names[0], "proxy": opt.proxy, "measured_kl": measured_kl(model, windows, reference)})
             set_weight_matrix(modules[name], original)
     ratios = sorted(p["measured_kl"] / p["proxy"] for p in pairs if p["proxy"] > 0 and p["measured_kl"] > 0)
     scale = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
@@ -211,4 +211,4 @@ def size_choice(model: Any, table: dict[str, list[Option]], target_bytes: int, k
         budget -= total - target_bytes
     smallest = checkpoint_bytes(model, _layouts(table, {n: 0 for n in table}), kept_dtype)
     raise InputError(f"no allocation fits {target_bytes:,} bytes: the smallest candidates give {smallest:,} bytes ({smallest / 1e6:.3f} MB)."
-                     " Raise --target-size/--target-bpw or add smaller candidates (e.g. int3-g128).")
+                     f" Raise {option('allocation.target_size')}/{option('allocation.target_bpw')} or add smaller candidates (e.g. int3-g128).")

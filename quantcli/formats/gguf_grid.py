@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +50,7 @@ TYPES = {
 
 def block_type(name: str) -> BlockType:
     if name not in TYPES:
-        raise InputError(f"--gguf-type must be one of {', '.join(TYPES)}, got {name!r}.")
+        raise InputError(f"{option('gguf_type')} must be one of {', '.join(TYPES)}, got {name!r}.")
     return TYPES[name]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 
 
 @dataclass
@@ -125,10 +125,10 @@ class Quantizer:
         """The method's config; with a GGUF ``grid`` the bits are the grid's, whatever the method's integer widths."""
         if grid is not None:
             if not self.block_grids:
-                raise InputError(f"--format gguf works with --method rtn or gptq, not {self.name}.")
+                raise InputError(f"{option('format', 'gguf')} works with {option('method', 'rtn')} or gptq, not {self.name}.")
         elif bits not in self.supported_bits:
             allowed = ", ".join(map(str, self.supported_bits))
-            raise InputError(f"method {self.name} does not do {bits}-bit. It supports --bits {allowed}.")
+            raise InputError(f"method {self.name} does not do {bits}-bit. It supports {option('bits')} {allowed}.")
         return build_config(self.name, self.config_class, bits, options)
 
     def unavailable_reason(self, device: str) -> str | None:

@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from quantcli.errors import InputError, UnavailableError
+from quantcli.errors import InputError, UnavailableError, option
 from quantcli.formats.bitsandbytes import BLOCK
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
@@ -75,7 +75,7 @@ def bitsandbytes_missing() -> str | None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        return f"bitsandbytes does not import ({error}); use --method rtn"
+        return f"bitsandbytes does not import ({error}); use {option('method', 'rtn')}"
     return None
 
 
@@ -107,7 +107,7 @@ def split_layers(request: QuantizeRequest, fallbacks: dict[str, str], method: st
     chosen = [name for name in request.layers if name not in fallbacks]
     if not chosen:
         first = next(iter(fallbacks.values()))
-        raise UnavailableError(f"bitsandbytes {method} fails for every selected layer on {request.device} ({first}). Use --method rtn.")
+        raise UnavailableError(f"bitsandbytes {method} fails for every selected layer on {request.device} ({first}). Use {option('method', 'rtn')}.")
     return chosen
 
 

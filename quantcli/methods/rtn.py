@@ -1,6 +1,6 @@
 """Round-to-nearest: pure-PyTorch INT8/INT4/INT3 weight quantization that runs wherever torch does.
 
-INT8 defaults to symmetric per-channel, INT4/INT3 to symmetric groups of 64 (``--asymmetric`` adds
+INT8 defaults to symmetric per-channel, INT4/INT3 to symmetric groups of 32 (``--asymmetric`` adds
 zero points). Written as a compressed-tensors checkpoint (``int-quantized`` for 8 bits,
 ``pack-quantized`` below).
 """
