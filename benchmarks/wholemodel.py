@@ -30,6 +30,7 @@ ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "rtn-int8": ("rtn", 8, {}, {}),
     "rtn-int4": ("rtn", 4, {}, {}),
     "gptq-int4-g32": ("gptq", 4, {"group_size": 32}, {}),
+    "gptq-int4-g32-mse": ("gptq", 4, {"group_size": 32, "observer": "mse"}, {}),
     "gptq-int4-minmax": ("gptq", 4, {"observer": "minmax"}, {}),
     "gptq-int4-signed": ("gptq", 4, {"observer": "signed"}, {}),
     "gptq-int4-emb4": ("gptq", 4, {}, {"embeddings": 4}),
@@ -96,6 +97,7 @@ def markdown(data: dict) -> str:
         verdict = row["judged"]
         met = "" if "size_ok" not in verdict else f"size {'yes' if verdict['size_ok'] else 'NO'}, quality {'yes' if verdict['quality_ok'] else 'NO'} ({verdict['target']})"
         label = f"quantcli {row['row']} ({', '.join(f'{k}={v}' for k, v in row['options'].items() if k in ('group_size', 'observer'))}{', ' + str(row['fields']) if row['fields'] else ''})"
+        label += f"; {row['note']}" if row.get("note") else ""
         lines.append(f"| {label} | {row['disk_bytes']:,} B | {row['bits_per_weight']:.2f} | {row['perplexity']:.4f} | {verdict['delta_pct']:+.3f}% | {met} |")
     lines += ["", "Size breakdown of each quantcli checkpoint (bytes, share of the file's tensor bytes):", ""]
     for row in data["rows"]:
