@@ -33,7 +33,8 @@ def test_rtn_gpt2_layers_are_quantized_on_the_input_axis(tiny_gpt2, tmp_path):
     quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=tiny_gpt2, output=tmp_path / "q", eval=None, method_options={"group_size": 16}))
     original = quantcli.load(tiny_gpt2)[0].transformer.h[0].attn.c_attn.weight.data
     stored = quantcli.load(tmp_path / "q")[0].transformer.h[0].attn.c_attn.weight.data
-    expected = ops.fake_quantize(original.t(), 4, True, 16, "signed").t()  # signed: the 4-bit default observer
+    scale, zero_point = ops.compute_qparams(original.t(), 4, True, 16, "signed", torch.bfloat16)  # the default observer; scales in the kept dtype
+    expected = ops.dequantize(ops.quantize(original.t(), scale, zero_point, 4, 16), scale, zero_point, 16).t()
     assert torch.equal(stored, expected)
     layer = quantcli.inspect(tmp_path / "q")["layers"]["transformer.h.0.attn.c_attn"]
     assert layer["shape"] == [192, 64] and "Conv1D" in layer["note"]

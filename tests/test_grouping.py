@@ -35,6 +35,6 @@ def test_summary_once_in_human_output_and_json(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["grouping"]["summary"] == "grouping: per channel, all 35 integer layers"
-    tables = {"model.embed_tokens", "lm_head"}  # the embedding (tied head) has its own int8 grid, groups of 64
+    tables = {"model.embed_tokens", "lm_head"}  # the embedding (tied head) has its own int8 grid, groups of 32
     assert {layer["scheme"] for name, layer in report["layers"].items() if name not in tables} == {"channel"}
-    assert {name: report["layers"][name]["group_size"] for name in tables} == {"model.embed_tokens": 64, "lm_head": 64}
+    assert {name: report["layers"][name]["group_size"] for name in tables} == {"model.embed_tokens": 32, "lm_head": 32}

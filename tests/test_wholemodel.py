@@ -55,12 +55,12 @@ def test_tied_embedding_is_quantized_once_and_reloads_in_plain_transformers(stor
     evaluation = EvalConfig(max_tokens=2048)
     report = quantcli.quantize(QuantizeConfig(bits=bits, method=method, model=stories_path, output=tmp_path / "q", eval=evaluation))
     embedding, head = report.layers["model.embed_tokens"], report.layers["lm_head"]
-    assert (embedding.bits, embedding.scheme, embedding.group_size, embedding.shape) == (8, "group", 64, (512, 64))
-    assert (head.bits, head.scheme, head.group_size) == (8, "group", 64)
+    assert (embedding.bits, embedding.scheme, embedding.group_size, embedding.shape) == (8, "group", 32, (512, 64))
+    assert (head.bits, head.scheme, head.group_size) == (8, "group", 32)
     assert head.note.startswith("tied to model.embed_tokens") and "lm_head" not in report.skipped
     files = stored(tmp_path / "q")
     assert files["model.embed_tokens.weight"] == "I8" and "lm_head.weight" not in files
-    assert files["lm_head.weight_scale"] == files["model.layers.0.mlp.up_proj.weight_scale"] == ("BF16" if bits < 8 else "F32")  # pipeline._scale_dtype
+    assert files["lm_head.weight_scale"] == files["model.layers.0.mlp.up_proj.weight_scale"] == "BF16"  # pipeline._scale_dtype
     assert files["model.norm.weight"] == "BF16" and files["model.layers.0.input_layernorm.weight"] == "BF16"
     assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "float32"
     ours = logits(quantcli.load(tmp_path / "q")[0], prompt_ids)
@@ -85,7 +85,7 @@ def test_four_bit_embedding_option_is_packed_and_reloads_dequantized(untied_gpt2
     assert files["transformer.wte.weight_packed"] == files["lm_head.weight_packed"] == "I32"
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["dequantize"] is True
     layer = quantcli.inspect(tmp_path / "q")["layers"]["transformer.wte"]
-    assert (layer["bits"], layer["group_size"]) == (4, 64)
+    assert (layer["bits"], layer["group_size"]) == (4, 32)
     assert torch.equal(plain_logits(tmp_path / "q", prompt_ids), logits(quantcli.load(tmp_path / "q")[0], prompt_ids))
 
 
