@@ -57,7 +57,7 @@ def _llamacpp_names(model: Any) -> Any:
 def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
     """Run a method over the request's layers on its GGUF file type (:mod:`quantcli.blockwise`, with
     the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
-    which ``request.grid`` holds while ``choose(matrix, hessian) -> (record, notes)`` runs on it
+    and ``choose(matrix, hessian, kind) -> (record, notes)`` rounds it onto that type ``kind``
     (:func:`quantcli.formats.gguf_grid.quantize_layer`; F16 layers are not chosen); a layer no
     calibration pass reaches gets a zero Hessian, i.e. rounding, with a note."""
     import torch
@@ -71,23 +71,20 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
     file_type, names, layers = request.grid, _llamacpp_names(request.model), request.model.config.num_hidden_layers
 
     def finish(name: str, hessian: Any) -> Any:
+        width = weight_matrix(modules[name]).shape[1]
+        layer_type, note = tensor_type(file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers)
+        notes[name] += [note] if note else []
+
         def chosen(matrix: Any) -> Any:
             used = hessian
             if request.calibration is not None and hessian is None:
                 notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
                 used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-            record, extra = choose(matrix, used)
+            record, extra = choose(matrix, used, block_type(layer_type))
             notes[name].extend(extra)
             return record
 
-        width = weight_matrix(modules[name]).shape[1]
-        layer_type, note = tensor_type(file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers)
-        notes[name] += [note] if note else []
-        request.grid = block_type(layer_type) if layer_type != "F16" else None  # the layer's own type while its method runs
-        try:
-            record = quantize_layer(modules[name], layer_type, chosen)
-        finally:
-            request.grid = file_type
+        record = quantize_layer(modules[name], layer_type, chosen)
         request.progress(1)
         return record
 

@@ -108,8 +108,7 @@ class GPTQQuantizer(Quantizer):
 
         config = request.config
 
-        def choose(matrix: torch.Tensor, hessian: torch.Tensor) -> tuple[object, list[str]]:
-            kind = request.grid  # this layer's block type (quantize_on_grid sets it)
+        def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object) -> tuple[object, list[str]]:
             return gptq_on_grid(matrix, hessian, lambda scaled: fixed_grid(scaled, kind), config.damp, config.block_size, config.act_order, config.clip_search)
 
         options = {"gguf_type": request.grid.name, "act_order": config.act_order, "clip_search": config.clip_search, "damp": config.damp, "block_size": config.block_size}

@@ -64,7 +64,7 @@ class RTNQuantizer(Quantizer):
         from quantcli.formats.gguf import quantize_on_grid
         from quantcli.formats.gguf_grid import round_to_nearest as round_to_block
 
-        return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian: (round_to_block(matrix, request.grid), []))
+        return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian, kind: (round_to_block(matrix, kind), []))
 
 
 def round_to_nearest(matrix: "torch.Tensor", layout: IntLayout) -> IntWeights:
