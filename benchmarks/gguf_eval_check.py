@@ -20,13 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gguf_export import quantcli_eval  # noqa: E402
 from benchmarks.gguf_harness import REPO, convert, llamacpp_logits, perplexity, quantize, window_nlls  # noqa: E402
 from benchmarks.llamacpp import MODELS, eval_ids, model_folder  # noqa: E402
 
 
 def main() -> None:
-    import quantcli
-    from quantcli.config import EvalConfig
     from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,8 +41,7 @@ def main() -> None:
         quantize(f32, file, args.type, 2)
         for label, options in (("llamacpp_f16_kv", {}), ("llamacpp_f32_kv", {"type_k": 0, "type_v": 0})):
             result[label] = perplexity(window_nlls(llamacpp_logits(file, spec["seq_len"], 2, **options), ids, spec["seq_len"]))
-        dataset = spec["dataset"] if spec["dataset"].startswith("tinystories") else str(REPO / spec["dataset"])
-        result["quantcli"] = quantcli.evaluate(str(file), EvalConfig(dataset=dataset, seq_len=spec["seq_len"], max_tokens=spec["max_tokens"]))["perplexity"]
+        result["quantcli"] = quantcli_eval(file, spec, result["llamacpp_f32_kv"])["quantcli"]
     for label in ("llamacpp_f16_kv", "llamacpp_f32_kv"):
         result[f"diff_pct_vs_{label}"] = 100 * (result["quantcli"] / result[label] - 1)
     out = REPO / "benchmarks" / "results" / f"gguf-eval-check-{args.model}.json"
