@@ -23,6 +23,7 @@ after every row.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import json
 import platform
@@ -100,29 +101,32 @@ def main() -> None:
     output = args.output or setup.output("methods")
     evaluation = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=setup.max_tokens)
     calibration = CalibrationConfig(dataset=setup.calib_dataset, samples=args.calib_samples, seq_len=args.calib_seq_len)
-    settings = {"model": setup.label, "model_path": setup.path, "calibration": vars(calibration), "seeds": args.seeds, "eval": vars(evaluation),
+    settings = {"model": setup.label, "model_path": setup.path, "calibration": vars(calibration), "eval": vars(evaluation),
                 "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "caveat": setup.caveat}
     runs, references = (DEMO_RUNS, REFERENCE_RUNS) if setup.name == "" else (REAL_RUNS, REAL_REFERENCE_RUNS)
     wanted = lambda label: not args.only or any(fnmatch.fnmatchcase(label, glob) for glob in args.only)  # noqa: E731
     kept = previous_rows(output, settings)
-    rows = [kept["fp32"]] if "fp32" in kept else []
+    rows = [kept["fp32"]] if "fp32" in kept else []  # the baseline every row's change is against
 
     def perplexity(folder: Path | str) -> float:
         model, tokenizer, _ = quantcli.load(folder, device=args.device)
         return measure_perplexity(model, tokenizer, evaluation, NullProgress(), str(folder)).perplexity
 
     def save(row: dict | None = None) -> None:
+        """Merge this run's rows into the file under a lock, so several runs (``--only``) can fill one table at once."""
         if row is not None:
             rows.append(row)
-        done = {row["label"] for row in rows}
-        order = ["fp32", *(label for label, *_ in runs), *(label for label, *_ in references)]
-        table = [row for row in rows] + [row for label, row in kept.items() if label not in done]
-        table.sort(key=lambda row: order.index(row["label"]) if row["label"] in order else len(order))
-        summarize(table)
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2, default=str) + "\n")
-        output.with_suffix(".md").write_text(markdown(table, settings))
+        with open(output.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = {row["label"] for row in rows}
+            order = ["fp32", *(label for label, *_ in runs), *(label for label, *_ in references)]
+            table = [row for row in rows] + [row for label, row in previous_rows(output, settings).items() if label not in done]
+            table.sort(key=lambda row: order.index(row["label"]) if row["label"] in order else len(order))
+            summarize(table)
+            output.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2, default=str) + "\n")
+            output.with_suffix(".md").write_text(markdown(table, settings))
 
     if not rows:
         save({"label": "fp32", "method": "none", "bits": 32, "perplexities": [perplexity(setup.path)],
@@ -157,14 +161,14 @@ def main() -> None:
 
 
 def previous_rows(output: Path, settings: dict) -> dict[str, dict]:
-    """The rows of an earlier run into ``output`` with the same model, data and seeds (else none)."""
+    """The rows of earlier runs into ``output`` with the same model, data and device (else none); each row keeps its own seeds."""
     try:
         previous = json.loads(output.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return {}
     def comparable(run: dict) -> list:  # the datasets by file name: the same text from another checkout is the same
         named = lambda part: {**part, "dataset": Path(str(part.get("dataset"))).name} if isinstance(part, dict) else part  # noqa: E731
-        return [named(json.loads(json.dumps(run.get(key), default=str))) for key in ("model", "calibration", "seeds", "eval", "device")]
+        return [named(json.loads(json.dumps(run.get(key), default=str))) for key in ("model", "calibration", "eval", "device")]
 
     if comparable(previous.get("settings", {})) != comparable(settings):
         return {}
@@ -223,23 +227,24 @@ def markdown(rows: list[dict], settings: dict) -> str:
     calib, evaluation = settings["calibration"], settings["eval"]
     lines = [
         f"{settings['model']} on {settings['device']} ({settings['threads']} threads); calibration {calib['samples']} x"
-        f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, seeds 0-{settings['seeds'] - 1} for calibrated methods"
-        f" (mean ± sd, range); perplexity on {evaluation['max_tokens']} tokens of {Path(evaluation['dataset']).name}"
+        f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, seeds 0..n-1 for calibrated methods"
+        f" (mean ± sd and range over n seeds); perplexity on {evaluation['max_tokens']} tokens of {Path(evaluation['dataset']).name}"
         f" (seq_len {evaluation['seq_len']}, stride {evaluation['stride'] or evaluation['seq_len']}, BOS per {evaluation['bos']})."
         + (f" Caveat: {settings['caveat']}" if settings.get("caveat") else ""),
         "",
-        "| method | perplexity | Δ ppl | Δ % | spread over seeds | size on disk | quantize time |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | perplexity | Δ ppl | Δ % | seeds | spread over seeds | size on disk | quantize time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "not_available" in row:
-            lines.append(f"| {row['label']} | not available: {row['not_available']} | | | | | |")
+            lines.append(f"| {row['label']} | not available: {row['not_available']} | | | | | | |")
             continue
         seconds = "" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f} s"
         spread = ""
         if row["delta_percent_sd"] is not None:
             spread = f"± {row['delta_percent_sd']:.2f} ({min(row['delta_percents']):+.2f} to {max(row['delta_percents']):+.2f}%)"
-        lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {spread} |"
+        seeds = len(row.get("seeds") or []) or ""
+        lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {seeds} | {spread} |"
                      f" {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
     lines += [""] + acceptance(rows) + fallback_notes(rows)
     return "\n".join(lines) + "\n"
@@ -247,7 +252,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
 
 def acceptance(rows: list[dict]) -> list[str]:
     """GPTQ's (and the reference's) perplexity increase as a fraction of RTN's at the same grouping."""
-    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"]["observer"] == "minmax" and row["options"].get("symmetric", True)}
+    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"].get("symmetric", True)}
     nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
     lines = []
     for row in rows:

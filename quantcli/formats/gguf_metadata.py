@@ -39,11 +39,49 @@ def write_hyperparameters(writer: Any, config: Any, file_type: str) -> None:
         writer.add_value_length(head_dim)
 
 
+# How a byte-level BPE cuts text before merging, as the regexes it applies in turn, and the llama.cpp
+# pre-tokenizer (``tokenizer.ggml.pre``) that applies the same ones (llama-vocab.cpp). A behaviour, not
+# a model: any tokenizer whose pre-tokenizer spells these steps gets the name.
+BYTE_LEVEL = "ByteLevel(use_regex)"  # GPT-2's built-in pattern
+DIGITS = "Digits(individual)"
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {  # steps: (llama.cpp name, whether llama.cpp takes a whole-word vocab entry before merging)
+    (BYTE_LEVEL,): ("gpt-2", False),
+    (DIGITS, BYTE_LEVEL): ("smollm", False),  # SmolLM/StarCoder: every digit alone, then GPT-2's pattern
+    (LLAMA3_SPLIT,): ("llama-bpe", True),  # Llama 3: its split, then bytes mapped without a regex
+}
+
+
+def llamacpp_pre_tokenizer(pre: dict, normalizer: dict | None, ignore_merges: bool) -> str:
+    """The llama.cpp pre-tokenizer name that cuts text as this tokenizer.json's ``pre_tokenizer`` does."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre] if pre else []
+    spelled = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel" and not step.get("add_prefix_space"):
+            spelled += [BYTE_LEVEL] if step.get("use_regex", True) else []
+        elif kind == "Digits" and step.get("individual_digits"):
+            spelled.append(DIGITS)
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert") and "Regex" in (step.get("pattern") or {}):
+            spelled.append(step["pattern"]["Regex"])
+        else:
+            spelled.append(json.dumps(step, sort_keys=True, ensure_ascii=False))
+    known = PRE_TOKENIZERS.get(tuple(spelled))
+    if known is None or normalizer or known[1] != ignore_merges:
+        names = ", ".join(name for name, _ in PRE_TOKENIZERS.values())
+        raise UnavailableError(
+            f"GGUF output writes byte-level BPE tokenizers whose pre-tokenizer llama.cpp has ({names}) and SentencePiece-style ones;"
+            f" this tokenizer's pre-tokenizer is {' then '.join(spelled) or 'none'}{', with a normalizer' if normalizer else ''}"
+            f"{', ignore_merges ' + str(ignore_merges).lower() if known and known[1] != ignore_merges else ''}."
+        )
+    return known[0]
+
+
 def write_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     """The Hugging Face tokenizer in ``folder`` as GGUF metadata: SentencePiece-style BPE (byte fallback,
     Llama) as llama.cpp's ``llama`` model with scores from the merge ranks, byte-level BPE (GPT-2,
-    SmolLM2) as its ``gpt2`` model with the merges; special tokens, BOS/EOS flags and the chat
-    template through ``gguf.SpecialVocab``."""
+    SmolLM2, Llama 3) as its ``gpt2`` model with the merges and the matching pre-tokenizer; special
+    tokens, BOS/EOS flags and the chat template through ``gguf.SpecialVocab``."""
     import gguf
 
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
@@ -51,8 +89,7 @@ def write_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     if model.get("type") != "BPE":
         raise UnavailableError(f"GGUF output writes BPE tokenizers (SentencePiece-style or byte-level); this one is {model.get('type')}.")
     sentencepiece = bool(model.get("byte_fallback"))
-    if not sentencepiece and (pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)):
-        raise UnavailableError(f"GGUF output writes GPT-2's byte-level pre-tokenizer or SentencePiece-style ones; this tokenizer's is {pre.get('type')}.")
+    pre_name = "default" if sentencepiece else llamacpp_pre_tokenizer(pre, data.get("normalizer"), bool(model.get("ignore_merges")))
     tokens = {token_id: text for text, token_id in model["vocab"].items()}
     added = {item["id"]: item for item in data.get("added_tokens", [])}
     tokens.update({token_id: item["content"] for token_id, item in added.items()})
@@ -76,7 +113,7 @@ def write_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
         scores.append(rank.get(text, 0.0) if sentencepiece else 0.0)
         types.append(kind)
     writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
-    writer.add_tokenizer_pre("default" if sentencepiece else "gpt-2")
+    writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(texts)
     if sentencepiece:  # llama.cpp's SentencePiece tokenizer merges by score; its BPE one reads the merges
         writer.add_token_scores(scores)
