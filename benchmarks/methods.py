@@ -141,7 +141,7 @@ def main() -> None:
                 print(f"{label}: not available: {reason}")
                 save({"label": label, "method": method, "bits": bits, "not_available": reason})
                 continue
-            row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": []}
+            row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": [], "threads": torch.get_num_threads()}
             for seed in range(args.seeds if get_method(method).needs_calibration else 1):
                 folder = Path(tmp) / label.replace(" ", "-")
                 report = quantcli.quantize(QuantizeConfig(

@@ -36,6 +36,8 @@ ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "gptq-int4-emb4": ("gptq", 4, {}, {"embeddings": 4}),
     "rtn-int8-fp32-kept": ("rtn", 8, {}, {"keep_dtype": "float32"}),
     "rtn-int8-keep-embeddings": ("rtn", 8, {}, {"embeddings": "keep"}),
+    "rtn-int4-keep-embeddings": ("rtn", 4, {}, {"embeddings": "keep"}),
+    "gptq-int4-keep-embeddings": ("gptq", 4, {}, {"embeddings": "keep"}),
 }
 TARGETS = {4: ("llama.cpp Q4_0", 0.5), 8: ("llama.cpp Q8_0", None)}  # size cap and increase cap (None: 0.1 %)
 
