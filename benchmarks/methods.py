@@ -12,8 +12,9 @@ the result; rows give the mean and the spread. llm-compressor's GPTQ runs on the
 independent reference where it is installed (``benchmarks/reference_gptq.py``).
 
 ``--only PATTERN`` (glob over row labels, repeatable) runs some rows; the other rows of an existing
-result file with the same settings are kept, so slow rows can be added later. The file is rewritten
-after every row.
+result file with the same settings are kept, so slow rows can be added later, by several runs at once
+(the file is merged under a lock after every seed). ``--first-seed K`` adds seeds K.. to a row's
+earlier ones (same options), so a 5-seed sweep can be spread over runs.
 
     python benchmarks/methods.py [--seeds 5]
     python benchmarks/methods.py --model smollm2 --only 'rtn*' --only 'bnb*'
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows.")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="Tokens per calibration window.")
     parser.add_argument("--seeds", type=int, default=5, help="Calibration seeds (0..N-1) for calibrated methods.")
+    parser.add_argument("--first-seed", type=int, default=0, help="First calibration seed; rows add to the seeds an earlier run stored for them.")
     parser.add_argument("--only", action="append", default=[], help="Run only rows whose label matches this glob (repeatable).")
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     args = parser.parse_args()
@@ -120,9 +122,10 @@ def main() -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
         with open(output.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            done = {row["label"] for row in rows}
+            earlier = previous_rows(output, settings)
             order = ["fp32", *(label for label, *_ in runs), *(label for label, *_ in references)]
-            table = [row for row in rows] + [row for label, row in previous_rows(output, settings).items() if label not in done]
+            table = [with_earlier_seeds(row, earlier.get(row["label"])) for row in rows]
+            table += [row for label, row in earlier.items() if label not in {row["label"] for row in rows}]
             table.sort(key=lambda row: order.index(row["label"]) if row["label"] in order else len(order))
             summarize(table)
             output.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2, default=str) + "\n")
@@ -142,7 +145,9 @@ def main() -> None:
                 save({"label": label, "method": method, "bits": bits, "not_available": reason})
                 continue
             row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": [], "threads": torch.get_num_threads()}
-            for seed in range(args.seeds if get_method(method).needs_calibration else 1):
+            rows.append(row)
+            first = args.first_seed if get_method(method).needs_calibration else 0
+            for seed in range(first, first + args.seeds if get_method(method).needs_calibration else 1):
                 folder = Path(tmp) / label.replace(" ", "-")
                 report = quantcli.quantize(QuantizeConfig(
                     model=setup.path, bits=bits, method=method, output=folder, method_options=options, force=True,
@@ -154,7 +159,7 @@ def main() -> None:
                 row["quantize_seconds_each"].append(report.timings["quantize"])
                 row.update(options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks)
                 print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
-            save(row)
+                save()  # after every seed: a stopped run keeps the seeds it finished
         for row in reference_rows(setup.path, [run for run in references if wanted(run[0])], Path(tmp), calibration, args.seeds, perplexity):
             save(row)
     print(output.with_suffix(".md").read_text())
@@ -173,6 +178,18 @@ def previous_rows(output: Path, settings: dict) -> dict[str, dict]:
     if comparable(previous.get("settings", {})) != comparable(settings):
         return {}
     return {row["label"]: row for row in previous.get("rows", [])}
+
+
+def with_earlier_seeds(row: dict, earlier: dict | None) -> dict:
+    """``row`` plus the seeds an earlier run measured for the same label and options (its own seeds win)."""
+    if not earlier or "seeds" not in row or earlier.get("options") != row.get("options") or "perplexities" not in earlier:
+        return row
+    merged = dict(row)
+    extra = [i for i, seed in enumerate(earlier.get("seeds", [])) if seed not in row["seeds"]]
+    for key in ("seeds", "perplexities", "stats", "quantize_seconds_each"):
+        if key in earlier:
+            merged[key] = [earlier[key][i] for i in extra] + list(row.get(key, []))
+    return merged
 
 
 def reference_rows(
@@ -227,8 +244,8 @@ def markdown(rows: list[dict], settings: dict) -> str:
     calib, evaluation = settings["calibration"], settings["eval"]
     lines = [
         f"{settings['model']} on {settings['device']} ({settings['threads']} threads); calibration {calib['samples']} x"
-        f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, seeds 0..n-1 for calibrated methods"
-        f" (mean ± sd and range over n seeds); perplexity on {evaluation['max_tokens']} tokens of {Path(evaluation['dataset']).name}"
+        f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, calibrated methods over the seeds column's count of calibration seeds"
+        f" (mean ± sd and range); perplexity on {evaluation['max_tokens']} tokens of {Path(evaluation['dataset']).name}"
         f" (seq_len {evaluation['seq_len']}, stride {evaluation['stride'] or evaluation['seq_len']}, BOS per {evaluation['bos']})."
         + (f" Caveat: {settings['caveat']}" if settings.get("caveat") else ""),
         "",
