@@ -253,7 +253,9 @@ def test_verification_bound_is_students_t_over_paired_windows(prepared):
 
 
 def test_a_round_whose_bound_exceeds_the_target_is_refused(prepared):
-    """Some target that round 1's mean meets and its upper bound does not: exit 4's error, nothing chosen."""
+    """Some target that round 1's mean meets and its upper bound does not: exit 4's error, nothing chosen
+    (no uniform scheme offered, so round 1 is the only one)."""
+    import dataclasses
     import re
 
     from quantcli.allocate.run import decide
@@ -261,7 +263,7 @@ def test_a_round_whose_bound_exceeds_the_target_is_refused(prepared):
 
     for target in (0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
         try:
-            decide(prepared, "ppl_increase", target, max_rounds=1)
+            decide(dataclasses.replace(prepared, candidates=()), "ppl_increase", target, max_rounds=1)
             continue
         except GateFailedError as error:
             message = str(error)
@@ -314,3 +316,24 @@ def test_the_embedding_is_searched_with_its_measured_cost(prepared, stories_path
         "keep": 1, "int8": 0, "int4-g128": 0, "int4-g64": 0, "int4-g32": 0, "int3-g32": 0}
     assert _solve(prepared.table, 0.5 * int8.predicted, by_size=False)["model.embed_tokens"] == 1  # its cost alone exceeds the budget: kept
     assert _solve(prepared.table, 1.0, by_size=False)["model.embed_tokens"] == 0
+
+
+@pytest.mark.parametrize("target", [0.5, 2, 8, 32])
+def test_never_larger_than_a_uniform_scheme_that_verifies(prepared, target):
+    """Whatever the rounds found, the chosen allocation is no larger than any uniform scheme that meets
+    the target on the verification text (those the allocation could have been)."""
+    from quantcli.allocate.run import _met, decide
+    from quantcli.allocate.search import assemble, uniform_choices
+    from quantcli.errors import GateFailedError
+
+    try:
+        choice, rounds, chosen, _ = decide(prepared, "ppl_increase", target, max_rounds=2)
+    except GateFailedError:
+        choice = None
+    for name, picks in uniform_choices(prepared.table, prepared.candidates).items():
+        if name == "keep":
+            continue
+        assemble(prepared.model, prepared.base, prepared.table, picks)
+        if _met("ppl_increase", target, prepared.verify(prepared.model), 0, None):
+            assert choice is not None, f"uniform {name} meets +{target}% but the allocation was refused"
+            assert rounds[chosen]["bytes"] <= prepared.bytes(picks), f"uniform {name} meets +{target}% and is smaller"

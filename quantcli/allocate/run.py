@@ -104,8 +104,9 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
 
 
 def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tuple[dict[str, int], list[dict[str, Any]], int, int | None]:
-    """Solve, verify, tighten and repeat: the chosen allocation (left assembled in the model), every
-    round, the index of the chosen one, and the target in bytes for size targets."""
+    """Solve, verify, tighten and repeat, then try the uniform schemes that could be smaller: the
+    chosen allocation (left assembled in the model), every round, the index of the chosen one, and
+    the target in bytes for size targets."""
     from quantcli.layers import parameter_count
 
     model, base, table, verify = prepared.model, prepared.base, prepared.table, prepared.verify
@@ -130,6 +131,8 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
         if met and got >= ENOUGH * budget_target(kind, value):
             break
         budget *= min(max(budget_target(kind, value) / got if got > 0 else 4.0, 0.25), 4.0) * (1.0 if met else 0.95)
+    if target_bytes is None:
+        _uniform_rounds(prepared, kind, value, rounds, tried)
     passing = [(r["bytes"], i) for i, r in enumerate(rounds) if r["met"]]
     if not passing:
         best = min(rounds, key=lambda r: _as_kl(kind, r["measured"]))
@@ -142,6 +145,28 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
     chosen = min(passing)[1]
     assemble(model, base, table, tried[chosen])
     return tried[chosen], rounds, chosen, target_bytes
+
+
+def _uniform_rounds(prepared: Prepared, kind: str, value: float, rounds: list[dict[str, Any]], tried: list[dict[str, int]]) -> None:
+    """Rounds for the uniform schemes smaller than every passing round whose predicted loss is within
+    reach (at most 4x the target's budget), smallest first, until one meets the target: a uniform
+    scheme is an allocation too, so the result is never larger than one that verifies. (The proxy
+    is KL, which is never negative, while a perplexity change can be: for a tight perplexity
+    target it can rule out a scheme that meets it.)"""
+    table, reach = prepared.table, 4 * budget_target(kind, value)
+    best = min((r["bytes"] for r in rounds if r["met"]), default=None)
+    schemes = sorted((prepared.bytes(picks), name, picks) for name, picks in uniform_choices(table, prepared.candidates).items() if name != "keep")
+    for total, name, picks in schemes:
+        if (best is not None and total >= best) or _predicted(table, picks) > reach or picks in tried:
+            continue
+        assemble(prepared.model, prepared.base, table, picks)
+        measured = prepared.verify(prepared.model)
+        met = _met(kind, value, measured, total, None)
+        tried.append(picks)
+        rounds.append({"round": len(rounds) + 1, "budget_kl": None, "uniform": name, "predicted_kl": _predicted(table, picks),
+                       "bytes": total, "measured": measured, "met": met})
+        if met:
+            return
 
 
 def compare_uniform(prepared: Prepared, kind: str, value: float, target_bytes: int | None) -> list[dict[str, Any]]:
