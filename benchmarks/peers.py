@@ -88,7 +88,7 @@ def bnb(source: str, kind: str) -> Callable[[Any], Any]:
 
 def torch_dynamic(model: Any) -> Any:
     head = model.lm_head
-    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)  # a copy would untie the head
     quantized.lm_head = head  # keep the head fp32, like every other peer
     return quantized
 
