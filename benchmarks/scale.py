@@ -5,7 +5,9 @@ Builds a random Llama on disk (default 24 layers of hidden 512, untied head, fp3
 quantizes it to INT4 both ways with each method, each run in a fresh process (GPTQ calibrated on
 ``--calib-samples`` windows of ``--calib-seq-len`` tokens, the same for both ways), and records that process's peak RSS
 (``VmHWM``; not ``ru_maxrss``, which a child inherits from its parent across fork+exec), its RSS after the imports (the baseline every quantcli process pays), the model
-size on disk and the largest single layer group. Writes ``benchmarks/results/scale.json`` and ``.md``.
+size on disk and the largest single layer group. VmHWM includes the pages of memory-mapped safetensors
+files the run has read (page cache the kernel can drop), so each run also samples its anonymous RSS
+(``RssAnon``, the memory it allocated) and file-backed RSS (``RssFile``) every 20 ms and keeps their peaks. Writes ``benchmarks/results/scale.json`` and ``.md``.
 
 ``--model smollm2`` (or a folder; see ``benchmarks/setups.py``) measures that model instead, as it is
 on disk, calibrating GPTQ on its calibration text (WikiText-2's calibration half), and writes
@@ -33,7 +35,19 @@ import json, sys, time
 import psutil, torch, transformers, compressed_tensors, safetensors.torch
 from quantcli.recipes import config_from_mapping
 from quantcli.pipeline import quantize
+import threading
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("RssAnon", "RssFile")))
+    return {key: int(value.split()[0]) * 1024 for key, value in fields.items()}
+peaks = {"RssAnon": 0, "RssFile": 0}
+def sample():
+    while True:
+        for key, value in status().items():
+            peaks[key] = max(peaks[key], value)
+        time.sleep(0.02)
 baseline = psutil.Process().memory_info().rss
+before = status()
+threading.Thread(target=sample, daemon=True).start()
 method, mode, model, output, samples, seq_len, options, dataset, threads = sys.argv[1:10]
 torch.set_num_threads(int(threads))
 recipe = {"model": model, "bits": 4, "method": method, "eval": None, "output": output, "low_memory": mode == "streaming",
@@ -42,7 +56,8 @@ start = time.perf_counter()
 quantize(config_from_mapping(recipe))
 seconds = time.perf_counter() - start
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"baseline_rss": baseline, "peak_rss": int(hwm.split()[1]) * 1024, "seconds": seconds}))
+print(json.dumps({"baseline_rss": baseline, "peak_rss": int(hwm.split()[1]) * 1024, "seconds": seconds,
+                  "baseline_anon_rss": before["RssAnon"], "peak_anon_rss": peaks["RssAnon"], "baseline_file_rss": before["RssFile"], "peak_file_rss": peaks["RssFile"]}))
 """
 
 
@@ -87,16 +102,18 @@ def measure(method: str, mode: str, model: Path, output: Path, samples: int, seq
 def markdown(result: dict, label: str) -> str:
     """The memory table: peak RSS of each run against its post-import baseline and the model's size."""
     mb = lambda n: f"{n / 1e6:,.0f}"  # noqa: E731
-    lines = ["| method | mode | baseline RSS after imports (MB) | peak RSS (MB) | work = peak - baseline (MB) | peak / model size | work / model size |",
-             "|---|---|--:|--:|--:|--:|--:|"]
+    lines = ["| method | mode | RSS after imports (MB) | peak RSS, VmHWM (MB) | peak / model size | work = peak - after imports (MB) | work / model size |"
+             " anonymous work (MB) | anonymous work / model size | file-backed work (MB) |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for name, run in result["runs"].items():
         method, mode = name.split(" ", 1)
-        lines.append(f"| {method} int4 | {mode} | {mb(run['baseline_rss'])} | {mb(run['peak_rss'])} | {mb(run['work_rss'])} | {run['peak_rss_over_model_size']:.2f} |"
-                     f" {run['work_rss_over_model_size']:.2f} |")
+        lines.append(f"| {method} int4 | {mode} | {mb(run['baseline_rss'])} | {mb(run['peak_rss'])} | {run['peak_rss_over_model_size']:.2f} | {mb(run['work_rss'])} |"
+                     f" {run['work_rss_over_model_size']:.2f} | {mb(run['work_anon_rss'])} | {run['work_anon_rss_over_model_size']:.2f} | {mb(run['work_file_rss'])} |")
     calibration = result["gptq_calibration"]
     lines.append(
         f"\n{label}: model {mb(result['model_bytes'])} MB on disk (fp32 safetensors), largest layer group {mb(result['largest_layer_group_bytes'])} MB."
-        f" quantcli's INT4 defaults; each run in its own process, peak RSS = its VmHWM. GPTQ calibrated on {calibration['samples']} windows of"
+        f" quantcli's INT4 defaults; each run in its own process: peak RSS is its VmHWM, anonymous and file-backed RSS peaks sampled every 20 ms, work = peak - after imports"
+        " (file-backed: libraries, and the mapped safetensors pages read, which the kernel can drop)."
+        f" GPTQ calibrated on {calibration['samples']} windows of"
         f" {calibration['seq_len']} tokens of {Path(calibration['dataset']).name} (the default is 128; its time is not reported here), options {calibration['options'] or 'default'};"
         f" {calibration['threads']} torch thread(s)."
     )
@@ -134,6 +151,9 @@ def main() -> None:
         run["peak_rss_over_model_size"] = round(run["peak_rss"] / model_bytes, 3)
         run["work_rss_over_model_size"] = round(run["work_rss"] / model_bytes, 3)
         run["work_rss_over_largest_group"] = round(run["work_rss"] / group_bytes, 2)
+        run["work_anon_rss"] = run["peak_anon_rss"] - run["baseline_anon_rss"]
+        run["work_anon_rss_over_model_size"] = round(run["work_anon_rss"] / model_bytes, 3)
+        run["work_file_rss"] = run["peak_file_rss"] - run["baseline_file_rss"]
     result = {
         "model": {"folder": folder.name} if folder else {"layers": args.layers, "hidden": args.hidden, "intermediate": 3 * args.hidden, "vocab": 8192, "dtype": "float32"},
         "model_bytes": model_bytes,
