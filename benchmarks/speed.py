@@ -6,7 +6,9 @@ bitsandbytes INT8 (and torchao INT8 weight-only when importable), in one run wit
 
 ``--model gpt2-random`` (default) is GPT2Config() (124M parameters) with random weights, built here:
 speed does not depend on the values. ``smollm2`` or a folder (see ``benchmarks/setups.py``) is used as it is and writes results/<model>-speed.*.
-quantcli's checkpoints are rtn INT8 (per channel) and rtn INT4 (groups of 64). Rounds interleave
+quantcli's checkpoints are rtn INT8 and INT4 at today's defaults (INT8 per channel, INT4 in groups of
+32, ``signed`` observer, 16-bit scales, int8 embedding); the rows' labels and ``quantcli_settings`` in
+the JSON come from the runs' reports. Rounds interleave
 the models so load from other processes hits them alike; medians per model. Writes
 benchmarks/results/speed.json and .md.
 """
@@ -75,15 +77,19 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         source = build_gpt2(Path(tmp)) if folder is None else folder
-        quantize_seconds = {}
+        quantize_seconds, settings, grid = {}, {}, {}
         for bits in (8, 4):
             start = time.perf_counter()
-            quantize(config_from_mapping({"bits": bits, "method": "rtn", "model": str(source), "output": f"{tmp}/int{bits}", "eval": None}))
+            report = quantize(config_from_mapping({"bits": bits, "method": "rtn", "model": str(source), "output": f"{tmp}/int{bits}", "eval": None}))
             quantize_seconds[f"int{bits}"] = time.perf_counter() - start
+            group = report.options["group_size"]
+            grid[bits] = f"{'per-channel' if group == -1 else f'g{group}'} {report.options['observer']}"
+            settings[f"int{bits}"] = {**report.options, "embeddings": report.recipe["embeddings"], "keep_dtype": report.recipe["keep_dtype"],
+                                      "grouping": (report.grouping or {}).get("summary"), "disk_bytes": report.size["quantized_disk_bytes"]}
         candidates = {
             "fp32": lambda: load(source, "cpu")[0],
-            "quantcli int8 (int8-cpu, weight-only)": lambda: load(f"{tmp}/int8", "cpu", backend="int8-cpu")[0],
-            "quantcli int4 (int4-cpu, packed)": lambda: load(f"{tmp}/int4", "cpu", backend="int4-cpu")[0],
+            f"quantcli rtn int8 {grid[8]} (int8-cpu, weight-only)": lambda: load(f"{tmp}/int8", "cpu", backend="int8-cpu")[0],
+            f"quantcli rtn int4 {grid[4]} (int4-cpu, packed)": lambda: load(f"{tmp}/int4", "cpu", backend="int4-cpu")[0],
             "bitsandbytes int8": lambda: bnb_int8(source),
             "torchao Int8WeightOnlyConfig": lambda: torchao_int8(source),
         }
@@ -108,6 +114,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "load_average": os.getloadavg(), "torch": torch.__version__},
         "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": 1},
         "quantize_seconds": quantize_seconds,
+        "quantcli_settings": settings,
         "quantcli_layers_left_dense": dense_layers,
         "results": results,
         "decode_speedup_vs_fp32": ratios,
@@ -126,6 +133,8 @@ def main() -> None:
     lines.append(
         f"\n{summary['model']}; {args.threads} CPU threads, load average {summary['machine']['load_average'][0]:.1f};"
         f" {args.prompt_tokens} prompt + {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds."
+        f" quantcli: rtn defaults, int8 {grid[8]}, int4 {grid[4]}, {settings['int4']['keep_dtype']} kept dtype (16-bit scales), --embeddings {settings['int4']['embeddings']};"
+        " bitsandbytes and torchao keep the embedding/head fp32. The machine was shared: compare the ratios, measured in the same run."
     )
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -154,8 +154,18 @@ def _quantization_tensors(module: Any) -> list[Any]:
     return [*tensors, scb]
 
 
+def _held_tensors(tensor: Any) -> list[Any]:
+    """The plain tensors that hold ``tensor``'s bytes: itself, or the inner tensors of a wrapper
+    subclass (torchao's, quanto's: their own numel and dtype are the dense weight's, not what they store)."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [held for name in names for held in _held_tensors(getattr(tensor, name)) if held is not None]
+
+
 def bytes_in_memory(model: Any) -> int:
-    """Bytes of every distinct parameter, buffer and bitsandbytes quantization state (tied weights once)."""
+    """Bytes of every distinct parameter, buffer and bitsandbytes quantization state (tied weights once);
+    a tensor subclass (torchao, quanto) counts the tensors it holds."""
     import torch
 
     seen: set[tuple[int, int, int]] = set()
@@ -163,13 +173,10 @@ def bytes_in_memory(model: Any) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     for module in model.modules():
         tensors += _quantization_tensors(module)
-    for tensor in tensors:
-        if not torch.is_tensor(tensor) or tensor.device.type == "meta":
+    for tensor in (held for tensor in tensors if torch.is_tensor(tensor) for held in _held_tensors(tensor)):
+        if tensor.device.type == "meta":
             continue
-        try:
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        except RuntimeError:  # wrapper tensor subclasses (torchao, quanto) have no plain storage
-            key = (id(tensor), 0, tensor.numel())
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
