@@ -134,22 +134,3 @@ def test_checkpoint_describes_itself(runs):
         "text_column": None, "doc_separator": None,
         "tokens": 2048, "sequences": saved["perplexity_after"]["settings"]["sequences"], "batch_size": 8,
     }
-
-
-@pytest.mark.parametrize("layout", [("int8 rows", 8, True, None, "signed"), ("int4 g32 asym mse", 4, False, 32, "mse"), ("int8 g32", 8, True, 32, "signed")], ids=lambda x: x[0])
-def test_rtn_rounds_a_tall_table_in_row_chunks_with_the_same_result(layout):
-    """An embedding-sized matrix (more rows than one chunk) gets exactly the integers, scales and
-    values that rounding it whole gives: rows are independent on every grid."""
-    from quantcli import ops
-    from quantcli.intweights import IntLayout
-    from quantcli.methods.rtn import ROWS, dequantized, round_to_nearest
-
-    _, bits, symmetric, group, observer = layout
-    torch.manual_seed(0)
-    matrix = torch.randn(2 * ROWS + 37, 64) * torch.rand(2 * ROWS + 37, 1)
-    grid = IntLayout(bits, symmetric, group, observer, "bfloat16")
-    scale, zero_point = ops.compute_qparams(matrix, bits, symmetric, group, observer, torch.bfloat16)
-    whole = ops.quantize(matrix, scale, zero_point, bits, group)
-    chunked = round_to_nearest(matrix, grid)
-    assert torch.equal(chunked.q, whole) and torch.equal(chunked.scale, scale) and torch.equal(chunked.zero_point, zero_point)
-    assert torch.equal(dequantized(chunked), ops.dequantize(whole, scale, zero_point, group))

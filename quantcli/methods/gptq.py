@@ -70,7 +70,7 @@ class GPTQQuantizer(Quantizer):
         modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
-        from quantcli.methods.rtn import dequantized, round_to_nearest
+        from quantcli.methods.rtn import round_to_nearest
 
         plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer, request.scale_dtype)
         plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
@@ -82,7 +82,7 @@ class GPTQQuantizer(Quantizer):
                 unit = "row" if layout.group_size is None else f"group of {layout.group_size}"
                 notes[name].append(TABLE_NOTE.format(unit=unit))
                 layer = round_to_nearest(matrix, layout)
-                set_weight_matrix(module, dequantized(layer))
+                set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
                 request.progress(1)
                 return layer
             if hessian is None:  # zero Hessian: every input unseen, so GPTQ rounds to nearest

@@ -47,7 +47,7 @@ class RTNQuantizer(Quantizer):
 
         def finish(name: str, hessian: None) -> IntWeights:
             layer = round_to_nearest(weight_matrix(modules[name]), plan[name])
-            set_weight_matrix(modules[name], dequantized(layer))
+            set_weight_matrix(modules[name], ops.dequantize(layer.q, layer.scale, layer.zero_point, layer.layout.group_size))
             request.progress(1)
             return layer
 
@@ -67,28 +67,7 @@ class RTNQuantizer(Quantizer):
         return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian, kind: (round_to_block(matrix, kind), []))
 
 
-ROWS = 4096  # rows rounded at a time: an embedding's temporaries stay a fraction of its size (rows are independent on every grid)
-
-
 def round_to_nearest(matrix: "torch.Tensor", layout: IntLayout) -> IntWeights:
     """One ``[out, in]`` weight's integers, scales and zero points on ``layout``'s grid, rounded to nearest."""
-    import torch
-
-    parts = []
-    for start in range(0, matrix.shape[0], ROWS):
-        rows = matrix[start : start + ROWS]
-        scale, zero_point = ops.compute_qparams(rows, layout.bits, layout.symmetric, layout.group_size, layout.observer, layout.scale_dtype_for(matrix.dtype))
-        parts.append((ops.quantize(rows, scale, zero_point, layout.bits, layout.group_size), scale, zero_point))
-    if len(parts) == 1:
-        return IntWeights(*parts[0], layout)
-    return IntWeights(*(torch.cat(tensors) for tensors in zip(*parts)), layout)
-
-
-def dequantized(layer: IntWeights) -> "torch.Tensor":
-    """``layer``'s real values, :data:`ROWS` rows at a time."""
-    import torch
-
-    return torch.cat([
-        ops.dequantize(layer.q[start : start + ROWS], layer.scale[start : start + ROWS], layer.zero_point[start : start + ROWS], layer.layout.group_size)
-        for start in range(0, layer.q.shape[0], ROWS)
-    ])
+    scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer, layout.scale_dtype_for(matrix.dtype))
+    return IntWeights(ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size), scale, zero_point, layout)
