@@ -45,7 +45,7 @@ def uniform_schemes(model: str) -> list[dict]:
     whole = read(f"{model}-wholemodel.json")
     for row in (whole or {}).get("rows", []):
         fp32 = whole["fp32_perplexity"]
-        schemes.append({"scheme": f"{row['row']} (default options{', ' + str(row['fields']) if row.get('fields') else ''})", "bytes": row["disk_bytes"],
+        schemes.append({"scheme": f"{row['row']} (wholemodel.py{', ' + str(row['fields']) if row.get('fields') else ''})", "bytes": row["disk_bytes"],
                         "increase": 100 * (row["perplexity"] - fp32) / fp32, "source": "wholemodel"})
     return schemes
 
