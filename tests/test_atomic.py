@@ -31,18 +31,18 @@ def _dead_pid() -> int:
 
 
 def _default_sigint() -> None:
-    """Ctrl-C as in a terminal: a background job of a non-interactive shell (``cmd &``) inherits
-    SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """Signals as in a terminal: a background job of a non-interactive shell (``cmd &``) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all; under ``nohup``
+    SIGHUP is ignored too, and quantcli keeps an ignored signal ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _signal_during_save(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedProcess, bool]:
     """Start a quantize run writing many small shards and send ``sig`` once its staging folder appears.
 
     The run is frozen with SIGSTOP the moment a shard shows up, so a signal Python handles between
-    bytecodes (SIGINT) cannot arrive after the save has finished; SIGCONT lets it act. A loaded
-    machine can let the run rename its folder into place between the look and the stop: then the
-    signal came after the commit point, and the run counts as not signalled (its output must be whole)."""
+    bytecodes (SIGINT) cannot arrive after the save has finished; SIGCONT lets it act."""
     process = subprocess.Popen(
         [*QUANTIZE, "-o", "out", "--max-shard-size", "8KB"], cwd=tmp_path, env=_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
@@ -52,7 +52,7 @@ def _signal_during_save(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedP
         staging = list(tmp_path.glob(".out.partial-*"))
         if staging and any(staging[0].glob("*.safetensors")):
             process.send_signal(signal.SIGSTOP)
-            signalled = process.poll() is None and staging[0].exists()  # else the rename (its commit point) came first
+            signalled = process.poll() is None
             process.send_signal(sig)
             process.send_signal(signal.SIGCONT)
             break
