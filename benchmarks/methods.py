@@ -144,7 +144,7 @@ def main() -> None:
                 print(f"{label}: not available: {reason}")
                 save({"label": label, "method": method, "bits": bits, "not_available": reason})
                 continue
-            row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": [], "threads": torch.get_num_threads()}
+            row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": [], "threads_each": []}
             rows.append(row)
             first = args.first_seed if get_method(method).needs_calibration else 0
             for seed in range(first, first + args.seeds if get_method(method).needs_calibration else 1):
@@ -157,11 +157,13 @@ def main() -> None:
                 row["perplexities"].append(perplexity(folder))
                 row["stats"].append(report.stats)
                 row["quantize_seconds_each"].append(report.timings["quantize"])
+                row["threads_each"].append(torch.get_num_threads())
                 row.update(options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks)
                 print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
                 save()  # after every seed: a stopped run keeps the seeds it finished
         for row in reference_rows(setup.path, [run for run in references if wanted(run[0])], Path(tmp), calibration, args.seeds, perplexity):
             save(row)
+    save()  # re-renders the merged table even when no row ran (``--only none``)
     print(output.with_suffix(".md").read_text())
 
 
@@ -177,7 +179,11 @@ def previous_rows(output: Path, settings: dict) -> dict[str, dict]:
 
     if comparable(previous.get("settings", {})) != comparable(settings):
         return {}
-    return {row["label"]: row for row in previous.get("rows", [])}
+    rows = {row["label"]: row for row in previous.get("rows", [])}
+    for row in rows.values():  # rows from before per-seed thread counts ran at the file's one count
+        if "quantize_seconds_each" in row and "threads_each" not in row:
+            row["threads_each"] = [row.get("threads", previous["settings"].get("threads"))] * len(row["quantize_seconds_each"])
+    return rows
 
 
 def with_earlier_seeds(row: dict, earlier: dict | None) -> dict:
@@ -186,7 +192,7 @@ def with_earlier_seeds(row: dict, earlier: dict | None) -> dict:
         return row
     merged = dict(row)
     extra = [i for i, seed in enumerate(earlier.get("seeds", [])) if seed not in row["seeds"]]
-    for key in ("seeds", "perplexities", "stats", "quantize_seconds_each"):
+    for key in ("seeds", "perplexities", "stats", "quantize_seconds_each", "threads_each"):
         if key in earlier:
             merged[key] = [earlier[key][i] for i in extra] + list(row.get(key, []))
     return merged
@@ -210,13 +216,14 @@ def reference_rows(
     rows = []
     for label, bits, group_size in runs:
         row = {"label": label, "method": "reference", "bits": bits, "options": {"group_size": group_size, "symmetric": True, "observer": "minmax"},
-               "seeds": [], "perplexities": [], "quantize_seconds_each": []}
+               "seeds": [], "perplexities": [], "quantize_seconds_each": [], "threads_each": []}
         for seed in range(seeds):
             windows = calibration_batch(documents, tokenizer, calibration.samples, calibration.seq_len, seed)
             output = tmp / f"{label.replace(' ', '-')}-{seed}"
             start = time.perf_counter()
             reference_gptq.quantize(model, windows, bits, group_size, output)
             row["quantize_seconds_each"].append(time.perf_counter() - start)
+            row["threads_each"].append(torch.get_num_threads())
             row["seeds"].append(seed)
             row["perplexities"].append(perplexity(output))
             row["disk_bytes"] = bytes_on_disk(weight_files(str(output)))
@@ -243,7 +250,7 @@ def summarize(rows: list[dict]) -> None:
 def markdown(rows: list[dict], settings: dict) -> str:
     calib, evaluation = settings["calibration"], settings["eval"]
     lines = [
-        f"{settings['model']} on {settings['device']} ({settings['threads']} threads); calibration {calib['samples']} x"
+        f"{settings['model']} on {settings['device']}; calibration {calib['samples']} x"
         f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, calibrated methods over the seeds column's count of calibration seeds"
         f" (mean ± sd and range); perplexity on {evaluation['max_tokens']} tokens of {Path(evaluation['dataset']).name}"
         f" (seq_len {evaluation['seq_len']}, stride {evaluation['stride'] or evaluation['seq_len']}, BOS per {evaluation['bos']})."
@@ -256,7 +263,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
         if "not_available" in row:
             lines.append(f"| {row['label']} | not available: {row['not_available']} | | | | | | |")
             continue
-        seconds = "" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.1f} s"
+        seconds = quantize_times(row)
         spread = ""
         if row["delta_percent_sd"] is not None:
             spread = f"± {row['delta_percent_sd']:.2f} ({min(row['delta_percents']):+.2f} to {max(row['delta_percents']):+.2f}%)"
@@ -265,6 +272,14 @@ def markdown(rows: list[dict], settings: dict) -> str:
                      f" {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
     lines += [""] + acceptance(rows) + fallback_notes(rows)
     return "\n".join(lines) + "\n"
+
+
+def quantize_times(row: dict) -> str:
+    """The median time to quantize at each thread count the row's seeds ran with (threads change the time, not the work)."""
+    by_threads: dict[int | None, list[float]] = {}
+    for seconds, threads in zip(row.get("quantize_seconds_each") or [], row.get("threads_each") or []):
+        by_threads.setdefault(threads, []).append(seconds)
+    return ", ".join(f"{statistics.median(times):.1f} s" + (f" ({threads} thr)" if threads else "") for threads, times in sorted(by_threads.items(), key=lambda item: -(item[0] or 0)))
 
 
 def acceptance(rows: list[dict]) -> list[str]:

@@ -1,8 +1,9 @@
 """GPTQ by llm-compressor (vLLM's own quantization library), as an independent reference for quantcli's.
 
-It gets quantcli's exact calibration windows and layer choice (lm_head skipped; a layer whose input
-width the group size does not divide goes per channel, as quantcli's group rule does, since
-llm-compressor refuses such layers) and writes a compressed-tensors checkpoint that
+It gets quantcli's exact calibration windows, layer choice (lm_head skipped) and group rule (a layer
+whose input width the group size does not divide gets quantcli's ``group_size_for`` size, e.g. 64 for
+SmolLM2's 576-wide layers at 128: llm-compressor refuses partial groups, so each size is its own
+scheme) and writes a compressed-tensors checkpoint that
 ``benchmarks/methods.py`` reloads and evaluates like quantcli's own.
 
 llm-compressor pins older transformers and compressed-tensors than quantcli uses, so it is
@@ -26,18 +27,21 @@ def quantize(model_path: str | Path, calibration: torch.Tensor, bits: int, group
     from loguru import logger
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantcli.intweights import group_size_for
+
     logger.disable("llmcompressor")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"}
-    grouped = [name for name, module in layers.items() if group_size and module.in_features % group_size == 0]
-    per_channel = [name for name in layers if name not in grouped]
+    sizes: dict[int | None, list[str]] = {}
+    for name, module in layers.items():
+        sizes.setdefault(group_size_for(module.in_features, group_size) if group_size else None, []).append(name)
     schemes = {}
-    if grouped:
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size, actorder="static")
-        schemes["grouped"] = QuantizationScheme(targets=grouped, weights=args)
-    if per_channel:
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
-        schemes["per_channel"] = QuantizationScheme(targets=per_channel, weights=args)
+    for size, names in sizes.items():
+        if size is None:
+            args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
+        else:
+            args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=size, actorder="static")
+        schemes[f"group_{size}" if size else "per_channel"] = QuantizationScheme(targets=names, weights=args)
     windows = Dataset.from_dict({"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()})
     recipe = GPTQModifier(config_groups=schemes, dampening_frac=0.01)
     oneshot(model=model, dataset=windows, recipe=recipe, num_calibration_samples=len(calibration), max_seq_length=calibration.shape[1])
