@@ -161,7 +161,7 @@ def main() -> None:
                 row.update(options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks)
                 print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
                 save()  # after every seed: a stopped run keeps the seeds it finished
-        for row in reference_rows(setup.path, [run for run in references if wanted(run[0])], Path(tmp), calibration, args.seeds, perplexity):
+        for row in reference_rows(setup.path, [run for run in references if wanted(run[0])], Path(tmp), calibration, range(args.first_seed, args.first_seed + args.seeds), perplexity):
             save(row)
     save()  # re-renders the merged table even when no row ran (``--only none``)
     print(output.with_suffix(".md").read_text())
@@ -199,7 +199,7 @@ def with_earlier_seeds(row: dict, earlier: dict | None) -> dict:
 
 
 def reference_rows(
-    model: str, runs: list[tuple[str, int, int | None]], tmp: Path, calibration: CalibrationConfig, seeds: int, perplexity: Callable[[Path], float]
+    model: str, runs: list[tuple[str, int, int | None]], tmp: Path, calibration: CalibrationConfig, seeds: range, perplexity: Callable[[Path], float]
 ) -> list[dict]:
     """llm-compressor's GPTQ on quantcli's windows for each seed, or why it cannot run here."""
     if not runs:
@@ -217,7 +217,7 @@ def reference_rows(
     for label, bits, group_size in runs:
         row = {"label": label, "method": "reference", "bits": bits, "options": {"group_size": group_size, "symmetric": True, "observer": "minmax"},
                "seeds": [], "perplexities": [], "quantize_seconds_each": [], "threads_each": []}
-        for seed in range(seeds):
+        for seed in seeds:
             windows = calibration_batch(documents, tokenizer, calibration.samples, calibration.seq_len, seed)
             output = tmp / f"{label.replace(' ', '-')}-{seed}"
             start = time.perf_counter()
