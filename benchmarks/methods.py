@@ -68,10 +68,12 @@ GROUPS = [("g128", 128), ("g64", 64), ("g32", 32), ("per-channel", -1)]
 REAL_RUNS = [  # every bit width at every grouping, for RTN (cheap) and GPTQ; bitsandbytes at its own formats
     *[(f"rtn int{bits} {name}", "rtn", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],
     ("rtn int4 g32 asymmetric", "rtn", 4, {"group_size": 32, "symmetric": False}),
+    ("rtn int4 g128 minmax", "rtn", 4, {"group_size": 128, "observer": "minmax"}),  # llm-compressor's grid (absmax/7.5)
     ("bnb-int8", "bnb-int8", 8, {}),
     ("bnb-nf4", "bnb-nf4", 4, {}),
     *[(f"gptq int{bits} {name}", "gptq", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],
     ("gptq int4 g128 no clip search", "gptq", 4, {"group_size": 128, "clip_search": False}),
+    ("gptq int4 g128 minmax", "gptq", 4, {"group_size": 128, "observer": "minmax"}),
     ("gptq-nf4 (GPTQ on bnb's NF4 grid)", "gptq-nf4", 4, {}),
 ]
 REFERENCE_RUNS = [  # label, bits, group size: llm-compressor's GPTQ on the same windows
@@ -283,12 +285,13 @@ def quantize_times(row: dict) -> str:
 
 
 def acceptance(rows: list[dict]) -> list[str]:
-    """GPTQ's (and the reference's) perplexity increase as a fraction of RTN's at the same grouping."""
-    rtn = {row["options"]["group_size"]: row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"].get("symmetric", True)}
+    """GPTQ's (and the reference's) perplexity increase as a fraction of RTN's at the same grouping and observer."""
+    grid = lambda row: (row["options"]["group_size"] or -1, row["options"].get("observer"))  # noqa: E731 (the reference: None per channel)
+    rtn = {grid(row): row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"].get("symmetric", True)}
     nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
     lines = []
     for row in rows:
-        baseline = rtn.get(row.get("options", {}).get("group_size"))
+        baseline = rtn.get(grid(row)) if "options" in row else None
         if row["method"] in ("gptq", "reference") and row["bits"] == 4 and "delta" in row and baseline:
             ratios = [delta / baseline["delta"] for delta in row["deltas"]]
             versus_nf4 = f"; {'below' if nf4 and row['delta'] < nf4['delta'] else 'not below'} bnb-nf4's" if nf4 else ""
