@@ -286,7 +286,7 @@ def quantize_times(row: dict) -> str:
 
 def acceptance(rows: list[dict]) -> list[str]:
     """GPTQ's (and the reference's) perplexity increase as a fraction of RTN's at the same grouping and observer."""
-    grid = lambda row: (row["options"]["group_size"] or -1, row["options"].get("observer"))  # noqa: E731 (the reference: None per channel)
+    grid = lambda row: (row["options"].get("group_size") or -1, row["options"].get("observer"))  # noqa: E731 (the reference: None per channel)
     rtn = {grid(row): row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"].get("symmetric", True)}
     nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
     lines = []
