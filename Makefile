@@ -74,6 +74,7 @@ bench: install smollm2 .reference/llmcompressor
 	PYTHONPATH=.reference $(BIN)/python benchmarks/methods.py --model smollm2
 	PYTHONPATH=.reference $(BIN)/python benchmarks/methods.py
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/gptq_speed.py
 	$(BIN)/python benchmarks/scale.py
 
 # The peers (optimum-quanto, torchao, hqq) go to a side folder so quantcli's own venv stays clean.
