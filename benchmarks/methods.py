@@ -74,6 +74,7 @@ REAL_RUNS = [  # every bit width at every grouping, for RTN (cheap) and GPTQ; bi
     *[(f"gptq int{bits} {name}", "gptq", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],
     ("gptq int4 g128 no clip search", "gptq", 4, {"group_size": 128, "clip_search": False}),
     ("gptq int4 g128 minmax", "gptq", 4, {"group_size": 128, "observer": "minmax"}),
+    ("gptq int4 g128 minmax no clip search", "gptq", 4, {"group_size": 128, "observer": "minmax", "clip_search": False}),  # llm-compressor's settings
     ("gptq-nf4 (GPTQ on bnb's NF4 grid)", "gptq-nf4", 4, {}),
 ]
 REFERENCE_RUNS = [  # label, bits, group size: llm-compressor's GPTQ on the same windows
