@@ -54,7 +54,7 @@ def _bitsandbytes_rounding(matrix: torch.Tensor) -> tuple[torch.Tensor, NF4Weigh
     packed, state = F.quantize_4bit(matrix.float().contiguous().cpu(), blocksize=BLOCK, quant_type="nf4")
     flat = packed.reshape(-1)
     codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(matrix.shape)
-    return F.dequantize_4bit(packed, state).to(matrix.device), NF4Weights(codes, state.absmax.reshape(matrix.shape[0], -1))
+    return F.dequantize_4bit(packed, state).to(matrix.device), NF4Weights(codes, state.absmax.reshape(-1))
 
 
 @register_method
