@@ -44,7 +44,8 @@ def cut_model(source: Path, blocks: int, folder: Path) -> Path:
     if blocks < model.config.num_hidden_layers:
         model.model.layers = model.model.layers[:blocks]
         model.config.num_hidden_layers = blocks
-        model.config.layer_types = getattr(model.config, "layer_types", None) and model.config.layer_types[:blocks]
+        if getattr(model.config, "layer_types", None):  # per-block attention kinds, where the config lists them
+            model.config.layer_types = model.config.layer_types[:blocks]
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder
