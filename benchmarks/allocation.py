@@ -33,15 +33,15 @@ from quantcli.allocate import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes
 from quantcli.allocate.run import decide, prepare
 from quantcli.allocate.search import _predicted, assemble, uniform_choices
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.data import calibration_batch, read_documents
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import GateFailedError
 from quantcli.methods import get_method
 from quantcli.methods.base import QuantizeRequest
-from quantcli.models import load_model, load_tokenizer
-from quantcli.keptdtype import storage_dtype
-from quantcli.layers import select_modules
-from quantcli.evaluation import measure_perplexity
+from quantcli.sources.models import load_model, load_tokenizer
+from quantcli.quant.keptdtype import storage_dtype
+from quantcli.quant.layers import select_modules
+from quantcli.measure.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 SPLIT = {"calib": (0, 15), "search": (15, 22), "verify": (22, 30)}  # article ranges within wiki.valid.calib.txt

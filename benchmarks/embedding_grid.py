@@ -14,10 +14,10 @@ from pathlib import Path
 import setups
 import torch
 
-from quantcli import ops
-from quantcli.config import EvalConfig
-from quantcli.models import load_model, load_tokenizer
-from quantcli.evaluation import measure_perplexity
+from quantcli.quant import ops
+from quantcli.config.quantize import EvalConfig
+from quantcli.sources.models import load_model, load_tokenizer
+from quantcli.measure.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 DATA = Path(__file__).parent / "data" / "wikitext-2" / "wiki.valid.eval.txt"

@@ -51,9 +51,9 @@ def same_tensors(ours: Path, theirs: Path) -> tuple[int, int, int]:
 
 def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path) -> tuple[Path, float]:
     import quantcli
-    from quantcli.config import CalibrationConfig, QuantizeConfig
-    from quantcli.formats.gguf import gguf_file
-    from quantcli.formats.gguf_grid import block_type
+    from quantcli.config.quantize import CalibrationConfig, QuantizeConfig
+    from quantcli.formats.gguf.writer import gguf_file
+    from quantcli.formats.gguf.types import block_type
 
     out = workdir / f"{method}-{kind}"
     config = QuantizeConfig(
@@ -93,7 +93,7 @@ def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...
         save(result)
 
     from benchmarks.gguf_harness import FTYPES
-    from quantcli.formats.gguf_grid import TYPES as QUANTCLI_TYPES
+    from quantcli.formats.gguf.types import TYPES as QUANTCLI_TYPES
 
     llamacpp_ppl: dict[str, float] = {}
     for kind in types:
@@ -137,7 +137,7 @@ def same_ids(path: Path, spec: dict[str, Any], ids: list[int], tokenizer: Any) -
 def quantcli_eval(path: Path, spec: dict[str, Any], llamacpp_ppl: float) -> dict[str, Any]:
     """``quantcli eval FILE.gguf`` (transformers' GGUF loader, dequantized) on the same tokens as llama.cpp."""
     import quantcli
-    from quantcli.config import EvalConfig
+    from quantcli.config.quantize import EvalConfig
 
     dataset = spec["dataset"] if spec["dataset"].startswith("tinystories") else str(REPO / spec["dataset"])
     ppl = quantcli.evaluate(str(path), EvalConfig(dataset=dataset, seq_len=spec["seq_len"], max_tokens=spec["max_tokens"]))["perplexity"]

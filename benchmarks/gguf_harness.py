@@ -1,5 +1,5 @@
 """llama.cpp as a measuring instrument: HF folder -> GGUF (llama.cpp's convert_hf_to_gguf.py), its own
-quantizer, and per-token NLL over exactly the windows quantcli scores (quantcli.perplexity.windows).
+quantizer, and per-token NLL over exactly the windows quantcli scores (quantcli.measure.perplexity.windows).
 
 llama.cpp comes from ``make llama-cpp``: llama-cpp-python built from source into ``.llamacpp/`` (or
 ``$QUANTCLI_LLAMACPP``), with ``convert_hf_to_gguf.py`` and its ``gguf-py`` beside it in
@@ -109,12 +109,12 @@ def hf_logits(model: Any) -> Logits:
 
 
 def window_nlls(logits: Logits, ids: Sequence[int], seq_len: int, stride: int | None = None) -> np.ndarray:
-    """Per-token NLL (nats) of ``ids`` scored in quantcli's windows (``quantcli.perplexity.windows``
+    """Per-token NLL (nats) of ``ids`` scored in quantcli's windows (``quantcli.measure.perplexity.windows``
     with ``stride`` defaulting to ``seq_len``: non-overlapping windows, each scored on every position
     but its first), with quantcli's float32 log-softmax."""
     import torch
 
-    from quantcli.perplexity import windows
+    from quantcli.measure.perplexity import windows
 
     nlls = []
     for w in windows(len(ids), seq_len, stride or seq_len):

@@ -67,7 +67,7 @@ def solver_replaced_by_rounding():
 
 def run(model: Path, mode: str, calibration, output: Path) -> dict:
     import quantcli
-    from quantcli.config import QuantizeConfig
+    from quantcli.config.quantize import QuantizeConfig
 
     config = QuantizeConfig(model=str(model), bits=4, method="gptq", output=output, force=True, eval=None, device="cpu",
                             method_options={} if mode != "plain" else {"clip_search": False}, calibration=calibration)
@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from quantcli.config import CalibrationConfig
+    from quantcli.config.quantize import CalibrationConfig
 
     source = setups.model_folder("smollm2")
     calibration = CalibrationConfig(dataset=str(setups.WIKITEXT / "wiki.valid.calib.txt"), samples=args.samples, seq_len=args.seq_len)

@@ -18,12 +18,12 @@ import time
 import setups
 import torch
 
-from quantcli import ops
-from quantcli.config import EvalConfig
-from quantcli.evaluation import measure_perplexity
-from quantcli.keptdtype import round_kept
-from quantcli.layers import select_modules, set_weight_matrix, weight_matrix
-from quantcli.models import load_model, load_tokenizer
+from quantcli.quant import ops
+from quantcli.config.quantize import EvalConfig
+from quantcli.measure.evaluation import measure_perplexity
+from quantcli.quant.keptdtype import round_kept
+from quantcli.quant.layers import select_modules, set_weight_matrix, weight_matrix
+from quantcli.sources.models import load_model, load_tokenizer
 from quantcli.progress import NullProgress
 
 ROWS = ["minmax-float32", "minmax-float16", "minmax-bfloat16", "signed-float32", "signed-bfloat16"]

@@ -48,7 +48,7 @@ NOTES = {
 
 def model_folder(name: str) -> Path:
     if name == "stories260K":
-        from quantcli.models import EMBEDDED_MODEL
+        from quantcli.sources.models import EMBEDDED_MODEL
 
         return Path(EMBEDDED_MODEL)
     return Path(os.environ.get("QUANTCLI_SMOLLM2", REPO / ".models" / "SmolLM2-135M-Instruct"))
@@ -60,7 +60,7 @@ def eval_text(dataset: str) -> str:
     path = REPO / dataset
     if path.is_file():
         return path.read_bytes().decode("utf-8")
-    from quantcli.data import read_documents
+    from quantcli.sources.datasets import read_documents
 
     source = read_documents(dataset)
     text = getattr(source, "text", None)

@@ -38,12 +38,12 @@ import torch
 
 import quantcli
 import setups
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.data import calibration_batch, read_documents
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import InputError
 from quantcli.methods import get_method
-from quantcli.models import bytes_on_disk, weight_files
-from quantcli.evaluation import measure_perplexity
+from quantcli.sources.models import bytes_on_disk, weight_files
+from quantcli.measure.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 DEMO_RUNS = [  # label, method, bits, options (gptq: act-order with static groups and clip search unless stated)

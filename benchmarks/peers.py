@@ -32,14 +32,14 @@ from typing import Any, Callable
 import torch
 
 import setups
-from quantcli.checkpoint import load
-from quantcli.config import EvalConfig
-from quantcli.recipes import config_from_mapping
-from quantcli.models import bytes_on_disk, weight_files
-from quantcli.evaluation import measure_perplexity
-from quantcli.pipeline import quantize
+from quantcli.checkpoint.load import load
+from quantcli.config.quantize import EvalConfig
+from quantcli.config.recipes import config_from_mapping
+from quantcli.sources.models import bytes_on_disk, weight_files
+from quantcli.measure.evaluation import measure_perplexity
+from quantcli.run.pipeline import quantize
 from quantcli.progress import NullProgress
-from quantcli.speed import BenchConfig, measure, prompt_ids
+from quantcli.measure.speed import BenchConfig, measure, prompt_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LINEARS = lambda model: [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]  # noqa: E731

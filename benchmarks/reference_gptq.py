@@ -27,7 +27,7 @@ def quantize(model_path: str | Path, calibration: torch.Tensor, bits: int, group
     from loguru import logger
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantcli.intweights import group_size_for
+    from quantcli.quant.intgrid import group_size_for
 
     logger.disable("llmcompressor")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

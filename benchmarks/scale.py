@@ -33,8 +33,8 @@ import setups
 CHILD = r"""
 import json, sys, time
 import psutil, torch, transformers, compressed_tensors, safetensors.torch
-from quantcli.recipes import config_from_mapping
-from quantcli.pipeline import quantize
+from quantcli.config.recipes import config_from_mapping
+from quantcli.run.pipeline import quantize
 import threading
 def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("RssAnon", "RssFile")))
@@ -65,7 +65,7 @@ def build(folder: Path, layers: int, hidden: int) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from quantcli.models import EMBEDDED_MODEL
+    from quantcli.sources.models import EMBEDDED_MODEL
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -79,8 +79,8 @@ def build(folder: Path, layers: int, hidden: int) -> None:
 def largest_group(folder: Path) -> int:
     from safetensors import safe_open
 
-    from quantcli.blockwise import decoder_blocks
-    from quantcli.streaming import _nbytes, shard_groups, skeleton, source_tensors
+    from quantcli.quant.blockwise import decoder_blocks
+    from quantcli.run.streaming import _nbytes, shard_groups, skeleton, source_tensors
 
     where = source_tensors(str(folder))
     model = skeleton(str(folder), None, False)

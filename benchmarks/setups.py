@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(args: argparse.Namespace) -> Setup:
     """The model folder and data the arguments name; a missing SmolLM2 says how to make it."""
     if args.model == "stories260K":
-        from quantcli.models import EMBEDDED_MODEL
+        from quantcli.sources.models import EMBEDDED_MODEL
 
         base = Setup("", "stories260K", str(EMBEDDED_MODEL), "tinystories:eval", "tinystories:calib", 256, 32768)
     else:

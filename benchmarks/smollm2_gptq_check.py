@@ -15,7 +15,7 @@ from pathlib import Path
 import setups
 
 import quantcli
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
 
 DATA = Path(__file__).parent / "data" / "wikitext-2"
 

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/smollm2_grid.py   # needs `make smollm2`; writes results/smollm2-grid.{json,md}
 
 One process, the model loaded once (``--rows`` picks rows; each is saved as it finishes); every row restores the fp32 weights, rounds every Linear layer
-(the group rule of :func:`quantcli.intweights.group_size_for`) and the tied embedding/head (8-bit per
+(the group rule of :func:`quantcli.quant.intgrid.group_size_for`) and the tied embedding/head (8-bit per
 row, the default) to nearest, and scores the standard WikiText windows. Observers: ``minmax``
 (absmax/7.5 at 4 bits), ``signed`` (Q4_0's rule: the largest-magnitude weight on code -8, signed
 scale) and ``mse`` (clipped range by an error search). GPTQ rows come from ``benchmarks/wholemodel.py``.
@@ -18,12 +18,12 @@ import time
 import setups
 import torch
 
-from quantcli import ops
-from quantcli.config import EvalConfig
-from quantcli.intweights import plan_layouts
-from quantcli.models import load_model, load_tokenizer
-from quantcli.layers import select_modules, set_weight_matrix, weight_matrix
-from quantcli.evaluation import measure_perplexity
+from quantcli.quant import ops
+from quantcli.config.quantize import EvalConfig
+from quantcli.quant.intgrid import plan_layouts
+from quantcli.sources.models import load_model, load_tokenizer
+from quantcli.quant.layers import select_modules, set_weight_matrix, weight_matrix
+from quantcli.measure.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 ROWS = [f"{observer}-g{group}" for group in (32, 64) for observer in ("minmax", "signed", "mse")]

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 import setups
-from quantcli.checkpoint import load
-from quantcli.recipes import config_from_mapping
-from quantcli.pipeline import quantize
-from quantcli.speed import BenchConfig, measure
+from quantcli.checkpoint.load import load
+from quantcli.config.recipes import config_from_mapping
+from quantcli.run.pipeline import quantize
+from quantcli.measure.speed import BenchConfig, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RANDOM_GPT2 = "gpt2-random"
@@ -39,7 +39,7 @@ RANDOM_GPT2 = "gpt2-random"
 def build_gpt2(folder: Path) -> Path:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from quantcli.models import EMBEDDED_MODEL
+    from quantcli.sources.models import EMBEDDED_MODEL
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder / "fp32")

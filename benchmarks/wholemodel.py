@@ -23,7 +23,7 @@ from pathlib import Path
 import setups
 
 import quantcli
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
 
 ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "gptq-int4": ("gptq", 4, {}, {}),

@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 SCHEMA_VERSION = 1  # of every JSON result: quantize report, eval, compare, bench
 
 _EXPORTS = {
-    "quantize": "quantcli.pipeline",
-    "evaluate": "quantcli.evaluation",
-    "load": "quantcli.checkpoint",
-    "inspect": "quantcli.checkpoint",
-    "QuantizeConfig": "quantcli.config",
-    "CalibrationConfig": "quantcli.config",
-    "EvalConfig": "quantcli.config",
+    "quantize": "quantcli.run.pipeline",
+    "evaluate": "quantcli.measure.evaluation",
+    "load": "quantcli.checkpoint.load",
+    "inspect": "quantcli.checkpoint.load",
+    "QuantizeConfig": "quantcli.config.quantize",
+    "CalibrationConfig": "quantcli.config.quantize",
+    "EvalConfig": "quantcli.config.quantize",
     "QuantCliError": "quantcli.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -1,3 +1,3 @@
-from quantcli.cli import main
+from quantcli.cli.app import main
 
 main()

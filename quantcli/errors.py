@@ -3,7 +3,7 @@
 Messages name an option with :func:`option` (``option("calibration.seq_len")``, ``option("bits", 3)``)
 rather than by a command-line flag: ``str(error)`` shows the Python name, which is also the recipe key
 (``calibration.seq_len``, ``bits=3``), and the CLI's error boundary shows the flag (``--seq-len``,
-``--bits 3``; quantcli.cliflags). Method options are named bare (``group_size``), as in a recipe.
+``--bits 3``; quantcli.cli.flags). Method options are named bare (``group_size``), as in a recipe.
 
 Exit codes (documented in the README):
     0 success · 1 internal error (a bug: please report it) · 2 bad input (options, paths, configs)

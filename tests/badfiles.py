@@ -7,7 +7,7 @@ import pickle
 import shutil
 from pathlib import Path
 
-from quantcli.models import EMBEDDED_MODEL
+from quantcli.sources.models import EMBEDDED_MODEL
 
 
 def copy_model(folder: Path) -> Path:
@@ -64,8 +64,8 @@ def big_tokenizer_model(folder: Path) -> Path:
 
 
 def quantized_checkpoint(folder: Path, **options) -> Path:
-    from quantcli.recipes import config_from_mapping
-    from quantcli.pipeline import quantize
+    from quantcli.config.recipes import config_from_mapping
+    from quantcli.run.pipeline import quantize
 
     quantize(config_from_mapping({"bits": 4, "method": "rtn", "output": folder, "eval": None, **options}))
     return folder

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # tiny models: one thread is as fast and does not thrash a shared 2-core box
 
-from quantcli.models import EMBEDDED_MODEL  # noqa: E402
+from quantcli.sources.models import EMBEDDED_MODEL  # noqa: E402
 
 PROMPT_IDS = [[1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426]]
 

@@ -21,11 +21,11 @@ from quantcli.allocate import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates, stored_bytes
 from quantcli.allocate.sensitivity import spearman
 from quantcli.allocate.solver import solve
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.recipes import config_from_mapping
-from quantcli.data import EMBEDDED_TEXT
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.config.recipes import config_from_mapping
+from quantcli.sources.datasets import EMBEDDED_TEXT
 from quantcli.errors import InputError
-from quantcli.intweights import IntLayout
+from quantcli.quant.intgrid import IntLayout
 from tests.conftest import logits
 
 TARGET = 3.0  # percent perplexity increase
@@ -66,9 +66,9 @@ def test_solver_rounds_fractional_amounts_up_so_the_budget_holds():
 
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (8, None, False), (4, 43, True), (4, 43, False), (3, 43, True), (4, None, True)])
 def test_stored_bytes_are_what_compressed_tensors_writes(bits, group, symmetric):
-    from quantcli import ops
+    from quantcli.quant import ops
     from quantcli.formats.compressed_tensors import compress_layer
-    from quantcli.intweights import IntWeights
+    from quantcli.quant.intgrid import IntWeights
 
     weight = torch.randn(48, 172)
     layout = IntLayout(bits, symmetric, group)
@@ -196,7 +196,7 @@ def test_candidates_collapse_to_distinct_layouts():
 
 
 def test_checkpoint_bytes_counts_an_unquantized_save(stories_path):
-    from quantcli.models import load_model
+    from quantcli.sources.models import load_model
 
     model = load_model(stories_path, torch.float32, "cpu")
     assert checkpoint_bytes(model, {}) == (Path(stories_path) / "model.safetensors").stat().st_size
@@ -206,11 +206,11 @@ def test_checkpoint_bytes_counts_an_unquantized_save(stories_path):
 def prepared(tmp_path_factory, stories_path):
     """One stories260K preparation (as benchmarks/allocation.py makes it): every candidate, proxy check, verifier."""
     from quantcli.allocate.run import prepare
-    from quantcli.data import calibration_batch, read_documents
-    from quantcli.layers import select_modules
+    from quantcli.sources.datasets import calibration_batch, read_documents
+    from quantcli.quant.layers import select_modules
     from quantcli.methods import get_method
     from quantcli.methods.base import QuantizeRequest
-    from quantcli.models import load_model, load_tokenizer
+    from quantcli.sources.models import load_model, load_tokenizer
     from quantcli.progress import NullProgress
 
     texts = _split_text(tmp_path_factory.mktemp("prepare"))
@@ -283,8 +283,8 @@ def test_a_round_whose_bound_exceeds_the_target_is_refused(prepared):
 
 def test_verification_windows_are_spread_over_the_whole_text(stories_path):
     from quantcli.allocate.verify import windows
-    from quantcli.data import read_documents, token_sequences
-    from quantcli.models import load_tokenizer
+    from quantcli.sources.datasets import read_documents, token_sequences
+    from quantcli.sources.models import load_tokenizer
 
     tokenizer, source = load_tokenizer(stories_path), read_documents("tinystories:eval")
     stream = token_sequences(source, tokenizer, "stream", "auto", None)[0]
@@ -301,8 +301,8 @@ def test_the_embedding_is_searched_with_its_measured_cost(prepared, stories_path
     from quantcli.allocate.search import _solve, dequantized, uniform_choices
     from quantcli.allocate.sensitivity import base_log_probs, measured_kl
     from quantcli.allocate.verify import windows
-    from quantcli.data import read_documents
-    from quantcli.models import load_tokenizer
+    from quantcli.sources.datasets import read_documents
+    from quantcli.sources.models import load_tokenizer
 
     options = prepared.table["model.embed_tokens"]
     assert [(o.names, o.uniform) for o in options] == [(["int8-g32"], True), (["keep"], False)]  # cheapest first; int8: what --embeddings 8 writes

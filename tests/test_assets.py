@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from quantcli.data import TextSource, read_documents, token_sequences
-from quantcli.models import load_model, load_tokenizer
-from quantcli.perplexity import evaluate_sequences
+from quantcli.sources.datasets import TextSource, read_documents, token_sequences
+from quantcli.sources.models import load_model, load_tokenizer
+from quantcli.measure.perplexity import evaluate_sequences
 
 PUBLISHED_SAMPLE = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."

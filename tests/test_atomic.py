@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import tmpfs
-from quantcli.atomic import atomic_folder, clean_stale
-from quantcli.checkpoint import read_metadata
+from quantcli.checkpoint.atomic import atomic_folder, clean_stale
+from quantcli.checkpoint.load import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZE = [sys.executable, "-m", "quantcli", "quantize", "--bits", "4", "--method", "rtn", "--no-eval", "-q"]

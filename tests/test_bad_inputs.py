@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from badfiles import big_tokenizer_model, edit_json, nan_model, quantized_checkpoint, remote_code_model, truncate
-from quantcli.cli import app
+from quantcli.cli.app import app
 
 RECIPES = {
     "bad.yaml": "bits: 4\nmethod: [rtn\n",

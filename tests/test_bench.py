@@ -40,7 +40,7 @@ def test_cpu_peak_catches_memory_freed_before_any_sample():
     """The RSS high-water mark sees a 200 MB activation that is gone before the next sample."""
     import torch
 
-    from quantcli.speed import _Memory
+    from quantcli.measure.speed import _Memory
 
     memory = _Memory(torch.device("cpu"))
     torch.ones(50_000_000).add_(1)  # 200 MB, allocated and freed between samples

@@ -9,7 +9,7 @@ probe must report that failure per shape and quantcli must not hide it.
 import pytest
 
 import quantcli
-from quantcli.config import QuantizeConfig
+from quantcli.config.quantize import QuantizeConfig
 from quantcli.errors import UnavailableError
 from quantcli.methods.bnb import probe_4bit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from quantcli.cli import app
+from quantcli.cli.app import app
 
 runner = CliRunner()
 
@@ -101,7 +101,7 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path):
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = "import sys, quantcli, quantcli.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, quantcli, quantcli.cli.app; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     result = subprocess.run([sys.executable, "-m", "quantcli", "--help"], capture_output=True, text=True, check=True)
     assert "quantize" in result.stdout and "eval" in result.stdout

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from quantcli.compare import compare, markdown
-from quantcli.config import EvalConfig
-from quantcli.recipes import config_from_mapping
-from quantcli.pipeline import quantize
+from quantcli.measure.compare import compare, markdown
+from quantcli.config.quantize import EvalConfig
+from quantcli.config.recipes import config_from_mapping
+from quantcli.run.pipeline import quantize
 
 EVAL = {"max_tokens": 1024, "seq_len": 128}
 
@@ -65,8 +65,8 @@ def test_plot_needs_png(checkpoints, tmp_path):
 def test_layer_errors_dequantize_bitsandbytes_storage(tmp_path):
     """bnb keeps packed 4-bit / int8 rows; the per-layer error must compare dequantized values."""
     import quantcli
-    from quantcli.config import QuantizeConfig
-    from quantcli.plot import layer_errors
+    from quantcli.config.quantize import QuantizeConfig
+    from quantcli.measure.plot import layer_errors
 
     for method, bits, low, high in [("bnb-int8", 8, 1e-3, 0.05), ("bnb-nf4", 4, 0.03, 0.3)]:
         report = quantcli.quantize(QuantizeConfig(bits=bits, method=method, output=tmp_path / method, eval=None))
@@ -77,8 +77,8 @@ def test_layer_errors_dequantize_bitsandbytes_storage(tmp_path):
 
 def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
     import quantcli
-    from quantcli.compare import compare, markdown
-    from quantcli.config import EvalConfig, QuantizeConfig
+    from quantcli.measure.compare import compare, markdown
+    from quantcli.config.quantize import EvalConfig, QuantizeConfig
 
     for name, tokens in (("a", 1024), ("b", 2048)):
         quantcli.quantize(QuantizeConfig(bits=8, method="rtn", output=tmp_path / name, eval=EvalConfig(max_tokens=tokens)))
@@ -89,18 +89,18 @@ def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
 
 
 def test_the_base_is_loaded_once_for_all_rows(checkpoints, monkeypatch):
-    import quantcli.checkpoint
-    import quantcli.evaluation
+    import quantcli.checkpoint.load
+    import quantcli.measure.evaluation
 
     loads = []
-    real = quantcli.checkpoint.load
+    real = quantcli.checkpoint.load.load
 
     def counting(path, *args, **kwargs):
         loads.append(str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(quantcli.checkpoint, "load", counting)
-    monkeypatch.setattr(quantcli.evaluation, "load", counting)
+    monkeypatch.setattr(quantcli.checkpoint.load, "load", counting)
+    monkeypatch.setattr(quantcli.measure.evaluation, "load", counting)
     result = compare(checkpoints, "stories260K", EvalConfig(max_tokens=512, seq_len=128))
     assert loads.count("stories260K") == 1 and len(loads) == 3
     assert all(row["evaluated"] and row["kl_divergence"] > 0 for row in result["rows"])

@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantcli import ops
-from quantcli.checkpoint import load
-from quantcli.config import EvalConfig
-from quantcli.recipes import config_from_mapping
-from quantcli.cpu_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, _int4_module, _int8_module
+from quantcli.quant import ops
+from quantcli.checkpoint.load import load
+from quantcli.config.quantize import EvalConfig
+from quantcli.config.recipes import config_from_mapping
+from quantcli.quant.cpu_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, _int4_module, _int8_module
 from quantcli.errors import UnavailableError
-from quantcli.layers import bytes_in_memory, weight_matrix
-from quantcli.evaluation import measure_perplexity
-from quantcli.pipeline import quantize
+from quantcli.quant.layers import bytes_in_memory, weight_matrix
+from quantcli.measure.evaluation import measure_perplexity
+from quantcli.run.pipeline import quantize
 from quantcli.progress import NullProgress
 
 from conftest import logits

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from quantcli.cli import app
+from quantcli.cli.app import app
 
 runner = CliRunner()
 

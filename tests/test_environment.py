@@ -11,8 +11,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from quantcli.cli import app
-from quantcli.models import EMBEDDED_MODEL
+from quantcli.cli.app import app
+from quantcli.sources.models import EMBEDDED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from quantcli.checkpoint import load
-from quantcli.config import EvalConfig
-from quantcli.data import read_documents, token_sequences
-from quantcli.perplexity import evaluate_sequences
-from quantcli.evaluation import evaluate
+from quantcli.checkpoint.load import load
+from quantcli.config.quantize import EvalConfig
+from quantcli.sources.datasets import read_documents, token_sequences
+from quantcli.measure.perplexity import evaluate_sequences
+from quantcli.measure.evaluation import evaluate
 from test_tokenstream import SMOLLM2, WIKI_EVAL, trained_byte_level_bpe
 
 

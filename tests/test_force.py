@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from badfiles import copy_model
 from conftest import tmpfs
-from quantcli.cli import app
+from quantcli.cli.app import app
 
 QUANTIZE = ["quantize", "--bits", "4", "--method", "rtn", "--no-eval", "-q", "--force"]
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from badfiles import quantized_checkpoint
 from quantcli import load
-from quantcli.checkpoint import METADATA_FILE, read_metadata
-from quantcli.recipes import config_from_mapping, load_recipe
+from quantcli.checkpoint.load import METADATA_FILE, read_metadata
+from quantcli.config.recipes import config_from_mapping, load_recipe
 from quantcli.errors import QuantCliError
 from quantcli.methods import get_method
 

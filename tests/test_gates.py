@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from quantcli.recipes import config_from_mapping
+from quantcli.config.recipes import config_from_mapping
 from quantcli.errors import GateFailedError, InputError
-from quantcli.gates import GateLimits, check_speedup, enforce, to_records
+from quantcli.config.gates import GateLimits, check_speedup, enforce, to_records
 
 QUANTIZE = ["quantize", "--method", "rtn", "--bits", "4", "--max-tokens", "1024", "--seq-len", "128", "--quiet"]
 

@@ -15,9 +15,9 @@ import torch
 pytest.importorskip("gguf")
 
 from gguf_files import write_llama_gguf  # noqa: E402
-from quantcli.checkpoint import load  # noqa: E402
-from quantcli.config import EvalConfig  # noqa: E402
-from quantcli.evaluation import evaluate  # noqa: E402
+from quantcli.checkpoint.load import load  # noqa: E402
+from quantcli.config.quantize import EvalConfig  # noqa: E402
+from quantcli.measure.evaluation import evaluate  # noqa: E402
 
 CLI = [sys.executable, "-m", "quantcli"]
 
@@ -76,7 +76,7 @@ def test_bnb_from_gguf(q8_gguf, tmp_path):
 
 
 def test_missing_gguf_package_is_one_line_exit_5(f32_gguf):
-    blocked = "import sys; sys.modules['gguf'] = None; from quantcli.cli import main; sys.argv[0] = 'quantcli'; main()"
+    blocked = "import sys; sys.modules['gguf'] = None; from quantcli.cli.app import main; sys.argv[0] = 'quantcli'; main()"
     result = subprocess.run([sys.executable, "-c", blocked, "eval", str(f32_gguf), "-q"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 5
     assert result.stderr.strip().splitlines() == [

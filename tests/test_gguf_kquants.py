@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import quantcli
-from quantcli.config import QuantizeConfig
-from quantcli.formats.gguf import gguf_file
-from quantcli.formats.gguf_grid import block_type, tensor_type
-from quantcli.formats.gguf_kquants import K_TYPES, KGrid, KWeights, dequantize, pack, round_to_nearest
+from quantcli.config.quantize import QuantizeConfig
+from quantcli.formats.gguf.writer import gguf_file
+from quantcli.formats.gguf.types import block_type, tensor_type
+from quantcli.formats.gguf.kquants import K_TYPES, KGrid, KWeights, dequantize, pack, round_to_nearest
 
 
 @pytest.fixture(scope="module")

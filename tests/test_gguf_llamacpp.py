@@ -21,11 +21,11 @@ from benchmarks.gguf_harness import LLAMACPP_DIR, hf_logits, llama_cpp_module, l
 from benchmarks.llamacpp import eval_ids, eval_text  # noqa: E402
 
 import quantcli  # noqa: E402
-from quantcli.config import CalibrationConfig, QuantizeConfig  # noqa: E402
-from quantcli.formats.gguf import gguf_file  # noqa: E402
-from quantcli.formats.gguf_grid import block_type  # noqa: E402
-from quantcli.formats.gguf_grid import LEGACY as TYPES  # noqa: E402
-from quantcli.formats.gguf_kquants import K_TYPES, pack, round_to_nearest  # noqa: E402
+from quantcli.config.quantize import CalibrationConfig, QuantizeConfig  # noqa: E402
+from quantcli.formats.gguf.writer import gguf_file  # noqa: E402
+from quantcli.formats.gguf.types import block_type  # noqa: E402
+from quantcli.formats.gguf.types import LEGACY as TYPES  # noqa: E402
+from quantcli.formats.gguf.kquants import K_TYPES, pack, round_to_nearest  # noqa: E402
 
 SEQ_LEN = 256
 TOKENS = 2048
@@ -53,7 +53,7 @@ def exported(tmp_path_factory):
 def ids():
     from transformers import AutoTokenizer
 
-    from quantcli.models import EMBEDDED_MODEL
+    from quantcli.sources.models import EMBEDDED_MODEL
 
     return eval_ids(AutoTokenizer.from_pretrained(EMBEDDED_MODEL), "tinystories:eval", TOKENS)
 
@@ -79,7 +79,7 @@ def test_llamacpp_computes_what_quantcli_computes_from_the_same_file(exported, i
 def test_llamacpp_tokenizes_eval_text_as_the_hf_tokenizer(exported):
     from transformers import AutoTokenizer
 
-    from quantcli.models import EMBEDDED_MODEL
+    from quantcli.sources.models import EMBEDDED_MODEL
 
     text = eval_text("tinystories:eval")
     llm = llamacpp_logits(gguf_file(exported["rtn", "Q8_0"]), 8).llama

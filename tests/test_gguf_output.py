@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import quantcli
-from quantcli.cli import app
-from quantcli.config import QuantizeConfig
-from quantcli.formats.gguf import gguf_file
-from quantcli.formats.gguf_grid import LEGACY, BlockWeights, FixedGrid, dequantize, pack, round_to_nearest
+from quantcli.cli.app import app
+from quantcli.config.quantize import QuantizeConfig
+from quantcli.formats.gguf.writer import gguf_file
+from quantcli.formats.gguf.types import LEGACY, BlockWeights, FixedGrid, dequantize, pack, round_to_nearest
 
 runner = CliRunner()
 

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.setups import WIKITEXT, smollm2_folder  # noqa: E402
 
 import quantcli  # noqa: E402
-from quantcli.config import QuantizeConfig  # noqa: E402
+from quantcli.config.quantize import QuantizeConfig  # noqa: E402
 from quantcli.errors import UnavailableError  # noqa: E402
-from quantcli.formats.gguf import gguf_file  # noqa: E402
-from quantcli.formats.gguf_metadata import LLAMA3_SPLIT, llamacpp_pre_tokenizer  # noqa: E402
+from quantcli.formats.gguf.writer import gguf_file  # noqa: E402
+from quantcli.formats.gguf.metadata import LLAMA3_SPLIT, llamacpp_pre_tokenizer  # noqa: E402
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 BYTES_ONLY = {**BYTE_LEVEL, "use_regex": False}

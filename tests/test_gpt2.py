@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import quantcli
-from quantcli.config import QuantizeConfig
+from quantcli.config.quantize import QuantizeConfig
 
 from conftest import logits
 
@@ -28,7 +28,7 @@ def test_gpt2_quantizes_and_reloads(tiny_gpt2, tmp_path, prompt_ids, bits, metho
 
 def test_rtn_gpt2_layers_are_quantized_on_the_input_axis(tiny_gpt2, tmp_path):
     """Conv1D stores [in, out]: groups must run along inputs, i.e. along the stored rows."""
-    from quantcli import ops
+    from quantcli.quant import ops
 
     quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=tiny_gpt2, output=tmp_path / "q", eval=None, method_options={"group_size": 16}))
     original = quantcli.load(tiny_gpt2)[0].transformer.h[0].attn.c_attn.weight.data

@@ -11,19 +11,19 @@ import torch
 from safetensors import safe_open
 
 import quantcli
-from quantcli import ops
+from quantcli.quant import ops
 from quantcli.formats.compressed_tensors import CONV1D_NOTE
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.data import calibration_batch, read_documents
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import InputError
-from quantcli.intweights import IntLayout
+from quantcli.quant.intgrid import IntLayout
 from quantcli.methods import available_methods, get_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
-from quantcli.models import EMBEDDED_MODEL, load_model, load_tokenizer
-from quantcli.layers import select_modules
+from quantcli.sources.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from quantcli.quant.layers import select_modules
 
 available_methods()  # fill the registry first: it skips discovery once any method module is imported
-from quantcli.gptq_solver import gptq_quantize  # noqa: E402
+from quantcli.quant.gptq_solver import gptq_quantize  # noqa: E402
 
 SOURCE = str(EMBEDDED_MODEL)
 CALIB = CalibrationConfig(samples=32, seq_len=128)
@@ -53,7 +53,7 @@ def calibration(tokenizer) -> torch.Tensor:
 
 def run_gptq(source: str, tokenizer, calibration: torch.Tensor, bits: int = 4, **options) -> QuantizedModel:
     """GPTQ in memory, as the pipeline calls it: the embedding/head in int8, kept tensors and scales in bfloat16."""
-    from quantcli.keptdtype import round_kept
+    from quantcli.quant.keptdtype import round_kept
 
     model = load_model(source, torch.float32, "cpu")
     method = get_method("gptq")
@@ -131,7 +131,7 @@ def test_clip_search_lowers_every_rows_output_error(layer_inputs, name, bits, gr
 
 def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
     """Big layers stack fewer candidates per pass (PASS_ELEMENTS); the choice must not change."""
-    import quantcli.gptq_solver as gptq
+    import quantcli.quant.gptq_solver as gptq
 
     weight, x = layer_inputs[DOWN]
     hessian, layout = 2 * x.T @ x / x.shape[0], IntLayout(4, True, None)
@@ -144,7 +144,7 @@ def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
 @pytest.mark.parametrize("name, group_size, symmetric", [(GATE, 32, True), (DOWN, None, True), (GATE, 32, False)])
 def test_clip_prepass_picks_each_rows_best_rounded_clip(layer_inputs, name, group_size, symmetric):
     """The first clip each row's GPTQ runs get is the factor whose round-to-nearest weights have the lowest output error."""
-    from quantcli.gptq_solver import CLIP_SHRINKS, _clip_by_rounding
+    from quantcli.quant.gptq_solver import CLIP_SHRINKS, _clip_by_rounding
 
     weight, x = layer_inputs[name]
     layout = IntLayout(4, symmetric, group_size)

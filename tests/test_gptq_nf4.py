@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import quantcli
-from quantcli import ops
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.quant import ops
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.formats.bitsandbytes import pack_nf4
 
 from conftest import logits

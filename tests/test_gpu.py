@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import quantcli
-from quantcli.config import EvalConfig, QuantizeConfig
+from quantcli.config.quantize import EvalConfig, QuantizeConfig
 
 from conftest import logits
 

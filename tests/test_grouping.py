@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from quantcli.cli import app
-from quantcli.intweights import group_size_for
+from quantcli.cli.app import app
+from quantcli.quant.intgrid import group_size_for
 
 
 @pytest.mark.parametrize("width, requested, expected", [

@@ -10,8 +10,8 @@ import typer
 from typer.testing import CliRunner
 
 from quantcli import errors
-from quantcli.cli import app
-from quantcli.helptext import EXAMPLES
+from quantcli.cli.app import app
+from quantcli.cli.helptext import EXAMPLES
 
 COMMAND = typer.main.get_command(app)
 

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from quantcli.models import EMBEDDED_MODEL
+from quantcli.sources.models import EMBEDDED_MODEL
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

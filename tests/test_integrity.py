@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from badfiles import copy_model, edit_weights, one_more_layer, quantized_checkpoint
 from quantcli import load
-from quantcli.cli import app
+from quantcli.cli.app import app
 from quantcli.errors import CheckpointError
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"

@@ -31,7 +31,7 @@ def stories(stories_path):
 
 @pytest.mark.parametrize("stride", [SEQ_LEN, 96])
 def test_harness_windows_are_quantcli_windows(stories, stride):
-    from quantcli.perplexity import evaluate_sequences
+    from quantcli.measure.perplexity import evaluate_sequences
 
     _, model, ids = stories
     nlls = window_nlls(hf_logits(model), ids, SEQ_LEN, stride)
@@ -87,8 +87,8 @@ def test_llamacpp_tokenizer_gives_hf_ids(stories, ggufs):
 def test_quantcli_eval_of_a_llamacpp_file_is_llamacpps_perplexity(stories, ggufs):
     """``quantcli eval FILE.gguf`` (transformers' GGUF loader, dequantized) on llama.cpp's own Q8_0:
     measured 0.01% from llama.cpp's perplexity on the same tokens; the bar is 0.5%."""
-    from quantcli.config import EvalConfig
-    from quantcli.evaluation import evaluate
+    from quantcli.config.quantize import EvalConfig
+    from quantcli.measure.evaluation import evaluate
 
     _, _, ids = stories
     theirs = perplexity(window_nlls(llamacpp_logits(ggufs[1], SEQ_LEN, threads=1), ids, SEQ_LEN))
@@ -102,8 +102,8 @@ def test_quantcli_rtn_gguf_is_llamacpps_own_quantization(ggufs, tmp_path):
     from gguf import GGUFReader
 
     import quantcli
-    from quantcli.config import QuantizeConfig
-    from quantcli.formats.gguf import gguf_file
+    from quantcli.config.quantize import QuantizeConfig
+    from quantcli.formats.gguf.writer import gguf_file
 
     quantcli.quantize(QuantizeConfig(bits=8, method="rtn", output=tmp_path / "q", eval=None, format="gguf", gguf_type="Q8_0"))
     ours = {t.name: (t.tensor_type.name, t.data.tobytes()) for t in GGUFReader(gguf_file(tmp_path / "q")).tensors}

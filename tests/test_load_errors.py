@@ -9,14 +9,14 @@ import torch
 
 from badfiles import big_tokenizer_model, edit_json, nan_model, quantized_checkpoint, truncate
 from quantcli import load
-from quantcli.checkpoint import read_metadata
-from quantcli.config import CalibrationConfig, EvalConfig
-from quantcli.recipes import config_from_mapping
-from quantcli.data import calibration_batch, read_documents
+from quantcli.checkpoint.load import read_metadata
+from quantcli.config.quantize import CalibrationConfig, EvalConfig
+from quantcli.config.recipes import config_from_mapping
+from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import CheckpointError, DatasetError, ModelLoadError
-from quantcli.models import load_tokenizer
-from quantcli.evaluation import evaluate
-from quantcli.pipeline import quantize
+from quantcli.sources.models import load_tokenizer
+from quantcli.measure.evaluation import evaluate
+from quantcli.run.pipeline import quantize
 
 from conftest import logits
 
@@ -109,7 +109,7 @@ def test_sharded_checkpoint_reloads_in_plain_transformers_with_identical_logits(
 ])
 def test_foreign_compressed_tensors_read_by_quantcli_are_weight_only_integers(tmp_path, quantization, decompressed):
     """Activation-quantized, float or sparse checkpoints go to transformers, which knows how to run them."""
-    from quantcli.checkpoint import _integer_weights_only
+    from quantcli.checkpoint.load import _integer_weights_only
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quantization}))
     assert _integer_weights_only(str(tmp_path)) is decompressed

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.testing._internal.two_tensor import TwoTensor  # torch's reference wrapper subclass
 
-from quantcli.checkpoint import load
-from quantcli.layers import bytes_in_memory
-from quantcli.models import EMBEDDED_MODEL
+from quantcli.checkpoint.load import load
+from quantcli.quant.layers import bytes_in_memory
+from quantcli.sources.models import EMBEDDED_MODEL
 
 
 def test_wrapper_subclass_counts_the_tensors_it_holds_once_each():

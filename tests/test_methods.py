@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import quantcli
-from quantcli.config import EvalConfig, QuantizeConfig
-from quantcli.evaluation import measure_perplexity
+from quantcli.config.quantize import EvalConfig, QuantizeConfig
+from quantcli.measure.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 from conftest import logits

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from badfiles import copy_model, edit_weights, quantized_checkpoint
-from quantcli.cli import app
+from quantcli.cli.app import app
 
 LAYER = "model.layers.1.self_attn.q_proj"
 
@@ -83,7 +83,7 @@ def test_json_output_is_strict_even_when_a_report_holds_nan(tmp_path):
 
 
 def test_written_json_is_strict(tmp_path):
-    from quantcli.atomic import write_json
+    from quantcli.checkpoint.atomic import write_json
 
     write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("-inf"), 1.5]})
     assert _strict((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5]}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantcli import ops
+from quantcli.quant import ops
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])

@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 import quantcli
 from quantcli.allocate import TARGETS, AllocationConfig
-from quantcli.cli import app
-from quantcli.cliflags import SECTION_FLAGS, flag, program_commands
-from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.recipes import config_from_mapping
+from quantcli.cli.app import app
+from quantcli.cli.flags import SECTION_FLAGS, flag, program_commands
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.config.recipes import config_from_mapping
 from quantcli.errors import NO_VALUE, InputError, option
-from quantcli.gates import GateLimits
-from quantcli.speed import BenchConfig
+from quantcli.config.gates import GateLimits
+from quantcli.measure.speed import BenchConfig
 
 runner = CliRunner()
 PACKAGE = Path(quantcli.__file__).parent

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from quantcli.recipes import config_from_mapping
+from quantcli.config.recipes import config_from_mapping
 from quantcli.errors import InputError
-from quantcli.pipeline import quantize
+from quantcli.run.pipeline import quantize
 
 STREAM = "low_memory"
 STREAM_FLAG = "--low-memory"
@@ -60,8 +60,8 @@ def test_sequential_is_a_deprecated_name_of_low_memory(tmp_path):
 def test_method_options_not_worth_a_flag_go_through_dash_o_and_the_method_checks_them(tmp_path):
     from typer.testing import CliRunner
 
-    from quantcli.cli import app
-    from quantcli.recipes import merge_quantize_config
+    from quantcli.cli.app import app
+    from quantcli.config.recipes import merge_quantize_config
 
     config = merge_quantize_config(None, {"bits": 4, "method": "gptq"}, {"group_size": 32}, {}, {}, {}, ["damp=0.05", "block-size=64", "act_order=false"])
     assert dict(config.method_options) == {"group_size": 32, "damp": 0.05, "block_size": 64, "act_order": False}

@@ -8,7 +8,7 @@ import time
 
 from rich.console import Console
 
-from quantcli import console
+from quantcli.cli import render as console
 
 
 def test_progress_shows_units_done_and_time_left(monkeypatch):

@@ -89,7 +89,7 @@ def test_every_read_path_refuses_remote_code_in_process(tmp_path, monkeypatch, a
     from typer.testing import CliRunner
 
     from badfiles import remote_code_model, remote_tokenizer_model
-    from quantcli.cli import app
+    from quantcli.cli.app import app
 
     remote_code_model(tmp_path / "model", tmp_path / "ran")
     remote_tokenizer_model(tmp_path / "tokenizer", tmp_path / "ran")

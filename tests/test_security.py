@@ -8,7 +8,7 @@ import torch
 from badfiles import copy_model, pickle_bomb, remote_code_model
 from quantcli import load
 from quantcli.errors import ModelLoadError
-from quantcli.models import load_model, load_tokenizer
+from quantcli.sources.models import load_model, load_tokenizer
 
 
 def test_remote_code_is_refused_without_the_flag_and_never_imported(tmp_path):

@@ -24,7 +24,7 @@ opt_in = pytest.mark.skipif(  # keeps the real-model tests in `make test` to abo
 
 @needs_folder
 def test_smollm2_answers_paris():
-    from quantcli.checkpoint import load
+    from quantcli.checkpoint.load import load
 
     model, tokenizer, _ = load(FOLDER, "cpu")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -64,9 +64,9 @@ def test_quantcli_reads_the_gguf_as_the_folder():
     """quantcli.load on the GGUF gives the folder's weights and token ids, and names the source type."""
     from safetensors.torch import load_file
 
-    from quantcli.checkpoint import load
-    from quantcli.gguf_input import describe
-    from quantcli.models import load_tokenizer
+    from quantcli.checkpoint.load import load
+    from quantcli.sources.gguf_input import describe
+    from quantcli.sources.models import load_tokenizer
 
     model, tokenizer, _ = load(GGUF, "cpu")
     weights = load_file(FOLDER / "model.safetensors")

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from quantcli import load
-from quantcli.recipes import config_from_mapping
+from quantcli.config.recipes import config_from_mapping
 from quantcli.errors import ResumableInterrupt
-from quantcli.models import EMBEDDED_MODEL
-from quantcli.pipeline import quantize
+from quantcli.sources.models import EMBEDDED_MODEL
+from quantcli.run.pipeline import quantize
 
 from conftest import logits
 

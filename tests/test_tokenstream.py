@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from quantcli import tokenstream
-from quantcli.data import TextSource, read_documents, token_sequences
+from quantcli.sources import tokenstream
+from quantcli.sources.datasets import TextSource, read_documents, token_sequences
 from quantcli.errors import InputError
-from quantcli.models import EMBEDDED_MODEL
+from quantcli.sources.models import EMBEDDED_MODEL
 
 ROOT = Path(__file__).parents[1]
 WIKI_EVAL = ROOT / "benchmarks" / "data" / "wikitext-2" / "wiki.valid.eval.txt"

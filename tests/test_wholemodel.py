@@ -15,8 +15,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import quantcli
-from quantcli import ops
-from quantcli.config import EvalConfig, QuantizeConfig
+from quantcli.quant import ops
+from quantcli.config.quantize import EvalConfig, QuantizeConfig
 from quantcli.errors import InputError
 from quantcli.methods import get_method
 
@@ -27,7 +27,7 @@ from conftest import logits
 def untied_gpt2(tmp_path_factory):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from quantcli.models import EMBEDDED_MODEL
+    from quantcli.sources.models import EMBEDDED_MODEL
 
     folder = tmp_path_factory.mktemp("untied-gpt2")
     torch.manual_seed(0)
@@ -111,8 +111,8 @@ def test_size_breakdown_sums_to_the_tensors_and_counts_all_parameters(stories_pa
 
 
 def test_bnb_methods_keep_the_embedding(stories_path):
-    from quantcli.models import load_model
-    from quantcli.layers import select_modules
+    from quantcli.sources.models import load_model
+    from quantcli.quant.layers import select_modules
 
     model = load_model(stories_path, torch.float32, "cpu")
     selection = select_modules(model, tables=False)
@@ -153,7 +153,7 @@ def test_bad_embeddings_and_keep_dtype_are_input_errors():
 def test_cli_embeddings_flag(tmp_path):
     from typer.testing import CliRunner
 
-    from quantcli.cli import app
+    from quantcli.cli.app import app
 
     result = CliRunner().invoke(app, ["quantize", "-b", "4", "--embeddings", "seven", "-o", str(tmp_path / "x"), "--no-eval"])
     assert result.exit_code == 2 and "--embeddings must be 8, 4 or keep, got 'seven'" in result.output

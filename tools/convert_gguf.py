@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from quantcli.gguf_input import load_model, load_tokenizer, source_format
+from quantcli.sources.gguf_input import load_model, load_tokenizer, source_format
 
 
 def convert(source: Path, target: Path) -> None:

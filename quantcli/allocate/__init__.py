@@ -47,7 +47,7 @@ class AllocationConfig:
     plot: str | None = None
 
     def __post_init__(self) -> None:
-        from quantcli.config import check_positive, parse_size
+        from quantcli.config.quantize import check_positive, parse_size
 
         given = [name for name in TARGETS if getattr(self, name) is not None]
         if len(given) != 1:

@@ -2,7 +2,7 @@
 
 A candidate is ``keep`` (the tensor as loaded) or ``intB[-gG]``: B-bit integers (3, 4 or 8) in
 groups of G inputs (per channel without ``-g``), rounded by the run's method (rtn or gptq) with its
-symmetry and observer. Group sizes go through :func:`quantcli.intweights.group_size_for`, so two
+symmetry and observer. Group sizes go through :func:`quantcli.quant.intgrid.group_size_for`, so two
 candidates that land on the same layout for a tensor (``int4-g128`` and ``int4-g64`` on a
 576-wide layer) are one choice there.
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from quantcli.errors import InputError, option
 
 if TYPE_CHECKING:
-    from quantcli.intweights import IntLayout
+    from quantcli.quant.intgrid import IntLayout
 
 KEEP = "keep"
 DEFAULT_CANDIDATES = (KEEP, "int8", "int4-g128", "int4-g64", "int4-g32", "int3-g32")
@@ -37,7 +37,7 @@ class Candidate:
     group_size: int | None = None
 
     def layout(self, in_features: int, symmetric: bool, observer: str, scale_dtype: str | None = None) -> IntLayout | None:
-        from quantcli.intweights import IntLayout, group_size_for
+        from quantcli.quant.intgrid import IntLayout, group_size_for
 
         if self.bits is None:
             return None
@@ -111,7 +111,7 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
     layout owns are stored in ``kept_dtype`` (e.g. ``bfloat16``; None: as held)."""
     import json
 
-    from quantcli.layers import weight_matrix
+    from quantcli.quant.layers import weight_matrix
 
     modules = dict(model.named_modules())  # type: ignore[attr-defined]
     tensors, owners = [], {}

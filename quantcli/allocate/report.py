@@ -45,7 +45,7 @@ def describe(summary: dict[str, Any]) -> list[str]:
 def plot_allocation(summary: dict[str, Any], path: Path) -> Path:
     """Size on disk vs KL: the predicted curve the solver searched, each verified round, and every
     uniform scheme (predicted and measured) on the same axes."""
-    from quantcli.plot import pyplot
+    from quantcli.measure.plot import pyplot
 
     plt = pyplot(path)
     figure, axes = plt.subplots(figsize=(8, 5.5))

@@ -24,7 +24,7 @@ from quantcli.allocate.verify import Verifier, windows
 from quantcli.allocate.sensitivity import hessians, output_fisher
 from quantcli.errors import GateFailedError, option
 from quantcli.methods.base import QuantizedModel, QuantizeRequest
-from quantcli.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 ENOUGH = 0.8  # a round that meets the target using at least this share of it ends the search
 
@@ -56,7 +56,7 @@ class Prepared:
     verify: Verifier
     texts: tuple[str, str, str]
     seconds: dict[str, float]
-    kept_dtype: str | None = None  # the dtype unquantized tensors are stored in (quantcli.keptdtype)
+    kept_dtype: str | None = None  # the dtype unquantized tensors are stored in (quantcli.quant.keptdtype)
 
     def bytes(self, choice: dict[str, int]) -> int:
         return checkpoint_bytes(self.model, _layouts(self.table, choice), self.kept_dtype)
@@ -64,7 +64,7 @@ class Prepared:
 
 def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -> Prepared:
     """Measure sensitivities and round every layer every way (``request.model`` is left unchanged)."""
-    from quantcli.data import read_documents
+    from quantcli.sources.datasets import read_documents
 
     alloc, calib, model = config.allocation, config.calibration, request.model
     candidates = parse_candidates(list(alloc.candidates))
@@ -73,7 +73,7 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     search_source, verify_source = read_documents(search_spec, calib.text_column), read_documents(verify_spec, calib.text_column)
     seq_len = config.eval.seq_len if config.eval is not None else calib.seq_len
     seconds: dict[str, float] = {}
-    from quantcli.keptdtype import storage_dtype
+    from quantcli.quant.keptdtype import storage_dtype
 
     kept = storage_dtype(config.keep_dtype, request.source, model)
     kept_dtype = str(kept).removeprefix("torch.") if kept is not None else None
@@ -107,7 +107,7 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
     """Solve, verify, tighten and repeat, then try the uniform schemes that could be smaller: the
     chosen allocation (left assembled in the model), every round, the index of the chosen one, and
     the target in bytes for size targets."""
-    from quantcli.layers import parameter_count
+    from quantcli.quant.layers import parameter_count
 
     model, base, table, verify = prepared.model, prepared.base, prepared.table, prepared.verify
     target_bytes = value if kind == "size" else math.floor(value * parameter_count(model) / 8) if kind == "bpw" else None

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from quantcli import ops
+from quantcli.quant import ops
 from quantcli.allocate.candidates import Candidate, checkpoint_bytes, stored_bytes
 from quantcli.allocate.sensitivity import base_log_probs, measured_kl, proxy, spearman
 from quantcli.allocate.solver import solve
 from quantcli.errors import InputError, option
-from quantcli.intweights import IntLayout, IntWeights
-from quantcli.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.intgrid import IntLayout, IntWeights
+from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Option:
 def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout) -> tuple[IntWeights, list[str]]:
     """``matrix`` as ``layout`` by the run's method: gptq with the layer's Hessian, or rtn."""
     if method == "gptq":
-        from quantcli.gptq_solver import gptq_quantize
+        from quantcli.quant.gptq_solver import gptq_quantize
 
         hessian = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1])
         return gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
@@ -94,8 +94,8 @@ def table_options(model: Any, base: Any, request: Any, windows: torch.Tensor, ke
     the layers' 4-bit grid; scales in ``request.scale_dtype``). No Hessian (their inputs are
     one-hot), so each option's cost is measured: the KL on ``windows`` with only that table changed.
     A head tied to a quantized embedding stores the scales again: counted in the option's bytes."""
-    from quantcli.intweights import TABLE_NOTE, table_layouts
-    from quantcli.layers import is_tied
+    from quantcli.quant.intgrid import TABLE_NOTE, table_layouts
+    from quantcli.quant.layers import is_tied
 
     modules = dict(model.named_modules())
     reference = base_log_probs(base, windows) if request.tables else []

@@ -23,7 +23,7 @@ from quantcli.allocate.sensitivity import BATCH, base_log_probs
 def windows(source: Any, tokenizer: Any, tokens: int, seq_len: int, what: str) -> torch.Tensor:
     """``tokens // seq_len`` windows of ``seq_len`` tokens, non-overlapping and evenly spaced over
     the text's stream (its first 2^20 tokens), so they sample all of its documents, not the first few."""
-    from quantcli.data import token_sequences
+    from quantcli.sources.datasets import token_sequences
     from quantcli.errors import DatasetError
 
     stream = token_sequences(source, tokenizer, "stream", "auto", max(1 << 20, tokens))[0]

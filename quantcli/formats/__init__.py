@@ -2,7 +2,7 @@
 is one new file here plus its tests (GGUF: ``gguf.py``, with its block grids in ``gguf_grid.py``).
 
 A format turns a method's neutral per-layer records (integer codes, scales, zero points and their
-layout: :class:`quantcli.intweights.IntWeights`, or bitsandbytes' NF4 codes) into stored tensors
+layout: :class:`quantcli.quant.intgrid.IntWeights`, or bitsandbytes' NF4 codes) into stored tensors
 (:meth:`Format.layer_tensors`, what streaming writes block by block) or writes a whole model
 (:meth:`Format.save`), writes the checkpoint's quantization config after streaming
 (:meth:`Format.finish`) and reads a checkpoint back (:meth:`Format.load`).
@@ -45,7 +45,7 @@ class Format:
 
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
         """A runnable model from a checkpoint in this format."""
-        from quantcli.models import load_model
+        from quantcli.sources.models import load_model
 
         return load_model(folder, "auto", device, trust_remote_code)
 

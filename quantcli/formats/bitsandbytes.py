@@ -42,7 +42,7 @@ class Bitsandbytes(Format):
     name = "bitsandbytes"
 
     def save(self, quantized: Any, folder: Any, max_shard_size: int | None = None) -> None:
-        from quantcli.layers import unpack_cpu_4bit
+        from quantcli.quant.layers import unpack_cpu_4bit
 
         unpack_cpu_4bit(quantized.model)  # bitsandbytes 0.50 saves a CPU-repacked, non-nested absmax transposed
         super().save(quantized, folder, max_shard_size)

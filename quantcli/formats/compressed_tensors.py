@@ -27,9 +27,9 @@ from typing import Any
 
 from quantcli.errors import CheckpointError
 from quantcli.formats import Format, register_format
-from quantcli.intweights import IntLayout, IntWeights
+from quantcli.quant.intgrid import IntLayout, IntWeights
 from quantcli.methods.base import LayerRecord, QuantizedModel, shard_kwargs
-from quantcli.layers import is_conv1d
+from quantcli.quant.layers import is_conv1d
 
 CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
 
@@ -83,7 +83,7 @@ def compress_layer(layer: IntWeights, held: Any) -> dict[str, Any]:
     (scales in the layout's dtype, else in ``held``, the dtype the weight was held in)."""
     from compressed_tensors.compressors import BaseCompressor
 
-    from quantcli import ops
+    from quantcli.quant import ops
 
     (scheme,) = _schemes({"layer": layer.layout}).values()
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
@@ -96,7 +96,7 @@ def save_compressed(
     model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None, kept_dtype: Any = None,
 ) -> None:
     """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``);
-    tensors no integer layer owns are stored in ``kept_dtype`` if given (:mod:`quantcli.keptdtype`).
+    tensors no integer layer owns are stored in ``kept_dtype`` if given (:mod:`quantcli.quant.keptdtype`).
 
     The library re-derives each integer as ``round(w / scale + zp)`` from the layer's weight, so
     the weight is set to the exact fp32 dequantized values first (in place: a tied head keeps
@@ -105,8 +105,8 @@ def save_compressed(
     import torch
     from compressed_tensors.compressors import ModelCompressor
 
-    from quantcli import ops
-    from quantcli.keptdtype import store_kept
+    from quantcli.quant import ops
+    from quantcli.quant.keptdtype import store_kept
 
     modules = dict(model.named_modules())
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -143,7 +143,7 @@ def save_compressed(
 
 def tied_embedding_name(model: Any, names: Any) -> str | None:
     """The input embedding's name when it is among ``names`` and the output head is tied to it."""
-    from quantcli.layers import is_tied
+    from quantcli.quant.layers import is_tied
 
     embedding = model.get_input_embeddings()
     return next((name for name, module in model.named_modules() if module is embedding and name in names), None) if is_tied(model) else None
@@ -244,7 +244,7 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
 
     _quiet_library_logs()
     folder = Path(folder)
-    from quantcli.remote import refuse_remote_code
+    from quantcli.sources.remote import refuse_remote_code
 
     refuse_remote_code(folder, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)

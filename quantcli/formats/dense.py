@@ -13,6 +13,6 @@ class Dense(Format):
     name = "dense"
 
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
-        from quantcli.models import load_model
+        from quantcli.sources.models import load_model
 
         return load_model(folder, "auto", device, trust_remote_code)

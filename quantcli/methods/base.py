@@ -36,15 +36,15 @@ class QuantizeRequest:
     trust_remote_code: bool = False
     progress: Callable[[int], None] = lambda advance: None
     device_map: str | None = None
-    blocks: Any = None  # a streaming block source (quantcli.streaming); None: the blocks of ``model`` in memory
+    blocks: Any = None  # a streaming block source (quantcli.run.streaming); None: the blocks of ``model`` in memory
     tables: tuple[str, ...] = ()  # the input embedding / untied output head, for methods with ``quantizes_tables``
     table_bits: int = 8  # 8: per row; 4: the layers' own grid
-    grid: Any = None  # a GGUF block type (quantcli.formats.gguf_grid.BlockType) to round onto, for --format gguf
-    scale_dtype: str | None = None  # what integer layers' scales are stored in (the kept dtype, quantcli.keptdtype); None: the model's
+    grid: Any = None  # a GGUF block type (quantcli.formats.gguf.types.BlockType) to round onto, for --format gguf
+    scale_dtype: str | None = None  # what integer layers' scales are stored in (the kept dtype, quantcli.quant.keptdtype); None: the model's
 
     def block_source(self, names: tuple[str, ...]) -> Any:
-        """Where the driver (:func:`quantcli.blockwise.quantize_blockwise`) gets each decoder block."""
-        from quantcli.blockwise import ModelBlocks
+        """Where the driver (:func:`quantcli.quant.blockwise.quantize_blockwise`) gets each decoder block."""
+        from quantcli.quant.blockwise import ModelBlocks
 
         return self.blocks if self.blocks is not None else ModelBlocks(self.model, names)
 

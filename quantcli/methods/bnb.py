@@ -18,8 +18,8 @@ from quantcli.errors import InputError, UnavailableError, option
 from quantcli.formats.bitsandbytes import BLOCK
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
-from quantcli.models import load_model
-from quantcli.layers import is_conv1d
+from quantcli.sources.models import load_model
+from quantcli.quant.layers import is_conv1d
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from quantcli.errors import InputError
 from quantcli.methods import register_method
 from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
-from quantcli.models import load_model
+from quantcli.sources.models import load_model
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al., 2022): calibrated 3/4/8-bit integer weights in pure PyTorch (CPU and CUDA);
-the per-layer solver is :mod:`quantcli.gptq_solver`.
+the per-layer solver is :mod:`quantcli.quant.gptq_solver`.
 
-Sequential and memory-bounded (:mod:`quantcli.blockwise`): one decoder block at a time, each layer's
+Sequential and memory-bounded (:mod:`quantcli.quant.blockwise`): one decoder block at a time, each layer's
 Hessian taken on the outputs of the blocks and layers already quantized. The group rule is
 :func:`plan_layouts`' (172-wide layers get groups of 43). Layers no calibration pass reaches fall
 back to round-to-nearest, with a note.
@@ -21,14 +21,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from quantcli import ops
-from quantcli.blockwise import quantize_blockwise
+from quantcli.quant import ops
+from quantcli.quant.blockwise import quantize_blockwise
 from quantcli.errors import InputError
-from quantcli.gptq_solver import gptq_on_grid, gptq_quantize
-from quantcli.intweights import TABLE_NOTE, IntGridConfig, IntWeights, plan_layouts, table_layouts
+from quantcli.quant.gptq_solver import gptq_on_grid, gptq_quantize
+from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
-from quantcli.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ class GPTQQuantizer(Quantizer):
         """GPTQ choosing the codes of the request's GGUF block type, its scales llama.cpp's reference
         ones from the original weights, each row's range shrunk where the clip search finds it better
         (``--no-clip-search``: exactly the reference scales)."""
-        from quantcli.formats.gguf import quantize_on_grid
-        from quantcli.formats.gguf_grid import fixed_grid
+        from quantcli.formats.gguf.writer import quantize_on_grid
+        from quantcli.formats.gguf.types import fixed_grid
 
         config = request.config
 

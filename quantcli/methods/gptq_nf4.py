@@ -17,19 +17,19 @@ from typing import ClassVar
 
 import torch
 
-from quantcli import ops
-from quantcli.blockwise import quantize_blockwise
+from quantcli.quant import ops
+from quantcli.quant.blockwise import quantize_blockwise
 from quantcli.errors import InputError
 from quantcli.formats.bitsandbytes import BLOCK, NF4Weights, pack_nf4
-from quantcli.intweights import IntLayout
+from quantcli.quant.intgrid import IntLayout
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
 from quantcli.methods.bnb import (
     bitsandbytes_missing, build_result, fourbit_fallbacks, fourbit_quantization_config, fourbit_record, kept_linears,
     load_quantized, split_layers,
 )
-from quantcli.gptq_solver import gptq_quantize
-from quantcli.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.gptq_solver import gptq_quantize
+from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quantcli import ops
-from quantcli.intweights import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
+from quantcli.quant import ops
+from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
 from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
-from quantcli.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +34,7 @@ class RTNQuantizer(Quantizer):
     block_grids = True
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.blockwise import quantize_blockwise
+        from quantcli.quant.blockwise import quantize_blockwise
         from quantcli.formats.compressed_tensors import compressed_result
 
         config = request.config
@@ -61,8 +61,8 @@ class RTNQuantizer(Quantizer):
 
     def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
         """llama.cpp's own reference rounding onto the request's GGUF block type, layer by layer."""
-        from quantcli.formats.gguf import quantize_on_grid
-        from quantcli.formats.gguf_grid import round_to_nearest as round_to_block
+        from quantcli.formats.gguf.writer import quantize_on_grid
+        from quantcli.formats.gguf.types import round_to_nearest as round_to_block
 
         return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian, kind: (round_to_block(matrix, kind), []))
 

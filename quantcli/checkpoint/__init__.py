@@ -1,0 +1,1 @@
+"""A quantcli checkpoint: quantcli.json, loading any checkpoint, atomic output."""

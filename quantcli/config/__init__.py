@@ -1,0 +1,1 @@
+"""Run configs, allocation config, quality gates, recipes and their validators."""

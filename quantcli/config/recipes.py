@@ -1,0 +1,148 @@
+"""YAML recipes and command-line options merged into one :class:`~quantcli.config.quantize.QuantizeConfig`.
+
+A recipe is flat YAML: the top-level keys of :class:`QuantizeConfig` plus ``calibration:``, ``eval:``,
+``gates:`` and ``allocation:`` mappings; any other top-level key is a method option (``group_size: 32``)
+that the chosen method's own config validates. Unknown keys are rejected, never ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from quantcli.allocate import AllocationConfig
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.errors import InputError, option
+from quantcli.config.gates import GateLimits
+from quantcli.limits import shown
+
+_SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig, "gates": GateLimits, "allocation": AllocationConfig}
+
+
+def _section(name: str, cls: type, values: Any) -> Any:
+    if values is None and name in ("eval", "allocation"):
+        return None
+    if not isinstance(values, Mapping):
+        raise InputError(f"'{name}' must be a mapping of settings, got {type(values).__name__}.")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(unknown)} in '{name}'. Valid keys: {', '.join(sorted(known))}.")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise InputError(f"bad '{name}' settings: {error}.") from None
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> QuantizeConfig:
+    """Build a :class:`QuantizeConfig`; keys that are not its fields become method options."""
+    if not isinstance(values, Mapping):
+        raise InputError(f"a recipe must be a mapping of settings, got {type(values).__name__}.")
+    top = {f.name for f in fields(QuantizeConfig)} - {"method_options"}
+    kwargs: dict[str, Any] = {}
+    options = values.get("method_options") or {}
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise InputError(f"'method_options' must be a mapping of option names to values, got {shown(options)}.")
+    options = dict(options)
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise InputError(f"recipe keys must be strings, got {shown(key)}.")
+        if key == "method_options":
+            continue
+        if key in _SECTIONS:
+            kwargs[key] = _section(key, _SECTIONS[key], value)
+        elif key in top:
+            kwargs[key] = value
+        else:
+            options[key] = value
+    if kwargs.get("allocation") is not None:
+        kwargs.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
+    if "bits" not in kwargs:
+        raise InputError(f"the recipe sets no 'bits'. Add e.g. 'bits: 4' or pass {option('bits')}.")
+    if isinstance(kwargs.get("output"), str):
+        kwargs["output"] = Path(kwargs["output"])
+    if "skip_modules" in kwargs:
+        skip = kwargs["skip_modules"]
+        if isinstance(skip, str):
+            skip = [skip]
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
+            raise InputError("'skip_modules' must be a list of glob patterns.")
+        kwargs["skip_modules"] = tuple(skip)
+    try:
+        return QuantizeConfig(method_options=options, **kwargs)
+    except TypeError as error:
+        raise InputError(f"bad recipe: {error}.") from None
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """One ``-O KEY=VALUE`` method option; the value is read as a YAML scalar (``0.05``, ``true``, ``fp16``)."""
+    import yaml
+
+    key, equals, raw = text.partition("=")
+    if not equals or not key.strip():
+        raise InputError(f"-O takes KEY=VALUE (e.g. -O damp=0.05), got {text!r}.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    if not isinstance(value, (str, int, float, bool)) or value is None:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def merge_quantize_config(
+    recipe_path: Path | None, top: Mapping[str, Any], method_options: Mapping[str, Any], calibration: Mapping[str, Any],
+    evaluation: Mapping[str, Any] | None, gates: Mapping[str, Any], options: list[str] = (), allocation: Mapping[str, Any] | None = None,
+) -> QuantizeConfig:
+    """The one merge of a YAML recipe with what the command line gave (each mapping holds only the
+    options actually given; ``evaluation=None`` is ``--no-eval``; ``options`` are ``-O KEY=VALUE``)."""
+    recipe: dict[str, Any] = load_recipe(recipe_path) if recipe_path else {}
+    recipe.update(top)
+    recipe.update(method_options)
+    recipe.update(dict(parse_option(text) for text in options))
+    for name, given in (("calibration", calibration), ("gates", gates)):
+        recipe[name] = {**_recipe_section(recipe, name), **given}
+    streams = bool(recipe.get("low_memory"))
+    asked = set(evaluation or {}) - {"seq_len"}  # --seq-len also sets calibration windows
+    if evaluation is None or (streams and not asked and "eval" not in recipe):
+        recipe["eval"] = None  # streaming never holds the whole model, so it evaluates only when asked
+    else:
+        recipe["eval"] = {**_recipe_section(recipe, "eval"), **evaluation}
+    if allocation:
+        recipe["allocation"] = {**_recipe_section(recipe, "allocation"), **allocation}
+    if recipe.get("allocation"):
+        recipe.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
+    if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
+        from quantcli.formats.gguf.types import block_type
+
+        recipe["bits"] = block_type(recipe["gguf_type"]).bits
+    if "bits" not in recipe:
+        raise InputError(f"no {option('bits')} given. Pass {option('bits', 8)} or {option('bits', 4)}, or a {option('config')} recipe that sets bits.")
+    return config_from_mapping(recipe)
+
+
+def _recipe_section(recipe: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = recipe.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"'{key}' must be a mapping of settings, got {type(value).__name__}.")
+    return dict(value)
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read a YAML recipe file into a plain mapping (validated later by :func:`config_from_mapping`)."""
+    from quantcli.limits import MAX_RECIPE_BYTES, read_bounded
+    from quantcli.config.strictyaml import load_strict
+
+    try:
+        text = read_bounded(Path(path), "recipe", MAX_RECIPE_BYTES).decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"recipe file {path} does not exist. Pass the path of a YAML file, e.g. configs/rtn-int4.yaml.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read recipe {path}: {error}.") from None
+    data = load_strict(text, path)
+    if data is None:
+        raise InputError(f"recipe {path} is empty. Add at least 'bits: 4'.")
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {path} must be a YAML mapping (key: value lines), not a {type(data).__name__}.")
+    return data

@@ -1,0 +1,1 @@
+"""Measuring a model: evaluation, perplexity, speed, comparison, plots."""

@@ -1,0 +1,1 @@
+"""The quantization core: integer grids, reference ops, layer selection, the block driver, GPTQ."""

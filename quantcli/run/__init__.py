@@ -1,0 +1,1 @@
+"""The quantize run: the pipeline, streaming, and the report."""

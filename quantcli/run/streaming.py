@@ -1,0 +1,292 @@
+"""Streaming (``--low-memory``): quantize a model larger than memory one decoder block at a time.
+
+The model is built as a skeleton on the meta device (no weights). :class:`ShardBlocks` is the block
+source the driver (:func:`quantcli.quant.blockwise.quantize_blockwise`) reads: it loads one decoder
+block's tensors from the safetensors shards (``safe_open``), lets the method quantize it (with
+calibration activations flowing from block to block, as in memory), writes the block as its own
+output shard and frees it: peak memory is about one block plus the calibration activations. The
+output is the same compressed-tensors checkpoint the in-memory run writes, tensor for tensor.
+
+Each finished shard is recorded in ``resume.json`` inside the staging folder, with the next block's
+input hidden states (``activations.safetensors``) for calibrated methods; an interrupted run keeps
+that folder, and ``--resume`` continues after the last finished block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from quantcli.checkpoint.atomic import RESUME_FILE, write_json
+from quantcli.errors import InputError, option
+
+ACTIVATIONS_FILE = "activations.safetensors"  # in the staging folder: the next block's calibration inputs
+
+
+def source_tensors(source: str) -> dict[str, Path]:
+    """Which safetensors file of ``source`` holds each tensor."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, local_files_only=True))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{option('low_memory', True)} streams safetensors weights, and {source} has none. Convert the checkpoint to safetensors first.")
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            where.update({key: file for key in handle.keys()})
+    return where
+
+
+def skeleton(source: str, dtype: Any, trust_remote_code: bool) -> Any:
+    """The model with every parameter on the meta device (buffers such as RoPE's are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantcli.sources.remote import refuse_remote_code
+
+    refuse_remote_code(source, trust_remote_code)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype).eval()
+    model.tie_weights()  # as from_pretrained does: a tied head shares the embedding's parameter
+    return model
+
+
+def _read(names: list[str], where: dict[str, Path]) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted({where[name] for name in names}):
+        with safe_open(file, framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in names if where[name] == file})
+    return tensors
+
+
+def shard_groups(names: list[str], prefix: str, blocks: int) -> list[list[str]]:
+    """Tensor names per decoder block in block order, then per other module (embeddings, norm, head)."""
+    inside: list[list[str]] = [[] for _ in range(blocks)]
+    rest: dict[str, list[str]] = {}
+    for name in sorted(names):
+        index = name[len(prefix) + 1 :].split(".", 1)[0] if prefix and name.startswith(prefix + ".") else ""
+        if index.isdigit() and int(index) < blocks:
+            inside[int(index)].append(name)
+        else:
+            rest.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    return inside + [rest[module] for module in sorted(rest)]
+
+
+class ShardBlocks:
+    """The decoder blocks of ``source`` read from its shards one at a time, each written to
+    ``staging`` as its own shard when quantized (same interface as :class:`quantcli.quant.blockwise.ModelBlocks`)."""
+
+    def __init__(
+        self, model: Any, names: tuple[str, ...], source: str, staging: Path, settings: dict[str, Any], output_format: Any, kept_dtype: Any = None,
+    ) -> None:
+        from quantcli.quant.blockwise import decoder_blocks
+
+        self.model, self.staging, self.settings, self.format, self.names = model, staging, settings, output_format, names
+        self.kept_dtype = kept_dtype  # what tensors no quantized layer owns are written in (None: as held)
+        self.prefix, self.blocks = decoder_blocks(model, names)
+        self.where = source_tensors(source)
+        self.groups = shard_groups(list(self.where), self.prefix, len(self.blocks))
+        self.shards = [f"model-{index:05d}-of-{len(self.groups):05d}.safetensors" for index in range(1, len(self.groups) + 1)]
+        self.records: dict[str, Any] = {}
+        self.modules = dict(model.named_modules())
+        self.known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {name for name, _ in model.named_buffers()}
+        state = json.loads((staging / RESUME_FILE).read_text()) if (staging / RESUME_FILE).exists() else {}
+        self.state = state if state.get("settings") == settings else {}
+        self.done = [shard for shard in self.state.get("done", []) if (staging / shard).exists()]
+        self.resumed = len(self.done)
+        self.written = {name: record for name, record in self.state.get("written", {}).items() if name in names}
+        self._save_state()
+
+    def _save_state(self, **extra: Any) -> None:
+        self.state = {**self.state, **extra, "settings": self.settings, "done": self.done, "written": self.written}
+        write_json(self.staging / RESUME_FILE, self.state)
+
+    def _load(self, names: list[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, tensor in _read([name for name in names if name in self.known], self.where).items():
+            set_module_tensor_to_device(self.model, name, "cpu", value=tensor)
+        self.model.tie_weights()  # a tied head shares the embedding's new tensor again
+
+    def _free(self, names: list[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            if name in self.known:
+                set_module_tensor_to_device(self.model, name, "meta")
+        self.model.tie_weights()
+
+    def resume_point(self) -> tuple[int, Any]:
+        """The first unfinished block and its saved calibration inputs (None without calibration)."""
+        start, hidden = self._saved_inputs(self._finished_blocks())
+        self.records.update({name: _from_json(record) for name, record in self.written.items()})
+        return start, hidden
+
+    def _finished_blocks(self) -> int:
+        start = 0
+        while start < len(self.blocks) and self.shards[start] in self.done:
+            start += 1
+        return start
+
+    def _saved_inputs(self, start: int) -> tuple[int, Any]:
+        if not self.settings.get("calibration") or start in (0, len(self.blocks)):
+            return start, None
+        if self.state.get("activations_for") != start or not (self.staging / ACTIVATIONS_FILE).exists():
+            self.done, self.written = [], {}  # no saved inputs for the first unfinished block: start over
+            return 0, None
+        from safetensors.torch import load_file
+
+        saved = load_file(self.staging / ACTIVATIONS_FILE)
+        return start, [saved[str(index)] for index in range(len(saved))]
+
+    def _rest(self) -> list[str]:
+        return [name for group in self.groups[len(self.blocks) :] for name in group]
+
+    @contextlib.contextmanager
+    def embeddings(self) -> Iterator[Any]:
+        rest = self._rest()
+        self._load(rest)
+        try:
+            yield self.model
+        finally:
+            self._free(rest)
+
+    def _check_range(self, layers: list[str]) -> None:
+        """Refuse a layer whose values are too large for a finite scale, as the in-memory run does up front."""
+        from quantcli.quant.finite import check_weight_range
+        from quantcli.quant.layers import weight_matrix
+
+        for name in layers:
+            check_weight_range(name, weight_matrix(self.modules[name]), "")
+
+    def open(self, index: int) -> Any:
+        self._load(self.groups[index])
+        self._check_range([name for name in self.names if name.startswith(f"{self.prefix}.{index}.")])
+        return self.blocks[index]
+
+    def close(self, index: int, records: dict[str, Any], hidden: Any) -> None:
+        if hidden is not None and index + 1 < len(self.blocks):
+            from safetensors.torch import save_file
+
+            save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(self.staging / f"{ACTIVATIONS_FILE}.tmp"))
+            (self.staging / f"{ACTIVATIONS_FILE}.tmp").rename(self.staging / ACTIVATIONS_FILE)
+        self._write(index, records)
+        self._free(self.groups[index])
+        self.records.update({name: _placeholder(record) for name, record in records.items()})
+        self.written.update({name: _to_json(self.records[name]) for name in records if records[name] is not None})
+        self._save_state(activations_for=index + 1 if hidden is not None else None)
+
+    @contextlib.contextmanager
+    def layer(self, name: str) -> Iterator[None]:
+        tensors = [key for key in self.where if key.rsplit(".", 1)[0] == name]
+        self._load(tensors)
+        self._check_range([name])
+        yield
+
+    def close_layer(self, name: str, record: Any) -> None:
+        self.records[name] = record  # written with its module's shard by finish()
+
+    def _write(self, index: int, records: dict[str, Any]) -> None:
+        """Shard ``index``: quantized layers compressed, every other tensor as the model holds it."""
+        from safetensors.torch import save_file
+
+        if self.shards[index] in self.done:
+            return
+        tensors = {}
+        for key in self.groups[index]:
+            layer, _, kind = key.rpartition(".")
+            if kind == "weight" and records.get(layer) is not None:
+                stored = self.format.layer_tensors(layer, records[layer], self.modules[layer])
+                tensors.update({f"{layer}.{part}": value for part, value in stored.items()})
+                tensors.update(self.format.tied_tensors(self.model, layer, stored))
+            elif key not in tensors:
+                value = self._current(key)
+                tensors[key] = value.to(self.kept_dtype) if self.kept_dtype is not None and value.is_floating_point() else value
+        path = self.staging / self.shards[index]
+        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"format": "pt"})
+        path.with_suffix(".tmp").rename(path)
+        self.done.append(self.shards[index])
+
+    def _current(self, key: str) -> Any:
+        """A tensor as the model holds it (loaded), or as the source stores it, in the model's dtype."""
+        if key not in self.known:
+            return _read([key], self.where)[key]
+        layer, _, kind = key.rpartition(".")
+        held = getattr(self.modules[layer], kind)
+        if held.device.type != "meta":
+            return held.detach()
+        stored = _read([key], self.where)[key]
+        return stored.to(held.dtype) if stored.is_floating_point() else stored
+
+    def finish(self) -> int:
+        """Write the modules outside the blocks, the index, config and quantization config; returns bytes of weights.
+        Records of ``None`` (layers a method keeps dense) are written as the model holds them."""
+        from safetensors import safe_open
+
+        for index in range(len(self.blocks), len(self.groups)):
+            layers = {key.rsplit(".", 1)[0] for key in self.groups[index]}
+            self._write(index, {name: record for name, record in self.records.items() if name in layers})
+            self._save_state()
+        weight_map, total = {}, 0
+        for shard in self.shards:
+            with safe_open(self.staging / shard, framework="pt") as handle:
+                for key in handle.keys():
+                    weight_map[key] = shard
+                    total += _nbytes(handle, key)
+        write_json(self.staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        self.model.config.save_pretrained(self.staging)
+        if self.model.can_generate():
+            self.model.generation_config.save_pretrained(self.staging)
+        self.format.finish(self.model, {name: record for name, record in self.records.items() if record is not None}, self.staging)
+        (self.staging / RESUME_FILE).unlink()
+        (self.staging / ACTIVATIONS_FILE).unlink(missing_ok=True)
+        return total
+
+
+def _to_json(record: Any) -> dict[str, Any]:
+    """A written layer's record (a dataclass of tensors and an optional layout) as resume.json keeps it."""
+    shapes = {name: [list(value.shape), str(value.dtype).removeprefix("torch.")] for name, value in vars(record).items() if hasattr(value, "shape")}
+    layout = getattr(record, "layout", None)
+    return {"type": type(record).__module__ + ":" + type(record).__qualname__, "layout": vars(layout) if layout else None, "tensors": shapes}
+
+
+def _from_json(data: dict[str, Any]) -> Any:
+    import importlib
+
+    import torch
+
+    from quantcli.quant.intgrid import IntLayout
+
+    module, _, name = data["type"].partition(":")
+    if not module.startswith("quantcli."):
+        raise ValueError(f"resume.json names a record type outside quantcli: {data['type']!r}")
+    kind = getattr(importlib.import_module(module), name)
+    tensors = {key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for key, (shape, dtype) in data["tensors"].items()}
+    return kind(**tensors, **({"layout": IntLayout(**data["layout"])} if data["layout"] else {}))
+
+
+def _placeholder(record: Any) -> Any:
+    """A written layer's record with its tensors on ``meta``: shapes and layout stay, memory goes."""
+    import dataclasses
+
+    if record is None:
+        return None
+    return dataclasses.replace(record, **{f.name: getattr(record, f.name).to("meta") for f in dataclasses.fields(record) if hasattr(getattr(record, f.name), "to")})
+
+
+def _nbytes(handle: Any, key: str) -> int:
+    import math
+
+    view = handle.get_slice(key)
+    sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    return math.prod(view.get_shape()) * sizes.get(view.get_dtype(), 4)

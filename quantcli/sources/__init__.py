@@ -1,0 +1,1 @@
+"""Where a run's inputs come from: models, tokenizers, datasets, token streams, load-time checks."""
