@@ -29,7 +29,7 @@ import torch
 
 import quantcli
 import setups
-from quantcli.allocate import AllocationConfig
+from quantcli.config.allocation import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes
 from quantcli.allocate.run import decide, prepare
 from quantcli.allocate.search import _predicted, assemble, uniform_choices
@@ -37,7 +37,7 @@ from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConf
 from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import GateFailedError
 from quantcli.methods import get_method
-from quantcli.methods.base import QuantizeRequest
+from quantcli.quant.records import QuantizeRequest
 from quantcli.sources.models import load_model, load_tokenizer
 from quantcli.quant.keptdtype import storage_dtype
 from quantcli.quant.layers import select_modules

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import quantcli
-from quantcli.allocate import AllocationConfig
-from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates, stored_bytes
+from quantcli.allocate.candidates import checkpoint_bytes, stored_bytes
+from quantcli.config.allocation import AllocationConfig, parse_candidates
 from quantcli.allocate.sensitivity import spearman
 from quantcli.allocate.solver import solve
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
@@ -209,7 +209,7 @@ def prepared(tmp_path_factory, stories_path):
     from quantcli.sources.datasets import calibration_batch, read_documents
     from quantcli.quant.layers import select_modules
     from quantcli.methods import get_method
-    from quantcli.methods.base import QuantizeRequest
+    from quantcli.quant.records import QuantizeRequest
     from quantcli.sources.models import load_model, load_tokenizer
     from quantcli.progress import NullProgress
 

@@ -12,13 +12,14 @@ from safetensors import safe_open
 
 import quantcli
 from quantcli.quant import ops
+from quantcli.formats import save
 from quantcli.formats.compressed_tensors import CONV1D_NOTE
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import InputError
 from quantcli.quant.intgrid import IntLayout
 from quantcli.methods import available_methods, get_method
-from quantcli.methods.base import QuantizedModel, QuantizeRequest
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 from quantcli.sources.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from quantcli.quant.layers import select_modules
 
@@ -204,7 +205,7 @@ def act_order_runs(tokenizer, calibration):
 def test_act_order_keeps_the_plain_group_layout(act_order_runs, tmp_path):
     quantized = act_order_runs[0][0]
     assert quantized.layers[GATE].scheme == "group" and quantized.layers[GATE].group_size == 32
-    quantized.save(tmp_path)
+    save(quantized, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as tensors:
         assert not [key for key in tensors.keys() if "g_idx" in key]
         assert tuple(tensors.get_tensor(f"{GATE}.weight_scale").shape) == (172, 64 // 32)

@@ -83,7 +83,7 @@ def test_json_output_is_strict_even_when_a_report_holds_nan(tmp_path):
 
 
 def test_written_json_is_strict(tmp_path):
-    from quantcli.checkpoint.atomic import write_json
+    from quantcli.strict_json import write_json
 
     write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("-inf"), 1.5]})
     assert _strict((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5]}

@@ -14,55 +14,14 @@ int32 words plus ``weight_shape``; ``weight_scale`` in the model dtype; zero poi
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from quantcli.errors import InputError, option
+from quantcli.safetensors_dtypes import FROM_TORCH as _DTYPES
+from quantcli.safetensors_dtypes import WIDTHS as _BYTES
+
 
 if TYPE_CHECKING:
     from quantcli.quant.intgrid import IntLayout
-
-KEEP = "keep"
-DEFAULT_CANDIDATES = (KEEP, "int8", "int4-g128", "int4-g64", "int4-g32", "int3-g32")
-_PATTERN = re.compile(r"int([348])(?:-g(\d+))?")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One storage choice: ``bits`` None means keep the tensor as it is."""
-
-    name: str
-    bits: int | None = None
-    group_size: int | None = None
-
-    def layout(self, in_features: int, symmetric: bool, observer: str, scale_dtype: str | None = None) -> IntLayout | None:
-        from quantcli.quant.intgrid import IntLayout, group_size_for
-
-        if self.bits is None:
-            return None
-        group = None if self.group_size is None else group_size_for(in_features, self.group_size)
-        return IntLayout(self.bits, symmetric, group, observer, scale_dtype)
-
-
-def parse_candidates(names: tuple[str, ...] | list[str]) -> tuple[Candidate, ...]:
-    """Candidates from names such as ``keep, int8, int4-g128, int3-g32`` (order kept, duplicates refused)."""
-    parsed = []
-    for name in names:
-        name = name.strip().lower()
-        match = _PATTERN.fullmatch(name)
-        if name == KEEP:
-            parsed.append(Candidate(KEEP))
-        elif match and (match.group(2) is None or int(match.group(2)) > 0):
-            parsed.append(Candidate(name, int(match.group(1)), int(match.group(2)) if match.group(2) else None))
-        else:
-            raise InputError(f"unknown candidate {name!r}: use keep, int8, int4, int3, optionally with a group size as in int4-g128.")
-    if len({c.name for c in parsed}) != len(parsed):
-        raise InputError(f"{option('allocation.candidates')} lists a candidate twice: {', '.join(names)}.")
-    if not any(c.bits for c in parsed):
-        raise InputError(f"{option('allocation.candidates')} needs at least one integer candidate (e.g. int4-g128) besides keep.")
-    return tuple(parsed)
-
 
 def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, dtype_bytes: int) -> int:
     """Bytes on disk of one weight stored as ``layout`` (None: kept in a dtype of ``dtype_bytes``; the
@@ -79,8 +38,6 @@ def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, 
 
 
 _SAFETENSORS_RANK = ("I8", "F16", "BF16", "I32", "F32", "I64")  # the order of safetensors' Dtype enum; it writes the highest first
-_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "int32": "I32", "int64": "I64"}
-_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features: int, held: str) -> list[tuple[str, str, tuple[int, ...], int]]:

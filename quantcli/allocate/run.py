@@ -18,12 +18,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from quantcli.allocate.candidates import checkpoint_bytes, parse_candidates
+from quantcli.allocate.candidates import checkpoint_bytes
+from quantcli.config.allocation import parse_candidates
 from quantcli.allocate.search import _layouts, _predicted, _solve, assemble, frontier, layer_options, probe, size_choice, table_options, uniform_choices
 from quantcli.allocate.verify import Verifier, windows
 from quantcli.allocate.sensitivity import hessians, output_fisher
 from quantcli.errors import GateFailedError, option
-from quantcli.methods.base import QuantizedModel, QuantizeRequest
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 ENOUGH = 0.8  # a round that meets the target using at least this share of it ends the search

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from quantcli.quant import ops
-from quantcli.allocate.candidates import Candidate, checkpoint_bytes, stored_bytes
+from quantcli.allocate.candidates import checkpoint_bytes, stored_bytes
+from quantcli.config.allocation import Candidate
 from quantcli.allocate.sensitivity import base_log_probs, measured_kl, proxy, spearman
 from quantcli.allocate.solver import solve
 from quantcli.errors import InputError, option

@@ -138,9 +138,3 @@ def _under(filename: Any, folder: Path) -> bool:
         return False
     path = Path(os.fsdecode(filename)).resolve()
     return path.is_relative_to(Path(folder).resolve())
-
-
-def write_json(path: Path, data: Any) -> None:
-    from quantcli.quant.finite import dumps
-
-    path.write_text(dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -11,39 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quantcli.checkpoint.metadata import METADATA_FILE, check_claims, check_metadata_fields, read_metadata, table_layers
 from quantcli.errors import CheckpointError, InputError, ModelLoadError, QuantCliError, option
-
-FORMAT_VERSION = 1
-METADATA_FILE = "quantcli.json"
-REPORT_FILE = "report.json"
-
-
-def read_metadata(folder: Path) -> dict[str, Any] | None:
-    """``quantcli.json`` of ``folder``, validated; None for a checkpoint quantcli did not write."""
-    path = Path(folder) / METADATA_FILE
-    if not path.exists():
-        return None
-    try:
-        from quantcli.limits import MAX_METADATA_BYTES, read_bounded
-
-        metadata = json.loads(read_bounded(path, "checkpoint metadata", MAX_METADATA_BYTES).decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        why = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} is corrupt ({why}). Re-run quantcli quantize to rewrite the checkpoint.") from None
-    except InputError as error:
-        raise CheckpointError(str(error)) from None
-    except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error.strerror or error}.") from None
-    version = metadata.get("format_version") if isinstance(metadata, dict) else None
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{path} has no valid format_version. Re-run quantcli quantize to rewrite the checkpoint.")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format version {version}, newer than this quantcli reads ({FORMAT_VERSION})."
-            " Upgrade quantcli: pip install -U quantcli."
-        )
-    return metadata
-
 
 BACKENDS = ("auto", "int8-cpu", "int4-cpu")
 
@@ -65,20 +34,16 @@ def load(
     source = resolve_model(str(path))
     metadata = read_metadata(Path(source)) if Path(source).is_dir() else None
     if metadata is not None:
-        from quantcli.sources.integrity import check_metadata_fields
-
         check_metadata_fields(metadata, Path(source) / METADATA_FILE)
     device = pick_device(device)
     if backend != "auto":
         from quantcli.quant.cpu_kernels import convert, kernel_layers
 
-        layers = kernel_layers(backend, metadata, device)  # refuse before the model loads
+        layers = kernel_layers(backend, metadata, table_layers(metadata), device)  # refuse before the model loads
     try:
         model, tokenizer = _load(source, metadata, device, trust_remote_code), load_tokenizer(source, trust_remote_code)
         check_vocab(model, tokenizer, str(path))
         if metadata is not None:
-            from quantcli.sources.integrity import check_claims
-
             check_claims(Path(source), metadata, model)
     except QuantCliError:
         raise
@@ -138,7 +103,5 @@ def inspect(path: str | Path) -> dict[str, Any]:
     metadata = read_metadata(folder)
     if metadata is None:
         raise CheckpointError(f"{path} has no {METADATA_FILE}: it was not written by quantcli quantize. Use quantcli eval for any checkpoint.")
-    from quantcli.sources.integrity import check_metadata_fields
-
     check_metadata_fields(metadata, folder / METADATA_FILE)
     return {**metadata, "disk_bytes": bytes_on_disk(weight_files(str(folder)))}

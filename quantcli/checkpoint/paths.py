@@ -8,9 +8,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from quantcli.checkpoint.metadata import METADATA_FILE
 from quantcli.errors import InputError, OutputWriteError, option
 
-METADATA_FILE = "quantcli.json"
 
 
 def _real(path: Path | str) -> Path:

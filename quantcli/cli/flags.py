@@ -45,12 +45,21 @@ def _with_value(param: Any, spelling: str, value: Any) -> str:
     return f"{spelling} {value}"
 
 
+_PROGRAM: list[Any] = []  # the Typer app, registered by quantcli.cli.app when it is assembled
+
+
+def register_program(app: Any) -> None:
+    """Name flags from ``app``'s commands (the app registers itself; this module never imports it)."""
+    _PROGRAM[:] = [app]
+
+
 def program_commands(running: Callable[..., Any] | None = None) -> list[Any]:
     """The click commands of ``quantcli``, the one whose callback is ``running`` first."""
     import typer.main
 
-    from quantcli.cli.app import app
-
+    if not _PROGRAM:
+        return []
+    app = _PROGRAM[0]
     commands = dict(typer.main.get_command(app).commands)
     for info in app.registered_commands:
         if info.callback is running and running is not None:

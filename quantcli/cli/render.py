@@ -51,7 +51,7 @@ def tolerate_terminal_encoding() -> None:
 
 
 def print_json(data: Any) -> None:
-    from quantcli.quant.finite import dumps
+    from quantcli.strict_json import dumps
 
     stdout.out(dumps(data, indent=2), highlight=False)
 

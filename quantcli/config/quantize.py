@@ -11,47 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from quantcli.allocate import ALLOCATING_METHODS, AllocationConfig
+from quantcli.config.allocation import AllocationConfig
 from quantcli.errors import InputError, option
 from quantcli.config.gates import GateLimits
+from quantcli.config.validators import check_positive, check_type, parse_size
 from quantcli.limits import bound_calibration, bound_eval, shown
+from quantcli.sources.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "stories260K"
 DEFAULT_CALIB_DATASET = "tinystories:calib"
 DEFAULT_EVAL_DATASET = "tinystories:eval"
 BOS_MODES = ("auto", "start", "none")
 PROTOCOLS = ("stream", "documents")
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: Any) -> int:
-    """Bytes in a size such as ``"200KB"``, ``"2GB"`` or ``"5GiB"`` (transformers' ``max_shard_size`` units)."""
-    import re
-
-    size = 0
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), re.IGNORECASE)
-        if match and len(match.group(1)) < 30:
-            size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
-    if size <= 0:
-        raise InputError(f"{option('max_shard_size')} must be a size such as 200KB, 500MB or 2GB, got {shown(value)}.")
-    return size
-
-
-_TYPE_WORDS = {int: "an integer", bool: "true or false", str: "a string", Path: "a path", type(None): "null"}
-
-
-def _check_type(name: str, value: Any, *kinds: type) -> None:
-    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
-        wanted = " or ".join(_TYPE_WORDS.get(kind, kind.__name__) for kind in kinds)
-        raise InputError(f"{name} must be {wanted}, got {shown(value)}.")
-
-
-def check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InputError(f"{name} must be a positive integer, got {shown(value)}.")
 
 
 @dataclass(frozen=True)
@@ -65,9 +35,9 @@ class CalibrationConfig:
     text_column: str | None = None
 
     def __post_init__(self) -> None:
-        _check_type("calibration dataset", self.dataset, str)
-        _check_type(f"text column ({option('calibration.text_column')})", self.text_column, str, type(None))
-        _check_type(f"calibration seed ({option('calibration.seed')})", self.seed, int)
+        check_type("calibration dataset", self.dataset, str)
+        check_type(f"text column ({option('calibration.text_column')})", self.text_column, str, type(None))
+        check_type(f"calibration seed ({option('calibration.seed')})", self.seed, int)
         check_positive(f"calibration samples ({option('calibration.samples')})", self.samples)
         check_positive(f"calibration sequence length ({option('calibration.seq_len')})", self.seq_len)
         bound_calibration(self)
@@ -88,9 +58,9 @@ class EvalConfig:
     doc_separator: str | None = None
 
     def __post_init__(self) -> None:
-        _check_type("eval dataset", self.dataset, str)
-        _check_type(f"text column ({option('eval.text_column')})", self.text_column, str, type(None))
-        _check_type(f"document separator ({option('eval.doc_separator')})", self.doc_separator, str, type(None))
+        check_type("eval dataset", self.dataset, str)
+        check_type(f"text column ({option('eval.text_column')})", self.text_column, str, type(None))
+        check_type(f"document separator ({option('eval.doc_separator')})", self.doc_separator, str, type(None))
         check_positive(f"eval sequence length ({option('eval.seq_len')})", self.seq_len)
         if self.seq_len < 2:
             raise InputError(f"eval sequence length ({option('eval.seq_len')}) must be at least 2 (a window predicts each token from the ones before it), got {self.seq_len}.")
@@ -160,7 +130,7 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
-            _check_type(f"'{name}'", getattr(self, name), *kinds)
+            check_type(f"'{name}'", getattr(self, name), *kinds)
         if isinstance(self.embeddings, str) and self.embeddings.isdigit():
             object.__setattr__(self, "embeddings", int(self.embeddings))
         if self.embeddings not in EMBEDDING_CHOICES:
@@ -200,8 +170,13 @@ class QuantizeConfig:
             raise InputError(f"{option('allocation')} searches per-layer precision on the whole model in memory; drop {option('low_memory', True)}.")
         if self.format is not None:
             raise InputError(f"{option('allocation')} writes a mixed-precision compressed-tensors checkpoint; drop {option('format', 'gguf')}.")
-        if self.method is not None and self.method not in ALLOCATING_METHODS:
-            raise InputError(f"{option('allocation')} allocates with {option('method', 'rtn')} or gptq, not {self.method}.")
+        if self.method is not None:
+            from quantcli.methods import capable
+
+            allocating = capable("allocates")
+            if self.method not in allocating:
+                names = " or ".join([option("method", allocating[0]), *allocating[1:]])
+                raise InputError(f"{option('allocation')} allocates with {names}, not {self.method}.")
     def _check_gguf(self) -> None:
         from quantcli.formats.gguf.types import TYPES, block_type
 

@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from quantcli.allocate import AllocationConfig
+from quantcli.config.allocation import AllocationConfig
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.errors import InputError, option
 from quantcli.config.gates import GateLimits

@@ -1,5 +1,5 @@
-"""Output formats. Each module in this package registers one format on import, so adding a format
-is one new file here plus its tests (GGUF: ``gguf.py``, with its block grids in ``gguf_grid.py``).
+"""Output formats. Each module in this package (or subpackage, such as ``gguf/``) registers one format
+on import, so adding a format is one new file here plus its tests.
 
 A format turns a method's neutral per-layer records (integer codes, scales, zero points and their
 layout: :class:`quantcli.quant.intgrid.IntWeights`, or bitsandbytes' NF4 codes) into stored tensors
@@ -10,14 +10,11 @@ layout: :class:`quantcli.quant.intgrid.IntWeights`, or bitsandbytes' NF4 codes) 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import Any, ClassVar
 
 from quantcli.errors import CheckpointError
-
-_REGISTRY: dict[str, type["Format"]] = {}
+from quantcli.registry import Registry
 
 
 class Format:
@@ -34,10 +31,8 @@ class Format:
         return {}
 
     def save(self, quantized: Any, folder: Path, max_shard_size: int | None = None) -> None:
-        """Write a whole quantized model (:class:`quantcli.methods.base.QuantizedModel`) into ``folder``;
+        """Write a whole quantized model (:class:`quantcli.quant.records.QuantizedModel`) into ``folder``;
         by default transformers' own serialisation of the model (dense, bitsandbytes)."""
-        from quantcli.methods.base import shard_kwargs
-
         quantized.model.save_pretrained(folder, **shard_kwargs(max_shard_size))
 
     def finish(self, model: Any, records: dict[str, Any], folder: Path) -> None:
@@ -50,30 +45,19 @@ class Format:
         return load_model(folder, "auto", device, trust_remote_code)
 
 
-def register_format(cls: type[Format]) -> type[Format]:
-    _REGISTRY[cls.name] = cls
-    return cls
+FORMATS: Registry[Format] = Registry(
+    __name__, "unknown checkpoint format '{name}'. This quantcli reads: {available}.", CheckpointError
+)
+register_format = FORMATS.register
+format_names = FORMATS.names
+get_format = FORMATS.get
 
 
-_discovered = False
+def save(quantized: Any, folder: Path, max_shard_size: int | None = None) -> None:
+    """Write ``quantized`` into ``folder`` in its format (shards of at most ``max_shard_size`` bytes if given)."""
+    get_format(quantized.format).save(quantized, folder, max_shard_size)
 
 
-def _discover() -> None:
-    """Import every format module once (a module imported directly registers only itself)."""
-    global _discovered
-    if not _discovered:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-        _discovered = True
-
-
-def format_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
-
-
-def get_format(name: str) -> Format:
-    _discover()
-    if name not in _REGISTRY:
-        raise CheckpointError(f"unknown checkpoint format '{name}'. This quantcli reads: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]()
+def shard_kwargs(max_shard_size: int | None) -> dict[str, Any]:
+    """``save_pretrained`` arguments: shards of at most ``max_shard_size`` bytes plus an index, if given."""
+    return {} if max_shard_size is None else {"max_shard_size": max_shard_size}

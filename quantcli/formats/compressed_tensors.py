@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError
-from quantcli.formats import Format, register_format
+from quantcli.formats import Format, register_format, shard_kwargs
 from quantcli.quant.intgrid import IntLayout, IntWeights
-from quantcli.methods.base import LayerRecord, QuantizedModel, shard_kwargs
+from quantcli.quant.records import LayerRecord, QuantizedModel
 from quantcli.quant.layers import is_conv1d
 
 CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"

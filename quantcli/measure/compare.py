@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import SCHEMA_VERSION
-from quantcli.checkpoint.load import REPORT_FILE, inspect
+from quantcli.checkpoint.load import inspect
+from quantcli.checkpoint.metadata import REPORT_FILE
 from quantcli.config.quantize import EvalConfig
 from quantcli.errors import CheckpointError, InputError, option
 from quantcli.progress import NullProgress, Progress

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import SCHEMA_VERSION
-from quantcli.config.quantize import DEFAULT_EVAL_DATASET, check_positive
+from quantcli.config.quantize import DEFAULT_EVAL_DATASET
+from quantcli.config.validators import check_positive
 from quantcli.errors import DatasetError, InputError, option
 from quantcli.config.gates import GateLimits, check_speedup, to_records
 from quantcli.progress import NullProgress, Progress

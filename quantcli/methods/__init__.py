@@ -1,53 +1,41 @@
-"""Method registry. Each module in this package registers its quantizers on import, so adding a
-method is one new file here (plus its tests)."""
+"""Quantization methods. Each module in this package registers its quantizers on import, so adding a
+method is one new file here (plus its tests); what a method can do is an attribute of its class."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
+from quantcli.registry import Registry
 
 if TYPE_CHECKING:
     from quantcli.methods.base import Quantizer
 
-_REGISTRY: dict[str, type["Quantizer"]] = {}
-_DEFAULTS = {(16, "any"): "cast", (8, "cuda"): "bnb-int8", (8, "cpu"): "rtn", (4, "cuda"): "bnb-nf4", (4, "cpu"): "rtn", (3, "any"): "gptq"}
+METHODS: Registry[Quantizer] = Registry(__name__, "unknown method '{name}'. Available: {available}.", InputError)
+register_method = METHODS.register
+get_method = METHODS.get
+available_methods = METHODS.classes
 
 
-def register_method(cls: type["Quantizer"]) -> type["Quantizer"]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-_discovered = False
-
-
-def _discover() -> None:
-    """Import every method module once (a module imported directly registers only itself)."""
-    global _discovered
-    if _discovered:
-        return
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
-    _discovered = True
-
-
-def available_methods() -> list[type["Quantizer"]]:
-    _discover()
-    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
-
-
-def get_method(name: str) -> "Quantizer":
-    _discover()
-    if name not in _REGISTRY:
-        raise InputError(f"unknown method '{name}'. Available: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]()
+def capable(capability: str) -> list[str]:
+    """The methods whose class sets ``capability`` (e.g. ``"streams"``), those without calibration first."""
+    classes = [cls for cls in METHODS.classes() if getattr(cls, capability)]
+    return [cls.name for cls in sorted(classes, key=lambda cls: (cls.needs_calibration, cls.name))]
 
 
 def default_method(bits: int, device: str) -> str:
-    """The method ``--bits`` picks when ``--method`` is not given: bitsandbytes on CUDA, RTN on CPU."""
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    return _DEFAULTS.get((bits, "any")) or _DEFAULTS[(bits, kind)]
+    """The method ``--bits`` picks on ``device`` when ``--method`` is not given (``Quantizer.default_for``)."""
+    for cls in METHODS.classes():
+        if cls.is_default(bits, device):
+            return cls.name
+    raise InputError(f"no method does {bits}-bit by default. Name one with {option('method')}.")
+
+
+def describe_defaults() -> str:
+    """The default method for each width, as ``--help`` states it."""
+    widths = sorted({bits for cls in METHODS.classes() for bits, _ in cls.default_for}, reverse=True)
+    parts = []
+    for bits in widths:
+        cpu, cuda = default_method(bits, "cpu"), default_method(bits, "cuda")
+        parts.append(f"{bits}-bit {cpu}" if cpu == cuda else f"{bits}-bit {cuda} on CUDA, {cpu} on CPU")
+    return "; ".join(parts)

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from quantcli.errors import InputError, UnavailableError, option
 from quantcli.formats.bitsandbytes import BLOCK
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import Quantizer
+from quantcli.quant.records import LayerRecord, QuantizedModel, QuantizeRequest
 from quantcli.sources.models import load_model
 from quantcli.quant.layers import is_conv1d
 
@@ -185,6 +186,7 @@ class BnbInt8(_Bitsandbytes):
     summary = "bitsandbytes LLM.int8 (int8 weights, fp16 outliers); transformers-native checkpoint"
     supported_bits = (8,)
     config_class = Int8Config
+    default_for = ((8, "cuda"),)
 
     def quantization_config(self, config: Int8Config, dtype: Any, skip: list[str]) -> Any:
         from transformers import BitsAndBytesConfig
@@ -213,6 +215,7 @@ class _FourBit(_Bitsandbytes):
 @register_method
 class BnbNF4(_FourBit):
     name = "bnb-nf4"
+    default_for = ((4, "cuda"),)
     summary = "bitsandbytes 4-bit NormalFloat (QLoRA), optional double quant; transformers-native checkpoint"
     quant_type = "nf4"
 

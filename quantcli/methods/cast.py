@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from quantcli.errors import InputError
 from quantcli.methods import register_method
-from quantcli.methods.base import LayerRecord, QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import Quantizer
+from quantcli.quant.records import LayerRecord, QuantizedModel, QuantizeRequest
 from quantcli.sources.models import load_model
 
 
@@ -27,6 +28,7 @@ class CastQuantizer(Quantizer):
     supported_bits = (16,)
     config_class = CastConfig
     output_format = "dense"
+    default_for = ((16, "any"),)
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         import torch

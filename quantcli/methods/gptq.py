@@ -27,7 +27,8 @@ from quantcli.errors import InputError
 from quantcli.quant.gptq_solver import gptq_on_grid, gptq_quantize
 from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
-from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import Quantizer
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 
@@ -60,6 +61,9 @@ class GPTQQuantizer(Quantizer):
     quantizes_tables = True
     output_format = "compressed-tensors"
     block_grids = True
+    streams = True
+    allocates = True
+    default_for = ((3, "any"),)
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.formats.compressed_tensors import compressed_result

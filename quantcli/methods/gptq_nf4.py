@@ -23,7 +23,8 @@ from quantcli.errors import InputError
 from quantcli.formats.bitsandbytes import BLOCK, NF4Weights, pack_nf4
 from quantcli.quant.intgrid import IntLayout
 from quantcli.methods import register_method
-from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import Quantizer
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 from quantcli.methods.bnb import (
     bitsandbytes_missing, build_result, fourbit_fallbacks, fourbit_quantization_config, fourbit_record, kept_linears,
     load_quantized, split_layers,
@@ -67,6 +68,7 @@ class GPTQNF4Quantizer(Quantizer):
     config_class = GPTQNF4Config
     needs_calibration = True
     output_format = "bitsandbytes"
+    streams = True
 
     def unavailable_reason(self, device: str) -> str | None:
         return bitsandbytes_missing()

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from quantcli.quant import ops
 from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
 from quantcli.methods import register_method
-from quantcli.methods.base import QuantizedModel, QuantizeRequest, Quantizer
+from quantcli.methods.base import Quantizer
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
@@ -32,6 +33,9 @@ class RTNQuantizer(Quantizer):
     quantizes_tables = True
     output_format = "compressed-tensors"
     block_grids = True
+    streams = True
+    allocates = True
+    default_for = ((8, "cpu"), (4, "cpu"))
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.quant.blockwise import quantize_blockwise

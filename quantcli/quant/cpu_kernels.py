@@ -160,13 +160,11 @@ def _int4_module(steps: torch.Tensor, scale: torch.Tensor, bias: Any) -> Any:
     return Int4WeightOnlyLinear(unsigned, scale, (8 - offset).float() * scale, kernel_group, bias)
 
 
-def kernel_layers(backend: str, metadata: dict[str, Any] | None, device: str) -> dict[str, dict[str, Any]]:
-    """The checkpoint's layers ``backend`` runs, from its metadata; raises before any model loads
+def kernel_layers(backend: str, metadata: dict[str, Any] | None, tables: set[str], device: str) -> dict[str, dict[str, Any]]:
+    """The checkpoint's layers ``backend`` runs, from its metadata (``tables``, its embedding and head, stay dequantized:
+    an Embedding is no matmul); raises before any model loads
     when the backend cannot run here or the checkpoint has no such layers."""
     bits = BACKEND_BITS[backend]
-    from quantcli.run.report import table_layers
-
-    tables = table_layers(metadata)  # the embedding/head stay dequantized: an Embedding is no matmul
     layers = {name: layer for name, layer in ((metadata or {}).get("layers") or {}).items() if layer.get("bits") in bits and name not in tables}
     if not layers:
         stored = (metadata or {}).get("bits")

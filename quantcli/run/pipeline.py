@@ -18,8 +18,9 @@ from quantcli.measure.evaluation import eval_source, measure_perplexity
 from quantcli.quant.finite import check_layers_quantizable, check_model_finite
 from quantcli.sources.integrity import check_streamed, file_shapes
 from quantcli.quant.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
-from quantcli.methods import default_method, get_method
-from quantcli.methods.base import QuantizeRequest
+from quantcli.formats import save
+from quantcli.methods import capable, default_method, get_method
+from quantcli.quant.records import QuantizeRequest
 from quantcli.sources.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
 from quantcli.measure.perplexity import check_context
 from quantcli.progress import NullProgress, Progress
@@ -28,13 +29,11 @@ from quantcli.run.reportfiles import PathResult, write_reports
 
 
 
-STREAMABLE = ("rtn", "gptq", "gptq-nf4")  # methods whose records a format writes block by block
-
-
 def check_streamable(method: str, device: str) -> None:
     """Refuse, before any work, a streaming run this build cannot do."""
-    if method not in STREAMABLE:
-        raise UnavailableError(f"{option('low_memory', True)} works with {option('method')} {' or '.join(STREAMABLE)}, not {method}.")
+    streaming = capable("streams")
+    if method not in streaming:
+        raise UnavailableError(f"{option('low_memory', True)} works with {option('method')} {' or '.join(streaming)}, not {method}.")
     if device != "cpu":
         raise UnavailableError(f"{option('low_memory', True)} runs on the CPU; drop {option('device')} or pass {option('device', 'cpu')}.")
 
@@ -205,7 +204,7 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
     start = time.perf_counter()
     with progress.task("save", total=None):
         tokenizer.save_pretrained(staging)  # before the weights: a GGUF file carries the tokenizer
-        quantized.save(staging, config.max_shard_size)
+        save(quantized, staging, config.max_shard_size)
     timings["save"] = time.perf_counter() - start
     skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}  # a tied head stored as a layer
     return PathResult(quantized, tokenizer, original, quantized_memory, skipped, calibration, before, after)

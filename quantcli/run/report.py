@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 from quantcli.measure.perplexity import EvalResult
-from quantcli.methods.base import LayerRecord
+from quantcli.quant.records import LayerRecord
 
 
 SIZE_CLASSES = ("embeddings", "head", "quantized_linears", "scales_and_zero_points", "other")
@@ -18,11 +18,10 @@ def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: s
     and the output head (their integer codes, or their dense weights when kept), the other quantized
     layers' codes, every scale and zero point, and all else (norms, biases, position embeddings), each
     with the safetensors dtypes it is stored in. ``bits_per_weight`` counts all tensor bytes over all parameters."""
-    import math
-
     from safetensors import safe_open
 
-    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    from quantcli.safetensors_dtypes import tensor_bytes
+
     totals = dict.fromkeys(SIZE_CLASSES, 0)
     dtypes: dict[str, set[str]] = {name: set() for name in SIZE_CLASSES}
     for file in files:
@@ -37,7 +36,7 @@ def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: s
                         group = "embeddings" if module == embedding else "head"
                     else:
                         group = "quantized_linears" if module in layers else "other"
-                    totals[group] += math.prod(view.get_shape()) * sizes.get(view.get_dtype(), 4)
+                    totals[group] += tensor_bytes(handle, key)
                     dtypes[group].add(view.get_dtype())
     total = sum(totals.values())
     return {
@@ -46,12 +45,6 @@ def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: s
         "bits_per_weight": 8 * total / parameters if parameters else None,
         "embedding": embedding, "head": head,
     }
-
-
-def table_layers(metadata: dict[str, Any] | None) -> set[str]:
-    """The embedding and head a checkpoint's metadata names (its size breakdown), quantized or kept."""
-    breakdown = (metadata or {}).get("size_breakdown")
-    return {name for name in (breakdown.get("embedding"), breakdown.get("head")) if name} if isinstance(breakdown, dict) else set()
 
 
 def size_summary(original: dict[str, Any], quantized_disk: int, quantized_memory: int) -> dict[str, Any]:

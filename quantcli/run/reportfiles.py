@@ -10,13 +10,13 @@ from typing import Any
 
 from quantcli import SCHEMA_VERSION, __version__
 from quantcli.allocate.report import allocation_map
-from quantcli.checkpoint.atomic import write_json
-from quantcli.checkpoint.load import FORMAT_VERSION, METADATA_FILE, REPORT_FILE
+from quantcli.strict_json import write_json
+from quantcli.checkpoint.metadata import REPORT_FILE, write_metadata
 from quantcli.config.quantize import QuantizeConfig
 from quantcli.config.gates import check_quantize, to_records
 from quantcli.sources.gguf_input import describe
 from quantcli.quant.layers import table_names
-from quantcli.methods.base import QuantizedModel
+from quantcli.quant.records import QuantizedModel
 from quantcli.sources.models import bytes_on_disk, weight_files
 from quantcli.measure.perplexity import EvalResult
 from quantcli.run.report import QuantizeReport, size_breakdown, size_summary
@@ -63,9 +63,7 @@ def write_reports(
         stats=result.quantized.stats,
     )
     report.gates = to_records(check_quantize(config.gates, report.to_dict()))
-    write_json(staging / METADATA_FILE, {
-        "format_version": FORMAT_VERSION,
-        "quantcli_version": __version__,
+    write_metadata(staging, {
         "method": method_name,
         "bits": result.quantized.bits,
         "format": result.quantized.format,

@@ -19,8 +19,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.checkpoint.atomic import RESUME_FILE, write_json
+from quantcli.checkpoint.atomic import RESUME_FILE
+from quantcli.strict_json import write_json
 from quantcli.errors import InputError, option
+from quantcli.safetensors_dtypes import tensor_bytes
 
 ACTIVATIONS_FILE = "activations.safetensors"  # in the staging folder: the next block's calibration inputs
 
@@ -242,7 +244,7 @@ class ShardBlocks:
             with safe_open(self.staging / shard, framework="pt") as handle:
                 for key in handle.keys():
                     weight_map[key] = shard
-                    total += _nbytes(handle, key)
+                    total += tensor_bytes(handle, key)
         write_json(self.staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
         self.model.config.save_pretrained(self.staging)
         if self.model.can_generate():
@@ -284,9 +286,3 @@ def _placeholder(record: Any) -> Any:
     return dataclasses.replace(record, **{f.name: getattr(record, f.name).to("meta") for f in dataclasses.fields(record) if hasattr(getattr(record, f.name), "to")})
 
 
-def _nbytes(handle: Any, key: str) -> int:
-    import math
-
-    view = handle.get_slice(key)
-    sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    return math.prod(view.get_shape()) * sizes.get(view.get_dtype(), 4)

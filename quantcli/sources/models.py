@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantcli.config.quantize import DEFAULT_MODEL
 from quantcli.errors import InputError, ModelLoadError, option
 from quantcli.sources.remote import REMOTE_CODE_HINT, refuse_remote_code
 
@@ -16,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
 ASSETS = Path(__file__).parent.parent / "assets"
+DEFAULT_MODEL = "stories260K"  # the embedded model, in ASSETS
 EMBEDDED_MODEL = ASSETS / "stories260K"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -162,9 +162,7 @@ def check_finite(model: Any, source: str) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
-            from quantcli.quant.finite import stored_wider
-
-            stored = stored_wider(source, name, tensor.dtype)
+            stored = _stored_wider(source, name, tensor.dtype)
             if stored:
                 raise ModelLoadError(
                     f"{source}: weight {name} is stored as {stored} and {bad} of its values overflow"
@@ -195,3 +193,20 @@ def weight_files(source: str) -> list[Path]:
 
 def bytes_on_disk(files: list[Path]) -> int:
     return sum(f.stat().st_size for f in files)
+
+
+def _stored_wider(source: str, name: str, dtype: Any) -> str | None:
+    """The dtype ``name`` is stored in when that is wider than ``dtype`` (so NaN/inf came from the cast), else None."""
+    from safetensors import safe_open
+
+    from quantcli.safetensors_dtypes import WIDTHS
+
+    try:
+        for file in sorted(Path(resolve_model(source)).glob("*.safetensors")):
+            with safe_open(file, framework="pt") as handle:
+                if name in handle.keys():
+                    stored = handle.get_slice(name).get_dtype()
+                    return stored if WIDTHS.get(stored, 0) > dtype.itemsize or (stored == "BF16" and str(dtype) == "torch.float16") else None
+    except Exception:  # noqa: BLE001 - only refines a message; the error is raised either way
+        return None
+    return None

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from quantcli.formats.gguf.types import FixedGrid
+from quantcli.formats.gguf.legacy import FixedGrid
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,6 +48,12 @@ class KType:
     offset: int = 0
     block: int = SUPER  # inputs per stored block: the width must be a multiple of it
 
+    def round(self, matrix: "torch.Tensor") -> KWeights:
+        return round_to_nearest(matrix, self)
+
+    def grid(self, matrix: "torch.Tensor") -> KGrid:
+        return KGrid(matrix, self)
+
 
 K_TYPES = {
     "Q4_K": KType("Q4_K", 4, 32, 0, 15, True),
@@ -66,6 +72,12 @@ class KWeights:
     d: "torch.Tensor"
     dmin: "torch.Tensor | None"
     type: KType
+
+    def dequantize(self) -> "torch.Tensor":
+        return dequantize(self)
+
+    def pack(self) -> "np.ndarray":
+        return pack(self)
 
 
 def _sum(values: "torch.Tensor") -> "torch.Tensor":

@@ -25,7 +25,7 @@ from quantcli.errors import CheckpointError, UnavailableError
 from quantcli.formats import Format, register_format
 from quantcli.formats.gguf.types import BLOCK, block_type, pack, tensor_type
 from quantcli.formats.gguf.metadata import write_hyperparameters, write_tokenizer
-from quantcli.methods.base import LayerRecord, QuantizedModel
+from quantcli.quant.records import LayerRecord, QuantizedModel
 
 ARCHITECTURES = ("llama", "gpt2")  # model_type -> gguf.MODEL_ARCH of the same name
 FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_S"}  # general.file_type: the closest llama.cpp names (Q4_K_S is Q4_K with some Q5_K)
