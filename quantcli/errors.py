@@ -5,10 +5,7 @@ rather than by a command-line flag: ``str(error)`` shows the Python name, which 
 (``calibration.seq_len``, ``bits=3``), and the CLI's error boundary shows the flag (``--seq-len``,
 ``--bits 3``; quantcli.cli.flags). Method options are named bare (``group_size``), as in a recipe.
 
-Exit codes (documented in the README):
-    0 success · 1 internal error (a bug: please report it) · 2 bad input (options, paths, configs)
-    3 a model, checkpoint or dataset could not be loaded · 4 a quality gate failed
-    5 the chosen method or device is not available here · 130 interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP)
+Exit codes: :data:`EXIT_CODES`, the one table (``quantcli --help`` and the README show it).
 """
 
 from __future__ import annotations
@@ -17,6 +14,18 @@ import ast
 import math
 import re
 from typing import Any, Callable
+
+EXIT_CODES = {
+    0: 'success',
+    1: 'internal error (a bug: please report it; QUANTCLI_DEBUG=1 shows the traceback)',
+    2: 'bad input: options, paths, recipes, an output location that cannot be written or holds the input model',
+    3: 'a model, checkpoint or dataset could not be loaded, or does not match its config or quantcli.json',
+    4: 'a quality gate failed (a maximum perplexity increase, size or minimum speedup)',
+    5: 'the method, backend or device is not available here',
+    129: 'stopped by SIGHUP (terminal closed); nothing was written',
+    130: 'interrupted by Ctrl-C; nothing was written (a streamed run keeps its finished blocks to resume)',
+    143: 'stopped by SIGTERM (timeout, CI cancel, docker stop); nothing was written',
+}
 
 NO_VALUE: Any = object()  # an option named without a value
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: never in a repr()-shown value

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-EXIT_CODES = """\b
-Exit codes:
-  0    success
-  1    internal error (a bug: please report it)
-  2    bad input: options, paths, recipes, an output location that cannot be written
-  3    a model, checkpoint or dataset could not be loaded, or does not match its config
-  4    a quality gate failed (--max-ppl-increase, --max-size, --min-speedup)
-  5    the method or device is not available here
-  129  stopped by SIGHUP (terminal closed); nothing was written
-  130  interrupted by Ctrl-C; nothing was written (--low-memory keeps its layers for --resume)
-  143  stopped by SIGTERM (timeout, CI cancel, docker stop); nothing was written"""
+from quantcli.errors import EXIT_CODES
+
+def _exit_codes() -> str:
+    return "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
+
 
 EXAMPLES = {
     "quantize": """\b
@@ -54,6 +48,6 @@ def _name(info: Any) -> str:
 
 def add_help_sections(app: Any) -> None:
     """Attach the examples to each command and the exit codes to the root help."""
-    app.info.epilog = EXIT_CODES
+    app.info.epilog = _exit_codes()
     for info in app.registered_commands:
         info.epilog = EXAMPLES.get(_name(info))

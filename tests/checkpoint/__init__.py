@@ -1,0 +1,1 @@
+"""Atomic output and reading quantcli checkpoints back."""

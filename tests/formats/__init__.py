@@ -1,0 +1,1 @@
+"""Each output format, reloaded by its own runtime (transformers, llama.cpp)."""

@@ -1,0 +1,1 @@
+"""Perplexity, speed and comparisons, against independent tools."""

@@ -1,0 +1,1 @@
+"""Each quantization method, against the reference ops and real models."""

@@ -1,0 +1,1 @@
+"""Reference ops, integer grids, kernels, layer bytes."""

@@ -1,0 +1,1 @@
+"""The quantize pipeline, in memory and streamed."""

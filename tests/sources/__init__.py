@@ -1,0 +1,1 @@
+"""Models, tokenizers, datasets and token streams as quantcli reads them."""

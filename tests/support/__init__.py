@@ -1,0 +1,1 @@
+"""Shared test helpers: hostile files, GGUF fixtures, paths."""
