@@ -87,7 +87,7 @@ def test_remote_code_never_runs_and_nothing_is_asked(remote, argv, stdin):
     ids=["sequential", "tokenizer-quantize", "tokenizer-eval", "tokenizer-sequential"],
 )
 def test_every_read_path_refuses_remote_code_in_process(tmp_path, monkeypatch, argv):
-    from badfiles import remote_code_model, remote_tokenizer_model
+    from tests.support.badfiles import remote_code_model, remote_tokenizer_model
     from typer.testing import CliRunner
 
     from quantcli.cli.app import app

@@ -1,6 +1,6 @@
 """GGUF input: `quantcli eval/quantize FILE.gguf` and quantcli.load read llama.cpp files through
 transformers' loader (dequantized) and report the source type. The files are stories260K written
-with the gguf package's writer (tests/gguf_files.py), so CI makes them without llama.cpp."""
+with the gguf package's writer (tests/support/gguf_files.py), so CI makes them without llama.cpp."""
 
 from __future__ import annotations
 

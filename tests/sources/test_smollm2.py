@@ -41,7 +41,7 @@ def test_weights_are_the_ggufs_dequantized_tensors():
     """Every tensor, dequantized by the gguf package itself, equals the folder's (q/k rows permuted back)."""
     pytest.importorskip("gguf")
     import gguf
-    from gguf_files import dequantized_tensors, permute_rotary
+    from tests.support.gguf_files import dequantized_tensors, permute_rotary
     from safetensors.torch import load_file
 
     config = json.loads((FOLDER / "config.json").read_text())
