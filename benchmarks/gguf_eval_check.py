@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.gguf_export import quantcli_eval  # noqa: E402
-from benchmarks.gguf_harness import REPO, convert, llamacpp_logits, perplexity, quantize, window_nlls  # noqa: E402
-from benchmarks.llamacpp import MODELS, eval_ids, model_folder  # noqa: E402
+from benchmarks.gguf_export import quantcli_eval
+from tests.support.gguf_harness import MODELS, REPO, convert, eval_ids, llamacpp_logits, model_folder, perplexity, quantize, window_nlls
 
 
 def main() -> None:

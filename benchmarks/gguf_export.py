@@ -25,28 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.gguf_harness import REPO, convert, gguf_sizes, llamacpp_logits, perplexity, quantize, window_nlls  # noqa: E402
-from benchmarks.llamacpp import MODELS, NOTES, eval_ids, model_folder, run_each  # noqa: E402
+from benchmarks.llamacpp import NOTES, run_each
+from tests.support.gguf_harness import (
+    FTYPES, MODELS, REPO, convert, eval_ids, eval_text, gguf_sizes, llamacpp_logits, model_folder, perplexity, quantize,
+    same_tensors, window_nlls,
+)
 
 RESULTS = REPO / "benchmarks" / "results"
 TYPES = ("Q4_0", "Q4_K_M", "Q5_0", "Q4_1", "Q8_0")
 GPTQ_SETTINGS = "quantcli's defaults (act-order, static blocks, damp 0.01, clip search)"
 CALIBRATION = {"stories260K": "tinystories:calib", "smollm2": str(REPO / "benchmarks" / "data" / "wikitext-2" / "wiki.valid.calib.txt")}
-
-
-def same_tensors(ours: Path, theirs: Path) -> tuple[int, int, int]:
-    """``(identical, of the same type, all)``: tensors of ``ours`` with the same name, type, shape and
-    bytes in ``theirs``, those with the same name and type, and all of them."""
-    from gguf import GGUFReader
-
-    def tensors(path: Path) -> dict[str, Any]:
-        return {t.name: (t.tensor_type, tuple(t.shape), t.data.tobytes()) for t in GGUFReader(str(path)).tensors}
-
-    a, b = tensors(ours), tensors(theirs)
-    typed = [name for name in a if name in b and a[name][0] == b[name][0]]
-    return sum(a[name] == b[name] for name in typed), len(typed), len(a)
 
 
 def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path) -> tuple[Path, float]:
@@ -92,7 +80,6 @@ def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...
         log(f"{label} {kind}: {sizes['file_bytes']} bytes, perplexity {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%)")
         save(result)
 
-    from benchmarks.gguf_harness import FTYPES
     from quantcli.formats.gguf_grid import TYPES as QUANTCLI_TYPES
 
     llamacpp_ppl: dict[str, float] = {}
@@ -126,8 +113,6 @@ def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...
 
 def same_ids(path: Path, spec: dict[str, Any], ids: list[int], tokenizer: Any) -> bool:
     """Whether llama.cpp, with the tokenizer quantcli wrote into ``path``, gives the HF tokenizer's ids on the eval text."""
-    from benchmarks.llamacpp import eval_text
-
     text = eval_text(spec["dataset"])
     llm = llamacpp_logits(path, 8).llama
     theirs = llm.tokenize(text.encode("utf-8"), add_bos=tokenizer(text[:10])["input_ids"][0] == tokenizer.bos_token_id, special=False)

@@ -19,56 +19,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.gguf_harness import (  # noqa: E402
-    REPO, convert, gguf_sizes, hf_logits, llamacpp_logits, perplexity, quantize, window_nlls,
+from tests.support.gguf_harness import (
+    HARNESS_TOLERANCE_PCT, MODELS, REPO, convert, eval_ids, gguf_sizes, hf_logits, llamacpp_logits, model_folder, perplexity,
+    quantize, window_nlls,
 )
 
 RESULTS = REPO / "benchmarks" / "results"
 TYPES = ("Q8_0", "Q5_0", "Q4_1", "Q4_0", "Q4_K_M")
-HARNESS_TOLERANCE_PCT = 0.1  # |F32 GGUF ppl / HF fp32 ppl - 1| allowed, in percent
-MODELS = {
-    "stories260K": {"dataset": "tinystories:eval", "max_tokens": 32768, "seq_len": 256,
-                    "tokenizer_model": REPO / "benchmarks" / "data" / "stories260K" / "tokenizer.model"},
-    "smollm2": {"dataset": "benchmarks/data/wikitext-2/wiki.valid.eval.txt", "max_tokens": 16384, "seq_len": 512},
-}
 NOTES = {
     "stories260K": "ffn_down has 172 inputs, not a multiple of 32: llama.cpp keeps it F16 in every quantized type.",
     "smollm2": "SmolLM2's weights were dequantized from a Q4_1 GGUF, so Q4_1 is near-lossless on it by construction.",
 }
-
-
-def model_folder(name: str) -> Path:
-    if name == "stories260K":
-        from quantcli.models import EMBEDDED_MODEL
-
-        return Path(EMBEDDED_MODEL)
-    return Path(os.environ.get("QUANTCLI_SMOLLM2", REPO / ".models" / "SmolLM2-135M-Instruct"))
-
-
-def eval_text(dataset: str) -> str:
-    """The eval text as quantcli's stream protocol reads it: a file's exact UTF-8, or the embedded
-    TinyStories split's paragraphs joined by a blank line."""
-    path = REPO / dataset
-    if path.is_file():
-        return path.read_bytes().decode("utf-8")
-    from quantcli.data import read_documents
-
-    source = read_documents(dataset)
-    text = getattr(source, "text", None)
-    return text if text is not None else "\n\n".join(source.documents)
-
-
-def eval_ids(tokenizer: Any, dataset: str, max_tokens: int) -> list[int]:
-    return list(tokenizer(eval_text(dataset))["input_ids"][:max_tokens])
 
 
 def row(kind: str, sizes: dict[str, Any], ppl: float, ref: dict[str, float], seconds: float | None, eval_s: float) -> dict[str, Any]:
