@@ -13,7 +13,7 @@ candidates applied to every layer (for rtn exactly what ``quantcli quantize --me
 measured on the same held-out text. ``--gptq-baseline`` also times a plain GPTQ int4 run in the
 same process, for the search-time ratio.
 
-    PYTHONPATH=. python benchmarks/allocation.py --model smollm2 [--method rtn] [--targets 0.5 1 2 5] [--gptq-baseline]
+    python -m benchmarks.allocation --model smollm2 [--method rtn] [--targets 0.5 1 2 5] [--gptq-baseline] [--label LABEL]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 import quantcli
-import setups
+from benchmarks.lib import setups
+from benchmarks.lib.results import labelled
 from quantcli.allocate import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes
 from quantcli.allocate.run import decide, prepare
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--max-rounds", type=int, default=4)
     parser.add_argument("--uniform", nargs="+", help="Candidates to measure as uniform schemes (default: all).")
     parser.add_argument("--threads", type=int, help="torch threads (1 is faster on a busy shared machine).")
+    parser.add_argument("--label", help="Writes results/<model>/allocation-METHOD-LABEL.* (a run with other settings).")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +127,7 @@ def main() -> None:
     uniform = [{"scheme": "original (fp32)", "bytes": checkpoint_bytes(model, {}), "held_out": {**base, "increase_pct": 0.0}}]
     result = {"settings": settings, "prepare_seconds": prepare_seconds, "prepare_cpu_seconds": prepare_cpu, "prepare_breakdown": breakdown, "proxy_check": check, "rows": rows,
               "uniform": uniform, "gptq_baseline": None}
-    out = setup.output(f"allocation-{args.method}")
+    out = setup.output(labelled(f"allocation-{args.method}", args.label))
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every step: a slow run keeps what it measured

@@ -1,13 +1,13 @@
 """``quantcli eval`` of a llama.cpp-written GGUF against llama.cpp's own perplexity of it (issue 13).
 
-    PYTHONPATH=. QUANTCLI_LLAMACPP=/path/.llamacpp python benchmarks/gguf_eval_check.py [--model smollm2] [--type Q4_0]
+    QUANTCLI_LLAMACPP=/path/.llamacpp python -m benchmarks.gguf_eval_check [--model smollm2] [--type Q4_0]
 
 llama.cpp converts the model to an F32 GGUF and quantizes it (``llama_model_quantize``, default
 params); llama.cpp scores the file on benchmarks/llamacpp.py's token ids and windows with its default
 F16 KV cache and with an F32 one (``type_k``/``type_v`` 0), and ``quantcli eval FILE.gguf``
 (transformers' GGUF loader, dequantized, fp32) scores it on the same text. The F32 cache removes one
 of llama.cpp's own roundings; the 8-bit rounding of activations in its block-quantized matmuls
-remains. Writes benchmarks/results/gguf-eval-check-<model>.json.
+remains. Writes benchmarks/results/<model>/gguf-eval-check.json.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.gguf_export import quantcli_eval
+from benchmarks.lib.llamacpp_tables import quantcli_eval
+from benchmarks.lib.results import result_stem
 from tests.support.gguf_harness import MODELS, REPO, convert, eval_ids, llamacpp_logits, model_folder, perplexity, quantize, window_nlls
 
 
@@ -40,7 +41,7 @@ def main() -> None:
         result["quantcli"] = quantcli_eval(file, spec, result["llamacpp_f32_kv"])["quantcli"]
     for label in ("llamacpp_f16_kv", "llamacpp_f32_kv"):
         result[f"diff_pct_vs_{label}"] = 100 * (result["quantcli"] / result[label] - 1)
-    out = REPO / "benchmarks" / "results" / f"gguf-eval-check-{args.model}.json"
+    out = result_stem(args.model, "gguf-eval-check").with_suffix(".json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

@@ -3,18 +3,19 @@
 For each type (default Q4_0, Q4_K_M, Q5_0, Q4_1, Q8_0; ``--types`` picks others: Q4_K, Q6_K, Q4_K_S):
 llama.cpp's ``llama_model_quantize`` on an F32 GGUF of the model (llama.cpp's convert_hf_to_gguf.py)
 where llama.cpp has that file type, ``quantcli quantize --format gguf --method gptq`` and
-``--method rtn`` where quantcli has it (``--rtn-only``: no GPTQ rows). Perplexity through llama.cpp (benchmarks/gguf_harness.py)
+``--method rtn`` where quantcli has it (``--rtn-only``: no GPTQ rows). Perplexity through llama.cpp (tests/support/gguf_harness.py)
 on exactly the ids and windows of benchmarks/llamacpp.py: stories260K on tinystories:eval (32,768
 tokens, windows of 256), SmolLM2-135M on wiki.valid.eval.txt (16,384 tokens, windows of 512). GPTQ
-calibrates as benchmarks/setups.py does: tinystories:calib, or wiki.valid.calib.txt, 128 windows of
+calibrates as benchmarks/lib/setups.py does: tinystories:calib, or wiki.valid.calib.txt, 128 windows of
 256 tokens, seed 0. Each quantcli RTN file's tensors are compared with llama.cpp's file of the same
 type (quantcli's Q4_K, which llama.cpp has no file type for, with its Q4_K_S file, run before it:
 the tensors of the same type); where every tensor is byte-identical the two files score the same and llama.cpp's
 number is reused (said in the row). Also: ``quantcli eval`` of llama.cpp's own Q4_0 file against llama.cpp.
 
-    PYTHONPATH=. QUANTCLI_LLAMACPP=/path/.llamacpp python benchmarks/gguf_export.py [--models stories260K smollm2] [--types Q4_K_M Q4_K] [--label kquants]
+    QUANTCLI_LLAMACPP=/path/.llamacpp python -m benchmarks.gguf_export [--models stories260K smollm2] [--types Q4_K_M Q4_K]
+        [--rtn-only] [--no-clip-search] [--label kquants]
 
-Writes benchmarks/results/gguf-export[-LABEL]-<model>.{json,md}.
+Writes benchmarks/results/<model>/gguf-export[-LABEL].{json,md}.
 """
 
 from __future__ import annotations
@@ -25,19 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.llamacpp import NOTES, run_each
+from benchmarks.lib.llamacpp_tables import NOTES, quantcli_eval, run_each
+from benchmarks.lib.results import labelled
 from tests.support.gguf_harness import (
     FTYPES, MODELS, REPO, convert, eval_ids, eval_text, gguf_sizes, llamacpp_logits, model_folder, perplexity, quantize,
     same_tensors, window_nlls,
 )
 
-RESULTS = REPO / "benchmarks" / "results"
 TYPES = ("Q4_0", "Q4_K_M", "Q5_0", "Q4_1", "Q8_0")
 GPTQ_SETTINGS = "quantcli's defaults (act-order, static blocks, damp 0.01, clip search)"
 CALIBRATION = {"stories260K": "tinystories:calib", "smollm2": str(REPO / "benchmarks" / "data" / "wikitext-2" / "wiki.valid.calib.txt")}
 
 
-def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path) -> tuple[Path, float]:
+def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path, options: dict[str, Any]) -> tuple[Path, float]:
     import quantcli
     from quantcli.config import CalibrationConfig, QuantizeConfig
     from quantcli.formats.gguf import gguf_file
@@ -46,6 +47,7 @@ def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path
     out = workdir / f"{method}-{kind}"
     config = QuantizeConfig(
         bits=block_type(kind).bits, model=str(folder), method=method, output=out, eval=None, format="gguf", gguf_type=kind,
+        method_options=options,
         calibration=CalibrationConfig(dataset=CALIBRATION[name], samples=128, seq_len=256, seed=0), force=True,
     )
     start = time.perf_counter()
@@ -53,7 +55,8 @@ def quantcli_file(name: str, folder: Path, method: str, kind: str, workdir: Path
     return gguf_file(out), time.perf_counter() - start
 
 
-def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...] = TYPES, rtn_only: bool = False) -> dict[str, Any]:
+def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...] = TYPES, rtn_only: bool = False,
+        clip_search: bool = True) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
@@ -68,6 +71,8 @@ def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...
         "settings": {"dataset": spec["dataset"], "tokens": len(ids), "seq_len": seq_len, "threads": threads,
                      "calibration": f"{CALIBRATION[name].replace(str(REPO) + '/', '')}, 128 x 256 tokens, seed 0", "llamacpp_quantizer": "llama_model_quantize, default params, no imatrix"},
     }
+    if not clip_search:
+        result["settings"]["gptq"] = "--no-clip-search: exactly llama.cpp's reference scales"
     f32 = workdir / "F32.gguf"
     convert(folder, f32, "f32", spec.get("tokenizer_model"))
     base = score(f32)
@@ -95,11 +100,11 @@ def run(name: str, threads: int, workdir: Path, save: Any, types: tuple[str, ...
         if kind not in QUANTCLI_TYPES:
             continue
         if not rtn_only:
-            path, seconds = quantcli_file(name, folder, "gptq", kind, workdir)
+            path, seconds = quantcli_file(name, folder, "gptq", kind, workdir, {} if clip_search else {"clip_search": False})
             add("quantcli", "gptq", kind, path, score(path), seconds)
             if result.get("tokenizer_ids_equal") is None:
                 result["tokenizer_ids_equal"] = same_ids(path, spec, ids, AutoTokenizer.from_pretrained(folder))
-        path, seconds = quantcli_file(name, folder, "rtn", kind, workdir)
+        path, seconds = quantcli_file(name, folder, "rtn", kind, workdir, {})
         identical, typed, total = same_tensors(path, theirs) if theirs.exists() else (0, 0, 0)
         if kind in llamacpp_ppl and identical == typed == total:
             add("quantcli", "rtn", kind, path, llamacpp_ppl[kind], seconds, "every tensor byte-identical to llama.cpp's file: its perplexity")
@@ -117,16 +122,6 @@ def same_ids(path: Path, spec: dict[str, Any], ids: list[int], tokenizer: Any) -
     llm = llamacpp_logits(path, 8).llama
     theirs = llm.tokenize(text.encode("utf-8"), add_bos=tokenizer(text[:10])["input_ids"][0] == tokenizer.bos_token_id, special=False)
     return theirs[: len(ids)] == ids and theirs == tokenizer(text)["input_ids"]
-
-
-def quantcli_eval(path: Path, spec: dict[str, Any], llamacpp_ppl: float) -> dict[str, Any]:
-    """``quantcli eval FILE.gguf`` (transformers' GGUF loader, dequantized) on the same tokens as llama.cpp."""
-    import quantcli
-    from quantcli.config import EvalConfig
-
-    dataset = spec["dataset"] if spec["dataset"].startswith("tinystories") else str(REPO / spec["dataset"])
-    ppl = quantcli.evaluate(str(path), EvalConfig(dataset=dataset, seq_len=spec["seq_len"], max_tokens=spec["max_tokens"]))["perplexity"]
-    return {"quantcli": ppl, "llamacpp": llamacpp_ppl, "diff_pct": 100 * (ppl / llamacpp_ppl - 1)}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -161,10 +156,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--types", nargs="+", default=list(TYPES), help="GGUF types, in the order run (default: %(default)s)")
     parser.add_argument("--rtn-only", action="store_true", help="no GPTQ rows")
-    parser.add_argument("--label", help="results go to gguf-export-LABEL-<model>")
+    parser.add_argument("--no-clip-search", action="store_true", help="GPTQ rows without clip search (llama.cpp's reference scales)")
+    parser.add_argument("--label", help="results go to results/<model>/gguf-export-LABEL")
     args = parser.parse_args()
-    chosen = lambda *rest: run(*rest, types=tuple(args.types), rtn_only=args.rtn_only)  # noqa: E731
-    run_each(args.models, "gguf-export" + (f"-{args.label}" if args.label else ""), args.threads, chosen, markdown)
+    chosen = lambda *rest: run(*rest, types=tuple(args.types), rtn_only=args.rtn_only, clip_search=not args.no_clip_search)  # noqa: E731
+    run_each(args.models, labelled("gguf-export", args.label), args.threads, chosen, markdown)
 
 
 if __name__ == "__main__":

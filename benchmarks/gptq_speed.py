@@ -13,9 +13,9 @@ Targets: clip at most 3x baseline, clip at most 1.5x plain. ``--blocks N`` times
 blocks only (a cut copy of the model, written to a temporary folder) so a run fits a quiet minute;
 the per-block work is the same in every block. Reports the quantize step's wall time and the
 process CPU time of the whole call (steadier on a shared machine). Writes
-``benchmarks/results/smollm2-gptq-speed.{json,md}``.
+``benchmarks/results/smollm2/gptq-speed.{json,md}``.
 
-    PYTHONPATH=.:benchmarks HF_HUB_OFFLINE=1 python benchmarks/gptq_speed.py [--blocks 6] [--threads 2]
+    HF_HUB_OFFLINE=1 python -m benchmarks.gptq_speed [--blocks 6] [--threads 2]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-import setups
+from benchmarks.lib import setups
+from benchmarks.lib.results import result_stem
 
 MODES = ("baseline", "plain", "clip")
 
@@ -115,7 +116,7 @@ def main() -> None:
     result = {"model": source.name, "blocks": args.blocks, "calibration": f"{args.samples} x {args.seq_len} tokens of wiki.valid.calib.txt, seed 0",
               "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "rows": rows, "ratios": ratios}
-    output = Path(__file__).resolve().parent / "results" / "smollm2-gptq-speed"
+    output = result_stem("smollm2", "gptq-speed")
     output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     output.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

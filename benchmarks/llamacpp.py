@@ -5,13 +5,13 @@ by llama.cpp itself on exactly quantcli's eval token ids and windows. The fp32 H
 the same windows with plain transformers; the F32 GGUF must match it (a check of the harness).
 
     make llama-cpp
-    PYTHONPATH=. python benchmarks/llamacpp.py [--models stories260K smollm2] [--threads 2]
+    python -m benchmarks.llamacpp [--models stories260K smollm2] [--threads 2]
 
 Token ids: the HF tokenizer's ``tokenizer(text)["input_ids"][:max_tokens]`` of the whole eval text
 tokenized at once (quantcli's "stream" protocol): for stories260K the text of ``tinystories:eval``
 (its paragraphs joined by a blank line; the tokenizer puts BOS first), for SmolLM2 the bytes of
 benchmarks/data/wikitext-2/wiki.valid.eval.txt (no BOS: its tokenizer adds none). Windows: seq_len,
-non-overlapping, each scored on all positions but its first. Writes benchmarks/results/llamacpp-*.{json,md}.
+non-overlapping, each scored on all positions but its first. Writes benchmarks/results/<model>/llamacpp.{json,md}.
 """
 
 from __future__ import annotations
@@ -25,17 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.lib.llamacpp_tables import NOTES, run_each
 from tests.support.gguf_harness import (
     HARNESS_TOLERANCE_PCT, MODELS, REPO, convert, eval_ids, gguf_sizes, hf_logits, llamacpp_logits, model_folder, perplexity,
     quantize, window_nlls,
 )
 
-RESULTS = REPO / "benchmarks" / "results"
 TYPES = ("Q8_0", "Q5_0", "Q4_1", "Q4_0", "Q4_K_M")
-NOTES = {
-    "stories260K": "ffn_down has 172 inputs, not a multiple of 32: llama.cpp keeps it F16 in every quantized type.",
-    "smollm2": "SmolLM2's weights were dequantized from a Q4_1 GGUF, so Q4_1 is near-lossless on it by construction.",
-}
 
 
 def row(kind: str, sizes: dict[str, Any], ppl: float, ref: dict[str, float], seconds: float | None, eval_s: float) -> dict[str, Any]:
@@ -136,7 +132,6 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: every model whose folder is present")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (1 avoids spin-waits on a busy machine)")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     names = []
     for name in args.models or list(MODELS):
         if args.models is None and not (model_folder(name) / "config.json").is_file():
@@ -144,20 +139,6 @@ def main() -> None:
             continue
         names.append(name)
     run_each(names, "llamacpp", args.threads, run, markdown)
-
-
-def run_each(names: list[str], prefix: str, threads: int, run: Callable, markdown: Callable[[dict[str, Any]], str]) -> None:
-    """``run(name, threads, workdir, save)`` per model in a scratch folder; ``save`` (called as rows finish)
-    writes results/PREFIX-NAME.json and .md; the final table goes to stdout."""
-    for name in names:
-        stem = RESULTS / f"{prefix}-{name}"
-
-        def save(result: dict[str, Any], stem: Path = stem) -> None:
-            stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-            stem.with_suffix(".md").write_text(markdown(result))
-
-        with tempfile.TemporaryDirectory(prefix=f"{prefix}-{name}-") as tmp:
-            print(markdown(run(name, threads, Path(tmp), save)))
 
 
 if __name__ == "__main__":

@@ -3,22 +3,22 @@
 Calibrates on the setup's calibration text, evaluates every checkpoint (reloaded from disk with
 ``quantcli.load``) on its evaluation text with the same settings, and writes PREFIX.json and
 PREFIX.md: perplexity, its change against fp32, size on disk and time to quantize. The model and
-data come from ``--model`` (see ``benchmarks/setups.py``): the embedded stories260K by default,
-``--model smollm2`` for the real-model table (results/smollm2-methods.*).
+data come from ``--model`` (see ``benchmarks/lib/setups.py``): the embedded stories260K by default,
+``--model smollm2`` for the real-model table (results/smollm2/methods.*).
 
 Calibrated methods run once per calibration seed (``--seeds``): GPTQ's rounding decisions cascade,
 so a different draw of windows (or even a different thread count, which reorders float sums) moves
 the result; rows give the mean and the spread. llm-compressor's GPTQ runs on the same windows as an
-independent reference where it is installed (``benchmarks/reference_gptq.py``).
+independent reference where it is installed (``benchmarks/lib/reference_gptq.py``).
 
 ``--only PATTERN`` (glob over row labels, repeatable) runs some rows; the other rows of an existing
 result file with the same settings are kept, so slow rows can be added later, by several runs at once
 (the file is merged under a lock after every seed). ``--first-seed K`` adds seeds K.. to a row's
 earlier ones (same options), so a 5-seed sweep can be spread over runs.
 
-    python benchmarks/methods.py [--seeds 5]
-    python benchmarks/methods.py --model smollm2 --only 'rtn*' --only 'bnb*'
-    python benchmarks/methods.py --model smollm2 --only 'gptq*' --only 'llm-compressor*' --seeds 5
+    PYTHONPATH=.reference python -m benchmarks.methods [--seeds 5]
+    python -m benchmarks.methods --model smollm2 --only 'rtn*' --only 'bnb*'
+    PYTHONPATH=.reference python -m benchmarks.methods --model smollm2 --only 'gptq*' --only 'llm-compressor*' --seeds 5
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 import quantcli
-import setups
+from benchmarks.lib import setups
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.data import calibration_batch, read_documents
 from quantcli.errors import InputError
@@ -94,7 +94,7 @@ def unavailable(method: str, device: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     setups.add_arguments(parser)
-    parser.add_argument("--output", type=Path, help="Writes OUTPUT.json and OUTPUT.md (default: results/[MODEL-]methods).")
+    parser.add_argument("--output", type=Path, help="Writes OUTPUT.json and OUTPUT.md (default: results/<model>/methods).")
     parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows.")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="Tokens per calibration window.")
     parser.add_argument("--seeds", type=int, default=5, help="Calibration seeds (0..N-1) for calibrated methods.")
@@ -109,7 +109,7 @@ def main() -> None:
     settings = {"model": setup.label, "model_path": setup.path, "calibration": vars(calibration), "eval": vars(evaluation),
                 "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "caveat": setup.caveat}
-    runs, references = (DEMO_RUNS, REFERENCE_RUNS) if setup.name == "" else (REAL_RUNS, REAL_REFERENCE_RUNS)
+    runs, references = (DEMO_RUNS, REFERENCE_RUNS) if setup.name == setups.DEMO else (REAL_RUNS, REAL_REFERENCE_RUNS)
     wanted = lambda label: not args.only or any(fnmatch.fnmatchcase(label, glob) for glob in args.only)  # noqa: E731
     kept = previous_rows(output, settings)
     rows = [kept["fp32"]] if "fp32" in kept else []  # the baseline every row's change is against
@@ -208,7 +208,7 @@ def reference_rows(
     if not runs:
         return []
     try:
-        import reference_gptq
+        from benchmarks.lib import reference_gptq
         import llmcompressor  # noqa: F401
     except ImportError as error:
         reason = f"llm-compressor not installed ({error.name}); make bench installs it into .reference"

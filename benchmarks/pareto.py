@@ -2,17 +2,17 @@
 on the same held-out text (WikiText-2 articles 1-30, the same windows everywhere), from the result files
 the other benchmarks write:
 
-- ``results/<model>-allocation-{rtn,gptq}.json`` (``allocation.py``): the allocated checkpoints, and the
+- ``results/<model>/allocation-{rtn,gptq}.json`` (``allocation.py``): the allocated checkpoints, and the
   candidates applied uniformly (the embedding int8, or kept with ``keep``);
-- ``results/<model>-methods.json`` (``methods.py``): rtn/gptq/bitsandbytes at 8/4/3 bits and every
+- ``results/<model>/methods.json`` (``methods.py``): rtn/gptq/bitsandbytes at 8/4/3 bits and every
   grouping, as ``quantcli quantize`` writes them (the mean over the row's seeds);
-- ``results/<model>-wholemodel.json`` (``wholemodel.py``): the defaults, and the embedding kept.
+- ``results/<model>/wholemodel.json`` (``wholemodel.py``): the defaults, and the embedding kept.
 
 Each file's increase is against the fp32 perplexity measured in its own run. An allocation is Pareto-
 optimal here when every uniform scheme whose increase is at most its own is larger on disk. llama.cpp's
 own types are listed beside them for reference (their file includes the tokenizer).
 
-    PYTHONPATH=. python benchmarks/pareto.py --model smollm2   # writes results/<model>-pareto.{md,png}
+    python -m benchmarks.pareto --model smollm2   # writes results/<model>/pareto.{json,md,png}
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import argparse
 import json
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.lib.results import RESULTS, result_stem
 
 
-def read(name: str) -> dict | None:
-    path = RESULTS / name
+
+def read(model: str, bench: str) -> dict | None:
+    path = RESULTS / model / f"{bench}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -33,16 +34,16 @@ def uniform_schemes(model: str) -> list[dict]:
     """Every uniform scheme measured on the held-out text: name, bytes on disk, increase (%), source file."""
     schemes = []
     for method in ("rtn", "gptq"):
-        data = read(f"{model}-allocation-{method}.json")
+        data = read(model, f"allocation-{method}")
         for u in (data or {}).get("uniform", [])[1:]:  # the first is the original
             schemes.append({"scheme": f"{u['scheme']} (allocation candidate)", "bytes": u["bytes"], "increase": u["held_out"]["increase_pct"], "source": f"allocation-{method}"})
-    methods = read(f"{model}-methods.json")
+    methods = read(model, "methods")
     for row in (methods or {}).get("rows", [])[1:]:
         if "delta_percent" in row:
             seeds = len(row.get("seeds") or [])
             schemes.append({"scheme": row["label"] + (f" (mean of {seeds} seeds)" if seeds > 1 else ""), "bytes": row["disk_bytes"],
                             "increase": row["delta_percent"], "source": "methods"})
-    whole = read(f"{model}-wholemodel.json")
+    whole = read(model, "wholemodel")
     for row in (whole or {}).get("rows", []):
         fp32 = whole["fp32_perplexity"]
         schemes.append({"scheme": f"{row['row']} (wholemodel.py{', ' + str(row['fields']) if row.get('fields') else ''})", "bytes": row["disk_bytes"],
@@ -52,7 +53,7 @@ def uniform_schemes(model: str) -> list[dict]:
 
 def llamacpp_types(model: str) -> list[dict]:
     """llama.cpp's own quantizer's files, scored by llama.cpp on the same ids (``llamacpp.py``), change against HF fp32."""
-    data = read(f"llamacpp-{model}.json")
+    data = read(model, "llamacpp")
     return [{"scheme": r["type"], "bytes": r["file_bytes"], "increase": r["delta_pct_vs_hf_fp32"]}
             for r in (data or {}).get("rows", []) if r["type"].startswith("llama.cpp") and r["type"] not in ("llama.cpp F32", "llama.cpp F16")]
 
@@ -60,7 +61,7 @@ def llamacpp_types(model: str) -> list[dict]:
 def allocations(model: str) -> list[dict]:
     rows = []
     for method in ("rtn", "gptq"):
-        data = read(f"{model}-allocation-{method}.json")
+        data = read(model, f"allocation-{method}")
         for r in (data or {}).get("rows", []):
             if "refused" in r:
                 rows.append({"method": method, "target": r["target_pct"], "refused": r["refused"]})
@@ -122,11 +123,11 @@ def plot(model: str, judged: list[dict], schemes: list[dict], llama: list[dict],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="The result files' model name (results/<model>-*.json).")
+    parser.add_argument("--model", default="smollm2", help="The results folder's model name (results/<model>/*.json).")
     args = parser.parse_args()
     schemes, llama = uniform_schemes(args.model), llamacpp_types(args.model)
     judged = [row if "refused" in row else judge(row, schemes) for row in allocations(args.model)]
-    out = RESULTS / f"{args.model}-pareto"
+    out = result_stem(args.model, "pareto")
     out.with_suffix(".md").write_text(markdown(args.model, judged, schemes, llama))
     out.with_suffix(".json").write_text(json.dumps({"allocations": judged, "uniform": schemes, "llamacpp": llama}, indent=2) + "\n")
     plot(args.model, judged, schemes, llama, out.with_suffix(".png"))

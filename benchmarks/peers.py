@@ -1,10 +1,10 @@
 """A model and its eval text through quantcli and its peers on CPU: perplexity, serialized size,
-quantize time and decode speed. ``--model`` picks them (``benchmarks/setups.py``): stories260K and
-TinyStories by default, ``--model smollm2`` for SmolLM2 on WikiText-2 (results/smollm2-peers.*).
+quantize time and decode speed. ``--model`` picks them (``benchmarks/lib/setups.py``): stories260K and
+TinyStories by default, ``--model smollm2`` for SmolLM2 on WikiText-2.
 A peer that is not installed or fails here is reported with the reason, never skipped silently.
 
     make bench-peers   (or: pip install --no-deps --target .peers torchao optimum-quanto hqq termcolor einops)
-    PYTHONPATH=.:.peers python benchmarks/peers.py [--model smollm2] [--max-tokens 4096 --threads 1]
+    PYTHONPATH=.peers python -m benchmarks.peers [--model smollm2] [--max-tokens 4096 --threads 1]
 
 (Peers go on PYTHONPATH, not into the environment: with torchao installed, transformers imports it
 and every command prints its warnings.)
@@ -14,7 +14,7 @@ checkpoint on disk, hqq's ``save_quantized`` folder, and for the other peers (wh
 checkpoint here) the bytes of ``torch.save(model.state_dict())``. The peers keep the embedding and
 output head fp32; quantcli stores them as its defaults say (``--embeddings 8``). hqq runs through its
 own API: transformers 5.24's ``HqqConfig`` raises "QuantizationMethod.HQQ is not available yet".
-Writes benchmarks/results/[MODEL-]peers.json and .md.
+Writes benchmarks/results/<model>/peers.json and .md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-import setups
+from benchmarks.lib import setups
 from quantcli.checkpoint import load
 from quantcli.config import EvalConfig
 from quantcli.recipes import config_from_mapping
@@ -41,7 +41,6 @@ from quantcli.pipeline import quantize
 from quantcli.progress import NullProgress
 from quantcli.speed import BenchConfig, measure, prompt_ids
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LINEARS = lambda model: [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]  # noqa: E731
 
 
@@ -132,7 +131,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     setup = setups.resolve(args)
-    max_tokens = args.max_tokens or (4096 if setup.name == "" else setup.max_tokens)
+    max_tokens = args.max_tokens or (4096 if setup.name == setups.DEMO else setup.max_tokens)
     torch.set_num_threads(args.threads)
     base, tokenizer, _ = load(setup.path, "cpu")
     eval_config = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=max_tokens)
@@ -172,11 +171,10 @@ def main() -> None:
             print(name, rows[name], flush=True)
             model = None
     base_ppl = rows["fp32 (no quantization)"]["perplexity"]
-    RESULTS.mkdir(exist_ok=True)
     output = setup.output("peers")
     summary = {"model": setup.label, "caveat": setup.caveat, "eval": vars(eval_config), "threads": args.threads, "load_average": os.getloadavg(), "rows": rows}
     output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    unit, scale = ("KB", 1e3) if setup.name == "" else ("MB", 1e6)
+    unit, scale = ("KB", 1e3) if setup.name == setups.DEMO else ("MB", 1e6)
     lines = [f"| library / method | settings | perplexity | Δ ppl | size ({unit}) | size measured as | quantize s | decode tok/s |", "|---|---|--:|--:|--:|---|--:|--:|"]
     for name, row in rows.items():
         if "error" in row:

@@ -7,14 +7,14 @@ quantizes it to INT4 both ways with each method, each run in a fresh process (GP
 (``VmHWM``; not ``ru_maxrss``, which a child inherits from its parent across fork+exec), its RSS after the imports (the baseline every quantcli process pays), the model
 size on disk and the largest single layer group. VmHWM includes the pages of memory-mapped safetensors
 files the run has read (page cache the kernel can drop), so each run also samples its anonymous RSS
-(``RssAnon``, the memory it allocated) and file-backed RSS (``RssFile``) every 20 ms and keeps their peaks. Writes ``benchmarks/results/scale.json`` and ``.md``.
+(``RssAnon``, the memory it allocated) and file-backed RSS (``RssFile``) every 20 ms and keeps their peaks. Writes ``benchmarks/results/synthetic-llama/scale.json`` and ``.md``.
 
-``--model smollm2`` (or a folder; see ``benchmarks/setups.py``) measures that model instead, as it is
+``--model smollm2`` (or a folder; see ``benchmarks/lib/setups.py``) measures that model instead, as it is
 on disk, calibrating GPTQ on its calibration text (WikiText-2's calibration half), and writes
-``results/<model>-memory.json`` and ``.md``. The quantize settings are quantcli's defaults for INT4.
+``results/<model>/scale.json`` and ``.md``. The quantize settings are quantcli's defaults for INT4.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py [--layers 24 --hidden 512 --methods rtn gptq]
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/scale.py --model smollm2 --calib-samples 32 --calib-seq-len 256 --threads 1
+    HF_HUB_OFFLINE=1 python -m benchmarks.scale [--layers 24 --hidden 512 --methods rtn gptq]
+    HF_HUB_OFFLINE=1 python -m benchmarks.scale --model smollm2 --calib-samples 32 --calib-seq-len 256 --threads 1
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import setups
+from benchmarks.lib import setups
+from benchmarks.lib.results import labelled, result_stem
 
+SYNTHETIC = "synthetic-llama"  # the results folder of the synthetic Llama
 CHILD = r"""
 import json, sys, time
 import psutil, torch, transformers, compressed_tensors, safetensors.torch
@@ -130,10 +132,12 @@ def main() -> None:
     parser.add_argument("--no-clip-search", action="store_true", help="GPTQ without its clip search (about 10x faster; same for both ways)")
     parser.add_argument("--model", help="smollm2 or a model folder, instead of the synthetic Llama.")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads in each run.")
-    parser.add_argument("--out", type=Path, help="Default: results/scale.json, or results/<model>-memory.json with --model (and .md beside it).")
+    parser.add_argument("--label", help="Writes results/<model>/scale-LABEL.{json,md} (a run with other settings).")
+    parser.add_argument("--out", type=Path, help="Default: results/<model>/scale[-LABEL].json (and .md beside it).")
     args = parser.parse_args()
     folder = setups.model_folder(args.model) if args.model else None
-    out = args.out or Path(__file__).parent / "results" / (f"{setups.result_name(args.model, folder)}-memory.json" if folder else "scale.json")
+    model_name = setups.result_name(args.model, folder) if folder else SYNTHETIC
+    out = args.out or result_stem(model_name, labelled("scale", args.label)).with_suffix(".json")
     dataset = str(setups.WIKITEXT / "wiki.valid.calib.txt") if folder else "tinystories:calib"
     gptq_options = {"clip_search": False} if args.no_clip_search else {}
     with tempfile.TemporaryDirectory() as tmp:

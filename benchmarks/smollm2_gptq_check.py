@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import setups
+from benchmarks.lib import setups
 
 import quantcli
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig

@@ -1,16 +1,15 @@
 """CPU decode speed of fp32 vs quantcli INT8 (int8-cpu) and INT4 (int4-cpu) weight-only kernels vs
 bitsandbytes INT8 (and torchao INT8 weight-only when importable), in one run with the same prompt.
 
-    PYTHONPATH=. python benchmarks/speed.py [--model gpt2-random|smollm2|FOLDER] [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
-    PYTHONPATH=.:.peers python benchmarks/speed.py --model "$QUANTCLI_SMOLLM2"   # with torchao from `make bench-peers`
+    python -m benchmarks.speed [--model gpt2-random|smollm2|FOLDER] [--prompt-tokens 64 --new-tokens 32 --repeats 3 --threads 2]
+    PYTHONPATH=.peers python -m benchmarks.speed --model "$QUANTCLI_SMOLLM2"   # with torchao from `make bench-peers`
 
 ``--model gpt2-random`` (default) is GPT2Config() (124M parameters) with random weights, built here:
-speed does not depend on the values. ``smollm2`` or a folder (see ``benchmarks/setups.py``) is used as it is and writes results/<model>-speed.*.
+speed does not depend on the values. ``smollm2`` or a folder (see ``benchmarks/lib/setups.py``) is used as it is. Writes benchmarks/results/<model>/speed.{json,md}.
 quantcli's checkpoints are rtn INT8 and INT4 at today's defaults (INT8 per channel, INT4 in groups of
 32, ``signed`` observer, 16-bit scales, int8 embedding); the rows' labels and ``quantcli_settings`` in
 the JSON come from the runs' reports. Rounds interleave
-the models so load from other processes hits them alike; medians per model. Writes
-benchmarks/results/speed.json and .md.
+the models so load from other processes hits them alike; medians per model.
 """
 
 from __future__ import annotations
@@ -26,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-import setups
+from benchmarks.lib import setups
+from benchmarks.lib.results import result_stem
 from quantcli.checkpoint import load
 from quantcli.recipes import config_from_mapping
 from quantcli.pipeline import quantize
 from quantcli.speed import BenchConfig, measure
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANDOM_GPT2 = "gpt2-random"
 
 
@@ -73,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ids = torch.randint(3, 512, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     folder = None if args.model == RANDOM_GPT2 else setups.model_folder(args.model)
-    output = RESULTS / ("speed" if folder is None else f"{setups.result_name(args.model, folder)}-speed")
+    output = result_stem(RANDOM_GPT2 if folder is None else setups.result_name(args.model, folder), "speed")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         source = build_gpt2(Path(tmp)) if folder is None else folder

@@ -1,15 +1,15 @@
 """Issue 14's acceptance check: quantcli's default whole-model checkpoints beside llama.cpp's Q4_0/Q8_0.
 
-    PYTHONPATH=. python benchmarks/wholemodel.py                # SmolLM2 (needs `make smollm2`)
-    PYTHONPATH=. python benchmarks/wholemodel.py --rows gptq-int4-g32 rtn-int4
+    python -m benchmarks.wholemodel                # SmolLM2 (needs `make smollm2`)
+    python -m benchmarks.wholemodel --rows gptq-int4-g32 rtn-int4
 
 Each row quantizes with quantcli's defaults (plus the row's options), reloads the checkpoint from
 disk with ``quantcli.load`` and scores it on the standard windows (WikiText-2 validation articles
 1-30, 16,384 tokens, windows of 512; calibration 128 × 256 from articles 31-60, seed 0). llama.cpp's
-rows and the fp32 baseline are read from ``results/<model>-llamacpp.json``/``llamacpp-<model>.json``,
+rows and the fp32 baseline are read from ``results/<model>/llamacpp.json``,
 measured by ``benchmarks/llamacpp.py`` on the same token ids and windows. Sizes: quantcli's
 safetensors files; llama.cpp's whole GGUF file (its tokenizer included). Rows are appended to
-``results/<model>-wholemodel.json`` as they finish; the table goes to the ``.md`` beside it.
+``results/<model>/wholemodel.json`` as they finish; the table goes to the ``.md`` beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import setups
+from benchmarks.lib import setups
+from benchmarks.lib.results import result_stem
+from tests.support.models import REPO
 
 import quantcli
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
@@ -43,7 +45,7 @@ TARGETS = {4: ("llama.cpp Q4_0", 0.5), 8: ("llama.cpp Q8_0", None)}  # size cap 
 
 
 def llamacpp_rows(model: str) -> tuple[dict, dict[str, dict]]:
-    path = Path(__file__).parent / "results" / f"llamacpp-{model}.json"
+    path = result_stem(model, "llamacpp").with_suffix(".json")
     data = json.loads(path.read_text())
     return data, {row["type"]: row for row in data["rows"]}
 
@@ -111,7 +113,7 @@ def markdown(data: dict) -> str:
 
 def shown(path: str) -> str:
     """A data path relative to the repository when it is inside it."""
-    return str(Path(path).relative_to(setups.REPO)) if Path(path).is_relative_to(setups.REPO) else path
+    return str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
 
 
 def main() -> None:
@@ -121,7 +123,7 @@ def main() -> None:
     parser.set_defaults(model="smollm2")
     args = parser.parse_args()
     setup = setups.resolve(args)
-    llama_data, llama = llamacpp_rows(setup.name or "stories260K")
+    llama_data, llama = llamacpp_rows(setup.name)
     fp32 = llama["HF fp32 (transformers)"]["perplexity"]
     out = setup.output("wholemodel").with_suffix(".json")
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
@@ -132,7 +134,7 @@ def main() -> None:
             f"Eval: {shown(setup.eval_dataset)}, first {setup.max_tokens} tokens, windows of {setup.seq_len}, stream protocol;"
             f" calibration: {shown(setup.calib_dataset)}, 128 × 256 tokens, seed 0. Each quantcli checkpoint reloaded from disk with quantcli.load"
             " (identical logits to plain transformers' from_pretrained, tested). fp32 and llama.cpp rows from"
-            " results/llamacpp-smollm2.json (same token ids and windows). Sizes: quantcli's safetensors files; llama.cpp's whole GGUF"
+            f" results/{setup.name}/llamacpp.json (same token ids and windows). Sizes: quantcli's safetensors files; llama.cpp's whole GGUF"
             f" file. {setup.caveat} Machine: 2 shared CPU cores."
         ),
     })
