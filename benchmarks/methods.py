@@ -211,7 +211,7 @@ def reference_rows(
         from benchmarks.lib import reference_gptq
         import llmcompressor  # noqa: F401
     except ImportError as error:
-        reason = f"llm-compressor not installed ({error.name}); make bench installs it into .reference"
+        reason = f"llm-compressor not installed ({error.name}); make bench-methods installs it into .reference"
         return [{"label": label, "method": "reference", "bits": bits, "not_available": reason} for label, bits, _ in runs]
     from transformers import AutoTokenizer
 
