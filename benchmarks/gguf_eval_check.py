@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.lib.llamacpp_tables import quantcli_eval
 from benchmarks.lib.results import result_stem
-from tests.support.gguf_harness import MODELS, REPO, convert, eval_ids, llamacpp_logits, model_folder, perplexity, quantize, window_nlls
+from tests.support.gguf_harness import MODELS, convert, eval_ids, llamacpp_logits, model_folder, perplexity, quantize, window_nlls
 
 
 def main() -> None:

@@ -118,7 +118,6 @@ def main() -> None:
         "results": results,
         "decode_speedup_vs_fp32": ratios,
     }
-    RESULTS.mkdir(exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["| model | decode tokens/s | latency ms/token | prefill tokens/s | model memory (MB) | peak memory (MB) | vs fp32 |", "|---|--:|--:|--:|--:|--:|--:|"]
     for name, r in results.items():
