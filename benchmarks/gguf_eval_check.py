@@ -19,7 +19,16 @@ from pathlib import Path
 
 from benchmarks.lib.llamacpp_tables import quantcli_eval
 from benchmarks.lib.results import result_stem
-from tests.support.gguf_harness import MODELS, convert, eval_ids, llamacpp_logits, model_folder, perplexity, quantize, window_nlls
+from tests.support.gguf_harness import (
+    MODELS,
+    convert,
+    eval_ids,
+    llamacpp_logits,
+    model_folder,
+    perplexity,
+    quantize,
+    window_nlls,
+)
 
 
 def main() -> None:
@@ -31,13 +40,21 @@ def main() -> None:
     args = parser.parse_args()
     spec, folder = MODELS[args.model], model_folder(args.model)
     ids = eval_ids(AutoTokenizer.from_pretrained(folder), spec["dataset"], spec["max_tokens"])
-    result = {"model": args.model, "type": args.type, "tokens": len(ids), "seq_len": spec["seq_len"], "dataset": spec["dataset"]}
+    result = {
+        "model": args.model,
+        "type": args.type,
+        "tokens": len(ids),
+        "seq_len": spec["seq_len"],
+        "dataset": spec["dataset"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         f32, file = Path(tmp) / "F32.gguf", Path(tmp) / f"{args.type}.gguf"
         convert(folder, f32, "f32", spec.get("tokenizer_model"))
         quantize(f32, file, args.type, 2)
         for label, options in (("llamacpp_f16_kv", {}), ("llamacpp_f32_kv", {"type_k": 0, "type_v": 0})):
-            result[label] = perplexity(window_nlls(llamacpp_logits(file, spec["seq_len"], 2, **options), ids, spec["seq_len"]))
+            result[label] = perplexity(
+                window_nlls(llamacpp_logits(file, spec["seq_len"], 2, **options), ids, spec["seq_len"])
+            )
         result["quantcli"] = quantcli_eval(file, spec, result["llamacpp_f32_kv"])["quantcli"]
     for label in ("llamacpp_f16_kv", "llamacpp_f32_kv"):
         result[f"diff_pct_vs_{label}"] = 100 * (result["quantcli"] / result[label] - 1)

@@ -57,7 +57,9 @@ def int4(model: Any, row: str) -> dict[str, Any]:
     observer, group = row.split("-g")[0], int(row.split("-g")[1])
     modules = dict(model.named_modules())
     for name, layout in plan_layouts(model, select_modules(model).names, 4, True, group, observer).items():
-        set_weight_matrix(modules[name], ops.fake_quantize(weight_matrix(modules[name]), 4, True, layout.group_size, observer))
+        set_weight_matrix(
+            modules[name], ops.fake_quantize(weight_matrix(modules[name]), 4, True, layout.group_size, observer)
+        )
     table = model.get_input_embeddings().weight
     table.data.copy_(ops.fake_quantize(table.data, 8, True, None))
     return {"method": "rtn", "bits": 4, "group_size": group, "observer": observer, "embedding": "int8 per row"}
@@ -92,16 +94,28 @@ INT8_ROWS = ["minmax-float32", "minmax-float16", "minmax-bfloat16", "signed-floa
 EMBEDDING_ROWS = ["fp32", "int8-per-row", "int8-g64", "int8-g32"]
 SWEEPS = {
     "int4": Sweep(["fp32", *INT4_ROWS], INT4_ROWS, {"embedding": "int8 per row (tied head)"}, int4),
-    "int8": Sweep(["fp32", *INT8_ROWS], INT8_ROWS,
-                  {"layers": "Linear per channel, embedding/head in groups of 64, kept tensors bfloat16"}, int8),
-    "embedding": Sweep(EMBEDDING_ROWS, EMBEDDING_ROWS, {"layers": "only the tied embedding/head rounded, the rest fp32"}, embedding),
+    "int8": Sweep(
+        ["fp32", *INT8_ROWS],
+        INT8_ROWS,
+        {"layers": "Linear per channel, embedding/head in groups of 64, kept tensors bfloat16"},
+        int8,
+    ),
+    "embedding": Sweep(
+        EMBEDDING_ROWS, EMBEDDING_ROWS, {"layers": "only the tied embedding/head rounded, the rest fp32"}, embedding
+    ),
 }
 
 
 def markdown(sweep: str, data: dict[str, Any]) -> str:
     s = data["settings"]
-    lines = [f"# {sweep} grids on {s['model']} (round-to-nearest)", "", json.dumps(s), "",
-             "| row | perplexity | change vs fp32 |", "|---|--:|--:|"]
+    lines = [
+        f"# {sweep} grids on {s['model']} (round-to-nearest)",
+        "",
+        json.dumps(s),
+        "",
+        "| row | perplexity | change vs fp32 |",
+        "|---|--:|--:|",
+    ]
     for r in data["rows"]:
         change = "" if r.get("delta_pct") is None else f"{r['delta_pct']:+.3f}%"
         lines.append(f"| {r['row']} | {r['perplexity']:.4f} | {change} |")

@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import quantcli
 from benchmarks.lib import setups
 from benchmarks.lib.results import result_stem
-from tests.support.models import REPO
-
-import quantcli
 from quantcli.config import CalibrationConfig, EvalConfig, QuantizeConfig
+from tests.support.models import REPO
 
 ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "gptq-int4": ("gptq", 4, {}, {}),
@@ -55,18 +54,36 @@ def run_row(name: str, setup: setups.Setup, folder: Path) -> dict:
     calibration = CalibrationConfig(dataset=setup.calib_dataset, samples=128, seq_len=256, seed=0)
     evaluation = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=setup.max_tokens)
     start = time.perf_counter()
-    report = quantcli.quantize(QuantizeConfig(
-        model=setup.path, bits=bits, method=method, method_options=options, calibration=calibration, eval=None, output=folder, **fields,
-    )).to_dict()
+    report = quantcli.quantize(
+        QuantizeConfig(
+            model=setup.path,
+            bits=bits,
+            method=method,
+            method_options=options,
+            calibration=calibration,
+            eval=None,
+            output=folder,
+            **fields,
+        )
+    ).to_dict()
     quantize_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = quantcli.evaluate(str(folder), evaluation, device="cpu")
     return {
-        "row": name, "method": method, "bits": bits, "options": report["options"], "fields": fields,
-        "perplexity": result["perplexity"], "disk_bytes": report["size"]["quantized_disk_bytes"],
-        "breakdown": report["size"].get("breakdown"), "bits_per_weight": report["size"]["quantized_bits_per_weight"],
-        "grouping": (report.get("grouping") or {}).get("summary"), "quantize_seconds": quantize_seconds,
-        "eval_seconds": time.perf_counter() - start, "eval_settings": result.get("settings"), "tokens_scored": result.get("tokens_scored"),
+        "row": name,
+        "method": method,
+        "bits": bits,
+        "options": report["options"],
+        "fields": fields,
+        "perplexity": result["perplexity"],
+        "disk_bytes": report["size"]["quantized_disk_bytes"],
+        "breakdown": report["size"].get("breakdown"),
+        "bits_per_weight": report["size"]["quantized_bits_per_weight"],
+        "grouping": (report.get("grouping") or {}).get("summary"),
+        "quantize_seconds": quantize_seconds,
+        "eval_seconds": time.perf_counter() - start,
+        "eval_settings": result.get("settings"),
+        "tokens_scored": result.get("tokens_scored"),
     }
 
 
@@ -80,33 +97,50 @@ def judge(row: dict, fp32: float, llama: dict[str, dict]) -> dict:
     peer_delta = 100 * (peer["perplexity"] - fp32) / fp32
     cap = share * peer_delta if share else 0.1
     return {
-        "delta_pct": delta, "target": f"<= {peer['file_bytes']:,} B and increase <= {cap:.3f}% ({reference})",
-        "size_ok": row["disk_bytes"] <= peer["file_bytes"], "quality_ok": delta <= cap,
+        "delta_pct": delta,
+        "target": f"<= {peer['file_bytes']:,} B and increase <= {cap:.3f}% ({reference})",
+        "size_ok": row["disk_bytes"] <= peer["file_bytes"],
+        "quality_ok": delta <= cap,
     }
 
 
 def markdown(data: dict) -> str:
     fp32, llama = data["fp32_perplexity"], data["llamacpp"]
     lines = [
-        f"# Whole-model quantization on {data['model']} (issue 14)", "",
-        f"{data['settings_line']}", "",
+        f"# Whole-model quantization on {data['model']} (issue 14)",
+        "",
+        f"{data['settings_line']}",
+        "",
         "| checkpoint | size on disk | bits/weight (all params) | perplexity | Δ % vs fp32 | target met |",
         "|---|--:|--:|--:|--:|---|",
-        f"| fp32 (transformers, from the llama.cpp run) | {llama['HF fp32 (transformers)']['file_bytes']:,} B | 32.00 | {fp32:.4f} | | |",
+        f"| fp32 (transformers, from the llama.cpp run) | {llama['HF fp32 (transformers)']['file_bytes']:,} B | 32.00"
+        f" | {fp32:.4f} | | |",
     ]
     for name in ("llama.cpp Q8_0", "llama.cpp Q4_0"):
         row = llama[name]
-        lines.append(f"| {name} | {row['file_bytes']:,} B | {row['file_bits_per_weight']:.2f} | {row['perplexity']:.4f} | {100 * (row['perplexity'] - fp32) / fp32:+.3f}% | |")
+        lines.append(
+            f"| {name} | {row['file_bytes']:,} B | {row['file_bits_per_weight']:.2f} | {row['perplexity']:.4f} |"
+            f" {100 * (row['perplexity'] - fp32) / fp32:+.3f}% | |"
+        )
     for row in data["rows"]:
         verdict = row["judged"]
-        met = "" if "size_ok" not in verdict else f"size {'yes' if verdict['size_ok'] else 'NO'}, quality {'yes' if verdict['quality_ok'] else 'NO'} ({verdict['target']})"
-        label = f"quantcli {row['row']} ({', '.join(f'{k}={v}' for k, v in row['options'].items() if k in ('group_size', 'observer'))}{', ' + str(row['fields']) if row['fields'] else ''})"
+        met = ""
+        if "size_ok" in verdict:
+            size, quality = ("yes" if verdict[key] else "NO" for key in ("size_ok", "quality_ok"))
+            met = f"size {size}, quality {quality} ({verdict['target']})"
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k in ("group_size", "observer"))
+        label = f"quantcli {row['row']} ({options}{', ' + str(row['fields']) if row['fields'] else ''})"
         label += f"; {row['note']}" if row.get("note") else ""
-        lines.append(f"| {label} | {row['disk_bytes']:,} B | {row['bits_per_weight']:.2f} | {row['perplexity']:.4f} | {verdict['delta_pct']:+.3f}% | {met} |")
+        lines.append(
+            f"| {label} | {row['disk_bytes']:,} B | {row['bits_per_weight']:.2f} | {row['perplexity']:.4f} |"
+            f" {verdict['delta_pct']:+.3f}% | {met} |"
+        )
     lines += ["", "Size breakdown of each quantcli checkpoint (bytes, share of the file's tensor bytes):", ""]
     for row in data["rows"]:
         parts = row.get("breakdown") or {}
-        shares = ", ".join(f"{key} {value['bytes']:,} ({100 * value['share']:.1f}%)" for key, value in parts.get("classes", {}).items())
+        shares = ", ".join(
+            f"{key} {value['bytes']:,} ({100 * value['share']:.1f}%)" for key, value in parts.get("classes", {}).items()
+        )
         lines.append(f"- {row['row']}: {shares}")
     return "\n".join(lines) + "\n"
 
@@ -127,17 +161,25 @@ def main() -> None:
     fp32 = llama["HF fp32 (transformers)"]["perplexity"]
     out = setup.output("wholemodel").with_suffix(".json")
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    data.update({
-        "model": setup.label, "fp32_perplexity": fp32, "llamacpp": {k: llama[k] for k in ("HF fp32 (transformers)", "llama.cpp Q8_0", "llama.cpp Q4_0")},
-        "llamacpp_settings": llama_data["settings"], "caveat": setup.caveat,
-        "settings_line": (
-            f"Eval: {shown(setup.eval_dataset)}, first {setup.max_tokens} tokens, windows of {setup.seq_len}, stream protocol;"
-            f" calibration: {shown(setup.calib_dataset)}, 128 × 256 tokens, seed 0. Each quantcli checkpoint reloaded from disk with quantcli.load"
-            " (identical logits to plain transformers' from_pretrained, tested). fp32 and llama.cpp rows from"
-            f" results/{setup.name}/llamacpp.json (same token ids and windows). Sizes: quantcli's safetensors files; llama.cpp's whole GGUF"
-            f" file. {setup.caveat} Machine: 2 shared CPU cores."
-        ),
-    })
+    data.update(
+        {
+            "model": setup.label,
+            "fp32_perplexity": fp32,
+            "llamacpp": {k: llama[k] for k in ("HF fp32 (transformers)", "llama.cpp Q8_0", "llama.cpp Q4_0")},
+            "llamacpp_settings": llama_data["settings"],
+            "caveat": setup.caveat,
+            "settings_line": (
+                f"Eval: {shown(setup.eval_dataset)}, first {setup.max_tokens} tokens, windows of {setup.seq_len},"
+                " stream protocol;"
+                f" calibration: {shown(setup.calib_dataset)}, 128 × 256 tokens, seed 0. Each quantcli checkpoint"
+                " reloaded from disk with quantcli.load"
+                " (identical logits to plain transformers' from_pretrained, tested). fp32 and llama.cpp rows from"
+                f" results/{setup.name}/llamacpp.json (same token ids and windows). Sizes: quantcli's safetensors"
+                " files; llama.cpp's whole GGUF"
+                f" file. {setup.caveat} Machine: 2 shared CPU cores."
+            ),
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.rows:
             row = run_row(name, setup, Path(tmp) / name)

@@ -18,7 +18,9 @@ NOTES = {
 }
 
 
-def run_each(names: list[str], bench: str, threads: int, run: Callable, markdown: Callable[[dict[str, Any]], str]) -> None:
+def run_each(
+    names: list[str], bench: str, threads: int, run: Callable, markdown: Callable[[dict[str, Any]], str]
+) -> None:
     """``run(name, threads, workdir, save)`` per model in a scratch folder; ``save`` (called as rows finish)
     writes results/NAME/BENCH.json and .md; the final table goes to stdout."""
     for name in names:
@@ -38,5 +40,7 @@ def quantcli_eval(path: Path, spec: dict[str, Any], llamacpp_ppl: float) -> dict
     from quantcli.config import EvalConfig
 
     dataset = spec["dataset"] if spec["dataset"].startswith("tinystories") else str(REPO / spec["dataset"])
-    ppl = quantcli.evaluate(str(path), EvalConfig(dataset=dataset, seq_len=spec["seq_len"], max_tokens=spec["max_tokens"]))["perplexity"]
+    ppl = quantcli.evaluate(
+        str(path), EvalConfig(dataset=dataset, seq_len=spec["seq_len"], max_tokens=spec["max_tokens"])
+    )["perplexity"]
     return {"quantcli": ppl, "llamacpp": llamacpp_ppl, "diff_pct": 100 * (ppl / llamacpp_ppl - 1)}
