@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test smollm2 bench bench-peers llama-cpp clean
+.PHONY: install demo test smollm2 llama-cpp clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
+  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +53,7 @@ REFERENCE := llmcompressor==0.14.0.1 loguru requests urllib3 idna certifi charse
 # llama.cpp is the bar every real-model table is held to (issues 13, 14). llama-cpp-python, built
 # from source for the CPU (several minutes), goes without dependencies into a side folder, never a
 # quantcli dependency. llama.cpp's convert_hf_to_gguf.py, with its conversion/ and gguf-py/, comes
-# from the same sdist into .llamacpp/llama.cpp/ (benchmarks/gguf_harness.py runs it).
+# from the same sdist into .llamacpp/llama.cpp/ (tests/support/gguf_harness.py runs it).
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CPP_SDIST := .llamacpp/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 LLAMA_CPP_CMAKE ?= -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_CURL=OFF
@@ -68,20 +69,53 @@ LLAMA_CPP_JOBS ?= 2
 
 llama-cpp: .llamacpp/llama_cpp
 
-# Each benchmark writes its table to benchmarks/results/ (JSON + Markdown); run on a quiet machine.
-# The SmolLM2 tables (results/smollm2-*) come first; stories260K stays the demo.
-bench: install smollm2 .reference/llmcompressor
-	PYTHONPATH=.reference $(BIN)/python benchmarks/methods.py --model smollm2
-	PYTHONPATH=.reference $(BIN)/python benchmarks/methods.py
-	$(BIN)/python benchmarks/speed.py
-	$(BIN)/python benchmarks/gptq_speed.py
-	$(BIN)/python benchmarks/scale.py
+# Benchmarks: one target per suite (benchmarks/README.md: what each answers, its runtime and duration),
+# each writing benchmarks/results/<model>/<bench>.{json,md,png}; run on a quiet machine. Suites run
+# from the repository root as modules (python -m benchmarks.NAME). `make bench` is the default set.
+BENCH := $(BIN)/python -m benchmarks
+bench: bench-methods bench-speed bench-gptq-speed bench-scale
+
+bench-methods: install smollm2 .reference/llmcompressor
+	PYTHONPATH=.reference $(BENCH).methods --model smollm2
+	PYTHONPATH=.reference $(BENCH).methods
+
+bench-speed: install
+	$(BENCH).speed
+
+bench-gptq-speed: install smollm2
+	$(BENCH).gptq_speed
+
+bench-scale: install
+	$(BENCH).scale
 
 # The peers (optimum-quanto, torchao, hqq) go to a side folder so quantcli's own venv stays clean.
-bench-peers: install .llamacpp/llama_cpp
+.peers/torchao: | install
 	$(BIN)/pip install -q --no-deps --target .peers torchao optimum-quanto hqq termcolor einops
-	PYTHONPATH=.peers $(BIN)/python benchmarks/peers.py
-	$(BIN)/python benchmarks/llamacpp.py
+
+bench-peers: install .peers/torchao
+	PYTHONPATH=.peers $(BENCH).peers
+
+bench-llamacpp: install .llamacpp/llama_cpp
+	$(BENCH).llamacpp
+
+bench-gguf: install .llamacpp/llama_cpp
+	$(BENCH).gguf_export
+
+bench-gguf-eval: install smollm2 .llamacpp/llama_cpp
+	$(BENCH).gguf_eval_check
+
+bench-allocation: install smollm2
+	$(BENCH).allocation --model smollm2 --method rtn
+	$(BENCH).allocation --model smollm2 --method gptq --gptq-baseline
+	$(BENCH).pareto --model smollm2
+
+bench-wholemodel: install smollm2
+	$(BENCH).wholemodel
+
+bench-grids: install smollm2
+	$(BENCH).grid --sweep int4
+	$(BENCH).grid --sweep int8
+	$(BENCH).grid --sweep embedding
 
 clean:
 	rm -rf out .peers .reference .llamacpp .pytest_cache

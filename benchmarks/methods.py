@@ -3,22 +3,22 @@
 Calibrates on the setup's calibration text, evaluates every checkpoint (reloaded from disk with
 ``quantcli.load``) on its evaluation text with the same settings, and writes PREFIX.json and
 PREFIX.md: perplexity, its change against fp32, size on disk and time to quantize. The model and
-data come from ``--model`` (see ``benchmarks/setups.py``): the embedded stories260K by default,
-``--model smollm2`` for the real-model table (results/smollm2-methods.*).
+data come from ``--model`` (see ``benchmarks/lib/setups.py``): the embedded stories260K by default,
+``--model smollm2`` for the real-model table (results/smollm2/methods.*).
 
 Calibrated methods run once per calibration seed (``--seeds``): GPTQ's rounding decisions cascade,
 so a different draw of windows (or even a different thread count, which reorders float sums) moves
 the result; rows give the mean and the spread. llm-compressor's GPTQ runs on the same windows as an
-independent reference where it is installed (``benchmarks/reference_gptq.py``).
+independent reference where it is installed (``benchmarks/lib/reference_gptq.py``).
 
 ``--only PATTERN`` (glob over row labels, repeatable) runs some rows; the other rows of an existing
 result file with the same settings are kept, so slow rows can be added later, by several runs at once
 (the file is merged under a lock after every seed). ``--first-seed K`` adds seeds K.. to a row's
 earlier ones (same options), so a 5-seed sweep can be spread over runs.
 
-    python benchmarks/methods.py [--seeds 5]
-    python benchmarks/methods.py --model smollm2 --only 'rtn*' --only 'bnb*'
-    python benchmarks/methods.py --model smollm2 --only 'gptq*' --only 'llm-compressor*' --seeds 5
+    PYTHONPATH=.reference python -m benchmarks.methods [--seeds 5]
+    python -m benchmarks.methods --model smollm2 --only 'rtn*' --only 'bnb*'
+    PYTHONPATH=.reference python -m benchmarks.methods --model smollm2 --only 'gptq*' --only 'llm-compressor*' --seeds 5
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from typing import Callable
 import torch
 
 import quantcli
-import setups
+from benchmarks.lib import setups
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import InputError
+from quantcli.measure.evaluation import measure_perplexity
 from quantcli.methods import get_method
 from quantcli.sources.models import bytes_on_disk, weight_files
-from quantcli.measure.evaluation import measure_perplexity
 from quantcli.progress import NullProgress
 
 DEMO_RUNS = [  # label, method, bits, options (gptq: act-order with static groups and clip search unless stated)
@@ -74,7 +74,12 @@ REAL_RUNS = [  # every bit width at every grouping, for RTN (cheap) and GPTQ; bi
     *[(f"gptq int{bits} {name}", "gptq", bits, {"group_size": size}) for bits in (8, 4, 3) for name, size in GROUPS],
     ("gptq int4 g128 no clip search", "gptq", 4, {"group_size": 128, "clip_search": False}),
     ("gptq int4 g128 minmax", "gptq", 4, {"group_size": 128, "observer": "minmax"}),
-    ("gptq int4 g128 minmax no clip search", "gptq", 4, {"group_size": 128, "observer": "minmax", "clip_search": False}),  # llm-compressor's settings
+    (
+        "gptq int4 g128 minmax no clip search",
+        "gptq",
+        4,
+        {"group_size": 128, "observer": "minmax", "clip_search": False},
+    ),  # llm-compressor's settings
     ("gptq-nf4 (GPTQ on bnb's NF4 grid)", "gptq-nf4", 4, {}),
 ]
 REFERENCE_RUNS = [  # label, bits, group size: llm-compressor's GPTQ on the same windows
@@ -94,22 +99,39 @@ def unavailable(method: str, device: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     setups.add_arguments(parser)
-    parser.add_argument("--output", type=Path, help="Writes OUTPUT.json and OUTPUT.md (default: results/[MODEL-]methods).")
+    parser.add_argument(
+        "--output", type=Path, help="Writes OUTPUT.json and OUTPUT.md (default: results/<model>/methods)."
+    )
     parser.add_argument("--calib-samples", type=int, default=128, help="Calibration windows.")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="Tokens per calibration window.")
     parser.add_argument("--seeds", type=int, default=5, help="Calibration seeds (0..N-1) for calibrated methods.")
-    parser.add_argument("--first-seed", type=int, default=0, help="First calibration seed; rows add to the seeds an earlier run stored for them.")
-    parser.add_argument("--only", action="append", default=[], help="Run only rows whose label matches this glob (repeatable).")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="First calibration seed; rows add to the seeds an earlier run stored for them.",
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], help="Run only rows whose label matches this glob (repeatable)."
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     args = parser.parse_args()
     setup = setups.resolve(args)
     output = args.output or setup.output("methods")
     evaluation = EvalConfig(dataset=setup.eval_dataset, seq_len=setup.seq_len, max_tokens=setup.max_tokens)
     calibration = CalibrationConfig(dataset=setup.calib_dataset, samples=args.calib_samples, seq_len=args.calib_seq_len)
-    settings = {"model": setup.label, "model_path": setup.path, "calibration": vars(calibration), "eval": vars(evaluation),
-                "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                "caveat": setup.caveat}
-    runs, references = (DEMO_RUNS, REFERENCE_RUNS) if setup.name == "" else (REAL_RUNS, REAL_REFERENCE_RUNS)
+    settings = {
+        "model": setup.label,
+        "model_path": setup.path,
+        "calibration": vars(calibration),
+        "eval": vars(evaluation),
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "caveat": setup.caveat,
+    }
+    runs, references = (DEMO_RUNS, REFERENCE_RUNS) if setup.name == setups.DEMO else (REAL_RUNS, REAL_REFERENCE_RUNS)
     wanted = lambda label: not args.only or any(fnmatch.fnmatchcase(label, glob) for glob in args.only)  # noqa: E731
     kept = previous_rows(output, settings)
     rows = [kept["fp32"]] if "fp32" in kept else []  # the baseline every row's change is against
@@ -131,12 +153,22 @@ def main() -> None:
             table += [row for label, row in earlier.items() if label not in {row["label"] for row in rows}]
             table.sort(key=lambda row: order.index(row["label"]) if row["label"] in order else len(order))
             summarize(table)
-            output.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": table}, indent=2, default=str) + "\n")
+            output.with_suffix(".json").write_text(
+                json.dumps({"settings": settings, "rows": table}, indent=2, default=str) + "\n"
+            )
             output.with_suffix(".md").write_text(markdown(table, settings))
 
     if not rows:
-        save({"label": "fp32", "method": "none", "bits": 32, "perplexities": [perplexity(setup.path)],
-              "disk_bytes": bytes_on_disk(weight_files(setup.path)), "quantize_seconds": None})
+        save(
+            {
+                "label": "fp32",
+                "method": "none",
+                "bits": 32,
+                "perplexities": [perplexity(setup.path)],
+                "disk_bytes": bytes_on_disk(weight_files(setup.path)),
+                "quantize_seconds": None,
+            }
+        )
         print(f"fp32: ppl {rows[0]['perplexities'][0]:.4f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for label, method, bits, options in runs:
@@ -147,51 +179,92 @@ def main() -> None:
                 print(f"{label}: not available: {reason}")
                 save({"label": label, "method": method, "bits": bits, "not_available": reason})
                 continue
-            row = {"label": label, "method": method, "bits": bits, "seeds": [], "perplexities": [], "stats": [], "quantize_seconds_each": [], "threads_each": []}
+            row = {
+                "label": label,
+                "method": method,
+                "bits": bits,
+                "seeds": [],
+                "perplexities": [],
+                "stats": [],
+                "quantize_seconds_each": [],
+                "threads_each": [],
+            }
             rows.append(row)
             first = args.first_seed if get_method(method).needs_calibration else 0
             for seed in range(first, first + args.seeds if get_method(method).needs_calibration else 1):
                 folder = Path(tmp) / label.replace(" ", "-")
-                report = quantcli.quantize(QuantizeConfig(
-                    model=setup.path, bits=bits, method=method, output=folder, method_options=options, force=True,
-                    calibration=CalibrationConfig(**{**vars(calibration), "seed": seed}), eval=None, device=args.device,
-                ))
+                report = quantcli.quantize(
+                    QuantizeConfig(
+                        model=setup.path,
+                        bits=bits,
+                        method=method,
+                        output=folder,
+                        method_options=options,
+                        force=True,
+                        calibration=CalibrationConfig(**{**vars(calibration), "seed": seed}),
+                        eval=None,
+                        device=args.device,
+                    )
+                )
                 row["seeds"].append(seed)
                 row["perplexities"].append(perplexity(folder))
                 row["stats"].append(report.stats)
                 row["quantize_seconds_each"].append(report.timings["quantize"])
                 row["threads_each"].append(torch.get_num_threads())
-                row.update(options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks)
+                row.update(
+                    options=report.options, disk_bytes=report.size["quantized_disk_bytes"], fallbacks=report.fallbacks
+                )
                 print(f"{label} seed {seed}: ppl {row['perplexities'][-1]:.4f}", flush=True)
                 save()  # after every seed: a stopped run keeps the seeds it finished
-        for row in reference_rows(setup.path, [run for run in references if wanted(run[0])], Path(tmp), calibration, range(args.first_seed, args.first_seed + args.seeds), perplexity):
+        for row in reference_rows(
+            setup.path,
+            [run for run in references if wanted(run[0])],
+            Path(tmp),
+            calibration,
+            range(args.first_seed, args.first_seed + args.seeds),
+            perplexity,
+        ):
             save(row)
     save()  # re-renders the merged table even when no row ran (``--only none``)
     print(output.with_suffix(".md").read_text())
 
 
 def previous_rows(output: Path, settings: dict) -> dict[str, dict]:
-    """The rows of earlier runs into ``output`` with the same model, data and device (else none); each row keeps its own seeds."""
+    """The rows of earlier runs into ``output`` with the same model, data and device (else none); each row keeps
+    its own seeds."""
     try:
         previous = json.loads(output.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return {}
+
     def comparable(run: dict) -> list:  # the datasets by file name: the same text from another checkout is the same
-        named = lambda part: {**part, "dataset": Path(str(part.get("dataset"))).name} if isinstance(part, dict) else part  # noqa: E731
-        return [named(json.loads(json.dumps(run.get(key), default=str))) for key in ("model", "calibration", "eval", "device")]
+        def named(part: object) -> object:
+            return {**part, "dataset": Path(str(part.get("dataset"))).name} if isinstance(part, dict) else part
+
+        return [
+            named(json.loads(json.dumps(run.get(key), default=str)))
+            for key in ("model", "calibration", "eval", "device")
+        ]
 
     if comparable(previous.get("settings", {})) != comparable(settings):
         return {}
     rows = {row["label"]: row for row in previous.get("rows", [])}
     for row in rows.values():  # rows from before per-seed thread counts ran at the file's one count
         if "quantize_seconds_each" in row and "threads_each" not in row:
-            row["threads_each"] = [row.get("threads", previous["settings"].get("threads"))] * len(row["quantize_seconds_each"])
+            row["threads_each"] = [row.get("threads", previous["settings"].get("threads"))] * len(
+                row["quantize_seconds_each"]
+            )
     return rows
 
 
 def with_earlier_seeds(row: dict, earlier: dict | None) -> dict:
     """``row`` plus the seeds an earlier run measured for the same label and options (its own seeds win)."""
-    if not earlier or "seeds" not in row or earlier.get("options") != row.get("options") or "perplexities" not in earlier:
+    if (
+        not earlier
+        or "seeds" not in row
+        or earlier.get("options") != row.get("options")
+        or "perplexities" not in earlier
+    ):
         return row
     merged = dict(row)
     extra = [i for i, seed in enumerate(earlier.get("seeds", [])) if seed not in row["seeds"]]
@@ -202,24 +275,40 @@ def with_earlier_seeds(row: dict, earlier: dict | None) -> dict:
 
 
 def reference_rows(
-    model: str, runs: list[tuple[str, int, int | None]], tmp: Path, calibration: CalibrationConfig, seeds: range, perplexity: Callable[[Path], float]
+    model: str,
+    runs: list[tuple[str, int, int | None]],
+    tmp: Path,
+    calibration: CalibrationConfig,
+    seeds: range,
+    perplexity: Callable[[Path], float],
 ) -> list[dict]:
     """llm-compressor's GPTQ on quantcli's windows for each seed, or why it cannot run here."""
     if not runs:
         return []
     try:
-        import reference_gptq
         import llmcompressor  # noqa: F401
+
+        from benchmarks.lib import reference_gptq
     except ImportError as error:
-        reason = f"llm-compressor not installed ({error.name}); make bench installs it into .reference"
-        return [{"label": label, "method": "reference", "bits": bits, "not_available": reason} for label, bits, _ in runs]
+        reason = f"llm-compressor not installed ({error.name}); make bench-methods installs it into .reference"
+        return [
+            {"label": label, "method": "reference", "bits": bits, "not_available": reason} for label, bits, _ in runs
+        ]
     from transformers import AutoTokenizer
 
     documents, tokenizer = read_documents(calibration.dataset), AutoTokenizer.from_pretrained(model)
     rows = []
     for label, bits, group_size in runs:
-        row = {"label": label, "method": "reference", "bits": bits, "options": {"group_size": group_size, "symmetric": True, "observer": "minmax"},
-               "seeds": [], "perplexities": [], "quantize_seconds_each": [], "threads_each": []}
+        row = {
+            "label": label,
+            "method": "reference",
+            "bits": bits,
+            "options": {"group_size": group_size, "symmetric": True, "observer": "minmax"},
+            "seeds": [],
+            "perplexities": [],
+            "quantize_seconds_each": [],
+            "threads_each": [],
+        }
         for seed in seeds:
             windows = calibration_batch(documents, tokenizer, calibration.samples, calibration.seq_len, seed)
             output = tmp / f"{label.replace(' ', '-')}-{seed}"
@@ -254,10 +343,11 @@ def markdown(rows: list[dict], settings: dict) -> str:
     calib, evaluation = settings["calibration"], settings["eval"]
     lines = [
         f"{settings['model']} on {settings['device']}; calibration {calib['samples']} x"
-        f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, calibrated methods over the seeds column's count of calibration seeds"
+        f" {calib['seq_len']} tokens of {Path(calib['dataset']).name}, calibrated methods over the seeds column's"
+        " count of calibration seeds"
         f" (mean ± sd and range); perplexity on {evaluation['max_tokens']} tokens of {Path(evaluation['dataset']).name}"
-        f" (seq_len {evaluation['seq_len']}, stride {evaluation['stride'] or evaluation['seq_len']}, BOS per {evaluation['bos']})."
-        + (f" Caveat: {settings['caveat']}" if settings.get("caveat") else ""),
+        f" (seq_len {evaluation['seq_len']}, stride {evaluation['stride'] or evaluation['seq_len']}, BOS per"
+        f" {evaluation['bos']})." + (f" Caveat: {settings['caveat']}" if settings.get("caveat") else ""),
         "",
         "| method | perplexity | Δ ppl | Δ % | seeds | spread over seeds | size on disk | quantize time |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -269,26 +359,38 @@ def markdown(rows: list[dict], settings: dict) -> str:
         seconds = quantize_times(row)
         spread = ""
         if row["delta_percent_sd"] is not None:
-            spread = f"± {row['delta_percent_sd']:.2f} ({min(row['delta_percents']):+.2f} to {max(row['delta_percents']):+.2f}%)"
+            low, high = min(row["delta_percents"]), max(row["delta_percents"])
+            spread = f"± {row['delta_percent_sd']:.2f} ({low:+.2f} to {high:+.2f}%)"
         seeds = len(row.get("seeds") or []) or ""
-        lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% | {seeds} | {spread} |"
-                     f" {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |")
+        lines.append(
+            f"| {row['label']} | {row['perplexity']:.4f} | {row['delta']:+.4f} | {row['delta_percent']:+.2f}% |"
+            f" {seeds} | {spread} |"
+            f" {row['disk_bytes'] / 1024:.0f} KiB | {seconds} |"
+        )
     lines += [""] + acceptance(rows) + fallback_notes(rows)
     return "\n".join(lines) + "\n"
 
 
 def quantize_times(row: dict) -> str:
-    """The median time to quantize at each thread count the row's seeds ran with (threads change the time, not the work)."""
+    """The median time to quantize at each thread count the row's seeds ran with (threads change the time, not
+    the work)."""
     by_threads: dict[int | None, list[float]] = {}
     for seconds, threads in zip(row.get("quantize_seconds_each") or [], row.get("threads_each") or []):
         by_threads.setdefault(threads, []).append(seconds)
-    return ", ".join(f"{statistics.median(times):.1f} s" + (f" ({threads} thr)" if threads else "") for threads, times in sorted(by_threads.items(), key=lambda item: -(item[0] or 0)))
+    return ", ".join(
+        f"{statistics.median(times):.1f} s" + (f" ({threads} thr)" if threads else "")
+        for threads, times in sorted(by_threads.items(), key=lambda item: -(item[0] or 0))
+    )
 
 
 def acceptance(rows: list[dict]) -> list[str]:
     """GPTQ's (and the reference's) perplexity increase as a fraction of RTN's at the same grouping and observer."""
     grid = lambda row: (row["options"].get("group_size") or -1, row["options"].get("observer"))  # noqa: E731 (the reference: None per channel)
-    rtn = {grid(row): row for row in rows if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"].get("symmetric", True)}
+    rtn = {
+        grid(row): row
+        for row in rows
+        if row["method"] == "rtn" and row["bits"] == 4 and "delta" in row and row["options"].get("symmetric", True)
+    }
     nf4 = next((row for row in rows if row["method"] == "bnb-nf4" and "delta" in row), None)
     lines = []
     for row in rows:
@@ -296,18 +398,24 @@ def acceptance(rows: list[dict]) -> list[str]:
         if row["method"] in ("gptq", "reference") and row["bits"] == 4 and "delta" in row and baseline:
             ratios = [delta / baseline["delta"] for delta in row["deltas"]]
             versus_nf4 = f"; {'below' if nf4 and row['delta'] < nf4['delta'] else 'not below'} bnb-nf4's" if nf4 else ""
-            lines.append(f"- {row['label']}: perplexity increase {row['delta'] / baseline['delta']:.2f}x that of {baseline['label']}"
-                         f" (per seed {min(ratios):.2f}-{max(ratios):.2f}x){versus_nf4}.")
+            lines.append(
+                f"- {row['label']}: perplexity increase {row['delta'] / baseline['delta']:.2f}x that of"
+                f" {baseline['label']}"
+                f" (per seed {min(ratios):.2f}-{max(ratios):.2f}x){versus_nf4}."
+            )
     return lines
 
 
 def fallback_notes(rows: list[dict]) -> list[str]:
-    """Rows whose layer map stores some layers differently from the row's label (e.g. a group size that does not divide)."""
+    """Rows whose layer map stores some layers differently from the row's label (e.g. a group size that does not
+    divide)."""
     lines = []
     for row in rows:
         notes = sorted(set((row.get("fallbacks") or {}).values()))
         if notes:
-            lines.append(f"- {row['label']}: {len(row['fallbacks'])} layer(s) stored otherwise: {'; '.join(notes)[:300]}")
+            lines.append(
+                f"- {row['label']}: {len(row['fallbacks'])} layer(s) stored otherwise: {'; '.join(notes)[:300]}"
+            )
     return ["", "Layer-map fallbacks:", *lines] if lines else []
 
 

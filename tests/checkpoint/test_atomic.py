@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from quantcli.checkpoint.atomic import atomic_folder, clean_stale
-from quantcli.checkpoint.load import read_metadata
+from quantcli.checkpoint.metadata import read_metadata
 from tests.conftest import tmpfs
-from tests.support.paths import REPO
+from tests.support.models import REPO
 
 ROOT = REPO
 QUANTIZE = [sys.executable, "-m", "quantcli", "quantize", "--bits", "4", "--method", "rtn", "--no-eval", "-q"]

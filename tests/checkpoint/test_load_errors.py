@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantcli import load
-from quantcli.checkpoint.load import read_metadata
+from quantcli.checkpoint.metadata import read_metadata
 from quantcli.config.quantize import CalibrationConfig, EvalConfig
 from quantcli.config.recipes import config_from_mapping
 from quantcli.errors import CheckpointError, DatasetError, ModelLoadError

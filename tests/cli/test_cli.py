@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from quantcli.cli.app import app
-from tests.support.paths import REPO
+from tests.support.models import REPO
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from quantcli import errors
 from quantcli.cli.app import app
 from quantcli.cli.helptext import EXAMPLES
-from tests.support.paths import REPO
+from tests.support.models import REPO
 
 COMMAND = typer.main.get_command(app)
 

@@ -89,7 +89,7 @@ def test_tensor_types_follow_llamacpps_q4_k_m_rule():
 
 def test_stories260k_q4_k_m_is_all_fallbacks_as_in_llamacpp(tmp_path):
     """stories260K's rows (64 and 172 wide) fit no block of 256: llama.cpp's Q4_K_M file of it holds
-    Q5_0, Q8_0 and F16 only (benchmarks/results/llamacpp-stories260K.json), and so does quantcli's."""
+    Q5_0, Q8_0 and F16 only (benchmarks/results/stories260K/llamacpp.json), and so does quantcli's."""
     report = quantcli.quantize(QuantizeConfig(bits=4, model="stories260K", method="rtn", output=tmp_path / "out", eval=None,
                                               format="gguf", gguf_type="Q4_K_M"))
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gguf_file(tmp_path / "out")).tensors}

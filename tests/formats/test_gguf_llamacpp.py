@@ -7,23 +7,27 @@ llama-cpp-python (QUANTCLI_LLAMACPP or .llamacpp/)."""
 from __future__ import annotations
 
 import ctypes
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tests.support.gguf_harness import (
+    LLAMACPP_DIR,
+    eval_ids,
+    eval_text,
+    hf_logits,
+    llama_cpp_module,
+    llamacpp_logits,
+    perplexity,
+    window_nlls,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import quantcli  # noqa: E402
-from benchmarks.gguf_harness import LLAMACPP_DIR, hf_logits, llama_cpp_module, llamacpp_logits, perplexity, window_nlls  # noqa: E402
-from benchmarks.llamacpp import eval_ids, eval_text  # noqa: E402
-from quantcli.config.quantize import CalibrationConfig, QuantizeConfig  # noqa: E402
-from quantcli.formats.gguf.kquants import K_TYPES, pack, round_to_nearest  # noqa: E402
-from quantcli.formats.gguf.types import LEGACY as TYPES  # noqa: E402
-from quantcli.formats.gguf.types import block_type  # noqa: E402
-from quantcli.formats.gguf.writer import gguf_file  # noqa: E402
+import quantcli
+from quantcli.config.quantize import CalibrationConfig, QuantizeConfig
+from quantcli.formats.gguf.writer import gguf_file
+from quantcli.formats.gguf.types import LEGACY as TYPES
+from quantcli.formats.gguf.types import block_type
+from quantcli.formats.gguf.kquants import K_TYPES, pack, round_to_nearest
 
 SEQ_LEN = 256
 TOKENS = 2048
@@ -164,9 +168,7 @@ def test_llamacpp_runs_k_quant_files_as_quantcli_computes_them(wide_llama, tmp_p
 def test_rtn_k_quant_file_is_llamacpps_own_quantization(wide_llama, tmp_path, name):
     """quantcli's RTN file and ``llama_model_quantize`` of llama.cpp's F32 conversion of the same model
     hold the same tensors, byte for byte, with the same types."""
-    from benchmarks.gguf_export import same_tensors
-    from benchmarks.gguf_harness import convert, quantize
-    from benchmarks.llamacpp import MODELS
+    from tests.support.gguf_harness import MODELS, convert, quantize, same_tensors
 
     _llamacpp_or_skip()
     quantcli.quantize(QuantizeConfig(bits=block_type(name).bits, model=str(wide_llama), method="rtn", output=tmp_path / "out", eval=None,

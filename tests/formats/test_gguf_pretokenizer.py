@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from tests.support.models import WIKITEXT, smollm2_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import quantcli  # noqa: E402
-from benchmarks.setups import WIKITEXT, smollm2_folder  # noqa: E402
-from quantcli.config.quantize import QuantizeConfig  # noqa: E402
-from quantcli.errors import UnavailableError  # noqa: E402
-from quantcli.formats.gguf.metadata import LLAMA3_SPLIT, llamacpp_pre_tokenizer  # noqa: E402
-from quantcli.formats.gguf.writer import gguf_file  # noqa: E402
+import quantcli
+from quantcli.config.quantize import QuantizeConfig
+from quantcli.errors import UnavailableError
+from quantcli.formats.gguf.writer import gguf_file
+from quantcli.formats.gguf.metadata import LLAMA3_SPLIT, llamacpp_pre_tokenizer
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 BYTES_ONLY = {**BYTE_LEVEL, "use_regex": False}
@@ -92,9 +89,8 @@ def tiny_llama(folder: Path, source: Path, name: str) -> Path:
 
 
 def test_llamacpp_tokenizes_as_hf_under_each_pre_tokenizer(smollm2_tokenizer_files, tmp_path):
+    from tests.support.gguf_harness import llama_cpp_module
     from transformers import AutoTokenizer
-
-    from benchmarks.gguf_harness import llama_cpp_module
 
     try:
         llama_cpp = llama_cpp_module()

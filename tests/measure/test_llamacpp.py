@@ -1,20 +1,18 @@
-"""llama.cpp as the instrument (benchmarks/gguf_harness.py) on stories260K: the harness scores
+"""llama.cpp as the instrument (tests/support/gguf_harness.py) on stories260K: the harness scores
 exactly quantcli's windows, and llama.cpp's own F32 conversion and Q8_0 agree with transformers.
 Tests that run llama.cpp skip unless `make llama-cpp` has built it into .llamacpp/."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.gguf_harness import (  # noqa: E402
+from tests.support.gguf_harness import (
+    HARNESS_TOLERANCE_PCT,
+    MODELS,
     convert,
+    eval_ids,
+    eval_text,
     hf_logits,
     llama_cpp_module,
     llamacpp_logits,
@@ -22,7 +20,6 @@ from benchmarks.gguf_harness import (  # noqa: E402
     quantize,
     window_nlls,
 )
-from benchmarks.llamacpp import HARNESS_TOLERANCE_PCT, MODELS, eval_ids, eval_text  # noqa: E402
 
 SEQ_LEN = 256
 TOKENS = 4096

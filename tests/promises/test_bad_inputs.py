@@ -23,7 +23,7 @@ from tests.support.badfiles import (
     remote_code_model,
     truncate,
 )
-from tests.support.paths import REPO
+from tests.support.models import REPO
 
 RECIPES = {
     "bad.yaml": "bits: 4\nmethod: [rtn\n",

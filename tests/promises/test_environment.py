@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from quantcli.cli.app import app
 from quantcli.sources.models import EMBEDDED_MODEL
-from tests.support.paths import REPO
+from tests.support.models import REPO
 
 ROOT = REPO
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantcli import load
-from quantcli.checkpoint.load import METADATA_FILE, read_metadata
+from quantcli.checkpoint.metadata import METADATA_FILE, read_metadata
 from quantcli.config.recipes import config_from_mapping, load_recipe
 from quantcli.errors import QuantCliError
 from quantcli.methods import get_method

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.badfiles import remote_code_checkpoint
-from tests.support.paths import REPO
+from tests.support.models import REPO
 
 ROOT = REPO
 LOADERS = ("from_pretrained", "from_config", "from_dict", "from_json_file", "get_class_from_dynamic_module")

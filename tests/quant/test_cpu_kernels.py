@@ -18,7 +18,7 @@ from quantcli.quant.cpu_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinea
 from quantcli.quant.layers import bytes_in_memory, weight_matrix
 from quantcli.run.pipeline import quantize
 from tests.conftest import logits
-from tests.support.paths import SMOLLM2
+from tests.support.models import SMOLLM2
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.paths import REPO, SMOLLM2, WIKI_EVAL
+from tests.support.models import REPO, SMOLLM2, WIKI_EVAL
 
 FOLDER = SMOLLM2
 GGUF = Path(os.environ.get("QUANTCLI_SMOLLM2_GGUF") or REPO / ".models" / "SmolLM2-135M-Instruct.Q4_1.gguf")

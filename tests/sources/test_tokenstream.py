@@ -11,7 +11,7 @@ from quantcli.errors import InputError
 from quantcli.sources import tokenstream
 from quantcli.sources.datasets import TextSource, read_documents, token_sequences
 from quantcli.sources.models import EMBEDDED_MODEL
-from tests.support.paths import SMOLLM2, WIKI_CALIB, WIKI_EVAL
+from tests.support.models import SMOLLM2, WIKI_CALIB, WIKI_EVAL
 
 
 def trained_byte_level_bpe():

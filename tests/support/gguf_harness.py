@@ -1,5 +1,6 @@
 """llama.cpp as a measuring instrument: HF folder -> GGUF (llama.cpp's convert_hf_to_gguf.py), its own
-quantizer, and per-token NLL over exactly the windows quantcli scores (quantcli.measure.perplexity.windows).
+quantizer, and per-token NLL over exactly the windows quantcli scores (quantcli.measure.perplexity.windows), on the
+token ids every llama.cpp table uses (``MODELS``, :func:`eval_ids`).
 
 llama.cpp comes from ``make llama-cpp``: llama-cpp-python built from source into ``.llamacpp/`` (or
 ``$QUANTCLI_LLAMACPP``), with ``convert_hf_to_gguf.py`` and its ``gguf-py`` beside it in
@@ -21,13 +22,62 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from .models import REPO, smollm2_folder
+
 LLAMACPP_DIR = Path(os.environ.get("QUANTCLI_LLAMACPP", REPO / ".llamacpp"))
 CONVERT_SCRIPT = LLAMACPP_DIR / "llama.cpp" / "convert_hf_to_gguf.py"
 # llama.cpp's file types (enum llama_ftype in llama.h), by the names its quantize tool uses.
-FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+FTYPES = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q4_K_S": 14,
+    "Q4_K_M": 15,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+}
 
 Logits = Callable[[Sequence[int]], np.ndarray]  # token ids of one window -> [len, vocab] float32 logits
+HARNESS_TOLERANCE_PCT = 0.1  # |F32 GGUF ppl / HF fp32 ppl - 1| allowed, in percent
+MODELS = {  # each model's eval text, tokens and window: the same in every llama.cpp table and test
+    "stories260K": {
+        "dataset": "tinystories:eval",
+        "max_tokens": 32768,
+        "seq_len": 256,
+        "tokenizer_model": REPO / "benchmarks" / "data" / "stories260K" / "tokenizer.model",
+    },
+    "smollm2": {"dataset": "benchmarks/data/wikitext-2/wiki.valid.eval.txt", "max_tokens": 16384, "seq_len": 512},
+}
+
+
+def model_folder(name: str) -> Path:
+    """The HF folder of a ``MODELS`` name: the embedded stories260K, or SmolLM2 (``make smollm2``)."""
+    if name == "stories260K":
+        from quantcli.sources.models import EMBEDDED_MODEL
+
+        return Path(EMBEDDED_MODEL)
+    return smollm2_folder()
+
+
+def eval_text(dataset: str) -> str:
+    """The eval text as quantcli's stream protocol reads it: a file's exact UTF-8, or the embedded
+    TinyStories split's paragraphs joined by a blank line."""
+    path = REPO / dataset
+    if path.is_file():
+        return path.read_bytes().decode("utf-8")
+    from quantcli.sources.datasets import read_documents
+
+    source = read_documents(dataset)
+    text = getattr(source, "text", None)
+    return text if text is not None else "\n\n".join(source.documents)
+
+
+def eval_ids(tokenizer: Any, dataset: str, max_tokens: int) -> list[int]:
+    return list(tokenizer(eval_text(dataset))["input_ids"][:max_tokens])
 
 
 def llama_cpp_module() -> Any:
@@ -37,11 +87,15 @@ def llama_cpp_module() -> Any:
     try:
         import llama_cpp
     except ImportError as error:
-        raise ImportError(f"llama-cpp-python is not importable from {LLAMACPP_DIR} ({error}). Run `make llama-cpp`.") from None
+        raise ImportError(
+            f"llama-cpp-python is not importable from {LLAMACPP_DIR} ({error}). Run `make llama-cpp`."
+        ) from None
     return llama_cpp
 
 
-def convert(hf_folder: str | Path, out_file: str | Path, outtype: str = "f32", tokenizer_model: str | Path | None = None) -> float:
+def convert(
+    hf_folder: str | Path, out_file: str | Path, outtype: str = "f32", tokenizer_model: str | Path | None = None
+) -> float:
     """Write ``out_file`` from an HF folder with llama.cpp's own converter; returns seconds taken.
     ``tokenizer_model``: a SentencePiece model the converter reads as ``tokenizer.model`` beside
     the folder's files (linked into a temporary folder; the HF folder is not touched)."""
@@ -58,7 +112,9 @@ def convert(hf_folder: str | Path, out_file: str | Path, outtype: str = "f32", t
         start = time.perf_counter()
         done = subprocess.run(
             [sys.executable, str(CONVERT_SCRIPT), str(folder), "--outfile", str(out_file), "--outtype", outtype],
-            capture_output=True, text=True, env=env,
+            capture_output=True,
+            text=True,
+            env=env,
         )
     if done.returncode:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {hf_folder}:\n{done.stderr[-3000:]}")
@@ -83,8 +139,15 @@ def llamacpp_logits(gguf_file: str | Path, seq_len: int, threads: int = 2, **opt
     the logits of every position. ``options`` go to ``llama_cpp.Llama`` (e.g. ``type_k``)."""
     llama_cpp = llama_cpp_module()
     llm = llama_cpp.Llama(
-        model_path=str(gguf_file), n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True,
-        n_threads=threads, n_threads_batch=threads, verbose=False, **options,
+        model_path=str(gguf_file),
+        n_ctx=seq_len,
+        n_batch=seq_len,
+        n_ubatch=seq_len,
+        logits_all=True,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+        **options,
     )
 
     def logits(ids: Sequence[int]) -> np.ndarray:
@@ -144,7 +207,23 @@ def gguf_sizes(gguf_file: str | Path) -> dict[str, Any]:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
     file_bytes = Path(gguf_file).stat().st_size
     return {
-        "file_bytes": file_bytes, "tensor_bytes": tensor_bytes, "parameters": params,
-        "bits_per_weight": 8 * tensor_bytes / params, "file_bits_per_weight": 8 * file_bytes / params,
+        "file_bytes": file_bytes,
+        "tensor_bytes": tensor_bytes,
+        "parameters": params,
+        "bits_per_weight": 8 * tensor_bytes / params,
+        "file_bits_per_weight": 8 * file_bytes / params,
         "tensor_types": dict(sorted(types.items(), key=lambda item: -item[1])),
     }
+
+
+def same_tensors(ours: Path, theirs: Path) -> tuple[int, int, int]:
+    """``(identical, of the same type, all)``: tensors of ``ours`` with the same name, type, shape and
+    bytes in ``theirs``, those with the same name and type, and all of them."""
+    from gguf import GGUFReader
+
+    def tensors(path: Path) -> dict[str, Any]:
+        return {t.name: (t.tensor_type, tuple(t.shape), t.data.tobytes()) for t in GGUFReader(str(path)).tensors}
+
+    a, b = tensors(ours), tensors(theirs)
+    typed = [name for name in a if name in b and a[name][0] == b[name][0]]
+    return sum(a[name] == b[name] for name in typed), len(typed), len(a)

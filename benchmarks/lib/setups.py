@@ -9,28 +9,24 @@ articles 31-60 (``wiki.valid.calib.txt``) with the methods' defaults (128 window
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext-2"
-SMOLLM2_ENV = "QUANTCLI_SMOLLM2"
+from benchmarks.lib.results import result_stem
+from tests.support.models import SMOLLM2_ENV, WIKITEXT, smollm2_folder
+
+DEMO = "stories260K"  # the embedded model: the default of every suite that takes --model
 SMOLLM2_CAVEAT = (
     "SmolLM2's weights were dequantized from the Q4_1 GGUF it ships as (blocks of 32 inputs, asymmetric),"
     " so llama.cpp's Q4_1 is near-lossless on it by construction (an integer zero point cannot hit Q4_1's"
-    " float minimum: quantcli's asymmetric g32 is not); symmetric formats, g64/g128, per-channel, 3-bit and 8-bit are meaningful."
+    " float minimum: quantcli's asymmetric g32 is not); symmetric formats, g64/g128, per-channel, 3-bit and 8-bit are"
+    " meaningful."
 )
-
-
-def smollm2_folder() -> Path:
-    """``$QUANTCLI_SMOLLM2``, else ``<repo>/.models/SmolLM2-135M-Instruct`` (``make smollm2`` writes it)."""
-    return Path(os.environ.get(SMOLLM2_ENV) or REPO / ".models" / "SmolLM2-135M-Instruct")
 
 
 @dataclass(frozen=True)
 class Setup:
-    name: str  # names the result files: results/<name>-<benchmark>.{json,md}; "" for the demo's historic names
+    name: str  # names the results folder: results/<name>/<benchmark>.{json,md}
     label: str
     path: str
     eval_dataset: str
@@ -40,7 +36,7 @@ class Setup:
     caveat: str = ""
 
     def output(self, benchmark: str) -> Path:
-        return Path(__file__).resolve().parent / "results" / (f"{self.name}-{benchmark}" if self.name else benchmark)
+        return result_stem(self.name, benchmark)
 
 
 def model_folder(model: str) -> Path:
@@ -57,24 +53,46 @@ def result_name(model: str, folder: Path) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="stories260K", help="stories260K, smollm2 (via $QUANTCLI_SMOLLM2 or .models/), or a model folder.")
-    parser.add_argument("--eval-data", help="Evaluation text (default: the model's; WikiText-2 eval half for real models).")
-    parser.add_argument("--calib-data", help="Calibration text (default: the model's; WikiText-2 calibration half for real models).")
+    parser.add_argument(
+        "--model", default=DEMO, help="stories260K, smollm2 (via $QUANTCLI_SMOLLM2 or .models/), or a model folder."
+    )
+    parser.add_argument(
+        "--eval-data", help="Evaluation text (default: the model's; WikiText-2 eval half for real models)."
+    )
+    parser.add_argument(
+        "--calib-data", help="Calibration text (default: the model's; WikiText-2 calibration half for real models)."
+    )
     parser.add_argument("--seq-len", type=int, help="Evaluation window (default 256 for stories260K, 512 otherwise).")
-    parser.add_argument("--max-tokens", type=int, help="Evaluation tokens (default 32768 for stories260K, 16384 otherwise).")
+    parser.add_argument(
+        "--max-tokens", type=int, help="Evaluation tokens (default 32768 for stories260K, 16384 otherwise)."
+    )
 
 
 def resolve(args: argparse.Namespace) -> Setup:
     """The model folder and data the arguments name; a missing SmolLM2 says how to make it."""
-    if args.model == "stories260K":
+    if args.model == DEMO:
         from quantcli.sources.models import EMBEDDED_MODEL
 
-        base = Setup("", "stories260K", str(EMBEDDED_MODEL), "tinystories:eval", "tinystories:calib", 256, 32768)
+        base = Setup(DEMO, DEMO, str(EMBEDDED_MODEL), "tinystories:eval", "tinystories:calib", 256, 32768)
     else:
         folder = model_folder(args.model)
-        base = Setup(result_name(args.model, folder), folder.name, str(folder), str(WIKITEXT / "wiki.valid.eval.txt"), str(WIKITEXT / "wiki.valid.calib.txt"),
-                     512, 16384, SMOLLM2_CAVEAT if args.model == "smollm2" else "")
+        base = Setup(
+            result_name(args.model, folder),
+            folder.name,
+            str(folder),
+            str(WIKITEXT / "wiki.valid.eval.txt"),
+            str(WIKITEXT / "wiki.valid.calib.txt"),
+            512,
+            16384,
+            SMOLLM2_CAVEAT if args.model == "smollm2" else "",
+        )
     return Setup(
-        base.name, base.label, base.path, args.eval_data or base.eval_dataset, args.calib_data or base.calib_dataset,
-        args.seq_len or base.seq_len, args.max_tokens or base.max_tokens, base.caveat,
+        base.name,
+        base.label,
+        base.path,
+        args.eval_data or base.eval_dataset,
+        args.calib_data or base.calib_dataset,
+        args.seq_len or base.seq_len,
+        args.max_tokens or base.max_tokens,
+        base.caveat,
     )

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 
-def quantize(model_path: str | Path, calibration: torch.Tensor, bits: int, group_size: int | None, output: Path) -> None:
+def quantize(
+    model_path: str | Path, calibration: torch.Tensor, bits: int, group_size: int | None, output: Path
+) -> None:
     """Symmetric INT``bits`` GPTQ (act-order with static groups, damp 0.01) of every Linear but lm_head."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -31,7 +33,11 @@ def quantize(model_path: str | Path, calibration: torch.Tensor, bits: int, group
 
     logger.disable("llmcompressor")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
     sizes: dict[int | None, list[str]] = {}
     for name, module in layers.items():
         sizes.setdefault(group_size_for(module.in_features, group_size) if group_size else None, []).append(name)
@@ -40,10 +46,20 @@ def quantize(model_path: str | Path, calibration: torch.Tensor, bits: int, group
         if size is None:
             args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
         else:
-            args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=size, actorder="static")
+            args = QuantizationArgs(
+                num_bits=bits, type="int", symmetric=True, strategy="group", group_size=size, actorder="static"
+            )
         schemes[f"group_{size}" if size else "per_channel"] = QuantizationScheme(targets=names, weights=args)
-    windows = Dataset.from_dict({"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()})
+    windows = Dataset.from_dict(
+        {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
+    )
     recipe = GPTQModifier(config_groups=schemes, dampening_frac=0.01)
-    oneshot(model=model, dataset=windows, recipe=recipe, num_calibration_samples=len(calibration), max_seq_length=calibration.shape[1])
+    oneshot(
+        model=model,
+        dataset=windows,
+        recipe=recipe,
+        num_calibration_samples=len(calibration),
+        max_seq_length=calibration.shape[1],
+    )
     model.save_pretrained(output, save_compressed=True)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(output)
