@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt, option
+from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt, ResumeStateError, option
 
 RESUME_FILE = "resume.json"  # in the staging folder of a --low-memory run: the settings and finished shards
 
@@ -120,7 +120,8 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
         else:
             staging.rename(target)
     except BaseException as error:
-        if not (isinstance(error, (KeyboardInterrupt, ResumableInterrupt)) and (staging / RESUME_FILE).exists()):
+        keeps = isinstance(error, (KeyboardInterrupt, ResumableInterrupt, ResumeStateError))  # finished work --resume can use
+        if not (keeps and (staging / RESUME_FILE).exists()):
             shutil.rmtree(staging, ignore_errors=True)
         if _disk_full(error):
             raise OutputWriteError(

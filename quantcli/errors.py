@@ -70,6 +70,11 @@ class OutputWriteError(InputError):
     """The output folder could not be written (disk full, file size limit, permissions)."""
 
 
+class ResumeStateError(InputError):
+    """--resume found a staging folder it cannot trust (other settings or sources, a changed shard); the
+    staging folder is kept."""
+
+
 class ModelLoadError(QuantCliError):
     """A model or tokenizer could not be found or read."""
 

@@ -145,4 +145,9 @@ def load_recipe(path: Path) -> dict[str, Any]:
         raise InputError(f"recipe {path} is empty. Add at least 'bits: 4'.")
     if not isinstance(data, dict):
         raise InputError(f"recipe {path} must be a YAML mapping (key: value lines), not a {type(data).__name__}.")
+    if "trust_remote_code" in data:  # a data file never chooses what code runs
+        raise InputError(
+            f"recipe {path} sets trust_remote_code: a recipe is data and cannot choose to run a model's own"
+            f" Python code. Remove the key, and pass {option('trust_remote_code', True)} on the command line if you trust the model."
+        )
     return data
