@@ -269,9 +269,8 @@ def _placeholder(record: Any) -> Any:
 
 
 def _configs(source: str) -> list[Path]:
-    """The JSON files beside the weights that shape the model (config.json and the like)."""
-    folder = Path(source)
-    return [path for path in (folder / "config.json", folder / "generation_config.json") if path.is_file()]
+    """The JSON files beside the weights (config, tokenizer, index): they shape the model and its calibration."""
+    return [path for path in Path(source).glob("*.json") if path.is_file()]
 
 
 def _nbytes(handle: Any, key: str) -> int:
