@@ -16,6 +16,7 @@ from quantcli.data import TextSource, calibration_batch, read_documents
 from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
 from quantcli.evaluation import eval_source, measure_perplexity
 from quantcli.finite import check_layers_quantizable, check_model_finite
+from quantcli.honoured import refuse_unhonoured
 from quantcli.integrity import check_streamed, file_shapes
 from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.methods import default_method, get_method
@@ -76,6 +77,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
 
         grid = block_type(config.gguf_type)
     method_config = method.make_config(config.bits, config.method_options, grid)
+    refuse_unhonoured(config, method)
     reason = method.unavailable_reason(device)
     if reason:
         raise UnavailableError(f"method {method_name} cannot run on {device} here: {reason}")
@@ -121,7 +123,7 @@ def _kept_dtype(run: _Run, model: Any) -> Any:
         return None
     from quantcli.keptdtype import storage_dtype
 
-    return storage_dtype(run.config.keep_dtype, run.source, model)
+    return storage_dtype(run.config.keep_dtype or "auto", run.source, model)
 
 
 def _scale_dtype(run: _Run, kept_dtype: Any) -> str | None:

@@ -75,7 +75,7 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     seconds: dict[str, float] = {}
     from quantcli.keptdtype import storage_dtype
 
-    kept = storage_dtype(config.keep_dtype, request.source, model)
+    kept = storage_dtype(config.keep_dtype or "auto", request.source, model)
     kept_dtype = str(kept).removeprefix("torch.") if kept is not None else None
     start = time.perf_counter()
     base = copy.deepcopy(model).eval()

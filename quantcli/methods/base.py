@@ -120,6 +120,7 @@ class Quantizer:
     quantizes_tables: ClassVar[bool] = False  # can quantize the input embedding and output head (QuantizeRequest.tables)
     output_format: ClassVar[str]
     block_grids: ClassVar[bool] = False  # rounds onto a GGUF block type when the request carries one (--format gguf)
+    run_options: ClassVar[tuple[str, ...]] = ()  # run options it honours beyond bits (quantcli.honoured.RUN_OPTIONS)
 
     def make_config(self, bits: int, options: Mapping[str, Any], grid: Any = None) -> Any:
         """The method's config; with a GGUF ``grid`` the bits are the grid's, whatever the method's integer widths."""

@@ -60,6 +60,7 @@ class GPTQQuantizer(Quantizer):
     quantizes_tables = True
     output_format = "compressed-tensors"
     block_grids = True
+    run_options = ("embeddings", "keep_dtype")
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.formats.compressed_tensors import compressed_result

@@ -32,6 +32,7 @@ class RTNQuantizer(Quantizer):
     quantizes_tables = True
     output_format = "compressed-tensors"
     block_grids = True
+    run_options = ("embeddings", "keep_dtype")
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.blockwise import quantize_blockwise
