@@ -10,6 +10,7 @@ The ``gguf`` package (llama.cpp's own Python reader) is an optional extra: ``pip
 
 from __future__ import annotations
 
+import stat
 import struct
 import tempfile
 from collections import Counter
@@ -25,6 +26,8 @@ def is_gguf(source: str | Path) -> bool:
     """A local file that starts with GGUF's magic bytes (the suffix alone is not trusted)."""
     path = Path(source)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the open, a device never end
+            return False
         with path.open("rb") as handle:
             return handle.read(4) == b"GGUF"
     except OSError:
@@ -43,6 +46,9 @@ def source_format(source: str | Path) -> dict[str, Any]:
     """What the file held before dequantization: its file type and the count of tensors per type."""
     path = Path(source)
     gguf = _require_gguf(path)
+    from quantcli.gguf_check import check_layout
+
+    check_layout(path)  # bounded: the reader below would loop over any count the header claims
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError, struct.error) as error:
@@ -83,18 +89,23 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     """
     from transformers import AutoModelForCausalLM, GgufConfig
 
+    from quantcli.gguf_check import check_blocks, check_loaded
+
     path = Path(source)
-    source_format(path)  # a corrupt file fails here, with a readable message
+    source_format(path)  # a corrupt file (or no gguf package) fails here, with a readable message
+    reader = _require_gguf(path).GGUFReader(path)
+    check_blocks(reader, path)  # before a model of the declared size is built
     quantization_config = kwargs.pop("quantization_config", None)
     kwargs.pop("use_safetensors", None)
     kwargs.update(_gpt2_positions(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype, device_map=None if quantization_config else device,
-            quantization_config=GgufConfig(dequantize=True), **kwargs,
+            quantization_config=GgufConfig(dequantize=True), output_loading_info=True, **kwargs,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(error)}") from None
+    check_loaded(model, info, reader, path)
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     model.eval()

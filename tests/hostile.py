@@ -66,3 +66,31 @@ def _dead_pid() -> int:
 
 def resume_argv(model: str, target: Path) -> list[str]:
     return ["quantize", model, "--bits", "4", "--method", "rtn", "--low-memory", "--resume", "-o", target, "-q"]
+
+
+def copy_gguf(source: Path, target: Path, drop=(), extra=(), metadata=None, arch=None) -> Path:
+    """``source`` rewritten by the ``gguf`` package's writer: tensors dropped or added, metadata changed
+    (``{key: value}``; a key renamed with ``{old: (new, value)}``), the architecture relabelled."""
+    import gguf
+
+    metadata = metadata or {}
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, arch or reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        key, value = name, metadata.get(name, field.contents())
+        if isinstance(value, tuple):
+            key, value = value
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensor.name not in drop:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    for name, data in extra:
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
