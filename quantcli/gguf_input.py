@@ -10,12 +10,13 @@ The ``gguf`` package (llama.cpp's own Python reader) is an optional extra: ``pip
 
 from __future__ import annotations
 
+import contextlib
 import stat
 import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantcli.errors import ModelLoadError, UnavailableError
 
@@ -76,9 +77,18 @@ def load_tokenizer(source: str | Path) -> Any:
     path = Path(source)
     source_format(path)  # a corrupt file fails here, with a readable message
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)  # a GGUF carries no code
+        with alone(path) as folder:  # the file's own tokenizer, never tokenizer files lying beside it
+            return AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name, trust_remote_code=False)  # a GGUF carries no code
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {path}: {_first_line(error)}") from None
+
+
+@contextlib.contextmanager
+def alone(path: Path) -> Iterator[Path]:
+    """A temporary folder holding only a link to ``path``: transformers reads the GGUF file and nothing beside it."""
+    with tempfile.TemporaryDirectory(prefix="quantcli-gguf-") as folder:
+        (Path(folder) / path.name).symlink_to(path.resolve())
+        yield Path(folder)
 
 
 def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> Any:
@@ -99,10 +109,11 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     kwargs.pop("use_safetensors", None)
     kwargs.update(_gpt2_positions(path))
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, device_map=None if quantization_config else device,
-            quantization_config=GgufConfig(dequantize=True), output_loading_info=True, **kwargs,
-        )
+        with alone(path) as folder:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(folder), gguf_file=path.name, dtype=dtype, device_map=None if quantization_config else device,
+                quantization_config=GgufConfig(dequantize=True), output_loading_info=True, **kwargs,
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(error)}") from None
     check_loaded(model, info, reader, path)
