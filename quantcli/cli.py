@@ -146,6 +146,7 @@ def quantize(
         low_memory = True
     switches = {"force": force, "trust_remote_code": trust_remote_code, "low_memory": low_memory, "resume": resume}
     skip = [glob for value in skip_modules for glob in value.split(",") if glob] if skip_modules else None
+    recipe = config  # the recipe file: protected from --force like the model (quantcli.inputs)
     config = merge_quantize_config(
         config,
         top={**_given(model=model, bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype,
@@ -159,7 +160,7 @@ def quantize(
         allocation=_given(target_ppl_increase=target_ppl_increase, target_kl=target_kl, target_size=target_size, target_bpw=target_bpw,
                           candidates=candidates, search_dataset=search_dataset, verify_dataset=verify_dataset, plot=None if plot is None else str(plot)),
     )
-    report = run_quantize(config, console.RichProgress(enabled=not quiet))
+    report = run_quantize(config, console.RichProgress(enabled=not quiet), recipe=recipe)
     data = report.to_dict()
     console.print_json(data) if json_output else console.render_quantize(data)
     enforce(data["gates"])

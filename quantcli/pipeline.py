@@ -17,6 +17,7 @@ from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, op
 from quantcli.evaluation import eval_source, measure_perplexity
 from quantcli.finite import check_layers_quantizable, check_model_finite
 from quantcli.honoured import refuse_unhonoured
+from quantcli.inputs import check_inputs_outside, run_inputs
 from quantcli.integrity import check_streamed, file_shapes
 from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.methods import default_method, get_method
@@ -61,12 +62,13 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def quantize(config: QuantizeConfig, progress: Progress | None = None) -> QuantizeReport:
+def quantize(config: QuantizeConfig, progress: Progress | None = None, recipe: Path | None = None) -> QuantizeReport:
     """Quantize ``config.model`` and write the checkpoint; returns the report (also saved as report.json).
 
     The one entry point: ``config.low_memory`` streams the model from disk one decoder block at a
     time (:mod:`quantcli.streaming`), otherwise it is loaded whole. Both write through one atomic
-    folder with the same metadata, report and gates.
+    folder with the same metadata, report and gates. ``recipe``, the file ``config`` was read from,
+    is protected like the model and datasets: never inside the output folder.
     """
     device = "cpu" if config.low_memory and config.device == "auto" else pick_device(config.device)
     method_name = config.method or ("rtn" if config.allocation else default_method(config.bits, device))
@@ -85,6 +87,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
         check_streamable(method_name, device)
     source = resolve_model(config.model)
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits, config.gguf_type)
+    check_inputs_outside(output, run_inputs(config, recipe))
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
     calibrates = method.needs_calibration or config.allocation is not None
