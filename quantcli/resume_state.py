@@ -4,7 +4,8 @@ before anything in the staging folder is spliced into a checkpoint.
 It never chooses code: a layer's record names one of :data:`RECORD_TYPES` by key (nothing is imported
 from the file), its tensors are shapes and dtypes from a fixed list, and each record is compared with the
 layer it claims to describe. It is read with a size bound from a regular file and written atomically
-(a temporary file renamed over it), so a kill leaves the old state or the new one. ``--resume`` refuses,
+(a temporary file renamed over it), so a kill leaves the old state or the new one, and sealed with the
+SHA-256 of its own content, so a damaged or hand-edited state is refused as a whole. ``--resume`` refuses,
 in one line naming the difference and keeping the finished work, a state written for other settings,
 other source files (size and modification time of each) or other library versions, and a finished shard
 or saved activation file whose SHA-256 is not the one recorded when it was written.
@@ -72,10 +73,17 @@ def versions() -> dict[str, str]:
     }
 
 
+def seal(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the SHA-256 of its canonical JSON (without the seal) under ``sha256``."""
+    content = {key: value for key, value in state.items() if key != "sha256"}
+    return {**content, "sha256": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
+
+
 def write_state(staging: Path, state: dict[str, Any]) -> None:
     """Replace resume.json atomically: a kill leaves the previous state or this one, never half of it."""
     from quantcli.finite import dumps
 
+    state = seal(state)
     path = staging / RESUME_FILE
     temporary = path.with_name(f".{RESUME_FILE}.tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
@@ -97,6 +105,8 @@ def read_state(staging: Path, settings: dict[str, Any], shards: list[str]) -> di
         raise _refuse(staging, why) from None
     except Exception as error:  # noqa: BLE001 - read_bounded's InputError and OSError: say which file
         raise _refuse(staging, f"{RESUME_FILE} cannot be read: {error}") from None
+    if not isinstance(state, dict) or seal(state).get("sha256") != state.get("sha256"):
+        raise _refuse(staging, f"{RESUME_FILE} does not match its own SHA-256 (damaged or edited)")
     _check_structure(staging, state, shards)
     _check_settings(staging, state["settings"], settings)
     for name in [*state["done"], *([ACTIVATIONS_FILE] if state["activations_for"] is not None else [])]:

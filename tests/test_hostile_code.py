@@ -15,6 +15,7 @@ from quantcli.errors import ResumeStateError
 from quantcli.models import EMBEDDED_MODEL
 from quantcli.pipeline import quantize
 from quantcli.recipes import config_from_mapping
+from quantcli.resume_state import seal
 
 
 def test_a_recipe_cannot_turn_on_remote_code(tmp_path):
@@ -51,7 +52,7 @@ def hostile_state(interrupted, tmp_path, edit):
     shutil.copytree(interrupted, staging)
     state = json.loads((staging / "resume.json").read_text())
     edit(state["written"]["model.layers.0.self_attn.q_proj"])
-    (staging / "resume.json").write_text(json.dumps(state))
+    (staging / "resume.json").write_text(json.dumps(seal(state)))  # resealed, as someone who means it would
     return tmp_path / "out"
 
 

@@ -16,7 +16,7 @@ from hostile import STREAM, cli, interrupted_staging, resume_argv
 from quantcli.errors import ResumeStateError
 from quantcli.pipeline import quantize
 from quantcli.recipes import config_from_mapping
-from quantcli.resume_state import fingerprint
+from quantcli.resume_state import fingerprint, seal
 
 FINISHED = ["model-00001-of-00007.safetensors", "model-00002-of-00007.safetensors"]
 KEPT = "The finished work is kept there. Run the same command without resume=True to start over."
@@ -40,7 +40,7 @@ def setup(interrupted, tmp_path):
     state["settings"]["source"] = str(tmp_path / "model")
     files = [path for path in (tmp_path / "model").iterdir() if path.suffix in (".safetensors", ".json")]
     state["settings"]["source_files"] = fingerprint(files)
-    (tmp_path / staging.name / "resume.json").write_text(json.dumps(state))
+    (tmp_path / staging.name / "resume.json").write_text(json.dumps(seal(state)))
     return tmp_path / "model", tmp_path / staging.name, tmp_path / "out"
 
 
@@ -92,7 +92,7 @@ def test_other_versions_are_refused(setup, tmp_path):
     model, staging, target = setup
     state = json.loads((staging / "resume.json").read_text())
     state["settings"]["versions"]["torch"] = "1.0"
-    (staging / "resume.json").write_text(json.dumps(state))
+    (staging / "resume.json").write_text(json.dumps(seal(state)))
     with pytest.raises(ResumeStateError) as raised:
         resume(model, target)
     assert refused(tmp_path, target, str(raised.value)).startswith("it was written with other versions (versions: {")
@@ -117,8 +117,10 @@ def test_a_changed_finished_shard_is_refused(setup, tmp_path, edit, why):
 @pytest.mark.parametrize("make, why", [
     (lambda path: path.write_bytes(path.read_bytes()[:300]), "resume.json is not valid JSON (JSONDecodeError; a run killed while"),
     (lambda path: (path.unlink(), path.symlink_to("/dev/zero")), "resume.json cannot be read: resume state"),
-    (lambda path: path.write_text('{"settings": {}, "done": "all"}'), "resume.json has no valid 'done'"),
-], ids=["truncated", "dev-zero", "malformed"])
+    (lambda path: path.write_text(json.dumps(seal({"settings": {}, "done": "all"}))), "resume.json has no valid 'done'"),
+    (lambda path: path.write_text(path.read_text().replace('"done": [', '"done": [\n"model-00003-of-00007.safetensors",')),
+     "resume.json does not match its own SHA-256 (damaged or edited)"),
+], ids=["truncated", "dev-zero", "malformed", "edited"])
 def test_a_broken_state_file_is_refused_and_the_shards_kept(setup, tmp_path, make, why):
     model, staging, target = setup
     make(staging / "resume.json")
