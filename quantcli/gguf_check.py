@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError, ModelLoadError
+from quantcli.limits import shown
 
 SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
 STRING, ARRAY = 8, 9
@@ -96,7 +97,7 @@ def _walk(cursor: _Cursor, sizes: dict[Any, tuple[int, int]]) -> None:
     types = {int(kind): size for kind, size in sizes.items()}
     spans = []
     for _ in range(tensors):
-        name = cursor.string(MAX_NAME).decode("utf-8", "replace")
+        name = shown(cursor.string(MAX_NAME).decode("utf-8", "replace"))  # quoted, escaped and cut: a damaged name is not text
         dims = cursor.number("I")
         if not 1 <= dims <= MAX_DIMS:
             raise _Bad(f"tensor {name} has {dims} dimensions")
