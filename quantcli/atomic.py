@@ -68,6 +68,8 @@ def _disk_full(error: BaseException) -> bool:
             return True
         if any(text in str(error) for text in ("No space left", "File too large", "Disk quota exceeded")):
             return True
+        if isinstance(error, OSError) and error.errno is None and " requested and " in str(error):  # numpy's short write (GGUF)
+            return True
         error = error.__cause__ or error.__context__
     return False
 

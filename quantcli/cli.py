@@ -44,7 +44,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         from quantcli.signals import describe, exit_code, terminate_as_interrupt
 
         try:
-            with terminate_as_interrupt():
+            from quantcli.conditions import documented_conditions
+
+            with terminate_as_interrupt(), documented_conditions():
                 return command(*args, **kwargs)
         except (typer.Exit, click.ClickException):  # click's own usage errors keep click's standard format
             raise

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.atomic import atomic_folder, check_output
+from quantcli.conditions import check_not_quantized, check_output_name
 from quantcli.config import QuantizeConfig
 from quantcli.data import TextSource, calibration_batch, read_documents
 from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
@@ -87,6 +88,8 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None, recipe: P
         check_streamable(method_name, device)
     source = resolve_model(config.model)
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits, config.gguf_type)
+    check_output_name(output)
+    check_not_quantized(source)
     check_inputs_outside(output, run_inputs(config, recipe))
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
