@@ -141,4 +141,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     from quantcli.integrity import check_metadata_fields
 
     check_metadata_fields(metadata, folder / METADATA_FILE)
+    from quantcli.claims import check_claims_on_skeleton
+
+    check_claims_on_skeleton(folder, metadata)  # never print claims the checkpoint contradicts
     return {**metadata, "disk_bytes": bytes_on_disk(weight_files(str(folder)))}

@@ -141,7 +141,14 @@ def _rows(spec: str, path: str, name: str | None, split: str, text_column: str |
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
         raise DatasetError(f"cannot read dataset {spec}: {root_cause(error)}") from None
     column = _text_column(dataset, spec, text_column)
-    return [text for text in dataset[column] if isinstance(text, str)]
+    texts = dataset[column]
+    bad = [index for index, text in enumerate(texts) if not isinstance(text, str)]
+    if bad:  # never dropped without a word
+        raise DatasetError(
+            f"dataset {spec}: {len(bad):,} of {len(texts):,} rows have no text in column '{column}' (missing or not a string;"
+            f" the first is row {bad[0] + 1}). Fix or remove those rows, or name another column with {option('calibration.text_column')}."
+        )
+    return list(texts)
 
 
 def read_documents(spec: str, text_column: str | None = None, doc_separator: str | None = None) -> TextSource:
