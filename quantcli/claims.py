@@ -32,5 +32,7 @@ def check_claims_on_skeleton(folder: Path, metadata: dict[str, Any]) -> None:
         model = skeleton(str(folder), torch.float32, False)
     except (OSError, ValueError, KeyError, TypeError) as error:
         why = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
-        raise CheckpointError(f"cannot build the model {folder}/config.json describes ({why}). Re-run quantcli quantize.") from None
+        raise CheckpointError(
+            f"cannot build the model {folder}/config.json describes ({why}). Re-run quantcli quantize."
+        ) from None
     check_claims(folder, metadata, model)

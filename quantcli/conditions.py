@@ -38,14 +38,19 @@ def documented_conditions() -> Iterator[None]:
             raise
         with contextlib.suppress(OSError, ValueError):  # the interpreter flushes stdout again at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise OutputWriteError(f"cannot write the result to stdout: {error.strerror or error} (a closed pipe or a full disk).") from None
+        raise OutputWriteError(
+            f"cannot write the result to stdout: {error.strerror or error} (a closed pipe or a full disk)."
+        ) from None
     except SystemExit as error:  # rich turns a broken pipe into SystemExit(1), stdout already sent to /dev/null
         if not isinstance(error.__context__, BrokenPipeError):
             raise
-        raise OutputWriteError("cannot write the result to stdout: Broken pipe (a closed pipe or a full disk).") from None
+        raise OutputWriteError(
+            "cannot write the result to stdout: Broken pipe (a closed pipe or a full disk)."
+        ) from None
     except MemoryError:
         raise _out_of_memory("MemoryError") from None
-    except RuntimeError as error:  # torch: OutOfMemoryError on CUDA, "DefaultCPUAllocator: can't allocate memory" on CPU
+    # torch: OutOfMemoryError on CUDA, "DefaultCPUAllocator: can't allocate memory" on CPU
+    except RuntimeError as error:
         if type(error).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(error):
             raise
         raise _out_of_memory(str(error).splitlines()[0][:200]) from None
@@ -70,8 +75,10 @@ def check_output_name(target: Path) -> None:
     size = len(os.fsencode(Path(target).name))
     if size + STAGING_SUFFIX > limit:
         raise InputError(
-            f"output name {shown(Path(target).name)} is {size} bytes; quantcli writes it as .NAME.partial-PID first, which"
-            f" must fit the file system's {limit}-byte limit. Use an {option('output')} name of at most {limit - STAGING_SUFFIX} bytes."
+            f"output name {shown(Path(target).name)} is {size} bytes; quantcli writes it as .NAME.partial-PID first,"
+            " which"
+            f" must fit the file system's {limit}-byte limit. Use an {option('output')} name of at most"
+            f" {limit - STAGING_SUFFIX} bytes."
         )
 
 
@@ -97,27 +104,36 @@ def check_bench_context(model: Any, prompt_tokens: int, new_tokens: int) -> None
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and prompt_tokens + new_tokens > limit:
         raise InputError(
-            f"{option('prompt_tokens', prompt_tokens)} plus {option('new_tokens', new_tokens)} is {prompt_tokens + new_tokens} positions,"
+            f"{option('prompt_tokens', prompt_tokens)} plus {option('new_tokens', new_tokens)} is"
+            f" {prompt_tokens + new_tokens} positions,"
             f" beyond the model's context of {limit} tokens (max_position_embeddings). Use at most {limit} in all."
         )
 
 
 OBJECT, INTEGER, NUMBER = (dict, "an object"), (int, "an integer"), ((int, float), "a number")
 REPORT_TYPES = {
-    "size": OBJECT, "perplexity_after": OBJECT, "perplexity_before": OBJECT, "size.parameters": INTEGER,
-    "perplexity_after.perplexity": NUMBER, "perplexity_before.perplexity": NUMBER, "perplexity_after.settings": OBJECT,
+    "size": OBJECT,
+    "perplexity_after": OBJECT,
+    "perplexity_before": OBJECT,
+    "size.parameters": INTEGER,
+    "perplexity_after.perplexity": NUMBER,
+    "perplexity_before.perplexity": NUMBER,
+    "perplexity_after.settings": OBJECT,
 }
 
 
 def check_report_types(report: Any, path: Path) -> None:
     """The report.json fields ``compare`` reads are of their type or null."""
     if not isinstance(report, dict):
-        raise CheckpointError(f"{path} is not a JSON object (got {type(report).__name__}). Re-run quantcli quantize, or delete it.")
+        raise CheckpointError(
+            f"{path} is not a JSON object (got {type(report).__name__}). Re-run quantcli quantize, or delete it."
+        )
     for field, (kinds, word) in REPORT_TYPES.items():
         outer, _, inner = field.partition(".")
         value = report.get(outer) if not inner else (report.get(outer) or {}).get(inner)
         if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
             raise CheckpointError(
                 f"{path}: field {field} is {shown(value)}, not {word}. The file is damaged or"
-                " was not written by quantcli: re-run quantcli quantize, or delete it to have compare evaluate the folder."
+                " was not written by quantcli: re-run quantcli quantize, or delete it to have compare evaluate the"
+                " folder."
             )

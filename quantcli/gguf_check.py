@@ -41,7 +41,9 @@ class _Cursor:
 
     def take(self, size: int) -> bytes:
         if size < 0 or self.at + size > len(self.data):
-            raise _Bad(f"{size:,} bytes asked at offset {self.at:,}, past the end of the file ({len(self.data):,} bytes)")
+            raise _Bad(
+                f"{size:,} bytes asked at offset {self.at:,}, past the end of the file ({len(self.data):,} bytes)"
+            )
         chunk = self.data[self.at : self.at + size]
         self.at += size
         return chunk
@@ -97,7 +99,8 @@ def _walk(cursor: _Cursor, sizes: dict[Any, tuple[int, int]]) -> None:
     types = {int(kind): size for kind, size in sizes.items()}
     spans = []
     for _ in range(tensors):
-        name = shown(cursor.string(MAX_NAME).decode("utf-8", "replace"))  # quoted, escaped and cut: a damaged name is not text
+        # quoted, escaped and cut: a damaged name is not text
+        name = shown(cursor.string(MAX_NAME).decode("utf-8", "replace"))
         dims = cursor.number("I")
         if not 1 <= dims <= MAX_DIMS:
             raise _Bad(f"tensor {name} has {dims} dimensions")
@@ -115,7 +118,10 @@ def _walk(cursor: _Cursor, sizes: dict[Any, tuple[int, int]]) -> None:
     start = -(-cursor.at // alignment) * alignment
     for name, offset, size in spans:
         if start + offset + size > len(cursor.data):
-            raise _Bad(f"tensor {name} ends at byte {start + offset + size:,}, past the end of the file ({len(cursor.data):,} bytes)")
+            raise _Bad(
+                f"tensor {name} ends at byte {start + offset + size:,}, past the end of the file ({len(cursor.data):,}"
+                " bytes)"
+            )
 
 
 def _value(cursor: _Cursor, kind: int) -> Any:
@@ -163,7 +169,9 @@ def check_blocks(reader: Any, path: Path) -> None:
 
 def _blocks(held: set[int]) -> str:
     listed = sorted(held)
-    return "no block" if not listed else "blocks " + ", ".join(map(str, listed[:6])) + (", ..." if len(listed) > 6 else "")
+    return (
+        "no block" if not listed else "blocks " + ", ".join(map(str, listed[:6])) + (", ..." if len(listed) > 6 else "")
+    )
 
 
 def _few(names: list[str]) -> str:
@@ -189,8 +197,8 @@ def check_loaded(model: Any, info: dict[str, Any], reader: Any, path: Path) -> N
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise CheckpointError(
-            f"the GGUF file {path} lacks {len(missing)} weight(s) its {arch} architecture needs ({_few(missing)}), which would"
-            " be random. The file is incomplete or labelled with another architecture: convert the model again."
+            f"the GGUF file {path} lacks {len(missing)} weight(s) its {arch} architecture needs ({_few(missing)}),"
+            " which would be random. The file is incomplete or labelled with another architecture: convert the model again."
         )
     check_loading_info({"mismatched_keys": info.get("mismatched_keys")}, str(path))
     try:
@@ -201,6 +209,7 @@ def check_loaded(model: Any, info: dict[str, Any], reader: Any, path: Path) -> N
     extra = sorted(tensor.name for tensor in reader.tensors if tensor.name not in used and tensor.name not in IGNORED)
     if extra:
         raise CheckpointError(
-            f"the GGUF file {path} holds {len(extra)} tensor(s) its {arch} architecture has no place for ({_few(extra)}),"
+            f"the GGUF file {path} holds {len(extra)} tensor(s) its {arch} architecture has no place for"
+            f" ({_few(extra)}),"
             " which would be dropped. The file is not what its metadata says: convert the model again."
         )

@@ -12,7 +12,7 @@ Exit codes:
   2    bad input: options, paths, recipes, an output location that cannot be written
   3    a model, checkpoint or dataset could not be loaded, or does not match its config
   4    a quality gate failed (--max-ppl-increase, --max-size, --min-speedup)
-  5    the method or device is not available here
+  5    the method or device is not available here, or memory ran out
   129  stopped by SIGHUP (terminal closed); nothing was written
   130  interrupted by Ctrl-C; nothing was written (--low-memory keeps its layers for --resume)
   143  stopped by SIGTERM (timeout, CI cancel, docker stop); nothing was written"""

@@ -21,7 +21,8 @@ from quantcli.errors import InputError, option
 
 RUN_OPTIONS = ("embeddings", "keep_dtype")  # honoured by the methods that declare them
 ALLOCATION_FIXES = {
-    "group_size": f"each layer's bits and group size come from its chosen candidate ({option('allocation.candidates')})",
+    "group_size": "each layer's bits and group size come from its chosen candidate"
+    f" ({option('allocation.candidates')})",
 }
 
 
@@ -41,10 +42,17 @@ def refuse_unhonoured(config: Any, method: Any) -> None:
     for name, value in given_options(config).items():
         if config.format is not None and name in fixed:
             why = fixed[name]
-            raise InputError(f"{option(name, value)} is not used with {option('format', output)}: {why}. Drop {option(name, value)}.")
+            raise InputError(
+                f"{option(name, value)} is not used with {option('format', output)}: {why}. Drop {option(name, value)}."
+            )
         if config.allocation is not None and name in ALLOCATION_FIXES:
             why = ALLOCATION_FIXES[name]
-            raise InputError(f"{option(name, value)} is not used with {option('allocation')}: {why}. Drop {option(name, value)}.")
+            raise InputError(
+                f"{option(name, value)} is not used with {option('allocation')}: {why}. Drop {option(name, value)}."
+            )
         if name in RUN_OPTIONS and name not in method.run_options:
             users = " and ".join(cls.name for cls in available_methods() if name in cls.run_options)
-            raise InputError(f"method {method.name} does not use {option(name, value)} (only {users} do). Drop {option(name, value)}.")
+            raise InputError(
+                f"method {method.name} does not use {option(name, value)} (only {users} do). Drop"
+                f" {option(name, value)}."
+            )

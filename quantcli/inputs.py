@@ -25,7 +25,10 @@ def run_inputs(config: Any, recipe: Path | None = None) -> list[tuple[str, Path]
     if config.eval is not None:
         specs.append(("eval dataset", config.eval.dataset))
     if config.allocation is not None:
-        specs += [("search dataset", config.allocation.search_dataset), ("verify dataset", config.allocation.verify_dataset)]
+        specs += [
+            ("search dataset", config.allocation.search_dataset),
+            ("verify dataset", config.allocation.verify_dataset),
+        ]
     found += [(what, Path(spec).expanduser()) for what, spec in specs if spec and Path(spec).expanduser().exists()]
     return found
 

@@ -39,7 +39,13 @@ def check_file(path: Path) -> None:
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error.strerror or error}. Fix or re-download the model.") from None
     if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(info.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a device or socket"
+        )
         raise ModelLoadError(f"{path} is {kind}, not a regular file. Replace it with the model's real {path.name}.")
     if info.st_size > _bound(path):
         raise ModelLoadError(
@@ -86,7 +92,9 @@ def check_layer_count(folder: Path) -> None:
     if not isinstance(config, dict):
         return
     config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
-    key = next((key for key in LAYER_KEYS if isinstance(config.get(key), int) and not isinstance(config.get(key), bool)), None)
+    key = next(
+        (key for key in LAYER_KEYS if isinstance(config.get(key), int) and not isinstance(config.get(key), bool)), None
+    )
     files = sorted(folder.glob("*.safetensors"))
     if key is None or not files:
         return
@@ -94,10 +102,13 @@ def check_layer_count(folder: Path) -> None:
     if not found:
         return
     prefix, held, declared = found[0].group(1), max(int(match.group(2)) for match in found) + 1, config[key]
-    if declared > held:  # fewer is left to the load's own check: some models keep extra layers (MTP) it drops on purpose
+    if (
+        declared > held
+    ):  # fewer is left to the load's own check: some models keep extra layers (MTP) it drops on purpose
         fate = f"{prefix}.{held} onwards would be random"
         raise CheckpointError(
-            f"{folder} does not match its config.json: it declares {declared:,} layers ({key}) but the weights hold {held}"
+            f"{folder} does not match its config.json: it declares {declared:,} layers ({key}) but the weights hold"
+            f" {held}"
             f" ({prefix}.0 to {prefix}.{held - 1}); {fate}. The checkpoint is incomplete or its config.json is wrong:"
             " re-download it or fix config.json."
         )

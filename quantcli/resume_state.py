@@ -68,7 +68,9 @@ def versions() -> dict[str, str]:
     from quantcli import __version__
 
     return {
-        "quantcli": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "quantcli": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "safetensors": safetensors.__version__,
     }
 
@@ -146,7 +148,8 @@ def record_to_json(record: Any) -> dict[str, Any]:
     tensors = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
     shapes = {
         name: [list(value.shape), str(value.dtype).removeprefix("torch.")]
-        for name, value in tensors.items() if hasattr(value, "shape")
+        for name, value in tensors.items()
+        if hasattr(value, "shape")
     }
     layout = getattr(record, "layout", None)
     return {"type": kind, "layout": dataclasses.asdict(layout) if layout is not None else None, "tensors": shapes}
@@ -186,19 +189,28 @@ def _tensor_spec(spec: Any) -> bool:
     if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], list) and spec[1] in DTYPES):
         return False
     dims = spec[0]
-    return len(dims) <= MAX_DIMS and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**40 for n in dims)
+    return len(dims) <= MAX_DIMS and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**40 for n in dims
+    )
 
 
 LAYOUT_TYPES = {
-    "bits": (int,), "symmetric": (bool,), "group_size": (int, type(None)), "observer": (str,),
+    "bits": (int,),
+    "symmetric": (bool,),
+    "group_size": (int, type(None)),
+    "observer": (str,),
     "scale_dtype": (str, type(None)),
 }
 
 
 def _layout(cls: type, data: Any, bad: str, staging: Path) -> Any:
-    if not isinstance(data, dict) or set(data) != set(LAYOUT_TYPES) or not all(
-        isinstance(data[key], kinds) and (bool in kinds or not isinstance(data[key], bool))
-        for key, kinds in LAYOUT_TYPES.items()
+    if (
+        not isinstance(data, dict)
+        or set(data) != set(LAYOUT_TYPES)
+        or not all(
+            isinstance(data[key], kinds) and (bool in kinds or not isinstance(data[key], bool))
+            for key, kinds in LAYOUT_TYPES.items()
+        )
     ):
         raise _refuse(staging, f"{bad} has a malformed layout {shown(data)}")
     if data["scale_dtype"] not in (None, *DTYPES) or data["bits"] not in (2, 3, 4, 8):

@@ -14,7 +14,7 @@ from typing import Any
 
 from quantcli.errors import ModelLoadError
 
-SAMPLE = "Once upon a time, a little girl named Lily found 3 shiny stones by the river. She said: \"Look, Mom!\""
+SAMPLE = 'Once upon a time, a little girl named Lily found 3 shiny stones by the river. She said: "Look, Mom!"'
 CHARS_PER_TOKEN = 12
 
 
@@ -30,10 +30,13 @@ def check_tokenizer(tokenizer: Any, rows: int, source: str) -> None:
     try:
         ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
     except Exception as error:  # noqa: BLE001 - any tokenizer failure is the model's, named here
-        raise ModelLoadError(f"the tokenizer of {source} cannot encode text ({type(error).__name__}: {error}). {fix}") from None
+        raise ModelLoadError(
+            f"the tokenizer of {source} cannot encode text ({type(error).__name__}: {error}). {fix}"
+        ) from None
     known = [token for token in ids if token != tokenizer.unk_token_id]
     if len(known) * CHARS_PER_TOKEN < len(SAMPLE):
         raise ModelLoadError(
-            f"the tokenizer of {source} encodes a {len(SAMPLE)}-character English sample to {len(known)} known token(s):"
+            f"the tokenizer of {source} encodes a {len(SAMPLE)}-character English sample to {len(known)} known"
+            " token(s):"
             f" it cannot encode text. {fix}"
         )

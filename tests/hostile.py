@@ -16,8 +16,13 @@ def cli(argv: list[str], cwd: Path, timeout: float = 120, **env: str) -> tuple[i
     """Run ``python -m quantcli ARGV`` in ``cwd``: exit code, stdout and the stderr lines."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run(
-        [sys.executable, "-m", "quantcli", *map(str, argv)], cwd=cwd, env=environment, capture_output=True, text=True,
-        timeout=timeout, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "quantcli", *map(str, argv)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
     return done.returncode, done.stdout, done.stderr.splitlines()
 

@@ -21,6 +21,7 @@ def test_rows_without_text_are_refused_with_their_count(tmp_path, monkeypatch, r
     result = CliRunner().invoke(app, ["eval", "--dataset", "rows.jsonl", "--max-tokens", "256"])
     assert (result.exit_code, result.stdout) == (3, ""), result.stderr
     assert result.stderr == (
-        "error: dataset rows.jsonl: 100 of 200 rows have no text in column 'text' (missing or not a string; the first is row 1)."
+        "error: dataset rows.jsonl: 100 of 200 rows have no text in column 'text' (missing or not a string; the first"
+        " is row 1)."
         " Fix or remove those rows, or name another column with --text-column.\n"
     )

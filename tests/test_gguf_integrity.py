@@ -15,6 +15,7 @@ pytest.importorskip("gguf")
 
 from gguf_files import write_llama_gguf  # noqa: E402
 from hostile import cli, copy_gguf  # noqa: E402
+
 from quantcli.cli import app  # noqa: E402
 
 END = "The file is incomplete or its metadata is wrong: convert the model again."
@@ -27,17 +28,25 @@ def files(stories_path, tmp_path_factory):
     blocks = lambda n: {"llama.block_count": n}  # noqa: E731
     made = {
         "missing": copy_gguf(good, folder / "missing.gguf", drop={"blk.1.attn_q.weight"}),
-        "extra": copy_gguf(good, folder / "extra.gguf", extra=[("blk.0.ffn_gate_inp.weight", np.zeros((8, 64), np.float32))]),
+        "extra": copy_gguf(
+            good, folder / "extra.gguf", extra=[("blk.0.ffn_gate_inp.weight", np.zeros((8, 64), np.float32))]
+        ),
         "fewer-blocks": copy_gguf(good, folder / "fewer-blocks.gguf", metadata=blocks(4)),
         "more-blocks": copy_gguf(good, folder / "more-blocks.gguf", metadata=blocks(6)),
         "huge-blocks": copy_gguf(good, folder / "huge-blocks.gguf", metadata=blocks(100_000)),
-        "stray-block": copy_gguf(good, folder / "stray-block.gguf", extra=[("blk.9.attn_q.weight", np.zeros((64, 64), np.float32))]),
+        "stray-block": copy_gguf(
+            good, folder / "stray-block.gguf", extra=[("blk.9.attn_q.weight", np.zeros((64, 64), np.float32))]
+        ),
         "other-arch": copy_gguf(good, folder / "other-arch.gguf", arch="qwen2"),
     }
     import gguf
 
     fields = gguf.GGUFReader(good).fields.items()
-    renamed = {name: (name.replace("llama.", "qwen2."), field.contents()) for name, field in fields if name.startswith("llama.")}
+    renamed = {
+        name: (name.replace("llama.", "qwen2."), field.contents())
+        for name, field in fields
+        if name.startswith("llama.")
+    }
     made["relabelled"] = copy_gguf(good, folder / "relabelled.gguf", arch="qwen2", metadata=renamed)
     data = bytearray(good.read_bytes())
     key = data.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens")
@@ -51,9 +60,11 @@ def files(stories_path, tmp_path_factory):
 
 
 ROWS = {
-    "missing": "lacks 1 weight(s) its llama architecture needs (model.layers.1.self_attn.q_proj.weight), which would be random."
-               " The file is incomplete or labelled with another architecture: convert the model again.",
-    "extra": "holds 1 tensor(s) its llama architecture has no place for (blk.0.ffn_gate_inp.weight), which would be dropped.",
+    "missing": "lacks 1 weight(s) its llama architecture needs (model.layers.1.self_attn.q_proj.weight), which would"
+    " be random."
+    " The file is incomplete or labelled with another architecture: convert the model again.",
+    "extra": "holds 1 tensor(s) its llama architecture has no place for (blk.0.ffn_gate_inp.weight), which would be"
+    " dropped.",
     "fewer-blocks": f"declares 4 blocks (llama.block_count) but holds tensors of blocks 0..4. {END}",
     "more-blocks": f"declares 6 blocks (llama.block_count) but holds tensors of blocks 0..4. {END}",
     "huge-blocks": f"declares 100,000 blocks (llama.block_count) but holds tensors of blocks 0..4. {END}",

@@ -8,9 +8,9 @@ import re
 import shutil
 
 import pytest
-
 from badfiles import remote_code_model
 from hostile import STREAM, cli, interrupted_staging, resume_argv
+
 from quantcli.errors import ResumeStateError
 from quantcli.models import EMBEDDED_MODEL
 from quantcli.pipeline import quantize
@@ -72,13 +72,17 @@ def test_a_resume_state_cannot_name_code_to_import(interrupted, tmp_path):
     assert sorted(p.name for p in kept.glob("*.safetensors")) == FINISHED and not target.exists()
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda record: record.update(type="quantcli.atomic:write_json"), "is not one of quantcli's layer records"),
-    (lambda record: record["tensors"]["q"].__setitem__(1, "load"), "'load'], not [shape, dtype]"),
-    (lambda record: record["tensors"].update(path=[[1], "int8"]), "holds tensors"),
-    (lambda record: record["layout"].update(scale_dtype="load"), "has a layout outside quantcli's grids"),
-    (lambda record: record["tensors"]["q"].__setitem__(0, [64, 32]), "stores a [64, 32] grid for a"),
-], ids=["quantcli-callable", "torch-attribute", "extra-argument", "layout-dtype", "wrong-shape"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda record: record.update(type="quantcli.atomic:write_json"), "is not one of quantcli's layer records"),
+        (lambda record: record["tensors"]["q"].__setitem__(1, "load"), "'load'], not [shape, dtype]"),
+        (lambda record: record["tensors"].update(path=[[1], "int8"]), "holds tensors"),
+        (lambda record: record["layout"].update(scale_dtype="load"), "has a layout outside quantcli's grids"),
+        (lambda record: record["tensors"]["q"].__setitem__(0, [64, 32]), "stores a [64, 32] grid for a"),
+    ],
+    ids=["quantcli-callable", "torch-attribute", "extra-argument", "layout-dtype", "wrong-shape"],
+)
 def test_a_resume_state_is_checked_field_by_field(interrupted, tmp_path, edit, message):
     target = hostile_state(interrupted, tmp_path, edit)
     with pytest.raises(ResumeStateError, match=re.escape(message)) as raised:

@@ -7,9 +7,9 @@ import json
 import shutil
 
 import pytest
+from badfiles import quantized_checkpoint
 from typer.testing import CliRunner
 
-from badfiles import quantized_checkpoint
 from quantcli.cli import app
 
 
@@ -22,14 +22,25 @@ def claim(data, **changes):
     data.update(changes)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: claim(d, bits=8), "claims 8-bit but its layers are ['4']-bit."),
-    (lambda d: d["layers"]["model.layers.0.mlp.up_proj"].update(shape=[64, 64]),
-     "says layer model.layers.0.mlp.up_proj is (64, 64) but the weights are (172, 64)."),
-    (lambda d: d["layers"]["model.layers.0.mlp.up_proj"].update(bits=8),
-     "says layer model.layers.0.mlp.up_proj is 8-bit but the weights are stored 4-bit."),
-    (lambda d: d["layers"].pop("model.layers.0.mlp.up_proj"), "omits quantized layer(s) model.layers.0.mlp.up_proj"),
-], ids=["bits", "shape", "layer-bits", "omitted"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: claim(d, bits=8), "claims 8-bit but its layers are ['4']-bit."),
+        (
+            lambda d: d["layers"]["model.layers.0.mlp.up_proj"].update(shape=[64, 64]),
+            "says layer model.layers.0.mlp.up_proj is (64, 64) but the weights are (172, 64).",
+        ),
+        (
+            lambda d: d["layers"]["model.layers.0.mlp.up_proj"].update(bits=8),
+            "says layer model.layers.0.mlp.up_proj is 8-bit but the weights are stored 4-bit.",
+        ),
+        (
+            lambda d: d["layers"].pop("model.layers.0.mlp.up_proj"),
+            "omits quantized layer(s) model.layers.0.mlp.up_proj",
+        ),
+    ],
+    ids=["bits", "shape", "layer-bits", "omitted"],
+)
 def test_inspect_refuses_claims_the_checkpoint_contradicts(checkpoint, tmp_path, edit, message):
     folder = shutil.copytree(checkpoint, tmp_path / "ckpt")
     data = json.loads((folder / "quantcli.json").read_text())

@@ -9,10 +9,10 @@ import re
 import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from badfiles import copy_model
 from hostile import STREAM, cli, interrupted_staging, resume_argv
+from safetensors.torch import load_file, save_file
+
 from quantcli.errors import ResumeStateError
 from quantcli.pipeline import quantize
 from quantcli.recipes import config_from_mapping
@@ -74,9 +74,11 @@ def test_a_changed_model_is_refused_in_a_real_process(setup, tmp_path):
     (kept,) = tmp_path.glob(".out.partial-*")
     assert re.fullmatch(
         rf"error: cannot resume from {re.escape(str(kept))}: it was written with other source_files \(source_files:"
-        r" \{'config.json': \[\d+, \d+\], 'generation_config.json': \[\d+, \d+\], 'model.safetensors': \[\d+, \d+\], .*\}"
+        r" \{'config.json': \[\d+, \d+\], 'generation_config.json': \[\d+, \d+\],"
+        r" 'model.safetensors': \[\d+, \d+\], .*\}"
         r" then, .* now\)\."
-        r" The finished work is kept there\. Run the same command without --resume to start over\.", err[0],
+        r" The finished work is kept there\. Run the same command without --resume to start over\.",
+        err[0],
     ), err[0]
     assert sorted(p.name for p in kept.glob("*.safetensors")) == FINISHED
 
@@ -98,11 +100,21 @@ def test_other_versions_are_refused(setup, tmp_path):
     assert refused(tmp_path, target, str(raised.value)).startswith("it was written with other versions (versions: {")
 
 
-@pytest.mark.parametrize("edit, why", [
-    (lambda shard: shard.write_bytes(shard.read_bytes()[:-8]), "is not the file this run wrote (its SHA-256 differs from"),
-    (lambda shard: shard.unlink(), "the finished file model-00002-of-00007.safetensors is missing"),
-    (lambda shard: save_file({k: v[:1] for k, v in load_file(shard).items()}, shard), "is not the file this run wrote"),
-], ids=["truncated", "missing", "wrong-shapes"])
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        (
+            lambda shard: shard.write_bytes(shard.read_bytes()[:-8]),
+            "is not the file this run wrote (its SHA-256 differs from",
+        ),
+        (lambda shard: shard.unlink(), "the finished file model-00002-of-00007.safetensors is missing"),
+        (
+            lambda shard: save_file({k: v[:1] for k, v in load_file(shard).items()}, shard),
+            "is not the file this run wrote",
+        ),
+    ],
+    ids=["truncated", "missing", "wrong-shapes"],
+)
 def test_a_changed_finished_shard_is_refused(setup, tmp_path, edit, why):
     model, staging, target = setup
     shard = staging / FINISHED[1]
@@ -114,13 +126,27 @@ def test_a_changed_finished_shard_is_refused(setup, tmp_path, edit, why):
     assert (kept / FINISHED[0]).exists()
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda path: path.write_bytes(path.read_bytes()[:300]), "resume.json is not valid JSON (JSONDecodeError; a run killed while"),
-    (lambda path: (path.unlink(), path.symlink_to("/dev/zero")), "resume.json cannot be read: resume state"),
-    (lambda path: path.write_text(json.dumps(seal({"settings": {}, "done": "all"}))), "resume.json has no valid 'done'"),
-    (lambda path: path.write_text(path.read_text().replace('"done": [', '"done": [\n"model-00003-of-00007.safetensors",')),
-     "resume.json does not match its own SHA-256 (damaged or edited)"),
-], ids=["truncated", "dev-zero", "malformed", "edited"])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (
+            lambda path: path.write_bytes(path.read_bytes()[:300]),
+            "resume.json is not valid JSON (JSONDecodeError; a run killed while",
+        ),
+        (lambda path: (path.unlink(), path.symlink_to("/dev/zero")), "resume.json cannot be read: resume state"),
+        (
+            lambda path: path.write_text(json.dumps(seal({"settings": {}, "done": "all"}))),
+            "resume.json has no valid 'done'",
+        ),
+        (
+            lambda path: path.write_text(
+                path.read_text().replace('"done": [', '"done": [\n"model-00003-of-00007.safetensors",')
+            ),
+            "resume.json does not match its own SHA-256 (damaged or edited)",
+        ),
+    ],
+    ids=["truncated", "dev-zero", "malformed", "edited"],
+)
 def test_a_broken_state_file_is_refused_and_the_shards_kept(setup, tmp_path, make, why):
     model, staging, target = setup
     make(staging / "resume.json")

@@ -22,16 +22,30 @@ def test_an_allocation_that_keeps_every_layer_is_written_as_priced(tmp_path):
     report = quantize(config_from_mapping({**RECIPE, "allocation": allocation, "output": tmp_path / "kept"}))
     predicted = report.stats["allocation"]["result"]["bytes"]
     on_disk = (tmp_path / "kept" / "model.safetensors").stat().st_size
-    assert report.stats["allocation"]["result"]["choices"] == {"keep": 36}  # 5 blocks x 7 linears and the embedding (the head is tied to it)
+    assert report.stats["allocation"]["result"]["choices"] == {
+        "keep": 36
+    }  # 5 blocks x 7 linears and the embedding (the head is tied to it)
     assert on_disk == predicted <= 600_000 and report.size["quantized_disk_bytes"] == on_disk
     assert report.bits == 16 and report.layers == {}  # nothing quantized: not "rtn, 4-bit"
     assert set(report.size["breakdown"]["classes"]["other"]["dtypes"]) == {"BF16"}
 
 
 def test_a_target_nothing_can_meet_is_a_gate_failure_with_the_smallest_size(tmp_path, monkeypatch):
-    with pytest.raises(GateFailedError, match=r"^no allocation fits 100,000 bytes: the smallest candidates give [\d,]+ bytes"):
-        quantize(config_from_mapping({**RECIPE, "allocation": {"target_size": "100KB", **FAST}, "output": tmp_path / "small"}))
+    with pytest.raises(
+        GateFailedError, match=r"^no allocation fits 100,000 bytes: the smallest candidates give [\d,]+ bytes"
+    ):
+        quantize(
+            config_from_mapping(
+                {**RECIPE, "allocation": {"target_size": "100KB", **FAST}, "output": tmp_path / "small"}
+            )
+        )
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["quantize", "--target-size", "100KB", "--no-eval", "--calib-samples", "16", "-o", "out"])
-    assert result.exit_code == 4 and result.stderr.startswith("error: no allocation fits 100,000 bytes") and result.stderr.count("\n") == 1
+    result = CliRunner().invoke(
+        app, ["quantize", "--target-size", "100KB", "--no-eval", "--calib-samples", "16", "-o", "out"]
+    )
+    assert (
+        result.exit_code == 4
+        and result.stderr.startswith("error: no allocation fits 100,000 bytes")
+        and result.stderr.count("\n") == 1
+    )
     assert list(tmp_path.iterdir()) == []

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
-
 from badfiles import copy_model
 from gguf_files import write_llama_gguf
 from hostile import cli
+from typer.testing import CliRunner
+
 from quantcli.checkpoint import load
 from quantcli.cli import app
 
@@ -32,7 +32,9 @@ def unknown_words(folder):
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 512)}}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(model / "tokenizer.json"))
-    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}))
+    (model / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"})
+    )
     return model
 
 
@@ -40,10 +42,15 @@ def unknown_words(folder):
 def test_a_partial_copy_without_its_tokenizer_is_refused_in_a_real_process(tmp_path, argv):
     model = partial_copy(tmp_path / "model")
     code, out, err = cli(["quantize", model, "--bits", "4", "-o", "out", *argv], tmp_path)
-    assert (code, out, err) == (3, "", [
-        f"error: the tokenizer of {model} has 3 tokens but the model's embedding has 512 rows: it is not the model's"
-        f" tokenizer (a partial copy?). {FIX}"
-    ])
+    assert (code, out, err) == (
+        3,
+        "",
+        [
+            f"error: the tokenizer of {model} has 3 tokens but the model's embedding has 512 rows: it is not the"
+            " model's"
+            f" tokenizer (a partial copy?). {FIX}"
+        ],
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -54,7 +61,8 @@ def test_a_tokenizer_that_encodes_text_to_unknown_tokens_is_refused(tmp_path, mo
     result = CliRunner().invoke(app, [command[0], str(model), *command[1:]])
     assert (result.exit_code, result.stdout) == (3, ""), result.stderr
     assert result.stderr == (
-        f"error: the tokenizer of {model} encodes a 100-character English sample to 0 known token(s): it cannot encode text. {FIX}\n"
+        f"error: the tokenizer of {model} encodes a 100-character English sample to 0 known token(s): it cannot encode"
+        f" text. {FIX}\n"
     )
     assert not (tmp_path / "out").exists()
 

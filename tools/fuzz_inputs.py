@@ -84,7 +84,9 @@ def make_gguf(folder: Path) -> Path:
     from quantcli.pipeline import quantize
     from quantcli.recipes import config_from_mapping
 
-    quantize(config_from_mapping({"bits": 8, "format": "gguf", "gguf_type": "Q8_0", "eval": None, "output": folder / "q8"}))
+    quantize(
+        config_from_mapping({"bits": 8, "format": "gguf", "gguf_type": "Q8_0", "eval": None, "output": folder / "q8"})
+    )
     return next((folder / "q8").glob("*.gguf"))
 
 
@@ -126,10 +128,27 @@ def fuzz_gguf(count: int, seed: int, timeout: float, work: Path) -> Counter:
         path.write_bytes(variant)
         outcome = run_bounded(gguf_job(path, reference), timeout)
         outcomes[outcome.split(":")[0] if outcome.startswith(("refused", "same")) else outcome] += 1
-        if outcome.startswith(("crash", "hang")):
-            print(f"gguf variant {index} ({how}): {outcome}", file=sys.stderr)
+        if outcome.startswith(("crash", "hang", "changed")):
+            print(f"gguf variant {index} ({how}): {outcome}{_field_at(original, how)}", file=sys.stderr)
         shutil.rmtree(path.parent)
     return outcomes
+
+
+def _field_at(path: Path, how: str) -> str:
+    """The metadata keys whose value holds the flipped offsets (what a flip that changed the model hit)."""
+    import gguf
+
+    if not how.startswith("flip"):
+        return ""
+    offsets = json.loads(how.removeprefix("flip at "))
+    fields = gguf.GGUFReader(path).fields.values()
+    hit = {
+        field.name
+        for field in fields
+        for at in offsets
+        if field.offset <= at < field.offset + sum(part.nbytes for part in field.parts)
+    }
+    return f" in {', '.join(sorted(hit)) or 'the tensor infos'}"
 
 
 STREAM = {"bits": 4, "method": "rtn", "eval": None, "low_memory": True}
@@ -236,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{target}: {json.dumps(results[target])}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    bad = [key for target in args.targets.split(",") for key in results[target]["outcomes"]
-           if key.startswith(("crash", "hang")) or (target == "resume" and key.startswith("changed"))]
+    bad = [
+        key
+        for target in args.targets.split(",")
+        for key in results[target]["outcomes"]
+        if key.startswith(("crash", "hang")) or (target == "resume" and key.startswith("changed"))
+    ]
     return 1 if bad else 0
 
 
