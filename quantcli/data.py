@@ -150,8 +150,9 @@ def _rows(spec: str, path: str, name: str | None, split: str, text_column: str |
     bad = [index for index, text in enumerate(texts) if not isinstance(text, str)]
     if bad:  # never dropped without a word
         raise DatasetError(
-            f"dataset {spec}: {len(bad):,} of {len(texts):,} rows have no text in column '{column}' (missing or not a string;"
-            f" the first is row {bad[0] + 1}). Fix or remove those rows, or name another column with {option('calibration.text_column')}."
+            f"dataset {spec}: {len(bad):,} of {len(texts):,} rows have no text in column '{column}' (missing or not a"
+            f" string; the first is row {bad[0] + 1}). Fix or remove those rows, or name another column with"
+            f" {option('calibration.text_column')}."
         )
     return list(texts)
 

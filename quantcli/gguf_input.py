@@ -78,7 +78,8 @@ def load_tokenizer(source: str | Path) -> Any:
     source_format(path)  # a corrupt file fails here, with a readable message
     try:
         with alone(path) as folder:  # the file's own tokenizer, never tokenizer files lying beside it
-            return AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name, trust_remote_code=False)  # a GGUF carries no code
+            # a GGUF carries no code
+            return AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {path}: {_first_line(error)}") from None
 

@@ -114,8 +114,8 @@ def merge_quantize_config(
     if recipe.get("allocation"):
         if "bits" in recipe:
             raise InputError(
-                f"{option('bits', recipe['bits'])} is not used with {option('allocation')}: each layer's bits come from its"
-                f" chosen candidate ({option('allocation.candidates')}). Drop {option('bits')}."
+                f"{option('bits', recipe['bits'])} is not used with {option('allocation')}: each layer's bits come"
+                f" from its chosen candidate ({option('allocation.candidates')}). Drop {option('bits')}."
             )
         recipe["bits"] = 4  # nominal: each layer's bits come from its chosen candidate
     if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
@@ -133,7 +133,8 @@ def _options_once(options: list[str], flags: Mapping[str, Any]) -> dict[str, Any
     for text in options:
         key, value = parse_option(text)
         if key in parsed:
-            raise InputError(f"-O {key} is given twice ({key}={parsed[key]!r} and {key}={value!r}). Give each option once.")
+            given = f"{key}={parsed[key]!r} and {key}={value!r}"
+            raise InputError(f"-O {key} is given twice ({given}). Give each option once.")
         if key in flags:
             raise InputError(f"-O {key}={value!r} and {option(key, flags[key])} both set {key}. Give it once.")
         parsed[key] = value
@@ -166,6 +167,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
     if "trust_remote_code" in data:  # a data file never chooses what code runs
         raise InputError(
             f"recipe {path} sets trust_remote_code: a recipe is data and cannot choose to run a model's own"
-            f" Python code. Remove the key, and pass {option('trust_remote_code', True)} on the command line if you trust the model."
+            f" Python code. Remove the key, and pass {option('trust_remote_code', True)} on the command line"
+            " if you trust the model."
         )
     return data

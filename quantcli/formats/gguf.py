@@ -205,7 +205,8 @@ class GGUF(Format):
     name = "gguf"
     fixed_options = {
         "group_size": "a GGUF type fixes its block size (32 weights; 256 for the K types)",
-        "symmetric": "a GGUF type fixes whether its blocks have an offset (Q4_1, Q5_1, Q4_K do; Q4_0, Q5_0, Q8_0, Q6_K do not)",
+        "symmetric": "a GGUF type fixes whether its blocks have an offset"
+        " (Q4_1, Q5_1, Q4_K do; Q4_0, Q5_0, Q8_0, Q6_K do not)",
         "observer": "each block's scale is the GGUF type's own (llama.cpp's reference rounding)",
         "embeddings": "llama.cpp's rules pick the token embedding's and output head's types",
         "keep_dtype": "GGUF stores norms and other unquantized vectors in F32, as llama.cpp does",
