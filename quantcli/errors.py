@@ -18,10 +18,10 @@ from typing import Any, Callable
 EXIT_CODES = {
     0: 'success',
     1: 'internal error (a bug: please report it; QUANTCLI_DEBUG=1 shows the traceback)',
-    2: 'bad input: options, paths, recipes, an output location that cannot be written or holds the input model',
+    2: 'bad input: options, paths, recipes, an output that cannot be written or holds an input, an option the run would not honour, a resume state that does not match, stdout closed or full',
     3: 'a model, checkpoint or dataset could not be loaded, or does not match its config or quantcli.json',
     4: 'a quality gate failed (a maximum perplexity increase, size or minimum speedup)',
-    5: 'the method, backend or device is not available here',
+    5: 'the method, backend or device is not available here, or memory ran out',
     129: 'stopped by SIGHUP (terminal closed); nothing was written',
     130: 'interrupted by Ctrl-C; nothing was written (a streamed run keeps its finished blocks to resume)',
     143: 'stopped by SIGTERM (timeout, CI cancel, docker stop); nothing was written',
@@ -77,6 +77,11 @@ class OutputExistsError(InputError):
 
 class OutputWriteError(InputError):
     """The output folder could not be written (disk full, file size limit, permissions)."""
+
+
+class ResumeStateError(InputError):
+    """--resume found a staging folder it cannot trust (other settings or sources, a changed shard); the
+    staging folder is kept."""
 
 
 class ModelLoadError(QuantCliError):

@@ -76,7 +76,7 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     seconds: dict[str, float] = {}
     from quantcli.quant.keptdtype import storage_dtype
 
-    kept = storage_dtype(config.keep_dtype, request.source, model)
+    kept = storage_dtype(config.keep_dtype or "auto", request.source, model)
     kept_dtype = str(kept).removeprefix("torch.") if kept is not None else None
     start = time.perf_counter()
     base = copy.deepcopy(model).eval()
@@ -217,12 +217,14 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
             records[name], notes[name] = option.weights, list(option.notes)
     summary = _summary(kind, value, target_bytes, method, prepared.candidates, prepared.texts, prepared.check, rounds, chosen,
                        prepared.verify.base_perplexity, layers, uniform, frontier(model, table, prepared.kept_dtype), prepared.seconds)
+    prepared_kept = prepared.kept_dtype
     del prepared
     weights: Counter = Counter()
     for name, record in records.items():
         if name not in request.tables:  # the embedding's fixed 8 bits would outweigh a 4-bit body
             weights[record.layout.bits] += record.q.numel()
-    bits = weights.most_common(1)[0][0] if weights else config.bits
+    kept_bits = 32 if prepared_kept == "float32" else 16  # nothing quantized: the checkpoint is the kept dtype
+    bits = weights.most_common(1)[0][0] if weights else kept_bits
     options = {key: val for key, val in request.config.grid_options().items() if key != "group_size"}
     if method == "gptq":
         options.update({key: val for key, val in vars(request.config).items() if key not in ("bits", "group_size", *options)})

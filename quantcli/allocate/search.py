@@ -26,7 +26,7 @@ from quantcli.allocate.candidates import checkpoint_bytes, stored_bytes
 from quantcli.config.allocation import Candidate
 from quantcli.allocate.sensitivity import base_log_probs, measured_kl, proxy, spearman
 from quantcli.allocate.solver import solve
-from quantcli.errors import InputError, option
+from quantcli.errors import GateFailedError, option
 from quantcli.quant.intgrid import IntLayout, IntWeights
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
@@ -202,5 +202,5 @@ def size_choice(model: Any, table: dict[str, list[Option]], target_bytes: int, k
             return choice
         budget -= total - target_bytes
     smallest = checkpoint_bytes(model, _layouts(table, {n: 0 for n in table}), kept_dtype)
-    raise InputError(f"no allocation fits {target_bytes:,} bytes: the smallest candidates give {smallest:,} bytes ({smallest / 1e6:.3f} MB)."
+    raise GateFailedError(f"no allocation fits {target_bytes:,} bytes: the smallest candidates give {smallest:,} bytes ({smallest / 1e6:.3f} MB)."
                      f" Raise {option('allocation.target_size')}/{option('allocation.target_bpw')} or add smaller candidates (e.g. int3-g128).")

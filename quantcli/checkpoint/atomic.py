@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt, option
+from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt, ResumeStateError, option
 
 RESUME_FILE = "resume.json"  # in the staging folder of a --low-memory run: the settings and finished shards
 
@@ -68,6 +68,8 @@ def _disk_full(error: BaseException) -> bool:
             return True
         if any(text in str(error) for text in ("No space left", "File too large", "Disk quota exceeded")):
             return True
+        if isinstance(error, OSError) and error.errno is None and " requested and " in str(error):
+            return True  # numpy's short write (a GGUF file), which carries no errno
         error = error.__cause__ or error.__context__
     return False
 
@@ -120,7 +122,9 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
         else:
             staging.rename(target)
     except BaseException as error:
-        if not (isinstance(error, (KeyboardInterrupt, ResumableInterrupt)) and (staging / RESUME_FILE).exists()):
+        # finished work a later --resume can use
+        keeps = isinstance(error, (KeyboardInterrupt, ResumableInterrupt, ResumeStateError))
+        if not (keeps and (staging / RESUME_FILE).exists()):
             shutil.rmtree(staging, ignore_errors=True)
         if _disk_full(error):
             raise OutputWriteError(

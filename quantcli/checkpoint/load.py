@@ -104,4 +104,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     if metadata is None:
         raise CheckpointError(f"{path} has no {METADATA_FILE}: it was not written by quantcli quantize. Use quantcli eval for any checkpoint.")
     check_metadata_fields(metadata, folder / METADATA_FILE)
+    from quantcli.checkpoint.claims import check_claims_on_skeleton
+
+    check_claims_on_skeleton(folder, metadata)  # never print claims the checkpoint contradicts
     return {**metadata, "disk_bytes": bytes_on_disk(weight_files(str(folder)))}

@@ -29,7 +29,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         from quantcli.cli.signals import describe, exit_code, terminate_as_interrupt
 
         try:
-            with terminate_as_interrupt():
+            from quantcli.checkpoint.conditions import documented_conditions
+
+            with terminate_as_interrupt(), documented_conditions():
                 return command(*args, **kwargs)
         except (typer.Exit, typer.TyperException):  # usage errors keep Typer's standard format
             raise

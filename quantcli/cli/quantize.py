@@ -78,6 +78,7 @@ def quantize(
         low_memory = True
     switches = {"force": force, "trust_remote_code": trust_remote_code, "low_memory": low_memory, "resume": resume}
     skip = [glob for value in skip_modules for glob in value.split(",") if glob] if skip_modules else None
+    recipe = config  # the recipe file: protected from --force like the model (quantcli.checkpoint.inputs)
     config = merge_quantize_config(
         config,
         top={**given(model=model, bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype,
@@ -91,7 +92,7 @@ def quantize(
         allocation=given(target_ppl_increase=target_ppl_increase, target_kl=target_kl, target_size=target_size, target_bpw=target_bpw,
                           candidates=candidates, search_dataset=search_dataset, verify_dataset=verify_dataset, plot=None if plot is None else str(plot)),
     )
-    report = run_quantize(config, render.RichProgress(enabled=not quiet))
+    report = run_quantize(config, render.RichProgress(enabled=not quiet), recipe=recipe)
     data = report.to_dict()
     render.print_json(data) if json_output else render.render_quantize(data)
     enforce(data["gates"])

@@ -93,7 +93,8 @@ class EvalConfig:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
     "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
-    "device_map": (str, type(None)), "embeddings": (int, str), "keep_dtype": (str,), "format": (str, type(None)),
+    "device_map": (str, type(None)), "embeddings": (int, str, type(None)), "keep_dtype": (str, type(None)),
+    "format": (str, type(None)),
     "gguf_type": (str, type(None)),
 }
 EMBEDDING_CHOICES = (8, 4, "keep")
@@ -123,8 +124,8 @@ class QuantizeConfig:
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
     allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
-    embeddings: int | str = 8  # rtn/gptq: the input embedding and output head (one tensor when tied) in 8 or 4 bits, or "keep"
-    keep_dtype: str = "auto"  # rtn/gptq: storage dtype of unquantized tensors; auto = 16-bit (see quantcli.quant.keptdtype)
+    embeddings: int | str | None = None  # rtn/gptq: embedding and head (tied: one tensor) in 8 (None) or 4 bits, or "keep"
+    keep_dtype: str | None = None  # rtn/gptq: dtype of unquantized tensors; None, auto: 16-bit (quantcli.quant.keptdtype)
     format: str | None = None  # None: the method's own format; "gguf": llama.cpp's, with gguf_type
     gguf_type: str | None = None  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (quantcli.formats.gguf.types)
 
@@ -133,9 +134,9 @@ class QuantizeConfig:
             check_type(f"'{name}'", getattr(self, name), *kinds)
         if isinstance(self.embeddings, str) and self.embeddings.isdigit():
             object.__setattr__(self, "embeddings", int(self.embeddings))
-        if self.embeddings not in EMBEDDING_CHOICES:
+        if self.embeddings not in (*EMBEDDING_CHOICES, None):
             raise InputError(f"{option('embeddings')} must be 8, 4 or keep, got {shown(self.embeddings)}.")
-        if self.keep_dtype not in KEEP_DTYPES:
+        if self.keep_dtype not in (*KEEP_DTYPES, None):
             raise InputError(f"{option('keep_dtype')} must be {', '.join(KEEP_DTYPES)}, got {shown(self.keep_dtype)}.")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))

@@ -100,7 +100,7 @@ def merge_quantize_config(
     recipe: dict[str, Any] = load_recipe(recipe_path) if recipe_path else {}
     recipe.update(top)
     recipe.update(method_options)
-    recipe.update(dict(parse_option(text) for text in options))
+    recipe.update(_options_once(options, {**top, **method_options}))
     for name, given in (("calibration", calibration), ("gates", gates)):
         recipe[name] = {**_recipe_section(recipe, name), **given}
     streams = bool(recipe.get("low_memory"))
@@ -112,7 +112,12 @@ def merge_quantize_config(
     if allocation:
         recipe["allocation"] = {**_recipe_section(recipe, "allocation"), **allocation}
     if recipe.get("allocation"):
-        recipe.setdefault("bits", 4)  # nominal: each layer's bits come from its chosen candidate
+        if "bits" in recipe:
+            raise InputError(
+                f"{option('bits', recipe['bits'])} is not used with {option('allocation')}: each layer's bits come"
+                f" from its chosen candidate ({option('allocation.candidates')}). Drop {option('bits')}."
+            )
+        recipe["bits"] = 4  # nominal: each layer's bits come from its chosen candidate
     if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
         from quantcli.formats.gguf.types import block_type
 
@@ -120,6 +125,20 @@ def merge_quantize_config(
     if "bits" not in recipe:
         raise InputError(f"no {option('bits')} given. Pass {option('bits', 8)} or {option('bits', 4)}, or a {option('config')} recipe that sets bits.")
     return config_from_mapping(recipe)
+
+
+def _options_once(options: list[str], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """``-O KEY=VALUE`` options, each key given once and not also by its own flag (recipes refuse duplicates too)."""
+    parsed: dict[str, Any] = {}
+    for text in options:
+        key, value = parse_option(text)
+        if key in parsed:
+            given = f"{key}={parsed[key]!r} and {key}={value!r}"
+            raise InputError(f"-O {key} is given twice ({given}). Give each option once.")
+        if key in flags:
+            raise InputError(f"-O {key}={value!r} and {option(key, flags[key])} both set {key}. Give it once.")
+        parsed[key] = value
+    return parsed
 
 
 def _recipe_section(recipe: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -145,4 +164,10 @@ def load_recipe(path: Path) -> dict[str, Any]:
         raise InputError(f"recipe {path} is empty. Add at least 'bits: 4'.")
     if not isinstance(data, dict):
         raise InputError(f"recipe {path} must be a YAML mapping (key: value lines), not a {type(data).__name__}.")
+    if "trust_remote_code" in data:  # a data file never chooses what code runs
+        raise InputError(
+            f"recipe {path} sets trust_remote_code: a recipe is data and cannot choose to run a model's own"
+            f" Python code. Remove the key, and pass {option('trust_remote_code', True)} on the command line"
+            " if you trust the model."
+        )
     return data

@@ -21,6 +21,7 @@ class Format:
     """One checkpoint format; subclasses register themselves with ``@register_format``."""
 
     name: ClassVar[str]
+    fixed_options: ClassVar[dict[str, str]] = {}  # options its own layout decides, with why (quantcli.config.honoured)
 
     def layer_tensors(self, name: str, record: Any, module: Any) -> dict[str, Any]:
         """The stored tensors of layer ``name`` (keys relative to it) from its method's ``record``."""

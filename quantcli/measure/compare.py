@@ -23,11 +23,15 @@ def _report(folder: Path) -> dict[str, Any] | None:
     try:
         from quantcli.limits import MAX_METADATA_BYTES, read_bounded
 
-        return json.loads(read_bounded(path, "report", MAX_METADATA_BYTES).decode("utf-8"))
+        report = json.loads(read_bounded(path, "report", MAX_METADATA_BYTES).decode("utf-8"))
     except InputError as error:
         raise CheckpointError(str(error)) from None
     except (ValueError, RecursionError) as error:
         raise CheckpointError(f"{path} is corrupt ({error}). Re-run quantcli quantize.") from None
+    from quantcli.checkpoint.conditions import check_report_types
+
+    check_report_types(report, path)
+    return report
 
 
 def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None, base_loaded: Any) -> dict[str, Any]:

@@ -178,6 +178,8 @@ def bench(model: str, config: BenchConfig, base: str | None = None, device: str 
     from quantcli.checkpoint.load import load
     from quantcli.sources.models import pick_device
 
+    from quantcli.checkpoint.conditions import check_bench_context
+
     progress = progress or NullProgress()
     limits = limits or GateLimits()
     results: dict[str, Any] = {}
@@ -186,6 +188,7 @@ def bench(model: str, config: BenchConfig, base: str | None = None, device: str 
             continue
         with progress.task(f"bench {label}", total=None):
             loaded, tokenizer, metadata = load(spec, device, backend=config.backend if label == "model" else "auto")
+            check_bench_context(loaded, config.prompt_tokens, config.new_tokens)
             results[label] = {"name": spec, "method": (metadata or {}).get("method"), "bits": (metadata or {}).get("bits"), **measure(loaded, prompt_ids(tokenizer, config), config)}
             del loaded
     speedup = None

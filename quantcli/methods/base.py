@@ -59,6 +59,7 @@ class Quantizer:
         """Whether ``--bits bits`` on ``device`` picks this method when none is named."""
         kind = "cuda" if device.startswith("cuda") else "cpu"
         return (bits, "any") in cls.default_for or (bits, kind) in cls.default_for
+    run_options: ClassVar[tuple[str, ...]] = ()  # run options it honours beyond bits (quantcli.config.honoured.RUN_OPTIONS)
 
     def make_config(self, bits: int, options: Mapping[str, Any], grid: Any = None) -> Any:
         """The method's config; with a GGUF ``grid`` the bits are the grid's, whatever the method's integer widths."""

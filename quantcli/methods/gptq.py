@@ -64,6 +64,7 @@ class GPTQQuantizer(Quantizer):
     streams = True
     allocates = True
     default_for = ((3, "any"),)
+    run_options = ("embeddings", "keep_dtype")
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.formats.compressed_tensors import compressed_result

@@ -36,6 +36,7 @@ class RTNQuantizer(Quantizer):
     streams = True
     allocates = True
     default_for = ((8, "cpu"), (4, "cpu"))
+    run_options = ("embeddings", "keep_dtype")
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.quant.blockwise import quantize_blockwise

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.checkpoint.atomic import atomic_folder, check_output
+from quantcli.checkpoint.conditions import check_not_quantized, check_output_name
 from quantcli.config.quantize import QuantizeConfig
 from quantcli.sources.datasets import TextSource, calibration_batch, read_documents
 from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
 from quantcli.measure.evaluation import eval_source, measure_perplexity
 from quantcli.quant.finite import check_layers_quantizable, check_model_finite
+from quantcli.config.honoured import refuse_unhonoured
+from quantcli.checkpoint.inputs import check_inputs_outside, run_inputs
 from quantcli.sources.integrity import check_streamed, file_shapes
 from quantcli.quant.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.formats import save
@@ -59,12 +62,13 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def quantize(config: QuantizeConfig, progress: Progress | None = None) -> QuantizeReport:
+def quantize(config: QuantizeConfig, progress: Progress | None = None, recipe: Path | None = None) -> QuantizeReport:
     """Quantize ``config.model`` and write the checkpoint; returns the report (also saved as report.json).
 
     The one entry point: ``config.low_memory`` streams the model from disk one decoder block at a
     time (:mod:`quantcli.run.streaming`), otherwise it is loaded whole. Both write through one atomic
-    folder with the same metadata, report and gates.
+    folder with the same metadata, report and gates. ``recipe``, the file ``config`` was read from,
+    is protected like the model and datasets: never inside the output folder.
     """
     device = "cpu" if config.low_memory and config.device == "auto" else pick_device(config.device)
     method_name = config.method or ("rtn" if config.allocation else default_method(config.bits, device))
@@ -75,6 +79,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
 
         grid = block_type(config.gguf_type)
     method_config = method.make_config(config.bits, config.method_options, grid)
+    refuse_unhonoured(config, method)
     reason = method.unavailable_reason(device)
     if reason:
         raise UnavailableError(f"method {method_name} cannot run on {device} here: {reason}")
@@ -82,6 +87,9 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
         check_streamable(method_name, device)
     source = resolve_model(config.model)
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits, config.gguf_type)
+    check_output_name(output)
+    check_not_quantized(source)
+    check_inputs_outside(output, run_inputs(config, recipe))
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
     calibrates = method.needs_calibration or config.allocation is not None
@@ -120,7 +128,7 @@ def _kept_dtype(run: _Run, model: Any) -> Any:
         return None
     from quantcli.quant.keptdtype import storage_dtype
 
-    return storage_dtype(run.config.keep_dtype, run.source, model)
+    return storage_dtype(run.config.keep_dtype or "auto", run.source, model)
 
 
 def _scale_dtype(run: _Run, kept_dtype: Any) -> str | None:

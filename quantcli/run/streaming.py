@@ -15,7 +15,6 @@ that folder, and ``--resume`` continues after the last finished block.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,8 +22,9 @@ from quantcli.checkpoint.atomic import RESUME_FILE
 from quantcli.strict_json import write_json
 from quantcli.errors import InputError, option
 from quantcli.safetensors_dtypes import tensor_bytes
-
-ACTIVATIONS_FILE = "activations.safetensors"  # in the staging folder: the next block's calibration inputs
+from quantcli.run.resume_state import (
+    ACTIVATIONS_FILE, file_hash, fingerprint, read_state, record_from_json, record_to_json, versions, write_state,
+)
 
 
 def source_tensors(source: str) -> dict[str, Path]:
@@ -102,16 +102,19 @@ class ShardBlocks:
         self.records: dict[str, Any] = {}
         self.modules = dict(model.named_modules())
         self.known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {name for name, _ in model.named_buffers()}
-        state = json.loads((staging / RESUME_FILE).read_text()) if (staging / RESUME_FILE).exists() else {}
-        self.state = state if state.get("settings") == settings else {}
-        self.done = [shard for shard in self.state.get("done", []) if (staging / shard).exists()]
+        inputs = fingerprint([*self.where.values(), *_configs(source)])
+        self.settings = {**settings, "source_files": inputs, "versions": versions()}
+        self.state = read_state(staging, self.settings, self.shards)  # {} for a fresh run; checked before any reuse
+        self.done = list(self.state.get("done", []))
+        self.hashes = dict(self.state.get("hashes", {}))
         self.resumed = len(self.done)
         self.written = {name: record for name, record in self.state.get("written", {}).items() if name in names}
         self._save_state()
 
     def _save_state(self, **extra: Any) -> None:
-        self.state = {**self.state, **extra, "settings": self.settings, "done": self.done, "written": self.written}
-        write_json(self.staging / RESUME_FILE, self.state)
+        current = {"settings": self.settings, "done": self.done, "written": self.written, "hashes": self.hashes}
+        self.state = {"activations_for": None, **self.state, **extra, **current}
+        write_state(self.staging, self.state)
 
     def _load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -131,7 +134,8 @@ class ShardBlocks:
     def resume_point(self) -> tuple[int, Any]:
         """The first unfinished block and its saved calibration inputs (None without calibration)."""
         start, hidden = self._saved_inputs(self._finished_blocks())
-        self.records.update({name: _from_json(record) for name, record in self.written.items()})
+        for name, record in self.written.items():
+            self.records[name] = record_from_json(name, record, tuple(self.modules[name].weight.shape), self.staging)
         return start, hidden
 
     def _finished_blocks(self) -> int:
@@ -182,10 +186,11 @@ class ShardBlocks:
 
             save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(self.staging / f"{ACTIVATIONS_FILE}.tmp"))
             (self.staging / f"{ACTIVATIONS_FILE}.tmp").rename(self.staging / ACTIVATIONS_FILE)
+            self.hashes[ACTIVATIONS_FILE] = file_hash(self.staging / ACTIVATIONS_FILE)
         self._write(index, records)
         self._free(self.groups[index])
         self.records.update({name: _placeholder(record) for name, record in records.items()})
-        self.written.update({name: _to_json(self.records[name]) for name in records if records[name] is not None})
+        self.written.update({name: record_to_json(self.records[name]) for name in records if records[name] is not None})
         self._save_state(activations_for=index + 1 if hidden is not None else None)
 
     @contextlib.contextmanager
@@ -216,6 +221,7 @@ class ShardBlocks:
                 tensors[key] = value.to(self.kept_dtype) if self.kept_dtype is not None and value.is_floating_point() else value
         path = self.staging / self.shards[index]
         save_file(tensors, str(path.with_suffix(".tmp")), metadata={"format": "pt"})
+        self.hashes[self.shards[index]] = file_hash(path.with_suffix(".tmp"))
         path.with_suffix(".tmp").rename(path)
         self.done.append(self.shards[index])
 
@@ -255,28 +261,6 @@ class ShardBlocks:
         return total
 
 
-def _to_json(record: Any) -> dict[str, Any]:
-    """A written layer's record (a dataclass of tensors and an optional layout) as resume.json keeps it."""
-    shapes = {name: [list(value.shape), str(value.dtype).removeprefix("torch.")] for name, value in vars(record).items() if hasattr(value, "shape")}
-    layout = getattr(record, "layout", None)
-    return {"type": type(record).__module__ + ":" + type(record).__qualname__, "layout": vars(layout) if layout else None, "tensors": shapes}
-
-
-def _from_json(data: dict[str, Any]) -> Any:
-    import importlib
-
-    import torch
-
-    from quantcli.quant.intgrid import IntLayout
-
-    module, _, name = data["type"].partition(":")
-    if not module.startswith("quantcli."):
-        raise ValueError(f"resume.json names a record type outside quantcli: {data['type']!r}")
-    kind = getattr(importlib.import_module(module), name)
-    tensors = {key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for key, (shape, dtype) in data["tensors"].items()}
-    return kind(**tensors, **({"layout": IntLayout(**data["layout"])} if data["layout"] else {}))
-
-
 def _placeholder(record: Any) -> Any:
     """A written layer's record with its tensors on ``meta``: shapes and layout stay, memory goes."""
     import dataclasses
@@ -286,3 +270,6 @@ def _placeholder(record: Any) -> Any:
     return dataclasses.replace(record, **{f.name: getattr(record, f.name).to("meta") for f in dataclasses.fields(record) if hasattr(getattr(record, f.name), "to")})
 
 
+def _configs(source: str) -> list[Path]:
+    """The JSON files beside the weights (config, tokenizer, index): they shape the model and its calibration."""
+    return [path for path in Path(source).glob("*.json") if path.is_file()]

@@ -56,10 +56,10 @@ class TextSource:
         if self.path is not None:
             yield from _utf8_pieces(self.path, self.spec)
         elif self.text is not None:
-            yield self.text
-        else:
+            yield from _chunks(self.text)
+        else:  # a 30 MB row is read in pieces too: the stream tokenizes only as far as --max-tokens needs
             for index, row in enumerate(self.documents or []):
-                yield row if index == 0 else ROW_JOINER + row
+                yield from _chunks(row if index == 0 else ROW_JOINER + row)
 
     def check_protocol(self, protocol: str) -> None:
         """Refuse ``documents`` for text that marks no documents."""
@@ -81,6 +81,11 @@ class TextSource:
             yield from (d for d in done if d.strip())
         if rest.strip():
             yield rest
+
+
+def _chunks(text: str) -> Iterator[str]:
+    for start in range(0, len(text), READ_BYTES):
+        yield text[start : start + READ_BYTES]
 
 
 def _utf8_pieces(path: Path, spec: str, limit: int | None = None) -> Iterator[str]:
@@ -141,7 +146,15 @@ def _rows(spec: str, path: str, name: str | None, split: str, text_column: str |
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
         raise DatasetError(f"cannot read dataset {spec}: {root_cause(error)}") from None
     column = _text_column(dataset, spec, text_column)
-    return [text for text in dataset[column] if isinstance(text, str)]
+    texts = dataset[column]
+    bad = [index for index, text in enumerate(texts) if not isinstance(text, str)]
+    if bad:  # never dropped without a word
+        raise DatasetError(
+            f"dataset {spec}: {len(bad):,} of {len(texts):,} rows have no text in column '{column}' (missing or not a"
+            f" string; the first is row {bad[0] + 1}). Fix or remove those rows, or name another column with"
+            f" {option('calibration.text_column')}."
+        )
+    return list(texts)
 
 
 def read_documents(spec: str, text_column: str | None = None, doc_separator: str | None = None) -> TextSource:

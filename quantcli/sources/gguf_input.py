@@ -10,11 +10,13 @@ The ``gguf`` package (llama.cpp's own Python reader) is an optional extra: ``pip
 
 from __future__ import annotations
 
+import contextlib
+import stat
 import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantcli.errors import ModelLoadError, UnavailableError
 
@@ -25,6 +27,8 @@ def is_gguf(source: str | Path) -> bool:
     """A local file that starts with GGUF's magic bytes (the suffix alone is not trusted)."""
     path = Path(source)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the open, a device never end
+            return False
         with path.open("rb") as handle:
             return handle.read(4) == b"GGUF"
     except OSError:
@@ -43,6 +47,9 @@ def source_format(source: str | Path) -> dict[str, Any]:
     """What the file held before dequantization: its file type and the count of tensors per type."""
     path = Path(source)
     gguf = _require_gguf(path)
+    from quantcli.sources.gguf_check import check_layout
+
+    check_layout(path)  # bounded: the reader below would loop over any count the header claims
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError, struct.error) as error:
@@ -70,9 +77,19 @@ def load_tokenizer(source: str | Path) -> Any:
     path = Path(source)
     source_format(path)  # a corrupt file fails here, with a readable message
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)  # a GGUF carries no code
+        with alone(path) as folder:  # the file's own tokenizer, never tokenizer files lying beside it
+            # a GGUF carries no code
+            return AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {path}: {_first_line(error)}") from None
+
+
+@contextlib.contextmanager
+def alone(path: Path) -> Iterator[Path]:
+    """A temporary folder holding only a link to ``path``: transformers reads the GGUF file and nothing beside it."""
+    with tempfile.TemporaryDirectory(prefix="quantcli-gguf-") as folder:
+        (Path(folder) / path.name).symlink_to(path.resolve())
+        yield Path(folder)
 
 
 def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> Any:
@@ -83,18 +100,24 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     """
     from transformers import AutoModelForCausalLM, GgufConfig
 
+    from quantcli.sources.gguf_check import check_blocks, check_loaded
+
     path = Path(source)
-    source_format(path)  # a corrupt file fails here, with a readable message
+    source_format(path)  # a corrupt file (or no gguf package) fails here, with a readable message
+    reader = _require_gguf(path).GGUFReader(path)
+    check_blocks(reader, path)  # before a model of the declared size is built
     quantization_config = kwargs.pop("quantization_config", None)
     kwargs.pop("use_safetensors", None)
     kwargs.update(_gpt2_positions(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, device_map=None if quantization_config else device,
-            quantization_config=GgufConfig(dequantize=True), **kwargs,
-        )
+        with alone(path) as folder:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(folder), gguf_file=path.name, dtype=dtype, device_map=None if quantization_config else device,
+                quantization_config=GgufConfig(dequantize=True), output_loading_info=True, **kwargs,
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(error)}") from None
+    check_loaded(model, info, reader, path)
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     model.eval()

@@ -26,6 +26,9 @@ def resolve_model(spec: str) -> str:
         return str(EMBEDDED_MODEL)
     path = Path(spec).expanduser()
     if path.is_dir():
+        from quantcli.sources.model_files import check_model_folder
+
+        check_model_folder(path)  # bounded small files, layer count against the weights: before any parser
         return str(path)
     if path.exists():
         from quantcli.sources.gguf_input import is_gguf
@@ -153,6 +156,9 @@ def check_vocab(model: Any, tokenizer: Any, source: str) -> None:
             f"the tokenizer of {source} has {len(tokenizer)} tokens but the model's embedding has {rows} rows:"
             " they do not belong together. Use the tokenizer the model was trained with."
         )
+    from quantcli.sources.tokenizer_check import check_tokenizer
+
+    check_tokenizer(tokenizer, rows, source)
 
 
 def check_finite(model: Any, source: str) -> None:

@@ -4,10 +4,10 @@ transformers is also always called with ``trust_remote_code`` set, so it never p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from quantcli.errors import ModelLoadError, option
+from quantcli.sources.model_files import read_json
 
 REMOTE_CODE_HINT = (
     "{source} ships its own Python code (auto_map in its config), which quantcli does not run by default."
@@ -18,10 +18,7 @@ CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json",
 
 def ships_code(folder: Path) -> bool:
     for name in CONFIG_FILES:
-        try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            continue
+        data = read_json(folder / name)  # bounded, regular files only
         if isinstance(data, dict) and data.get("auto_map"):
             return True
     return False

@@ -87,10 +87,10 @@ def test_remote_code_never_runs_and_nothing_is_asked(remote, argv, stdin):
     ids=["sequential", "tokenizer-quantize", "tokenizer-eval", "tokenizer-sequential"],
 )
 def test_every_read_path_refuses_remote_code_in_process(tmp_path, monkeypatch, argv):
-    from tests.support.badfiles import remote_code_model, remote_tokenizer_model
     from typer.testing import CliRunner
 
     from quantcli.cli.app import app
+    from tests.support.badfiles import remote_code_model, remote_tokenizer_model
 
     remote_code_model(tmp_path / "model", tmp_path / "ran")
     remote_tokenizer_model(tmp_path / "tokenizer", tmp_path / "ran")

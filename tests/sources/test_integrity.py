@@ -20,7 +20,8 @@ from tests.support.badfiles import copy_model, edit_weights, one_more_layer, qua
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 BROKEN = {
     "missing": (lambda f: edit_weights(f, lambda s: s.pop(Q_PROJ)), f"it lacks 1 weight(s) the config needs ({Q_PROJ}), which would be random"),
-    "more-layers": (one_more_layer, "it lacks 9 weight(s) the config needs (model.layers.5.input_layernorm.weight"),
+    "more-layers": (one_more_layer, "it declares 6 layers (num_hidden_layers) but the weights hold 5"
+                    " (model.layers.0 to model.layers.4); model.layers.5 onwards would be random"),
     "unexpected": (lambda f: edit_weights(f, lambda s: s.update({"model.layers.1.extra.weight": torch.zeros(2)})), "it holds 1 weight(s) the config has no place for (model.layers.1.extra.weight)"),
     "shape": (lambda f: edit_weights(f, lambda s: s.update({Q_PROJ: s[Q_PROJ][:, :-1].contiguous()})), f"{Q_PROJ} is (64, 63) in the file vs (64, 64) in the config"),
 }

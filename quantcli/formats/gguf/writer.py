@@ -203,6 +203,14 @@ def _tensors(quantized: QuantizedModel) -> Any:
 @register_format
 class GGUF(Format):
     name = "gguf"
+    fixed_options = {
+        "group_size": "a GGUF type fixes its block size (32 weights; 256 for the K types)",
+        "symmetric": "a GGUF type fixes whether its blocks have an offset"
+        " (Q4_1, Q5_1, Q4_K do; Q4_0, Q5_0, Q8_0, Q6_K do not)",
+        "observer": "each block's scale is the GGUF type's own (llama.cpp's reference rounding)",
+        "embeddings": "llama.cpp's rules pick the token embedding's and output head's types",
+        "keep_dtype": "GGUF stores norms and other unquantized vectors in F32, as llama.cpp does",
+    }
 
     def save(self, quantized: QuantizedModel, folder: Path, max_shard_size: int | None = None) -> None:
         """Write ``folder/model-TYPE.gguf``; the tokenizer must already be saved in ``folder``."""
