@@ -26,7 +26,7 @@ def _section(name: str, cls: type, values: Any) -> Any:
     if not isinstance(values, Mapping):
         raise InputError(f"'{name}' must be a mapping of settings, got {type(values).__name__}.")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(key if isinstance(key, str) and key.isidentifier() else shown(key) for key in set(values) - known)
     if unknown:
         raise InputError(f"unknown key(s) {', '.join(unknown)} in '{name}'. Valid keys: {', '.join(sorted(known))}.")
     try:
