@@ -20,6 +20,7 @@ from quantcli.integrity import check_streamed, file_shapes
 from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
+from quantcli.moe import refuse, unfuse
 from quantcli.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
 from quantcli.perplexity import check_context
 from quantcli.progress import NullProgress, Progress
@@ -111,6 +112,12 @@ def _quantizes_tables(run: _Run) -> bool:
     return run.method.quantizes_tables and run.grid is None and run.config.embeddings != "keep" and run.config.bits < 16
 
 
+def _splits_experts(run: _Run) -> bool:
+    """Whether fused experts become one layer per expert (:mod:`quantcli.moe`): integer methods writing
+    compressed-tensors; other formats and methods keep them fused, in 16 bits, and say so."""
+    return run.method.output_format == "compressed-tensors" and run.grid is None
+
+
 def _table_bits(config: QuantizeConfig) -> int:
     return config.embeddings if isinstance(config.embeddings, int) else 8
 
@@ -160,6 +167,8 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         if run.method.needs_calibration or config.allocation is not None:
             check_context(model, config.calibration.seq_len, "calibration.seq_len")
     timings["load"] = time.perf_counter() - start
+    if _splits_experts(run):
+        unfuse(model)
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
         check_layers_quantizable(model, selection.names + selection.tables, config.model)
@@ -192,6 +201,7 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
             quantized.kept_dtype = kept_dtype
             round_kept(quantized.model, set(quantized.records), kept_dtype)
         check_model_finite(quantized.model, config.model)
+        refuse(quantized.model)  # evaluate with the fused experts plain transformers rebuilds from the checkpoint
         del request
         gc.collect()
     timings["quantize"] = time.perf_counter() - start

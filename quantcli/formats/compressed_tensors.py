@@ -48,17 +48,20 @@ def storage_note(module: Any) -> str | None:
 def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    from quantcli.moe import expert_target, is_expert_layer
+
     groups: dict[tuple, list[str]] = {}
-    for name, layout in layouts.items():
-        groups.setdefault((layout.bits, layout.group_size, layout.symmetric), []).append(name)
+    for name, layout in layouts.items():  # experts in groups of their own (see quantcli.moe.expert_target)
+        groups.setdefault((layout.bits, layout.group_size, layout.symmetric, is_expert_layer(name)), []).append(name)
     schemes = {}
-    for index, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
+    for index, ((bits, group_size, symmetric, experts), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
         args = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
             strategy="group" if group_size else "channel", group_size=group_size,
         )
         format_name = "int-quantized" if bits == 8 else "pack-quantized"
-        schemes[f"group_{index}"] = QuantizationScheme(targets=sorted(names), weights=args, format=format_name)
+        targets = [expert_target(names)] if experts else sorted(names)
+        schemes[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=format_name)
     return schemes
 
 
@@ -107,7 +110,9 @@ def save_compressed(
 
     from quantcli import ops
     from quantcli.keptdtype import store_kept
+    from quantcli.moe import unfuse
 
+    unfuse(model)  # experts are stored one Linear per expert, the layout transformers merges at load
     modules = dict(model.named_modules())
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     packable = {name: layer for name, layer in weights.items() if storage_note(modules[name]) is None}
@@ -208,6 +213,7 @@ def compressed_result(
 
 def _dense_state_dict(
     folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any], tied_head: str | None = None,
+    rename: Any = str,
 ) -> dict[str, Any]:
     """Every tensor of ``folder``, quantized layers decompressed with their scheme's own compressor
     (schemes target layers by name or by class, e.g. ``Linear``, as llm-compressor writes them)."""
@@ -219,7 +225,7 @@ def _dense_state_dict(
     config = QuantizationConfig.model_validate(quantization_config)
     state: dict[str, Any] = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(shard))
+        state.update({rename(key): value for key, value in load_file(shard).items()})
     prefixes = {key.rsplit(".", 1)[0] for key in state if key.endswith((".weight_packed", ".weight_scale"))}
     dense: dict[str, Any] = {}
     for prefix in sorted(prefixes):
@@ -244,6 +250,7 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
 
     _quiet_library_logs()
     folder = Path(folder)
+    from quantcli.moe import checkpoint_renamer, refuse, unfuse
     from quantcli.remote import refuse_remote_code
 
     refuse_remote_code(folder, trust_remote_code)
@@ -257,8 +264,11 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
     tied_head = head if config.tie_word_embeddings else None
-    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()), tied_head)
+    unfuse(model)
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    state = _dense_state_dict(folder, quantization, dtype, dict(model.named_modules()), tied_head, checkpoint_renamer(model))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    refuse(model)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
         raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")
