@@ -218,3 +218,48 @@ def checkpoint_renamer(model: Any) -> Any:
         return key
 
     return rename
+
+
+def merge_expert_groups(groups: list[list[str]]) -> list[list[str]]:
+    """One calibration group for every expert's input projections of an experts module, one for their
+    output projections: experts do not feed each other, so each expert's down projection needs only its
+    own gate/up done first, and ``2·num_experts`` block passes become 2."""
+    merged: list[list[str]] = []
+    where: dict[tuple, list[str]] = {}
+    for group in groups:
+        matches = [EXPERT_LAYER.search(name) for name in group]
+        keys = {(name[: match.start()], tuple(sorted(m.group(2) for m in matches))) for name, match in zip(group, matches) if match}
+        if len(keys) != 1 or not all(matches):
+            merged.append(group)
+            continue
+        key = keys.pop()
+        if key in where:
+            where[key].extend(group)
+        else:
+            where[key] = list(group)
+            merged.append(where[key])
+    return merged
+
+
+def tokens_per_expert(tokens: dict[str, int], names: Any) -> dict[str, Any]:
+    """``{"tokens_per_expert": {experts module: [calibration tokens routed to expert 0, 1, ...]}}`` for
+    the expert layers among ``names`` (an expert no token reached: 0), or nothing without experts."""
+    routed: dict[str, dict[int, int]] = {}
+    for name in names:
+        match = EXPERT_LAYER.search(name)
+        if match:
+            routed.setdefault(name[: match.start()] + ".experts", {}).setdefault(int(match.group(1)), tokens.get(name, 0))
+    if not routed:
+        return {}
+    return {"tokens_per_expert": {module: [counts.get(i, 0) for i in range(max(counts) + 1)] for module, counts in routed.items()}}
+
+
+def calibration_rule(name: str, tokens: dict[str, int], in_features: int) -> str | None:
+    """Why expert layer ``name`` is rounded to nearest instead of GPTQ'd, or None. The rule: an expert
+    that received fewer routed calibration tokens than it has inputs has a rank-deficient Hessian, so
+    GPTQ would fit its error compensation to directions no token showed; it is rounded to nearest."""
+    routed = tokens.get(name, 0)  # no routed token: the expert never ran in a calibration pass
+    if not is_expert_layer(name) or routed >= in_features:
+        return None
+    return (f"round-to-nearest: {routed} calibration tokens were routed to this expert, fewer than its {in_features}"
+            " inputs (a rank-deficient Hessian); more calibration samples give it GPTQ")

@@ -1,0 +1,91 @@
+"""Mixture-of-experts models (fused 3-D experts in transformers 5): every expert quantized as a layer of
+its own, routers kept, and the checkpoint reloaded by plain transformers with identical logits."""
+
+import json
+
+import pytest
+import torch
+
+import quantcli
+from quantcli.config import CalibrationConfig, QuantizeConfig
+
+from conftest import logits
+
+EXPERTS = 8
+
+
+def _build(kind: str, folder) -> str:
+    """A random tiny MoE in bfloat16 (as real MoE checkpoints ship) with the stories260K tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen3MoeConfig
+
+    from quantcli.models import EMBEDDED_MODEL
+
+    shared = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if kind == "qwen3_moe":
+        config = Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=96, num_experts=EXPERTS, **shared)
+    else:
+        config = MixtralConfig(intermediate_size=96, num_local_experts=EXPERTS, **shared)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def tiny_moe(request, tmp_path_factory) -> tuple[str, str]:
+    return request.param, _build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_unfused_experts_compute_as_the_fused_module(tiny_moe):
+    from quantcli import moe
+
+    kind, folder = tiny_moe
+    model = quantcli.load(folder, device="cpu")[0]
+    ids = torch.tensor([[1, 403, 407, 261, 378, 432, 383, 286]])
+    fused = logits(model, ids)
+    assert moe.unfuse(model) == []
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and ".experts." in name]
+    expected = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}[kind]
+    assert names[:3] == [f"model.layers.0.mlp.experts.0.{part}" for part in expected] and len(names) == 2 * EXPERTS * 3
+    assert (logits(model, ids) - fused).abs().max() < 0.05  # separate gate and up matmuls, in bfloat16
+    moe.refuse(model)
+    assert torch.equal(logits(model, ids), fused)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_moe_int4_reloads_in_plain_transformers(tiny_moe, tmp_path, prompt_ids, method):
+    from transformers import AutoModelForCausalLM
+
+    kind, folder = tiny_moe
+    options = {"calibration": CalibrationConfig(samples=16, seq_len=64)} if method == "gptq" else {}
+    report = quantcli.quantize(QuantizeConfig(bits=4, method=method, model=folder, output=tmp_path / "q", eval=None, **options))
+    experts = [name for name in report.layers if ".experts." in name]
+    assert len(experts) == 2 * EXPERTS * 3 and all(report.layers[name].bits == 4 for name in experts)
+    assert report.skipped["model.layers.0.mlp.gate"].startswith("router: kept in 16 bits")
+    assert report.size["breakdown"]["bits_per_weight"] <= 6.0
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert any(target.startswith("re:") and "experts" in target for group in saved.values() for target in group["targets"])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ours = quantcli.load(tmp_path / "q", device="cpu")[0]
+    assert torch.equal(logits(plain, prompt_ids), logits(ours, prompt_ids))
+    original = logits(quantcli.load(folder, device="cpu")[0], prompt_ids)
+    assert 0 < (logits(ours, prompt_ids) - original).abs().max() < 1.0
+
+
+def test_gptq_reports_tokens_per_expert_and_rounds_under_calibrated_experts(tiny_moe, tmp_path):
+    kind, folder = tiny_moe
+    calibration = CalibrationConfig(samples=16, seq_len=64)
+    report = quantcli.quantize(QuantizeConfig(bits=4, method="gptq", model=folder, output=tmp_path / "q", eval=None, calibration=calibration))
+    routed = report.stats["tokens_per_expert"]
+    assert sorted(routed) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(len(counts) == EXPERTS and sum(counts) == 16 * 64 * 2 for counts in routed.values())  # top-2 routing
+    assert report.stats["calibration_groups"] == 2 * 4  # q/k/v, o, every expert's gate/up, every expert's down
+    assert min(min(counts) for counts in routed.values()) >= 96 and report.stats["experts_rounded_to_nearest"] == 0
+    few = quantcli.quantize(QuantizeConfig(bits=4, method="gptq", model=folder, output=tmp_path / "few", eval=None,
+                                           calibration=CalibrationConfig(samples=1, seq_len=16)))
+    experts = [name for name in few.layers if ".experts." in name]
+    assert few.stats["experts_rounded_to_nearest"] == len(experts)  # 32 routed tokens in all, < 64 inputs each
+    down = {"qwen3_moe": "down_proj", "mixtral": "w2"}[kind]
+    note = few.layers[f"model.layers.0.mlp.experts.0.{down}"].note
+    assert "calibration tokens were routed to this expert, fewer than its 96 inputs" in note
