@@ -13,11 +13,13 @@ from quantcli.allocate.report import allocation_map
 from quantcli.atomic import write_json
 from quantcli.checkpoint import FORMAT_VERSION, METADATA_FILE, REPORT_FILE
 from quantcli.config import QuantizeConfig
+from quantcli.coverage import weight_coverage
 from quantcli.gates import check_quantize, to_records
 from quantcli.gguf_input import describe
 from quantcli.layers import table_names
 from quantcli.methods.base import QuantizedModel
 from quantcli.models import bytes_on_disk, weight_files
+from quantcli.moe import checkpoint_renamer
 from quantcli.perplexity import EvalResult
 from quantcli.report import QuantizeReport, size_breakdown, size_summary
 
@@ -41,7 +43,9 @@ def write_reports(
 ) -> QuantizeReport:
     """Check the gates and write both files into ``staging`` (the weights are already there); returns the report."""
     quantized_bytes = bytes_on_disk(weight_files(str(staging)))
-    breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(result.quantized.model), result.original["parameters"])
+    model = result.quantized.model
+    renamer = checkpoint_renamer(model) if hasattr(model, "config") else str
+    breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(model), result.original["parameters"], renamer)
     report = QuantizeReport(
         schema_version=SCHEMA_VERSION,
         quantcli_version=__version__,
@@ -61,6 +65,7 @@ def write_reports(
         layers=result.quantized.layers,
         skipped=result.skipped,
         stats=result.quantized.stats,
+        weights=weight_coverage(model, result.quantized.layers, result.skipped, config.skip_modules, config.embeddings),
     )
     report.gates = to_records(check_quantize(config.gates, report.to_dict()))
     write_json(staging / METADATA_FILE, {
