@@ -47,7 +47,7 @@ def main() -> None:
     out = REPO / "benchmarks" / "results" / "smollm2-moe.json"
     rows = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
     for model in args.models:
-        original = evaluate(str(folders[model]), evaluation, device="cpu")["perplexity"]
+        original = evaluate(str(folders[model]), evaluation, device="cpu")
         for method in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
@@ -56,7 +56,7 @@ def main() -> None:
                     calibration=calibration,
                 ))
                 seconds = time.perf_counter() - start
-                after = evaluate(str(Path(tmp) / "q"), evaluation, device="cpu")["perplexity"]
+                after = evaluate(str(Path(tmp) / "q"), evaluation, device="cpu")
             row = {
                 "model": model, "method": method, "bits": 4, "perplexity_fp32": original["perplexity"],
                 "perplexity": after["perplexity"], "increase_pct": 100 * (after["perplexity"] / original["perplexity"] - 1),

@@ -84,7 +84,8 @@ class UnfusedExperts(torch.nn.Module):
         self.layouts = [layouts[name] for name, _ in fused.named_parameters(recurse=False)]
         stacks = {layout.parameter: getattr(fused, layout.parameter).data for layout in self.layouts}
         for layout in self.layouts:  # the fused tensors are rebuilt by refuse(): do not hold them twice
-            getattr(fused, layout.parameter).data = torch.empty(0, dtype=stacks[layout.parameter].dtype)
+            stacked = stacks[layout.parameter]
+            getattr(fused, layout.parameter).data = torch.empty(0, dtype=stacked.dtype, device=stacked.device)
         for index in range(self.num_experts):
             expert = Expert()
             for layout in self.layouts:

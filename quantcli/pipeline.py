@@ -20,7 +20,7 @@ from quantcli.integrity import check_streamed, file_shapes
 from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
-from quantcli.moe import refuse, unfuse
+from quantcli.moe import fused_experts, refuse, unfuse
 from quantcli.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
 from quantcli.perplexity import check_context
 from quantcli.progress import NullProgress, Progress
@@ -233,6 +233,10 @@ def _stream(run: _Run, staging: Path) -> PathResult:
     tokenizer = load_tokenizer(run.source, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, run.device)
     model = skeleton(run.source, dtype, config.trust_remote_code)
+    if _splits_experts(run):
+        unfuse(model)
+    elif fused_experts(model):
+        raise UnavailableError(f"{option('low_memory', True)} streams the experts of a mixture-of-experts model with {option('method')} rtn or gptq, not {run.method_name}.")
     check_vocab(model, tokenizer, config.model)
     if run.method.needs_calibration:
         check_context(model, config.calibration.seq_len, "calibration.seq_len")
@@ -249,7 +253,8 @@ def _stream(run: _Run, staging: Path) -> PathResult:
         "calibration": vars(config.calibration) if calibration is not None else None,
     }
     blocks = ShardBlocks(model, selection.names + selection.tables, run.source, staging, settings, get_format(run.method.output_format), kept_dtype)
-    check_streamed(model, file_shapes(blocks.where), config.model)
+    names = {disk: name for name, disk in blocks.disk.items()}  # file names -> the model's
+    check_streamed(model, {names.get(key, key): shape for key, shape in file_shapes(blocks.where).items()}, config.model)
     try:
         with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
             request = QuantizeRequest(

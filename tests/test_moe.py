@@ -89,3 +89,40 @@ def test_gptq_reports_tokens_per_expert_and_rounds_under_calibrated_experts(tiny
     down = {"qwen3_moe": "down_proj", "mixtral": "w2"}[kind]
     note = few.layers[f"model.layers.0.mlp.experts.0.{down}"].note
     assert "calibration tokens were routed to this expert, fewer than its 96 inputs" in note
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streaming_writes_what_the_in_memory_run_writes(tiny_moe, tmp_path, method):
+    from safetensors import safe_open
+
+    kind, folder = tiny_moe
+    options = {"calibration": CalibrationConfig(samples=16, seq_len=64)} if method == "gptq" else {}
+    for name, low_memory in (("memory", False), ("streamed", True)):
+        quantcli.quantize(QuantizeConfig(bits=4, method=method, model=folder, output=tmp_path / name, eval=None, low_memory=low_memory, **options))
+    tensors = {}
+    for name in ("memory", "streamed"):
+        tensors[name] = {}
+        for file in sorted((tmp_path / name).glob("*.safetensors")):
+            with safe_open(file, framework="pt") as handle:
+                tensors[name].update({key: handle.get_tensor(key) for key in handle.keys()})
+    assert sorted(tensors["memory"]) == sorted(tensors["streamed"])
+    assert any(".experts.7." in key for key in tensors["memory"])
+    assert all(torch.equal(tensors["memory"][key], tensors["streamed"][key]) for key in tensors["memory"])
+    assert quantcli.inspect(tmp_path / "streamed")["layers"].keys() == quantcli.inspect(tmp_path / "memory")["layers"].keys()
+
+
+def test_streamed_gptq_resumes_an_interrupted_moe_run(tiny_moe, tmp_path):
+    from quantcli.errors import ResumableInterrupt
+    from test_streaming import StopAfter
+
+    kind, folder = tiny_moe
+    recipe = dict(bits=4, method="gptq", model=folder, eval=None, low_memory=True, calibration=CalibrationConfig(samples=16, seq_len=64))
+    whole = quantcli.quantize(QuantizeConfig(output=tmp_path / "whole", **recipe))
+    per_block = 4 + 3 * EXPERTS  # q, k, v, o and every expert's three projections
+    with pytest.raises(ResumableInterrupt, match="interrupted after 1 of 5 layer groups"):
+        quantcli.quantize(QuantizeConfig(output=tmp_path / "resumed", **recipe), StopAfter(per_block + 1))
+    resumed = quantcli.quantize(QuantizeConfig(output=tmp_path / "resumed", resume=True, **recipe))
+    assert resumed.stats["resumed_shards"] == 1 and list(resumed.stats["tokens_per_expert"]) == ["model.layers.1.mlp.experts"]
+    assert resumed.stats["tokens_per_expert"]["model.layers.1.mlp.experts"] == whole.stats["tokens_per_expert"]["model.layers.1.mlp.experts"]
+    for shard in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "resumed" / shard.name).read_bytes()
