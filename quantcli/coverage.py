@@ -30,13 +30,20 @@ def _asked(name: str, reason: str, skip_globs: tuple[str, ...], embeddings: Any)
     return any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs) or (embeddings == "keep" and "--embeddings keep" in reason)
 
 
-def weight_coverage(model: Any, layers: dict[str, Any], skipped: dict[str, str], skip_globs: tuple[str, ...] = (), embeddings: Any = 8) -> dict[str, Any]:
-    """The share of matmul weight parameters quantized, what stays full precision and why, and a
-    warning when the part nobody asked to keep exceeds :data:`WARN_SHARE`."""
+def weight_coverage(
+    model: Any, layers: dict[str, Any], skipped: dict[str, str], skip_globs: tuple[str, ...] = (), embeddings: Any = 8, bits: int = 4,
+    packed: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The share of matmul weight parameters quantized (``packed``: modules a format stores in blocks
+    beside the layer map), what stays full precision and why, and (below
+    16 bits: a cast asks for full precision) a warning when the part nobody asked to keep exceeds :data:`WARN_SHARE`."""
     import math
 
     quantized = 0
-    stored: set[str] = set()
+    stored: set[str] = set(packed)  # modules a format stores in blocks outside the layer map (GGUF's token embedding)
+    quantized_modules = dict(model.named_modules())
+    for name in packed:
+        quantized += sum(p.numel() for p in quantized_modules[name].parameters(recurse=False) if p.dim() >= 2)
     kept: dict[str, int] = {}
     unasked = 0
     for name, layer in layers.items():
@@ -55,7 +62,7 @@ def weight_coverage(model: Any, layers: dict[str, Any], skipped: dict[str, str],
     total = quantized + sum(kept.values())
     share = unasked / total if total else 0.0
     warning = None
-    if share > WARN_SHARE:
+    if share > WARN_SHARE and bits < 16:
         top = max(kept, key=kept.get)
         warning = f"{share:.0%} of the matmul weights stay in full precision without being asked; the largest part: {top}"
     return {

@@ -44,6 +44,8 @@ def write_reports(
     """Check the gates and write both files into ``staging`` (the weights are already there); returns the report."""
     quantized_bytes = bytes_on_disk(weight_files(str(staging)))
     model = result.quantized.model
+    packed = tuple(name for name, record in result.quantized.records.items()
+                   if name not in result.quantized.layers and getattr(record, "raw_type", None) is not None)
     renamer = checkpoint_renamer(model) if hasattr(model, "config") else str
     breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(model), result.original["parameters"], renamer)
     report = QuantizeReport(
@@ -65,7 +67,7 @@ def write_reports(
         layers=result.quantized.layers,
         skipped=result.skipped,
         stats=result.quantized.stats,
-        weights=weight_coverage(model, result.quantized.layers, result.skipped, config.skip_modules, config.embeddings),
+        weights=weight_coverage(model, result.quantized.layers, result.skipped, config.skip_modules, config.embeddings, config.bits, packed),
     )
     report.gates = to_records(check_quantize(config.gates, report.to_dict()))
     write_json(staging / METADATA_FILE, {

@@ -46,5 +46,11 @@ def test_console_warns_in_one_line(tiny_gpt2, tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith("warning ")]
     assert lines == ["warning 78% of the matmul weights stay in full precision without being asked; the largest part:"
-                     " stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"]
+                     " stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D so that transformers"
+                     " reloads it; --format gguf stores GPT-2 packed (llama.cpp reads it)"]
     assert "weights quantized: 22.1% of 148,480 matmul parameters" in result.stdout
+
+
+def test_a_16_bit_cast_keeps_everything_without_a_warning(tiny_qwen3_moe, tmp_path):
+    report = quantcli.quantize(QuantizeConfig(bits=16, method="cast", model=tiny_qwen3_moe, output=tmp_path / "q", eval=None))
+    assert report.weights["quantized_share"] == 0 and report.weights["warning"] is None

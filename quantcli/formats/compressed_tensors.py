@@ -6,7 +6,18 @@ words). Symmetric checkpoints reload with plain ``AutoModelForCausalLM.from_pret
 Asymmetric 3/4-bit ones are valid but transformers 5.23 + compressed-tensors 0.20 cannot build
 them (packed zero point vs unpacked skeleton; llm-compressor#1618), so :func:`load_compressed`
 decompresses with the library's own compressors instead, which reads every variant.
-GPT-2's ``Conv1D`` cannot be packed by compressed-tensors: such layers are written dense.
+GPT-2's ``Conv1D`` cannot be packed so that plain transformers 5.25 reloads it: such layers are
+written dense, with a note and the report's warning (``--format gguf`` packs GPT-2). compressed-tensors
+could store a ``[in, out]`` weight in ``block`` strategy ``[group, 1]`` (groups along inputs, as here),
+but transformers' default route gives quantization slots to ``Linear``/``Embedding`` only, and its
+``dequantize: true`` route decompresses every non-expert layer with the first config group's scheme
+(``get_dense_scheme``), so the int8 embedding beside int4 Conv1D layers would be decompressed wrongly.
+
+Mixture-of-experts models are written one Linear per expert (:mod:`quantcli.moe`): the per-expert
+names transformers merges into its fused parameters at load and vLLM's MoE loader reads. The experts
+are one config group with a ``re:`` target naming ``experts`` (transformers picks the experts' scheme by
+that, one scheme for all experts: :func:`quantcli.intweights.plan_layouts` gives them one grid) and keep
+their scales in the model's dtype (transformers leaves experts it dequantizes in the scales' dtype).
 
 The input embedding (an ``Embedding``, targeted by name) and an untied head are quantized like any
 layer; a tied head is the embedding's tensor, stored once (the head's own entry is dropped and
@@ -31,7 +42,10 @@ from quantcli.intweights import IntLayout, IntWeights
 from quantcli.methods.base import LayerRecord, QuantizedModel, shard_kwargs
 from quantcli.layers import is_conv1d
 
-CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
+CONV1D_NOTE = (
+    "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D so that transformers reloads it;"
+    " --format gguf stores GPT-2 packed (llama.cpp reads it)"
+)
 
 
 def _quiet_library_logs() -> None:
