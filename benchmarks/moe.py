@@ -51,29 +51,54 @@ def main() -> None:
         for method in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                report = quantcli.quantize(QuantizeConfig(
-                    bits=4, method=method, model=str(folders[model]), output=Path(tmp) / "q", eval=None, device="cpu",
-                    calibration=calibration,
-                ))
+                report = quantcli.quantize(
+                    QuantizeConfig(
+                        bits=4,
+                        method=method,
+                        model=str(folders[model]),
+                        output=Path(tmp) / "q",
+                        eval=None,
+                        device="cpu",
+                        calibration=calibration,
+                    )
+                )
                 seconds = time.perf_counter() - start
                 after = evaluate(str(Path(tmp) / "q"), evaluation, device="cpu")
             row = {
-                "model": model, "method": method, "bits": 4, "perplexity_fp32": original["perplexity"],
-                "perplexity": after["perplexity"], "increase_pct": 100 * (after["perplexity"] / original["perplexity"] - 1),
-                "bits_per_weight": report.size["breakdown"]["bits_per_weight"], "quantize_s": round(seconds, 1),
+                "model": model,
+                "method": method,
+                "bits": 4,
+                "perplexity_fp32": original["perplexity"],
+                "perplexity": after["perplexity"],
+                "increase_pct": 100 * (after["perplexity"] / original["perplexity"] - 1),
+                "bits_per_weight": report.size["breakdown"]["bits_per_weight"],
+                "quantize_s": round(seconds, 1),
                 "quantized_share": report.weights["quantized_share"],
                 "tokens_per_expert": report.stats.get("tokens_per_expert"),
                 "experts_rounded_to_nearest": report.stats.get("experts_rounded_to_nearest"),
             }
             rows = [r for r in rows if (r["model"], r["method"]) != (model, method)] + [row]
             print(json.dumps({key: value for key, value in row.items() if key != "tokens_per_expert"}), flush=True)
-            out.write_text(json.dumps({
-                "settings": {"eval": {"dataset": "wiki.valid.eval.txt", "seq_len": 512, "tokens": original["tokens_scored"]},
-                             "calibration": {"dataset": "wiki.valid.calib.txt", "samples": args.samples, "seq_len": 256},
-                             "grid": "int4 symmetric, groups of 32, bfloat16 scales (expert scales fp32), int8 embedding",
-                             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32", "caveat": SMOLLM2_CAVEAT},
-                "rows": rows,
-            }, indent=2) + "\n")
+            out.write_text(
+                json.dumps(
+                    {
+                        "settings": {
+                            "eval": {
+                                "dataset": "wiki.valid.eval.txt",
+                                "seq_len": 512,
+                                "tokens": original["tokens_scored"],
+                            },
+                            "calibration": {"dataset": "wiki.valid.calib.txt", "samples": args.samples, "seq_len": 256},
+                            "grid": "int4 symmetric, groups of 32, bf16 scales (experts: fp32), int8 embedding",
+                            "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32",
+                            "caveat": SMOLLM2_CAVEAT,
+                        },
+                        "rows": rows,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
 
 
 if __name__ == "__main__":

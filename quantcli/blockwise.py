@@ -101,7 +101,9 @@ def _groups_in_run_order(block: torch.nn.Module, layers: dict[str, Any], inputs:
     return groups
 
 
-def _hessians(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs, tokens: dict[str, int]) -> dict[str, torch.Tensor]:
+def _hessians(
+    block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs, tokens: dict[str, int]
+) -> dict[str, torch.Tensor]:
     """``2/n·XᵀX`` (float32, running mean) of each layer's inputs over all calibration tokens; how many
     tokens each layer saw goes into ``tokens`` (an expert sees only the tokens routed to it).
 
@@ -181,7 +183,8 @@ class ModelBlocks:
 
 
 def quantize_blockwise(
-    blocks: Any, names: tuple[str, ...], calibration: "torch.Tensor | None", quantize_layer: Callable[[str, "torch.Tensor | None"], Any],
+    blocks: Any, names: tuple[str, ...], calibration: "torch.Tensor | None",
+    quantize_layer: Callable[[str, "torch.Tensor | None"], Any],
     tokens: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Call ``quantize_layer(name, hessian)`` for every layer in ``names``, block by block in run
@@ -220,7 +223,8 @@ def quantize_blockwise(
             records = {}
             if calibration is None:
                 records = {name: quantize_layer(name, None) for name in inside}
-            for group in merge_expert_groups(_groups_in_run_order(block, inside, inputs)) if inside and calibration is not None else []:
+            groups_here = _groups_in_run_order(block, inside, inputs) if inside and calibration is not None else []
+            for group in merge_expert_groups(groups_here):
                 for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs, tokens).items():
                     records[name] = quantize_layer(name, hessian)
                 groups += 1

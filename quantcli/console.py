@@ -126,14 +126,16 @@ def render_weights(weights: dict[str, Any] | None, stats: dict[str, Any]) -> Non
     """The share of matmul weights quantized, the warning when too much stays full precision unasked,
     and the calibration tokens each expert got (mixture-of-experts models)."""
     if weights:
-        stdout.print(f"weights quantized: {weights['quantized_share']:.1%} of {weights['matmul_parameters']:,} matmul parameters")
+        share, total = weights["quantized_share"], weights["matmul_parameters"]
+        stdout.print(f"weights quantized: {share:.1%} of {total:,} matmul parameters")
         if weights.get("warning"):
             stdout.print(f"[yellow]warning[/] {escape(weights['warning'])}")
     routed = [count for counts in (stats.get("tokens_per_expert") or {}).values() for count in counts]
     if routed:
         middle = sorted(routed)[len(routed) // 2]
         stdout.print(
-            f"calibration tokens per expert: min {min(routed)}, median {middle}, max {max(routed)} over {len(routed)} experts;"
+            f"calibration tokens per expert: min {min(routed)}, median {middle}, max {max(routed)}"
+            f" over {len(routed)} experts;"
             f" {stats.get('experts_rounded_to_nearest', 0)} expert layers rounded to nearest (too few tokens)"
         )
 

@@ -27,11 +27,18 @@ def _owner(model: Any) -> dict[int, tuple[str, Any]]:
 
 
 def _asked(name: str, reason: str, skip_globs: tuple[str, ...], embeddings: Any) -> bool:
-    return any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs) or (embeddings == "keep" and "--embeddings keep" in reason)
+    return any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs) or (
+        embeddings == "keep" and "--embeddings keep" in reason
+    )
 
 
 def weight_coverage(
-    model: Any, layers: dict[str, Any], skipped: dict[str, str], skip_globs: tuple[str, ...] = (), embeddings: Any = 8, bits: int = 4,
+    model: Any,
+    layers: dict[str, Any],
+    skipped: dict[str, str],
+    skip_globs: tuple[str, ...] = (),
+    embeddings: Any = 8,
+    bits: int = 4,
     packed: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The share of matmul weight parameters quantized (``packed``: modules a format stores in blocks
@@ -52,10 +59,14 @@ def weight_coverage(
             quantized += math.prod(layer.shape)
             stored.add(name)
     for owner, parameter in _owner(model).values():
-        if owner in stored or any(name.startswith(owner + ".") for name in stored):  # fused experts: their per-expert layers
+        if owner in stored or any(
+            name.startswith(owner + ".") for name in stored
+        ):  # fused experts: their per-expert layers
             continue
         note = (layers[owner].note or "") if owner in layers else ""
-        reason = skipped.get(owner) or (note if DENSE_NOTE in note else "not a layer any method quantizes (e.g. position embeddings)")
+        reason = skipped.get(owner) or (
+            note if DENSE_NOTE in note else "not a layer any method quantizes (e.g. position embeddings)"
+        )
         kept[reason] = kept.get(reason, 0) + parameter.numel()
         if not _asked(owner, reason, skip_globs, embeddings):
             unasked += parameter.numel()
@@ -64,7 +75,9 @@ def weight_coverage(
     warning = None
     if share > WARN_SHARE and bits < 16:
         top = max(kept, key=kept.get)
-        warning = f"{share:.0%} of the matmul weights stay in full precision without being asked; the largest part: {top}"
+        warning = (
+            f"{share:.0%} of the matmul weights stay in full precision without being asked; the largest part: {top}"
+        )
     return {
         "matmul_parameters": total,
         "quantized_parameters": quantized,

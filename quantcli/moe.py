@@ -42,7 +42,11 @@ class ExpertLayout:
 def _is_plain_merge(converter: Any) -> bool:
     kinds = [type(op).__name__ for op in converter.operations]
     concat = [op for op in converter.operations if type(op).__name__ == "Concatenate"]
-    return kinds[:1] == ["MergeModulelist"] and set(kinds) <= {"MergeModulelist", "Concatenate"} and all(op.dim == 1 for op in concat)
+    return (
+        kinds[:1] == ["MergeModulelist"]
+        and set(kinds) <= {"MergeModulelist", "Concatenate"}
+        and all(op.dim == 1 for op in concat)
+    )
 
 
 def expert_layouts(model: Any) -> dict[str, ExpertLayout]:
@@ -64,7 +68,8 @@ def expert_layouts(model: Any) -> dict[str, ExpertLayout]:
 def fused_experts(model: Any) -> dict[str, Any]:
     """Every module holding experts as 3-D parameters (name -> module)."""
     return {
-        name: module for name, module in model.named_modules()
+        name: module
+        for name, module in model.named_modules()
         if any(p.dim() == 3 for p in module.parameters(recurse=False)) and hasattr(module, "num_experts")
     }
 
@@ -102,7 +107,9 @@ class UnfusedExperts(torch.nn.Module):
         first, last = self.layouts[0], self.layouts[-1]
         return [getattr(expert, name) for name in first.names], getattr(expert, last.names[0])
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -159,8 +166,11 @@ def routers(model: Any) -> dict[str, Any]:
     """Modules beside an experts module that hold a 2-D ``[num_experts, hidden]`` weight (the routers)."""
     found = {}
     fused = fused_experts(model)
-    experts = [(name.rpartition(".")[0], module.num_experts) for name, module in model.named_modules()
-               if isinstance(module, UnfusedExperts) or name in fused]
+    experts = [
+        (name.rpartition(".")[0], module.num_experts)
+        for name, module in model.named_modules()
+        if isinstance(module, UnfusedExperts) or name in fused
+    ]
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         parent = name.rpartition(".")[0]
@@ -229,7 +239,11 @@ def merge_expert_groups(groups: list[list[str]]) -> list[list[str]]:
     where: dict[tuple, list[str]] = {}
     for group in groups:
         matches = [EXPERT_LAYER.search(name) for name in group]
-        keys = {(name[: match.start()], tuple(sorted(m.group(2) for m in matches))) for name, match in zip(group, matches) if match}
+        keys = {
+            (name[: match.start()], tuple(sorted(m.group(2) for m in matches)))
+            for name, match in zip(group, matches)
+            if match
+        }
         if len(keys) != 1 or not all(matches):
             merged.append(group)
             continue
@@ -249,10 +263,16 @@ def tokens_per_expert(tokens: dict[str, int], names: Any) -> dict[str, Any]:
     for name in names:
         match = EXPERT_LAYER.search(name)
         if match:
-            routed.setdefault(name[: match.start()] + ".experts", {}).setdefault(int(match.group(1)), tokens.get(name, 0))
+            routed.setdefault(name[: match.start()] + ".experts", {}).setdefault(
+                int(match.group(1)), tokens.get(name, 0)
+            )
     if not routed:
         return {}
-    return {"tokens_per_expert": {module: [counts.get(i, 0) for i in range(max(counts) + 1)] for module, counts in routed.items()}}
+    return {
+        "tokens_per_expert": {
+            module: [counts.get(i, 0) for i in range(max(counts) + 1)] for module, counts in routed.items()
+        }
+    }
 
 
 def calibration_rule(name: str, tokens: dict[str, int], in_features: int) -> str | None:
@@ -262,5 +282,7 @@ def calibration_rule(name: str, tokens: dict[str, int], in_features: int) -> str
     routed = tokens.get(name, 0)  # no routed token: the expert never ran in a calibration pass
     if not is_expert_layer(name) or routed >= in_features:
         return None
-    return (f"round-to-nearest: {routed} calibration tokens were routed to this expert, fewer than its {in_features}"
-            " inputs (a rank-deficient Hessian); more calibration samples give it GPTQ")
+    return (
+        f"round-to-nearest: {routed} calibration tokens were routed to this expert, fewer than its {in_features}"
+        " inputs (a rank-deficient Hessian); more calibration samples give it GPTQ"
+    )

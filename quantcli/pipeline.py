@@ -236,7 +236,10 @@ def _stream(run: _Run, staging: Path) -> PathResult:
     if _splits_experts(run):
         unfuse(model)
     elif fused_experts(model):
-        raise UnavailableError(f"{option('low_memory', True)} streams the experts of a mixture-of-experts model with {option('method')} rtn or gptq, not {run.method_name}.")
+        raise UnavailableError(
+            f"{option('low_memory', True)} streams the experts of a mixture-of-experts model with {option('method')}"
+            f" rtn or gptq, not {run.method_name}."
+        )
     check_vocab(model, tokenizer, config.model)
     if run.method.needs_calibration:
         check_context(model, config.calibration.seq_len, "calibration.seq_len")
@@ -254,7 +257,8 @@ def _stream(run: _Run, staging: Path) -> PathResult:
     }
     blocks = ShardBlocks(model, selection.names + selection.tables, run.source, staging, settings, get_format(run.method.output_format), kept_dtype)
     names = {disk: name for name, disk in blocks.disk.items()}  # file names -> the model's
-    check_streamed(model, {names.get(key, key): shape for key, shape in file_shapes(blocks.where).items()}, config.model)
+    shapes = {names.get(key, key): shape for key, shape in file_shapes(blocks.where).items()}
+    check_streamed(model, shapes, config.model)
     try:
         with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
             request = QuantizeRequest(

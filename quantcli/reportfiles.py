@@ -47,7 +47,8 @@ def write_reports(
     packed = tuple(name for name, record in result.quantized.records.items()
                    if name not in result.quantized.layers and getattr(record, "raw_type", None) is not None)
     renamer = checkpoint_renamer(model) if hasattr(model, "config") else str
-    breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(model), result.original["parameters"], renamer)
+    files, parameters = weight_files(str(staging)), result.original["parameters"]
+    breakdown = size_breakdown(files, result.quantized.layers, *table_names(model), parameters, renamer)
     report = QuantizeReport(
         schema_version=SCHEMA_VERSION,
         quantcli_version=__version__,
@@ -67,7 +68,9 @@ def write_reports(
         layers=result.quantized.layers,
         skipped=result.skipped,
         stats=result.quantized.stats,
-        weights=weight_coverage(model, result.quantized.layers, result.skipped, config.skip_modules, config.embeddings, config.bits, packed),
+        weights=weight_coverage(
+            model, result.quantized.layers, result.skipped, config.skip_modules, config.embeddings, config.bits, packed
+        ),
     )
     report.gates = to_records(check_quantize(config.gates, report.to_dict()))
     write_json(staging / METADATA_FILE, {

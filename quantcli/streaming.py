@@ -98,7 +98,7 @@ class ShardBlocks:
         from quantcli.moe import checkpoint_renamer
 
         self.prefix, self.blocks = decoder_blocks(model, names)
-        rename = checkpoint_renamer(model)  # the file's names as the model calls them (Mixtral: block_sparse_moe -> mlp)
+        rename = checkpoint_renamer(model)  # the file's names as the model's (Mixtral: block_sparse_moe -> mlp)
         files = source_tensors(source)
         self.disk = {rename(key): key for key in files}
         self.where = {rename(key): file for key, file in files.items()}

@@ -50,5 +50,7 @@ def test_gpt2_124m_shape_at_8_bits_is_over_3_5x_smaller_as_gguf(tmp_path):
     source = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config()).save_pretrained(source)  # fp32, 124M parameters, vocab 50257
     AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(source)
-    report = quantcli.quantize(QuantizeConfig(bits=8, method="rtn", model=str(source), output=tmp_path / "q", eval=None, format="gguf", gguf_type="Q8_0"))
+    output = tmp_path / "q"
+    config = QuantizeConfig(bits=8, method="rtn", model=str(source), output=output, eval=None, format="gguf", gguf_type="Q8_0")
+    report = quantcli.quantize(config)
     assert report.size["disk_ratio"] >= 3.5 and report.weights["warning"] is None

@@ -9,7 +9,6 @@ import importlib.util
 
 import pytest
 import torch
-
 from test_smollm2 import FOLDER, REPO, WIKITEXT, needs_folder
 
 TOKENS = 1024  # two windows of 512: the whole model twice through the MoE costs ~1 min on 2 cores

@@ -23,11 +23,31 @@ def mixtral_config(dense: dict, experts: int, top_k: int) -> dict:
     """A MixtralConfig's arguments from a Llama config (no attention/MLP biases: Mixtral has none)."""
     if dense.get("attention_bias") or dense.get("mlp_bias"):
         raise SystemExit("the dense model has attention or MLP biases, which Mixtral's layers do not hold.")
-    kept = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings",
-            "bos_token_id", "eos_token_id", "pad_token_id")
-    return {**{key: dense[key] for key in kept if key in dense}, "num_local_experts": experts, "num_experts_per_tok": top_k,
-            "sliding_window": None, "router_jitter_noise": 0.0, "dtype": dense.get("dtype", "float32")}
+    kept = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    return {
+        **{key: dense[key] for key in kept if key in dense},
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "sliding_window": None,
+        "router_jitter_noise": 0.0,
+        "dtype": dense.get("dtype", "float32"),
+    }
 
 
 def upcycle(dense_model, experts: int = 4, top_k: int = 2, seed: int = 0):
@@ -58,7 +78,9 @@ def upcycle(dense_model, experts: int = 4, top_k: int = 2, seed: int = 0):
         if buffer.device.type == "meta" and name in buffers:
             parent, _, leaf = name.rpartition(".")
             model.get_submodule(parent).register_buffer(leaf, buffers[name].clone(), persistent=False)
-    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.device.type == "meta"]
+    missing = [
+        name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.device.type == "meta"
+    ]
     if missing:
         raise SystemExit(f"upcycling left tensors unset: {missing[:3]}")
     return model.eval()
@@ -82,8 +104,13 @@ def main() -> None:
     for name in COPIED:
         if (args.source / name).is_file():
             shutil.copy(args.source / name, staging / name)
-    provenance = {"upcycled_from": str(args.source), "experts": args.experts, "top_k": args.top_k, "router_seed": args.seed,
-                  "router": "normal(0, 1/sqrt(hidden)); every expert a copy of the dense MLP"}
+    provenance = {
+        "upcycled_from": str(args.source),
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "router_seed": args.seed,
+        "router": "normal(0, 1/sqrt(hidden)); every expert a copy of the dense MLP",
+    }
     (staging / "upcycle.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(args.output, ignore_errors=True)
     staging.rename(args.output)

@@ -68,7 +68,8 @@ def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
     for name, layout in layouts.items():  # experts in groups of their own (see quantcli.moe.expert_target)
         groups.setdefault((layout.bits, layout.group_size, layout.symmetric, is_expert_layer(name)), []).append(name)
     schemes = {}
-    for index, ((bits, group_size, symmetric, experts), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
+    ordered = sorted(groups.items(), key=lambda item: str(item[0]))
+    for index, ((bits, group_size, symmetric, experts), names) in enumerate(ordered):
         args = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
             strategy="group" if group_size else "channel", group_size=group_size,
@@ -280,7 +281,8 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     tied_head = head if config.tie_word_embeddings else None
     unfuse(model)
     quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
-    state = _dense_state_dict(folder, quantization, dtype, dict(model.named_modules()), tied_head, checkpoint_renamer(model))
+    modules = dict(model.named_modules())
+    state = _dense_state_dict(folder, quantization, dtype, modules, tied_head, checkpoint_renamer(model))
     missing, unexpected = model.load_state_dict(state, strict=False)
     refuse(model)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}

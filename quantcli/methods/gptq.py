@@ -88,7 +88,8 @@ class GPTQQuantizer(Quantizer):
                 return layer
             under = calibration_rule(name, tokens, matrix.shape[1])
             if hessian is None or under:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
-                notes[name].append(under or "round-to-nearest: no calibration pass through the decoder blocks reaches it")
+                unreached = "round-to-nearest: no calibration pass through the decoder blocks reaches it"
+                notes[name].append(under or unreached)
                 hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
             layer, extra = gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
             notes[name].extend(extra)
