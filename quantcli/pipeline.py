@@ -20,7 +20,7 @@ from quantcli.integrity import check_streamed, file_shapes
 from quantcli.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
 from quantcli.methods import default_method, get_method
 from quantcli.methods.base import QuantizeRequest
-from quantcli.moe import fused_experts, refuse, unfuse
+from quantcli.moe import fused_experts, is_expert_layer, refuse, unfuse
 from quantcli.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
 from quantcli.perplexity import check_context
 from quantcli.progress import NullProgress, Progress
@@ -170,6 +170,11 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
     if _splits_experts(run):
         unfuse(model)
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
+    if config.allocation is not None and any(is_expert_layer(name) for name in selection.names):
+        raise InputError(
+            f"{option('allocation')} cannot mix widths across the experts of a mixture-of-experts model: transformers"
+            f" 5.25 decompresses every expert with one scheme at load. Drop {option('allocation')} and pass {option('bits')}."
+        )
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
         check_layers_quantizable(model, selection.names + selection.tables, config.model)
     kept_dtype = _kept_dtype(run, model)

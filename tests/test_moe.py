@@ -172,3 +172,17 @@ def test_streamed_gptq_resumes_an_interrupted_moe_run(tiny_moe, tmp_path):
     )
     for shard in sorted((tmp_path / "whole").glob("*.safetensors")):
         assert shard.read_bytes() == (tmp_path / "resumed" / shard.name).read_bytes()
+
+
+def test_per_layer_precision_is_refused_for_experts(tiny_moe, tmp_path):
+    from typer.testing import CliRunner
+
+    from quantcli.cli import app
+
+    kind, folder = tiny_moe
+    result = CliRunner().invoke(app, ["quantize", folder, "--target-bpw", "6", "-o", str(tmp_path / "q"), "--no-eval"])
+    assert result.exit_code == 2 and not (tmp_path / "q").exists()
+    assert result.stderr.strip() == (
+        "error: --target-* cannot mix widths across the experts of a mixture-of-experts model: transformers 5.25"
+        " decompresses every expert with one scheme at load. Drop --target-* and pass --bits."
+    )
