@@ -17,7 +17,7 @@ def tiny_qwen3_moe(tmp_path_factory) -> str:
 
 def test_moe_rtn_quantizes_every_expert_and_keeps_only_routers(tiny_qwen3_moe, tmp_path):
     report = quantcli.quantize(
-        QuantizeConfig(bits=4, method="rtn", model=tiny_qwen3_moe, output=tmp_path / "q", eval=None)
+        QuantizeConfig(bits=4, method="rtn", model=tiny_qwen3_moe, output=tmp_path / "q", eval=None, embeddings=8)
     )
     weights = report.weights
     assert weights["warning"] is None and weights["quantized_share"] > 0.99
@@ -55,7 +55,20 @@ def test_what_the_user_asked_to_keep_does_not_warn(stories_path, tmp_path):
 def test_console_warns_in_one_line(tiny_gpt2, tmp_path):
     """GPT-2's Conv1D layers are stored dense by compressed-tensors output: most weights stay 32-bit."""
     result = CliRunner().invoke(
-        app, ["quantize", tiny_gpt2, "--bits", "4", "--method", "rtn", "-o", str(tmp_path / "q"), "--no-eval"]
+        app,
+        [
+            "quantize",
+            tiny_gpt2,
+            "--bits",
+            "4",
+            "--method",
+            "rtn",
+            "--embeddings",
+            "8",
+            "-o",
+            str(tmp_path / "q"),
+            "--no-eval",
+        ],
     )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith("warning ")]

@@ -72,7 +72,7 @@ def test_moe_int4_reloads_in_plain_transformers(tiny_moe, tmp_path, prompt_ids, 
     kind, folder = tiny_moe
     options = {"calibration": CalibrationConfig(samples=16, seq_len=64)} if method == "gptq" else {}
     report = quantcli.quantize(
-        QuantizeConfig(bits=4, method=method, model=folder, output=tmp_path / "q", eval=None, **options)
+        QuantizeConfig(bits=4, method=method, model=folder, output=tmp_path / "q", eval=None, embeddings=8, **options)
     )
     experts = [name for name in report.layers if ".experts." in name]
     assert len(experts) == 2 * EXPERTS * 3 and all(report.layers[name].bits == 4 for name in experts)
