@@ -8,6 +8,7 @@ beside it holds the whole quantize report.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,9 @@ def _layer_shape(module: Any) -> tuple[int, int] | None:
     return None
 
 
-def _scheme_bits(folder: Path) -> dict[str, int]:
-    """``layer -> num_bits`` of every layer a compressed-tensors config targets by name."""
+def _scheme_bits(folder: Path, names: Any = ()) -> dict[str, int]:
+    """``layer -> num_bits`` of every layer a compressed-tensors config targets by name; a ``re:``
+    target (the experts') stands for the ``names`` it matches, or for itself when it matches none."""
     try:
         quantization = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):
@@ -96,13 +98,15 @@ def _scheme_bits(folder: Path) -> dict[str, int]:
     for group in (quantization.get("config_groups") or {}).values():
         if isinstance(group, dict) and isinstance(group.get("weights"), dict):
             for target in group.get("targets") or ():
-                bits[target] = group["weights"].get("num_bits")
+                matched = [n for n in names if re.match(target[3:], n)] if str(target).startswith("re:") else []
+                bits.update(dict.fromkeys(matched or [target], group["weights"].get("num_bits")))
     return bits
 
 
 def check_claims(folder: Path, metadata: dict[str, Any], model: Any) -> None:
     """quantcli.json's method, bits and per-layer map must agree with the config and the weights."""
     from quantcli.methods import available_methods
+    from quantcli.quant.moe import expert_shapes
 
     path = Path(folder) / METADATA_FILE
     methods = {cls.name for cls in available_methods()}
@@ -116,11 +120,12 @@ def check_claims(folder: Path, metadata: dict[str, Any], model: Any) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or (layers and bits not in layer_bits):
         raise CheckpointError(f"{path} claims {str(bits)[:20]}-bit but its layers are {sorted(map(str, layer_bits))}-bit. The file is corrupt; re-run quantcli quantize.")
     modules = dict(model.named_modules())
-    stored = _scheme_bits(Path(folder)) if metadata.get("format") == "compressed-tensors" else {}
+    experts = expert_shapes(model)  # each expert of a fused experts module is a layer of its own
+    stored = _scheme_bits(Path(folder), layers) if metadata.get("format") == "compressed-tensors" else {}
     for name, layer in layers.items():
-        if name not in modules:
+        if name not in modules and name not in experts:
             raise CheckpointError(f"{path} lists layer {name[:80]}, which the model does not have. quantcli.json and the weights disagree; re-run quantcli quantize.")
-        shape, claimed = _layer_shape(modules[name]), layer.get("shape")
+        shape, claimed = experts.get(name) or _layer_shape(modules[name]), layer.get("shape")
         if claimed is not None and shape is not None and tuple(claimed) != shape:
             raise CheckpointError(f"{path} says layer {name} is {tuple(claimed)} but the weights are {shape}. quantcli.json and the weights disagree; re-run quantcli quantize.")
         if name in stored and stored[name] != layer.get("bits"):

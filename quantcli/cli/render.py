@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -109,6 +110,7 @@ def render_quantize(report: dict[str, Any]) -> None:
         stdout.print(report["grouping"]["summary"])
     for name, note in report["fallbacks"].items():
         stdout.print(f"[yellow]fallback[/] {name}: {note}")
+    render_weights(report.get("weights"), report.get("stats") or {})
     if (report.get("stats") or {}).get("allocation"):
         from quantcli.allocate.report import describe
 
@@ -118,6 +120,24 @@ def render_quantize(report: dict[str, Any]) -> None:
             stdout.print(cli_text(line), markup=False)
     render_breakdown(size.get("breakdown"))
     render_gates(report.get("gates") or [])
+
+
+def render_weights(weights: dict[str, Any] | None, stats: dict[str, Any]) -> None:
+    """The share of matmul weights quantized, the warning when too much stays full precision unasked,
+    and the calibration tokens each expert got (mixture-of-experts models)."""
+    if weights:
+        share, total = weights["quantized_share"], weights["matmul_parameters"]
+        stdout.print(f"weights quantized: {share:.1%} of {total:,} matmul parameters")
+        if weights.get("warning"):
+            stdout.print(f"[yellow]warning[/] {escape(weights['warning'])}")
+    routed = [count for counts in (stats.get("tokens_per_expert") or {}).values() for count in counts]
+    if routed:
+        middle = sorted(routed)[len(routed) // 2]
+        stdout.print(
+            f"calibration tokens per expert: min {min(routed)}, median {middle}, max {max(routed)}"
+            f" over {len(routed)} experts;"
+            f" {stats.get('experts_rounded_to_nearest', 0)} expert layers rounded to nearest (too few tokens)"
+        )
 
 
 def render_gates(records: list[dict[str, Any]]) -> None:

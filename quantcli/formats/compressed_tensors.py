@@ -6,7 +6,18 @@ words). Symmetric checkpoints reload with plain ``AutoModelForCausalLM.from_pret
 Asymmetric 3/4-bit ones are valid but transformers 5.23 + compressed-tensors 0.20 cannot build
 them (packed zero point vs unpacked skeleton; llm-compressor#1618), so :func:`load_compressed`
 decompresses with the library's own compressors instead, which reads every variant.
-GPT-2's ``Conv1D`` cannot be packed by compressed-tensors: such layers are written dense.
+GPT-2's ``Conv1D`` cannot be packed so that plain transformers 5.25 reloads it: such layers are
+written dense, with a note and the report's warning (``--format gguf`` packs GPT-2). compressed-tensors
+could store a ``[in, out]`` weight in ``block`` strategy ``[group, 1]`` (groups along inputs, as here),
+but transformers' default route gives quantization slots to ``Linear``/``Embedding`` only, and its
+``dequantize: true`` route decompresses every non-expert layer with the first config group's scheme
+(``get_dense_scheme``), so the int8 embedding beside int4 Conv1D layers would be decompressed wrongly.
+
+Mixture-of-experts models are written one Linear per expert (:mod:`quantcli.quant.moe`): the per-expert
+names transformers merges into its fused parameters at load and vLLM's MoE loader reads. The experts
+are one config group with a ``re:`` target naming ``experts`` (transformers picks the experts' scheme by
+that, one scheme for all experts: :func:`quantcli.quant.intgrid.plan_layouts` gives them one grid) and keep
+their scales in the model's dtype (transformers leaves experts it dequantizes in the scales' dtype).
 
 The input embedding (an ``Embedding``, targeted by name) and an untied head are quantized like any
 layer; a tied head is the embedding's tensor, stored once (the head's own entry is dropped and
@@ -31,7 +42,10 @@ from quantcli.quant.intgrid import IntLayout, IntWeights
 from quantcli.quant.records import LayerRecord, QuantizedModel
 from quantcli.quant.layers import is_conv1d
 
-CONV1D_NOTE = "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D"
+CONV1D_NOTE = (
+    "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D so that transformers reloads it;"
+    " --format gguf stores GPT-2 packed (llama.cpp reads it)"
+)
 
 
 def _quiet_library_logs() -> None:
@@ -48,17 +62,21 @@ def storage_note(module: Any) -> str | None:
 def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    from quantcli.quant.moe import expert_target, is_expert_layer
+
     groups: dict[tuple, list[str]] = {}
-    for name, layout in layouts.items():
-        groups.setdefault((layout.bits, layout.group_size, layout.symmetric), []).append(name)
+    for name, layout in layouts.items():  # experts in groups of their own (see quantcli.quant.moe.expert_target)
+        groups.setdefault((layout.bits, layout.group_size, layout.symmetric, is_expert_layer(name)), []).append(name)
     schemes = {}
-    for index, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
+    ordered = sorted(groups.items(), key=lambda item: str(item[0]))
+    for index, ((bits, group_size, symmetric, experts), names) in enumerate(ordered):
         args = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
             strategy="group" if group_size else "channel", group_size=group_size,
         )
         format_name = "int-quantized" if bits == 8 else "pack-quantized"
-        schemes[f"group_{index}"] = QuantizationScheme(targets=sorted(names), weights=args, format=format_name)
+        targets = [expert_target(names)] if experts else sorted(names)
+        schemes[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=format_name)
     return schemes
 
 
@@ -107,7 +125,9 @@ def save_compressed(
 
     from quantcli.quant import ops
     from quantcli.quant.keptdtype import store_kept
+    from quantcli.quant.moe import unfuse
 
+    unfuse(model)  # experts are stored one Linear per expert, the layout transformers merges at load
     modules = dict(model.named_modules())
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     packable = {name: layer for name, layer in weights.items() if storage_note(modules[name]) is None}
@@ -208,6 +228,7 @@ def compressed_result(
 
 def _dense_state_dict(
     folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any], tied_head: str | None = None,
+    rename: Any = str,
 ) -> dict[str, Any]:
     """Every tensor of ``folder``, quantized layers decompressed with their scheme's own compressor
     (schemes target layers by name or by class, e.g. ``Linear``, as llm-compressor writes them)."""
@@ -219,7 +240,7 @@ def _dense_state_dict(
     config = QuantizationConfig.model_validate(quantization_config)
     state: dict[str, Any] = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(shard))
+        state.update({rename(key): value for key, value in load_file(shard).items()})
     prefixes = {key.rsplit(".", 1)[0] for key in state if key.endswith((".weight_packed", ".weight_scale"))}
     dense: dict[str, Any] = {}
     for prefix in sorted(prefixes):
@@ -245,6 +266,7 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     _quiet_library_logs()
     folder = Path(folder)
     from quantcli.sources.remote import refuse_remote_code
+    from quantcli.quant.moe import checkpoint_renamer, refuse, unfuse
 
     refuse_remote_code(folder, trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -257,8 +279,12 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
     tied_head = head if config.tie_word_embeddings else None
-    state = _dense_state_dict(folder, quantization if isinstance(quantization, dict) else quantization.to_dict(), dtype, dict(model.named_modules()), tied_head)
+    unfuse(model)
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    modules = dict(model.named_modules())
+    state = _dense_state_dict(folder, quantization, dtype, modules, tied_head, checkpoint_renamer(model))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    refuse(model)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
         raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")

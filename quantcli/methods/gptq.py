@@ -30,6 +30,7 @@ from quantcli.methods import register_method
 from quantcli.methods.base import Quantizer
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.moe import calibration_rule
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,10 @@ class GPTQQuantizer(Quantizer):
                 set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
                 request.progress(1)
                 return layer
-            if hessian is None:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
-                notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
+            under = calibration_rule(name, tokens, matrix.shape[1])
+            if hessian is None or under:  # zero Hessian: every input unseen, so GPTQ rounds to nearest
+                unreached = "round-to-nearest: no calibration pass through the decoder blocks reaches it"
+                notes[name].append(under or unreached)
                 hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
             layer, extra = gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
             notes[name].extend(extra)
@@ -100,7 +103,11 @@ class GPTQQuantizer(Quantizer):
             return layer
 
         blocks = request.block_source(tuple(plan))
-        stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish)
+        tokens: dict[str, int] = {}
+        stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish, tokens)
+        rounded = sum(1 for name in plan if calibration_rule(name, tokens, weight_matrix(modules[name]).shape[1]))
+        if "tokens_per_expert" in stats:
+            stats["experts_rounded_to_nearest"] = rounded
         options = {key: value for key, value in asdict(config).items() if key != "bits"}
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes, stats)
 

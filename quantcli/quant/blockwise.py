@@ -90,16 +90,22 @@ def _groups_in_run_order(block: torch.nn.Module, layers: dict[str, Any], inputs:
         return hook
 
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
-    try:
-        _run(block, inputs[:1])
+    try:  # mini-batches until every layer ran once (an expert may get no token of the first one)
+        for one in inputs:
+            _run(block, [one])
+            if sum(map(len, groups)) == len(layers):
+                break
     finally:
         for handle in handles:
             handle.remove()
     return groups
 
 
-def _hessians(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) -> dict[str, torch.Tensor]:
-    """``2/n·XᵀX`` (float32, running mean) of each layer's inputs over all calibration tokens.
+def _hessians(
+    block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs, tokens: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """``2/n·XᵀX`` (float32, running mean) of each layer's inputs over all calibration tokens; how many
+    tokens each layer saw goes into ``tokens`` (an expert sees only the tokens routed to it).
 
     ``layers`` are in run order; each pass stops once the last of them has seen its input.
     """
@@ -126,6 +132,7 @@ def _hessians(block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs) ->
     finally:
         for handle in handles:
             handle.remove()
+    tokens.update(counts)
     return hessians
 
 
@@ -176,19 +183,26 @@ class ModelBlocks:
 
 
 def quantize_blockwise(
-    blocks: Any, names: tuple[str, ...], calibration: "torch.Tensor | None", quantize_layer: Callable[[str, "torch.Tensor | None"], Any]
+    blocks: Any, names: tuple[str, ...], calibration: "torch.Tensor | None",
+    quantize_layer: Callable[[str, "torch.Tensor | None"], Any],
+    tokens: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Call ``quantize_layer(name, hessian)`` for every layer in ``names``, block by block in run
     order, and hand each block's records (what it returns) to ``blocks.close``. Without
-    ``calibration`` (or for layers no calibration pass reaches) the hessian is ``None``.
+    ``calibration`` (or for layers no calibration pass reaches) the hessian is ``None``; ``tokens``
+    gets the calibration tokens each layer's Hessian saw, before ``quantize_layer`` is called.
     ``blocks`` is :class:`ModelBlocks` or a streaming source with the same methods. Returns memory
-    and calibration stats."""
+    and calibration stats (with tokens per expert for a mixture-of-experts model)."""
+    from quantcli.quant.moe import merge_expert_groups, tokens_per_expert
+
+    tokens = {} if tokens is None else tokens
     modules = dict(blocks.model.named_modules())
     prefix = blocks.prefix
     if calibration is not None and not len(blocks.blocks):
         raise UnavailableError(f"found no list of decoder blocks holding the layers to quantize in this model. Use {option('method', 'rtn')}.")
     device = _device(blocks.model)
     done: set[str] = set()
+    ran: list[str] = []
     groups = 0
     inputs: Inputs = []
     start, hidden = blocks.resume_point()
@@ -209,8 +223,9 @@ def quantize_blockwise(
             records = {}
             if calibration is None:
                 records = {name: quantize_layer(name, None) for name in inside}
-            for group in _groups_in_run_order(block, inside, inputs) if inside and calibration is not None else []:
-                for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs).items():
+            groups_here = _groups_in_run_order(block, inside, inputs) if inside and calibration is not None else []
+            for group in merge_expert_groups(groups_here):
+                for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs, tokens).items():
                     records[name] = quantize_layer(name, hessian)
                 groups += 1
                 peak = max(peak, _memory(device))
@@ -219,6 +234,7 @@ def quantize_blockwise(
             for name in set(inside) - set(records):  # in the block but never called in a calibration pass
                 records[name] = quantize_layer(name, None)
             done.update(inside)
+            ran.extend(inside)  # this run's blocks (a resumed run skips the first ones)
             peak = max(peak, _memory(device))
             blocks.close(index, records, [h for h, _, _ in inputs] if calibration is not None else None)
         for name in names:
@@ -238,4 +254,5 @@ def quantize_blockwise(
         "calibration_activation_bytes": sum(h.numel() * h.element_size() for h, _, _ in inputs),
         "hessian_dtype": "float32",
         "calibration_groups": groups,
+        **tokens_per_expert(tokens, ran),
     }

@@ -134,16 +134,29 @@ def plan_layouts(
     scale_dtype: str | None = None,
 ) -> dict[str, IntLayout]:
     """Each layer's layout, group sizes by :func:`group_size_for`, scales stored in ``scale_dtype``."""
+    from math import gcd
+
+    from quantcli.quant.moe import is_expert_layer
+
     modules = dict(model.named_modules())
     widths = {name: weight_matrix(modules[name]).shape[1] for name in names}
+    experts = [name for name in names if is_expert_layer(name)]
+    if experts:  # one grid for every expert: transformers decompresses all experts with one scheme at load
+        shared = gcd(*(widths[name] for name in experts))
+        widths.update(dict.fromkeys(experts, shared))
     if group_size is not None and all(width % group_size for width in widths.values()):
         listed = sorted(set(widths.values()))
         raise InputError(
             f"group size {group_size} divides none of the selected layers' input widths ({', '.join(map(str, listed))})."
             f" Pick a divisor of them, e.g. {min(listed) // 2 if min(listed) % 2 == 0 else min(listed)}, or -1 for per-channel."
         )
+    # experts keep their scales in the model's own dtype: transformers 5.25 leaves experts it dequantizes
+    # at load in the scales' dtype, so bfloat16 scales would make an fp32 model compute its experts in bfloat16
     return {
-        name: IntLayout(bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer, scale_dtype)
+        name: IntLayout(
+            bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer,
+            None if name in experts else scale_dtype,
+        )
         for name, width in widths.items()
     }
 

@@ -46,10 +46,13 @@ def table_names(model: Any) -> tuple[str | None, str | None]:
 def select_modules(
     model: Any, skip_globs: tuple[str, ...] = (), include_globs: tuple[str, ...] = ("*",), tables: bool = False,
 ) -> Selection:
-    """Linear and Conv1D layers matching ``include_globs`` minus ``skip_globs``; with ``tables``, also
-    the input embedding and an untied output head (found by ``get_input_embeddings`` and
-    ``get_output_embeddings``, whatever their class), else they are kept."""
+    """Linear and Conv1D layers (each expert's, once :func:`quantcli.quant.moe.unfuse` split them) matching
+    ``include_globs`` minus ``skip_globs``; with ``tables``, also the input embedding and an untied output
+    head (found by ``get_input_embeddings`` and ``get_output_embeddings``, whatever their class), else they
+    are kept. Routers and experts left fused are listed as skipped with the reason."""
     import torch
+
+    from quantcli.quant.moe import kept_matmuls
 
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = is_tied(model)
@@ -57,10 +60,10 @@ def select_modules(
     embedding_name = next((name for name, module in modules.items() if module is embedding), None)
     names: list[str] = []
     chosen: list[str] = []
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = kept_matmuls(model)
     for name, module in modules.items():
         is_table = module is embedding or module is head
-        if not (is_table or isinstance(module, torch.nn.Linear) or is_conv1d(module)):
+        if not (is_table or isinstance(module, torch.nn.Linear) or is_conv1d(module)) or name in skipped:
             continue
         if module is head and tied:
             skipped[name] = f"tied to {embedding_name}: the same tensor, " + ("quantized and stored once there" if tables and embedding_name in chosen else "stored once there")

@@ -26,6 +26,7 @@ from quantcli.methods import capable, default_method, get_method
 from quantcli.quant.records import QuantizeRequest
 from quantcli.sources.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
 from quantcli.measure.perplexity import check_context
+from quantcli.quant.moe import fused_experts, is_expert_layer, refuse, unfuse
 from quantcli.progress import NullProgress, Progress
 from quantcli.run.report import QuantizeReport
 from quantcli.run.reportfiles import PathResult, write_reports
@@ -118,6 +119,12 @@ def _quantizes_tables(run: _Run) -> bool:
     return run.method.quantizes_tables and run.grid is None and run.config.embeddings != "keep" and run.config.bits < 16
 
 
+def _splits_experts(run: _Run) -> bool:
+    """Whether fused experts become one layer per expert (:mod:`quantcli.quant.moe`): integer methods writing
+    compressed-tensors; other formats and methods keep them fused, in 16 bits, and say so."""
+    return run.method.output_format == "compressed-tensors" and run.grid is None
+
+
 def _table_bits(config: QuantizeConfig) -> int:
     return config.embeddings if isinstance(config.embeddings, int) else 8
 
@@ -167,7 +174,14 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         if run.method.needs_calibration or config.allocation is not None:
             check_context(model, config.calibration.seq_len, "calibration.seq_len")
     timings["load"] = time.perf_counter() - start
+    if _splits_experts(run):
+        unfuse(model)
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
+    if config.allocation is not None and any(is_expert_layer(name) for name in selection.names):
+        raise InputError(
+            f"{option('allocation')} cannot mix widths across the experts of a mixture-of-experts model: transformers"
+            f" 5.25 decompresses every expert with one scheme at load. Drop {option('allocation')} and pass {option('bits')}."
+        )
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
         check_layers_quantizable(model, selection.names + selection.tables, config.model)
     kept_dtype = _kept_dtype(run, model)
@@ -199,6 +213,7 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
             quantized.kept_dtype = kept_dtype
             round_kept(quantized.model, set(quantized.records), kept_dtype)
         check_model_finite(quantized.model, config.model)
+        refuse(quantized.model)  # evaluate with the fused experts plain transformers rebuilds from the checkpoint
         del request
         gc.collect()
     timings["quantize"] = time.perf_counter() - start
@@ -230,6 +245,13 @@ def _stream(run: _Run, staging: Path) -> PathResult:
     tokenizer = load_tokenizer(run.source, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, run.device)
     model = skeleton(run.source, dtype, config.trust_remote_code)
+    if _splits_experts(run):
+        unfuse(model)
+    elif fused_experts(model):
+        raise UnavailableError(
+            f"{option('low_memory', True)} streams the experts of a mixture-of-experts model with {option('method')}"
+            f" rtn or gptq, not {run.method_name}."
+        )
     check_vocab(model, tokenizer, config.model)
     if run.method.needs_calibration:
         check_context(model, config.calibration.seq_len, "calibration.seq_len")
@@ -246,7 +268,9 @@ def _stream(run: _Run, staging: Path) -> PathResult:
         "calibration": vars(config.calibration) if calibration is not None else None,
     }
     blocks = ShardBlocks(model, selection.names + selection.tables, run.source, staging, settings, get_format(run.method.output_format), kept_dtype)
-    check_streamed(model, file_shapes(blocks.where), config.model)
+    names = {disk: name for name, disk in blocks.disk.items()}  # file names -> the model's
+    shapes = {names.get(key, key): shape for key, shape in file_shapes(blocks.where).items()}
+    check_streamed(model, shapes, config.model)
     try:
         with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
             request = QuantizeRequest(

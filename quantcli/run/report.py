@@ -13,7 +13,9 @@ SIZE_CLASSES = ("embeddings", "head", "quantized_linears", "scales_and_zero_poin
 SCALE_TENSORS = ("weight_scale", "weight_zero_point", "weight_global_scale")
 
 
-def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: str | None, parameters: int) -> dict[str, Any]:
+def size_breakdown(
+    files: list[Any], layers: Any, embedding: str | None, head: str | None, parameters: int, rename: Any = str,
+) -> dict[str, Any]:
     """Bytes of a checkpoint's tensors by class, read from the safetensors headers: the input embedding
     and the output head (their integer codes, or their dense weights when kept), the other quantized
     layers' codes, every scale and zero point, and all else (norms, biases, position embeddings), each
@@ -29,7 +31,7 @@ def size_breakdown(files: list[Any], layers: Any, embedding: str | None, head: s
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
                     view = handle.get_slice(key)
-                    module, _, kind = key.rpartition(".")
+                    module, _, kind = rename(key).rpartition(".")  # the model's name for a checkpoint tensor
                     if kind in SCALE_TENSORS:
                         group = "scales_and_zero_points"
                     elif module in (embedding, head):
@@ -85,6 +87,7 @@ class QuantizeReport:
     skipped: dict[str, str]
     stats: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict)  # share of matmul weights quantized (quantcli.run.coverage)
 
     @property
     def tables(self) -> tuple[str, ...]:

@@ -20,6 +20,8 @@ from quantcli.quant.records import QuantizedModel
 from quantcli.sources.models import bytes_on_disk, weight_files
 from quantcli.measure.perplexity import EvalResult
 from quantcli.run.report import QuantizeReport, size_breakdown, size_summary
+from quantcli.run.coverage import weight_coverage
+from quantcli.quant.moe import checkpoint_renamer
 
 
 @dataclass
@@ -41,7 +43,12 @@ def write_reports(
 ) -> QuantizeReport:
     """Check the gates and write both files into ``staging`` (the weights are already there); returns the report."""
     quantized_bytes = bytes_on_disk(weight_files(str(staging)))
-    breakdown = size_breakdown(weight_files(str(staging)), result.quantized.layers, *table_names(result.quantized.model), result.original["parameters"])
+    model = result.quantized.model
+    packed = tuple(name for name, record in result.quantized.records.items()
+                   if name not in result.quantized.layers and getattr(record, "raw_type", None) is not None)
+    renamer = checkpoint_renamer(model) if hasattr(model, "config") else str
+    files, parameters = weight_files(str(staging)), result.original["parameters"]
+    breakdown = size_breakdown(files, result.quantized.layers, *table_names(model), parameters, renamer)
     report = QuantizeReport(
         schema_version=SCHEMA_VERSION,
         quantcli_version=__version__,
@@ -61,6 +68,9 @@ def write_reports(
         layers=result.quantized.layers,
         skipped=result.skipped,
         stats=result.quantized.stats,
+        weights=weight_coverage(
+            model, result.quantized.layers, result.skipped, config.skip_modules, config.embeddings, config.bits, packed
+        ),
     )
     report.gates = to_records(check_quantize(config.gates, report.to_dict()))
     write_metadata(staging, {

@@ -61,13 +61,15 @@ def skeleton(source: str, dtype: Any, trust_remote_code: bool) -> Any:
     return model
 
 
-def _read(names: list[str], where: dict[str, Path]) -> dict[str, Any]:
+def _read(names: list[str], where: dict[str, Path], disk: dict[str, str] | None = None) -> dict[str, Any]:
+    """Tensors by the model's names; ``disk`` maps a name to the file's where they differ (Mixtral's experts)."""
     from safetensors import safe_open
 
+    disk = disk or {}
     tensors = {}
     for file in sorted({where[name] for name in names}):
         with safe_open(file, framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in names if where[name] == file})
+            tensors.update({name: handle.get_tensor(disk.get(name, name)) for name in names if where[name] == file})
     return tensors
 
 
@@ -95,8 +97,13 @@ class ShardBlocks:
 
         self.model, self.staging, self.settings, self.format, self.names = model, staging, settings, output_format, names
         self.kept_dtype = kept_dtype  # what tensors no quantized layer owns are written in (None: as held)
+        from quantcli.quant.moe import checkpoint_renamer
+
         self.prefix, self.blocks = decoder_blocks(model, names)
-        self.where = source_tensors(source)
+        rename = checkpoint_renamer(model)  # the file's names as the model's (Mixtral: block_sparse_moe -> mlp)
+        files = source_tensors(source)
+        self.disk = {rename(key): key for key in files}
+        self.where = {rename(key): file for key, file in files.items()}
         self.groups = shard_groups(list(self.where), self.prefix, len(self.blocks))
         self.shards = [f"model-{index:05d}-of-{len(self.groups):05d}.safetensors" for index in range(1, len(self.groups) + 1)]
         self.records: dict[str, Any] = {}
@@ -119,7 +126,7 @@ class ShardBlocks:
     def _load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, tensor in _read([name for name in names if name in self.known], self.where).items():
+        for name, tensor in _read([name for name in names if name in self.known], self.where, self.disk).items():
             set_module_tensor_to_device(self.model, name, "cpu", value=tensor)
         self.model.tie_weights()  # a tied head shares the embedding's new tensor again
 
@@ -212,13 +219,15 @@ class ShardBlocks:
         tensors = {}
         for key in self.groups[index]:
             layer, _, kind = key.rpartition(".")
+            written = self.disk.get(key, key).rpartition(".")[0]  # the name the source file uses, as in memory
             if kind == "weight" and records.get(layer) is not None:
                 stored = self.format.layer_tensors(layer, records[layer], self.modules[layer])
-                tensors.update({f"{layer}.{part}": value for part, value in stored.items()})
+                tensors.update({f"{written}.{part}": value for part, value in stored.items()})
                 tensors.update(self.format.tied_tensors(self.model, layer, stored))
-            elif key not in tensors:
+            elif self.disk.get(key, key) not in tensors:
                 value = self._current(key)
-                tensors[key] = value.to(self.kept_dtype) if self.kept_dtype is not None and value.is_floating_point() else value
+                kept = self.kept_dtype is not None and value.is_floating_point()
+                tensors[self.disk.get(key, key)] = value.to(self.kept_dtype) if kept else value
         path = self.staging / self.shards[index]
         save_file(tensors, str(path.with_suffix(".tmp")), metadata={"format": "pt"})
         self.hashes[self.shards[index]] = file_hash(path.with_suffix(".tmp"))
@@ -228,12 +237,12 @@ class ShardBlocks:
     def _current(self, key: str) -> Any:
         """A tensor as the model holds it (loaded), or as the source stores it, in the model's dtype."""
         if key not in self.known:
-            return _read([key], self.where)[key]
+            return _read([key], self.where, self.disk)[key]
         layer, _, kind = key.rpartition(".")
         held = getattr(self.modules[layer], kind)
         if held.device.type != "meta":
             return held.detach()
-        stored = _read([key], self.where)[key]
+        stored = _read([key], self.where, self.disk)[key]
         return stored.to(held.dtype) if stored.is_floating_point() else stored
 
     def finish(self) -> int:

@@ -11,6 +11,13 @@ import ctypes
 import numpy as np
 import pytest
 import torch
+
+import quantcli
+from quantcli.config.quantize import CalibrationConfig, QuantizeConfig
+from quantcli.formats.gguf.kquants import K_TYPES, pack, round_to_nearest
+from quantcli.formats.gguf.types import LEGACY as TYPES
+from quantcli.formats.gguf.types import block_type
+from quantcli.formats.gguf.writer import gguf_file
 from tests.support.gguf_harness import (
     LLAMACPP_DIR,
     eval_ids,
@@ -21,13 +28,6 @@ from tests.support.gguf_harness import (
     perplexity,
     window_nlls,
 )
-
-import quantcli
-from quantcli.config.quantize import CalibrationConfig, QuantizeConfig
-from quantcli.formats.gguf.writer import gguf_file
-from quantcli.formats.gguf.types import LEGACY as TYPES
-from quantcli.formats.gguf.types import block_type
-from quantcli.formats.gguf.kquants import K_TYPES, pack, round_to_nearest
 
 SEQ_LEN = 256
 TOKENS = 2048

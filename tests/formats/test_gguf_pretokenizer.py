@@ -10,13 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.support.models import WIKITEXT, smollm2_folder
 
 import quantcli
 from quantcli.config.quantize import QuantizeConfig
 from quantcli.errors import UnavailableError
-from quantcli.formats.gguf.writer import gguf_file
 from quantcli.formats.gguf.metadata import LLAMA3_SPLIT, llamacpp_pre_tokenizer
+from quantcli.formats.gguf.writer import gguf_file
+from tests.support.models import WIKITEXT, smollm2_folder
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 BYTES_ONLY = {**BYTE_LEVEL, "use_regex": False}
@@ -89,8 +89,9 @@ def tiny_llama(folder: Path, source: Path, name: str) -> Path:
 
 
 def test_llamacpp_tokenizes_as_hf_under_each_pre_tokenizer(smollm2_tokenizer_files, tmp_path):
-    from tests.support.gguf_harness import llama_cpp_module
     from transformers import AutoTokenizer
+
+    from tests.support.gguf_harness import llama_cpp_module
 
     try:
         llama_cpp = llama_cpp_module()

@@ -53,10 +53,10 @@ def test_failing_layers_are_kept_in_full_precision_and_reported(monkeypatch, tmp
     """Stand in for the AVX512 kernel's verdict with its documented rule (out % 32, in % 64);
     everything else (skip list, transformers' bnb load, save, plain reload) runs for real."""
     import torch
-    from tests.conftest import logits
     from transformers import AutoModelForCausalLM
 
     import quantcli.methods.bnb as bnb_method
+    from tests.conftest import logits
 
     def kernel_rule(in_features, out_features, *args):
         return None if out_features % 32 == 0 and in_features % 64 == 0 else "AssertionError: N must be divisible by block_n"

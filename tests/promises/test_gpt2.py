@@ -37,3 +37,19 @@ def test_rtn_gpt2_layers_are_quantized_on_the_input_axis(tiny_gpt2, tmp_path):
     assert torch.equal(stored, expected)
     layer = quantcli.inspect(tmp_path / "q")["layers"]["transformer.h.0.attn.c_attn"]
     assert layer["shape"] == [192, 64] and "Conv1D" in layer["note"]
+
+
+def test_gpt2_124m_shape_at_8_bits_is_over_3_5x_smaller_as_gguf(tmp_path):
+    """GPT-2's real config (124M, random weights): --bits 8 in the portable packed path, GGUF Q8_0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.support.tokenizers import byte_level_tokenizer
+
+    torch.manual_seed(0)
+    source = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(source)  # fp32, 124M parameters, vocab 50257
+    byte_level_tokenizer(GPT2Config().vocab_size).save_pretrained(source)
+    output = tmp_path / "q"
+    config = QuantizeConfig(bits=8, method="rtn", model=str(source), output=output, eval=None, format="gguf", gguf_type="Q8_0")
+    report = quantcli.quantize(config)
+    assert report.size["disk_ratio"] >= 3.5 and report.weights["warning"] is None

@@ -41,8 +41,9 @@ def test_weights_are_the_ggufs_dequantized_tensors():
     """Every tensor, dequantized by the gguf package itself, equals the folder's (q/k rows permuted back)."""
     pytest.importorskip("gguf")
     import gguf
-    from tests.support.gguf_files import dequantized_tensors, permute_rotary
     from safetensors.torch import load_file
+
+    from tests.support.gguf_files import dequantized_tensors, permute_rotary
 
     config = json.loads((FOLDER / "config.json").read_text())
     expected = dequantized_tensors(GGUF)
