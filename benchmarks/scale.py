@@ -93,7 +93,9 @@ def largest_group(folder: Path) -> int:
     from safetensors import safe_open
 
     from quantcli.quant.blockwise import decoder_blocks
-    from quantcli.run.streaming import _nbytes, shard_groups, skeleton, source_tensors
+    from quantcli.run.streaming import shard_groups, source_tensors
+    from quantcli.safetensors_dtypes import tensor_bytes
+    from quantcli.sources.models import skeleton
 
     where = source_tensors(str(folder))
     model = skeleton(str(folder), None, False)
@@ -101,7 +103,7 @@ def largest_group(folder: Path) -> int:
     sizes = {}
     for name, file in where.items():
         with safe_open(file, framework="pt") as handle:
-            sizes[name] = _nbytes(handle, name)
+            sizes[name] = tensor_bytes(handle, name)
     return max(sum(sizes[name] for name in group) for group in shard_groups(list(where), prefix, len(blocks)))
 
 

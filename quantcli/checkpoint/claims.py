@@ -21,7 +21,7 @@ def check_claims_on_skeleton(folder: Path, metadata: dict[str, Any]) -> None:
 
     from quantcli.checkpoint.metadata import check_claims
     from quantcli.sources.remote import ships_code
-    from quantcli.run.streaming import skeleton
+    from quantcli.sources.models import skeleton
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

@@ -236,7 +236,8 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
 def _stream(run: _Run, staging: Path) -> PathResult:
     """Quantize one decoder block at a time from the safetensors shards, writing each into ``staging``."""
     from quantcli.formats import get_format
-    from quantcli.run.streaming import ShardBlocks, skeleton
+    from quantcli.run.streaming import ShardBlocks
+    from quantcli.sources.models import skeleton
 
     config, progress = run.config, run.progress
     if Path(run.source).is_file():  # resolve_model lets only GGUF files through

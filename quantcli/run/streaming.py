@@ -46,21 +46,6 @@ def source_tensors(source: str) -> dict[str, Path]:
     return where
 
 
-def skeleton(source: str, dtype: Any, trust_remote_code: bool) -> Any:
-    """The model with every parameter on the meta device (buffers such as RoPE's are real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from quantcli.sources.remote import refuse_remote_code
-
-    refuse_remote_code(source, trust_remote_code)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype).eval()
-    model.tie_weights()  # as from_pretrained does: a tied head shares the embedding's parameter
-    return model
-
-
 def _read(names: list[str], where: dict[str, Path], disk: dict[str, str] | None = None) -> dict[str, Any]:
     """Tensors by the model's names; ``disk`` maps a name to the file's where they differ (Mixtral's experts)."""
     from safetensors import safe_open

@@ -216,3 +216,16 @@ def _stored_wider(source: str, name: str, dtype: Any) -> str | None:
     except Exception:  # noqa: BLE001 - only refines a message; the error is raised either way
         return None
     return None
+
+
+def skeleton(source: str, dtype: Any, trust_remote_code: bool) -> Any:
+    """The model with every parameter on the meta device (buffers such as RoPE's are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    refuse_remote_code(source, trust_remote_code)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype).eval()
+    model.tie_weights()  # as from_pretrained does: a tied head shares the embedding's parameter
+    return model
