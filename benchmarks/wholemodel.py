@@ -118,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     setups.add_arguments(parser)
     parser.add_argument("--rows", nargs="+", default=["rtn-int8", "gptq-int4"], choices=sorted(ROWS))
+    parser.add_argument("--keep-dir", type=Path, help="Write the checkpoints here (one folder per row) and keep them.")
     parser.set_defaults(model="smollm2")
     args = parser.parse_args()
     setup = setups.resolve(args)
@@ -138,7 +139,7 @@ def main() -> None:
     })
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.rows:
-            row = run_row(name, setup, Path(tmp) / name)
+            row = run_row(name, setup, (args.keep_dir or Path(tmp)) / name)
             row["judged"] = judge(row, fp32, llama)
             saved = json.loads(out.read_text())["rows"] if out.exists() else []  # rows another run wrote meanwhile
             data["rows"] = [r for r in saved if r["row"] != name] + [row]

@@ -153,7 +153,8 @@ class QuantizeConfig:
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
     allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
-    embeddings: int | str = 8  # rtn/gptq: the input embedding and output head (one tensor when tied) in 8 or 4 bits, or "keep"
+    # rtn/gptq: the input embedding and output head (one tensor when tied) kept 16-bit (what vLLM serves), or 8/4 bits
+    embeddings: int | str = "keep"
     keep_dtype: str = "auto"  # rtn/gptq: storage dtype of unquantized tensors; auto = 16-bit (see quantcli.keptdtype)
     format: str | None = None  # None: the method's own format; "gguf": llama.cpp's, with gguf_type
     gguf_type: str | None = None  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (quantcli.formats.gguf_grid)
@@ -187,6 +188,8 @@ class QuantizeConfig:
             self._check_streaming()
         if self.allocation is not None:
             self._check_allocation()
+        if self.method_options.get("activations") is not None or self.method_options.get("smoothing") is not None:
+            self._check_activations()
         if self.gates.max_ppl_increase is not None and self.eval is None:
             raise InputError(
                 f"{option('gates.max_ppl_increase')} needs perplexity before and after. Drop {option('eval', None)}"
@@ -202,6 +205,15 @@ class QuantizeConfig:
             raise InputError(f"{option('allocation')} writes a mixed-precision compressed-tensors checkpoint; drop {option('format', 'gguf')}.")
         if self.method is not None and self.method not in ALLOCATING_METHODS:
             raise InputError(f"{option('allocation')} allocates with {option('method', 'rtn')} or gptq, not {self.method}.")
+    def _check_activations(self) -> None:
+        """W8A8 writes compressed-tensors ``int-quantized`` layers with their inputs quantized (quantcli.activations)."""
+        if self.format is not None:
+            raise InputError(f"{option('activations', 'int8')} writes compressed-tensors W8A8 for vLLM; llama.cpp's GGUF types quantize activations themselves. Drop {option('format', 'gguf')}.")
+        if self.allocation is not None:
+            raise InputError(f"{option('allocation')} searches weight-only precision per layer; drop {option('activations', 'int8')}.")
+        if self.method_options.get("smoothing") is not None and self.low_memory:
+            raise InputError(f"{option('smoothing')} calibrates on the whole model in memory; drop {option('low_memory', True)}.")
+
     def _check_gguf(self) -> None:
         from quantcli.formats.gguf_grid import TYPES, block_type
 

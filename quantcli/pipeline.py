@@ -85,7 +85,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None) -> Quanti
     output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits, config.gguf_type)
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
-    calibrates = method.needs_calibration or config.allocation is not None
+    calibrates = method.needs_calibration or config.allocation is not None or _smoothing(method_config) is not None
     calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if calibrates else None
     run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress(), evaluation, calibration_text, grid)
     with atomic_folder(output, config.force, resume=config.resume) as staging:
@@ -133,8 +133,13 @@ def _scale_dtype(run: _Run, kept_dtype: Any) -> str | None:
     return str(kept_dtype).removeprefix("torch.")
 
 
+def _smoothing(method_config: Any) -> float | None:
+    """SmoothQuant's alpha when the run smooths before quantizing (``--smoothing``), else None."""
+    return getattr(method_config, "smoothing", None)
+
+
 def _calibration(run: _Run, tokenizer: Any) -> Any:
-    if not run.method.needs_calibration and run.config.allocation is None:
+    if not run.method.needs_calibration and run.config.allocation is None and _smoothing(run.method_config) is None:
         return None
     start = time.perf_counter()
     with run.progress.task("calibration data", total=None):
@@ -142,6 +147,18 @@ def _calibration(run: _Run, tokenizer: Any) -> Any:
         batch = calibration_batch(run.calibration_text, tokenizer, calib.samples, calib.seq_len, calib.seed)
     run.timings["calibration"] = time.perf_counter() - start
     return batch
+
+
+def _quantize_inputs(quantized: Any, smoothed: dict[str, Any] | None) -> None:
+    """W8A8: the layers whose inputs are quantized at run time get them quantized here too (so the
+    perplexity measured next is the served model's); the smoothing done before goes into the stats."""
+    from quantcli.activations import attach
+
+    names = [name for name, record in quantized.records.items() if getattr(getattr(record, "layout", None), "activations", None)]
+    if names:
+        quantized.stats["activations"] = {"int8_per_token_dynamic": len(attach(quantized.model, names))}
+    if smoothed is not None:
+        quantized.stats["smoothing"] = smoothed
 
 
 def _in_memory(run: _Run, staging: Path) -> PathResult:
@@ -171,6 +188,14 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         before = measure_perplexity(model, tokenizer, config.eval, progress, "original", source=run.evaluation)
         timings["eval_original"] = time.perf_counter() - start
     calibration = _calibration(run, tokenizer)
+    smoothed = None
+    if _smoothing(run.method_config) is not None:
+        from quantcli.smoothing import smooth
+
+        start = time.perf_counter()
+        with progress.task("smoothing", total=None):
+            smoothed = smooth(model, calibration, _smoothing(run.method_config))
+        timings["smoothing"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with progress.task(f"quantize ({run.method_name})", total=len(selection.names)) as advance:
@@ -192,6 +217,7 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
             quantized.kept_dtype = kept_dtype
             round_kept(quantized.model, set(quantized.records), kept_dtype)
         check_model_finite(quantized.model, config.model)
+        _quantize_inputs(quantized, smoothed)
         del request
         gc.collect()
     timings["quantize"] = time.perf_counter() - start

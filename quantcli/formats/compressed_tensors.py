@@ -1,8 +1,8 @@
 """compressed-tensors checkpoints (the format llm-compressor writes and vLLM serves), written and
 read through the ``compressed-tensors`` library with quantcli's own integers injected.
 
-INT8 layers are stored ``int-quantized`` (plain int8), 3/4-bit layers ``pack-quantized`` (int32
-words). Symmetric checkpoints reload with plain ``AutoModelForCausalLM.from_pretrained``.
+Weight-only layers are stored ``pack-quantized`` (int32 words) at every width, W8A8 layers and an
+8-bit embedding/head ``int-quantized`` (plain int8): see :func:`storage_kind`. Symmetric checkpoints reload with plain ``AutoModelForCausalLM.from_pretrained``.
 Asymmetric 3/4-bit ones are valid but transformers 5.23 + compressed-tensors 0.20 cannot build
 them (packed zero point vs unpacked skeleton; llm-compressor#1618), so :func:`load_compressed`
 decompresses with the library's own compressors instead, which reads every variant.
@@ -45,20 +45,45 @@ def storage_note(module: Any) -> str | None:
     return CONV1D_NOTE if is_conv1d(module) else None
 
 
+def storage_kind(layout: IntLayout) -> str:
+    """The compressed-tensors format one layer is stored in, as vLLM's scheme selection reads it
+    (vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py, 0.32):
+
+    - W8A8 (``activations="int8"``): ``int-quantized`` with dynamic per-token int8 input activations,
+      which vLLM serves as ``CompressedTensorsW8A8Int8`` (CPU: ``CPUInt8ScaledMMLinearKernel``);
+    - weight-only linears at every width, 8 bits included: ``pack-quantized`` (int32 words), the one
+      weight-only format vLLM's ``CompressedTensorsWNA16`` takes, and what llm-compressor's W8A16
+      preset writes. vLLM rejects an ``int-quantized`` group without input activations unless its
+      weights are floats (its config asserts it), so plain int8 weight-only cannot be served;
+    - an 8-bit embedding/head (``--embeddings 8``, which vLLM cannot serve anyway): ``int-quantized``,
+      whose plain ``weight`` transformers ties the head to.
+    """
+    if layout.activations is not None or (layout.bits == 8 and layout.table):
+        return "int-quantized"
+    return "pack-quantized"
+
+
 def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     groups: dict[tuple, list[str]] = {}
     for name, layout in layouts.items():
-        groups.setdefault((layout.bits, layout.group_size, layout.symmetric), []).append(name)
+        key = (layout.bits, layout.group_size, layout.symmetric, storage_kind(layout), layout.activations)
+        groups.setdefault(key, []).append(name)
     schemes = {}
-    for index, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items(), key=lambda item: str(item[0]))):
+    for index, ((bits, group_size, symmetric, format_name, activations), names) in enumerate(
+        sorted(groups.items(), key=lambda item: str(item[0]))
+    ):
         args = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
             strategy="group" if group_size else "channel", group_size=group_size,
         )
-        format_name = "int-quantized" if bits == 8 else "pack-quantized"
-        schemes[f"group_{index}"] = QuantizationScheme(targets=sorted(names), weights=args, format=format_name)
+        inputs = None
+        if activations == "int8":
+            inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True, strategy="token")
+        schemes[f"group_{index}"] = QuantizationScheme(
+            targets=sorted(names), weights=args, input_activations=inputs, format=format_name,
+        )
     return schemes
 
 
@@ -263,12 +288,28 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
         raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")
     model.tie_weights()
+    _quantize_inputs(model, quantization if isinstance(quantization, dict) else quantization.to_dict())
     return model.to(device).eval()
+
+
+def _quantize_inputs(model: Any, quantization_config: dict[str, Any]) -> None:
+    """W8A8 checkpoints: the layers whose scheme quantizes their inputs per token get them quantized
+    at run time (:mod:`quantcli.activations`), as vLLM does when it serves them."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import is_match
+
+    from quantcli.activations import attach, is_int8_token_dynamic
+
+    config = QuantizationConfig.model_validate(quantization_config)
+    schemes = [scheme for scheme in config.config_groups.values() if is_int8_token_dynamic(scheme.input_activations)]
+    if schemes:
+        names = [name for name, module in model.named_modules() if any(is_match(name, module, s.targets) for s in schemes)]
+        attach(model, [name for name in names if name not in set(config.ignore or [])])
 
 
 @register_format
 class CompressedTensors(Format):
-    """Integer layers (:class:`IntWeights`) as compressed-tensors ``int-quantized``/``pack-quantized``."""
+    """Integer layers (:class:`IntWeights`) as compressed-tensors ``pack-quantized``/``int-quantized`` (:func:`storage_kind`)."""
 
     name = "compressed-tensors"
 
