@@ -38,7 +38,14 @@ ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "rtn-int8-keep-embeddings": ("rtn", 8, {}, {"embeddings": "keep"}),
     "rtn-int4-keep-embeddings": ("rtn", 4, {}, {"embeddings": "keep"}),
     "gptq-int4-keep-embeddings": ("gptq", 4, {}, {"embeddings": "keep"}),
+    "rtn-int8-emb8": ("rtn", 8, {}, {"embeddings": 8}),
+    "gptq-int4-emb8": ("gptq", 4, {}, {"embeddings": 8}),
+    "rtn-w8a8": ("rtn", 8, {"activations": "int8"}, {}),
+    "rtn-w8a8-smoothquant": ("rtn", 8, {"activations": "int8", "smoothing": 0.5}, {}),
+    "gptq-w8a8": ("gptq", 8, {"activations": "int8"}, {}),
+    "gptq-w8a8-smoothquant": ("gptq", 8, {"activations": "int8", "smoothing": 0.5}, {}),
 }
+SHOWN_OPTIONS = ("group_size", "observer", "activations", "smoothing")
 TARGETS = {4: ("llama.cpp Q4_0", 0.5), 8: ("llama.cpp Q8_0", None)}  # size cap and increase cap (None: 0.1 %)
 
 
@@ -98,7 +105,7 @@ def markdown(data: dict) -> str:
     for row in data["rows"]:
         verdict = row["judged"]
         met = "" if "size_ok" not in verdict else f"size {'yes' if verdict['size_ok'] else 'NO'}, quality {'yes' if verdict['quality_ok'] else 'NO'} ({verdict['target']})"
-        label = f"quantcli {row['row']} ({', '.join(f'{k}={v}' for k, v in row['options'].items() if k in ('group_size', 'observer'))}{', ' + str(row['fields']) if row['fields'] else ''})"
+        label = f"quantcli {row['row']} ({', '.join(f'{k}={v}' for k, v in row['options'].items() if k in SHOWN_OPTIONS)}{', ' + str(row['fields']) if row['fields'] else ''})"
         label += f"; {row['note']}" if row.get("note") else ""
         lines.append(f"| {label} | {row['disk_bytes']:,} B | {row['bits_per_weight']:.2f} | {row['perplexity']:.4f} | {verdict['delta_pct']:+.3f}% | {met} |")
     lines += ["", "Size breakdown of each quantcli checkpoint (bytes, share of the file's tensor bytes):", ""]
