@@ -56,27 +56,43 @@ def main() -> None:
         prompt = eval_ids(AutoTokenizer.from_pretrained(folder), args.dataset, args.prompt_tokens)
         row = {"checkpoint": folder, "transformers": transformers_speed(folder, prompt, args.new_tokens, args.repeats)}
         try:
-            answer = run_vllm({"model": folder, "dtype": "bfloat16", "max_model_len": args.prompt_tokens + args.new_tokens + 64,
-                               "bench": {"prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats}})
+            answer = run_vllm(
+                {
+                    "model": folder,
+                    "dtype": "bfloat16",
+                    "max_model_len": args.prompt_tokens + args.new_tokens + 64,
+                    "bench": {"prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats},
+                }
+            )
             row["vllm"], row["kernels"], row["versions"] = answer["bench"], answer["kernels"], answer["versions"]
         except VllmError as error:
             row["vllm_error"] = error.message
         row["load_average"] = os.getloadavg()[0]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    settings = (f"prompt: the first {args.prompt_tokens} tokens of {args.dataset}, {args.new_tokens} new tokens, greedy, one sequence,"
-                f" bfloat16, best of {args.repeats} (vLLM) / median of {args.repeats} (transformers); {time.strftime('%Y-%m-%d')};"
-                f" {os.cpu_count()} shared CPU cores (AVX512-BF16), load average per row")
+    settings = (
+        f"prompt: the first {args.prompt_tokens} tokens of {args.dataset}, {args.new_tokens} new tokens, greedy,"
+        f" one sequence, bfloat16, best of {args.repeats} (vLLM) / median of {args.repeats} (transformers);"
+        f" {time.strftime('%Y-%m-%d')}; {os.cpu_count()} shared CPU cores (AVX512-BF16), load average per row"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vllm-bench.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    lines = [f"# vLLM CPU vs transformers decode speed\n\n{settings}\n",
-             "| checkpoint | transformers prefill tok/s | transformers decode tok/s | vLLM prefill tok/s | vLLM decode tok/s | vLLM kernels | load avg |",
-             "|---|--:|--:|--:|--:|---|--:|"]
+    lines = [
+        f"# vLLM CPU vs transformers decode speed\n\n{settings}\n",
+        "| checkpoint | transformers prefill tok/s | transformers decode tok/s | vLLM prefill tok/s"
+        " | vLLM decode tok/s | vLLM kernels | load avg |",
+        "|---|--:|--:|--:|--:|---|--:|",
+    ]
     for row in rows:
         ours, theirs = row["transformers"], row.get("vllm")
-        served = (f"{theirs['prefill_tokens_per_s']:.0f} | {theirs['decode_tokens_per_s']:.1f} | {', '.join(row['kernels']) or 'unquantized'}"
-                  if theirs else f"not served | | {row['vllm_error'][:80]}")
-        lines.append(f"| {row['checkpoint']} | {ours['prefill_tokens_per_s']:.0f} | {ours['decode_tokens_per_s']:.1f} | {served} | {row['load_average']:.1f} |")
+        kernels = ", ".join(row.get("kernels") or []) or "unquantized"
+        served = (
+            f"{theirs['prefill_tokens_per_s']:.0f} | {theirs['decode_tokens_per_s']:.1f} | {kernels}"
+            if theirs
+            else f"not served | | {row['vllm_error'][:80]}"
+        )
+        speed = f"{ours['prefill_tokens_per_s']:.0f} | {ours['decode_tokens_per_s']:.1f}"
+        lines.append(f"| {row['checkpoint']} | {speed} | {served} | {row['load_average']:.1f} |")
     (RESULTS / "vllm-bench.md").write_text("\n".join(lines) + "\n")
 
 

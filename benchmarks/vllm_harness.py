@@ -53,12 +53,20 @@ def run_vllm(request: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     reason = unavailable()
     if reason:
         raise FileNotFoundError(reason)
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env = dict(
+        os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    )
     env.pop("PYTHONPATH", None)  # quantcli's venv must not leak into vLLM's
     with tempfile.TemporaryDirectory(prefix="vllm-") as tmp:
         ask, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
         ask.write_text(json.dumps({**request, "model": str(Path(request["model"]).resolve())}), encoding="utf-8")
-        done = subprocess.run([str(VLLM_PYTHON), str(WORKER), str(ask), str(answer)], capture_output=True, text=True, env=env, timeout=timeout)
+        done = subprocess.run(
+            [str(VLLM_PYTHON), str(WORKER), str(ask), str(answer)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
         result = json.loads(answer.read_text(encoding="utf-8")) if answer.is_file() else {}
     log = done.stdout + done.stderr
     if done.returncode or "error" in result:
@@ -90,15 +98,28 @@ def window_requests(ids: Sequence[int], seq_len: int, stride: int | None = None)
 
 def vllm_nlls(answer: dict[str, Any], plan: list[tuple[list[int], int]]) -> np.ndarray:
     """Per-token NLL (nats) of every scored token, from the answer to a request of ``plan``'s windows."""
-    nlls = [-np.asarray(scores[len(scores) - scored :], dtype=np.float64) for scores, (_, scored) in zip(answer["logprobs"], plan)]
+    nlls = [
+        -np.asarray(scores[len(scores) - scored :], dtype=np.float64)
+        for scores, (_, scored) in zip(answer["logprobs"], plan)
+    ]
     return np.concatenate(nlls)
 
 
-def score(folder: str | Path, ids: Sequence[int], seq_len: int, dtype: str = "bfloat16", **extra: Any) -> dict[str, Any]:
+def score(
+    folder: str | Path, ids: Sequence[int], seq_len: int, dtype: str = "bfloat16", **extra: Any
+) -> dict[str, Any]:
     """vLLM's perplexity of ``folder`` on quantcli's windows over ``ids`` (plus anything ``extra``
     asks the worker: ``prompts``/``max_new_tokens``, ``bench``)."""
     plan = window_requests(ids, seq_len)
-    answer = run_vllm({"model": str(folder), "dtype": dtype, "max_model_len": max(seq_len, 256) + 64, "windows": [w for w, _ in plan], **extra})
+    answer = run_vllm(
+        {
+            "model": str(folder),
+            "dtype": dtype,
+            "max_model_len": max(seq_len, 256) + 64,
+            "windows": [w for w, _ in plan],
+            **extra,
+        }
+    )
     nlls = vllm_nlls(answer, plan)
     answer.update(perplexity=float(np.exp(nlls.mean())), tokens_scored=int(nlls.size), windows=len(plan))
     del answer["logprobs"]
@@ -131,11 +152,23 @@ def main() -> None:
     ids = eval_ids(AutoTokenizer.from_pretrained(args.checkpoint), args.dataset, args.max_tokens)
     theirs = score(args.checkpoint, ids, args.seq_len, args.dtype)
     ours = quantcli_perplexity(args.checkpoint, ids, args.seq_len, args.dtype)
-    print(json.dumps({
-        "checkpoint": args.checkpoint, "dtype": args.dtype, "dataset": args.dataset, "tokens": len(ids), "seq_len": args.seq_len,
-        "vllm_perplexity": theirs["perplexity"], "quantcli_perplexity": ours, "relative_diff": theirs["perplexity"] / ours - 1,
-        "kernels": theirs["kernels"], "versions": theirs["versions"],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "checkpoint": args.checkpoint,
+                "dtype": args.dtype,
+                "dataset": args.dataset,
+                "tokens": len(ids),
+                "seq_len": args.seq_len,
+                "vllm_perplexity": theirs["perplexity"],
+                "quantcli_perplexity": ours,
+                "relative_diff": theirs["perplexity"] / ours - 1,
+                "kernels": theirs["kernels"],
+                "versions": theirs["versions"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

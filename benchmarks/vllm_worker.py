@@ -23,8 +23,13 @@ def _engine(request: dict):
     from vllm import LLM
 
     return LLM(
-        model=request["model"], dtype=request.get("dtype", "bfloat16"), max_model_len=request.get("max_model_len", 1024),
-        enforce_eager=True, enable_prefix_caching=False, seed=0, max_num_seqs=request.get("max_num_seqs", 8),
+        model=request["model"],
+        dtype=request.get("dtype", "bfloat16"),
+        max_model_len=request.get("max_model_len", 1024),
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        seed=0,
+        max_num_seqs=request.get("max_num_seqs", 8),
     )
 
 
@@ -66,7 +71,9 @@ def _bench(llm, prompt: list[int], new_tokens: int, repeats: int) -> dict:
         total_s.append(time.perf_counter() - start)
     prefill_best, total_best = min(prefill_s), min(total_s)
     return {
-        "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats,
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
         "prefill_tokens_per_s": len(prompt) / prefill_best,
         "decode_tokens_per_s": (new_tokens - 1) / max(total_best - prefill_best, 1e-9),
     }

@@ -30,13 +30,18 @@ def check_activations(activations: str | None, bits: int, symmetric: bool, group
     if activations not in ACTIVATIONS:
         raise InputError(f"{option('activations')} takes int8 (W8A8), got {activations!r}.")
     if bits != 8:
-        raise InputError(f"{option('activations', 'int8')} quantizes 8-bit weights (W8A8); use {option('bits', 8)}, not {bits}.")
+        raise InputError(
+            f"{option('activations', 'int8')} quantizes 8-bit weights (W8A8); use {option('bits', 8)}, not {bits}."
+        )
     if not symmetric:
-        raise InputError(f"{option('activations', 'int8')} needs symmetric weights (vLLM's int8 kernels have no weight zero point); drop {option('symmetric', False)}.")
+        raise InputError(
+            f"{option('activations', 'int8')} needs symmetric weights (vLLM's int8 kernels have no weight zero point);"
+            f" drop {option('symmetric', False)}."
+        )
     if group_size is not None:
         raise InputError(
-            f"{option('activations', 'int8')} takes one weight scale per output channel (vLLM's W8A8 int8 schemes: per channel or"
-            f" per tensor); drop {option('group_size')} or pass {option('group_size', -1)}."
+            f"{option('activations', 'int8')} takes one weight scale per output channel (vLLM's W8A8 int8 schemes:"
+            f" per channel or per tensor); drop {option('group_size')} or pass {option('group_size', -1)}."
         )
 
 
@@ -79,6 +84,9 @@ def is_int8_token_dynamic(args: Any) -> bool:
     get = args.get if isinstance(args, dict) else lambda key: getattr(args, key, None)
     strategy = get("strategy")
     return (
-        get("num_bits") == 8 and str(get("type")).endswith("int") and bool(get("dynamic")) and get("symmetric") is not False
+        get("num_bits") == 8
+        and str(get("type")).endswith("int")
+        and bool(get("dynamic"))
+        and get("symmetric") is not False
         and str(getattr(strategy, "value", strategy)) == "token"
     )

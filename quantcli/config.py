@@ -153,7 +153,7 @@ class QuantizeConfig:
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
     allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
-    # rtn/gptq: the input embedding and output head (one tensor when tied) kept 16-bit (what vLLM serves), or 8/4 bits
+    # rtn/gptq: the input embedding and output head (one tensor when tied): "keep" (16-bit, what vLLM serves), 8 or 4
     embeddings: int | str = "keep"
     keep_dtype: str = "auto"  # rtn/gptq: storage dtype of unquantized tensors; auto = 16-bit (see quantcli.keptdtype)
     format: str | None = None  # None: the method's own format; "gguf": llama.cpp's, with gguf_type
@@ -206,13 +206,21 @@ class QuantizeConfig:
         if self.method is not None and self.method not in ALLOCATING_METHODS:
             raise InputError(f"{option('allocation')} allocates with {option('method', 'rtn')} or gptq, not {self.method}.")
     def _check_activations(self) -> None:
-        """W8A8 writes compressed-tensors ``int-quantized`` layers with their inputs quantized (quantcli.activations)."""
+        """W8A8 writes compressed-tensors ``int-quantized`` layers, inputs quantized (quantcli.activations)."""
         if self.format is not None:
-            raise InputError(f"{option('activations', 'int8')} writes compressed-tensors W8A8 for vLLM; llama.cpp's GGUF types quantize activations themselves. Drop {option('format', 'gguf')}.")
+            raise InputError(
+                f"{option('activations', 'int8')} writes compressed-tensors W8A8 for vLLM; llama.cpp's GGUF types"
+                f" quantize activations themselves. Drop {option('format', 'gguf')}."
+            )
         if self.allocation is not None:
-            raise InputError(f"{option('allocation')} searches weight-only precision per layer; drop {option('activations', 'int8')}.")
+            raise InputError(
+                f"{option('allocation')} searches weight-only precision per layer;"
+                f" drop {option('activations', 'int8')}."
+            )
         if self.method_options.get("smoothing") is not None and self.low_memory:
-            raise InputError(f"{option('smoothing')} calibrates on the whole model in memory; drop {option('low_memory', True)}.")
+            raise InputError(
+                f"{option('smoothing')} calibrates on the whole model in memory; drop {option('low_memory', True)}."
+            )
 
     def _check_gguf(self) -> None:
         from quantcli.formats.gguf_grid import TYPES, block_type

@@ -157,7 +157,10 @@ def plan_layouts(
             f" Pick a divisor of them, e.g. {min(listed) // 2 if min(listed) % 2 == 0 else min(listed)}, or -1 for per-channel."
         )
     return {
-        name: IntLayout(bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer, scale_dtype, activations=activations)
+        name: IntLayout(
+            bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer, scale_dtype,
+            activations=activations,
+        )
         for name, width in widths.items()
     }
 
@@ -175,12 +178,18 @@ def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridC
     modules = dict(model.named_modules())
     if bits == 8:
         return {
-            name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), "signed", scale_dtype, table=True)
+            name: IntLayout(
+                8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), "signed", scale_dtype,
+                table=True,
+            )
             for name in tables
         }
     requested = grid.layout_group_size or DEFAULT_GROUP_SIZE
     return {
-        name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer, scale_dtype, table=True)
+        name: IntLayout(
+            bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer,
+            scale_dtype, table=True,
+        )
         for name in tables
     }
 

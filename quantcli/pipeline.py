@@ -154,7 +154,8 @@ def _quantize_inputs(quantized: Any, smoothed: dict[str, Any] | None) -> None:
     perplexity measured next is the served model's); the smoothing done before goes into the stats."""
     from quantcli.activations import attach
 
-    names = [name for name, record in quantized.records.items() if getattr(getattr(record, "layout", None), "activations", None)]
+    layouts = {name: getattr(record, "layout", None) for name, record in quantized.records.items()}
+    names = [name for name, layout in layouts.items() if getattr(layout, "activations", None)]
     if names:
         quantized.stats["activations"] = {"int8_per_token_dynamic": len(attach(quantized.model, names))}
     if smoothed is not None:

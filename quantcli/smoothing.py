@@ -31,9 +31,15 @@ def check_smoothing(alpha: float | None, activations: str | None) -> None:
     if alpha is None:
         return
     if activations is None:
-        raise InputError(f"{option('smoothing')} moves activation outliers into the weights for W8A8; add {option('activations', 'int8')}.")
+        raise InputError(
+            f"{option('smoothing')} moves activation outliers into the weights for W8A8;"
+            f" add {option('activations', 'int8')}."
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise InputError(f"{option('smoothing')} is SmoothQuant's migration strength, between 0 and 1 (0.5 is usual), got {alpha!r}.")
+        raise InputError(
+            f"{option('smoothing')} is SmoothQuant's migration strength, between 0 and 1 (0.5 is usual),"
+            f" got {alpha!r}."
+        )
 
 
 def smoothing_pairs(model: Any) -> list[tuple[str, tuple[str, ...]]]:
@@ -56,7 +62,9 @@ def smoothing_pairs(model: Any) -> list[tuple[str, tuple[str, ...]]]:
     return pairs
 
 
-def _activation_maxima(model: Any, norms: list[str], calibration: "torch.Tensor", batch_size: int) -> dict[str, "torch.Tensor"]:
+def _activation_maxima(
+    model: Any, norms: list[str], calibration: "torch.Tensor", batch_size: int
+) -> dict[str, "torch.Tensor"]:
     """max |output| per channel of each norm over every calibration token."""
     import torch
 
@@ -103,4 +111,9 @@ def smooth(model: Any, calibration: "torch.Tensor", alpha: float, batch_size: in
             for linear in linears:
                 linear.weight.copy_((linear.weight.float() * factors).to(linear.weight.dtype))
             smallest, largest = min(smallest, factors.min().item()), max(largest, factors.max().item())
-    return {"alpha": alpha, "pairs": len(pairs), "calibration_windows": int(calibration.shape[0]), "factor_range": [smallest, largest]}
+    return {
+        "alpha": alpha,
+        "pairs": len(pairs),
+        "calibration_windows": int(calibration.shape[0]),
+        "factor_range": [smallest, largest],
+    }

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import logits
 from typer.testing import CliRunner
 
 import quantcli
@@ -19,8 +20,6 @@ from quantcli.errors import InputError
 from quantcli.methods import get_method
 from quantcli.models import load_model, load_tokenizer
 from quantcli.smoothing import smooth
-
-from conftest import logits
 
 EVAL = EvalConfig(max_tokens=2048)
 
@@ -34,7 +33,9 @@ def w8a8(tmp_path_factory):
         "smoothed": {"activations": "int8", "smoothing": 0.5},
     }
     reports = {
-        name: quantcli.quantize(QuantizeConfig(bits=8, method="rtn", output=folder / name, eval=EVAL, method_options=options))
+        name: quantcli.quantize(
+            QuantizeConfig(bits=8, method="rtn", output=folder / name, eval=EVAL, method_options=options)
+        )
         for name, options in runs.items()
     }
     return folder, reports
@@ -45,13 +46,25 @@ def test_w8a8_checkpoint_is_vllms_int8_scheme(w8a8):
     config = json.loads((folder / "w8a8" / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
     assert group["format"] == "int-quantized"
-    assert group["weights"]["strategy"] == "channel" and group["weights"]["symmetric"] and group["weights"]["num_bits"] == 8
-    assert {key: group["input_activations"][key] for key in ("num_bits", "type", "strategy", "dynamic", "symmetric")} == {
-        "num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True,
+    assert (
+        group["weights"]["strategy"] == "channel"
+        and group["weights"]["symmetric"]
+        and group["weights"]["num_bits"] == 8
+    )
+    assert {
+        key: group["input_activations"][key] for key in ("num_bits", "type", "strategy", "dynamic", "symmetric")
+    } == {
+        "num_bits": 8,
+        "type": "int",
+        "strategy": "token",
+        "dynamic": True,
+        "symmetric": True,
     }
     assert reports["w8a8"].options["activations"] == "int8"
     weight_only = json.loads((folder / "weight-only" / "config.json").read_text())["quantization_config"]
-    assert {g["format"] for g in weight_only["config_groups"].values()} == {"pack-quantized"}  # W8A16, no input activations
+    assert {g["format"] for g in weight_only["config_groups"].values()} == {
+        "pack-quantized"
+    }  # W8A16, no input activations
     assert all(g["input_activations"] is None for g in weight_only["config_groups"].values())
 
 
@@ -105,14 +118,29 @@ def test_smoothing_is_recorded(w8a8):
     assert record["alpha"] == 0.5 and record["pairs"] == 10 and record["calibration_windows"] == 128
 
 
-@pytest.mark.parametrize("bits,options,message", [
-    (4, {"activations": "int8"}, "activations='int8' quantizes 8-bit weights (W8A8); use bits=8, not 4."),
-    (8, {"activations": "int8", "group_size": 32}, "activations='int8' takes one weight scale per output channel"),
-    (8, {"activations": "int8", "symmetric": False, "observer": "minmax"}, "activations='int8' needs symmetric weights"),
-    (8, {"activations": "int4"}, "activations takes int8 (W8A8), got 'int4'."),
-    (8, {"smoothing": 0.5}, "smoothing moves activation outliers into the weights for W8A8; add activations='int8'."),
-    (8, {"activations": "int8", "smoothing": 1.5}, "smoothing is SmoothQuant's migration strength, between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    "bits,options,message",
+    [
+        (4, {"activations": "int8"}, "activations='int8' quantizes 8-bit weights (W8A8); use bits=8, not 4."),
+        (8, {"activations": "int8", "group_size": 32}, "activations='int8' takes one weight scale per output channel"),
+        (
+            8,
+            {"activations": "int8", "symmetric": False, "observer": "minmax"},
+            "activations='int8' needs symmetric weights",
+        ),
+        (8, {"activations": "int4"}, "activations takes int8 (W8A8), got 'int4'."),
+        (
+            8,
+            {"smoothing": 0.5},
+            "smoothing moves activation outliers into the weights for W8A8; add activations='int8'.",
+        ),
+        (
+            8,
+            {"activations": "int8", "smoothing": 1.5},
+            "smoothing is SmoothQuant's migration strength, between 0 and 1",
+        ),
+    ],
+)
 def test_requests_the_int8_path_cannot_serve_are_refused(bits, options, message):
     with pytest.raises(InputError) as error:
         get_method("rtn").make_config(bits, options)
@@ -121,17 +149,59 @@ def test_requests_the_int8_path_cannot_serve_are_refused(bits, options, message)
 
 def test_cli_refusals_exit_2(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["quantize", "-b", "8", "--activations", "int8", "--format", "gguf", "--gguf-type", "Q8_0", "-o", str(tmp_path / "g")])
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "-b",
+            "8",
+            "--activations",
+            "int8",
+            "--format",
+            "gguf",
+            "--gguf-type",
+            "Q8_0",
+            "-o",
+            str(tmp_path / "g"),
+        ],
+    )
     assert result.exit_code == 2 and "--activations int8 writes compressed-tensors W8A8 for vLLM" in result.stderr
-    result = runner.invoke(app, ["quantize", "-b", "8", "--activations", "int8", "--smoothing", "0.5", "--low-memory", "--no-eval", "-o", str(tmp_path / "l")])
-    assert result.exit_code == 2 and "--smoothing calibrates on the whole model in memory; drop --low-memory." in result.stderr
-    result = runner.invoke(app, ["quantize", "-b", "8", "-m", "bnb-int8", "--activations", "int8", "--no-eval", "-o", str(tmp_path / "b")])
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "-b",
+            "8",
+            "--activations",
+            "int8",
+            "--smoothing",
+            "0.5",
+            "--low-memory",
+            "--no-eval",
+            "-o",
+            str(tmp_path / "l"),
+        ],
+    )
+    assert (
+        result.exit_code == 2
+        and "--smoothing calibrates on the whole model in memory; drop --low-memory." in result.stderr
+    )
+    result = runner.invoke(
+        app, ["quantize", "-b", "8", "-m", "bnb-int8", "--activations", "int8", "--no-eval", "-o", str(tmp_path / "b")]
+    )
     assert result.exit_code == 2 and "activations" in result.stderr
     assert not any((tmp_path / name).exists() for name in "glb")
 
 
 def test_smoothing_refuses_a_model_without_llama_blocks(tiny_gpt2, tmp_path):
     with pytest.raises(InputError, match="smoothing knows Llama-style decoder blocks"):
-        quantcli.quantize(QuantizeConfig(
-            bits=8, method="rtn", model=tiny_gpt2, output=tmp_path / "q", eval=None, method_options={"activations": "int8", "smoothing": 0.5},
-        ))
+        quantcli.quantize(
+            QuantizeConfig(
+                bits=8,
+                method="rtn",
+                model=tiny_gpt2,
+                output=tmp_path / "q",
+                eval=None,
+                method_options={"activations": "int8", "smoothing": 0.5},
+            )
+        )

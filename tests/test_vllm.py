@@ -19,15 +19,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import quantcli  # noqa: E402
 from benchmarks.llamacpp import eval_ids  # noqa: E402
 from benchmarks.vllm_harness import VllmError, quantcli_perplexity, score, unavailable  # noqa: E402
-
-import quantcli  # noqa: E402
 from quantcli.config import CalibrationConfig, QuantizeConfig  # noqa: E402
 
 SMOLLM2 = Path(os.environ.get("QUANTCLI_SMOLLM2") or REPO / ".models" / "SmolLM2-135M-Instruct")
 WIKITEXT = "benchmarks/data/wikitext-2/wiki.valid.eval.txt"
-CALIBRATION = CalibrationConfig(dataset="benchmarks/data/wikitext-2/wiki.valid.calib.txt", samples=32, seq_len=256, seed=0)
+CALIBRATION = CalibrationConfig(
+    dataset="benchmarks/data/wikitext-2/wiki.valid.calib.txt", samples=32, seq_len=256, seed=0
+)
 TOKENS, SEQ_LEN = 4096, 512
 PROMPTS = ("The capital of France is", "Once upon a time, there was a little", "The three primary colors are")
 NEW_TOKENS = 8
@@ -82,7 +83,10 @@ def transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     with torch.no_grad():
-        return [model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :].tolist() for ids in prompts]
+        return [
+            model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :].tolist()
+            for ids in prompts
+        ]
 
 
 @pytest.mark.parametrize("name", ["rtn-int4", "gptq-int4"])
@@ -104,7 +108,9 @@ def test_vllm_accepts_default_int8_config_and_lacks_only_the_cpu_kernel(served):
     activations failed its config assertion), and on CPU the one failure left is the 8-bit kernel."""
     _, results = served
     error = results["rtn-int8"]
-    assert isinstance(error, VllmError), "vLLM CPU 0.32 has no 8-bit weight-only kernel; if it serves now, test it like int4"
+    assert isinstance(error, VllmError), (
+        "vLLM CPU 0.32 has no 8-bit weight-only kernel; if it serves now, test it like int4"
+    )
     assert "Assertion failed" not in error.log  # the config is accepted: the layers reach WNA16's kernel choice
     assert error.message.startswith("ValueError: Failed to find a kernel that can implement the WNA16 linear layer")
     assert "Quant type (uint8b128) not supported by CPUWNA16" in error.log  # 8-bit symmetric: W8A16

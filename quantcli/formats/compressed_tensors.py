@@ -2,7 +2,8 @@
 read through the ``compressed-tensors`` library with quantcli's own integers injected.
 
 Weight-only layers are stored ``pack-quantized`` (int32 words) at every width, W8A8 layers and an
-8-bit embedding/head ``int-quantized`` (plain int8): see :func:`storage_kind`. Symmetric checkpoints reload with plain ``AutoModelForCausalLM.from_pretrained``.
+8-bit embedding/head ``int-quantized`` (plain int8): see :func:`storage_kind`. Symmetric checkpoints
+reload with plain ``AutoModelForCausalLM.from_pretrained``.
 Asymmetric 3/4-bit ones are valid but transformers 5.23 + compressed-tensors 0.20 cannot build
 them (packed zero point vs unpacked skeleton; llm-compressor#1618), so :func:`load_compressed`
 decompresses with the library's own compressors instead, which reads every variant.
@@ -303,13 +304,15 @@ def _quantize_inputs(model: Any, quantization_config: dict[str, Any]) -> None:
     config = QuantizationConfig.model_validate(quantization_config)
     schemes = [scheme for scheme in config.config_groups.values() if is_int8_token_dynamic(scheme.input_activations)]
     if schemes:
-        names = [name for name, module in model.named_modules() if any(is_match(name, module, s.targets) for s in schemes)]
+        modules = model.named_modules()
+        names = [name for name, module in modules if any(is_match(name, module, s.targets) for s in schemes)]
         attach(model, [name for name in names if name not in set(config.ignore or [])])
 
 
 @register_format
 class CompressedTensors(Format):
-    """Integer layers (:class:`IntWeights`) as compressed-tensors ``pack-quantized``/``int-quantized`` (:func:`storage_kind`)."""
+    """Integer layers (:class:`IntWeights`) as compressed-tensors ``pack-quantized``/``int-quantized``
+    (:func:`storage_kind`)."""
 
     name = "compressed-tensors"
 

@@ -43,7 +43,8 @@ class RTNQuantizer(Quantizer):
         if request.grid is not None:
             return self._on_grid(request)
         plan = plan_layouts(
-            model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer, request.scale_dtype, config.activations,
+            model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer,
+            request.scale_dtype, config.activations,
         )
         plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
 
