@@ -205,3 +205,16 @@ def test_smoothing_refuses_a_model_without_llama_blocks(tiny_gpt2, tmp_path):
                 method_options={"activations": "int8", "smoothing": 0.5},
             )
         )
+
+
+def test_streamed_w8a8_is_the_in_memory_checkpoint(w8a8, tmp_path):
+    """--low-memory writes the same scheme block by block; its reload scores what the in-memory one does."""
+    folder, _ = w8a8
+    options = {"activations": "int8"}
+    quantcli.quantize(
+        QuantizeConfig(bits=8, method="rtn", output=tmp_path / "s", eval=None, low_memory=True, method_options=options)
+    )
+    streamed = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert streamed == json.loads((folder / "w8a8" / "config.json").read_text())["quantization_config"]["config_groups"]
+    ours = quantcli.evaluate(str(tmp_path / "s"), EVAL, device="cpu")["perplexity"]
+    assert ours == quantcli.evaluate(str(folder / "w8a8"), EVAL, device="cpu")["perplexity"]

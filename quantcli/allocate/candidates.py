@@ -91,7 +91,7 @@ def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features:
     scale_dtype = _DTYPES[layout.scale_dtype] if layout.scale_dtype else held
     size = _BYTES[scale_dtype]
     tensors = [(f"{name}.weight_scale", scale_dtype, (out_features, groups), out_features * groups * size)]
-    if layout.bits == 8:
+    if layout.bits == 8 and (layout.table or layout.activations):  # int-quantized (storage_kind)
         tensors.append((f"{name}.weight", "I8", (out_features, in_features), out_features * in_features))
         if not layout.symmetric:
             tensors.append((f"{name}.weight_zero_point", "I8", (out_features, groups), out_features * groups))
