@@ -42,6 +42,7 @@ ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "gptq-int4-emb8": ("gptq", 4, {}, {"embeddings": 8}),
     "rtn-w8a8": ("rtn", 8, {"activations": "int8"}, {}),
     "rtn-w8a8-smoothquant": ("rtn", 8, {"activations": "int8", "smoothing": 0.5}, {}),
+    "rtn-w8a8-smoothquant-0.8": ("rtn", 8, {"activations": "int8", "smoothing": 0.8}, {}),
     "gptq-w8a8": ("gptq", 8, {"activations": "int8"}, {}),
     "gptq-w8a8-smoothquant": ("gptq", 8, {"activations": "int8", "smoothing": 0.5}, {}),
 }
