@@ -112,8 +112,8 @@ def quantize(
         " at run time, in quantcli's eval too."
     )),
     smoothing: Optional[float] = typer.Option(None, "--smoothing", help=(
-        "With --activations int8: SmoothQuant's strength alpha (0-1, e.g. 0.5), calibrated on --calib-dataset:"
-        " activation outliers moved into the weights."
+        "With --activations int8: SmoothQuant's strength alpha (0-1; 0.8 was best on SmolLM2), calibrated on"
+        " --calib-dataset: activation outliers moved into the weights."
     )),
     keep_dtype: Optional[str] = typer.Option(None, "--keep-dtype", help="rtn/gptq: dtype of tensors left unquantized (norms, biases, a kept head): auto (16-bit; default) or float32, bfloat16, float16."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),

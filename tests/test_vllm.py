@@ -32,6 +32,7 @@ CALIBRATION = CalibrationConfig(
 TOKENS, SEQ_LEN = 4096, 512
 PROMPTS = ("The capital of France is", "Once upon a time, there was a little", "The three primary colors are")
 NEW_TOKENS = 8
+NEAR_TIE = 0.25  # logits: bf16 moved a top-2 gap of SmolLM2's from 0.005 (fp32) to 0.125, so closer calls are noise
 
 pytestmark = [
     pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
@@ -78,20 +79,29 @@ def served(tmp_path_factory, ids, prompts):
     return folder, results
 
 
-def transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int]]:
+def greedy_gaps(folder: Path, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+    """For each of vLLM's greedy tokens: how far (in logits) it is below plain transformers-bf16's own
+    best token at that step, on vLLM's path (0 where both pick the same token)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    gaps = []
     with torch.no_grad():
-        return [
-            model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :].tolist()
-            for ids in prompts
-        ]
+        for ids, continuation in zip(prompts, continuations):
+            steps = model(torch.tensor([ids + continuation])).logits[0, len(ids) - 1 : -1].float()
+            chosen = steps.gather(-1, torch.tensor(continuation)[:, None])[:, 0]
+            gaps.append((steps.max(-1).values - chosen).tolist())
+    return gaps
 
 
 @pytest.mark.parametrize("name", ["rtn-int4", "gptq-int4"])
 def test_vllm_serves_default_int4_as_quantcli_evaluates_it(served, ids, prompts, name):
-    """Measured 2026-12-07: vLLM within 0.1-0.3% of quantcli's bf16 perplexity; greedy text equal for all 8 tokens."""
+    """vLLM's perplexity within 1% of quantcli's bf16 evaluation (measured 2026-12-07: +0.14% for rtn on
+    16,384 tokens), and its greedy text transformers-bf16's: at every step vLLM's token is transformers'
+    best, or within NEAR_TIE of it. Exact equality for all 8 tokens of 3 prompts does not hold on this
+    model in bf16: "Once upon a time, there was a little" has two next tokens 0.005 apart in fp32
+    (0.125 in transformers-bf16), and transformers' own bf16 and fp32 greedy texts part at token 6 of
+    "The capital of France is"; vLLM took the other branch at such ties (2026-12-07)."""
     folder, results = served
     answer = results[name]
     assert not isinstance(answer, Exception), answer.log if isinstance(answer, VllmError) else answer
@@ -99,7 +109,9 @@ def test_vllm_serves_default_int4_as_quantcli_evaluates_it(served, ids, prompts,
     assert answer["tokens_scored"] == TOKENS - TOKENS // SEQ_LEN
     ours = quantcli_perplexity(folder / name, ids, SEQ_LEN, "bfloat16")
     assert answer["perplexity"] == pytest.approx(ours, rel=0.01)
-    assert answer["greedy"] == transformers_greedy(folder / name, prompts)
+    gaps = greedy_gaps(folder / name, prompts, answer["greedy"])
+    assert all(len(steps) == NEW_TOKENS for steps in gaps)
+    assert max(max(steps) for steps in gaps) < NEAR_TIE, gaps
 
 
 def test_vllm_accepts_default_int8_config_and_lacks_only_the_cpu_kernel(served):
