@@ -15,9 +15,10 @@ transformers re-ties it). transformers 5.24's default compressed route cannot bu
 quantized embedding (the head would be tied to the int8/packed tensor) or a packed ``Embedding``
 (its weight initialiser reads ``.weight``), so such checkpoints set ``dequantize: true`` in their
 quantization config: plain ``from_pretrained`` then decompresses every layer at load with
-compressed-tensors' own decompressors, the same values. vLLM cannot serve a quantized embedding or
-head: its compressed-tensors config gives quantization methods to ``LinearBase``, ``Attention`` and
-``FusedMoE`` layers only, and ``VocabParallelEmbedding``/``ParallelLMHead`` are neither (see docs).
+compressed-tensors' own decompressors, the same values. vLLM (CPU 0.32.0, checked) serves neither a
+quantized embedding nor head: its config rejects the int8 ``int-quantized`` group without input
+activations, and its Llama loader has no ``embed_tokens.weight_packed``; so they are kept by default
+(docs/VLLM.md).
 """
 
 from __future__ import annotations
