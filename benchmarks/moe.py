@@ -2,7 +2,7 @@
 experts, each a copy of the dense MLP, random router, top-2 renormalised), rtn and gptq int4 (groups of
 32, bfloat16 scales, the embedding int8), bits per weight and perplexity against the fp32 model.
 
-    PYTHONPATH=. python benchmarks/moe.py [--max-tokens 4096] [--samples 32]   # writes results/smollm2-moe.json
+    python -m benchmarks.moe [--max-tokens 4096] [--samples 32]   # writes results/smollm2/moe.json
 
 Both models compute the same function in fp32 (tests/test_smollm2_moe.py), so the dense rows are the
 bar: the MoE quantizes 4 copies of every MLP, each expert calibrated on the tokens routed to it.
@@ -15,14 +15,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.setups import REPO, SMOLLM2_CAVEAT, WIKITEXT, smollm2_folder  # noqa: E402
+from benchmarks.lib.setups import SMOLLM2_CAVEAT
+from tests.support.models import REPO, WIKITEXT, smollm2_folder
 
 
 def smollm2_moe_folder() -> Path:
@@ -44,7 +42,7 @@ def main() -> None:
     folders = {"dense": smollm2_folder(), "moe": smollm2_moe_folder()}
     evaluation = EvalConfig(dataset=str(WIKITEXT / "wiki.valid.eval.txt"), seq_len=512, max_tokens=args.max_tokens)
     calibration = CalibrationConfig(dataset=str(WIKITEXT / "wiki.valid.calib.txt"), samples=args.samples, seq_len=256)
-    out = REPO / "benchmarks" / "results" / "smollm2-moe.json"
+    out = REPO / "benchmarks" / "results" / "smollm2" / "moe.json"
     rows = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
     for model in args.models:
         original = evaluate(str(folders[model]), evaluation, device="cpu")

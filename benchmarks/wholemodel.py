@@ -39,7 +39,15 @@ ROWS = {  # name: (method, bits, method options, QuantizeConfig fields)
     "rtn-int8-keep-embeddings": ("rtn", 8, {}, {"embeddings": "keep"}),
     "rtn-int4-keep-embeddings": ("rtn", 4, {}, {"embeddings": "keep"}),
     "gptq-int4-keep-embeddings": ("gptq", 4, {}, {"embeddings": "keep"}),
+    "rtn-int8-emb8": ("rtn", 8, {}, {"embeddings": 8}),
+    "gptq-int4-emb8": ("gptq", 4, {}, {"embeddings": 8}),
+    "rtn-w8a8": ("rtn", 8, {"activations": "int8"}, {}),
+    "rtn-w8a8-smoothquant": ("rtn", 8, {"activations": "int8", "smoothing": 0.5}, {}),
+    "rtn-w8a8-smoothquant-0.8": ("rtn", 8, {"activations": "int8", "smoothing": 0.8}, {}),
+    "gptq-w8a8": ("gptq", 8, {"activations": "int8"}, {}),
+    "gptq-w8a8-smoothquant": ("gptq", 8, {"activations": "int8", "smoothing": 0.5}, {}),
 }
+SHOWN_OPTIONS = ("group_size", "observer", "activations", "smoothing")
 TARGETS = {4: ("llama.cpp Q4_0", 0.5), 8: ("llama.cpp Q8_0", None)}  # size cap and increase cap (None: 0.1 %)
 
 
@@ -128,7 +136,7 @@ def markdown(data: dict) -> str:
         if "size_ok" in verdict:
             size, quality = ("yes" if verdict[key] else "NO" for key in ("size_ok", "quality_ok"))
             met = f"size {size}, quality {quality} ({verdict['target']})"
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k in ("group_size", "observer"))
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k in SHOWN_OPTIONS)
         label = f"quantcli {row['row']} ({options}{', ' + str(row['fields']) if row['fields'] else ''})"
         label += f"; {row['note']}" if row.get("note") else ""
         lines.append(
@@ -154,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     setups.add_arguments(parser)
     parser.add_argument("--rows", nargs="+", default=["rtn-int8", "gptq-int4"], choices=sorted(ROWS))
+    parser.add_argument("--keep-dir", type=Path, help="Write the checkpoints here (one folder per row) and keep them.")
     parser.set_defaults(model="smollm2")
     args = parser.parse_args()
     setup = setups.resolve(args)
@@ -182,7 +191,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.rows:
-            row = run_row(name, setup, Path(tmp) / name)
+            row = run_row(name, setup, (args.keep_dir or Path(tmp)) / name)
             row["judged"] = judge(row, fp32, llama)
             saved = json.loads(out.read_text())["rows"] if out.exists() else []  # rows another run wrote meanwhile
             data["rows"] = [r for r in saved if r["row"] != name] + [row]

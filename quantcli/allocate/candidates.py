@@ -7,8 +7,9 @@ candidates that land on the same layout for a tensor (``int4-g128`` and ``int4-g
 576-wide layer) are one choice there.
 
 Bytes are the compressed-tensors tensors the checkpoint stores (see
-:func:`quantcli.formats.compressed_tensors.compress_layer`): ``weight`` int8, or ``weight_packed``
-int32 words plus ``weight_shape``; ``weight_scale`` in the model dtype; zero points when asymmetric.
+:func:`quantcli.formats.compressed_tensors.compress_layer`): ``weight`` int8 (an 8-bit
+embedding/head, W8A8), or ``weight_packed`` int32 words plus ``weight_shape`` (weight-only linears,
+8 bits included); ``weight_scale`` in the model dtype; zero points when asymmetric.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, 
         return out_features * in_features * dtype_bytes
     groups = 1 if layout.group_size is None else in_features // layout.group_size
     scales = out_features * groups * (_BYTES[_DTYPES[layout.scale_dtype]] if layout.scale_dtype else dtype_bytes)
-    if layout.bits == 8:
+    if layout.bits == 8 and (layout.table or layout.activations):  # int-quantized: plain int8 (storage_kind)
         return out_features * in_features + scales + (0 if layout.symmetric else out_features * groups)
     packed = out_features * math.ceil(in_features * layout.bits / 32) * 4 + 2 * 8  # words + weight_shape (int64 x2)
     zero_points = 0 if layout.symmetric else math.ceil(out_features * layout.bits / 32) * groups * 4
@@ -47,7 +48,7 @@ def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features:
     scale_dtype = _DTYPES[layout.scale_dtype] if layout.scale_dtype else held
     size = _BYTES[scale_dtype]
     tensors = [(f"{name}.weight_scale", scale_dtype, (out_features, groups), out_features * groups * size)]
-    if layout.bits == 8:
+    if layout.bits == 8 and (layout.table or layout.activations):  # int-quantized (storage_kind)
         tensors.append((f"{name}.weight", "I8", (out_features, in_features), out_features * in_features))
         if not layout.symmetric:
             tensors.append((f"{name}.weight_zero_point", "I8", (out_features, groups), out_features * groups))

@@ -34,7 +34,19 @@ def quantize(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy."),
     clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."),
     observer: Optional[str] = typer.Option(None, "--observer", help="How rtn/gptq pick scales: signed (Q4_0: largest weight on the lowest code; default below 8 bits, symmetric), minmax (absmax; default at 8 bits and asymmetric) or mse (clipping search)."),
-    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="rtn/gptq: the input embedding and output head (one tensor when tied): 8 (int8 in groups of 32, default), 4 (the layers' grid) or keep."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help=(
+        "rtn/gptq: the input embedding and output head (one tensor when tied): keep (16-bit, default: vLLM serves"
+        " it), 8 (int8 in groups of 32) or 4 (the layers' grid); vLLM cannot serve 8 or 4 (--format gguf quantizes"
+        " them for llama.cpp)."
+    )),
+    activations: Optional[str] = typer.Option(None, "--activations", help=(
+        "int8: W8A8 for vLLM's int8 kernels (rtn/gptq --bits 8, per channel): each layer's inputs quantized per token"
+        " at run time, in quantcli's eval too."
+    )),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", help=(
+        "With --activations int8: SmoothQuant's strength alpha (0-1; 0.8 was best on SmolLM2), calibrated on"
+        " --calib-dataset: activation outliers moved into the weights."
+    )),
     keep_dtype: Optional[str] = typer.Option(None, "--keep-dtype", help="rtn/gptq: dtype of tensors left unquantized (norms, biases, a kept head): auto (16-bit; default) or float32, bfloat16, float16."),
     skip_modules: Optional[List[str]] = typer.Option(None, "--skip-modules", help="Glob of layer names to keep in full precision (repeatable)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="A method option not worth a flag, KEY=VALUE (repeatable), e.g. -O damp=0.05; checked by the method."),
@@ -84,7 +96,8 @@ def quantize(
         top={**given(model=model, bits=bits, method=method, output=output, device=device, device_map=device_map, dtype=dtype,
                       max_shard_size=max_shard_size, skip_modules=skip, embeddings=embeddings, keep_dtype=keep_dtype, format=output_format, gguf_type=gguf_type), **{key: True for key, value in switches.items() if value}},
         method_options=given(group_size=group_size, symmetric=symmetric, double_quant=double_quant, act_order=act_order,
-                              clip_search=clip_search, observer=observer),
+                              clip_search=clip_search, observer=observer, activations=activations,
+                              smoothing=smoothing),
         calibration=given(dataset=calib_dataset, samples=calib_samples, seq_len=seq_len, seed=seed, text_column=text_column),
         evaluation=None if no_eval else given(dataset=eval_dataset, seq_len=seq_len, max_tokens=max_tokens, text_column=text_column),
         gates=given(max_ppl_increase=max_ppl_increase, max_size=max_size),

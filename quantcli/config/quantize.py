@@ -124,7 +124,9 @@ class QuantizeConfig:
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
     allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
-    embeddings: int | str | None = None  # rtn/gptq: embedding and head (tied: one tensor) in 8 (None) or 4 bits, or "keep"
+    # rtn/gptq: the input embedding and output head (one tensor when tied): None or "keep" keeps them 16-bit (what
+    # vLLM serves; the default), 8 or 4 quantizes them
+    embeddings: int | str | None = None
     keep_dtype: str | None = None  # rtn/gptq: dtype of unquantized tensors; None, auto: 16-bit (quantcli.quant.keptdtype)
     format: str | None = None  # None: the method's own format; "gguf": llama.cpp's, with gguf_type
     gguf_type: str | None = None  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (quantcli.formats.gguf.types)
@@ -158,6 +160,8 @@ class QuantizeConfig:
             self._check_streaming()
         if self.allocation is not None:
             self._check_allocation()
+        if self.method_options.get("activations") is not None or self.method_options.get("smoothing") is not None:
+            self._check_activations()
         if self.gates.max_ppl_increase is not None and self.eval is None:
             raise InputError(
                 f"{option('gates.max_ppl_increase')} needs perplexity before and after. Drop {option('eval', None)}"
@@ -178,6 +182,23 @@ class QuantizeConfig:
             if self.method not in allocating:
                 names = " or ".join([option("method", allocating[0]), *allocating[1:]])
                 raise InputError(f"{option('allocation')} allocates with {names}, not {self.method}.")
+    def _check_activations(self) -> None:
+        """W8A8 writes compressed-tensors ``int-quantized`` layers, inputs quantized (quantcli.quant.activations)."""
+        if self.format is not None:
+            raise InputError(
+                f"{option('activations', 'int8')} writes compressed-tensors W8A8 for vLLM; llama.cpp's GGUF types"
+                f" quantize activations themselves. Drop {option('format', 'gguf')}."
+            )
+        if self.allocation is not None:
+            raise InputError(
+                f"{option('allocation')} searches weight-only precision per layer;"
+                f" drop {option('activations', 'int8')}."
+            )
+        if self.method_options.get("smoothing") is not None and self.low_memory:
+            raise InputError(
+                f"{option('smoothing')} calibrates on the whole model in memory; drop {option('low_memory', True)}."
+            )
+
     def _check_gguf(self) -> None:
         from quantcli.formats.gguf.types import TYPES, block_type
 

@@ -1,8 +1,9 @@
 """compressed-tensors checkpoints (the format llm-compressor writes and vLLM serves), written and
 read through the ``compressed-tensors`` library with quantcli's own integers injected.
 
-INT8 layers are stored ``int-quantized`` (plain int8), 3/4-bit layers ``pack-quantized`` (int32
-words). Symmetric checkpoints reload with plain ``AutoModelForCausalLM.from_pretrained``.
+Weight-only layers are stored ``pack-quantized`` (int32 words) at every width, W8A8 layers and an
+8-bit embedding/head ``int-quantized`` (plain int8): see :func:`storage_kind`. Symmetric checkpoints
+reload with plain ``AutoModelForCausalLM.from_pretrained``.
 Asymmetric 3/4-bit ones are valid but transformers 5.23 + compressed-tensors 0.20 cannot build
 them (packed zero point vs unpacked skeleton; llm-compressor#1618), so :func:`load_compressed`
 decompresses with the library's own compressors instead, which reads every variant.
@@ -25,9 +26,10 @@ transformers re-ties it). transformers 5.24's default compressed route cannot bu
 quantized embedding (the head would be tied to the int8/packed tensor) or a packed ``Embedding``
 (its weight initialiser reads ``.weight``), so such checkpoints set ``dequantize: true`` in their
 quantization config: plain ``from_pretrained`` then decompresses every layer at load with
-compressed-tensors' own decompressors, the same values. vLLM cannot serve a quantized embedding or
-head: its compressed-tensors config gives quantization methods to ``LinearBase``, ``Attention`` and
-``FusedMoE`` layers only, and ``VocabParallelEmbedding``/``ParallelLMHead`` are neither (see docs).
+compressed-tensors' own decompressors, the same values. vLLM (CPU 0.32.0, checked) serves neither a
+quantized embedding nor head: its config rejects the int8 ``int-quantized`` group without input
+activations, and its Llama loader has no ``embed_tokens.weight_packed``; so they are kept by default
+(docs/VLLM.md).
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def storage_note(module: Any) -> str | None:
     return CONV1D_NOTE if is_conv1d(module) else None
 
 
+def storage_kind(layout: IntLayout) -> str:
+    """The compressed-tensors format one layer is stored in, as vLLM's scheme selection reads it
+    (vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py, 0.32):
+
+    - W8A8 (``activations="int8"``): ``int-quantized`` with dynamic per-token int8 input activations,
+      which vLLM serves as ``CompressedTensorsW8A8Int8`` (CPU: ``CPUInt8ScaledMMLinearKernel``);
+    - weight-only linears at every width, 8 bits included: ``pack-quantized`` (int32 words), the one
+      weight-only format vLLM's ``CompressedTensorsWNA16`` takes, and what llm-compressor's W8A16
+      preset writes. vLLM rejects an ``int-quantized`` group without input activations unless its
+      weights are floats (its config asserts it), so plain int8 weight-only cannot be served;
+    - an 8-bit embedding/head (``--embeddings 8``, which vLLM cannot serve anyway): ``int-quantized``,
+      whose plain ``weight`` transformers ties the head to.
+    """
+    if layout.activations is not None or (layout.bits == 8 and layout.table):
+        return "int-quantized"
+    return "pack-quantized"
+
+
 def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -66,17 +86,22 @@ def _schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
 
     groups: dict[tuple, list[str]] = {}
     for name, layout in layouts.items():  # experts in groups of their own (see quantcli.quant.moe.expert_target)
-        groups.setdefault((layout.bits, layout.group_size, layout.symmetric, is_expert_layer(name)), []).append(name)
+        key = (layout.bits, layout.group_size, layout.symmetric, storage_kind(layout), layout.activations, is_expert_layer(name))
+        groups.setdefault(key, []).append(name)
     schemes = {}
     ordered = sorted(groups.items(), key=lambda item: str(item[0]))
-    for index, ((bits, group_size, symmetric, experts), names) in enumerate(ordered):
+    for index, ((bits, group_size, symmetric, format_name, activations, experts), names) in enumerate(ordered):
         args = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
             strategy="group" if group_size else "channel", group_size=group_size,
         )
-        format_name = "int-quantized" if bits == 8 else "pack-quantized"
+        inputs = None
+        if activations == "int8":
+            inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True, strategy="token")
         targets = [expert_target(names)] if experts else sorted(names)
-        schemes[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=format_name)
+        schemes[f"group_{index}"] = QuantizationScheme(
+            targets=targets, weights=args, input_activations=inputs, format=format_name,
+        )
     return schemes
 
 
@@ -289,12 +314,30 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
         raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")
     model.tie_weights()
+    _quantize_inputs(model, quantization if isinstance(quantization, dict) else quantization.to_dict())
     return model.to(device).eval()
+
+
+def _quantize_inputs(model: Any, quantization_config: dict[str, Any]) -> None:
+    """W8A8 checkpoints: the layers whose scheme quantizes their inputs per token get them quantized
+    at run time (:mod:`quantcli.quant.activations`), as vLLM does when it serves them."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import is_match
+
+    from quantcli.quant.activations import attach, is_int8_token_dynamic
+
+    config = QuantizationConfig.model_validate(quantization_config)
+    schemes = [scheme for scheme in config.config_groups.values() if is_int8_token_dynamic(scheme.input_activations)]
+    if schemes:
+        modules = model.named_modules()
+        names = [name for name, module in modules if any(is_match(name, module, s.targets) for s in schemes)]
+        attach(model, [name for name in names if name not in set(config.ignore or [])])
 
 
 @register_format
 class CompressedTensors(Format):
-    """Integer layers (:class:`IntWeights`) as compressed-tensors ``int-quantized``/``pack-quantized``."""
+    """Integer layers (:class:`IntWeights`) as compressed-tensors ``pack-quantized``/``int-quantized``
+    (:func:`storage_kind`)."""
 
     name = "compressed-tensors"
 

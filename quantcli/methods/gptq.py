@@ -78,7 +78,10 @@ class GPTQQuantizer(Quantizer):
             return self._on_grid(request)
         from quantcli.methods.rtn import round_to_nearest
 
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer, request.scale_dtype)
+        plan = plan_layouts(
+            model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer,
+            request.scale_dtype, config.activations,
+        )
         plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
         notes: dict[str, list[str]] = {name: [] for name in plan}
 

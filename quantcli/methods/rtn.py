@@ -1,8 +1,8 @@
 """Round-to-nearest: pure-PyTorch INT8/INT4/INT3 weight quantization that runs wherever torch does.
 
 INT8 defaults to symmetric per-channel, INT4/INT3 to symmetric groups of 32 (``--asymmetric`` adds
-zero points). Written as a compressed-tensors checkpoint (``int-quantized`` for 8 bits,
-``pack-quantized`` below).
+zero points). Written as a compressed-tensors checkpoint (``pack-quantized``; ``int-quantized``
+for W8A8, see :func:`quantcli.formats.compressed_tensors.storage_kind`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ class RTNQuantizer(Quantizer):
         modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
-        plan = plan_layouts(model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer, request.scale_dtype)
+        plan = plan_layouts(
+            model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer,
+            request.scale_dtype, config.activations,
+        )
         plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
 
         def finish(name: str, hessian: None) -> IntWeights:

@@ -31,13 +31,18 @@ SMALLEST_GROUP = 8
 class IntLayout:
     """Bits, symmetry and grouping of one layer's integers (``group_size=None``: per channel), the
     observer that picks their scales (``minmax``, ``mse`` or ``signed``; it does not change the
-    storage), and the dtype the scales are stored in (``bfloat16``...; None: the weight's own)."""
+    storage), the dtype the scales are stored in (``bfloat16``...; None: the weight's own), whether
+    the layer is the input embedding or output head (``table``: stored as its own kind, see
+    :mod:`quantcli.formats.compressed_tensors`), and ``activations`` (``"int8"``: the layer's inputs
+    are quantized too, dynamic per token, W8A8; None: weight-only)."""
 
     bits: int
     symmetric: bool
     group_size: int | None
     observer: str = "minmax"
     scale_dtype: str | None = None
+    table: bool = False
+    activations: str | None = None
 
     def scale_dtype_for(self, weight_dtype: "torch.dtype") -> "torch.dtype":
         """The torch dtype the scales are rounded to and stored in, for a weight held in ``weight_dtype``."""
@@ -58,14 +63,21 @@ class IntGridConfig:
     group_size: int | None = None
     symmetric: bool = True
     observer: str | None = None
+    activations: str | None = None  # "int8": W8A8, inputs quantized per token at run time (quantcli.quant.activations)
+    smoothing: float | None = None  # with W8A8: SmoothQuant's migration strength alpha (quantcli.quant.smoothing)
 
     def __post_init__(self) -> None:
+        from quantcli.quant.activations import check_activations
+        from quantcli.quant.smoothing import check_smoothing
+
         if self.observer is None:
             object.__setattr__(self, "observer", default_observer(self.bits, self.symmetric))
         check_observer(self.observer)
         if self.observer == "signed" and not self.symmetric:
             raise InputError(f"observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop {option('symmetric', False)} or use {option('observer', 'minmax')}.")
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
+        check_activations(self.activations, self.bits, self.symmetric, self.layout_group_size)
+        check_smoothing(self.smoothing, self.activations)
 
     @property
     def layout_group_size(self) -> int | None:
@@ -73,7 +85,8 @@ class IntGridConfig:
         return None if self.group_size == PER_CHANNEL else self.group_size
 
     def grid_options(self) -> dict[str, object]:
-        return {"group_size": self.group_size, "symmetric": self.symmetric, "observer": self.observer}
+        extra = {key: getattr(self, key) for key in ("activations", "smoothing") if getattr(self, key) is not None}
+        return {"group_size": self.group_size, "symmetric": self.symmetric, "observer": self.observer, **extra}
 
 
 @dataclass
@@ -131,9 +144,10 @@ def group_size_for(in_features: int, requested: int) -> int:
 
 def plan_layouts(
     model: Any, names: tuple[str, ...], bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax",
-    scale_dtype: str | None = None,
+    scale_dtype: str | None = None, activations: str | None = None,
 ) -> dict[str, IntLayout]:
-    """Each layer's layout, group sizes by :func:`group_size_for`, scales stored in ``scale_dtype``."""
+    """Each layer's layout, group sizes by :func:`group_size_for`, scales stored in ``scale_dtype``,
+    inputs quantized as ``activations`` says (None: weight-only)."""
     from math import gcd
 
     from quantcli.quant.moe import is_expert_layer
@@ -156,6 +170,7 @@ def plan_layouts(
         name: IntLayout(
             bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer,
             None if name in experts else scale_dtype,
+            activations=activations,
         )
         for name, width in widths.items()
     }
@@ -173,10 +188,19 @@ def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridC
     ``token_embd`` in Q8_0), or 4 bits on the layers' grid."""
     modules = dict(model.named_modules())
     if bits == 8:
-        return {name: IntLayout(8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), "signed", scale_dtype) for name in tables}
+        return {
+            name: IntLayout(
+                8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), "signed", scale_dtype,
+                table=True,
+            )
+            for name in tables
+        }
     requested = grid.layout_group_size or DEFAULT_GROUP_SIZE
     return {
-        name: IntLayout(bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer, scale_dtype)
+        name: IntLayout(
+            bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer,
+            scale_dtype, table=True,
+        )
         for name in tables
     }
 

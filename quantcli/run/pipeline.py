@@ -93,7 +93,7 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None, recipe: P
     check_inputs_outside(output, run_inputs(config, recipe))
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
-    calibrates = method.needs_calibration or config.allocation is not None
+    calibrates = method.needs_calibration or config.allocation is not None or _smoothing(method_config) is not None
     calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if calibrates else None
     run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress(), evaluation, calibration_text, grid)
     with atomic_folder(output, config.force, resume=config.resume) as staging:
@@ -116,7 +116,7 @@ def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str
 
 def _quantizes_tables(run: _Run) -> bool:
     """Whether the input embedding and output head are quantized too (``--embeddings 8`` or ``4``)."""
-    return run.method.quantizes_tables and run.grid is None and run.config.embeddings != "keep" and run.config.bits < 16
+    return run.method.quantizes_tables and run.grid is None and run.config.embeddings not in ("keep", None) and run.config.bits < 16
 
 
 def _splits_experts(run: _Run) -> bool:
@@ -147,8 +147,13 @@ def _scale_dtype(run: _Run, kept_dtype: Any) -> str | None:
     return str(kept_dtype).removeprefix("torch.")
 
 
+def _smoothing(method_config: Any) -> float | None:
+    """SmoothQuant's alpha when the run smooths before quantizing (``--smoothing``), else None."""
+    return getattr(method_config, "smoothing", None)
+
+
 def _calibration(run: _Run, tokenizer: Any) -> Any:
-    if not run.method.needs_calibration and run.config.allocation is None:
+    if not run.method.needs_calibration and run.config.allocation is None and _smoothing(run.method_config) is None:
         return None
     start = time.perf_counter()
     with run.progress.task("calibration data", total=None):
@@ -156,6 +161,19 @@ def _calibration(run: _Run, tokenizer: Any) -> Any:
         batch = calibration_batch(run.calibration_text, tokenizer, calib.samples, calib.seq_len, calib.seed)
     run.timings["calibration"] = time.perf_counter() - start
     return batch
+
+
+def _quantize_inputs(quantized: Any, smoothed: dict[str, Any] | None) -> None:
+    """W8A8: the layers whose inputs are quantized at run time get them quantized here too (so the
+    perplexity measured next is the served model's); the smoothing done before goes into the stats."""
+    from quantcli.quant.activations import attach
+
+    layouts = {name: getattr(record, "layout", None) for name, record in quantized.records.items()}
+    names = [name for name, layout in layouts.items() if getattr(layout, "activations", None)]
+    if names:
+        quantized.stats["activations"] = {"int8_per_token_dynamic": len(attach(quantized.model, names))}
+    if smoothed is not None:
+        quantized.stats["smoothing"] = smoothed
 
 
 def _in_memory(run: _Run, staging: Path) -> PathResult:
@@ -192,6 +210,14 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         before = measure_perplexity(model, tokenizer, config.eval, progress, "original", source=run.evaluation)
         timings["eval_original"] = time.perf_counter() - start
     calibration = _calibration(run, tokenizer)
+    smoothed = None
+    if _smoothing(run.method_config) is not None:
+        from quantcli.quant.smoothing import smooth
+
+        start = time.perf_counter()
+        with progress.task("smoothing", total=None):
+            smoothed = smooth(model, calibration, _smoothing(run.method_config))
+        timings["smoothing"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with progress.task(f"quantize ({run.method_name})", total=len(selection.names)) as advance:
@@ -214,6 +240,7 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
             round_kept(quantized.model, set(quantized.records), kept_dtype)
         check_model_finite(quantized.model, config.model)
         refuse(quantized.model)  # evaluate with the fused experts plain transformers rebuilds from the checkpoint
+        _quantize_inputs(quantized, smoothed)
         del request
         gc.collect()
     timings["quantize"] = time.perf_counter() - start

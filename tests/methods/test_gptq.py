@@ -53,13 +53,13 @@ def calibration(tokenizer) -> torch.Tensor:
 
 
 def run_gptq(source: str, tokenizer, calibration: torch.Tensor, bits: int = 4, **options) -> QuantizedModel:
-    """GPTQ in memory, as the pipeline calls it: the embedding/head in int8, kept tensors and scales in bfloat16."""
+    """GPTQ in memory, as the pipeline calls it at its defaults: the embedding/head kept, kept tensors and scales in bfloat16."""
     from quantcli.quant.keptdtype import round_kept
 
     model = load_model(source, torch.float32, "cpu")
     method = get_method("gptq")
     config = method.make_config(bits, options)
-    selection = select_modules(model, tables=True)
+    selection = select_modules(model, tables=False)
     result = method.quantize(QuantizeRequest(source, model, tokenizer, selection.names, "cpu", torch.float32, config, calibration, tables=selection.tables, scale_dtype="bfloat16"))
     round_kept(result.model, set(result.records), torch.bfloat16)
     return result

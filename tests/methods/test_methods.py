@@ -81,7 +81,8 @@ def test_sizes_shrink_as_bits_shrink(runs):
         assert original > disk["bnb-nf4"]
     else:
         assert disk["bnb-int8"] > disk["bnb-nf4"]
-    assert runs["rtn4"]["size"]["quantized_bits_per_weight"] < 6 < runs["rtn8"]["size"]["quantized_bits_per_weight"] < 9  # int8 embedding, 16-bit norms
+    # the embedding (an eighth of stories260K) and norms 16-bit: measured 6.37 and 9.61 bits per weight
+    assert 6 < runs["rtn4"]["size"]["quantized_bits_per_weight"] < 7 < runs["rtn8"]["size"]["quantized_bits_per_weight"] < 10
 
 
 def test_down_proj_gets_the_nearest_dividing_group_size_stated_once(runs):
@@ -98,8 +99,8 @@ def test_down_proj_gets_the_nearest_dividing_group_size_stated_once(runs):
     }
     assert runs["rtn8"]["grouping"]["summary"] == "grouping: per channel, all 35 integer layers"
     assert runs["bnb-nf4"]["grouping"] is None
-    assert runs["rtn4"]["skipped"] == {}  # the tied embedding/head is quantized too (8-bit rows)
-    assert runs["rtn4"]["layers"]["lm_head"]["note"].startswith("tied to model.embed_tokens")
+    assert set(runs["rtn4"]["skipped"]) == {"model.embed_tokens", "lm_head"}  # kept 16-bit by default (vLLM serves no other)
+    assert runs["rtn4"]["skipped"]["lm_head"].startswith("tied to model.embed_tokens")
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -122,11 +123,11 @@ def test_checkpoint_describes_itself(runs):
     folder = runs["rtn4"]["output"]
     info = quantcli.inspect(folder)
     assert info["method"] == "rtn" and info["bits"] == 4 and info["format"] == "compressed-tensors"
-    assert len(info["layers"]) == 35 + 2  # + the embedding and its tied head
+    assert len(info["layers"]) == 35  # the embedding and its tied head are kept by default
     quantcli_path = Path(folder) / "config.json"
     config = json.loads(quantcli_path.read_text())
-    groups = config["quantization_config"]["config_groups"].values()  # 4-bit layers packed, the 8-bit embedding/head plain int8
-    assert config["quantization_config"]["format"] == "mixed-precision" and {g["format"] for g in groups} == {"pack-quantized", "int-quantized"}
+    groups = config["quantization_config"]["config_groups"].values()  # every weight-only layer packed, as vLLM's WNA16 takes them
+    assert config["quantization_config"]["format"] == "pack-quantized" and {g["format"] for g in groups} == {"pack-quantized"}
     saved = json.loads(quantcli_path.with_name("report.json").read_text())
     assert saved["perplexity_after"]["settings"] == {
         "dataset": "tinystories:eval", "protocol": "stream", "bos": "auto", "max_tokens": 2048, "seq_len": 256, "stride": 256,

@@ -52,7 +52,7 @@ def plain_logits(folder, ids):
 @pytest.mark.parametrize("method,bits", [("rtn", 4), ("gptq", 4), ("rtn", 8)])
 def test_tied_embedding_is_quantized_once_and_reloads_in_plain_transformers(stories_path, tmp_path, prompt_ids, method, bits):
     evaluation = EvalConfig(max_tokens=2048)
-    report = quantcli.quantize(QuantizeConfig(bits=bits, method=method, model=stories_path, output=tmp_path / "q", eval=evaluation))
+    report = quantcli.quantize(QuantizeConfig(bits=bits, method=method, model=stories_path, output=tmp_path / "q", eval=evaluation, embeddings=8))
     embedding, head = report.layers["model.embed_tokens"], report.layers["lm_head"]
     assert (embedding.bits, embedding.scheme, embedding.group_size, embedding.shape) == (8, "group", 32, (512, 64))
     assert (head.bits, head.scheme, head.group_size) == (8, "group", 32)
@@ -70,7 +70,7 @@ def test_tied_embedding_is_quantized_once_and_reloads_in_plain_transformers(stor
 
 
 def test_untied_embedding_and_head_are_quantized_apart_and_reload_in_plain_transformers(untied_gpt2, tmp_path, prompt_ids):
-    report = quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=untied_gpt2, output=tmp_path / "q", eval=None))
+    report = quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=untied_gpt2, output=tmp_path / "q", eval=None, embeddings=8))
     assert report.layers["transformer.wte"].bits == 8 and report.layers["lm_head"].bits == 8 and report.skipped == {}
     files = stored(tmp_path / "q")
     assert files["transformer.wte.weight"] == files["lm_head.weight"] == "I8"
@@ -88,8 +88,9 @@ def test_four_bit_embedding_option_is_packed_and_reloads_dequantized(untied_gpt2
     assert torch.equal(plain_logits(tmp_path / "q", prompt_ids), logits(quantcli.load(tmp_path / "q")[0], prompt_ids))
 
 
-def test_keep_embeddings_and_keep_dtype_float32(stories_path, tmp_path):
-    report = quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=stories_path, output=tmp_path / "keep", eval=None, embeddings="keep"))
+def test_embeddings_are_kept_by_default_and_keep_dtype_float32(stories_path, tmp_path):
+    """Kept 16-bit by default: vLLM serves only an unquantized embedding and head (issue 23)."""
+    report = quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=stories_path, output=tmp_path / "keep", eval=None))
     assert "model.embed_tokens" not in report.layers and "kept" in report.skipped["model.embed_tokens"]
     assert stored(tmp_path / "keep")["model.embed_tokens.weight"] == "BF16"
     quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=stories_path, output=tmp_path / "fp32", eval=None, keep_dtype="float32"))
@@ -98,7 +99,7 @@ def test_keep_embeddings_and_keep_dtype_float32(stories_path, tmp_path):
 
 
 def test_size_breakdown_sums_to_the_tensors_and_counts_all_parameters(stories_path, tmp_path):
-    report = quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=stories_path, output=tmp_path / "q", eval=None))
+    report = quantcli.quantize(QuantizeConfig(bits=4, method="rtn", model=stories_path, output=tmp_path / "q", eval=None, embeddings=8))
     breakdown = report.size["breakdown"]
     classes = {name: value["bytes"] for name, value in breakdown["classes"].items()}
     assert classes["embeddings"] == 512 * 64  # one int8 per weight, stored once
@@ -156,6 +157,9 @@ def test_cli_embeddings_flag(tmp_path):
 
     result = CliRunner().invoke(app, ["quantize", "-b", "4", "--embeddings", "seven", "-o", str(tmp_path / "x"), "--no-eval"])
     assert result.exit_code == 2 and "--embeddings must be 8, 4 or keep, got 'seven'" in result.output
-    result = CliRunner().invoke(app, ["quantize", "-b", "8", "--embeddings", "keep", "-o", str(tmp_path / "k"), "--no-eval", "-q", "--json"])
+    result = CliRunner().invoke(app, ["quantize", "-b", "8", "-o", str(tmp_path / "k"), "--no-eval", "-q", "--json"])
     assert result.exit_code == 0, result.output
-    assert "model.embed_tokens" in json.loads(result.stdout)["skipped"]
+    assert "model.embed_tokens" in json.loads(result.stdout)["skipped"]  # kept by default
+    result = CliRunner().invoke(app, ["quantize", "-b", "8", "--embeddings", "8", "-o", str(tmp_path / "e"), "--no-eval", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layers"]["model.embed_tokens"]["bits"] == 8

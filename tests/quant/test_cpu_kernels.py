@@ -83,7 +83,8 @@ def test_stories260K_logits_and_perplexity_match_dequantized(checkpoints, prompt
     assert len(kernel_layers) == swapped and len(fast.cpu_kernels_dense) == 35 - swapped
     stored = load_file(checkpoints / name / "model.safetensors")
     if backend == "int8-cpu":  # the checkpoint's own integers, not a re-quantization
-        assert torch.equal(fast.model.layers[0].self_attn.q_proj.q, stored["model.layers.0.self_attn.q_proj.weight"])
+        packed = stored["model.layers.0.self_attn.q_proj.weight_packed"]  # 8-bit weight-only: pack-quantized (W8A16)
+        assert torch.equal(fast.model.layers[0].self_attn.q_proj.q, ops.unpack(packed, 8, 64))
     a, b = logits(dense, prompt_ids), logits(fast, prompt_ids)
     assert (a - b).abs().max() < 0.02 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.93

@@ -31,7 +31,7 @@ def test_summary_once_in_human_output_and_json(tmp_path):
     assert human.exit_code == 0, human.output
     lines = [line for line in human.stdout.splitlines() if "grouping" in line or "fallback" in line]
     assert lines == ["grouping: 30 layers in groups of 32; 5 layers with in_features 172 in groups of 43 (32 does not divide 172)"]
-    result = runner.invoke(app, ["quantize", "-b", "4", "-m", "rtn", "-g", "-1", "--no-eval", "-o", str(tmp_path / "channel"), "-q", "--json"])
+    result = runner.invoke(app, ["quantize", "-b", "4", "-m", "rtn", "-g", "-1", "--embeddings", "8", "--no-eval", "-o", str(tmp_path / "channel"), "-q", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["grouping"]["summary"] == "grouping: per channel, all 35 integer layers"
