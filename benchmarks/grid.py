@@ -7,7 +7,7 @@
 
 Needs ``make smollm2`` (the default ``--model``). The model is loaded once; every row restores the fp32
 weights, rounds to nearest what its sweep rounds (in memory: no checkpoint is written; the pipeline's
-files reload to the same values, tests/test_wholemodel.py) and scores the standard WikiText windows
+files reload to the same values, tests/methods/test_wholemodel.py) and scores the standard WikiText windows
 (``benchmarks/lib/setups.py``). Each row is saved as it finishes, beside the rows of earlier runs; the
 ``fp32`` row (nothing rounded) gives every row its change in perplexity.
 

@@ -4,7 +4,7 @@ experts, each a copy of the dense MLP, random router, top-2 renormalised), rtn a
 
     python -m benchmarks.moe [--max-tokens 4096] [--samples 32]   # writes results/smollm2/moe.json
 
-Both models compute the same function in fp32 (tests/test_smollm2_moe.py), so the dense rows are the
+Both models compute the same function in fp32 (tests/promises/test_smollm2_moe.py), so the dense rows are the
 bar: the MoE quantizes 4 copies of every MLP, each expert calibrated on the tokens routed to it.
 Evaluation: WikiText-2 validation articles 1-30 in windows of 512; calibration: articles 31-60.
 """

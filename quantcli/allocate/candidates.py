@@ -7,7 +7,7 @@ candidates that land on the same layout for a tensor (``int4-g128`` and ``int4-g
 576-wide layer) are one choice there.
 
 Bytes are the compressed-tensors tensors the checkpoint stores (see
-:func:`quantcli.formats.compressed_tensors.compress_layer`): ``weight`` int8 (an 8-bit
+:func:`quantcli.formats.compressed_tensors.writer.compress_layer`): ``weight`` int8 (an 8-bit
 embedding/head, W8A8), or ``weight_packed`` int32 words plus ``weight_shape`` (weight-only linears,
 8 bits included); ``weight_scale`` in the model dtype; zero points when asymmetric.
 """

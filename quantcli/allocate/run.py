@@ -195,7 +195,7 @@ def compare_uniform(prepared: Prepared, kind: str, value: float, target_bytes: i
 
 def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) -> QuantizedModel:
     """Quantize ``request.model`` in place with a per-layer allocation meeting ``config.allocation``'s target."""
-    from quantcli.formats.compressed_tensors import compressed_result
+    from quantcli.formats.compressed_tensors.writer import compressed_result
 
     alloc = config.allocation
     kind, value = alloc.target

@@ -5,7 +5,7 @@ A config path finds its flag among the running command's options, then the other
 is ``--eval-dataset`` under ``quantize`` and ``--dataset`` under ``eval``. A value follows the flag
 (``--bits 3``); True is the flag alone, False its negative form (``--asymmetric``) and None the ``--no-``
 switch (``eval=None`` is ``--no-eval``). The flags are read from the Typer commands, not kept in a
-table: tests/test_option_names.py checks that every option the library names is found.
+table: tests/cli/test_option_names.py checks that every option the library names is found.
 """
 
 from __future__ import annotations

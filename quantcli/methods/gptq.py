@@ -68,7 +68,7 @@ class GPTQQuantizer(Quantizer):
     run_options = ("embeddings", "keep_dtype")
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.formats.compressed_tensors import compressed_result
+        from quantcli.formats.compressed_tensors.writer import compressed_result
 
         config, model = request.config, request.model
         if request.calibration is None:

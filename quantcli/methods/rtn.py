@@ -2,7 +2,7 @@
 
 INT8 defaults to symmetric per-channel, INT4/INT3 to symmetric groups of 32 (``--asymmetric`` adds
 zero points). Written as a compressed-tensors checkpoint (``pack-quantized``; ``int-quantized``
-for W8A8, see :func:`quantcli.formats.compressed_tensors.storage_kind`).
+for W8A8, see :func:`quantcli.formats.compressed_tensors.scheme.storage_kind`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RTNQuantizer(Quantizer):
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         from quantcli.quant.blockwise import quantize_blockwise
-        from quantcli.formats.compressed_tensors import compressed_result
+        from quantcli.formats.compressed_tensors.writer import compressed_result
 
         config = request.config
         model = request.model

@@ -90,3 +90,14 @@ def is_int8_token_dynamic(args: Any) -> bool:
         and get("symmetric") is not False
         and str(getattr(strategy, "value", strategy)) == "token"
     )
+
+
+def quantize_inputs(quantized: Any, smoothed: dict[str, Any] | None) -> None:
+    """W8A8: the layers whose inputs are quantized at run time get them quantized here too (so the
+    perplexity measured next is the served model's); the smoothing done before goes into the stats."""
+    layouts = {name: getattr(record, "layout", None) for name, record in quantized.records.items()}
+    names = [name for name, layout in layouts.items() if getattr(layout, "activations", None)]
+    if names:
+        quantized.stats["activations"] = {"int8_per_token_dynamic": len(attach(quantized.model, names))}
+    if smoothed is not None:
+        quantized.stats["smoothing"] = smoothed

@@ -26,6 +26,7 @@ from quantcli.methods import capable, default_method, get_method
 from quantcli.quant.records import QuantizeRequest
 from quantcli.sources.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
 from quantcli.measure.perplexity import check_context
+from quantcli.quant.activations import quantize_inputs
 from quantcli.quant.moe import fused_experts, is_expert_layer, refuse, unfuse
 from quantcli.progress import NullProgress, Progress
 from quantcli.run.report import QuantizeReport
@@ -163,19 +164,6 @@ def _calibration(run: _Run, tokenizer: Any) -> Any:
     return batch
 
 
-def _quantize_inputs(quantized: Any, smoothed: dict[str, Any] | None) -> None:
-    """W8A8: the layers whose inputs are quantized at run time get them quantized here too (so the
-    perplexity measured next is the served model's); the smoothing done before goes into the stats."""
-    from quantcli.quant.activations import attach
-
-    layouts = {name: getattr(record, "layout", None) for name, record in quantized.records.items()}
-    names = [name for name, layout in layouts.items() if getattr(layout, "activations", None)]
-    if names:
-        quantized.stats["activations"] = {"int8_per_token_dynamic": len(attach(quantized.model, names))}
-    if smoothed is not None:
-        quantized.stats["smoothing"] = smoothed
-
-
 def _in_memory(run: _Run, staging: Path) -> PathResult:
     """Load the whole model, quantize it, evaluate before/after if asked, and save it into ``staging``."""
     config, progress, timings = run.config, run.progress, run.timings
@@ -240,7 +228,7 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
             round_kept(quantized.model, set(quantized.records), kept_dtype)
         check_model_finite(quantized.model, config.model)
         refuse(quantized.model)  # evaluate with the fused experts plain transformers rebuilds from the checkpoint
-        _quantize_inputs(quantized, smoothed)
+        quantize_inputs(quantized, smoothed)
         del request
         gc.collect()
     timings["quantize"] = time.perf_counter() - start

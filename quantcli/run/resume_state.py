@@ -200,6 +200,8 @@ LAYOUT_TYPES = {
     "group_size": (int, type(None)),
     "observer": (str,),
     "scale_dtype": (str, type(None)),
+    "table": (bool,),
+    "activations": (str, type(None)),
 }
 
 
@@ -213,6 +215,6 @@ def _layout(cls: type, data: Any, bad: str, staging: Path) -> Any:
         )
     ):
         raise _refuse(staging, f"{bad} has a malformed layout {shown(data)}")
-    if data["scale_dtype"] not in (None, *DTYPES) or data["bits"] not in (2, 3, 4, 8):
+    if data["scale_dtype"] not in (None, *DTYPES) or data["bits"] not in (2, 3, 4, 8) or data["activations"] not in (None, "int8"):
         raise _refuse(staging, f"{bad} has a layout outside quantcli's grids {shown(data)}")
     return cls(**data)

@@ -6,7 +6,7 @@ window's tokens are kept only up to a point where its tokenization and the next 
 same tokens, ids and character spans, on both sides of that point, away from either window's
 edges); from there on the next window's tokens are used. So a 4 GB file is read only as far as the
 tokens asked for, and the ids equal those of the whole text tokenized at once (tested on a
-SentencePiece and a byte-level BPE tokenizer in tests/test_tokenstream.py).
+SentencePiece and a byte-level BPE tokenizer in tests/sources/test_tokenstream.py).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def test_solver_rounds_fractional_amounts_up_so_the_budget_holds():
 
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (8, None, False), (4, 43, True), (4, 43, False), (3, 43, True), (4, None, True)])
 def test_stored_bytes_are_what_compressed_tensors_writes(bits, group, symmetric):
-    from quantcli.formats.compressed_tensors import compress_layer
+    from quantcli.formats.compressed_tensors.writer import compress_layer
     from quantcli.quant import ops
     from quantcli.quant.intgrid import IntWeights
 

@@ -14,7 +14,7 @@ import quantcli
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
 from quantcli.errors import InputError
 from quantcli.formats import save
-from quantcli.formats.compressed_tensors import CONV1D_NOTE
+from quantcli.formats.compressed_tensors.scheme import CONV1D_NOTE
 from quantcli.methods import available_methods, get_method
 from quantcli.quant import ops
 from quantcli.quant.intgrid import IntLayout

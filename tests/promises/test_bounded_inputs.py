@@ -1,7 +1,7 @@
 """Every file quantcli reads is bounded and type-checked before parsing (issue 25, class 3): a model folder
 whose config.json is a FIFO or a link to /dev/zero, a tokenizer linked to /dev/zero, or a config.json
 declaring 100,000 layers fails in one line within seconds, before any model is built. (GGUF headers:
-tests/test_gguf_integrity.py; the resume state: tests/test_resume_checks.py.)"""
+tests/promises/test_gguf_integrity.py; the resume state: tests/promises/test_resume_checks.py.)"""
 
 from __future__ import annotations
 

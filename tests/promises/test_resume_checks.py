@@ -153,3 +153,13 @@ def test_a_broken_state_file_is_refused_and_the_shards_kept(setup, tmp_path, mak
     with pytest.raises(ResumeStateError) as raised:
         resume(model, target)
     assert refused(tmp_path, target, str(raised.value)).startswith(why)
+
+
+def test_the_resume_state_checks_every_field_of_a_layout():
+    """A field added to IntLayout must be checked in resume.json too, or every resume of such a run is refused."""
+    import dataclasses
+
+    from quantcli.quant.intgrid import IntLayout
+    from quantcli.run.resume_state import LAYOUT_TYPES
+
+    assert set(LAYOUT_TYPES) == {field.name for field in dataclasses.fields(IntLayout)}

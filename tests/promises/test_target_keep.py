@@ -1,7 +1,7 @@
 """A size target is met on disk when the search keeps layers (issue 25, class 7): "keep" is written in the
 dtype it is priced in, so the bytes on disk equal the prediction; a run that quantized nothing says so;
 a target nothing can meet is exit 4 with the smallest achievable size; --bits with a target is refused
-(tests/test_unhonoured.py)."""
+(tests/promises/test_unhonoured.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """W8A8 (``--activations int8``) and SmoothQuant smoothing on the embedded stories260K: the checkpoint
 is what vLLM's int8 path reads, quantcli's eval and reload really quantize the activations (what an
 integer matmul computes), smoothing leaves the full-precision model's function unchanged, and every
-request the int8 path cannot serve is refused before any work. vLLM itself: tests/test_vllm.py."""
+request the int8 path cannot serve is refused before any work. vLLM itself: tests/formats/test_vllm.py."""
 
 from __future__ import annotations
 
