@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from quantcli.quant.layers import weight_matrix
 from quantcli.safetensors_dtypes import FROM_TORCH as _DTYPES
 from quantcli.safetensors_dtypes import WIDTHS as _BYTES
-
 
 if TYPE_CHECKING:
     from quantcli.quant.intgrid import IntLayout
@@ -69,7 +69,6 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
     layout owns are stored in ``kept_dtype`` (e.g. ``bfloat16``; None: as held)."""
     import json
 
-    from quantcli.quant.layers import weight_matrix
 
     modules = dict(model.named_modules())  # type: ignore[attr-defined]
     tensors, owners = [], {}

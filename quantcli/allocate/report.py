@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.errors import option
-
+from quantcli.measure.plot import pyplot
 
 UNITS = {"ppl_increase": "%", "kl": " nats/token", "size": " bytes", "bpw": " bits/weight"}
 
@@ -45,8 +45,6 @@ def describe(summary: dict[str, Any]) -> list[str]:
 def plot_allocation(summary: dict[str, Any], path: Path) -> Path:
     """Size on disk vs KL: the predicted curve the solver searched, each verified round, and every
     uniform scheme (predicted and measured) on the same axes."""
-    from quantcli.measure.plot import pyplot
-
     plt = pyplot(path)
     figure, axes = plt.subplots(figsize=(8, 5.5))
     curve = summary["frontier"]

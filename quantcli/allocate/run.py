@@ -19,13 +19,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantcli.allocate.candidates import checkpoint_bytes
-from quantcli.config.allocation import parse_candidates
-from quantcli.allocate.search import _layouts, _predicted, _solve, assemble, frontier, layer_options, probe, size_choice, table_options, uniform_choices
-from quantcli.allocate.verify import Verifier, windows
+from quantcli.allocate.report import plot_allocation
+from quantcli.allocate.search import (
+    _layouts,
+    _predicted,
+    _solve,
+    assemble,
+    frontier,
+    layer_options,
+    probe,
+    size_choice,
+    table_options,
+    uniform_choices,
+)
 from quantcli.allocate.sensitivity import hessians, output_fisher
+from quantcli.allocate.verify import Verifier, windows
+from quantcli.config.allocation import parse_candidates
 from quantcli.errors import GateFailedError, option
+from quantcli.formats.compressed_tensors.writer import compressed_result
+from quantcli.quant.keptdtype import storage_dtype
+from quantcli.quant.layers import parameter_count, set_weight_matrix, weight_matrix
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
-from quantcli.quant.layers import set_weight_matrix, weight_matrix
+from quantcli.sources.datasets import read_documents
 
 ENOUGH = 0.8  # a round that meets the target using at least this share of it ends the search
 
@@ -65,8 +80,6 @@ class Prepared:
 
 def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -> Prepared:
     """Measure sensitivities and round every layer every way (``request.model`` is left unchanged)."""
-    from quantcli.sources.datasets import read_documents
-
     alloc, calib, model = config.allocation, config.calibration, request.model
     candidates = parse_candidates(list(alloc.candidates))
     search_spec = alloc.search_dataset or calib.dataset
@@ -74,7 +87,6 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     search_source, verify_source = read_documents(search_spec, calib.text_column), read_documents(verify_spec, calib.text_column)
     seq_len = config.eval.seq_len if config.eval is not None else calib.seq_len
     seconds: dict[str, float] = {}
-    from quantcli.quant.keptdtype import storage_dtype
 
     kept = storage_dtype(config.keep_dtype or "auto", request.source, model)
     kept_dtype = str(kept).removeprefix("torch.") if kept is not None else None
@@ -108,8 +120,6 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
     """Solve, verify, tighten and repeat, then try the uniform schemes that could be smaller: the
     chosen allocation (left assembled in the model), every round, the index of the chosen one, and
     the target in bytes for size targets."""
-    from quantcli.quant.layers import parameter_count
-
     model, base, table, verify = prepared.model, prepared.base, prepared.table, prepared.verify
     target_bytes = value if kind == "size" else math.floor(value * parameter_count(model) / 8) if kind == "bpw" else None
     rounds: list[dict[str, Any]] = []
@@ -195,8 +205,6 @@ def compare_uniform(prepared: Prepared, kind: str, value: float, target_bytes: i
 
 def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) -> QuantizedModel:
     """Quantize ``request.model`` in place with a per-layer allocation meeting ``config.allocation``'s target."""
-    from quantcli.formats.compressed_tensors.writer import compressed_result
-
     alloc = config.allocation
     kind, value = alloc.target
     prepared = prepare(request, method, config, progress)
@@ -232,7 +240,6 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
     if alloc.plot:
         from pathlib import Path
 
-        from quantcli.allocate.report import plot_allocation
 
         plot_allocation(summary, Path(alloc.plot))
     return compressed_result(model, method, bits, options, records, notes, {"allocation": summary})

@@ -21,14 +21,16 @@ from typing import Any
 
 import torch
 
-from quantcli.quant import ops
 from quantcli.allocate.candidates import checkpoint_bytes, stored_bytes
-from quantcli.config.allocation import Candidate
 from quantcli.allocate.sensitivity import base_log_probs, measured_kl, proxy, spearman
 from quantcli.allocate.solver import solve
+from quantcli.config.allocation import Candidate
 from quantcli.errors import GateFailedError, option
-from quantcli.quant.intgrid import IntLayout, IntWeights
-from quantcli.quant.layers import set_weight_matrix, weight_matrix
+from quantcli.methods.rtn import round_to_nearest
+from quantcli.quant import ops
+from quantcli.quant.gptq_solver import gptq_quantize
+from quantcli.quant.intgrid import TABLE_NOTE, IntLayout, IntWeights, table_layouts
+from quantcli.quant.layers import is_tied, set_weight_matrix, weight_matrix
 
 
 @dataclass
@@ -49,11 +51,8 @@ class Option:
 def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout) -> tuple[IntWeights, list[str]]:
     """``matrix`` as ``layout`` by the run's method: gptq with the layer's Hessian, or rtn."""
     if method == "gptq":
-        from quantcli.quant.gptq_solver import gptq_quantize
-
         hessian = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1])
         return gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
-    from quantcli.methods.rtn import round_to_nearest
 
     return round_to_nearest(matrix, layout), []
 
@@ -95,8 +94,6 @@ def table_options(model: Any, base: Any, request: Any, windows: torch.Tensor, ke
     the layers' 4-bit grid; scales in ``request.scale_dtype``). No Hessian (their inputs are
     one-hot), so each option's cost is measured: the KL on ``windows`` with only that table changed.
     A head tied to a quantized embedding stores the scales again: counted in the option's bytes."""
-    from quantcli.quant.intgrid import TABLE_NOTE, table_layouts
-    from quantcli.quant.layers import is_tied
 
     modules = dict(model.named_modules())
     reference = base_log_probs(base, windows) if request.tables else []

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from quantcli.quant.blockwise import ModelBlocks, quantize_blockwise
 from quantcli.quant.layers import weight_matrix
 
 BATCH = 8  # windows per forward pass
@@ -24,8 +25,6 @@ BATCH = 8  # windows per forward pass
 def hessians(model: Any, names: tuple[str, ...], calibration: torch.Tensor) -> dict[str, torch.Tensor | None]:
     """Each layer's ``2/n·XᵀX`` on ``calibration`` through the unquantized model (layers sharing an
     input share one tensor); None for a layer no calibration pass reaches."""
-    from quantcli.quant.blockwise import ModelBlocks, quantize_blockwise
-
     found: dict[str, torch.Tensor | None] = {}
     last: list[torch.Tensor | None] = [None]
 

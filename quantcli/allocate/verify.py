@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from quantcli.allocate.sensitivity import BATCH, base_log_probs
+from quantcli.errors import DatasetError
+from quantcli.sources.datasets import token_sequences
 
 
 def windows(source: Any, tokenizer: Any, tokens: int, seq_len: int, what: str) -> torch.Tensor:
     """``tokens // seq_len`` windows of ``seq_len`` tokens, non-overlapping and evenly spaced over
     the text's stream (its first 2^20 tokens), so they sample all of its documents, not the first few."""
-    from quantcli.sources.datasets import token_sequences
-    from quantcli.errors import DatasetError
 
     stream = token_sequences(source, tokenizer, "stream", "auto", max(1 << 20, tokens))[0]
     available = stream.numel() // seq_len
@@ -60,8 +60,6 @@ class Verifier:
     (``windows × vocabulary`` floats)."""
 
     def __init__(self, base: Any, windows: torch.Tensor, spec: str, confidence: float = 0.95) -> None:
-        from quantcli.errors import DatasetError
-
         if windows.shape[0] < 2:
             raise DatasetError(f"verification text {spec} gives one window of {windows.shape[1]} tokens; the confidence bound needs at least 2."
                                " Use more text or raise verify_tokens.")

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from quantcli.checkpoint.paths import apply_umask, check_not_input, check_output_location, check_replaceable
 from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt, ResumeStateError, option
 
 RESUME_FILE = "resume.json"  # in the staging folder of a --low-memory run: the settings and finished shards
@@ -19,8 +20,6 @@ RESUME_FILE = "resume.json"  # in the staging folder of a --low-memory run: the 
 
 def check_output(target: Path, force: bool, source: str, resume: bool = False) -> None:
     """Fail early, before any work, when writing ``target`` would clobber something."""
-    from quantcli.checkpoint.paths import check_not_input, check_output_location
-
     check_not_input(target, source)
     clean_stale(target, keep_resumable=resume)
     check_output_location(target, force, source)
@@ -106,13 +105,11 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
     staging.mkdir(exist_ok=True)
     try:
         yield staging
-        from quantcli.checkpoint.paths import apply_umask
 
         apply_umask(staging)
         if target.exists():
             if not force:
                 raise OutputExistsError(f"output folder {target} appeared while quantizing. Pass {option('force', True)} to replace it.")
-            from quantcli.checkpoint.paths import check_replaceable
 
             check_replaceable(target)
             retired = target.parent / f".{target.name}.old-{os.getpid()}"

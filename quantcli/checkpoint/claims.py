@@ -12,16 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quantcli.checkpoint.metadata import check_claims
 from quantcli.errors import CheckpointError
+from quantcli.sources.models import skeleton
+from quantcli.sources.remote import ships_code
 
 
 def check_claims_on_skeleton(folder: Path, metadata: dict[str, Any]) -> None:
     """:func:`quantcli.checkpoint.metadata.check_claims` with the model built on the meta device from config.json."""
     import torch
 
-    from quantcli.checkpoint.metadata import check_claims
-    from quantcli.sources.remote import ships_code
-    from quantcli.sources.models import skeleton
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

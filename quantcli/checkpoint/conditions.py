@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from quantcli.errors import CheckpointError, InputError, OutputWriteError, UnavailableError, option
 from quantcli.limits import shown
+from quantcli.sources.model_files import read_json
 
 STREAM_ERRNOS = (errno.EPIPE, errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EBADF)
 STAGING_SUFFIX = len(".partial-") + len(str(2**22)) + 1  # the leading dot, then .partial-PID (pid_max is at most 2^22)
@@ -84,8 +85,6 @@ def check_output_name(target: Path) -> None:
 
 def check_not_quantized(source: str) -> None:
     """A checkpoint that is already quantized is not re-quantized: its weights are codes, not a model's."""
-    from quantcli.sources.model_files import read_json
-
     folder = Path(source)
     config = read_json(folder / "config.json") if folder.is_dir() else None
     quantization = config.get("quantization_config") if isinstance(config, dict) else None

@@ -11,8 +11,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quantcli.checkpoint.claims import check_claims_on_skeleton
 from quantcli.checkpoint.metadata import METADATA_FILE, check_claims, check_metadata_fields, read_metadata, table_layers
 from quantcli.errors import CheckpointError, InputError, ModelLoadError, QuantCliError, option
+from quantcli.formats import format_names, get_format
+from quantcli.sources.models import (
+    REMOTE_CODE_HINT,
+    bytes_on_disk,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+    weight_files,
+)
 
 BACKENDS = ("auto", "int8-cpu", "int4-cpu")
 
@@ -26,8 +39,6 @@ def load(
     weight-only integer kernels on CPU (see :mod:`quantcli.quant.cpu_kernels`); ``"auto"`` runs every
     checkpoint with dequantized weights.
     """
-    from quantcli.sources.models import check_vocab, load_tokenizer, pick_device, resolve_model
-
     if backend not in BACKENDS:
         raise InputError(f"{option('backend')} must be one of {', '.join(BACKENDS)}, got {backend!r}.")
 
@@ -49,8 +60,6 @@ def load(
         raise
     except Exception as error:  # noqa: BLE001 - a corrupt file makes the readers raise anything; name it
         if "trust_remote_code" in str(error):
-            from quantcli.sources.models import REMOTE_CODE_HINT
-
             raise ModelLoadError(REMOTE_CODE_HINT.format(source=path)) from None
         why = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise CheckpointError(
@@ -80,8 +89,6 @@ def _integer_weights_only(source: str) -> bool:
 
 
 def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remote_code: bool) -> Any:
-    from quantcli.formats import format_names, get_format
-    from quantcli.sources.models import load_model, pick_dtype
 
     if metadata is None and Path(source).is_dir() and _integer_weights_only(source):
         metadata = {"format": "compressed-tensors"}
@@ -95,8 +102,6 @@ def _load(source: str, metadata: dict[str, Any] | None, device: str, trust_remot
 
 def inspect(path: str | Path) -> dict[str, Any]:
     """The metadata of a quantcli checkpoint (method, bits, per-layer map) plus its size on disk."""
-    from quantcli.sources.models import bytes_on_disk, weight_files
-
     folder = Path(path)
     if not folder.is_dir():
         raise InputError(f"{path} is not a folder. Pass the output folder of quantcli quantize.")
@@ -104,7 +109,6 @@ def inspect(path: str | Path) -> dict[str, Any]:
     if metadata is None:
         raise CheckpointError(f"{path} has no {METADATA_FILE}: it was not written by quantcli quantize. Use quantcli eval for any checkpoint.")
     check_metadata_fields(metadata, folder / METADATA_FILE)
-    from quantcli.checkpoint.claims import check_claims_on_skeleton
 
     check_claims_on_skeleton(folder, metadata)  # never print claims the checkpoint contradicts
     return {**metadata, "disk_bytes": bytes_on_disk(weight_files(str(folder)))}

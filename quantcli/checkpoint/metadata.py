@@ -12,8 +12,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from quantcli import __version__
 from quantcli.errors import CheckpointError, InputError
+from quantcli.limits import MAX_METADATA_BYTES, read_bounded
+from quantcli.methods import available_methods
 from quantcli.sources.integrity import few_names
+from quantcli.strict_json import write_json
 
 FORMAT_VERSION = 1
 METADATA_FILE = "quantcli.json"
@@ -22,8 +26,6 @@ REPORT_FILE = "report.json"
 
 def write_metadata(folder: Path, fields: dict[str, Any]) -> None:
     """Write ``folder/quantcli.json`` from ``fields`` (method, bits, format, options, layers, ...) and the version."""
-    from quantcli import __version__
-    from quantcli.strict_json import write_json
 
     write_json(folder / METADATA_FILE, {"format_version": FORMAT_VERSION, "quantcli_version": __version__, **fields})
 
@@ -34,8 +36,6 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        from quantcli.limits import MAX_METADATA_BYTES, read_bounded
-
         metadata = json.loads(read_bounded(path, "checkpoint metadata", MAX_METADATA_BYTES).decode("utf-8"))
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
@@ -105,7 +105,6 @@ def _scheme_bits(folder: Path, names: Any = ()) -> dict[str, int]:
 
 def check_claims(folder: Path, metadata: dict[str, Any], model: Any) -> None:
     """quantcli.json's method, bits and per-layer map must agree with the config and the weights."""
-    from quantcli.methods import available_methods
     from quantcli.quant.moe import expert_shapes
 
     path = Path(folder) / METADATA_FILE

@@ -9,8 +9,7 @@ import tempfile
 from pathlib import Path
 
 from quantcli.checkpoint.metadata import METADATA_FILE
-from quantcli.errors import InputError, OutputWriteError, option
-
+from quantcli.errors import InputError, OutputExistsError, OutputWriteError, option
 
 
 def _real(path: Path | str) -> Path:
@@ -79,8 +78,6 @@ def check_output_location(target: Path, force: bool, source: str) -> None:
         raise InputError(f"output {target} is the current folder or holds it; it cannot be replaced while in use. Choose another {option('output')}.")
     if target.exists() or target.is_symlink():
         if not force:
-            from quantcli.errors import OutputExistsError
-
             raise OutputExistsError(f"output folder {target} already exists. Pass {option('force', True)} to replace it, or choose another {option('output')}.")
         check_replaceable(target)
     check_writable(target)

@@ -6,8 +6,12 @@ from typing import Optional
 
 import typer
 
+from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import BACKEND_OPTION, DEVICE_OPTION, JSON_OPTION, QUIET_OPTION
+from quantcli.config.gates import GateLimits, enforce
+from quantcli.measure.speed import BenchConfig
+from quantcli.measure.speed import bench as run_bench
 
 
 @handle_errors
@@ -25,10 +29,6 @@ def bench(
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Prefill and decode tokens/s, latency per token and memory (medians over repeats)."""
-    from quantcli.cli import render
-    from quantcli.config.gates import GateLimits, enforce
-    from quantcli.measure.speed import BenchConfig
-    from quantcli.measure.speed import bench as run_bench
 
     config = BenchConfig(prompt_tokens, new_tokens, repeats, warmup, backend=backend)
     result = run_bench(model, config, base, device, GateLimits(min_speedup=min_speedup), render.RichProgress(enabled=not quiet))

@@ -11,26 +11,27 @@ from typing import Any, Callable
 
 import typer
 
+from quantcli.checkpoint.conditions import documented_conditions
+from quantcli.cli.flags import cli_text
+from quantcli.cli.render import tolerate_terminal_encoding
+from quantcli.cli.signals import describe, exit_code, terminate_as_interrupt
+from quantcli.errors import QuantCliError
+from quantcli.limits import clip_message
+
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one stderr line and the documented exit code."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from quantcli.errors import QuantCliError
-
         debug = os.environ.get("QUANTCLI_DEBUG", "") not in ("", "0")
-        from quantcli.cli.render import tolerate_terminal_encoding
 
         tolerate_terminal_encoding()
         if not debug:  # quantcli draws its own progress; keep the libraries' bars and chatter off stderr
             os.environ.setdefault("TQDM_DISABLE", "1")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        from quantcli.cli.signals import describe, exit_code, terminate_as_interrupt
 
         try:
-            from quantcli.checkpoint.conditions import documented_conditions
-
             with terminate_as_interrupt(), documented_conditions():
                 return command(*args, **kwargs)
         except (typer.Exit, typer.TyperException):  # usage errors keep Typer's standard format
@@ -38,8 +39,6 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except QuantCliError as error:
             if debug:
                 raise
-            from quantcli.cli.flags import cli_text
-            from quantcli.limits import clip_message
 
             print(f"error: {clip_message(cli_text(error, wrapper))}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
@@ -49,7 +48,6 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as error:  # noqa: BLE001 - the boundary where bugs become one line
             if debug:
                 raise
-            from quantcli.limits import clip_message
 
             print(f"internal error: {type(error).__name__}: {clip_message(str(error), 400)}. Set QUANTCLI_DEBUG=1 for the traceback and report it.", file=sys.stderr)
             raise typer.Exit(1) from None

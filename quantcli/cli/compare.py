@@ -7,8 +7,12 @@ from typing import List, Optional
 
 import typer
 
+from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import JSON_OPTION, QUIET_OPTION
+from quantcli.config.quantize import DEFAULT_EVAL_DATASET, EvalConfig
+from quantcli.measure.compare import compare as run_compare
+from quantcli.measure.compare import markdown as to_markdown
 
 
 @handle_errors
@@ -23,10 +27,6 @@ def compare(
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """One table across quantized checkpoints: size, bits/weight, perplexity, change vs base, KL."""
-    from quantcli.cli import render
-    from quantcli.measure.compare import compare as run_compare
-    from quantcli.measure.compare import markdown as to_markdown
-    from quantcli.config.quantize import DEFAULT_EVAL_DATASET, EvalConfig
 
     config = EvalConfig(DEFAULT_EVAL_DATASET, seq_len, None, max_tokens)
     result = run_compare(list(dirs), base, config, plot, render.RichProgress(enabled=not quiet))

@@ -6,8 +6,11 @@ from typing import Optional
 
 import typer
 
+from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import DEVICE_OPTION, JSON_OPTION, QUIET_OPTION
+from quantcli.config.quantize import DEFAULT_EVAL_DATASET, EvalConfig
+from quantcli.measure.evaluation import evaluate
 
 
 @handle_errors
@@ -29,9 +32,6 @@ def eval_command(
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Perplexity (with a 95% interval), speed and memory of any checkpoint, original or quantized."""
-    from quantcli.cli import render
-    from quantcli.config.quantize import DEFAULT_EVAL_DATASET, EvalConfig
-    from quantcli.measure.evaluation import evaluate
 
     config = EvalConfig(
         dataset or DEFAULT_EVAL_DATASET, seq_len, stride, max_tokens, bos, batch_size, protocol, text_column, doc_separator

@@ -7,6 +7,7 @@ from typing import Any
 
 from quantcli.errors import EXIT_CODES
 
+
 def _exit_codes() -> str:
     return "\b\nExit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
 

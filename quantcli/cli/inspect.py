@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from quantcli.checkpoint.load import inspect as inspect_checkpoint
+from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import JSON_OPTION
 
@@ -16,8 +18,6 @@ def inspect(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Method, bits, per-layer map and size of a quantized checkpoint."""
-    from quantcli.cli import render
-    from quantcli.checkpoint.load import inspect as inspect_checkpoint
 
     info = inspect_checkpoint(path)
     render.print_json(info) if json_output else render.render_inspect(info)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from quantcli.cli.flags import cli_text
+from quantcli.methods import available_methods
+
 
 def methods() -> None:
     """List the quantization methods and whether each can run here."""
-    from quantcli.cli.flags import cli_text
-    from quantcli.methods import available_methods
 
     for cls in available_methods():
         reason = cls().unavailable_reason("cpu")

@@ -8,8 +8,11 @@ from typing import List, Optional
 
 import typer
 
+from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import JSON_OPTION, QUIET_OPTION, given
+from quantcli.config.gates import enforce
+from quantcli.config.recipes import merge_quantize_config
 
 # Literal so --help stays fast; tests/cli/test_help.py holds it to the method registry (names, defaults).
 METHOD_HELP = (
@@ -80,9 +83,6 @@ def quantize(
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Quantize MODEL, write the checkpoint, and report size and perplexity before and after."""
-    from quantcli.cli import render
-    from quantcli.config.recipes import merge_quantize_config
-    from quantcli.config.gates import enforce
     from quantcli.run.pipeline import quantize as run_quantize
 
     if sequential:

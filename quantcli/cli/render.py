@@ -8,10 +8,22 @@ from typing import Any, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from quantcli.allocate.report import describe
+from quantcli.cli.flags import cli_text
+from quantcli.config.gates import GateResult
 from quantcli.sources.gguf_input import summary as gguf_summary
+from quantcli.strict_json import dumps
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True)
@@ -52,8 +64,6 @@ def tolerate_terminal_encoding() -> None:
 
 
 def print_json(data: Any) -> None:
-    from quantcli.strict_json import dumps
-
     stdout.out(dumps(data, indent=2), highlight=False)
 
 
@@ -112,9 +122,6 @@ def render_quantize(report: dict[str, Any]) -> None:
         stdout.print(f"[yellow]fallback[/] {name}: {note}")
     render_weights(report.get("weights"), report.get("stats") or {})
     if (report.get("stats") or {}).get("allocation"):
-        from quantcli.allocate.report import describe
-
-        from quantcli.cli.flags import cli_text
 
         for line in describe(report["stats"]["allocation"]):
             stdout.print(cli_text(line), markup=False)
@@ -141,8 +148,6 @@ def render_weights(weights: dict[str, Any] | None, stats: dict[str, Any]) -> Non
 
 
 def render_gates(records: list[dict[str, Any]]) -> None:
-    from quantcli.cli.flags import cli_text
-    from quantcli.config.gates import GateResult
 
     for record in records:
         result = GateResult(**record)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantcli.config.validators import check_positive, parse_size
 from quantcli.errors import InputError, option
+from quantcli.quant.intgrid import IntLayout, group_size_for
 
 if TYPE_CHECKING:
     from quantcli.quant.intgrid import IntLayout
@@ -31,8 +32,6 @@ class Candidate:
     group_size: int | None = None
 
     def layout(self, in_features: int, symmetric: bool, observer: str, scale_dtype: str | None = None) -> IntLayout | None:
-        from quantcli.quant.intgrid import IntLayout, group_size_for
-
         if self.bits is None:
             return None
         group = None if self.group_size is None else group_size_for(in_features, self.group_size)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from quantcli.errors import GateFailedError, InputError, option
+from quantcli.limits import check_finite
 
 MB = 10**6
 
@@ -25,8 +26,6 @@ class GateLimits:
     min_speedup: float | None = None
 
     def __post_init__(self) -> None:
-        from quantcli.limits import check_finite
-
         for name, value in asdict(self).items():
             check_finite(f"gate {option('gates.' + name)}", value)
 

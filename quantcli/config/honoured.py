@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from quantcli.errors import InputError, option
+from quantcli.formats import get_format
+from quantcli.methods import available_methods
 
 RUN_OPTIONS = ("embeddings", "keep_dtype")  # honoured by the methods that declare them
 ALLOCATION_FIXES = {
@@ -34,8 +36,6 @@ def given_options(config: Any) -> dict[str, Any]:
 
 def refuse_unhonoured(config: Any, method: Any) -> None:
     """Refuse the first given option that ``config``'s format, ``method`` or target would not use."""
-    from quantcli.formats import get_format
-    from quantcli.methods import available_methods
 
     output = config.format or method.output_format
     fixed = get_format(output).fixed_options

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantcli.config.allocation import AllocationConfig
-from quantcli.errors import InputError, option
 from quantcli.config.gates import GateLimits
 from quantcli.config.validators import check_positive, check_type, parse_size
+from quantcli.errors import InputError, option
+from quantcli.formats.gguf.types import TYPES, block_type
 from quantcli.limits import bound_calibration, bound_eval, shown
+from quantcli.methods import capable
 from quantcli.sources.models import DEFAULT_MODEL
 
 DEFAULT_CALIB_DATASET = "tinystories:calib"
@@ -176,8 +178,6 @@ class QuantizeConfig:
         if self.format is not None:
             raise InputError(f"{option('allocation')} writes a mixed-precision compressed-tensors checkpoint; drop {option('format', 'gguf')}.")
         if self.method is not None:
-            from quantcli.methods import capable
-
             allocating = capable("allocates")
             if self.method not in allocating:
                 names = " or ".join([option("method", allocating[0]), *allocating[1:]])
@@ -200,8 +200,6 @@ class QuantizeConfig:
             )
 
     def _check_gguf(self) -> None:
-        from quantcli.formats.gguf.types import TYPES, block_type
-
         if self.format is None:
             raise InputError(f"{option('gguf_type')} needs {option('format', 'gguf')}.")
         if self.format != "gguf":

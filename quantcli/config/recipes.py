@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from quantcli.config.allocation import AllocationConfig
-from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.errors import InputError, option
 from quantcli.config.gates import GateLimits
-from quantcli.limits import shown
+from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
+from quantcli.config.strictyaml import load_strict
+from quantcli.errors import InputError, option
+from quantcli.formats.gguf.types import block_type
+from quantcli.limits import MAX_RECIPE_BYTES, read_bounded, shown
 
 _SECTIONS = {"calibration": CalibrationConfig, "eval": EvalConfig, "gates": GateLimits, "allocation": AllocationConfig}
 
@@ -119,8 +121,6 @@ def merge_quantize_config(
             )
         recipe["bits"] = 4  # nominal: each layer's bits come from its chosen candidate
     if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
-        from quantcli.formats.gguf.types import block_type
-
         recipe["bits"] = block_type(recipe["gguf_type"]).bits
     if "bits" not in recipe:
         raise InputError(f"no {option('bits')} given. Pass {option('bits', 8)} or {option('bits', 4)}, or a {option('config')} recipe that sets bits.")
@@ -150,8 +150,6 @@ def _recipe_section(recipe: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 def load_recipe(path: Path) -> dict[str, Any]:
     """Read a YAML recipe file into a plain mapping (validated later by :func:`config_from_mapping`)."""
-    from quantcli.limits import MAX_RECIPE_BYTES, read_bounded
-    from quantcli.config.strictyaml import load_strict
 
     try:
         text = read_bounded(Path(path), "recipe", MAX_RECIPE_BYTES).decode("utf-8")

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from quantcli.errors import CheckpointError
 from quantcli.registry import Registry
+from quantcli.sources.models import load_model
 
 
 class Format:
@@ -41,8 +42,6 @@ class Format:
 
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
         """A runnable model from a checkpoint in this format."""
-        from quantcli.sources.models import load_model
-
         return load_model(folder, "auto", device, trust_remote_code)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quantcli.formats import Format, register_format
+from quantcli.quant.layers import unpack_cpu_4bit
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +43,6 @@ class Bitsandbytes(Format):
     name = "bitsandbytes"
 
     def save(self, quantized: Any, folder: Any, max_shard_size: int | None = None) -> None:
-        from quantcli.quant.layers import unpack_cpu_4bit
-
         unpack_cpu_4bit(quantized.model)  # bitsandbytes 0.50 saves a CPU-repacked, non-nested absmax transposed
         super().save(quantized, folder, max_shard_size)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from quantcli.formats import Format, register_format
+from quantcli.quant.keptdtype import store_kept
+from quantcli.sources.models import load_model
 
 
 @register_format
@@ -16,12 +18,8 @@ class Dense(Format):
         """As transformers saves it, with the tensors no record owns in the run's kept dtype (an allocation
         that keeps every layer is priced in it: the bytes on disk are the predicted ones)."""
         if quantized.kept_dtype is not None:
-            from quantcli.quant.keptdtype import store_kept
-
             store_kept(quantized.model, set(quantized.records), quantized.kept_dtype)
         super().save(quantized, folder, max_shard_size)
 
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
-        from quantcli.sources.models import load_model
-
         return load_model(folder, "auto", device, trust_remote_code)

@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import SCHEMA_VERSION
-from quantcli.checkpoint.load import inspect
+from quantcli.checkpoint.conditions import check_report_types
+from quantcli.checkpoint.load import inspect, load
 from quantcli.checkpoint.metadata import REPORT_FILE
+from quantcli.checkpoint.paths import check_writable
 from quantcli.config.quantize import EvalConfig
-from quantcli.errors import CheckpointError, InputError, option
+from quantcli.errors import CheckpointError, InputError, OutputWriteError, option
+from quantcli.limits import MAX_METADATA_BYTES, read_bounded
+from quantcli.measure.evaluation import evaluate, measure_perplexity
+from quantcli.measure.plot import layer_errors, plot_compare
 from quantcli.progress import NullProgress, Progress
-
 
 
 def _report(folder: Path) -> dict[str, Any] | None:
@@ -21,22 +25,17 @@ def _report(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        from quantcli.limits import MAX_METADATA_BYTES, read_bounded
-
         report = json.loads(read_bounded(path, "report", MAX_METADATA_BYTES).decode("utf-8"))
     except InputError as error:
         raise CheckpointError(str(error)) from None
     except (ValueError, RecursionError) as error:
         raise CheckpointError(f"{path} is corrupt ({error}). Re-run quantcli quantize.") from None
-    from quantcli.checkpoint.conditions import check_report_types
 
     check_report_types(report, path)
     return report
 
 
 def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None, base_loaded: Any) -> dict[str, Any]:
-    from quantcli.measure.evaluation import evaluate
-
     info = inspect(folder)
     report = _report(folder) or {}
     parameters = (report.get("size") or {}).get("parameters")
@@ -66,15 +65,12 @@ def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None,
 def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None = None, plot: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Rows for ``dirs``; with ``base`` (loaded once), every checkpoint is re-evaluated against it on
     ``config`` (so perplexity, its change and KL share one setting); ``plot`` also draws the trade-off PNG."""
-    from quantcli.checkpoint.load import load
-    from quantcli.measure.evaluation import measure_perplexity
 
     if not dirs:
         raise InputError("pass at least one quantcli output folder to compare.")
     progress = progress or NullProgress()
     config = config or EvalConfig()
     if plot is not None:  # before any evaluation: a bad --plot path must not cost the whole run
-        from quantcli.checkpoint.paths import check_writable
 
         if Path(plot).suffix.lower() != ".png":
             raise InputError(f"{option('plot', plot)}: write a .png file.")
@@ -96,8 +92,6 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         "settings_note": None if base else settings_note(rows),
     }
     if plot is not None:
-        from quantcli.measure.plot import layer_errors, plot_compare
-
         reference = base or rows[0]["source_model"]
         if reference is None:
             raise InputError(f"the per-layer error plot needs the original model. Pass {option('base', 'MODEL')}.")
@@ -106,8 +100,6 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         try:
             result["plot"] = str(plot_compare(rows, errors, Path(plot)))
         except OSError as error:
-            from quantcli.errors import OutputWriteError
-
             raise OutputWriteError(f"cannot write {option('plot', plot)}: {error.strerror or error}. Choose a writable {option('plot')} path.") from None
     return result
 

@@ -8,15 +8,15 @@ from typing import Any
 from quantcli import SCHEMA_VERSION
 from quantcli.checkpoint.load import load
 from quantcli.config.quantize import EvalConfig
-from quantcli.sources.datasets import TextSource, read_documents, token_sequences
 from quantcli.errors import DatasetError, option
-from quantcli.quant.finite import check_perplexity_finite
-from quantcli.sources.gguf_input import describe
-from quantcli.sources.integrity import check_same_vocabulary
-from quantcli.quant.layers import bytes_in_memory
-from quantcli.sources.models import bytes_on_disk, resolve_model, weight_files
 from quantcli.measure.perplexity import EvalResult, check_context, evaluate_sequences
 from quantcli.progress import NullProgress, Progress
+from quantcli.quant.finite import check_perplexity_finite
+from quantcli.quant.layers import bytes_in_memory
+from quantcli.sources.datasets import TextSource, read_documents, token_sequences
+from quantcli.sources.gguf_input import describe
+from quantcli.sources.integrity import check_same_vocabulary
+from quantcli.sources.models import bytes_on_disk, resolve_model, weight_files
 
 
 def eval_source(config: EvalConfig) -> TextSource:

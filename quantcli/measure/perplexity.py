@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from quantcli.errors import DatasetError, InputError, option
+
 if TYPE_CHECKING:
     import torch
 
@@ -23,8 +25,6 @@ class Window:
 
 def check_context(model: Any, seq_len: int, name: str = "eval.seq_len") -> None:
     """Refuse windows (of the option ``name``) longer than the model's context (``max_position_embeddings``)."""
-    from quantcli.errors import InputError, option
-
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
         raise InputError(f"{option(name, seq_len)} is beyond the model's context of {limit} tokens (max_position_embeddings). Use {option(name, limit)} or less.")
@@ -97,8 +97,6 @@ def evaluate_sequences(
     total = sum(int(s.numel()) for s in sequences)
     plan = [(index, window) for index, sequence in enumerate(sequences) for window in windows(int(sequence.numel()), seq_len, stride)]
     if not plan:
-        from quantcli.errors import DatasetError
-
         raise DatasetError(f"the evaluation text has {total} token(s) in {len(sequences)} sequence(s); perplexity needs at least 2 in one.")
     device = next(model.parameters()).device
     nlls: list[torch.Tensor] = []

@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quantcli.checkpoint.load import load
 from quantcli.errors import InputError, UnavailableError, option
+from quantcli.quant.layers import dense_weight_matrix, weight_matrix
 
 
 def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
     """``||W_q - W|| / ||W||`` of every quantized layer of ``checkpoint`` against ``reference``'s weights."""
     import torch
 
-    from quantcli.checkpoint.load import load
-    from quantcli.quant.layers import dense_weight_matrix, weight_matrix
 
     quantized, _, metadata = load(checkpoint, "cpu")
     original = load(reference, "cpu")[0]

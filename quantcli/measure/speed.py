@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from quantcli import SCHEMA_VERSION
+from quantcli.checkpoint.conditions import check_bench_context
+from quantcli.checkpoint.load import load
+from quantcli.config.gates import GateLimits, check_speedup, to_records
 from quantcli.config.quantize import DEFAULT_EVAL_DATASET
 from quantcli.config.validators import check_positive
 from quantcli.errors import DatasetError, InputError, option
-from quantcli.config.gates import GateLimits, check_speedup, to_records
+from quantcli.limits import bound_bench
 from quantcli.progress import NullProgress, Progress
-
+from quantcli.quant.layers import bytes_in_memory
+from quantcli.sources.datasets import read_documents, token_sequences
+from quantcli.sources.models import pick_device
 
 
 @dataclass(frozen=True)
@@ -38,15 +43,12 @@ class BenchConfig:
             check_positive(option(name), getattr(self, name))
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise InputError(f"{option('warmup')} must be 0 or more, got {self.warmup!r}.")
-        from quantcli.limits import bound_bench
 
         bound_bench(self)
 
 
 def prompt_ids(tokenizer: Any, config: BenchConfig) -> Any:
     """The first ``prompt_tokens`` tokens of the evaluation text (as ``tokenizer(text)``), shape ``[1, N]``."""
-    from quantcli.sources.datasets import read_documents, token_sequences
-
     stream = token_sequences(read_documents(config.dataset), tokenizer, "stream", "auto", config.prompt_tokens)[0]
     if stream.numel() < config.prompt_tokens:
         raise DatasetError(f"{config.dataset} holds {stream.numel()} tokens, fewer than {option('prompt_tokens', config.prompt_tokens)}.")
@@ -149,8 +151,6 @@ def _run(model: Any, ids: Any, new_tokens: int, memory: _Memory) -> tuple[float,
 
 def measure(model: Any, ids: Any, config: BenchConfig) -> dict[str, Any]:
     """Median prefill and decode speed of a loaded model over ``config.repeats`` runs after warm-up."""
-    from quantcli.quant.layers import bytes_in_memory
-
     device = next(model.parameters()).device
     ids = ids.to(device)
     memory = _Memory(device)  # before warm-up: the first run is where activations and caches grow
@@ -175,10 +175,7 @@ def measure(model: Any, ids: Any, config: BenchConfig) -> dict[str, Any]:
 
 def bench(model: str, config: BenchConfig, base: str | None = None, device: str = "auto", limits: GateLimits | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Speed and memory of ``model`` (and of ``base`` with speedup ratios); gates recorded, not raised."""
-    from quantcli.checkpoint.load import load
-    from quantcli.sources.models import pick_device
 
-    from quantcli.checkpoint.conditions import check_bench_context
 
     progress = progress or NullProgress()
     limits = limits or GateLimits()

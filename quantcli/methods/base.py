@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from quantcli.errors import InputError, option
+from quantcli.methods import capable
 
 if TYPE_CHECKING:
     from quantcli.quant.records import QuantizedModel, QuantizeRequest
@@ -65,8 +66,6 @@ class Quantizer:
         """The method's config; with a GGUF ``grid`` the bits are the grid's, whatever the method's integer widths."""
         if grid is not None:
             if not self.block_grids:
-                from quantcli.methods import capable
-
                 first, *others = capable("block_grids")
                 names = " or ".join([option("method", first), *others])
                 raise InputError(f"{option('format', 'gguf')} works with {names}, not {self.name}.")

@@ -18,9 +18,9 @@ from quantcli.errors import InputError, UnavailableError, option
 from quantcli.formats.bitsandbytes import BLOCK
 from quantcli.methods import register_method
 from quantcli.methods.base import Quantizer
+from quantcli.quant.layers import is_conv1d
 from quantcli.quant.records import LayerRecord, QuantizedModel, QuantizeRequest
 from quantcli.sources.models import load_model
-from quantcli.quant.layers import is_conv1d
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,20 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from quantcli.quant import ops
-from quantcli.quant.blockwise import quantize_blockwise
 from quantcli.errors import InputError
-from quantcli.quant.gptq_solver import gptq_on_grid, gptq_quantize
-from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, plan_layouts, table_layouts
+from quantcli.formats.compressed_tensors.writer import compressed_result
+from quantcli.formats.gguf.types import fixed_grid
+from quantcli.formats.gguf.writer import quantize_on_grid
 from quantcli.methods import register_method
 from quantcli.methods.base import Quantizer
-from quantcli.quant.records import QuantizedModel, QuantizeRequest
+from quantcli.methods.rtn import round_to_nearest
+from quantcli.quant import ops
+from quantcli.quant.blockwise import quantize_blockwise
+from quantcli.quant.gptq_solver import gptq_on_grid, gptq_quantize
+from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, plan_layouts, table_layouts
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 from quantcli.quant.moe import calibration_rule
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 
 
 @dataclass(frozen=True)
@@ -68,15 +72,12 @@ class GPTQQuantizer(Quantizer):
     run_options = ("embeddings", "keep_dtype")
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.formats.compressed_tensors.writer import compressed_result
-
         config, model = request.config, request.model
         if request.calibration is None:
             raise InputError("gptq needs calibration data: pass calibration token windows in the request.")
         modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
-        from quantcli.methods.rtn import round_to_nearest
 
         plan = plan_layouts(
             model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer,
@@ -118,8 +119,6 @@ class GPTQQuantizer(Quantizer):
         """GPTQ choosing the codes of the request's GGUF block type, its scales llama.cpp's reference
         ones from the original weights, each row's range shrunk where the clip search finds it better
         (``--no-clip-search``: exactly the reference scales)."""
-        from quantcli.formats.gguf.writer import quantize_on_grid
-        from quantcli.formats.gguf.types import fixed_grid
 
         config = request.config
 

@@ -17,20 +17,26 @@ from typing import ClassVar
 
 import torch
 
-from quantcli.quant import ops
-from quantcli.quant.blockwise import quantize_blockwise
 from quantcli.errors import InputError
 from quantcli.formats.bitsandbytes import BLOCK, NF4Weights, pack_nf4
-from quantcli.quant.intgrid import IntLayout
 from quantcli.methods import register_method
 from quantcli.methods.base import Quantizer
-from quantcli.quant.records import QuantizedModel, QuantizeRequest
 from quantcli.methods.bnb import (
-    bitsandbytes_missing, build_result, fourbit_fallbacks, fourbit_quantization_config, fourbit_record, kept_linears,
-    load_quantized, split_layers,
+    bitsandbytes_missing,
+    build_result,
+    fourbit_fallbacks,
+    fourbit_quantization_config,
+    fourbit_record,
+    kept_linears,
+    load_quantized,
+    split_layers,
 )
+from quantcli.quant import ops
+from quantcli.quant.blockwise import quantize_blockwise
 from quantcli.quant.gptq_solver import gptq_quantize
+from quantcli.quant.intgrid import IntLayout
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 
 
 @dataclass(frozen=True)

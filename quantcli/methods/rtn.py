@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quantcli.quant import ops
-from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
+from quantcli.formats.compressed_tensors.writer import compressed_result
+from quantcli.formats.gguf.types import round_to_nearest as round_to_block
+from quantcli.formats.gguf.writer import quantize_on_grid
 from quantcli.methods import register_method
 from quantcli.methods.base import Quantizer
-from quantcli.quant.records import QuantizedModel, QuantizeRequest
+from quantcli.quant import ops
+from quantcli.quant.blockwise import quantize_blockwise
+from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +43,6 @@ class RTNQuantizer(Quantizer):
     run_options = ("embeddings", "keep_dtype")
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        from quantcli.quant.blockwise import quantize_blockwise
-        from quantcli.formats.compressed_tensors.writer import compressed_result
 
         config = request.config
         model = request.model
@@ -69,8 +71,6 @@ class RTNQuantizer(Quantizer):
 
     def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
         """llama.cpp's own reference rounding onto the request's GGUF block type, layer by layer."""
-        from quantcli.formats.gguf.writer import quantize_on_grid
-        from quantcli.formats.gguf.types import round_to_nearest as round_to_block
 
         return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian, kind: (round_to_block(matrix, kind), []))
 

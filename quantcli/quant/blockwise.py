@@ -21,6 +21,7 @@ import torch
 
 from quantcli.errors import UnavailableError, option
 from quantcli.quant.layers import weight_matrix
+from quantcli.quant.moe import merge_expert_groups, tokens_per_expert
 
 BATCH = 8  # calibration samples per forward pass
 
@@ -193,8 +194,6 @@ def quantize_blockwise(
     gets the calibration tokens each layer's Hessian saw, before ``quantize_layer`` is called.
     ``blocks`` is :class:`ModelBlocks` or a streaming source with the same methods. Returns memory
     and calibration stats (with tokens per expert for a mixture-of-experts model)."""
-    from quantcli.quant.moe import merge_expert_groups, tokens_per_expert
-
     tokens = {} if tokens is None else tokens
     modules = dict(blocks.model.named_modules())
     prefix = blocks.prefix

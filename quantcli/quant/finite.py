@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from quantcli.errors import ModelLoadError, option
+from quantcli.quant.layers import weight_matrix
 
 SCALE_LIMIT = 1e30  # |weight| above this makes (max - min) / levels or its products overflow float32
 
@@ -27,8 +28,6 @@ def check_weight_range(name: str, weight: Any, source: str) -> None:
 
 
 def check_layers_quantizable(model: Any, names: tuple[str, ...], source: str) -> None:
-    from quantcli.quant.layers import weight_matrix
-
     modules = dict(model.named_modules())
     for name in names:
         check_weight_range(name, weight_matrix(modules[name]), source)

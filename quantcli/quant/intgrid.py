@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import InputError, option
+from quantcli.quant.activations import check_activations
 from quantcli.quant.layers import weight_matrix
+from quantcli.quant.smoothing import check_smoothing
 
 if TYPE_CHECKING:
     import torch
@@ -67,8 +69,6 @@ class IntGridConfig:
     smoothing: float | None = None  # with W8A8: SmoothQuant's migration strength alpha (quantcli.quant.smoothing)
 
     def __post_init__(self) -> None:
-        from quantcli.quant.activations import check_activations
-        from quantcli.quant.smoothing import check_smoothing
 
         if self.observer is None:
             object.__setattr__(self, "observer", default_observer(self.bits, self.symmetric))

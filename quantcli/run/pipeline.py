@@ -10,28 +10,44 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantcli.allocate.run import allocate
 from quantcli.checkpoint.atomic import atomic_folder, check_output
 from quantcli.checkpoint.conditions import check_not_quantized, check_output_name
-from quantcli.config.quantize import QuantizeConfig
-from quantcli.sources.datasets import TextSource, calibration_batch, read_documents
-from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
-from quantcli.measure.evaluation import eval_source, measure_perplexity
-from quantcli.quant.finite import check_layers_quantizable, check_model_finite
-from quantcli.config.honoured import refuse_unhonoured
 from quantcli.checkpoint.inputs import check_inputs_outside, run_inputs
-from quantcli.sources.integrity import check_streamed, file_shapes
-from quantcli.quant.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
-from quantcli.formats import save
-from quantcli.methods import capable, default_method, get_method
-from quantcli.quant.records import QuantizeRequest
-from quantcli.sources.models import bytes_on_disk, check_finite, check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, weight_files
+from quantcli.config.honoured import refuse_unhonoured
+from quantcli.config.quantize import QuantizeConfig
+from quantcli.errors import InputError, ResumableInterrupt, UnavailableError, option
+from quantcli.formats import get_format, save
+from quantcli.formats.gguf.types import block_type
+from quantcli.formats.gguf.writer import check_architecture
+from quantcli.measure.evaluation import eval_source, measure_perplexity
 from quantcli.measure.perplexity import check_context
-from quantcli.quant.activations import quantize_inputs
-from quantcli.quant.moe import fused_experts, is_expert_layer, refuse, unfuse
+from quantcli.methods import capable, default_method, get_method
 from quantcli.progress import NullProgress, Progress
+from quantcli.quant.activations import quantize_inputs
+from quantcli.quant.finite import check_layers_quantizable, check_model_finite
+from quantcli.quant.keptdtype import round_kept, storage_dtype
+from quantcli.quant.layers import bytes_in_memory, is_conv1d, parameter_count, select_modules
+from quantcli.quant.moe import fused_experts, is_expert_layer, refuse, unfuse
+from quantcli.quant.records import QuantizeRequest
+from quantcli.quant.smoothing import smooth
 from quantcli.run.report import QuantizeReport
 from quantcli.run.reportfiles import PathResult, write_reports
-
+from quantcli.run.streaming import ShardBlocks
+from quantcli.sources.datasets import TextSource, calibration_batch, read_documents
+from quantcli.sources.integrity import check_streamed, file_shapes
+from quantcli.sources.models import (
+    bytes_on_disk,
+    check_finite,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+    skeleton,
+    weight_files,
+)
 
 
 def check_streamable(method: str, device: str) -> None:
@@ -77,8 +93,6 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None, recipe: P
     method = get_method(method_name)
     grid = None
     if config.format == "gguf":
-        from quantcli.formats.gguf.types import block_type
-
         grid = block_type(config.gguf_type)
     method_config = method.make_config(config.bits, config.method_options, grid)
     refuse_unhonoured(config, method)
@@ -134,7 +148,6 @@ def _kept_dtype(run: _Run, model: Any) -> Any:
     """The 16-bit (or asked) dtype an integer checkpoint stores its unquantized tensors in, or None."""
     if run.method.output_format != "compressed-tensors" or run.grid is not None:  # GGUF keeps norms in F32, as llama.cpp does
         return None
-    from quantcli.quant.keptdtype import storage_dtype
 
     return storage_dtype(run.config.keep_dtype or "auto", run.source, model)
 
@@ -174,8 +187,6 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
         if run.grid is not None:
-            from quantcli.formats.gguf.writer import check_architecture
-
             check_architecture(model.config)
         if run.method.needs_calibration or config.allocation is not None:
             check_context(model, config.calibration.seq_len, "calibration.seq_len")
@@ -200,8 +211,6 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
     calibration = _calibration(run, tokenizer)
     smoothed = None
     if _smoothing(run.method_config) is not None:
-        from quantcli.quant.smoothing import smooth
-
         start = time.perf_counter()
         with progress.task("smoothing", total=None):
             smoothed = smooth(model, calibration, _smoothing(run.method_config))
@@ -216,13 +225,10 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         )
         del model
         if config.allocation is not None:
-            from quantcli.allocate.run import allocate
-
             quantized = allocate(request, run.method_name, config, progress)
         else:
             quantized = run.method.quantize(request)
         if kept_dtype is not None:  # evaluate the values the checkpoint stores
-            from quantcli.quant.keptdtype import round_kept
 
             quantized.kept_dtype = kept_dtype
             round_kept(quantized.model, set(quantized.records), kept_dtype)
@@ -250,9 +256,6 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
 
 def _stream(run: _Run, staging: Path) -> PathResult:
     """Quantize one decoder block at a time from the safetensors shards, writing each into ``staging``."""
-    from quantcli.formats import get_format
-    from quantcli.run.streaming import ShardBlocks
-    from quantcli.sources.models import skeleton
 
     config, progress = run.config, run.progress
     if Path(run.source).is_file():  # resolve_model lets only GGUF files through

@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 from quantcli.measure.perplexity import EvalResult
+from quantcli.quant.intgrid import PER_CHANNEL, describe_grouping
 from quantcli.quant.records import LayerRecord
-
+from quantcli.safetensors_dtypes import tensor_bytes
 
 SIZE_CLASSES = ("embeddings", "head", "quantized_linears", "scales_and_zero_points", "other")
 SCALE_TENSORS = ("weight_scale", "weight_zero_point", "weight_global_scale")
@@ -22,7 +23,6 @@ def size_breakdown(
     with the safetensors dtypes it is stored in. ``bits_per_weight`` counts all tensor bytes over all parameters."""
     from safetensors import safe_open
 
-    from quantcli.safetensors_dtypes import tensor_bytes
 
     totals = dict.fromkeys(SIZE_CLASSES, 0)
     dtypes: dict[str, set[str]] = {name: set() for name in SIZE_CLASSES}
@@ -105,7 +105,6 @@ class QuantizeReport:
         """How rtn/gptq grouped the integer layers, stated once (None for methods without groups)."""
         if "group_size" not in self.options:
             return None
-        from quantcli.quant.intgrid import PER_CHANNEL, describe_grouping
 
         layers = {name: (layer.shape[1], layer.group_size) for name, layer in self.layers.items() if layer.shape and name not in self.tables}
         requested = self.options["group_size"]

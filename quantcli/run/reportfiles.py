@@ -10,18 +10,18 @@ from typing import Any
 
 from quantcli import SCHEMA_VERSION, __version__
 from quantcli.allocate.report import allocation_map
-from quantcli.strict_json import write_json
 from quantcli.checkpoint.metadata import REPORT_FILE, write_metadata
-from quantcli.config.quantize import QuantizeConfig
 from quantcli.config.gates import check_quantize, to_records
-from quantcli.sources.gguf_input import describe
-from quantcli.quant.layers import table_names
-from quantcli.quant.records import QuantizedModel
-from quantcli.sources.models import bytes_on_disk, weight_files
+from quantcli.config.quantize import QuantizeConfig
 from quantcli.measure.perplexity import EvalResult
-from quantcli.run.report import QuantizeReport, size_breakdown, size_summary
-from quantcli.run.coverage import weight_coverage
+from quantcli.quant.layers import table_names
 from quantcli.quant.moe import checkpoint_renamer
+from quantcli.quant.records import QuantizedModel
+from quantcli.run.coverage import weight_coverage
+from quantcli.run.report import QuantizeReport, size_breakdown, size_summary
+from quantcli.sources.gguf_input import describe
+from quantcli.sources.models import bytes_on_disk, weight_files
+from quantcli.strict_json import write_json
 
 
 @dataclass

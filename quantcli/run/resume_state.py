@@ -20,9 +20,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from quantcli import __version__
 from quantcli.checkpoint.atomic import RESUME_FILE
 from quantcli.errors import ResumeStateError, option
+from quantcli.formats.bitsandbytes import NF4Weights
 from quantcli.limits import MAX_METADATA_BYTES, read_bounded, shown
+from quantcli.quant.intgrid import IntLayout, IntWeights
+from quantcli.strict_json import dumps
 
 ACTIVATIONS_FILE = "activations.safetensors"  # in the staging folder: the next block's calibration inputs
 DTYPES = ("int8", "uint8", "int32", "float32", "float16", "bfloat16")
@@ -33,8 +37,6 @@ FRESH_START = f"Run the same command without {option('resume', True)} to start o
 
 def record_types() -> dict[str, tuple[type, type | None]]:
     """The layer records a streamed method writes, by the key resume.json names them with (and their layout)."""
-    from quantcli.formats.bitsandbytes import NF4Weights
-    from quantcli.quant.intgrid import IntLayout, IntWeights
 
     return {"IntWeights": (IntWeights, IntLayout), "NF4Weights": (NF4Weights, None)}
 
@@ -65,7 +67,6 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from quantcli import __version__
 
     return {
         "quantcli": __version__,
@@ -83,8 +84,6 @@ def seal(state: dict[str, Any]) -> dict[str, Any]:
 
 def write_state(staging: Path, state: dict[str, Any]) -> None:
     """Replace resume.json atomically: a kill leaves the previous state or this one, never half of it."""
-    from quantcli.strict_json import dumps
-
     state = seal(state)
     path = staging / RESUME_FILE
     temporary = path.with_name(f".{RESUME_FILE}.tmp")

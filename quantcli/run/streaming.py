@@ -19,12 +19,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantcli.checkpoint.atomic import RESUME_FILE
-from quantcli.strict_json import write_json
 from quantcli.errors import InputError, option
-from quantcli.safetensors_dtypes import tensor_bytes
+from quantcli.quant.finite import check_weight_range
+from quantcli.quant.layers import weight_matrix
 from quantcli.run.resume_state import (
-    ACTIVATIONS_FILE, file_hash, fingerprint, read_state, record_from_json, record_to_json, versions, write_state,
+    ACTIVATIONS_FILE,
+    file_hash,
+    fingerprint,
+    read_state,
+    record_from_json,
+    record_to_json,
+    versions,
+    write_state,
 )
+from quantcli.safetensors_dtypes import tensor_bytes
+from quantcli.strict_json import write_json
 
 
 def source_tensors(source: str) -> dict[str, Path]:
@@ -161,8 +170,6 @@ class ShardBlocks:
 
     def _check_range(self, layers: list[str]) -> None:
         """Refuse a layer whose values are too large for a finite scale, as the in-memory run does up front."""
-        from quantcli.quant.finite import check_weight_range
-        from quantcli.quant.layers import weight_matrix
 
         for name in layers:
             check_weight_range(name, weight_matrix(self.modules[name]), "")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from quantcli.errors import DatasetError, InputError, option
+from quantcli.limits import check_dataset_file
+from quantcli.sources.causes import quiet_datasets, root_cause
 from quantcli.sources.tokenstream import special_ids, text_ids
 
 if TYPE_CHECKING:
@@ -126,7 +128,6 @@ def _text_column(dataset: Any, spec: str, text_column: str | None) -> str:
 def _rows(spec: str, path: str, name: str | None, split: str, text_column: str | None, data_files: str | None = None) -> list[str]:
     import datasets
 
-    from quantcli.sources.causes import quiet_datasets, root_cause
 
     quiet_datasets()
     try:
@@ -161,7 +162,6 @@ def read_documents(spec: str, text_column: str | None = None, doc_separator: str
     """Open ``spec`` (see the module docstring) and check it can be read, before any model loads.
     A plain text file is checked on its first MiB and read lazily later."""
     path = Path(spec).expanduser()
-    from quantcli.limits import check_dataset_file
 
     check_dataset_file(path, spec)
     if path.is_file():

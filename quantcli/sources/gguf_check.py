@@ -22,6 +22,7 @@ from typing import Any
 
 from quantcli.errors import CheckpointError, ModelLoadError
 from quantcli.limits import shown
+from quantcli.sources.integrity import check_loading_info
 
 SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
 STRING, ARRAY = 8, 9
@@ -191,7 +192,6 @@ def check_loaded(model: Any, info: dict[str, Any], reader: Any, path: Path) -> N
     """Refuse weights the file lacks (random in the model) and tensors the model has no place for."""
     import gguf
 
-    from quantcli.sources.integrity import check_loading_info
 
     arch = _text(reader, "general.architecture") or ""
     missing = sorted(info.get("missing_keys") or ())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantcli.errors import ModelLoadError, UnavailableError
+from quantcli.sources.gguf_check import check_blocks, check_layout, check_loaded
 
 MISSING = "reading {path} needs the gguf package (llama.cpp's reader), which is not installed. Run: pip install 'quantcli[gguf]'"
 
@@ -47,7 +48,6 @@ def source_format(source: str | Path) -> dict[str, Any]:
     """What the file held before dequantization: its file type and the count of tensors per type."""
     path = Path(source)
     gguf = _require_gguf(path)
-    from quantcli.sources.gguf_check import check_layout
 
     check_layout(path)  # bounded: the reader below would loop over any count the header claims
     try:
@@ -100,7 +100,6 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     """
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    from quantcli.sources.gguf_check import check_blocks, check_loaded
 
     path = Path(source)
     source_format(path)  # a corrupt file (or no gguf package) fails here, with a readable message

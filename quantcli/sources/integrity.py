@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from quantcli.errors import CheckpointError
+from quantcli.errors import CheckpointError, InputError, option
 
 _ALWAYS_IGNORED = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$")  # buffers old checkpoints still carry
 
@@ -78,8 +78,6 @@ def file_shapes(where: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 
 def check_same_vocabulary(name: str, model: Any, tokenizer: Any, base: str, base_model: Any, base_tokenizer: Any) -> None:
     """KL and top-1 agreement compare the two models token by token: they need one vocabulary."""
-    from quantcli.errors import InputError, option
-
     rows = model.get_output_embeddings().weight.shape[0]
     base_rows = base_model.get_output_embeddings().weight.shape[0]
     if rows != base_rows or tokenizer.get_vocab() != base_tokenizer.get_vocab():

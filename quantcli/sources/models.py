@@ -8,8 +8,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantcli.errors import InputError, ModelLoadError, option
+from quantcli.errors import InputError, ModelLoadError, UnavailableError, option
+from quantcli.quant.layers import keep_nested_4bit_states
+from quantcli.safetensors_dtypes import WIDTHS
+from quantcli.sources import gguf_input
+from quantcli.sources.gguf_input import is_gguf
+from quantcli.sources.integrity import check_loading_info
+from quantcli.sources.model_files import check_model_folder
 from quantcli.sources.remote import REMOTE_CODE_HINT, refuse_remote_code
+from quantcli.sources.tokenizer_check import check_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -26,13 +33,9 @@ def resolve_model(spec: str) -> str:
         return str(EMBEDDED_MODEL)
     path = Path(spec).expanduser()
     if path.is_dir():
-        from quantcli.sources.model_files import check_model_folder
-
         check_model_folder(path)  # bounded small files, layer count against the weights: before any parser
         return str(path)
     if path.exists():
-        from quantcli.sources.gguf_input import is_gguf
-
         if is_gguf(path):
             return str(path)
         raise InputError(f"{spec} is a file, not a model folder. Pass the folder that holds config.json, or a .gguf file.")
@@ -48,8 +51,6 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from quantcli.errors import UnavailableError
-
         raise UnavailableError(f"{option('device', device)} asked for CUDA, but torch sees no GPU here. Use {option('device', 'cpu')}.")
     return device
 
@@ -94,7 +95,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     if Path(source).is_file():  # resolve_model lets only GGUF files through
-        from quantcli.sources import gguf_input
 
         return gguf_input.load_tokenizer(source)
     refuse_remote_code(source, trust_remote_code)
@@ -126,7 +126,6 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
     # bitsandbytes logs "inputs will be cast to float16" on every int8 CPU matmul; it is expected there.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if Path(source).is_file():  # resolve_model lets only GGUF files through
-        from quantcli.sources import gguf_input
 
         return gguf_input.load_model(source, dtype, device, **kwargs)
     refuse_remote_code(source, trust_remote_code)
@@ -138,11 +137,9 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
         )
     except (OSError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError, RuntimeError) as error:
         raise _load_error(source, error, "a causal LM") from error
-    from quantcli.sources.integrity import check_loading_info
 
     check_loading_info(info, source)
     model.eval()
-    from quantcli.quant.layers import keep_nested_4bit_states
 
     keep_nested_4bit_states(model)
     return model
@@ -156,7 +153,6 @@ def check_vocab(model: Any, tokenizer: Any, source: str) -> None:
             f"the tokenizer of {source} has {len(tokenizer)} tokens but the model's embedding has {rows} rows:"
             " they do not belong together. Use the tokenizer the model was trained with."
         )
-    from quantcli.sources.tokenizer_check import check_tokenizer
 
     check_tokenizer(tokenizer, rows, source)
 
@@ -205,7 +201,6 @@ def _stored_wider(source: str, name: str, dtype: Any) -> str | None:
     """The dtype ``name`` is stored in when that is wider than ``dtype`` (so NaN/inf came from the cast), else None."""
     from safetensors import safe_open
 
-    from quantcli.safetensors_dtypes import WIDTHS
 
     try:
         for file in sorted(Path(resolve_model(source)).glob("*.safetensors")):

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.formats import Format, register_format
-from quantcli.quant.intgrid import IntLayout, IntWeights
-from quantcli.quant.records import QuantizedModel
 from quantcli.formats.compressed_tensors.reader import load_compressed
 from quantcli.formats.compressed_tensors.scheme import apply_config, finish_config, target_layouts, tied_head_name
 from quantcli.formats.compressed_tensors.writer import compress_layer, save_compressed
+from quantcli.quant.intgrid import IntLayout, IntWeights
+from quantcli.quant.records import QuantizedModel
 
 
 @register_format

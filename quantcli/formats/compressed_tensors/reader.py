@@ -8,6 +8,8 @@ from typing import Any
 
 from quantcli.errors import CheckpointError
 from quantcli.formats.compressed_tensors.scheme import quiet_library_logs
+from quantcli.quant.activations import attach, is_int8_token_dynamic
+from quantcli.sources.remote import refuse_remote_code
 
 
 def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> Any:
@@ -17,7 +19,6 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
 
     quiet_library_logs()
     folder = Path(folder)
-    from quantcli.sources.remote import refuse_remote_code
     from quantcli.quant.moe import checkpoint_renamer, refuse, unfuse
 
     refuse_remote_code(folder, trust_remote_code)
@@ -51,7 +52,6 @@ def _quantize_inputs(model: Any, quantization_config: dict[str, Any]) -> None:
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
 
-    from quantcli.quant.activations import attach, is_int8_token_dynamic
 
     config = QuantizationConfig.model_validate(quantization_config)
     schemes = [scheme for scheme in config.config_groups.values() if is_int8_token_dynamic(scheme.input_activations)]

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.quant.intgrid import IntLayout
-from quantcli.quant.layers import is_conv1d
-
+from quantcli.quant.layers import is_conv1d, is_tied
 
 CONV1D_NOTE = (
     "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D so that transformers reloads it;"
@@ -89,8 +88,6 @@ def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
 
 def tied_embedding_name(model: Any, names: Any) -> str | None:
     """The input embedding's name when it is among ``names`` and the output head is tied to it."""
-    from quantcli.quant.layers import is_tied
-
     embedding = model.get_input_embeddings()
     return next((name for name, module in model.named_modules() if module is embedding and name in names), None) if is_tied(model) else None
 

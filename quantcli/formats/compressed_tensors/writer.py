@@ -6,11 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.formats import shard_kwargs
-from quantcli.quant.intgrid import IntWeights
-from quantcli.quant.records import LayerRecord, QuantizedModel
 from quantcli.formats.compressed_tensors.scheme import (
-    apply_config, finish_config, schemes, storage_note, target_layouts, tied_embedding_name, tied_head_name,
+    apply_config,
+    finish_config,
+    schemes,
+    storage_note,
+    target_layouts,
+    tied_embedding_name,
+    tied_head_name,
 )
+from quantcli.quant.intgrid import IntWeights
+from quantcli.quant.keptdtype import store_kept
+from quantcli.quant.records import LayerRecord, QuantizedModel
 
 
 def compress_layer(layer: IntWeights, held: Any) -> dict[str, Any]:
@@ -42,7 +49,6 @@ def save_compressed(
     from compressed_tensors.compressors import ModelCompressor
 
     from quantcli.quant import ops
-    from quantcli.quant.keptdtype import store_kept
     from quantcli.quant.moe import unfuse
 
     unfuse(model)  # experts are stored one Linear per expert, the layout transformers merges at load

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from quantcli.errors import InputError, option
 from quantcli.formats.gguf.kquants import K_TYPES
 from quantcli.formats.gguf.legacy import BLOCK, LEGACY, BlockType, BlockWeights, FixedGrid
+from quantcli.quant.layers import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,8 +104,6 @@ def quantize_layer(module: Any, type_name: str, choose: Callable[["torch.Tensor"
     """One layer onto the grid of ``type_name`` (:func:`tensor_type`'s) with ``choose(matrix)``
     (rounding or GPTQ); its weights become the values llama.cpp will compute with. ``F16`` (a width
     not a multiple of 32, as llama.cpp's quantizer keeps it): no record, its weights rounded to fp16."""
-    from quantcli.quant.layers import set_weight_matrix, weight_matrix
-
     matrix = weight_matrix(module)
     if type_name == "F16":
         set_weight_matrix(module, matrix.half().float())

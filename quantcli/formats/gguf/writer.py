@@ -23,9 +23,11 @@ from typing import Any
 
 from quantcli.errors import CheckpointError, UnavailableError
 from quantcli.formats import Format, register_format
-from quantcli.formats.gguf.types import BLOCK, block_type, pack, tensor_type
 from quantcli.formats.gguf.metadata import write_hyperparameters, write_tokenizer
+from quantcli.formats.gguf.types import BLOCK, LEGACY, block_type, pack, quantize_layer, round_to_nearest, tensor_type
+from quantcli.quant.layers import is_conv1d, weight_matrix
 from quantcli.quant.records import LayerRecord, QuantizedModel
+from quantcli.sources import gguf_input
 
 ARCHITECTURES = ("llama", "gpt2")  # model_type -> gguf.MODEL_ARCH of the same name
 FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_S"}  # general.file_type: the closest llama.cpp names (Q4_K_S is Q4_K with some Q5_K)
@@ -34,8 +36,6 @@ FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_S"}  # general.file_type: the closest llama.c
 def gguf_result(model: Any, method: str, kind: Any, options: dict[str, Any], records: dict[str, Any],
                 notes: dict[str, list[str]], stats: dict[str, Any] | None = None) -> QuantizedModel:
     """A method's result on a GGUF grid: one record per layer (None: stored F16) and the per-layer map."""
-    from quantcli.quant.layers import weight_matrix
-
     modules = dict(model.named_modules())
     layers = {}
     for name, layer_notes in notes.items():
@@ -63,8 +63,6 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
     import torch
 
     from quantcli.quant.blockwise import quantize_blockwise
-    from quantcli.formats.gguf.types import quantize_layer
-    from quantcli.quant.layers import weight_matrix
 
     modules = dict(request.model.named_modules())
     notes: dict[str, list[str]] = {name: [] for name in request.layers}
@@ -149,7 +147,6 @@ def _dense(value: Any, to_type: str) -> tuple[Any, Any]:
     import gguf
     import numpy as np
 
-    from quantcli.formats.gguf.types import LEGACY, round_to_nearest
 
     array = value.detach().float().cpu().numpy()
     if to_type == "F32":
@@ -166,7 +163,6 @@ def _tensors(quantized: QuantizedModel) -> Any:
     """``(gguf name, data, raw type)`` of every tensor, in the model's order."""
     import gguf
 
-    from quantcli.quant.layers import is_conv1d
 
     model, config = quantized.model, quantized.model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
@@ -216,7 +212,6 @@ class GGUF(Format):
         """Write ``folder/model-TYPE.gguf``; the tokenizer must already be saved in ``folder``."""
         import gguf
 
-        from quantcli.formats.gguf.types import block_type
 
         config = quantized.model.config
         check_architecture(config)
@@ -235,6 +230,5 @@ class GGUF(Format):
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
         import torch
 
-        from quantcli.sources import gguf_input
 
         return gguf_input.load_model(gguf_file(folder), torch.float32, device)
