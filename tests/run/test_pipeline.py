@@ -68,7 +68,7 @@ def test_method_options_not_worth_a_flag_go_through_dash_o_and_the_method_checks
     runner = CliRunner()
     result = runner.invoke(app, ["quantize", "--bits", "4", "--method", "rtn", "-O", "damp=0.05", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: option(s) damp do not apply to method rtn. Its options: group_size, observer, symmetric."
+    assert result.stderr.strip() == "error: option(s) damp do not apply to method rtn. Its options: activations, group_size, observer, smoothing, symmetric."
     result = runner.invoke(app, ["quantize", "--bits", "4", "-O", "damp", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and result.stderr.strip() == "error: -O takes KEY=VALUE (e.g. -O damp=0.05), got 'damp'."
     assert not (tmp_path / "x").exists()
