@@ -34,8 +34,9 @@ def storage_kind(layout: IntLayout) -> str:
     - W8A8 (``activations="int8"``): ``int-quantized`` with dynamic per-token int8 input activations,
       which vLLM serves as ``CompressedTensorsW8A8Int8`` (CPU: ``CPUInt8ScaledMMLinearKernel``);
     - weight-only linears at every width, 8 bits included: ``pack-quantized`` (int32 words), the one
-      weight-only format vLLM's ``CompressedTensorsWNA16`` takes, and what llm-compressor's W8A16
-      preset writes. vLLM rejects an ``int-quantized`` group without input activations unless its
+      weight-only format vLLM's ``CompressedTensorsWNA16`` takes, and what compressed-tensors' own
+      ``infer_module_format`` picks for llm-compressor's W8A16 preset (``int-quantized`` only with
+      input activations). vLLM rejects an ``int-quantized`` group without input activations unless its
       weights are floats (its config asserts it), so plain int8 weight-only cannot be served;
     - an 8-bit embedding/head (``--embeddings 8``, which vLLM cannot serve anyway): ``int-quantized``,
       whose plain ``weight`` transformers ties the head to.
