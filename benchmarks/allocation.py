@@ -31,20 +31,20 @@ import torch
 import quantcli
 from benchmarks.lib import setups
 from benchmarks.lib.results import labelled
-from quantcli.config.allocation import AllocationConfig
 from quantcli.allocate.candidates import checkpoint_bytes
 from quantcli.allocate.run import decide, prepare
 from quantcli.allocate.search import _predicted, assemble, uniform_choices
+from quantcli.config.allocation import AllocationConfig
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import GateFailedError
 from quantcli.measure.evaluation import measure_perplexity
+from quantcli.methods import get_method
+from quantcli.progress import NullProgress
 from quantcli.quant.keptdtype import storage_dtype
 from quantcli.quant.layers import select_modules
-from quantcli.methods import get_method
 from quantcli.quant.records import QuantizeRequest
+from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.sources.models import load_model, load_tokenizer
-from quantcli.progress import NullProgress
 
 SPLIT = {"calib": (0, 15), "search": (15, 22), "verify": (22, 30)}  # article ranges within wiki.valid.calib.txt
 
@@ -62,7 +62,7 @@ def split_calibration(source: Path, folder: Path) -> dict[str, str]:
     return paths
 
 
-def evaluate(model, tokenizer, evaluation, base_ppl=None):  # noqa: ANN001, ANN201
+def evaluate(model, tokenizer, evaluation, base_ppl=None):
     result = measure_perplexity(model, tokenizer, evaluation, NullProgress(), "model")
     return {
         "perplexity": result.perplexity,

@@ -58,8 +58,8 @@ def quantcli_file(
 ) -> tuple[Path, float]:
     import quantcli
     from quantcli.config.quantize import CalibrationConfig, QuantizeConfig
-    from quantcli.formats.gguf.writer import gguf_file
     from quantcli.formats.gguf.types import block_type
+    from quantcli.formats.gguf.writer import gguf_file
 
     out = workdir / f"{method}-{kind}"
     config = QuantizeConfig(

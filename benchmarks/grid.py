@@ -27,20 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from benchmarks.lib import setups
-from quantcli.quant import ops
 from quantcli.config.quantize import EvalConfig
 from quantcli.measure.evaluation import measure_perplexity
+from quantcli.progress import NullProgress
+from quantcli.quant import ops
 from quantcli.quant.intgrid import plan_layouts
 from quantcli.quant.keptdtype import round_kept
 from quantcli.quant.layers import select_modules, set_weight_matrix, weight_matrix
 from quantcli.sources.models import load_model, load_tokenizer
-from quantcli.progress import NullProgress
 
 INT8_EMBEDDING_GROUP = 64
 

@@ -21,8 +21,9 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.lib.llamacpp_tables import NOTES, run_each
 from tests.support.gguf_harness import (

@@ -31,20 +31,20 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 import quantcli
 from benchmarks.lib import setups
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig
-from quantcli.sources.datasets import calibration_batch, read_documents
 from quantcli.errors import InputError
 from quantcli.measure.evaluation import measure_perplexity
 from quantcli.methods import get_method
-from quantcli.sources.models import bytes_on_disk, weight_files
 from quantcli.progress import NullProgress
+from quantcli.sources.datasets import calibration_batch, read_documents
+from quantcli.sources.models import bytes_on_disk, weight_files
 
 DEMO_RUNS = [  # label, method, bits, options (gptq: act-order with static groups and clip search unless stated)
     ("cast bf16", "cast", 16, {}),

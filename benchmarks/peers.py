@@ -26,20 +26,21 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from benchmarks.lib import setups
 from quantcli.checkpoint.load import load
 from quantcli.config.quantize import EvalConfig
-from quantcli.measure.evaluation import measure_perplexity
-from quantcli.sources.models import bytes_on_disk, weight_files
-from quantcli.run.pipeline import quantize
-from quantcli.progress import NullProgress
 from quantcli.config.recipes import config_from_mapping
+from quantcli.measure.evaluation import measure_perplexity
 from quantcli.measure.speed import BenchConfig, measure, prompt_ids
+from quantcli.progress import NullProgress
+from quantcli.run.pipeline import quantize
+from quantcli.sources.models import bytes_on_disk, weight_files
 
 LINEARS = lambda model: [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]  # noqa: E731
 
@@ -215,7 +216,7 @@ def main() -> None:
                 }
             except ImportError as error:
                 rows[name] = {"settings": settings, "error": f"not installed here ({error.name or error})"}
-            except Exception as error:  # noqa: BLE001 - report why a peer cannot run here
+            except Exception as error:
                 rows[name] = {
                     "settings": settings,
                     "error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}",

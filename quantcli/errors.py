@@ -13,18 +13,20 @@ from __future__ import annotations
 import ast
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EXIT_CODES = {
-    0: 'success',
-    1: 'internal error (a bug: please report it; QUANTCLI_DEBUG=1 shows the traceback)',
-    2: 'bad input: options, paths, recipes, an output that cannot be written or holds an input, an option the run would not honour, a resume state that does not match, stdout closed or full',
-    3: 'a model, checkpoint or dataset could not be loaded, or does not match its config or quantcli.json',
-    4: 'a quality gate failed (a maximum perplexity increase, size or minimum speedup)',
-    5: 'the method, backend or device is not available here, or memory ran out',
-    129: 'stopped by SIGHUP (terminal closed); nothing was written',
-    130: 'interrupted by Ctrl-C; nothing was written (a streamed run keeps its finished blocks to resume)',
-    143: 'stopped by SIGTERM (timeout, CI cancel, docker stop); nothing was written',
+    0: "success",
+    1: "internal error (a bug: please report it; QUANTCLI_DEBUG=1 shows the traceback)",
+    2: "bad input: options, paths, recipes, an output that cannot be written or holds an input, an option the run "
+    "would not honour, a resume state that does not match, stdout closed or full",
+    3: "a model, checkpoint or dataset could not be loaded, or does not match its config or quantcli.json",
+    4: "a quality gate failed (a maximum perplexity increase, size or minimum speedup)",
+    5: "the method, backend or device is not available here, or memory ran out",
+    129: "stopped by SIGHUP (terminal closed); nothing was written",
+    130: "interrupted by Ctrl-C; nothing was written (a streamed run keeps its finished blocks to resume)",
+    143: "stopped by SIGTERM (timeout, CI cancel, docker stop); nothing was written",
 }
 
 NO_VALUE: Any = object()  # an option named without a value
@@ -37,7 +39,11 @@ def option(path: str, value: Any = NO_VALUE) -> str:
     """A token naming the option at ``path`` (with ``value``: the option set to it) in a message."""
     if value is NO_VALUE:
         return f"{_OPEN}{path}{_CLOSE}"
-    if not isinstance(value, (bool, int, float, str, type(None))) or isinstance(value, float) and not math.isfinite(value):
+    if (
+        not isinstance(value, (bool, int, float, str, type(None)))
+        or isinstance(value, float)
+        and not math.isfinite(value)
+    ):
         value = str(value)  # literal_eval reads back only literals
     return f"{_OPEN}{path}={ascii(value)}{_CLOSE}"
 
@@ -49,7 +55,9 @@ def python_name(path: str, value: Any = NO_VALUE) -> str:
 
 def render_options(text: str, namer: OptionNamer) -> str:
     """``text`` with each :func:`option` token named by ``namer``."""
-    return _TOKEN.sub(lambda m: namer(m.group(1), NO_VALUE if m.group(2) is None else ast.literal_eval(m.group(2))), text)
+    return _TOKEN.sub(
+        lambda m: namer(m.group(1), NO_VALUE if m.group(2) is None else ast.literal_eval(m.group(2))), text
+    )
 
 
 class QuantCliError(Exception):

@@ -73,7 +73,9 @@ def read_bounded(path: Path, what: str, limit: int) -> bytes:
     with open(path, "rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise InputError(f"{what} {path} is larger than {limit:,} bytes, more than quantcli reads. Pass a smaller file.")
+        raise InputError(
+            f"{what} {path} is larger than {limit:,} bytes, more than quantcli reads. Pass a smaller file."
+        )
     return data
 
 
@@ -88,7 +90,10 @@ def check_dataset_file(path: Path, spec: str) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"dataset {spec} is not a regular file (a device, pipe or socket). Pass a text file.")
     if info.st_size > MAX_DATASET_BYTES:
-        raise InputError(f"dataset {spec} is {info.st_size / 2**30:.1f} GiB; quantcli reads at most {MAX_DATASET_BYTES >> 30} GiB. Pass a slice of it (e.g. head -c 500M).")
+        raise InputError(
+            f"dataset {spec} is {info.st_size / 2**30:.1f} GiB; quantcli reads at most {MAX_DATASET_BYTES >> 30} GiB. "
+            "Pass a slice of it (e.g. head -c 500M)."
+        )
 
 
 def bound_calibration(config: Any) -> None:
@@ -97,7 +102,8 @@ def bound_calibration(config: Any) -> None:
     check_count(f"calibration seed ({option('calibration.seed')})", config.seed, MAX_SEED, least=0)
     if config.samples * config.seq_len > MAX_CALIB_TOKENS:
         raise InputError(
-            f"{option('calibration.samples')} {config.samples:,} x {option('calibration.seq_len')} {config.seq_len:,} is {config.samples * config.seq_len:,} calibration tokens,"
+            f"{option('calibration.samples')} {config.samples:,} x {option('calibration.seq_len')} {config.seq_len:,} "
+            f"is {config.samples * config.seq_len:,} calibration tokens,"
             f" more than {MAX_CALIB_TOKENS:,}. Use fewer samples or shorter windows."
         )
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 Advance = Callable[[int], None]
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: int | None = None) -> ContextManager[Advance]:
+    def task(self, description: str, total: int | None = None) -> contextlib.AbstractContextManager[Advance]:
         """A context for one stage; call the yielded function with how many units were done."""
         ...
 

@@ -10,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
+import pytest
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # tiny models: one thread is as fast and does not thrash a shared 2-core box
@@ -61,7 +61,10 @@ def logits(model, ids):
 def tmpfs(folder, options: str):
     """A tmpfs mounted at ``folder`` (created) with mount ``options`` for the block; skips the test without root."""
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip(f"mounting a tmpfs ({options}) needs root")
     try:
         yield folder

@@ -28,7 +28,9 @@ def convert(source: Path, target: Path) -> None:
     model = load_model(source, torch.float32, "cpu")
     model.save_pretrained(staging)
     load_tokenizer(source).save_pretrained(staging)
-    (staging / "gguf_source.json").write_text(json.dumps({"file": source.name, **source_format(source)}, indent=2) + "\n")
+    (staging / "gguf_source.json").write_text(
+        json.dumps({"file": source.name, **source_format(source)}, indent=2) + "\n"
+    )
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 

@@ -31,8 +31,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PROMPT = "Once upon a time there was a little cat who"
 
@@ -45,7 +46,7 @@ def _child(job: Callable[[], str], queue: Any) -> None:
         queue.put(job())
     except QuantCliError as error:
         queue.put("refused" if "\n" not in str(error) else "crash: multi-line message")
-    except BaseException as error:  # noqa: BLE001 - the point of fuzzing: anything else is a crash
+    except BaseException as error:
         queue.put(f"crash: {type(error).__name__}: {str(error)[:200]}")
 
 
@@ -81,8 +82,8 @@ def gguf_header_end(path: Path) -> int:
 
 
 def make_gguf(folder: Path) -> Path:
-    from quantcli.run.pipeline import quantize
     from quantcli.config.recipes import config_from_mapping
+    from quantcli.run.pipeline import quantize
 
     quantize(
         config_from_mapping({"bits": 8, "format": "gguf", "gguf_type": "Q8_0", "eval": None, "output": folder / "q8"})
@@ -160,10 +161,10 @@ def make_staging(work: Path) -> tuple[Path, dict[str, Any], Path]:
 
     from safetensors.torch import load_file
 
-    from quantcli.errors import ResumableInterrupt
-    from quantcli.sources.models import EMBEDDED_MODEL
-    from quantcli.run.pipeline import quantize
     from quantcli.config.recipes import config_from_mapping
+    from quantcli.errors import ResumableInterrupt
+    from quantcli.run.pipeline import quantize
+    from quantcli.sources.models import EMBEDDED_MODEL
 
     model = Path(shutil.copytree(EMBEDDED_MODEL, work / "model"))
     quantize(config_from_mapping({**STREAM, "model": str(model), "output": work / "whole"}))
@@ -194,8 +195,8 @@ def resume_job(model: Path, whole: dict[str, Any], staging: Path, variant: bytes
         import torch
         from safetensors.torch import load_file
 
-        from quantcli.run.pipeline import quantize
         from quantcli.config.recipes import config_from_mapping
+        from quantcli.run.pipeline import quantize
 
         target = staging.parent / "resumed"
         own = staging.with_name(f".resumed.partial-{os.getpid()}")

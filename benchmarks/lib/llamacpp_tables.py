@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.lib.results import result_stem
 from tests.support.gguf_harness import REPO

@@ -24,6 +24,7 @@ from quantcli.safetensors_dtypes import WIDTHS as _BYTES
 if TYPE_CHECKING:
     from quantcli.quant.intgrid import IntLayout
 
+
 def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, dtype_bytes: int) -> int:
     """Bytes on disk of one weight stored as ``layout`` (None: kept in a dtype of ``dtype_bytes``; the
     scales are in ``layout.scale_dtype``, else in that dtype too)."""
@@ -38,10 +39,19 @@ def stored_bytes(layout: IntLayout | None, out_features: int, in_features: int, 
     return packed + scales + zero_points
 
 
-_SAFETENSORS_RANK = ("I8", "F16", "BF16", "I32", "F32", "I64")  # the order of safetensors' Dtype enum; it writes the highest first
+_SAFETENSORS_RANK = (
+    "I8",
+    "F16",
+    "BF16",
+    "I32",
+    "F32",
+    "I64",
+)  # the order of safetensors' Dtype enum; it writes the highest first
 
 
-def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features: int, held: str) -> list[tuple[str, str, tuple[int, ...], int]]:
+def _layer_tensors(
+    name: str, layout: IntLayout, out_features: int, in_features: int, held: str
+) -> list[tuple[str, str, tuple[int, ...], int]]:
     """``(key, dtype, shape, bytes)`` of each tensor compressed-tensors writes for one layer whose
     weight is held in ``held`` (the scales' dtype unless ``layout.scale_dtype`` names one)."""
     groups = 1 if layout.group_size is None else in_features // layout.group_size
@@ -54,7 +64,10 @@ def _layer_tensors(name: str, layout: IntLayout, out_features: int, in_features:
             tensors.append((f"{name}.weight_zero_point", "I8", (out_features, groups), out_features * groups))
         return tensors
     words = math.ceil(in_features * layout.bits / 32)
-    tensors += [(f"{name}.weight_packed", "I32", (out_features, words), out_features * words * 4), (f"{name}.weight_shape", "I64", (2,), 16)]
+    tensors += [
+        (f"{name}.weight_packed", "I32", (out_features, words), out_features * words * 4),
+        (f"{name}.weight_shape", "I64", (2,), 16),
+    ]
     if not layout.symmetric:
         rows = math.ceil(out_features * layout.bits / 32)
         tensors.append((f"{name}.weight_zero_point", "I32", (rows, groups), rows * groups * 4))
@@ -69,7 +82,6 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
     layout owns are stored in ``kept_dtype`` (e.g. ``bfloat16``; None: as held)."""
     import json
 
-
     modules = dict(model.named_modules())  # type: ignore[attr-defined]
     tensors, owners = [], {}
     for key, tensor in model.state_dict(keep_vars=True).items():  # type: ignore[attr-defined]
@@ -78,7 +90,17 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
             first = owners[tensor.data_ptr()]
             if key.endswith(".weight") and layouts.get(first) is not None:  # the tied head: its scales again
                 out_features, in_features = weight_matrix(modules[first]).shape
-                tensors += [(t[0].replace(first, owner, 1), *t[1:]) for t in _layer_tensors(first, layouts[first], out_features, in_features, _DTYPES[str(tensor.dtype).removeprefix("torch.")]) if t[0].endswith("weight_scale")]
+                tensors += [
+                    (t[0].replace(first, owner, 1), *t[1:])
+                    for t in _layer_tensors(
+                        first,
+                        layouts[first],
+                        out_features,
+                        in_features,
+                        _DTYPES[str(tensor.dtype).removeprefix("torch.")],
+                    )
+                    if t[0].endswith("weight_scale")
+                ]
             continue
         owners[tensor.data_ptr()] = owner
         dtype = _DTYPES[str(tensor.dtype).removeprefix("torch.")]
@@ -91,7 +113,9 @@ def checkpoint_bytes(model: object, layouts: dict[str, IntLayout | None], kept_d
             tensors.append((key, stored, tuple(tensor.shape), size))
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for key, dtype, shape, size in sorted(tensors, key=lambda t: (-_SAFETENSORS_RANK.index(t[1]), t[0])):  # safetensors' own order
+    for key, dtype, shape, size in sorted(
+        tensors, key=lambda t: (-_SAFETENSORS_RANK.index(t[1]), t[0])
+    ):  # safetensors' own order
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     length = len(json.dumps(header, separators=(",", ":")).encode())

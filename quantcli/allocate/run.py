@@ -84,7 +84,10 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
     candidates = parse_candidates(list(alloc.candidates))
     search_spec = alloc.search_dataset or calib.dataset
     verify_spec = alloc.verify_dataset or (config.eval.dataset if config.eval is not None else calib.dataset)
-    search_source, verify_source = read_documents(search_spec, calib.text_column), read_documents(verify_spec, calib.text_column)
+    search_source, verify_source = (
+        read_documents(search_spec, calib.text_column),
+        read_documents(verify_spec, calib.text_column),
+    )
     seq_len = config.eval.seq_len if config.eval is not None else calib.seq_len
     seconds: dict[str, float] = {}
 
@@ -97,9 +100,21 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
         fisher = output_fisher(model, request.layers, request.calibration[: alloc.fisher_samples], calib.seed)
     seconds["sensitivity"] = time.perf_counter() - start
     start = time.perf_counter()
-    with progress.task(f"allocation: {len(candidates)} candidates per layer ({method})", total=len(request.layers)) as advance:
-        table = layer_options(model, request.layers, candidates, method, request.config, found, fisher, lambda n: (advance(n), request.progress(n)),
-                              kept.itemsize if kept is not None else None, request.scale_dtype)
+    with progress.task(
+        f"allocation: {len(candidates)} candidates per layer ({method})", total=len(request.layers)
+    ) as advance:
+        table = layer_options(
+            model,
+            request.layers,
+            candidates,
+            method,
+            request.config,
+            found,
+            fisher,
+            lambda n: (advance(n), request.progress(n)),
+            kept.itemsize if kept is not None else None,
+            request.scale_dtype,
+        )
     del found
     seconds["candidates"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -110,20 +125,35 @@ def prepare(request: QuantizeRequest, method: str, config: Any, progress: Any) -
         for opt in options:
             opt.predicted = check["scale"] * opt.proxy
     keep = any(c.bits is None for c in candidates)
-    table.update(table_options(model, base, request, search, keep, kept.itemsize if kept is not None else None))  # costs measured, not predicted
-    verify = Verifier(base, windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"), verify_spec, alloc.confidence)
+    table.update(
+        table_options(model, base, request, search, keep, kept.itemsize if kept is not None else None)
+    )  # costs measured, not predicted
+    verify = Verifier(
+        base,
+        windows(verify_source, request.tokenizer, alloc.verify_tokens, seq_len, "verification"),
+        verify_spec,
+        alloc.confidence,
+    )
     seconds["proxy_check"] = time.perf_counter() - start
-    return Prepared(model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds, kept_dtype)
+    return Prepared(
+        model, base, table, candidates, check, verify, (calib.dataset, search_spec, verify_spec), seconds, kept_dtype
+    )
 
 
-def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tuple[dict[str, int], list[dict[str, Any]], int, int | None]:
+def decide(
+    prepared: Prepared, kind: str, value: float, max_rounds: int
+) -> tuple[dict[str, int], list[dict[str, Any]], int, int | None]:
     """Solve, verify, tighten and repeat, then try the uniform schemes that could be smaller: the
     chosen allocation (left assembled in the model), every round, the index of the chosen one, and
     the target in bytes for size targets."""
     model, base, table, verify = prepared.model, prepared.base, prepared.table, prepared.verify
-    target_bytes = value if kind == "size" else math.floor(value * parameter_count(model) / 8) if kind == "bpw" else None
+    target_bytes = (
+        value if kind == "size" else math.floor(value * parameter_count(model) / 8) if kind == "bpw" else None
+    )
     rounds: list[dict[str, Any]] = []
-    tried: list[dict[str, int]] = [size_choice(model, table, target_bytes, prepared.kept_dtype)] if target_bytes is not None else []
+    tried: list[dict[str, int]] = (
+        [size_choice(model, table, target_bytes, prepared.kept_dtype)] if target_bytes is not None else []
+    )
     budget = budget_target(kind, value)
     for number in range(max_rounds if target_bytes is None else 1):
         choice = tried[-1] if target_bytes is not None else _solve(table, budget, by_size=False)
@@ -134,8 +164,16 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
         total = prepared.bytes(choice)
         measured = verify(model)
         met = _met(kind, value, measured, total, target_bytes)
-        rounds.append({"round": number + 1, "budget_kl": None if target_bytes else budget, "predicted_kl": _predicted(table, choice),
-                       "bytes": total, "measured": measured, "met": met})
+        rounds.append(
+            {
+                "round": number + 1,
+                "budget_kl": None if target_bytes else budget,
+                "predicted_kl": _predicted(table, choice),
+                "bytes": total,
+                "measured": measured,
+                "met": met,
+            }
+        )
         if target_bytes is not None:
             break
         got = _as_kl(kind, measured)
@@ -148,17 +186,23 @@ def decide(prepared: Prepared, kind: str, value: float, max_rounds: int) -> tupl
     if not passing:
         best = min(rounds, key=lambda r: _as_kl(kind, r["measured"]))
         raise GateFailedError(
-            f"allocation missed {option(f'allocation.target_{kind}')} {value:g} on the verification text after {len(rounds)} round(s)"
-            f" (closest: KL {best['measured']['kl']:.5f} (upper bound {best['measured']['kl_upper']:.5f}), perplexity {best['measured']['ppl_increase']:+.2f}%"
-            f" (upper bound {best['measured']['ppl_increase_upper']:+.2f}%) at {best['measured']['confidence']:.0%} confidence, {best['bytes'] / 1e6:.3f} MB)."
-            " Loosen the target, add candidates (keep, int8), raise max_rounds, or verify on more text for a tighter bound."
+            f"allocation missed {option(f'allocation.target_{kind}')} {value:g} on the verification text after "
+            f"{len(rounds)} round(s)"
+            f" (closest: KL {best['measured']['kl']:.5f} (upper bound {best['measured']['kl_upper']:.5f}), perplexity "
+            f"{best['measured']['ppl_increase']:+.2f}%"
+            f" (upper bound {best['measured']['ppl_increase_upper']:+.2f}%) at {best['measured']['confidence']:.0%} "
+            f"confidence, {best['bytes'] / 1e6:.3f} MB)."
+            " Loosen the target, add candidates (keep, int8), raise max_rounds, or verify on more text for a tighter "
+            "bound."
         )
     chosen = min(passing)[1]
     assemble(model, base, table, tried[chosen])
     return tried[chosen], rounds, chosen, target_bytes
 
 
-def _uniform_rounds(prepared: Prepared, kind: str, value: float, rounds: list[dict[str, Any]], tried: list[dict[str, int]]) -> None:
+def _uniform_rounds(
+    prepared: Prepared, kind: str, value: float, rounds: list[dict[str, Any]], tried: list[dict[str, int]]
+) -> None:
     """Rounds for the uniform schemes smaller than every passing round whose predicted loss is within
     reach (at most 4x the target's budget), smallest first, until one meets the target: a uniform
     scheme is an allocation too, so the result is never larger than one that verifies. (The proxy
@@ -166,7 +210,11 @@ def _uniform_rounds(prepared: Prepared, kind: str, value: float, rounds: list[di
     target it can rule out a scheme that meets it.)"""
     table, reach = prepared.table, 4 * budget_target(kind, value)
     best = min((r["bytes"] for r in rounds if r["met"]), default=None)
-    schemes = sorted((prepared.bytes(picks), name, picks) for name, picks in uniform_choices(table, prepared.candidates).items() if name != "keep")
+    schemes = sorted(
+        (prepared.bytes(picks), name, picks)
+        for name, picks in uniform_choices(table, prepared.candidates).items()
+        if name != "keep"
+    )
     for total, name, picks in schemes:
         if (best is not None and total >= best) or _predicted(table, picks) > reach or picks in tried:
             continue
@@ -174,8 +222,17 @@ def _uniform_rounds(prepared: Prepared, kind: str, value: float, rounds: list[di
         measured = prepared.verify(prepared.model)
         met = _met(kind, value, measured, total, None)
         tried.append(picks)
-        rounds.append({"round": len(rounds) + 1, "budget_kl": None, "uniform": name, "predicted_kl": _predicted(table, picks),
-                       "bytes": total, "measured": measured, "met": met})
+        rounds.append(
+            {
+                "round": len(rounds) + 1,
+                "budget_kl": None,
+                "uniform": name,
+                "predicted_kl": _predicted(table, picks),
+                "bytes": total,
+                "measured": measured,
+                "met": met,
+            }
+        )
         if met:
             return
 
@@ -186,17 +243,35 @@ def compare_uniform(prepared: Prepared, kind: str, value: float, target_bytes: i
     from the largest that fits down until one is measured). Leaves the model as it was."""
     model, base, table = prepared.model, prepared.base, prepared.table
     saved = {name: weight_matrix(module).clone() for name, module in model.named_modules() if name in table}
-    schemes = [(prepared.bytes(picks), name, picks) for name, picks in uniform_choices(table, prepared.candidates).items() if name != "keep"]
-    order = sorted(schemes) if target_bytes is None else sorted((s for s in schemes if s[0] <= target_bytes), reverse=True)
+    schemes = [
+        (prepared.bytes(picks), name, picks)
+        for name, picks in uniform_choices(table, prepared.candidates).items()
+        if name != "keep"
+    ]
+    order = (
+        sorted(schemes) if target_bytes is None else sorted((s for s in schemes if s[0] <= target_bytes), reverse=True)
+    )
     uniform = []
     for total, name, picks in order:
         assemble(model, base, table, picks)
         measured = prepared.verify(model)
-        uniform.append({"candidate": name, "bytes": total, "predicted_kl": _predicted(table, picks), "measured": measured, "met": _met(kind, value, measured, total, target_bytes)})
+        uniform.append(
+            {
+                "candidate": name,
+                "bytes": total,
+                "predicted_kl": _predicted(table, picks),
+                "measured": measured,
+                "met": _met(kind, value, measured, total, target_bytes),
+            }
+        )
         if uniform[-1]["met"]:
             break
     done = {u["candidate"] for u in uniform}
-    uniform += [{"candidate": name, "bytes": total, "predicted_kl": _predicted(table, picks), "measured": None, "met": None} for total, name, picks in schemes if name not in done]
+    uniform += [
+        {"candidate": name, "bytes": total, "predicted_kl": _predicted(table, picks), "measured": None, "met": None}
+        for total, name, picks in schemes
+        if name not in done
+    ]
     modules = dict(model.named_modules())
     for name, matrix in saved.items():
         set_weight_matrix(modules[name], matrix)
@@ -219,12 +294,32 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
     layers, records, notes = {}, {}, {}
     for name, index in choice.items():
         option = table[name][index]
-        layers[name] = {"choice": option.names[0], "same_as": option.names[1:], "bits": option.layout.bits if option.layout else None,
-                        "group_size": option.layout.group_size if option.layout else None, "bytes": option.bytes, "predicted_kl": option.predicted}
+        layers[name] = {
+            "choice": option.names[0],
+            "same_as": option.names[1:],
+            "bits": option.layout.bits if option.layout else None,
+            "group_size": option.layout.group_size if option.layout else None,
+            "bytes": option.bytes,
+            "predicted_kl": option.predicted,
+        }
         if option.weights is not None:
             records[name], notes[name] = option.weights, list(option.notes)
-    summary = _summary(kind, value, target_bytes, method, prepared.candidates, prepared.texts, prepared.check, rounds, chosen,
-                       prepared.verify.base_perplexity, layers, uniform, frontier(model, table, prepared.kept_dtype), prepared.seconds)
+    summary = _summary(
+        kind,
+        value,
+        target_bytes,
+        method,
+        prepared.candidates,
+        prepared.texts,
+        prepared.check,
+        rounds,
+        chosen,
+        prepared.verify.base_perplexity,
+        layers,
+        uniform,
+        frontier(model, table, prepared.kept_dtype),
+        prepared.seconds,
+    )
     prepared_kept = prepared.kept_dtype
     del prepared
     weights: Counter = Counter()
@@ -235,11 +330,12 @@ def allocate(request: QuantizeRequest, method: str, config: Any, progress: Any) 
     bits = weights.most_common(1)[0][0] if weights else kept_bits
     options = {key: val for key, val in request.config.grid_options().items() if key != "group_size"}
     if method == "gptq":
-        options.update({key: val for key, val in vars(request.config).items() if key not in ("bits", "group_size", *options)})
+        options.update(
+            {key: val for key, val in vars(request.config).items() if key not in ("bits", "group_size", *options)}
+        )
     options["allocation"] = {"target": summary["target"], "candidates": summary["candidates"]}
     if alloc.plot:
         from pathlib import Path
-
 
         plot_allocation(summary, Path(alloc.plot))
     return compressed_result(model, method, bits, options, records, notes, {"allocation": summary})
@@ -249,7 +345,22 @@ def budget_target(kind: str, value: float) -> float:
     return value if kind == "kl" else math.log1p(value / 100)
 
 
-def _summary(kind, value, target_bytes, method, candidates, texts, check, rounds, chosen, base_ppl, layers, uniform, curve, seconds) -> dict[str, Any]:  # noqa: ANN001
+def _summary(
+    kind,
+    value,
+    target_bytes,
+    method,
+    candidates,
+    texts,
+    check,
+    rounds,
+    chosen,
+    base_ppl,
+    layers,
+    uniform,
+    curve,
+    seconds,
+) -> dict[str, Any]:
     """What was decided and why, for the report, quantcli.json and the plot."""
     final = rounds[chosen]
     meeting = [u for u in uniform if u["met"]]
@@ -262,15 +373,29 @@ def _summary(kind, value, target_bytes, method, candidates, texts, check, rounds
         "target": {"kind": kind, "value": value, "bytes": target_bytes},
         "method": method,
         "candidates": [c.name for c in candidates],
-        "texts": {"calibration": texts[0], "search": texts[1], "verify": texts[2], "search_tokens": check["tokens"], "verify_tokens": final["measured"]["tokens"],
-                  "verify_windows": final["measured"]["windows"], "verify_base_perplexity": base_ppl},
+        "texts": {
+            "calibration": texts[0],
+            "search": texts[1],
+            "verify": texts[2],
+            "search_tokens": check["tokens"],
+            "verify_tokens": final["measured"]["tokens"],
+            "verify_windows": final["measured"]["windows"],
+            "verify_base_perplexity": base_ppl,
+        },
         "proxy_check": check,
         "rounds": rounds,
         "chosen_round": chosen + 1,
-        "result": {"bytes": final["bytes"], "predicted_kl": final["predicted_kl"], "predicted_ppl_increase": 100 * math.expm1(final["predicted_kl"]),
-                   "measured_kl": final["measured"]["kl"], "measured_ppl_increase": final["measured"]["ppl_increase"],
-                   "measured_kl_upper": final["measured"]["kl_upper"], "measured_ppl_increase_upper": final["measured"]["ppl_increase_upper"],
-                   "confidence": final["measured"]["confidence"], "choices": dict(counts)},
+        "result": {
+            "bytes": final["bytes"],
+            "predicted_kl": final["predicted_kl"],
+            "predicted_ppl_increase": 100 * math.expm1(final["predicted_kl"]),
+            "measured_kl": final["measured"]["kl"],
+            "measured_ppl_increase": final["measured"]["ppl_increase"],
+            "measured_kl_upper": final["measured"]["kl_upper"],
+            "measured_ppl_increase_upper": final["measured"]["ppl_increase_upper"],
+            "confidence": final["measured"]["confidence"],
+            "choices": dict(counts),
+        },
         "uniform": uniform,
         "best_uniform": best and {"candidate": best["candidate"], "bytes": best["bytes"], "measured": best["measured"]},
         "bytes_saved_vs_best_uniform": best and best["bytes"] - final["bytes"],

@@ -45,14 +45,19 @@ class Option:
     predicted: float = 0.0  # proxy times the scale fitted to measured KL
     weights: IntWeights | None = None
     notes: list[str] = field(default_factory=list)
-    uniform: bool = False  # the option every uniform scheme gives this tensor when no candidate names it (a table's --embeddings choice)
+    # the option every uniform scheme gives this tensor when no candidate names it (a table's --embeddings choice)
+    uniform: bool = False
 
 
-def round_layer(method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout) -> tuple[IntWeights, list[str]]:
+def round_layer(
+    method: str, config: Any, matrix: torch.Tensor, hessian: torch.Tensor | None, layout: IntLayout
+) -> tuple[IntWeights, list[str]]:
     """``matrix`` as ``layout`` by the run's method: gptq with the layer's Hessian, or rtn."""
     if method == "gptq":
         hessian = hessian if hessian is not None else torch.zeros(matrix.shape[1], matrix.shape[1])
-        return gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
+        return gptq_quantize(
+            matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search
+        )
 
     return round_to_nearest(matrix, layout), []
 
@@ -62,9 +67,18 @@ def dequantized(option: Option) -> torch.Tensor:
     return ops.dequantize(w.q, w.scale, w.zero_point, w.layout.group_size)
 
 
-def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidate, ...], method: str, config: Any,
-                  found: dict[str, Any], fisher: dict[str, torch.Tensor], advance: Any, kept_size: int | None = None,
-                  scale_dtype: str | None = None) -> dict[str, list[Option]]:
+def layer_options(
+    model: Any,
+    names: tuple[str, ...],
+    candidates: tuple[Candidate, ...],
+    method: str,
+    config: Any,
+    found: dict[str, Any],
+    fisher: dict[str, torch.Tensor],
+    advance: Any,
+    kept_size: int | None = None,
+    scale_dtype: str | None = None,
+) -> dict[str, list[Option]]:
     """Every layer's distinct options, cheapest first (``kept_size``: bytes per kept weight on disk;
     ``scale_dtype``: what the scales are stored in, None: the weight's dtype)."""
     modules = dict(model.named_modules())
@@ -79,7 +93,9 @@ def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidat
                 options[layout].names.append(candidate.name)
                 continue
             dtype_bytes = kept_size if layout is None and kept_size else matrix.element_size()
-            option = options[layout] = Option([candidate.name], layout, stored_bytes(layout, out_features, in_features, dtype_bytes))
+            option = options[layout] = Option(
+                [candidate.name], layout, stored_bytes(layout, out_features, in_features, dtype_bytes)
+            )
             if layout is not None:
                 option.weights, option.notes = round_layer(method, config, matrix, found.get(name), layout)
                 option.proxy = proxy(matrix.float() - dequantized(option).float(), found.get(name), fisher[name])
@@ -88,7 +104,9 @@ def layer_options(model: Any, names: tuple[str, ...], candidates: tuple[Candidat
     return table
 
 
-def table_options(model: Any, base: Any, request: Any, windows: torch.Tensor, keep: bool, kept_size: int | None = None) -> dict[str, list[Option]]:
+def table_options(
+    model: Any, base: Any, request: Any, windows: torch.Tensor, keep: bool, kept_size: int | None = None
+) -> dict[str, list[Option]]:
     """The input embedding (and an untied head), searched like the layers: kept (when ``keep`` is a
     candidate), or rounded to nearest as ``--embeddings`` asks (8: int8 in groups of 32; 4: that or
     the layers' 4-bit grid; scales in ``request.scale_dtype``). No Hessian (their inputs are
@@ -97,19 +115,40 @@ def table_options(model: Any, base: Any, request: Any, windows: torch.Tensor, ke
 
     modules = dict(model.named_modules())
     reference = base_log_probs(base, windows) if request.tables else []
-    layouts = [table_layouts(model, request.tables, bits, request.config, request.scale_dtype) for bits in sorted({8, request.table_bits})]
+    layouts = [
+        table_layouts(model, request.tables, bits, request.config, request.scale_dtype)
+        for bits in sorted({8, request.table_bits})
+    ]
     table = {}
     for name in request.tables:
         original = weight_matrix(modules[name])
         rows, width = original.shape
-        options = [Option(["keep"], None, stored_bytes(None, rows, width, kept_size or original.element_size()))] if keep else []
+        options = (
+            [Option(["keep"], None, stored_bytes(None, rows, width, kept_size or original.element_size()))]
+            if keep
+            else []
+        )
         for layout in (found[name] for found in layouts):
-            unit, groups = ("row", 1) if layout.group_size is None else (f"group of {layout.group_size}", width // layout.group_size)
+            unit, groups = (
+                ("row", 1)
+                if layout.group_size is None
+                else (f"group of {layout.group_size}", width // layout.group_size)
+            )
             label = f"int{layout.bits}" + ("" if layout.group_size is None else f"-g{layout.group_size}")
-            head_scales = rows * groups * (2 if layout.scale_dtype in ("bfloat16", "float16") else original.element_size()) if is_tied(model) else 0
+            head_scales = (
+                rows * groups * (2 if layout.scale_dtype in ("bfloat16", "float16") else original.element_size())
+                if is_tied(model)
+                else 0
+            )
             weights, _ = round_layer("rtn", request.config, original, None, layout)
-            option = Option([label], layout, stored_bytes(layout, rows, width, original.element_size()) + head_scales, weights=weights,
-                            notes=[TABLE_NOTE.format(unit=unit)], uniform=layout.bits == request.table_bits)  # uniform: what `--embeddings B` writes
+            option = Option(
+                [label],
+                layout,
+                stored_bytes(layout, rows, width, original.element_size()) + head_scales,
+                weights=weights,
+                notes=[TABLE_NOTE.format(unit=unit)],
+                uniform=layout.bits == request.table_bits,
+            )  # uniform: what `--embeddings B` writes
             saved = original.clone()
             set_weight_matrix(modules[name], dequantized(option))
             option.predicted = measured_kl(model, windows, reference)
@@ -124,14 +163,24 @@ def probe(model: Any, base: Any, table: dict[str, list[Option]], windows: torch.
     middle integer options: the proxy's rank correlation and the scale that maps it to KL."""
     modules, names = dict(model.named_modules()), list(table)
     reference = base_log_probs(base, windows)
-    picked = sorted({names[round(i * (len(names) - 1) / max(layers - 1, 1))] for i in range(min(layers, len(names)))}, key=names.index)
+    picked = sorted(
+        {names[round(i * (len(names) - 1) / max(layers - 1, 1))] for i in range(min(layers, len(names)))},
+        key=names.index,
+    )
     pairs = []
     for name in picked:
         integer = [o for o in table[name] if o.weights is not None]
         for opt in {id(o): o for o in (integer[0], integer[len(integer) // 2])}.values():
             original = weight_matrix(modules[name]).clone()
             set_weight_matrix(modules[name], dequantized(opt))
-            pairs.append({"layer": name, "candidate": opt.names[0], "proxy": opt.proxy, "measured_kl": measured_kl(model, windows, reference)})
+            pairs.append(
+                {
+                    "layer": name,
+                    "candidate": opt.names[0],
+                    "proxy": opt.proxy,
+                    "measured_kl": measured_kl(model, windows, reference),
+                }
+            )
             set_weight_matrix(modules[name], original)
     ratios = sorted(p["measured_kl"] / p["proxy"] for p in pairs if p["proxy"] > 0 and p["measured_kl"] > 0)
     scale = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
@@ -144,7 +193,9 @@ def assemble(model: Any, base: Any, table: dict[str, list[Option]], choice: dict
     modules, originals = dict(model.named_modules()), dict(base.named_modules())
     for name, index in choice.items():
         option = table[name][index]
-        set_weight_matrix(modules[name], dequantized(option) if option.weights is not None else weight_matrix(originals[name]).clone())
+        set_weight_matrix(
+            modules[name], dequantized(option) if option.weights is not None else weight_matrix(originals[name]).clone()
+        )
 
 
 def _layouts(table: dict[str, list[Option]], choice: dict[str, int]) -> dict[str, IntLayout | None]:
@@ -155,7 +206,9 @@ def _predicted(table: dict[str, list[Option]], choice: dict[str, int]) -> float:
     return sum(table[name][index].predicted for name, index in choice.items())
 
 
-def _solve(table: dict[str, list[Option]], budget: float, by_size: bool, resolution: int = 20000) -> dict[str, int] | None:
+def _solve(
+    table: dict[str, list[Option]], budget: float, by_size: bool, resolution: int = 20000
+) -> dict[str, int] | None:
     names = list(table)
     bytes_ = [[o.bytes for o in table[n]] for n in names]
     losses = [[o.predicted for o in table[n]] for n in names]
@@ -166,13 +219,19 @@ def _solve(table: dict[str, list[Option]], budget: float, by_size: bool, resolut
 def uniform_choices(table: dict[str, list[Option]], candidates: tuple[Candidate, ...]) -> dict[str, dict[str, int]]:
     """Each candidate applied to every layer (its index in each layer's options); a table no candidate
     names takes its ``--embeddings`` option, as a plain quantize would."""
+
     def index(options: list[Option], name: str) -> int:
-        return next((i for i, o in enumerate(options) if name in o.names), next((i for i, o in enumerate(options) if o.uniform), 0))
+        return next(
+            (i for i, o in enumerate(options) if name in o.names),
+            next((i for i, o in enumerate(options) if o.uniform), 0),
+        )
 
     return {c.name: {n: index(options, c.name) for n, options in table.items()} for c in candidates}
 
 
-def frontier(model: Any, table: dict[str, list[Option]], kept_dtype: str | None = None, points: int = 16) -> list[dict[str, float]]:
+def frontier(
+    model: Any, table: dict[str, list[Option]], kept_dtype: str | None = None, points: int = 16
+) -> list[dict[str, float]]:
     """The predicted size/KL curve the solver sees: optimal allocations for log-spaced KL budgets."""
     largest = sum(max(o.predicted for o in options) for options in table.values())
     smallest = min((o.predicted for options in table.values() for o in options if o.predicted > 0), default=0.0)
@@ -181,14 +240,28 @@ def frontier(model: Any, table: dict[str, list[Option]], kept_dtype: str | None 
         budget = smallest * (largest / smallest) ** (step / (points - 1))
         choice = _solve(table, budget, by_size=False, resolution=4000)
         if choice is not None:
-            curve.append({"bytes": checkpoint_bytes(model, _layouts(table, choice), kept_dtype), "predicted_kl": _predicted(table, choice)})
+            curve.append(
+                {
+                    "bytes": checkpoint_bytes(model, _layouts(table, choice), kept_dtype),
+                    "predicted_kl": _predicted(table, choice),
+                }
+            )
     return curve
 
 
-def size_choice(model: Any, table: dict[str, list[Option]], target_bytes: int, kept_dtype: str | None = None) -> dict[str, int]:
+def size_choice(
+    model: Any, table: dict[str, list[Option]], target_bytes: int, kept_dtype: str | None = None
+) -> dict[str, int]:
     """The lowest predicted loss whose whole checkpoint fits ``target_bytes`` exactly (header included)."""
-    keep_all = {name: next(i for i, o in enumerate(options) if o.layout is None) if any(o.layout is None for o in options) else 0 for name, options in table.items()}
-    others = checkpoint_bytes(model, _layouts(table, keep_all), kept_dtype) - sum(table[n][i].bytes for n, i in keep_all.items())
+    keep_all = {
+        name: next(i for i, o in enumerate(options) if o.layout is None)
+        if any(o.layout is None for o in options)
+        else 0
+        for name, options in table.items()
+    }
+    others = checkpoint_bytes(model, _layouts(table, keep_all), kept_dtype) - sum(
+        table[n][i].bytes for n, i in keep_all.items()
+    )
     budget = target_bytes - others - 256 * len(table)  # room for the header growing with packed tensors' names
     for _ in range(6):
         choice = _solve(table, budget, by_size=True)
@@ -199,5 +272,9 @@ def size_choice(model: Any, table: dict[str, list[Option]], target_bytes: int, k
             return choice
         budget -= total - target_bytes
     smallest = checkpoint_bytes(model, _layouts(table, {n: 0 for n in table}), kept_dtype)
-    raise GateFailedError(f"no allocation fits {target_bytes:,} bytes: the smallest candidates give {smallest:,} bytes ({smallest / 1e6:.3f} MB)."
-                     f" Raise {option('allocation.target_size')}/{option('allocation.target_bpw')} or add smaller candidates (e.g. int3-g128).")
+    raise GateFailedError(
+        f"no allocation fits {target_bytes:,} bytes: the smallest candidates give {smallest:,} bytes "
+        f"({smallest / 1e6:.3f} MB)."
+        f" Raise {option('allocation.target_size')}/{option('allocation.target_bpw')} or add smaller candidates (e.g. "
+        "int3-g128)."
+    )

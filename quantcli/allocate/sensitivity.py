@@ -29,7 +29,12 @@ def hessians(model: Any, names: tuple[str, ...], calibration: torch.Tensor) -> d
     last: list[torch.Tensor | None] = [None]
 
     def keep(name: str, hessian: torch.Tensor | None) -> None:
-        if hessian is not None and last[0] is not None and last[0].shape == hessian.shape and torch.equal(last[0], hessian):
+        if (
+            hessian is not None
+            and last[0] is not None
+            and last[0].shape == hessian.shape
+            and torch.equal(last[0], hessian)
+        ):
             hessian = last[0]
         found[name] = last[0] = hessian
 
@@ -37,7 +42,9 @@ def hessians(model: Any, names: tuple[str, ...], calibration: torch.Tensor) -> d
     return found
 
 
-def output_fisher(model: Any, names: tuple[str, ...], windows: torch.Tensor, seed: int, batch: int = BATCH) -> dict[str, torch.Tensor]:
+def output_fisher(
+    model: Any, names: tuple[str, ...], windows: torch.Tensor, seed: int, batch: int = BATCH
+) -> dict[str, torch.Tensor]:
     """Per layer, the mean over tokens of the squared gradient of ``-log p(y)`` with respect to each
     output, ``y`` drawn from the model's own next-token distribution (seeded)."""
     modules = dict(model.named_modules())
@@ -52,6 +59,7 @@ def output_fisher(model: Any, names: tuple[str, ...], windows: torch.Tensor, see
         def hook(module: Any, args: tuple, output: torch.Tensor) -> None:
             if output.requires_grad:
                 output.register_hook(accumulate)
+
         return hook
 
     def embedding_hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -67,7 +75,9 @@ def output_fisher(model: Any, names: tuple[str, ...], windows: torch.Tensor, see
             for chunk in windows.split(batch):
                 logits = model(input_ids=chunk.to(next(model.parameters()).device), use_cache=False).logits.float()
                 log_p = torch.log_softmax(logits, dim=-1)
-                labels = torch.multinomial(log_p.detach().exp().reshape(-1, log_p.shape[-1]).cpu(), 1, generator=generator)
+                labels = torch.multinomial(
+                    log_p.detach().exp().reshape(-1, log_p.shape[-1]).cpu(), 1, generator=generator
+                )
                 (-log_p.reshape(-1, log_p.shape[-1]).gather(-1, labels.to(log_p.device))).sum().backward()
                 tokens[0] += chunk.numel()
     finally:
@@ -90,7 +100,10 @@ def base_log_probs(model: Any, windows: torch.Tensor, batch: int = BATCH) -> lis
     """The model's next-token log-probabilities on each mini-batch of ``windows`` (the KL reference)."""
     device = next(model.parameters()).device
     with torch.inference_mode():
-        return [torch.log_softmax(model(input_ids=c.to(device), use_cache=False).logits.float(), dim=-1) for c in windows.split(batch)]
+        return [
+            torch.log_softmax(model(input_ids=c.to(device), use_cache=False).logits.float(), dim=-1)
+            for c in windows.split(batch)
+        ]
 
 
 def measured_kl(model: Any, windows: torch.Tensor, reference: list[torch.Tensor], batch: int = BATCH) -> float:
@@ -107,6 +120,7 @@ def measured_kl(model: Any, windows: torch.Tensor, reference: list[torch.Tensor]
 
 def spearman(first: list[float], second: list[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
+
     def ranks(values: list[float]) -> torch.Tensor:
         data = torch.tensor(values, dtype=torch.float64)
         order = data.argsort()
@@ -119,5 +133,5 @@ def spearman(first: list[float], second: list[float]) -> float:
 
     a, b = ranks(first), ranks(second)
     a, b = a - a.mean(), b - b.mean()
-    denominator = float((a.norm() * b.norm()))
+    denominator = float(a.norm() * b.norm())
     return float((a * b).sum()) / denominator if denominator else 0.0

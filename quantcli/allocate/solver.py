@@ -10,12 +10,14 @@ most one unit per tensor from it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def solve(costs: Sequence[Sequence[float]], amounts: Sequence[Sequence[float]], budget: float, resolution: int = 20000) -> list[int] | None:
+def solve(
+    costs: Sequence[Sequence[float]], amounts: Sequence[Sequence[float]], budget: float, resolution: int = 20000
+) -> list[int] | None:
     """Per tensor, the index of its choice that minimises ``sum(costs)`` with ``sum(amounts) <= budget``
     (None when no choice fits). Ties go to the earlier choice."""
     if budget < 0:

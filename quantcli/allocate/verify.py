@@ -29,7 +29,9 @@ def windows(source: Any, tokenizer: Any, tokens: int, seq_len: int, what: str) -
     stream = token_sequences(source, tokenizer, "stream", "auto", max(1 << 20, tokens))[0]
     available = stream.numel() // seq_len
     if not available:
-        raise DatasetError(f"{what} text {source.spec} has {stream.numel()} tokens, fewer than one window of {seq_len}. Use more text.")
+        raise DatasetError(
+            f"{what} text {source.spec} has {stream.numel()} tokens, fewer than one window of {seq_len}. Use more text."
+        )
     count = min(max(tokens // seq_len, 1), available)
     picked = [i * available // count for i in range(count)]
     return torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in picked])
@@ -39,8 +41,12 @@ def t_quantile(confidence: float, freedom: int) -> float:
     """Student t's ``confidence`` quantile with ``freedom`` degrees of freedom, by the Cornish-Fisher
     expansion around the normal quantile (Abramowitz & Stegun 26.7.5; within 0.5% from 2 degrees)."""
     z = NormalDist().inv_cdf(confidence)
-    terms = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
-             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+    terms = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
     return z + sum(term / freedom ** (power + 1) for power, term in enumerate(terms))
 
 
@@ -61,8 +67,11 @@ class Verifier:
 
     def __init__(self, base: Any, windows: torch.Tensor, spec: str, confidence: float = 0.95) -> None:
         if windows.shape[0] < 2:
-            raise DatasetError(f"verification text {spec} gives one window of {windows.shape[1]} tokens; the confidence bound needs at least 2."
-                               " Use more text or raise verify_tokens.")
+            raise DatasetError(
+                f"verification text {spec} gives one window of {windows.shape[1]} tokens; the confidence bound needs "
+                "at least 2."
+                " Use more text or raise verify_tokens."
+            )
         self.windows, self.spec, self.confidence = windows, spec, confidence
         self.reference = base_log_probs(base, windows)
         self.base_window_nll = self._window_nll(self.reference)
@@ -71,7 +80,10 @@ class Verifier:
 
     def _window_nll(self, log_probs: list[torch.Tensor]) -> list[float]:
         """Mean next-token loss of each window (nats/token)."""
-        losses = [-lp[:, :-1].gather(-1, chunk[:, 1:, None]).squeeze(-1).mean(1) for lp, chunk in zip(log_probs, self.windows.split(BATCH))]
+        losses = [
+            -lp[:, :-1].gather(-1, chunk[:, 1:, None]).squeeze(-1).mean(1)
+            for lp, chunk in zip(log_probs, self.windows.split(BATCH))
+        ]
         return torch.cat(losses).tolist()
 
     def __call__(self, model: Any) -> dict[str, float]:
@@ -80,6 +92,13 @@ class Verifier:
         increase = [m - b for m, b in zip(window_nll, self.base_window_nll)]
         kl = torch.cat([(p.exp() * (p - q)).sum(-1).mean(1) for p, q in zip(self.reference, log_probs)]).tolist()
         mean_increase = sum(increase) / len(increase)
-        return {"perplexity": math.exp(self.base_nll + mean_increase), "ppl_increase": 100 * math.expm1(mean_increase),
-                "ppl_increase_upper": 100 * math.expm1(upper_bound(increase, self.confidence)), "kl": sum(kl) / len(kl),
-                "kl_upper": upper_bound(kl, self.confidence), "confidence": self.confidence, "windows": len(increase), "tokens": int(self.windows.numel())}
+        return {
+            "perplexity": math.exp(self.base_nll + mean_increase),
+            "ppl_increase": 100 * math.expm1(mean_increase),
+            "ppl_increase_upper": 100 * math.expm1(upper_bound(increase, self.confidence)),
+            "kl": sum(kl) / len(kl),
+            "kl_upper": upper_bound(kl, self.confidence),
+            "confidence": self.confidence,
+            "windows": len(increase),
+            "tokens": int(self.windows.numel()),
+        }

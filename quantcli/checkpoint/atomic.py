@@ -9,8 +9,9 @@ import errno
 import glob
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from quantcli.checkpoint.paths import apply_umask, check_not_input, check_output_location, check_replaceable
 from quantcli.errors import OutputExistsError, OutputWriteError, ResumableInterrupt, ResumeStateError, option
@@ -78,7 +79,11 @@ def _resumable(target: Path) -> Path | None:
     found = []
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
-        if (leftover / RESUME_FILE).exists() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        if (
+            (leftover / RESUME_FILE).exists()
+            and pid.isdigit()
+            and (int(pid) == os.getpid() or not _pid_alive(int(pid)))
+        ):
             found.append(leftover)
     return max(found, key=lambda path: (path / RESUME_FILE).stat().st_mtime, default=None)
 
@@ -109,7 +114,9 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
         apply_umask(staging)
         if target.exists():
             if not force:
-                raise OutputExistsError(f"output folder {target} appeared while quantizing. Pass {option('force', True)} to replace it.")
+                raise OutputExistsError(
+                    f"output folder {target} appeared while quantizing. Pass {option('force', True)} to replace it."
+                )
 
             check_replaceable(target)
             retired = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -129,7 +136,10 @@ def atomic_folder(target: Path, force: bool, resume: bool = False) -> Iterator[P
                 f" Free space or choose another {option('output')}."
             ) from error
         if isinstance(error, OSError) and _under(error.filename, target.parent):
-            raise OutputWriteError(f"cannot write {target}: {error.strerror or error}; nothing was written. Choose another {option('output')}.") from error
+            raise OutputWriteError(
+                f"cannot write {target}: {error.strerror or error}; nothing was written. Choose another "
+                f"{option('output')}."
+            ) from error
         raise
 
 

@@ -1,6 +1,7 @@
 """``inspect`` prints a quantcli.json only if its claims agree with the checkpoint (issue 25, class 9).
 
-``eval`` and ``quantcli.load`` check the claims against the loaded model (:func:`quantcli.checkpoint.metadata.check_claims`);
+``eval`` and ``quantcli.load`` check the claims against the loaded model
+(:func:`quantcli.checkpoint.metadata.check_claims`);
 ``inspect`` loads no weights, so it checks them against the model's skeleton: the architecture built
 from config.json on the meta device (no memory, no weights read), and config.json's quantization
 section. A checkpoint that ships its own code is not built without --trust-remote-code: ``eval`` checks
@@ -21,7 +22,6 @@ from quantcli.sources.remote import ships_code
 def check_claims_on_skeleton(folder: Path, metadata: dict[str, Any]) -> None:
     """:func:`quantcli.checkpoint.metadata.check_claims` with the model built on the meta device from config.json."""
     import torch
-
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

@@ -17,8 +17,9 @@ import contextlib
 import errno
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from quantcli.errors import CheckpointError, InputError, OutputWriteError, UnavailableError, option
 from quantcli.limits import shown

@@ -8,8 +8,9 @@ evaluation, the target search's and verification's text) and the ``--plot`` imag
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from quantcli.errors import InputError, option
 

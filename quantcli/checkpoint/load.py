@@ -58,7 +58,7 @@ def load(
             check_claims(Path(source), metadata, model)
     except QuantCliError:
         raise
-    except Exception as error:  # noqa: BLE001 - a corrupt file makes the readers raise anything; name it
+    except Exception as error:
         if "trust_remote_code" in str(error):
             raise ModelLoadError(REMOTE_CODE_HINT.format(source=path)) from None
         why = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
@@ -81,10 +81,17 @@ def _integer_weights_only(source: str) -> bool:
     if not isinstance(quantization, dict) or not isinstance(quantization.get("config_groups"), dict):
         return False
     groups = quantization["config_groups"]
-    return quantization.get("quant_method") == "compressed-tensors" and not quantization.get("sparsity_config") and bool(groups) and all(
-        isinstance(group, dict) and (group.get("format") or quantization.get("format")) in ("pack-quantized", "int-quantized")
-        and not group.get("input_activations") and not group.get("output_activations")
-        for group in groups.values()
+    return (
+        quantization.get("quant_method") == "compressed-tensors"
+        and not quantization.get("sparsity_config")
+        and bool(groups)
+        and all(
+            isinstance(group, dict)
+            and (group.get("format") or quantization.get("format")) in ("pack-quantized", "int-quantized")
+            and not group.get("input_activations")
+            and not group.get("output_activations")
+            for group in groups.values()
+        )
     )
 
 
@@ -107,7 +114,10 @@ def inspect(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} is not a folder. Pass the output folder of quantcli quantize.")
     metadata = read_metadata(folder)
     if metadata is None:
-        raise CheckpointError(f"{path} has no {METADATA_FILE}: it was not written by quantcli quantize. Use quantcli eval for any checkpoint.")
+        raise CheckpointError(
+            f"{path} has no {METADATA_FILE}: it was not written by quantcli quantize. Use quantcli eval for any "
+            "checkpoint."
+        )
     check_metadata_fields(metadata, folder / METADATA_FILE)
 
     check_claims_on_skeleton(folder, metadata)  # never print claims the checkpoint contradicts

@@ -39,14 +39,18 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
         metadata = json.loads(read_bounded(path, "checkpoint metadata", MAX_METADATA_BYTES).decode("utf-8"))
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} is corrupt ({why}). Re-run quantcli quantize to rewrite the checkpoint.") from None
+        raise CheckpointError(
+            f"{path} is corrupt ({why}). Re-run quantcli quantize to rewrite the checkpoint."
+        ) from None
     except InputError as error:
         raise CheckpointError(str(error)) from None
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}.") from None
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{path} has no valid format_version. Re-run quantcli quantize to rewrite the checkpoint.")
+        raise CheckpointError(
+            f"{path} has no valid format_version. Re-run quantcli quantize to rewrite the checkpoint."
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {version}, newer than this quantcli reads ({FORMAT_VERSION})."
@@ -55,9 +59,9 @@ def read_metadata(folder: Path) -> dict[str, Any] | None:
     return metadata
 
 
-
 def check_metadata_fields(metadata: dict[str, Any], path: Path) -> None:
     """quantcli.json holds the fields every reader uses, with the right types."""
+
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path} is malformed: {what}. Re-run quantcli quantize to rewrite the checkpoint.")
 
@@ -66,7 +70,9 @@ def check_metadata_fields(metadata: dict[str, Any], path: Path) -> None:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise bad(f"'{key}' must be {'an integer' if kind is int else 'a string'}")
     layers = metadata.get("layers")
-    if not isinstance(layers, dict) or not all(isinstance(v, dict) and isinstance(v.get("bits"), int) for v in layers.values()):
+    if not isinstance(layers, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("bits"), int) for v in layers.values()
+    ):
         raise bad("'layers' must map layer names to their settings (bits, scheme)")
     for key in ("options", "skipped"):
         if not isinstance(metadata.get(key) or {}, dict):
@@ -76,7 +82,11 @@ def check_metadata_fields(metadata: dict[str, Any], path: Path) -> None:
 def table_layers(metadata: dict[str, Any] | None) -> set[str]:
     """The embedding and head a checkpoint's metadata names (its size breakdown), quantized or kept."""
     breakdown = (metadata or {}).get("size_breakdown")
-    return {name for name in (breakdown.get("embedding"), breakdown.get("head")) if name} if isinstance(breakdown, dict) else set()
+    return (
+        {name for name in (breakdown.get("embedding"), breakdown.get("head")) if name}
+        if isinstance(breakdown, dict)
+        else set()
+    )
 
 
 def _layer_shape(module: Any) -> tuple[int, int] | None:
@@ -111,24 +121,44 @@ def check_claims(folder: Path, metadata: dict[str, Any], model: Any) -> None:
     methods = {cls.name for cls in available_methods()}
     method, bits, layers = metadata.get("method"), metadata.get("bits"), metadata.get("layers")
     if method not in methods:
-        raise CheckpointError(f"{path} names method {str(method)[:40]!r}, which quantcli does not know. The file is corrupt; re-run quantcli quantize.")
+        raise CheckpointError(
+            f"{path} names method {str(method)[:40]!r}, which quantcli does not know. The file is corrupt; re-run "
+            "quantcli quantize."
+        )
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
-        raise CheckpointError(f"{path} has no valid per-layer map ('layers'). The file is corrupt; re-run quantcli quantize.")
+        raise CheckpointError(
+            f"{path} has no valid per-layer map ('layers'). The file is corrupt; re-run quantcli quantize."
+        )
     tables = table_layers(metadata)  # the embedding/head have their own width (--embeddings)
     layer_bits = {layer.get("bits") for name, layer in layers.items() if name not in tables}
     if not isinstance(bits, int) or isinstance(bits, bool) or (layers and bits not in layer_bits):
-        raise CheckpointError(f"{path} claims {str(bits)[:20]}-bit but its layers are {sorted(map(str, layer_bits))}-bit. The file is corrupt; re-run quantcli quantize.")
+        raise CheckpointError(
+            f"{path} claims {str(bits)[:20]}-bit but its layers are {sorted(map(str, layer_bits))}-bit. The file is "
+            "corrupt; re-run quantcli quantize."
+        )
     modules = dict(model.named_modules())
     experts = expert_shapes(model)  # each expert of a fused experts module is a layer of its own
     stored = _scheme_bits(Path(folder), layers) if metadata.get("format") == "compressed-tensors" else {}
     for name, layer in layers.items():
         if name not in modules and name not in experts:
-            raise CheckpointError(f"{path} lists layer {name[:80]}, which the model does not have. quantcli.json and the weights disagree; re-run quantcli quantize.")
+            raise CheckpointError(
+                f"{path} lists layer {name[:80]}, which the model does not have. quantcli.json and the weights "
+                "disagree; re-run quantcli quantize."
+            )
         shape, claimed = experts.get(name) or _layer_shape(modules[name]), layer.get("shape")
         if claimed is not None and shape is not None and tuple(claimed) != shape:
-            raise CheckpointError(f"{path} says layer {name} is {tuple(claimed)} but the weights are {shape}. quantcli.json and the weights disagree; re-run quantcli quantize.")
+            raise CheckpointError(
+                f"{path} says layer {name} is {tuple(claimed)} but the weights are {shape}. quantcli.json and the "
+                "weights disagree; re-run quantcli quantize."
+            )
         if name in stored and stored[name] != layer.get("bits"):
-            raise CheckpointError(f"{path} says layer {name} is {layer.get('bits')}-bit but the weights are stored {stored[name]}-bit. quantcli.json and the weights disagree; re-run quantcli quantize.")
+            raise CheckpointError(
+                f"{path} says layer {name} is {layer.get('bits')}-bit but the weights are stored {stored[name]}-bit. "
+                "quantcli.json and the weights disagree; re-run quantcli quantize."
+            )
     extra = sorted(set(stored) - set(layers))
     if extra:
-        raise CheckpointError(f"{path} omits quantized layer(s) {few_names(extra)} that config.json targets. quantcli.json and the weights disagree; re-run quantcli quantize.")
+        raise CheckpointError(
+            f"{path} omits quantized layer(s) {few_names(extra)} that config.json targets. quantcli.json and the "
+            "weights disagree; re-run quantcli quantize."
+        )

@@ -28,24 +28,35 @@ def check_not_input(target: Path, source: str) -> None:
     if out == model:
         raise InputError(f"output {target} is the input model's folder. Choose another {option('output')}.")
     if _contains(out, model):
-        raise InputError(f"output {target} contains the input model {source}; replacing it would delete the model. Choose another {option('output')}.")
+        raise InputError(
+            f"output {target} contains the input model {source}; replacing it would delete the model. Choose another "
+            f"{option('output')}."
+        )
     if _contains(model, out):
-        raise InputError(f"output {target} lies inside the input model {source}. Choose an {option('output')} outside it.")
+        raise InputError(
+            f"output {target} lies inside the input model {source}. Choose an {option('output')} outside it."
+        )
 
 
 def check_replaceable(target: Path) -> None:
     """``--force`` replaces only a folder quantcli wrote (it holds quantcli.json) or an empty one."""
     if target.is_symlink():
-        raise InputError(f"output {target} is a symbolic link; {option('force', True)} replaces only real folders. Pass the folder it points to, or another {option('output')}.")
+        raise InputError(
+            f"output {target} is a symbolic link; {option('force', True)} replaces only real folders. Pass the folder "
+            f"it points to, or another {option('output')}."
+        )
     if not target.is_dir():
         raise InputError(f"output {target} exists and is not a folder. Choose another {option('output')}.")
     try:
         empty = not any(target.iterdir())
     except OSError as error:
-        raise OutputWriteError(f"cannot read output folder {target}: {error.strerror or error}. Choose another {option('output')}.") from None
+        raise OutputWriteError(
+            f"cannot read output folder {target}: {error.strerror or error}. Choose another {option('output')}."
+        ) from None
     if not empty and not (target / METADATA_FILE).is_file():
         raise InputError(
-            f"output {target} exists and was not written by quantcli (no {METADATA_FILE}); {option('force', True)} replaces only"
+            f"output {target} exists and was not written by quantcli (no {METADATA_FILE}); {option('force', True)} "
+            "replaces only"
             f" quantcli output folders or empty ones. Remove it yourself or choose another {option('output')}."
         )
 
@@ -57,7 +68,9 @@ def check_writable(target: Path, name: str = "output") -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise InputError(f"cannot create {option(name)} {target}: {parent} is a file, not a folder. Choose another {option(name)}.")
+        raise InputError(
+            f"cannot create {option(name)} {target}: {parent} is a file, not a folder. Choose another {option(name)}."
+        )
     try:
         probe = tempfile.mkdtemp(prefix=".quantcli-probe-", dir=parent)
         with open(os.path.join(probe, "probe"), "wb") as handle:
@@ -68,17 +81,26 @@ def check_writable(target: Path, name: str = "output") -> None:
         why = error.strerror or str(error)
         if error.errno in (errno.EROFS,):
             why = "read-only file system"
-        raise OutputWriteError(f"cannot write {option(name)} {target}: creating a file in {parent} failed ({why}). Choose a writable {option(name)}.") from None
+        raise OutputWriteError(
+            f"cannot write {option(name)} {target}: creating a file in {parent} failed ({why}). Choose a writable "
+            f"{option(name)}."
+        ) from None
 
 
 def check_output_location(target: Path, force: bool, source: str) -> None:
     """All output checks for ``quantize``, in the order a user would want to hear them."""
     check_not_input(target, source)
     if _contains(_real(target), _real(os.getcwd())):
-        raise InputError(f"output {target} is the current folder or holds it; it cannot be replaced while in use. Choose another {option('output')}.")
+        raise InputError(
+            f"output {target} is the current folder or holds it; it cannot be replaced while in use. Choose another "
+            f"{option('output')}."
+        )
     if target.exists() or target.is_symlink():
         if not force:
-            raise OutputExistsError(f"output folder {target} already exists. Pass {option('force', True)} to replace it, or choose another {option('output')}.")
+            raise OutputExistsError(
+                f"output folder {target} already exists. Pass {option('force', True)} to replace it, or choose another "
+                f"{option('output')}."
+            )
         check_replaceable(target)
     check_writable(target)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from quantcli.cli import render
@@ -17,13 +15,19 @@ from quantcli.measure.speed import bench as run_bench
 @handle_errors
 def bench(
     model: str = typer.Argument("stories260K", help="A quantcli output folder, any local checkpoint, or a Hub id."),
-    base: Optional[str] = typer.Option(None, "--base", help="Also bench this model and report speedup ratios (MODEL over BASE)."),
-    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prompt length (prefill), taken from the eval text."),
+    base: str | None = typer.Option(
+        None, "--base", help="Also bench this model and report speedup ratios (MODEL over BASE)."
+    ),
+    prompt_tokens: int = typer.Option(
+        128, "--prompt-tokens", help="Prompt length (prefill), taken from the eval text."
+    ),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens decoded with the KV cache."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs; medians are reported."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
     backend: str = BACKEND_OPTION,
-    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="CI gate: exit 4 if MODEL decodes less than X times faster than --base."),
+    min_speedup: float | None = typer.Option(
+        None, "--min-speedup", help="CI gate: exit 4 if MODEL decodes less than X times faster than --base."
+    ),
     device: str = DEVICE_OPTION,
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -31,6 +35,8 @@ def bench(
     """Prefill and decode tokens/s, latency per token and memory (medians over repeats)."""
 
     config = BenchConfig(prompt_tokens, new_tokens, repeats, warmup, backend=backend)
-    result = run_bench(model, config, base, device, GateLimits(min_speedup=min_speedup), render.RichProgress(enabled=not quiet))
+    result = run_bench(
+        model, config, base, device, GateLimits(min_speedup=min_speedup), render.RichProgress(enabled=not quiet)
+    )
     render.print_json(result) if json_output else render.render_bench(result)
     enforce(result["gates"])

@@ -7,7 +7,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -45,11 +46,15 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP
             print(f"interrupted{describe(error)}: nothing was written.", file=sys.stderr)
             raise typer.Exit(exit_code(error)) from None
-        except Exception as error:  # noqa: BLE001 - the boundary where bugs become one line
+        except Exception as error:
             if debug:
                 raise
 
-            print(f"internal error: {type(error).__name__}: {clip_message(str(error), 400)}. Set QUANTCLI_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+            print(
+                f"internal error: {type(error).__name__}: {clip_message(str(error), 400)}. Set QUANTCLI_DEBUG=1 for "
+                "the traceback and report it.",
+                file=sys.stderr,
+            )
             raise typer.Exit(1) from None
 
     return wrapper

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -17,12 +16,18 @@ from quantcli.measure.compare import markdown as to_markdown
 
 @handle_errors
 def compare(
-    dirs: List[Path] = typer.Argument(..., help="quantcli output folders."),
-    base: Optional[str] = typer.Option(None, "--base", help="Re-evaluate every folder against this model (perplexity change, KL, top-1) on one setting."),
+    dirs: list[Path] = typer.Argument(..., help="quantcli output folders."),
+    base: str | None = typer.Option(
+        None,
+        "--base",
+        help="Re-evaluate every folder against this model (perplexity change, KL, top-1) on one setting.",
+    ),
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens evaluated per model when evaluating."),
     seq_len: int = typer.Option(256, "--seq-len", help="Context length when evaluating."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a GitHub Markdown table (for PR comments)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw size vs perplexity and per-layer error to this PNG (needs matplotlib)."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also draw size vs perplexity and per-layer error to this PNG (needs matplotlib)."
+    ),
     json_output: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:

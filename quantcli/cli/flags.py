@@ -10,7 +10,8 @@ table: tests/cli/test_option_names.py checks that every option the library names
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from quantcli.errors import NO_VALUE, QuantCliError, python_name, render_options
 

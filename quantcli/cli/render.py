@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -40,7 +41,13 @@ class RichProgress:
         if not self.enabled:
             yield lambda advance: None
             return
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        columns = [
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        ]
         if total is not None:  # units done of the total, and the time left at the recent rate
             columns += [TextColumn("eta"), TimeRemainingColumn()]
         with Progress(*columns, console=stderr) as bar:
@@ -81,29 +88,50 @@ def human_bytes(count: int | None) -> str:
 def eval_settings_line(settings: dict[str, Any], scored: int) -> str:
     return (
         f"dataset {settings.get('dataset')} · {scored:,} tokens scored of {settings.get('tokens'):,} · "
-        f"context {settings.get('seq_len')} · stride {settings.get('stride')} · protocol {settings.get('protocol')} · BOS {settings.get('bos')}"
+        f"context {settings.get('seq_len')} · stride {settings.get('stride')} · protocol {settings.get('protocol')} · "
+        f"BOS {settings.get('bos')}"
     )
 
 
 def render_quantize(report: dict[str, Any]) -> None:
     size = report["size"]
-    table = Table(title=f"quantcli: {report['model']} → {report['output']}  ({report['method']}, {report['bits']}-bit, {report['format']})")
+    table = Table(
+        title=f"quantcli: {report['model']} → {report['output']}  ({report['method']}, {report['bits']}-bit, "
+        f"{report['format']})"
+    )
     table.add_column("metric")
     table.add_column("original", justify="right")
     table.add_column("quantized", justify="right")
     table.add_column("change", justify="right")
     ratio = size["disk_ratio"]
-    table.add_row("size on disk", human_bytes(size["original_disk_bytes"]), human_bytes(size["quantized_disk_bytes"]), f"{ratio:.2f}x smaller" if ratio else "")
+    table.add_row(
+        "size on disk",
+        human_bytes(size["original_disk_bytes"]),
+        human_bytes(size["quantized_disk_bytes"]),
+        f"{ratio:.2f}x smaller" if ratio else "",
+    )
     memory_ratio = size["memory_ratio"]
     if memory_ratio and memory_ratio < 1.01:
         memory_change = "same: runs dequantized here"
     else:
         memory_change = f"{memory_ratio:.2f}x smaller" if memory_ratio else ""
-    table.add_row("size in memory", human_bytes(size["original_memory_bytes"]), human_bytes(size["quantized_memory_bytes"]), memory_change)
-    table.add_row("bits per weight", f"{size['original_bits_per_weight']:.2f}", f"{size['quantized_bits_per_weight']:.2f}", "")
+    table.add_row(
+        "size in memory",
+        human_bytes(size["original_memory_bytes"]),
+        human_bytes(size["quantized_memory_bytes"]),
+        memory_change,
+    )
+    table.add_row(
+        "bits per weight", f"{size['original_bits_per_weight']:.2f}", f"{size['quantized_bits_per_weight']:.2f}", ""
+    )
     before, after, delta = report["perplexity_before"], report["perplexity_after"], report["perplexity_delta"]
     if before and after:
-        table.add_row("perplexity", f"{before['perplexity']:.4f}", f"{after['perplexity']:.4f}", f"{delta['absolute']:+.4f} ({delta['percent']:+.2f}%)")
+        table.add_row(
+            "perplexity",
+            f"{before['perplexity']:.4f}",
+            f"{after['perplexity']:.4f}",
+            f"{delta['absolute']:+.4f} ({delta['percent']:+.2f}%)",
+        )
     for stage, seconds in report["timings"].items():
         table.add_row(f"time: {stage}", "", f"{seconds:.2f} s", "")
     stdout.print(table)
@@ -115,14 +143,15 @@ def render_quantize(report: dict[str, Any]) -> None:
     stdout.print(f"method settings: {options or 'defaults'} · device {report['device']}")
     if report["calibration"]:
         calib = report["calibration"]
-        stdout.print(f"calibration: {calib['dataset']} · {calib['samples']} × {calib['seq_len']} tokens · seed {calib['seed']}")
+        stdout.print(
+            f"calibration: {calib['dataset']} · {calib['samples']} × {calib['seq_len']} tokens · seed {calib['seed']}"
+        )
     if report.get("grouping"):
         stdout.print(report["grouping"]["summary"])
     for name, note in report["fallbacks"].items():
         stdout.print(f"[yellow]fallback[/] {name}: {note}")
     render_weights(report.get("weights"), report.get("stats") or {})
     if (report.get("stats") or {}).get("allocation"):
-
         for line in describe(report["stats"]["allocation"]):
             stdout.print(cli_text(line), markup=False)
     render_breakdown(size.get("breakdown"))
@@ -151,7 +180,9 @@ def render_gates(records: list[dict[str, Any]]) -> None:
 
     for record in records:
         result = GateResult(**record)
-        stdout.print(f"{'[green]gate passed[/]' if result.passed else '[red]gate FAILED[/]'}: {cli_text(result.message)}")
+        stdout.print(
+            f"{'[green]gate passed[/]' if result.passed else '[red]gate FAILED[/]'}: {cli_text(result.message)}"
+        )
 
 
 def render_eval(result: dict[str, Any]) -> None:
@@ -181,14 +212,22 @@ def render_breakdown(breakdown: dict[str, Any] | None) -> None:
     for column in ("class", "bytes", "share", "stored as"):
         table.add_column(column, justify="right" if column in ("bytes", "share") else "left")
     for name, value in breakdown["classes"].items():
-        table.add_row(name.replace("_", " "), human_bytes(value["bytes"]), f"{100 * value['share']:.1f}%", ", ".join(value.get("dtypes", [])))
+        table.add_row(
+            name.replace("_", " "),
+            human_bytes(value["bytes"]),
+            f"{100 * value['share']:.1f}%",
+            ", ".join(value.get("dtypes", [])),
+        )
     bits = breakdown.get("bits_per_weight")
     table.add_row("total", human_bytes(breakdown["tensor_bytes"]), f"{bits:.2f} bits/weight" if bits else "", "")
     stdout.print(table)
 
 
 def render_inspect(info: dict[str, Any]) -> None:
-    stdout.print(f"method {info['method']} · {info['bits']}-bit · format {info['format']} · quantcli format v{info['format_version']}")
+    stdout.print(
+        f"method {info['method']} · {info['bits']}-bit · format {info['format']} · quantcli format "
+        f"v{info['format_version']}"
+    )
     options = ", ".join(f"{k}={v}" for k, v in (info.get("options") or {}).items())
     stdout.print(f"options: {options or 'defaults'} · weights on disk {human_bytes(info.get('disk_bytes'))}")
     table = Table(title="layers")
@@ -196,7 +235,14 @@ def render_inspect(info: dict[str, Any]) -> None:
         table.add_column(column)
     for name, layer in info["layers"].items():
         shape = "×".join(map(str, layer.get("shape") or [])) or ""
-        table.add_row(name, str(layer["bits"]), layer["scheme"], str(layer.get("group_size") or "-"), shape, layer.get("note") or "")
+        table.add_row(
+            name,
+            str(layer["bits"]),
+            layer["scheme"],
+            str(layer.get("group_size") or "-"),
+            shape,
+            layer.get("note") or "",
+        )
     for name, why in (info.get("skipped") or {}).items():
         table.add_row(name, "-", "kept", "-", "", why)
     stdout.print(table)
@@ -206,7 +252,9 @@ def render_inspect(info: dict[str, Any]) -> None:
 def render_bench(result: dict[str, Any]) -> None:
     base, speedup = result.get("base"), result.get("speedup")
     settings = result["settings"]
-    table = Table(title=f"quantcli bench: {result['model']['name']} on {result['device']} (backend {settings['backend']})")
+    table = Table(
+        title=f"quantcli bench: {result['model']['name']} on {result['device']} (backend {settings['backend']})"
+    )
     table.add_column("metric")
     table.add_column("model", justify="right")
     if base:
@@ -226,15 +274,27 @@ def render_bench(result: dict[str, Any]) -> None:
         table.add_row(label, human_bytes(result["model"][key]), *([human_bytes(base[key]), ""] if base else []))
     stdout.print(table)
     stdout.print(
-        f"settings: {settings['prompt_tokens']} prompt tokens · {settings['new_tokens']} new tokens (greedy, KV cache) ·"
-        f" median of {settings['repeats']} after {settings['warmup']} warm-up · peak memory: {result['model']['peak_memory_kind']}"
+        f"settings: {settings['prompt_tokens']} prompt tokens · {settings['new_tokens']} new tokens (greedy, KV cache) "
+        "·"
+        f" median of {settings['repeats']} after {settings['warmup']} warm-up · peak memory: "
+        f"{result['model']['peak_memory_kind']}"
     )
     render_gates(result.get("gates") or [])
 
 
 def render_compare(result: dict[str, Any]) -> None:
     table = Table(title=f"quantcli compare{' vs ' + result['base'] if result['base'] else ''}")
-    for column in ("checkpoint", "method", "bits", "size on disk", "bits/weight", "perplexity", "Δ vs base", "KL", "top-1"):
+    for column in (
+        "checkpoint",
+        "method",
+        "bits",
+        "size on disk",
+        "bits/weight",
+        "perplexity",
+        "Δ vs base",
+        "KL",
+        "top-1",
+    ):
         table.add_column(column, justify="left" if column in ("checkpoint", "method") else "right")
 
     def number(value: Any, fmt: str, suffix: str = "") -> str:
@@ -242,8 +302,14 @@ def render_compare(result: dict[str, Any]) -> None:
 
     for row in result["rows"]:
         table.add_row(
-            Path(row["checkpoint"]).name, row["method"], str(row["bits"]), human_bytes(row["disk_bytes"]), number(row["bits_per_weight"], ".2f"),
-            number(row["perplexity"], ".4f"), number(row["perplexity_delta_percent"], "+.2f", "%"), number(row["kl_divergence"], ".5f"),
+            Path(row["checkpoint"]).name,
+            row["method"],
+            str(row["bits"]),
+            human_bytes(row["disk_bytes"]),
+            number(row["bits_per_weight"], ".2f"),
+            number(row["perplexity"], ".4f"),
+            number(row["perplexity_delta_percent"], "+.2f", "%"),
+            number(row["kl_divergence"], ".5f"),
             number(row["top1_agreement"] and 100 * row["top1_agreement"], ".1f", "%"),
         )
     stdout.print(table)

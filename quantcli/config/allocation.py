@@ -31,7 +31,9 @@ class Candidate:
     bits: int | None = None
     group_size: int | None = None
 
-    def layout(self, in_features: int, symmetric: bool, observer: str, scale_dtype: str | None = None) -> IntLayout | None:
+    def layout(
+        self, in_features: int, symmetric: bool, observer: str, scale_dtype: str | None = None
+    ) -> IntLayout | None:
         if self.bits is None:
             return None
         group = None if self.group_size is None else group_size_for(in_features, self.group_size)
@@ -49,13 +51,16 @@ def parse_candidates(names: tuple[str, ...] | list[str]) -> tuple[Candidate, ...
         elif match and (match.group(2) is None or int(match.group(2)) > 0):
             parsed.append(Candidate(name, int(match.group(1)), int(match.group(2)) if match.group(2) else None))
         else:
-            raise InputError(f"unknown candidate {name!r}: use keep, int8, int4, int3, optionally with a group size as in int4-g128.")
+            raise InputError(
+                f"unknown candidate {name!r}: use keep, int8, int4, int3, optionally with a group size as in int4-g128."
+            )
     if len({c.name for c in parsed}) != len(parsed):
         raise InputError(f"{option('allocation.candidates')} lists a candidate twice: {', '.join(names)}.")
     if not any(c.bits for c in parsed):
-        raise InputError(f"{option('allocation.candidates')} needs at least one integer candidate (e.g. int4-g128) besides keep.")
+        raise InputError(
+            f"{option('allocation.candidates')} needs at least one integer candidate (e.g. int4-g128) besides keep."
+        )
     return tuple(parsed)
-
 
 
 TARGETS = ("target_ppl_increase", "target_kl", "target_size", "target_bpw")
@@ -93,17 +98,31 @@ class AllocationConfig:
             raise InputError(f"pass exactly one allocation target: {listed}{got}.")
         for name in ("target_ppl_increase", "target_kl", "target_bpw"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            ):
                 raise InputError(f"{option(f'allocation.{name}')} must be a positive number, got {value!r}.")
-        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not 0.5 <= self.confidence < 1:
-            raise InputError(f"allocation.confidence (a recipe key) must be at least 0.5 and below 1 (0.95: a 95% upper bound), got {self.confidence!r}.")
+        if (
+            isinstance(self.confidence, bool)
+            or not isinstance(self.confidence, (int, float))
+            or not 0.5 <= self.confidence < 1
+        ):
+            raise InputError(
+                "allocation.confidence (a recipe key) must be at least 0.5 and below 1 (0.95: a 95% upper bound), got "
+                f"{self.confidence!r}."
+            )
         if self.target_bpw is not None and self.target_bpw > 32:
-            raise InputError(f"{option('allocation.target_bpw')} must be at most 32 bits per weight, got {self.target_bpw!r}.")
+            raise InputError(
+                f"{option('allocation.target_bpw')} must be at most 32 bits per weight, got {self.target_bpw!r}."
+            )
         if self.target_size is not None:
             try:
                 object.__setattr__(self, "target_size", parse_size(self.target_size))
             except InputError:
-                raise InputError(f"{option('allocation.target_size')} must be a size such as 80MB or 1.5GB, got {self.target_size!r}.") from None
+                raise InputError(
+                    f"{option('allocation.target_size')} must be a size such as 80MB or 1.5GB, got "
+                    f"{self.target_size!r}."
+                ) from None
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", tuple(part for part in self.candidates.split(",") if part.strip()))
         object.__setattr__(self, "candidates", tuple(c.name for c in parse_candidates(list(self.candidates))))

@@ -46,10 +46,13 @@ class GateResult:
     @property
     def message(self) -> str:
         if self.name == "max_ppl_increase":
-            return f"perplexity {self.value:+.2f}% {'<=' if self.passed else '>'} {option('gates.max_ppl_increase')} {self.limit:g}%"
+            sign = "<=" if self.passed else ">"
+            return f"perplexity {self.value:+.2f}% {sign} {option('gates.max_ppl_increase')} {self.limit:g}%"
         if self.name == "max_size":
-            return f"size on disk {self.value:.3f} MB {'<=' if self.passed else '>'} {option('gates.max_size')} {self.limit:g} MB"
-        return f"decode speedup {self.value:.2f}x {'>=' if self.passed else '<'} {option('gates.min_speedup')} {self.limit:g}x"
+            sign = "<=" if self.passed else ">"
+            return f"size on disk {self.value:.3f} MB {sign} {option('gates.max_size')} {self.limit:g} MB"
+        sign = ">=" if self.passed else "<"
+        return f"decode speedup {self.value:.2f}x {sign} {option('gates.min_speedup')} {self.limit:g}x"
 
 
 def check_quantize(limits: GateLimits, report: dict[str, Any]) -> list[GateResult]:
@@ -58,7 +61,14 @@ def check_quantize(limits: GateLimits, report: dict[str, Any]) -> list[GateResul
     results = []
     if limits.max_ppl_increase is not None:
         delta = report["perplexity_delta"]  # QuantizeConfig refuses this gate without evaluation
-        results.append(GateResult("max_ppl_increase", limits.max_ppl_increase, delta["percent"], delta["percent"] <= limits.max_ppl_increase))
+        results.append(
+            GateResult(
+                "max_ppl_increase",
+                limits.max_ppl_increase,
+                delta["percent"],
+                delta["percent"] <= limits.max_ppl_increase,
+            )
+        )
     if limits.max_size is not None:
         size = report["size"]["quantized_disk_bytes"] / MB
         results.append(GateResult("max_size", limits.max_size, size, size <= limits.max_size))
@@ -70,7 +80,9 @@ def check_speedup(limits: GateLimits, speedup: float | None) -> list[GateResult]
     if limits.min_speedup is None:
         return []
     if speedup is None:
-        raise InputError(f"{option('gates.min_speedup')} compares against a base model. Pass {option('base', 'MODEL')}.")
+        raise InputError(
+            f"{option('gates.min_speedup')} compares against a base model. Pass {option('base', 'MODEL')}."
+        )
     return [GateResult("min_speedup", limits.min_speedup, speedup, speedup >= limits.min_speedup)]
 
 

@@ -7,9 +7,10 @@ Recipes (YAML files, mappings and command-line overrides) become a :class:`Quant
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from quantcli.config.allocation import AllocationConfig
 from quantcli.config.gates import GateLimits
@@ -65,7 +66,10 @@ class EvalConfig:
         check_type(f"document separator ({option('eval.doc_separator')})", self.doc_separator, str, type(None))
         check_positive(f"eval sequence length ({option('eval.seq_len')})", self.seq_len)
         if self.seq_len < 2:
-            raise InputError(f"eval sequence length ({option('eval.seq_len')}) must be at least 2 (a window predicts each token from the ones before it), got {self.seq_len}.")
+            raise InputError(
+                f"eval sequence length ({option('eval.seq_len')}) must be at least 2 (a window predicts each token "
+                f"from the ones before it), got {self.seq_len}."
+            )
         check_positive(f"stride ({option('eval.stride')})", self.stride, allow_none=True)
         check_positive(f"max tokens ({option('eval.max_tokens')})", self.max_tokens, allow_none=True)
         check_positive(f"batch size ({option('eval.batch_size')})", self.batch_size)
@@ -77,15 +81,21 @@ class EvalConfig:
             )
         if self.bos == "document":
             raise InputError(
-                f"{option('eval.bos', 'document')} is now {option('eval.protocol', 'documents')} {option('eval.bos', 'start')}"
+                f"{option('eval.bos', 'document')} is now {option('eval.protocol', 'documents')} "
+                f"{option('eval.bos', 'start')}"
                 f" (documents come from rows or {option('eval.doc_separator')}; a blank line is not one)."
             )
         if self.bos not in BOS_MODES:
             raise InputError(f"bos must be one of {', '.join(BOS_MODES)}, got {shown(self.bos)}.")
         if self.protocol not in PROTOCOLS:
-            raise InputError(f"protocol ({option('eval.protocol')}) must be one of {', '.join(PROTOCOLS)}, got {shown(self.protocol)}.")
+            raise InputError(
+                f"protocol ({option('eval.protocol')}) must be one of {', '.join(PROTOCOLS)}, got "
+                f"{shown(self.protocol)}."
+            )
         if self.doc_separator is not None and (self.protocol != "documents" or not self.doc_separator):
-            raise InputError(f"{option('eval.doc_separator')} needs {option('eval.protocol', 'documents')} and a non-empty string.")
+            raise InputError(
+                f"{option('eval.doc_separator')} needs {option('eval.protocol', 'documents')} and a non-empty string."
+            )
 
     @property
     def effective_stride(self) -> int:
@@ -93,9 +103,19 @@ class EvalConfig:
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "bits": (int,), "model": (str,), "method": (str, type(None)), "output": (Path, type(None)), "force": (bool,),
-    "device": (str,), "dtype": (str,), "trust_remote_code": (bool,), "low_memory": (bool,), "resume": (bool,),
-    "device_map": (str, type(None)), "embeddings": (int, str, type(None)), "keep_dtype": (str, type(None)),
+    "bits": (int,),
+    "model": (str,),
+    "method": (str, type(None)),
+    "output": (Path, type(None)),
+    "force": (bool,),
+    "device": (str,),
+    "dtype": (str,),
+    "trust_remote_code": (bool,),
+    "low_memory": (bool,),
+    "resume": (bool,),
+    "device_map": (str, type(None)),
+    "embeddings": (int, str, type(None)),
+    "keep_dtype": (str, type(None)),
     "format": (str, type(None)),
     "gguf_type": (str, type(None)),
 }
@@ -125,11 +145,15 @@ class QuantizeConfig:
     low_memory: bool = False  # stream the weights from disk one decoder block at a time (no perplexity)
     resume: bool = False  # with low_memory: continue an interrupted run after its last finished block
     gates: GateLimits = field(default_factory=GateLimits)
-    allocation: AllocationConfig | None = None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
+    allocation: AllocationConfig | None = (
+        None  # a size or quality target: per-layer precision is searched (quantcli.allocate)
+    )
     # rtn/gptq: the input embedding and output head (one tensor when tied): None or "keep" keeps them 16-bit (what
     # vLLM serves; the default), 8 or 4 quantizes them
     embeddings: int | str | None = None
-    keep_dtype: str | None = None  # rtn/gptq: dtype of unquantized tensors; None, auto: 16-bit (quantcli.quant.keptdtype)
+    keep_dtype: str | None = (
+        None  # rtn/gptq: dtype of unquantized tensors; None, auto: 16-bit (quantcli.quant.keptdtype)
+    )
     format: str | None = None  # None: the method's own format; "gguf": llama.cpp's, with gguf_type
     gguf_type: str | None = None  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (quantcli.formats.gguf.types)
 
@@ -148,14 +172,20 @@ class QuantizeConfig:
             self._check_gguf()
         elif self.bits not in (3, 4, 8, 16):
             raise InputError(
-                f"{option('bits', self.bits)} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the fp16/bf16 baseline)."
+                f"{option('bits', self.bits)} is not supported. Use 8 or 4 (bnb, rtn, gptq), 3 (gptq), or 16 (the "
+                "fp16/bf16 baseline)."
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError(f"{option('device')} must be auto, cpu, cuda or cuda:N, got {shown(self.device)}.")
         if self.resume and not self.low_memory:
-            raise InputError(f"{option('resume')} continues an interrupted {option('low_memory')} run. Add {option('low_memory', True)}.")
+            raise InputError(
+                f"{option('resume')} continues an interrupted {option('low_memory')} run. Add "
+                f"{option('low_memory', True)}."
+            )
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            raise InputError(f"{option('device_map')} must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}.")
+            raise InputError(
+                f"{option('device_map')} must be one of {', '.join(DEVICE_MAPS)}, got {shown(self.device_map)}."
+            )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"{option('dtype')} must be auto, float32, float16 or bfloat16, got {shown(self.dtype)}.")
         if self.low_memory:
@@ -170,18 +200,28 @@ class QuantizeConfig:
                 f" (use {option('eval.max_tokens')} to keep it fast)."
             )
         if self.gates.min_speedup is not None:
-            raise InputError(f"{option('gates.min_speedup')} needs decode speed of both models: use it with `quantcli bench QUANTIZED --base ORIGINAL`.")
+            raise InputError(
+                f"{option('gates.min_speedup')} needs decode speed of both models: use it with `quantcli bench "
+                "QUANTIZED --base ORIGINAL`."
+            )
 
     def _check_allocation(self) -> None:
         if self.low_memory:
-            raise InputError(f"{option('allocation')} searches per-layer precision on the whole model in memory; drop {option('low_memory', True)}.")
+            raise InputError(
+                f"{option('allocation')} searches per-layer precision on the whole model in memory; drop "
+                f"{option('low_memory', True)}."
+            )
         if self.format is not None:
-            raise InputError(f"{option('allocation')} writes a mixed-precision compressed-tensors checkpoint; drop {option('format', 'gguf')}.")
+            raise InputError(
+                f"{option('allocation')} writes a mixed-precision compressed-tensors checkpoint; drop "
+                f"{option('format', 'gguf')}."
+            )
         if self.method is not None:
             allocating = capable("allocates")
             if self.method not in allocating:
                 names = " or ".join([option("method", allocating[0]), *allocating[1:]])
                 raise InputError(f"{option('allocation')} allocates with {names}, not {self.method}.")
+
     def _check_activations(self) -> None:
         """W8A8 writes compressed-tensors ``int-quantized`` layers, inputs quantized (quantcli.quant.activations)."""
         if self.format is not None:
@@ -203,34 +243,47 @@ class QuantizeConfig:
         if self.format is None:
             raise InputError(f"{option('gguf_type')} needs {option('format', 'gguf')}.")
         if self.format != "gguf":
-            raise InputError(f"{option('format')} takes gguf (other formats follow from {option('method')}), got {shown(self.format)}.")
+            raise InputError(
+                f"{option('format')} takes gguf (other formats follow from {option('method')}), got "
+                f"{shown(self.format)}."
+            )
         if self.gguf_type is None:
             raise InputError(f"{option('format', 'gguf')} needs {option('gguf_type')}: one of {', '.join(TYPES)}.")
         kind = block_type(self.gguf_type)
         if self.bits != kind.bits:
             raise InputError(
-                f"{option('gguf_type', kind.name)} stores {kind.bits}-bit codes, but {option('bits')} is {self.bits}. Drop {option('bits')} (the type sets it)."
+                f"{option('gguf_type', kind.name)} stores {kind.bits}-bit codes, but {option('bits')} is {self.bits}. "
+                f"Drop {option('bits')} (the type sets it)."
             )
         if self.low_memory:
-            raise InputError(f"{option('format', 'gguf')} writes one file from the whole model; drop {option('low_memory', True)}.")
+            raise InputError(
+                f"{option('format', 'gguf')} writes one file from the whole model; drop {option('low_memory', True)}."
+            )
         if self.max_shard_size is not None:
             raise InputError(f"{option('format', 'gguf')} writes one file; drop {option('max_shard_size')}.")
 
     def _check_streaming(self) -> None:
         if self.gates.max_ppl_increase is not None:
             raise InputError(
-                f"{option('gates.max_ppl_increase')} needs perplexity before and after, which {option('low_memory', True)} cannot measure (it never holds"
-                f" the whole model). Drop {option('gates.max_ppl_increase')}, or {option('low_memory', True)} if the model fits in memory."
+                f"{option('gates.max_ppl_increase')} needs perplexity before and after, which "
+                f"{option('low_memory', True)} cannot measure (it never holds"
+                f" the whole model). Drop {option('gates.max_ppl_increase')}, or {option('low_memory', True)} if the "
+                "model fits in memory."
             )
         if self.eval is not None:
             raise InputError(
-                f"{option('low_memory', True)} cannot measure perplexity (it never holds the whole model). Add {option('eval', None)},"
+                f"{option('low_memory', True)} cannot measure perplexity (it never holds the whole model). Add "
+                f"{option('eval', None)},"
                 f" or drop {option('low_memory', True)}."
             )
         if self.max_shard_size is not None:
-            raise InputError(f"{option('low_memory', True)} writes one shard per decoder block; drop {option('max_shard_size')}.")
+            raise InputError(
+                f"{option('low_memory', True)} writes one shard per decoder block; drop {option('max_shard_size')}."
+            )
         if self.device_map is not None:
-            raise InputError(f"{option('low_memory', True)} loads one block at a time on the CPU; drop {option('device_map')}.")
+            raise InputError(
+                f"{option('low_memory', True)} loads one block at a time on the CPU; drop {option('device_map')}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -238,4 +291,3 @@ class QuantizeConfig:
         data["skip_modules"] = list(self.skip_modules)
         data["method_options"] = dict(self.method_options)
         return data
-

@@ -7,9 +7,10 @@ that the chosen method's own config validates. Unknown keys are rejected, never 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from quantcli.config.allocation import AllocationConfig
 from quantcli.config.gates import GateLimits
@@ -94,8 +95,14 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def merge_quantize_config(
-    recipe_path: Path | None, top: Mapping[str, Any], method_options: Mapping[str, Any], calibration: Mapping[str, Any],
-    evaluation: Mapping[str, Any] | None, gates: Mapping[str, Any], options: list[str] = (), allocation: Mapping[str, Any] | None = None,
+    recipe_path: Path | None,
+    top: Mapping[str, Any],
+    method_options: Mapping[str, Any],
+    calibration: Mapping[str, Any],
+    evaluation: Mapping[str, Any] | None,
+    gates: Mapping[str, Any],
+    options: list[str] = (),
+    allocation: Mapping[str, Any] | None = None,
 ) -> QuantizeConfig:
     """The one merge of a YAML recipe with what the command line gave (each mapping holds only the
     options actually given; ``evaluation=None`` is ``--no-eval``; ``options`` are ``-O KEY=VALUE``)."""
@@ -123,7 +130,10 @@ def merge_quantize_config(
     if "bits" not in recipe and isinstance(recipe.get("gguf_type"), str):
         recipe["bits"] = block_type(recipe["gguf_type"]).bits
     if "bits" not in recipe:
-        raise InputError(f"no {option('bits')} given. Pass {option('bits', 8)} or {option('bits', 4)}, or a {option('config')} recipe that sets bits.")
+        raise InputError(
+            f"no {option('bits')} given. Pass {option('bits', 8)} or {option('bits', 4)}, or a {option('config')} "
+            "recipe that sets bits."
+        )
     return config_from_mapping(recipe)
 
 
@@ -154,7 +164,9 @@ def load_recipe(path: Path) -> dict[str, Any]:
     try:
         text = read_bounded(Path(path), "recipe", MAX_RECIPE_BYTES).decode("utf-8")
     except FileNotFoundError:
-        raise InputError(f"recipe file {path} does not exist. Pass the path of a YAML file, e.g. configs/rtn-int4.yaml.") from None
+        raise InputError(
+            f"recipe file {path} does not exist. Pass the path of a YAML file, e.g. configs/rtn-int4.yaml."
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read recipe {path}: {error}.") from None
     data = load_strict(text, path)

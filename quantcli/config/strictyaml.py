@@ -22,7 +22,10 @@ def load_strict(text: str, path: Any) -> Any:
         def compose_node(self, parent: Any, index: Any) -> Any:
             if self.check_event(yaml.events.AliasEvent):
                 event = self.peek_event()
-                raise InputError(f"recipe {path} uses a YAML alias (*{shown(event.anchor)[1:-1]}){_where(event.start_mark)}; recipes must spell every value out.")
+                raise InputError(
+                    f"recipe {path} uses a YAML alias (*{shown(event.anchor)[1:-1]}){_where(event.start_mark)}; "
+                    "recipes must spell every value out."
+                )
             return super().compose_node(parent, index)
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -31,24 +34,32 @@ def load_strict(text: str, path: Any) -> Any:
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, (str, int, float, bool)) or key is None:
                     if key in seen:
-                        raise InputError(f"recipe {path} sets {shown(key)} twice{_where(key_node.start_mark)}. Keep one.")
+                        raise InputError(
+                            f"recipe {path} sets {shown(key)} twice{_where(key_node.start_mark)}. Keep one."
+                        )
                     seen.add(key)
             return super().construct_mapping(node, deep)
 
     try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+        return yaml.load(text, Loader=StrictLoader)
     except yaml.constructor.ConstructorError as error:
         import re
 
         found = re.search(r"'tag:yaml\.org,2002:([^']*)'|'(![^']*)'", str(error.problem or ""))
         tag = ("!!" + found.group(1) if found.group(1) is not None else found.group(2)) if found else "a custom tag"
         raise InputError(
-            f"recipe {path} uses the YAML tag {shown(tag)[1:-1]}{_where(error.problem_mark)}, which quantcli does not construct:"
+            f"recipe {path} uses the YAML tag {shown(tag)[1:-1]}{_where(error.problem_mark)}, which quantcli does not "
+            "construct:"
             " recipes hold plain values only (numbers, strings, lists, mappings)."
         ) from None
     except yaml.YAMLError as error:
-        raise InputError(f"recipe {path} is not valid YAML{_where(getattr(error, 'problem_mark', None))}. Fix the syntax and try again.") from None
+        raise InputError(
+            f"recipe {path} is not valid YAML{_where(getattr(error, 'problem_mark', None))}. Fix the syntax and try "
+            "again."
+        ) from None
     except ValueError as error:  # e.g. an integer of more than 4,300 digits
-        raise InputError(f"recipe {path} holds a value quantcli cannot read ({str(error).split(';')[0][:100]}).") from None
+        raise InputError(
+            f"recipe {path} holds a value quantcli cannot read ({str(error).split(';')[0][:100]})."
+        ) from None
     except RecursionError:
         raise InputError(f"recipe {path} nests too deeply. Recipes are flat mappings.") from None

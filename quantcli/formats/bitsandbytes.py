@@ -22,11 +22,11 @@ class NF4Weights:
     """One layer in bitsandbytes' NF4 storage: ``codes`` (uint8, ``[out, in]``, one code per weight)
     and the fp32 ``absmax`` of each block of ``BLOCK`` consecutive weights."""
 
-    codes: "torch.Tensor"
-    absmax: "torch.Tensor"
+    codes: torch.Tensor
+    absmax: torch.Tensor
 
 
-def pack_nf4(indices: "torch.Tensor") -> "torch.Tensor":
+def pack_nf4(indices: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' storage of 4-bit codes: row-major, two per byte, the first in the high nibble."""
     flat = indices.reshape(-1).to(torch_uint8())
     return (flat[0::2] << 4 | flat[1::2]).reshape(-1, 1)
@@ -51,7 +51,14 @@ class Bitsandbytes(Format):
         import torch
 
         state = F.QuantState(
-            absmax=record.absmax.reshape(-1).float(), shape=torch.Size(record.codes.shape), code=F.get_4bit_type("nf4", device="cpu"),
-            blocksize=BLOCK, quant_type="nf4", dtype=module.weight.dtype,
+            absmax=record.absmax.reshape(-1).float(),
+            shape=torch.Size(record.codes.shape),
+            code=F.get_4bit_type("nf4", device="cpu"),
+            blocksize=BLOCK,
+            quant_type="nf4",
+            dtype=module.weight.dtype,
         )
-        return {"weight": pack_nf4(record.codes), **{f"weight.{key}": value for key, value in state.as_dict(packed=True).items()}}
+        return {
+            "weight": pack_nf4(record.codes),
+            **{f"weight.{key}": value for key, value in state.as_dict(packed=True).items()},
+        }

@@ -54,15 +54,32 @@ def _row(folder: Path, progress: Progress, config: EvalConfig, base: str | None,
         "evaluated": False,
     }
     if base is not None or row["perplexity"] is None:
-        result = evaluate(str(folder), config, base, "auto", progress, base_model=base_loaded and base_loaded[0], base_tokenizer=base_loaded and base_loaded[1])
+        result = evaluate(
+            str(folder),
+            config,
+            base,
+            "auto",
+            progress,
+            base_model=base_loaded and base_loaded[0],
+            base_tokenizer=base_loaded and base_loaded[1],
+        )
         row.update(
-            perplexity=result["perplexity"], settings=result["settings"], kl_divergence=result["kl_divergence"],
-            top1_agreement=result["top1_agreement"], evaluated=True,
+            perplexity=result["perplexity"],
+            settings=result["settings"],
+            kl_divergence=result["kl_divergence"],
+            top1_agreement=result["top1_agreement"],
+            evaluated=True,
         )
     return row
 
 
-def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None = None, plot: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+def compare(
+    dirs: list[Path],
+    base: str | None = None,
+    config: EvalConfig | None = None,
+    plot: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Rows for ``dirs``; with ``base`` (loaded once), every checkpoint is re-evaluated against it on
     ``config`` (so perplexity, its change and KL share one setting); ``plot`` also draws the trade-off PNG."""
 
@@ -71,7 +88,6 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
     progress = progress or NullProgress()
     config = config or EvalConfig()
     if plot is not None:  # before any evaluation: a bad --plot path must not cost the whole run
-
         if Path(plot).suffix.lower() != ".png":
             raise InputError(f"{option('plot', plot)}: write a .png file.")
         check_writable(Path(plot), "plot")
@@ -88,7 +104,11 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         before, after = row["base_perplexity"], row["perplexity"]
         row["perplexity_delta_percent"] = 100 * (after - before) / before if before and after else None
     result = {
-        "schema_version": SCHEMA_VERSION, "base": base, "settings": vars(config) if base else None, "rows": rows, "plot": None,
+        "schema_version": SCHEMA_VERSION,
+        "base": base,
+        "settings": vars(config) if base else None,
+        "rows": rows,
+        "plot": None,
         "settings_note": None if base else settings_note(rows),
     }
     if plot is not None:
@@ -100,7 +120,10 @@ def compare(dirs: list[Path], base: str | None = None, config: EvalConfig | None
         try:
             result["plot"] = str(plot_compare(rows, errors, Path(plot)))
         except OSError as error:
-            raise OutputWriteError(f"cannot write {option('plot', plot)}: {error.strerror or error}. Choose a writable {option('plot')} path.") from None
+            raise OutputWriteError(
+                f"cannot write {option('plot', plot)}: {error.strerror or error}. Choose a writable {option('plot')} "
+                "path."
+            ) from None
     return result
 
 
@@ -113,24 +136,40 @@ def markdown(result: dict[str, Any]) -> str:
         return "n/a" if value is None else format(value, fmt)
 
     for row in result["rows"]:
+        delta_unit = "%" if row["perplexity_delta_percent"] is not None else ""
+        top1_unit = "%" if row["top1_agreement"] is not None else ""
         lines.append(
             f"| `{Path(row['checkpoint']).name}` | {row['method']} | {row['bits']} | {row['disk_bytes'] / 1e6:.3f} |"
             f" {number(row['bits_per_weight'], '.2f')} | {number(row['perplexity'], '.4f')} |"
-            f" {number(row['perplexity_delta_percent'], '+.2f')}{'%' if row['perplexity_delta_percent'] is not None else ''} |"
-            f" {number(row['kl_divergence'], '.5f')} | {number(row['top1_agreement'] and 100 * row['top1_agreement'], '.1f')}{'%' if row['top1_agreement'] is not None else ''} |"
+            f" {number(row['perplexity_delta_percent'], '+.2f')}{delta_unit} |"
+            f" {number(row['kl_divergence'], '.5f')} | "
+            f"{number(row['top1_agreement'] and 100 * row['top1_agreement'], '.1f')}{top1_unit} |"
         )
     if result["base"]:
-        lines.append(f"\nBase `{result['base']}` perplexity {number(result['rows'][0]['base_perplexity'], '.4f')} on {result['settings']['dataset']}, {result['settings']['max_tokens']} tokens, context {result['settings']['seq_len']}.")
+        lines.append(
+            f"\nBase `{result['base']}` perplexity {number(result['rows'][0]['base_perplexity'], '.4f')} on "
+            f"{result['settings']['dataset']}, {result['settings']['max_tokens']} tokens, context "
+            f"{result['settings']['seq_len']}."
+        )
     else:
         lines.append("\n" + result["settings_note"])
     return "\n".join(lines)
+
+
+DIFFERENT_SETTINGS = (  # result data (compare's --json and --markdown), so it names the flag itself
+    "Warning: these perplexities come from each checkpoint's report.json with different settings;"
+    " pass --base MODEL to evaluate all alike."
+)
 
 
 def settings_note(rows: list[dict[str, Any]]) -> str:
     """How the rows' perplexities were measured; a warning when they were not measured alike."""
     settings = [row.get("settings") for row in rows]
     first = settings[0] or {}
-    described = f"{first.get('dataset')}, {first.get('tokens')} tokens, context {first.get('seq_len')}, stride {first.get('stride')}, protocol {first.get('protocol')}, BOS {first.get('bos')}"
+    described = (
+        f"{first.get('dataset')}, {first.get('tokens')} tokens, context {first.get('seq_len')},"
+        f" stride {first.get('stride')}, protocol {first.get('protocol')}, BOS {first.get('bos')}"
+    )
     if any(s != settings[0] for s in settings[1:]):
-        return "Warning: these perplexities come from each checkpoint's report.json with different settings; pass --base MODEL to evaluate all alike."
+        return DIFFERENT_SETTINGS
     return f"Perplexities from each checkpoint's report.json, all measured on {described}."

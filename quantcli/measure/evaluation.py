@@ -27,7 +27,13 @@ def eval_source(config: EvalConfig) -> TextSource:
 
 
 def measure_perplexity(
-    model: Any, tokenizer: Any, config: EvalConfig, progress: Progress, label: str, base_model: Any = None, source: TextSource | None = None
+    model: Any,
+    tokenizer: Any,
+    config: EvalConfig,
+    progress: Progress,
+    label: str,
+    base_model: Any = None,
+    source: TextSource | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``config.dataset`` with every setting recorded."""
     source = source or eval_source(config)
@@ -36,12 +42,17 @@ def measure_perplexity(
     total = sum(len(s) for s in sequences)
     if total < config.seq_len and (config.max_tokens is None or total < config.max_tokens):
         raise DatasetError(
-            f"evaluation dataset {config.dataset} has {total} tokens, fewer than one window of {option('eval.seq_len', config.seq_len)}."
+            f"evaluation dataset {config.dataset} has {total} tokens, fewer than one window of "
+            f"{option('eval.seq_len', config.seq_len)}."
             f" Use more text or a shorter {option('eval.seq_len')}."
         )
     settings = {
-        "dataset": config.dataset, "protocol": config.protocol, "bos": config.bos, "max_tokens": config.max_tokens,
-        "text_column": config.text_column, "doc_separator": config.doc_separator,
+        "dataset": config.dataset,
+        "protocol": config.protocol,
+        "bos": config.bos,
+        "max_tokens": config.max_tokens,
+        "text_column": config.text_column,
+        "doc_separator": config.doc_separator,
     }
     with progress.task(f"eval {label}", total=sum(len(s) - 1 for s in sequences)) as advance:
         result = evaluate_sequences(
@@ -52,8 +63,14 @@ def measure_perplexity(
 
 
 def evaluate(
-    model: str, config: EvalConfig, base: str | None = None, device: str = "auto", progress: Progress | None = None, backend: str = "auto",
-    base_model: Any = None, base_tokenizer: Any = None,
+    model: str,
+    config: EvalConfig,
+    base: str | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    backend: str = "auto",
+    base_model: Any = None,
+    base_tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Perplexity and speed of any checkpoint, and KL / top-1 agreement against ``base`` if given
     (``base_model``: that model already loaded, as ``compare`` passes it for every row)."""

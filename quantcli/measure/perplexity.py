@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import DatasetError, InputError, option
 
@@ -27,7 +28,10 @@ def check_context(model: Any, seq_len: int, name: str = "eval.seq_len") -> None:
     """Refuse windows (of the option ``name``) longer than the model's context (``max_position_embeddings``)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
-        raise InputError(f"{option(name, seq_len)} is beyond the model's context of {limit} tokens (max_position_embeddings). Use {option(name, limit)} or less.")
+        raise InputError(
+            f"{option(name, seq_len)} is beyond the model's context of {limit} tokens (max_position_embeddings). Use "
+            f"{option(name, limit)} or less."
+        )
 
 
 def windows(total: int, seq_len: int, stride: int) -> list[Window]:
@@ -72,13 +76,13 @@ def _batches(plan: list[tuple[int, Window]], batch_size: int) -> Iterator[list[t
         yield ordered[index : index + batch_size]
 
 
-def _logits(model: Any, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+def _logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
 
 
 def evaluate_sequences(
     model: Any,
-    sequences: list["torch.Tensor"],
+    sequences: list[torch.Tensor],
     seq_len: int,
     stride: int,
     batch_size: int = 8,
@@ -95,9 +99,16 @@ def evaluate_sequences(
     import torch
 
     total = sum(int(s.numel()) for s in sequences)
-    plan = [(index, window) for index, sequence in enumerate(sequences) for window in windows(int(sequence.numel()), seq_len, stride)]
+    plan = [
+        (index, window)
+        for index, sequence in enumerate(sequences)
+        for window in windows(int(sequence.numel()), seq_len, stride)
+    ]
     if not plan:
-        raise DatasetError(f"the evaluation text has {total} token(s) in {len(sequences)} sequence(s); perplexity needs at least 2 in one.")
+        raise DatasetError(
+            f"the evaluation text has {total} token(s) in {len(sequences)} sequence(s); perplexity needs at least 2 in "
+            "one."
+        )
     device = next(model.parameters()).device
     nlls: list[torch.Tensor] = []
     kls: list[torch.Tensor] = []

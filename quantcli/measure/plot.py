@@ -18,14 +18,16 @@ def layer_errors(checkpoint: str, reference: str) -> dict[str, float]:
     """``||W_q - W|| / ||W||`` of every quantized layer of ``checkpoint`` against ``reference``'s weights."""
     import torch
 
-
     quantized, _, metadata = load(checkpoint, "cpu")
     original = load(reference, "cpu")[0]
     modules_q, modules_o = dict(quantized.named_modules()), dict(original.named_modules())
     errors: dict[str, float] = {}
     for name in (metadata or {}).get("layers") or {}:
         if name not in modules_o:
-            raise InputError(f"{checkpoint} has layer {name} that {reference} lacks: pass the model it was quantized from as {option('base')}.")
+            raise InputError(
+                f"{checkpoint} has layer {name} that {reference} lacks: pass the model it was quantized from as "
+                f"{option('base')}."
+            )
         w_q, w_o = dense_weight_matrix(modules_q[name]), weight_matrix(modules_o[name]).float()
         errors[name] = (torch.linalg.norm(w_q - w_o) / torch.linalg.norm(w_o)).item()
     return errors
@@ -36,7 +38,9 @@ def pyplot(path: Path) -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise UnavailableError(f"{option('plot')} needs matplotlib: pip install 'quantcli[plot]' (or pip install matplotlib).") from None
+        raise UnavailableError(
+            f"{option('plot')} needs matplotlib: pip install 'quantcli[plot]' (or pip install matplotlib)."
+        ) from None
     if path.suffix.lower() != ".png":
         raise InputError(f"{option('plot', path)}: write a .png file.")
     matplotlib.use("Agg")
@@ -52,7 +56,12 @@ def plot_compare(rows: list[dict[str, Any]], errors: dict[str, dict[str, float]]
     for row in rows:
         label = f"{row['method']} {row['bits']}-bit ({Path(row['checkpoint']).name})"
         trade_off.scatter(row["disk_bytes"] / 1e6, row["perplexity"], s=60, label=label)
-        trade_off.annotate(f"{row['method']} w{row['bits']}", (row["disk_bytes"] / 1e6, row["perplexity"]), textcoords="offset points", xytext=(6, 4))
+        trade_off.annotate(
+            f"{row['method']} w{row['bits']}",
+            (row["disk_bytes"] / 1e6, row["perplexity"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+        )
     base_ppl = next((row["base_perplexity"] for row in rows if row["base_perplexity"]), None)
     if base_ppl:
         trade_off.axhline(base_ppl, color="grey", linestyle="--", label=f"base perplexity {base_ppl:.3f}")
@@ -63,9 +72,20 @@ def plot_compare(rows: list[dict[str, Any]], errors: dict[str, dict[str, float]]
     names = list(dict.fromkeys(name for layer_map in errors.values() for name in layer_map))
     for row in rows:
         layer_map = errors[row["checkpoint"]]
-        per_layer.plot(range(len(names)), [layer_map.get(name, float("nan")) for name in names], marker="o", markersize=3, label=f"{row['method']} {row['bits']}-bit")
+        per_layer.plot(
+            range(len(names)),
+            [layer_map.get(name, float("nan")) for name in names],
+            marker="o",
+            markersize=3,
+            label=f"{row['method']} {row['bits']}-bit",
+        )
     per_layer.set_yscale("log")
-    per_layer.set_xticks(range(len(names)), [name.removeprefix("model.").replace("layers.", "L") for name in names], rotation=90, fontsize=6)
+    per_layer.set_xticks(
+        range(len(names)),
+        [name.removeprefix("model.").replace("layers.", "L") for name in names],
+        rotation=90,
+        fontsize=6,
+    )
     per_layer.set(ylabel="relative Frobenius error ||Wq - W|| / ||W||", title="(b) per-layer weight error")
     per_layer.legend(fontsize=8)
     per_layer.grid(alpha=0.3, which="both")

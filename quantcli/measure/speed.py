@@ -51,7 +51,10 @@ def prompt_ids(tokenizer: Any, config: BenchConfig) -> Any:
     """The first ``prompt_tokens`` tokens of the evaluation text (as ``tokenizer(text)``), shape ``[1, N]``."""
     stream = token_sequences(read_documents(config.dataset), tokenizer, "stream", "auto", config.prompt_tokens)[0]
     if stream.numel() < config.prompt_tokens:
-        raise DatasetError(f"{config.dataset} holds {stream.numel()} tokens, fewer than {option('prompt_tokens', config.prompt_tokens)}.")
+        raise DatasetError(
+            f"{config.dataset} holds {stream.numel()} tokens, fewer than "
+            f"{option('prompt_tokens', config.prompt_tokens)}."
+        )
     return stream[None]
 
 
@@ -114,7 +117,10 @@ class _Memory:
         import torch
 
         if self.cuda:
-            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)), "peak_memory_kind": "cuda_max_memory_allocated"}
+            return {
+                "peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                "peak_memory_kind": "cuda_max_memory_allocated",
+            }
         peak = max(self.peak, _rss_high_water() or 0) if self.high_water else self.peak
         kind = "cpu_rss_high_water_increase" if self.high_water else "cpu_rss_sampled_increase"
         return {"peak_memory_bytes": int(peak - self.start), "peak_rss_bytes": int(peak), "peak_memory_kind": kind}
@@ -173,9 +179,15 @@ def measure(model: Any, ids: Any, config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def bench(model: str, config: BenchConfig, base: str | None = None, device: str = "auto", limits: GateLimits | None = None, progress: Progress | None = None) -> dict[str, Any]:
+def bench(
+    model: str,
+    config: BenchConfig,
+    base: str | None = None,
+    device: str = "auto",
+    limits: GateLimits | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Speed and memory of ``model`` (and of ``base`` with speedup ratios); gates recorded, not raised."""
-
 
     progress = progress or NullProgress()
     limits = limits or GateLimits()
@@ -186,15 +198,26 @@ def bench(model: str, config: BenchConfig, base: str | None = None, device: str 
         with progress.task(f"bench {label}", total=None):
             loaded, tokenizer, metadata = load(spec, device, backend=config.backend if label == "model" else "auto")
             check_bench_context(loaded, config.prompt_tokens, config.new_tokens)
-            results[label] = {"name": spec, "method": (metadata or {}).get("method"), "bits": (metadata or {}).get("bits"), **measure(loaded, prompt_ids(tokenizer, config), config)}
+            results[label] = {
+                "name": spec,
+                "method": (metadata or {}).get("method"),
+                "bits": (metadata or {}).get("bits"),
+                **measure(loaded, prompt_ids(tokenizer, config), config),
+            }
             del loaded
     speedup = None
     if base:
-        speedup = {key: results["model"][f"{key}_tokens_per_s"] / results["base"][f"{key}_tokens_per_s"] for key in ("prefill", "decode")}
+        speedup = {
+            key: results["model"][f"{key}_tokens_per_s"] / results["base"][f"{key}_tokens_per_s"]
+            for key in ("prefill", "decode")
+        }
     return {
         "schema_version": SCHEMA_VERSION,
         "device": pick_device(device),
-        "settings": {key: getattr(config, key) for key in ("prompt_tokens", "new_tokens", "repeats", "warmup", "dataset", "backend")},
+        "settings": {
+            key: getattr(config, key)
+            for key in ("prompt_tokens", "new_tokens", "repeats", "warmup", "dataset", "backend")
+        },
         "model": results["model"],
         "base": results.get("base"),
         "speedup": speedup,

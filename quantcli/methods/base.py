@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantcli.errors import InputError, option
 from quantcli.methods import capable
@@ -48,7 +49,9 @@ class Quantizer:
     supported_bits: ClassVar[tuple[int, ...]]
     config_class: ClassVar[type]
     needs_calibration: ClassVar[bool] = False
-    quantizes_tables: ClassVar[bool] = False  # can quantize the input embedding and output head (QuantizeRequest.tables)
+    quantizes_tables: ClassVar[bool] = (
+        False  # can quantize the input embedding and output head (QuantizeRequest.tables)
+    )
     output_format: ClassVar[str]
     block_grids: ClassVar[bool] = False  # rounds onto a GGUF block type when the request carries one (--format gguf)
     streams: ClassVar[bool] = False  # its records are written block by block (--low-memory, --resume)
@@ -60,7 +63,10 @@ class Quantizer:
         """Whether ``--bits bits`` on ``device`` picks this method when none is named."""
         kind = "cuda" if device.startswith("cuda") else "cpu"
         return (bits, "any") in cls.default_for or (bits, kind) in cls.default_for
-    run_options: ClassVar[tuple[str, ...]] = ()  # run options it honours beyond bits (quantcli.config.honoured.RUN_OPTIONS)
+
+    run_options: ClassVar[
+        tuple[str, ...]
+    ] = ()  # run options it honours beyond bits (quantcli.config.honoured.RUN_OPTIONS)
 
     def make_config(self, bits: int, options: Mapping[str, Any], grid: Any = None) -> Any:
         """The method's config; with a GGUF ``grid`` the bits are the grid's, whatever the method's integer widths."""

@@ -11,8 +11,9 @@ layer that fails is kept in full precision and reported, never silently dropped.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from quantcli.errors import InputError, UnavailableError, option
 from quantcli.formats.bitsandbytes import BLOCK
@@ -39,8 +40,10 @@ class FourBitConfig:
     double_quant: bool = False
 
 
-@functools.lru_cache(maxsize=None)
-def probe_4bit(in_features: int, out_features: int, quant_type: str, dtype_name: str, device: str, double_quant: bool) -> str | None:
+@functools.cache
+def probe_4bit(
+    in_features: int, out_features: int, quant_type: str, dtype_name: str, device: str, double_quant: bool
+) -> str | None:
     """Why bitsandbytes' 4-bit layer of this shape fails on ``device`` (raises or computes wrong), or None."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -50,8 +53,17 @@ def probe_4bit(in_features: int, out_features: int, quant_type: str, dtype_name:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
     try:
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype, quant_type=quant_type, compress_statistics=double_quant)
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant, module=layer)
+        layer = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=False,
+            compute_dtype=dtype,
+            quant_type=quant_type,
+            compress_statistics=double_quant,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant, module=layer
+        )
         layer = layer.to(device).eval()
         reference_weight = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
         inputs = torch.randn(3, in_features, generator=generator).to(device=device, dtype=dtype)
@@ -85,8 +97,11 @@ def fourbit_quantization_config(quant_type: str, double_quant: bool, dtype: Any,
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=double_quant, llm_int8_skip_modules=skip,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -108,7 +123,10 @@ def split_layers(request: QuantizeRequest, fallbacks: dict[str, str], method: st
     chosen = [name for name in request.layers if name not in fallbacks]
     if not chosen:
         first = next(iter(fallbacks.values()))
-        raise UnavailableError(f"bitsandbytes {method} fails for every selected layer on {request.device} ({first}). Use {option('method', 'rtn')}.")
+        raise UnavailableError(
+            f"bitsandbytes {method} fails for every selected layer on {request.device} ({first}). Use "
+            f"{option('method', 'rtn')}."
+        )
     return chosen
 
 
@@ -126,7 +144,13 @@ def load_quantized(request: QuantizeRequest, quantization_config: Any) -> Any:
     Frees ``request.model`` first, so two copies of the weights never coexist after loading.
     """
     request.model = None
-    return load_model(request.source, request.dtype, request.placement, request.trust_remote_code, quantization_config=quantization_config)
+    return load_model(
+        request.source,
+        request.dtype,
+        request.placement,
+        request.trust_remote_code,
+        quantization_config=quantization_config,
+    )
 
 
 def fourbit_record(module: Any, quant_type: str) -> LayerRecord:
@@ -136,8 +160,14 @@ def fourbit_record(module: Any, quant_type: str) -> LayerRecord:
 
 
 def build_result(
-    request: QuantizeRequest, model: Any, method: str, chosen: list[str], fallbacks: dict[str, str],
-    record: Callable[[Any], LayerRecord], notes: dict[str, str | None] | None = None, stats: dict[str, Any] | None = None,
+    request: QuantizeRequest,
+    model: Any,
+    method: str,
+    chosen: list[str],
+    fallbacks: dict[str, str],
+    record: Callable[[Any], LayerRecord],
+    notes: dict[str, str | None] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> QuantizedModel:
     """Per-layer records (kept layers with the kernel's reason) and the transformers-native save."""
     kept_dtype = str(request.dtype).removeprefix("torch.")
@@ -148,7 +178,13 @@ def build_result(
             layers[name].note = (notes or {}).get(name)
         elif name in fallbacks:
             shape = tuple(module.weight.shape)
-            layers[name] = LayerRecord(16 if kept_dtype != "float32" else 32, kept_dtype, None, shape, f"kept in {kept_dtype}: {fallbacks[name]}")
+            layers[name] = LayerRecord(
+                16 if kept_dtype != "float32" else 32,
+                kept_dtype,
+                None,
+                shape,
+                f"kept in {kept_dtype}: {fallbacks[name]}",
+            )
             request.progress(1)
     options = {key: value for key, value in vars(request.config).items() if key != "bits"}
     return QuantizedModel(model, method, request.config.bits, "bitsandbytes", options, layers, stats=stats or {})

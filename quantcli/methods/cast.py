@@ -36,7 +36,9 @@ class CastQuantizer(Quantizer):
         # Loaded at the target dtype (not model.to(dtype)), exactly as transformers reloads it:
         # .to() would also round buffers such as RoPE's inv_freq that loading keeps in float32.
         request.model = None
-        model = load_model(request.source, getattr(torch, request.config.dtype), request.placement, request.trust_remote_code)
+        model = load_model(
+            request.source, getattr(torch, request.config.dtype), request.placement, request.trust_remote_code
+        )
         layers = {name: LayerRecord(bits=16, scheme=request.config.dtype) for name in request.layers}
         request.progress(len(request.layers))
         return QuantizedModel(model, self.name, 16, self.output_format, {"dtype": request.config.dtype}, layers)

@@ -51,15 +51,23 @@ class GPTQConfig(IntGridConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.damp < 1:
-            raise InputError(f"gptq damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use e.g. 0.01.")
+            raise InputError(
+                f"gptq damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use "
+                "e.g. 0.01."
+            )
         if self.block_size <= 0:
-            raise InputError(f"gptq block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128.")
+            raise InputError(
+                f"gptq block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128."
+            )
 
 
 @register_method
 class GPTQQuantizer(Quantizer):
     name = "gptq"
-    summary = "GPTQ, calibrated block by block, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search); compressed-tensors output"
+    summary = (
+        "GPTQ, calibrated block by block, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search);"
+        " compressed-tensors output"
+    )
     supported_bits = (8, 4, 3)
     config_class = GPTQConfig
     needs_calibration = True
@@ -80,8 +88,14 @@ class GPTQQuantizer(Quantizer):
             return self._on_grid(request)
 
         plan = plan_layouts(
-            model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer,
-            request.scale_dtype, config.activations,
+            model,
+            request.layers,
+            config.bits,
+            config.symmetric,
+            config.layout_group_size,
+            config.observer,
+            request.scale_dtype,
+            config.activations,
         )
         plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
         notes: dict[str, list[str]] = {name: [] for name in plan}
@@ -100,7 +114,15 @@ class GPTQQuantizer(Quantizer):
                 unreached = "round-to-nearest: no calibration pass through the decoder blocks reaches it"
                 notes[name].append(under or unreached)
                 hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-            layer, extra = gptq_quantize(matrix, hessian, layout, config.damp, config.block_size, config.act_order, clip_search=config.clip_search)
+            layer, extra = gptq_quantize(
+                matrix,
+                hessian,
+                layout,
+                config.damp,
+                config.block_size,
+                config.act_order,
+                clip_search=config.clip_search,
+            )
             notes[name].extend(extra)
             set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
             request.progress(1)
@@ -123,7 +145,21 @@ class GPTQQuantizer(Quantizer):
         config = request.config
 
         def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object) -> tuple[object, list[str]]:
-            return gptq_on_grid(matrix, hessian, lambda scaled: fixed_grid(scaled, kind), config.damp, config.block_size, config.act_order, config.clip_search)
+            return gptq_on_grid(
+                matrix,
+                hessian,
+                lambda scaled: fixed_grid(scaled, kind),
+                config.damp,
+                config.block_size,
+                config.act_order,
+                config.clip_search,
+            )
 
-        options = {"gguf_type": request.grid.name, "act_order": config.act_order, "clip_search": config.clip_search, "damp": config.damp, "block_size": config.block_size}
+        options = {
+            "gguf_type": request.grid.name,
+            "act_order": config.act_order,
+            "clip_search": config.clip_search,
+            "damp": config.damp,
+            "block_size": config.block_size,
+        }
         return quantize_on_grid(request, self.name, options, choose)

@@ -49,9 +49,14 @@ class GPTQNF4Config:
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
-            raise InputError(f"gptq-nf4 damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use e.g. 0.01.")
+            raise InputError(
+                f"gptq-nf4 damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. "
+                "Use e.g. 0.01."
+            )
         if self.block_size <= 0:
-            raise InputError(f"gptq-nf4 block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128.")
+            raise InputError(
+                f"gptq-nf4 block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128."
+            )
 
 
 def _bitsandbytes_rounding(matrix: torch.Tensor) -> tuple[torch.Tensor, NF4Weights]:
@@ -87,7 +92,9 @@ class GPTQNF4Quantizer(Quantizer):
             raise InputError("gptq-nf4 needs calibration data: pass calibration token windows in the request.")
         kept = fourbit_fallbacks(request, "nf4", config.double_quant)
         chosen = split_layers(request, kept, self.name)
-        quantization_config = fourbit_quantization_config("nf4", config.double_quant, request.dtype, kept_linears(model, chosen))
+        quantization_config = fourbit_quantization_config(
+            "nf4", config.double_quant, request.dtype, kept_linears(model, chosen)
+        )
         nf4_record = lambda module: fourbit_record(module, "nf4")  # noqa: E731
         modules = dict(model.named_modules())
         codebook = F.get_4bit_type("nf4", device="cpu")
@@ -97,23 +104,41 @@ class GPTQNF4Quantizer(Quantizer):
         def finish(name: str, hessian: torch.Tensor | None) -> NF4Weights:
             module, matrix = modules[name], weight_matrix(modules[name])
             if matrix.shape[1] % BLOCK:
-                notes[name] = f"bitsandbytes NF4 rounding without GPTQ: its blocks of {BLOCK} span rows as in_features {matrix.shape[1]} is not a multiple"
+                notes[name] = (
+                    f"bitsandbytes NF4 rounding without GPTQ: its blocks of {BLOCK} span rows as in_features "
+                    f"{matrix.shape[1]} is not a multiple"
+                )
                 rounded, record = _bitsandbytes_rounding(matrix)
                 set_weight_matrix(module, rounded)
             else:
                 if hessian is None:
                     hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-                layer, extra = gptq_quantize(matrix, hessian, IntLayout(4, True, BLOCK), config.damp, config.block_size, config.act_order, codebook.to(matrix.device))
+                layer, extra = gptq_quantize(
+                    matrix,
+                    hessian,
+                    IntLayout(4, True, BLOCK),
+                    config.damp,
+                    config.block_size,
+                    config.act_order,
+                    codebook.to(matrix.device),
+                )
                 notes[name] = "; ".join(extra) or None
                 absmax = layer.scale.float()
                 record = NF4Weights(layer.q.to(torch.uint8).cpu(), absmax.cpu())
                 codes[name] = record
-                set_weight_matrix(module, ops.dequantize_codebook(layer.q, absmax.repeat_interleave(BLOCK, dim=1), codebook.to(matrix.device)))
+                set_weight_matrix(
+                    module,
+                    ops.dequantize_codebook(
+                        layer.q, absmax.repeat_interleave(BLOCK, dim=1), codebook.to(matrix.device)
+                    ),
+                )
             request.progress(1)
             return record
 
         stats = quantize_blockwise(request.block_source(tuple(chosen)), tuple(chosen), request.calibration, finish)
-        if request.blocks is not None:  # streamed: every block is written already; config.json gets bitsandbytes' config
+        if (
+            request.blocks is not None
+        ):  # streamed: every block is written already; config.json gets bitsandbytes' config
             model.config.quantization_config = quantization_config
             return build_result(request, model, self.name, chosen, kept, nf4_record, notes, stats)
         model = modules = None

@@ -50,14 +50,22 @@ class RTNQuantizer(Quantizer):
         if request.grid is not None:
             return self._on_grid(request)
         plan = plan_layouts(
-            model, request.layers, config.bits, config.symmetric, config.layout_group_size, config.observer,
-            request.scale_dtype, config.activations,
+            model,
+            request.layers,
+            config.bits,
+            config.symmetric,
+            config.layout_group_size,
+            config.observer,
+            request.scale_dtype,
+            config.activations,
         )
         plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
 
         def finish(name: str, hessian: None) -> IntWeights:
             layer = round_to_nearest(weight_matrix(modules[name]), plan[name])
-            set_weight_matrix(modules[name], ops.dequantize(layer.q, layer.scale, layer.zero_point, layer.layout.group_size))
+            set_weight_matrix(
+                modules[name], ops.dequantize(layer.q, layer.scale, layer.zero_point, layer.layout.group_size)
+            )
             request.progress(1)
             return layer
 
@@ -66,16 +74,27 @@ class RTNQuantizer(Quantizer):
         options = config.grid_options()
         notes = {name: [] for name in plan}
         for name in request.tables:
-            notes[name].append(TABLE_NOTE.format(unit="row" if plan[name].group_size is None else f"group of {plan[name].group_size}"))
+            notes[name].append(
+                TABLE_NOTE.format(unit="row" if plan[name].group_size is None else f"group of {plan[name].group_size}")
+            )
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes)
 
     def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
         """llama.cpp's own reference rounding onto the request's GGUF block type, layer by layer."""
 
-        return quantize_on_grid(request, self.name, {"gguf_type": request.grid.name}, lambda matrix, hessian, kind: (round_to_block(matrix, kind), []))
+        return quantize_on_grid(
+            request,
+            self.name,
+            {"gguf_type": request.grid.name},
+            lambda matrix, hessian, kind: (round_to_block(matrix, kind), []),
+        )
 
 
-def round_to_nearest(matrix: "torch.Tensor", layout: IntLayout) -> IntWeights:
+def round_to_nearest(matrix: torch.Tensor, layout: IntLayout) -> IntWeights:
     """One ``[out, in]`` weight's integers, scales and zero points on ``layout``'s grid, rounded to nearest."""
-    scale, zero_point = ops.compute_qparams(matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer, layout.scale_dtype_for(matrix.dtype))
-    return IntWeights(ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size), scale, zero_point, layout)
+    scale, zero_point = ops.compute_qparams(
+        matrix, layout.bits, layout.symmetric, layout.group_size, layout.observer, layout.scale_dtype_for(matrix.dtype)
+    )
+    return IntWeights(
+        ops.quantize(matrix, scale, zero_point, layout.bits, layout.group_size), scale, zero_point, layout
+    )

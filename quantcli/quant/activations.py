@@ -12,7 +12,8 @@ is the served model's. The checkpoint says it with an ``input_activations`` entr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import InputError, option
 
@@ -45,7 +46,7 @@ def check_activations(activations: str | None, bits: int, symmetric: bool, group
         )
 
 
-def quantize_tokens(x: "torch.Tensor") -> "torch.Tensor":
+def quantize_tokens(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to int8 with one symmetric scale per token (last dimension), dequantized."""
     import torch
 

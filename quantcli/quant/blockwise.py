@@ -15,7 +15,8 @@ block with the earlier groups already quantized.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -88,6 +89,7 @@ def _groups_in_run_order(block: torch.nn.Module, layers: dict[str, Any], inputs:
             else:
                 groups.append([name])
                 last[0] = args[0]
+
         return hook
 
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
@@ -110,7 +112,10 @@ def _hessians(
 
     ``layers`` are in run order; each pass stops once the last of them has seen its input.
     """
-    hessians = {name: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], device=m.weight.device) for name, m in layers.items()}
+    hessians = {
+        name: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], device=m.weight.device)
+        for name, m in layers.items()
+    }
     counts = dict.fromkeys(layers, 0)
 
     def hook_for(name: str) -> Any:
@@ -120,6 +125,7 @@ def _hessians(
             hessians[name].mul_((seen - x.shape[0]) / seen).addmm_(x.t(), x, alpha=2 / seen)
             if name == last:
                 raise _Stop
+
         return hook
 
     last = list(layers)[-1]
@@ -184,8 +190,10 @@ class ModelBlocks:
 
 
 def quantize_blockwise(
-    blocks: Any, names: tuple[str, ...], calibration: "torch.Tensor | None",
-    quantize_layer: Callable[[str, "torch.Tensor | None"], Any],
+    blocks: Any,
+    names: tuple[str, ...],
+    calibration: torch.Tensor | None,
+    quantize_layer: Callable[[str, torch.Tensor | None], Any],
     tokens: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Call ``quantize_layer(name, hessian)`` for every layer in ``names``, block by block in run
@@ -198,7 +206,10 @@ def quantize_blockwise(
     modules = dict(blocks.model.named_modules())
     prefix = blocks.prefix
     if calibration is not None and not len(blocks.blocks):
-        raise UnavailableError(f"found no list of decoder blocks holding the layers to quantize in this model. Use {option('method', 'rtn')}.")
+        raise UnavailableError(
+            "found no list of decoder blocks holding the layers to quantize in this model. Use "
+            f"{option('method', 'rtn')}."
+        )
     device = _device(blocks.model)
     done: set[str] = set()
     ran: list[str] = []

@@ -69,10 +69,19 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
 class Int4WeightOnlyLinear(_WeightOnlyLinear):
     """``y = x @ W.T + b`` with ``W = (u - 8) * scale + zero`` per group, ``u`` 4-bit unsigned, packed."""
 
-    def __init__(self, unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        unsigned: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None,
+    ) -> None:
         super().__init__(unsigned.shape[1], unsigned.shape[0], bias)
         self.group_size = group_size
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(unsigned.to(torch.int32).contiguous(), 1))
+        self.register_buffer(
+            "packed", torch._convert_weight_to_int4pack_for_cpu(unsigned.to(torch.int32).contiguous(), 1)
+        )
         pairs = torch.stack([scale.float().t(), zero.float().t()], dim=-1)  # [groups, out, 2]
         self.register_buffer("scale_and_zero", pairs.to(torch.bfloat16).contiguous())
 
@@ -80,7 +89,8 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_and_zero).float()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, packed, groups of {self.group_size}"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, int4 weight-only, packed, groups of {self.group_size}"
 
 
 def recover_symmetric(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
@@ -160,22 +170,41 @@ def _int4_module(steps: torch.Tensor, scale: torch.Tensor, bias: Any) -> Any:
     return Int4WeightOnlyLinear(unsigned, scale, (8 - offset).float() * scale, kernel_group, bias)
 
 
-def kernel_layers(backend: str, metadata: dict[str, Any] | None, tables: set[str], device: str) -> dict[str, dict[str, Any]]:
-    """The checkpoint's layers ``backend`` runs, from its metadata (``tables``, its embedding and head, stay dequantized:
+def kernel_layers(
+    backend: str, metadata: dict[str, Any] | None, tables: set[str], device: str
+) -> dict[str, dict[str, Any]]:
+    """The checkpoint's layers ``backend`` runs, from its metadata (``tables``, its embedding and head, stay
+    dequantized:
     an Embedding is no matmul); raises before any model loads
     when the backend cannot run here or the checkpoint has no such layers."""
     bits = BACKEND_BITS[backend]
-    layers = {name: layer for name, layer in ((metadata or {}).get("layers") or {}).items() if layer.get("bits") in bits and name not in tables}
+    layers = {
+        name: layer
+        for name, layer in ((metadata or {}).get("layers") or {}).items()
+        if layer.get("bits") in bits and name not in tables
+    }
     if not layers:
         stored = (metadata or {}).get("bits")
         other = next((name for name, b in BACKEND_BITS.items() if stored in b), None)
-        hint = f"This checkpoint is {stored}-bit: use {option('backend', other)}." if other else f"Use {option('backend', 'auto')}."
-        raise UnavailableError(f"backend {backend} runs quantcli rtn/gptq checkpoints of {'/'.join(map(str, bits))} bits. {hint}")
+        hint = (
+            f"This checkpoint is {stored}-bit: use {option('backend', other)}."
+            if other
+            else f"Use {option('backend', 'auto')}."
+        )
+        raise UnavailableError(
+            f"backend {backend} runs quantcli rtn/gptq checkpoints of {'/'.join(map(str, bits))} bits. {hint}"
+        )
     if device != "cpu":
-        raise UnavailableError(f"backend {backend} runs on CPU only, not {device}. Pass {option('device', 'cpu')} or use {option('backend', 'auto')}.")
+        raise UnavailableError(
+            f"backend {backend} runs on CPU only, not {device}. Pass {option('device', 'cpu')} or use "
+            f"{option('backend', 'auto')}."
+        )
     needed = "_weight_int8pack_mm" if backend == "int8-cpu" else "_weight_int4pack_mm_for_cpu"
     if not hasattr(torch, needed):
-        raise UnavailableError(f"backend {backend} needs torch.{needed} (torch >= 2.6); this is torch {torch.__version__}. Upgrade torch or use {option('backend', 'auto')}.")
+        raise UnavailableError(
+            f"backend {backend} needs torch.{needed} (torch >= 2.6); this is torch {torch.__version__}. Upgrade torch "
+            f"or use {option('backend', 'auto')}."
+        )
     return layers
 
 
@@ -194,13 +223,18 @@ def convert(model: Any, layers: dict[str, dict[str, Any]], folder: str | Path, b
         if steps is None:
             dense[name] = "its integers could not be recovered from the checkpoint"
             continue
-        built = (_int8_module if backend == "int8-cpu" else _int4_module)(steps, scale.reshape(matrix.shape[0], -1), module.bias)
+        built = (_int8_module if backend == "int8-cpu" else _int4_module)(
+            steps, scale.reshape(matrix.shape[0], -1), module.bias
+        )
         if isinstance(built, str):
             dense[name] = built
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, built)
     if len(dense) == len(layers):
-        raise UnavailableError(f"backend {backend} can run none of this checkpoint's layers ({next(iter(dense.values()))}). Use {option('backend', 'auto')}.")
+        raise UnavailableError(
+            f"backend {backend} can run none of this checkpoint's layers ({next(iter(dense.values()))}). Use "
+            f"{option('backend', 'auto')}."
+        )
     model.cpu_kernels_dense = dense
     return model

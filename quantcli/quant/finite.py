@@ -22,8 +22,10 @@ def check_weight_range(name: str, weight: Any, source: str) -> None:
     spread = (values.amax().float() - values.amin().float()).item()
     if not math.isfinite(spread) or peak > SCALE_LIMIT:
         raise ModelLoadError(
-            f"{source + ': ' if source else ''}layer {name} has weights up to {peak:.3g} in magnitude; its quantization scale would overflow"
-            f" to inf and the checkpoint would hold NaN. Keep it in full precision with {option('skip_modules')} '{name}', or fix the checkpoint."
+            f"{source + ': ' if source else ''}layer {name} has weights up to {peak:.3g} in magnitude; its "
+            "quantization scale would overflow"
+            f" to inf and the checkpoint would hold NaN. Keep it in full precision with {option('skip_modules')} "
+            f"'{name}', or fix the checkpoint."
         )
 
 
@@ -39,7 +41,10 @@ def check_model_finite(model: Any, what: str) -> None:
 
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            raise ModelLoadError(f"{what}: {name} holds NaN/inf after quantization; nothing was written. Keep that layer in full precision with {option('skip_modules')}.")
+            raise ModelLoadError(
+                f"{what}: {name} holds NaN/inf after quantization; nothing was written. Keep that layer in full "
+                f"precision with {option('skip_modules')}."
+            )
 
 
 def check_perplexity_finite(perplexity: float, label: str) -> None:

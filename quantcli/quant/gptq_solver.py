@@ -23,7 +23,8 @@ similar quality: ``benchmarks/methods.py`` reports the spread over seeds.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -50,9 +51,16 @@ def _upper_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
     return None, damp
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False,
-                  codebook: torch.Tensor | None = None, clip_search: bool = False) -> tuple[IntWeights, list[str]]:
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    layout: IntLayout,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    codebook: torch.Tensor | None = None,
+    clip_search: bool = False,
+) -> tuple[IntWeights, list[str]]:
     """GPTQ one ``[out, in]`` weight given its Hessian; returns its integers and notes on any fallback.
 
     ``ops.dequantize`` of the result is exactly what the error feedback assumed. Inputs never active
@@ -75,7 +83,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
             rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
     row_of = torch.cat(rows)
     candidates = matrix[row_of]
-    *found, rounded = _quantize_columns(candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, scale_dtype)
+    *found, rounded = _quantize_columns(
+        candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, scale_dtype
+    )
     pick = rows[0]  # the full-range candidates come first
     if len(row_of) > out_features:  # clipped candidates too: keep each row's lowest output error
         pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
@@ -83,7 +93,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: IntLayout
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
 
 
-def _factor(hessian: torch.Tensor, act_order: bool, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def _factor(
+    hessian: torch.Tensor, act_order: bool, damp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """The Hessian with unseen inputs given a unit diagonal, the column order, the upper Cholesky
     factor of its damped inverse in that order (identity, with a note, when none exists) and notes."""
     hessian = hessian.detach().float().clone()
@@ -102,8 +114,15 @@ def _factor(hessian: torch.Tensor, act_order: bool, damp: float) -> tuple[torch.
     return hessian, order, upper, notes
 
 
-def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, make_grid: Callable[[torch.Tensor], Any], damp: float = 0.01,
-                 block_size: int = 128, act_order: bool = False, clip_search: bool = False) -> tuple[Any, list[str]]:
+def gptq_on_grid(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    make_grid: Callable[[torch.Tensor], Any],
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    clip_search: bool = False,
+) -> tuple[Any, list[str]]:
     """GPTQ one ``[out, in]`` weight onto an external grid whose scales come from the weights it is
     built on (e.g. a GGUF block type's, :class:`quantcli.formats.gguf.types.FixedGrid`):
     ``make_grid(matrix)`` gives an object with ``type.bits``, ``block`` (inputs per group),
@@ -115,15 +134,21 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, make_grid: Callabl
     hessian, order, upper, notes = _factor(hessian, act_order, damp)
     rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
     if clip_search:
-        losses = torch.stack([_output_error(matrix - make_grid(matrix * shrink).values(matrix), hessian) for shrink in CLIP_SHRINKS])
-        for finalist in torch.tensor(CLIP_SHRINKS, device=matrix.device)[torch.sort(losses, dim=0, stable=True).indices[:CLIP_FINALISTS]]:
+        losses = torch.stack(
+            [_output_error(matrix - make_grid(matrix * shrink).values(matrix), hessian) for shrink in CLIP_SHRINKS]
+        )
+        for finalist in torch.tensor(CLIP_SHRINKS, device=matrix.device)[
+            torch.sort(losses, dim=0, stable=True).indices[:CLIP_FINALISTS]
+        ]:
             clipped = torch.nonzero(finalist != 1).flatten()
             rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
     row_of = torch.cat(rows)
     candidates = matrix[row_of]
     grid = make_grid(candidates * torch.cat(shrinks)[:, None])
     layout = IntLayout(grid.type.bits, True, grid.block)
-    codes, _, _, rounded = _quantize_columns(candidates, None, upper, order, True, layout, block_size, None, weight.dtype, grid)
+    codes, _, _, rounded = _quantize_columns(
+        candidates, None, upper, order, True, layout, block_size, None, weight.dtype, grid
+    )
     pick = rows[0]
     if len(row_of) > out_features:
         pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
@@ -154,8 +179,9 @@ def _output_error(error: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return ((error @ hessian) * error).sum(dim=1)
 
 
-def _clip_by_rounding(matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
-                      dtype: torch.dtype) -> torch.Tensor:
+def _clip_by_rounding(
+    matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     """``[CLIP_FINALISTS, rows]``: per row, the factors of ``CLIP_SHRINKS`` whose round-to-nearest weights
     have the lowest output error, best first: one matrix product per factor instead of one GPTQ run
     each (stacked ``PASS_ELEMENTS`` at a time)."""
@@ -172,7 +198,9 @@ def _clip_by_rounding(matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLa
             step, zero = scale[:, columns], zero_point.float()[:, columns]
             rounded = (torch.round(candidates / step + zero).clamp_(*ops.int_range(layout.bits)) - zero) * step
         else:
-            rounded = ops.dequantize_codebook(ops.quantize_to_codebook(candidates, scale[:, columns], codebook), scale[:, columns], codebook)
+            rounded = ops.dequantize_codebook(
+                ops.quantize_to_codebook(candidates, scale[:, columns], codebook), scale[:, columns], codebook
+            )
         losses.append(_output_error(candidates - rounded, hessian).reshape(len(chunk), out_features))
     ranked = torch.sort(torch.cat(losses), dim=0, stable=True).indices[:CLIP_FINALISTS]
     return torch.tensor(CLIP_SHRINKS, device=matrix.device)[ranked]
@@ -183,21 +211,34 @@ def _group_columns(columns: torch.Tensor, group_size: int | None) -> torch.Tenso
     return columns // group_size if group_size else torch.zeros_like(columns)
 
 
-def _static_grid(matrix: torch.Tensor, shrink: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _static_grid(
+    matrix: torch.Tensor, shrink: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float ``scale`` and int8 ``zero_point`` per group from ``matrix`` with each row's range scaled by
-    ``shrink``: the grid the stored scale (rounded to ``dtype``, its storage dtype) gives, or ``codebook · absmax`` with a codebook."""
+    ``shrink``: the grid the stored scale (rounded to ``dtype``, its storage dtype) gives, or ``codebook · absmax``
+    with a codebook."""
     if codebook is not None:
         groups = 1 if layout.group_size is None else matrix.shape[1] // layout.group_size
         absmax = (matrix * shrink).reshape(matrix.shape[0], groups, -1).abs().amax(dim=-1)
         return torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
-    scale, zero_point = ops.compute_qparams(matrix * shrink, layout.bits, layout.symmetric, layout.group_size, layout.observer, dtype)
+    scale, zero_point = ops.compute_qparams(
+        matrix * shrink, layout.bits, layout.symmetric, layout.group_size, layout.observer, dtype
+    )
     return scale.float(), zero_point
 
 
-def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.Tensor, order: torch.Tensor, static: bool,
-                      layout: IntLayout, block_size: int, codebook: torch.Tensor | None, dtype: torch.dtype,
-                      grid: Any = None) -> tuple[torch.Tensor, ...]:
+def _quantize_columns(
+    matrix: torch.Tensor,
+    shrink: torch.Tensor,
+    upper: torch.Tensor,
+    order: torch.Tensor,
+    static: bool,
+    layout: IntLayout,
+    block_size: int,
+    codebook: torch.Tensor | None,
+    dtype: torch.dtype,
+    grid: Any = None,
+) -> tuple[torch.Tensor, ...]:
     """GPTQ's column loop over ``matrix`` (rows' ranges scaled by ``shrink``, ``[rows, 1]``), visiting
     columns in ``order`` with ``upper`` the Cholesky factor for that order; ``static`` groups take
     their scales from ``matrix`` up front, an external ``grid`` (see :func:`gptq_on_grid`) rounds
@@ -215,24 +256,37 @@ def _quantize_columns(matrix: torch.Tensor, shrink: torch.Tensor, upper: torch.T
         zero_point = torch.zeros(out_features, columns // group_size, dtype=torch.int8, device=matrix.device)
     group_of = _group_columns(order, group_size)
     work = matrix[:, order].t().contiguous()  # [columns, rows] in visiting order: each column is one contiguous row
-    step, zero = scale[:, group_of].t().contiguous(), zero_point.float()[:, group_of].t().contiguous()  # each column's grid
+    step, zero = (
+        scale[:, group_of].t().contiguous(),
+        zero_point.float()[:, group_of].t().contiguous(),
+    )  # each column's grid
     diagonal = upper.diagonal()
     codes, rounded = torch.empty_like(work), torch.empty_like(work)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block, errors = work[start:end], torch.empty(end - start, out_features, device=work.device)  # block: a view of work
+        block, errors = (
+            work[start:end],
+            torch.empty(end - start, out_features, device=work.device),
+        )  # block: a view of work
         with _one_thread():
             for i in range(end - start):
                 column = start + i
-                if not static and column % group_size == 0:  # dynamic group: its grid from its weights as updated so far
+                if (
+                    not static and column % group_size == 0
+                ):  # dynamic group: its grid from its weights as updated so far
                     pending = block[i : i + group_size]
                     if i + group_size > end - start:  # the group runs past this block: apply its pending updates
                         beyond = slice(end, column + group_size)
                         pending = torch.cat([pending, work[beyond] - upper[start:column, beyond].t() @ errors[:i]])
                     group = int(group_of[column])
-                    s, z = ops.compute_qparams(pending.t() * shrink, bits, layout.symmetric, None, layout.observer, dtype)
+                    s, z = ops.compute_qparams(
+                        pending.t() * shrink, bits, layout.symmetric, None, layout.observer, dtype
+                    )
                     scale[:, group : group + 1], zero_point[:, group : group + 1] = s.float(), z
-                    step[column : column + group_size], zero[column : column + group_size] = scale[:, group], z[:, 0].float()
+                    step[column : column + group_size], zero[column : column + group_size] = (
+                        scale[:, group],
+                        z[:, 0].float(),
+                    )
                 weights, s, z = block[i], step[column], zero[column]
                 if grid is not None:
                     code, value = grid.round(weights, int(group_of[column]))

@@ -23,7 +23,9 @@ from quantcli.quant.smoothing import check_smoothing
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_GROUP_SIZE = 32  # below 8 bits; with 16-bit scales the same bytes as groups of 64 with fp32 ones (docs/WHOLEMODEL.md)
+DEFAULT_GROUP_SIZE = (
+    32  # below 8 bits; with 16-bit scales the same bytes as groups of 64 with fp32 ones (docs/WHOLEMODEL.md)
+)
 PER_CHANNEL = -1  # a grid config's group size for one scale per output channel (as ``--group-size -1``)
 SMALLEST_KERNEL_GROUP = 32  # vLLM Marlin: -1, 32, 64, 128; Machete: -1, 128; torch int4 CPU: 32-256
 SMALLEST_GROUP = 8
@@ -46,7 +48,7 @@ class IntLayout:
     table: bool = False
     activations: str | None = None
 
-    def scale_dtype_for(self, weight_dtype: "torch.dtype") -> "torch.dtype":
+    def scale_dtype_for(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The torch dtype the scales are rounded to and stored in, for a weight held in ``weight_dtype``."""
         import torch
 
@@ -58,7 +60,8 @@ class IntGridConfig:
     """The integer grid rtn and gptq share, and their options' one typed home: ``group_size`` weights
     per scale (-1: per channel; None, only when given: the width's default, 32 below 8 bits and per
     channel at 8; stored resolved, so never None after construction), symmetric integers or zero points,
-    and the ``observer`` that picks the scales (``minmax``, ``mse`` or ``signed``: see :func:`quantcli.quant.ops.compute_qparams`;
+    and the ``observer`` that picks the scales (``minmax``, ``mse`` or ``signed``: see
+    :func:`quantcli.quant.ops.compute_qparams`;
     None for :func:`default_observer`)."""
 
     bits: int
@@ -74,7 +77,10 @@ class IntGridConfig:
             object.__setattr__(self, "observer", default_observer(self.bits, self.symmetric))
         check_observer(self.observer)
         if self.observer == "signed" and not self.symmetric:
-            raise InputError(f"observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop {option('symmetric', False)} or use {option('observer', 'minmax')}.")
+            raise InputError(
+                "observer signed puts each group's largest weight on the lowest code of a symmetric grid; drop "
+                f"{option('symmetric', False)} or use {option('observer', 'minmax')}."
+            )
         object.__setattr__(self, "group_size", resolve_group_size(self.group_size, self.bits))
         check_activations(self.activations, self.bits, self.symmetric, self.layout_group_size)
         check_smoothing(self.smoothing, self.activations)
@@ -93,9 +99,9 @@ class IntGridConfig:
 class IntWeights:
     """A layer's integers ``q`` (int8, ``[out, in]``) with per-group ``scale`` and ``zero_point``."""
 
-    q: "torch.Tensor"
-    scale: "torch.Tensor"
-    zero_point: "torch.Tensor"
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
     layout: IntLayout
 
 
@@ -143,8 +149,14 @@ def group_size_for(in_features: int, requested: int) -> int:
 
 
 def plan_layouts(
-    model: Any, names: tuple[str, ...], bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax",
-    scale_dtype: str | None = None, activations: str | None = None,
+    model: Any,
+    names: tuple[str, ...],
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    observer: str = "minmax",
+    scale_dtype: str | None = None,
+    activations: str | None = None,
 ) -> dict[str, IntLayout]:
     """Each layer's layout, group sizes by :func:`group_size_for`, scales stored in ``scale_dtype``,
     inputs quantized as ``activations`` says (None: weight-only)."""
@@ -161,14 +173,19 @@ def plan_layouts(
     if group_size is not None and all(width % group_size for width in widths.values()):
         listed = sorted(set(widths.values()))
         raise InputError(
-            f"group size {group_size} divides none of the selected layers' input widths ({', '.join(map(str, listed))})."
-            f" Pick a divisor of them, e.g. {min(listed) // 2 if min(listed) % 2 == 0 else min(listed)}, or -1 for per-channel."
+            f"group size {group_size} divides none of the selected layers' input widths "
+            f"({', '.join(map(str, listed))})."
+            f" Pick a divisor of them, e.g. {min(listed) // 2 if min(listed) % 2 == 0 else min(listed)}, or -1 for "
+            "per-channel."
         )
     # experts keep their scales in the model's own dtype: transformers 5.25 leaves experts it dequantizes
     # at load in the scales' dtype, so bfloat16 scales would make an fp32 model compute its experts in bfloat16
     return {
         name: IntLayout(
-            bits, symmetric, None if group_size is None else group_size_for(width, group_size), observer,
+            bits,
+            symmetric,
+            None if group_size is None else group_size_for(width, group_size),
+            observer,
             None if name in experts else scale_dtype,
             activations=activations,
         )
@@ -182,7 +199,9 @@ TABLE_NOTE = "embedding table: round-to-nearest per {unit} (its inputs are one-h
 TABLE_GROUP = 32  # int8 embedding rows in groups of 32, as llama.cpp's Q8_0 blocks (SmolLM2: docs/WHOLEMODEL.md)
 
 
-def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridConfig, scale_dtype: str | None = None) -> dict[str, IntLayout]:
+def table_layouts(
+    model: Any, tables: tuple[str, ...], bits: int, grid: IntGridConfig, scale_dtype: str | None = None
+) -> dict[str, IntLayout]:
     """Layouts of the input embedding / output head ``[vocab, hidden]``: 8 bits symmetric in groups of
     :data:`TABLE_GROUP` with the ``signed`` observer (the default at every width, as llama.cpp keeps
     ``token_embd`` in Q8_0), or 4 bits on the layers' grid."""
@@ -190,7 +209,11 @@ def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridC
     if bits == 8:
         return {
             name: IntLayout(
-                8, True, group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP), "signed", scale_dtype,
+                8,
+                True,
+                group_size_for(weight_matrix(modules[name]).shape[1], TABLE_GROUP),
+                "signed",
+                scale_dtype,
                 table=True,
             )
             for name in tables
@@ -198,8 +221,12 @@ def table_layouts(model: Any, tables: tuple[str, ...], bits: int, grid: IntGridC
     requested = grid.layout_group_size or DEFAULT_GROUP_SIZE
     return {
         name: IntLayout(
-            bits, grid.symmetric, group_size_for(weight_matrix(modules[name]).shape[1], requested), grid.observer,
-            scale_dtype, table=True,
+            bits,
+            grid.symmetric,
+            group_size_for(weight_matrix(modules[name]).shape[1], requested),
+            grid.observer,
+            scale_dtype,
+            table=True,
         )
         for name in tables
     }
@@ -220,7 +247,10 @@ def describe_grouping(requested: int | None, layers: dict[str, tuple[int, int | 
         summary = f"grouping: per channel, all {len(layers)} integer layers"
     else:
         parts = [f"{used.get(str(requested), 0)} layers in groups of {requested}"]
-        parts += [f"{count} layers with in_features {width} in groups of {size} ({requested} does not divide {width})" for (width, size), count in sorted(changed.items())]
+        parts += [
+            f"{count} layers with in_features {width} in groups of {size} ({requested} does not divide {width})"
+            for (width, size), count in sorted(changed.items())
+        ]
         summary = "grouping: " + "; ".join(parts)
     changed_widths = {str(width): size for width, size in sorted(changed)}
     return {"requested": requested, "layers_per_group_size": used, "changed_widths": changed_widths, "summary": summary}

@@ -17,8 +17,9 @@ transformers reloads exactly these values).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SIXTEEN_BIT = ("float16", "bfloat16")
 

@@ -33,18 +33,27 @@ def is_conv1d(module: Any) -> bool:
 def is_tied(model: Any) -> bool:
     """Whether the output head computes with the input embedding's own tensor."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    return embedding is not None and head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
+    return (
+        embedding is not None
+        and head is not None
+        and getattr(head, "weight", None) is getattr(embedding, "weight", False)
+    )
 
 
 def table_names(model: Any) -> tuple[str | None, str | None]:
     """The names of the input embedding and the output head (None where the model has none)."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     found = {id(module): name for name, module in model.named_modules()}
-    return found.get(id(embedding)) if embedding is not None else None, found.get(id(head)) if head is not None else None
+    return found.get(id(embedding)) if embedding is not None else None, found.get(
+        id(head)
+    ) if head is not None else None
 
 
 def select_modules(
-    model: Any, skip_globs: tuple[str, ...] = (), include_globs: tuple[str, ...] = ("*",), tables: bool = False,
+    model: Any,
+    skip_globs: tuple[str, ...] = (),
+    include_globs: tuple[str, ...] = ("*",),
+    tables: bool = False,
 ) -> Selection:
     """Linear and Conv1D layers (each expert's, once :func:`quantcli.quant.moe.unfuse` split them) matching
     ``include_globs`` minus ``skip_globs``; with ``tables``, also the input embedding and an untied output
@@ -66,29 +75,37 @@ def select_modules(
         if not (is_table or isinstance(module, torch.nn.Linear) or is_conv1d(module)) or name in skipped:
             continue
         if module is head and tied:
-            skipped[name] = f"tied to {embedding_name}: the same tensor, " + ("quantized and stored once there" if tables and embedding_name in chosen else "stored once there")
+            skipped[name] = f"tied to {embedding_name}: the same tensor, " + (
+                "quantized and stored once there" if tables and embedding_name in chosen else "stored once there"
+            )
         elif any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs):
             skipped[name] = "matched --skip-modules"
         elif is_table and not tables:
-            skipped[name] = f"{'input embedding' if module is embedding else 'output head'} kept (--embeddings keep, or a method that quantizes Linear layers only)"
+            skipped[name] = (
+                f"{'input embedding' if module is embedding else 'output head'} kept (--embeddings keep, or a method "
+                "that quantizes Linear layers only)"
+            )
         elif is_table:
             chosen.append(name)
         elif any(fnmatch.fnmatchcase(name, glob) for glob in include_globs):
             names.append(name)
     for glob in skip_globs:
         if not any(fnmatch.fnmatchcase(name, glob) for name in [*names, *chosen, *skipped]):
-            raise InputError(f"{option('skip_modules')} pattern '{glob}' matches no layer. Layer names look like '{(names or list(skipped) or ['?'])[0]}'.")
+            raise InputError(
+                f"{option('skip_modules')} pattern '{glob}' matches no layer. Layer names look like "
+                f"'{(names or list(skipped) or ['?'])[0]}'."
+            )
     if not names:
         raise InputError(f"no Linear or Conv1D layer is left to quantize. Loosen {option('skip_modules')}.")
     return Selection(tuple(names), skipped, tuple(chosen))
 
 
-def weight_matrix(module: Any) -> "torch.Tensor":
+def weight_matrix(module: Any) -> torch.Tensor:
     """The layer's weight as ``[out_features, in_features]`` (Conv1D stores it transposed)."""
     return module.weight.data.t() if is_conv1d(module) else module.weight.data
 
 
-def dense_weight_matrix(module: Any) -> "torch.Tensor":
+def dense_weight_matrix(module: Any) -> torch.Tensor:
     """The ``[out, in]`` values a layer computes with, dequantizing bitsandbytes' packed storage."""
     weight = module.weight
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (Params4bit)
@@ -104,7 +121,7 @@ def dense_weight_matrix(module: Any) -> "torch.Tensor":
     return weight_matrix(module).float()
 
 
-def _unpacked_4bit(data: "torch.Tensor", state: Any) -> tuple["torch.Tensor", Any]:
+def _unpacked_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     """Undo the repack bitsandbytes' AVX512-BF16 CPU kernel does at the first forward (codes tiled,
     absmax transposed to bf16). Its own inverse leaves a non-nested absmax transposed; restored here."""
     import bitsandbytes.functional as F
@@ -134,7 +151,7 @@ def unpack_cpu_4bit(model: Any) -> None:
             weight.data, weight.quant_state = _unpacked_4bit(weight.data, weight.quant_state)
 
 
-def set_weight_matrix(module: Any, matrix: "torch.Tensor") -> None:
+def set_weight_matrix(module: Any, matrix: torch.Tensor) -> None:
     """Write ``[out, in]`` values back in the layer's own layout and dtype."""
     values = matrix.t() if is_conv1d(module) else matrix
     module.weight.data.copy_(values.to(module.weight.dtype))
@@ -150,7 +167,11 @@ def _quantization_tensors(module: Any) -> list[Any]:
     tensors = []
     if state is not None:  # the CPU kernel's repacked state has no state2 (absmax dequantized to bf16)
         nested = getattr(state, "state2", None)
-        tensors += [state.absmax, state.code, *([nested.absmax, nested.code, state.offset] if nested is not None else [])]
+        tensors += [
+            state.absmax,
+            state.code,
+            *([nested.absmax, nested.code, state.offset] if nested is not None else []),
+        ]
     scb = getattr(getattr(module, "weight", None), "SCB", None)
     if scb is None:
         scb = getattr(getattr(module, "state", None), "SCB", None)
@@ -176,7 +197,7 @@ def bytes_in_memory(model: Any) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     for module in model.modules():
         tensors += _quantization_tensors(module)
-    for tensor in (held for tensor in tensors if torch.is_tensor(tensor) for held in _held_tensors(tensor)):
+    for tensor in (held for owner in tensors if torch.is_tensor(owner) for held in _held_tensors(owner)):
         if tensor.device.type == "meta":
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())

@@ -28,7 +28,9 @@ def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
 OBSERVERS = ("minmax", "mse", "signed")
 
 
-def _qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _qparams_from_range(
+    low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     qmin, qmax = int_range(bits)
     if symmetric:
         scale = torch.maximum(low.abs(), high) / ((qmax - qmin) / 2)
@@ -40,8 +42,15 @@ def _qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmet
 
 
 def _mse_range(
-    groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-    grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4,
+    groups: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink each group's range by the factor (1, 0.99, ... 0.21) that minimises ``sum |w - ŵ|^2.4``:
     clipping a few outliers buys finer steps for the rest (the GPTQ reference code's MSE grid)."""
@@ -62,7 +71,11 @@ def _mse_range(
 
 
 def compute_qparams(
-    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax",
+    weight: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    observer: str = "minmax",
     scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group: shapes ``[out, groups]`` (scale in weight dtype, zp int8).
@@ -117,16 +130,16 @@ def quantize(
     return torch.clamp(torch.round(scaled), qmin, qmax).to(torch.int8).reshape(weight.shape)
 
 
-def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int | None
-) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Real values ``(q - zero_point) * scale``, in the scale's dtype."""
     groups = _grouped(q.float(), group_size)
     values = (groups - zero_point.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
     return values.reshape(q.shape).to(scale.dtype)
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax") -> torch.Tensor:
+def fake_quantize(
+    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, observer: str = "minmax"
+) -> torch.Tensor:
     """Round-to-nearest quantize then dequantize: what an RTN layer computes with."""
     scale, zero_point = compute_qparams(weight, bits, symmetric, group_size, observer)
     return dequantize(quantize(weight, scale, zero_point, bits, group_size), scale, zero_point, group_size)

@@ -4,8 +4,9 @@ They hold data only; writing them is the format's job (:func:`quantcli.formats.s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -38,7 +39,9 @@ class QuantizeRequest:
     tables: tuple[str, ...] = ()  # the input embedding / untied output head, for methods with ``quantizes_tables``
     table_bits: int = 8  # 8: per row; 4: the layers' own grid
     grid: Any = None  # a GGUF block type (quantcli.formats.gguf.types.BlockType) to round onto, for --format gguf
-    scale_dtype: str | None = None  # what integer layers' scales are stored in (the kept dtype, quantcli.quant.keptdtype); None: the model's
+    scale_dtype: str | None = (
+        None  # what integer layers' scales are stored in (the kept dtype, quantcli.quant.keptdtype); None: the model's
+    )
 
     def block_source(self, names: tuple[str, ...]) -> Any:
         """Where the driver (:func:`quantcli.quant.blockwise.quantize_blockwise`) gets each decoder block."""

@@ -37,8 +37,7 @@ def check_smoothing(alpha: float | None, activations: str | None) -> None:
         )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InputError(
-            f"{option('smoothing')} is SmoothQuant's migration strength, between 0 and 1 (0.5 is usual),"
-            f" got {alpha!r}."
+            f"{option('smoothing')} is SmoothQuant's migration strength, between 0 and 1 (0.5 is usual), got {alpha!r}."
         )
 
 
@@ -63,8 +62,8 @@ def smoothing_pairs(model: Any) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _activation_maxima(
-    model: Any, norms: list[str], calibration: "torch.Tensor", batch_size: int
-) -> dict[str, "torch.Tensor"]:
+    model: Any, norms: list[str], calibration: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
     """max |output| per channel of each norm over every calibration token."""
     import torch
 
@@ -72,7 +71,7 @@ def _activation_maxima(
     maxima: dict[str, torch.Tensor] = {}
 
     def record(name: str) -> Any:
-        def hook(module: Any, args: Any, output: "torch.Tensor") -> None:
+        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
             seen = output.detach().abs().float().reshape(-1, output.shape[-1]).amax(0)
             maxima[name] = seen if name not in maxima else torch.maximum(maxima[name], seen)
 
@@ -90,7 +89,7 @@ def _activation_maxima(
     return maxima
 
 
-def smooth(model: Any, calibration: "torch.Tensor", alpha: float, batch_size: int = 8) -> dict[str, Any]:
+def smooth(model: Any, calibration: torch.Tensor, alpha: float, batch_size: int = 8) -> dict[str, Any]:
     """Smooth ``model`` in place for W8A8 with strength ``alpha`` on ``calibration`` windows; returns
     what was done (pairs smoothed, the range of the factors)."""
     import torch

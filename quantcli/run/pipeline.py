@@ -54,9 +54,13 @@ def check_streamable(method: str, device: str) -> None:
     """Refuse, before any work, a streaming run this build cannot do."""
     streaming = capable("streams")
     if method not in streaming:
-        raise UnavailableError(f"{option('low_memory', True)} works with {option('method')} {' or '.join(streaming)}, not {method}.")
+        raise UnavailableError(
+            f"{option('low_memory', True)} works with {option('method')} {' or '.join(streaming)}, not {method}."
+        )
     if device != "cpu":
-        raise UnavailableError(f"{option('low_memory', True)} runs on the CPU; drop {option('device')} or pass {option('device', 'cpu')}.")
+        raise UnavailableError(
+            f"{option('low_memory', True)} runs on the CPU; drop {option('device')} or pass {option('device', 'cpu')}."
+        )
 
 
 def default_output(model: str, method: str, bits: int, gguf_type: str | None = None) -> Path:
@@ -102,15 +106,32 @@ def quantize(config: QuantizeConfig, progress: Progress | None = None, recipe: P
     if config.low_memory:
         check_streamable(method_name, device)
     source = resolve_model(config.model)
-    output = Path(config.output) if config.output else default_output(config.model, method_name, config.bits, config.gguf_type)
+    output = (
+        Path(config.output)
+        if config.output
+        else default_output(config.model, method_name, config.bits, config.gguf_type)
+    )
     check_output_name(output)
     check_not_quantized(source)
     check_inputs_outside(output, run_inputs(config, recipe))
     check_output(output, config.force, source, resume=config.resume)
     evaluation = eval_source(config.eval) if config.eval is not None else None
     calibrates = method.needs_calibration or config.allocation is not None or _smoothing(method_config) is not None
-    calibration_text = read_documents(config.calibration.dataset, config.calibration.text_column) if calibrates else None
-    run = _Run(config, method_name, method, method_config, device, source, progress or NullProgress(), evaluation, calibration_text, grid)
+    calibration_text = (
+        read_documents(config.calibration.dataset, config.calibration.text_column) if calibrates else None
+    )
+    run = _Run(
+        config,
+        method_name,
+        method,
+        method_config,
+        device,
+        source,
+        progress or NullProgress(),
+        evaluation,
+        calibration_text,
+        grid,
+    )
     with atomic_folder(output, config.force, resume=config.resume) as staging:
         result = (_stream if config.low_memory else _in_memory)(run, staging)
         result.tokenizer.save_pretrained(staging)
@@ -131,7 +152,12 @@ def _original_sizes(source: str, model: Any, skeleton: bool = False) -> dict[str
 
 def _quantizes_tables(run: _Run) -> bool:
     """Whether the input embedding and output head are quantized too (``--embeddings 8`` or ``4``)."""
-    return run.method.quantizes_tables and run.grid is None and run.config.embeddings not in ("keep", None) and run.config.bits < 16
+    return (
+        run.method.quantizes_tables
+        and run.grid is None
+        and run.config.embeddings not in ("keep", None)
+        and run.config.bits < 16
+    )
 
 
 def _splits_experts(run: _Run) -> bool:
@@ -146,7 +172,9 @@ def _table_bits(config: QuantizeConfig) -> int:
 
 def _kept_dtype(run: _Run, model: Any) -> Any:
     """The 16-bit (or asked) dtype an integer checkpoint stores its unquantized tensors in, or None."""
-    if run.method.output_format != "compressed-tensors" or run.grid is not None:  # GGUF keeps norms in F32, as llama.cpp does
+    if (
+        run.method.output_format != "compressed-tensors" or run.grid is not None
+    ):  # GGUF keeps norms in F32, as llama.cpp does
         return None
 
     return storage_dtype(run.config.keep_dtype or "auto", run.source, model)
@@ -183,7 +211,9 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
     start = time.perf_counter()
     with progress.task("load model", total=None):
         tokenizer = load_tokenizer(run.source, config.trust_remote_code)
-        model = load_model(run.source, pick_dtype(config.dtype, run.device), config.device_map or run.device, config.trust_remote_code)
+        model = load_model(
+            run.source, pick_dtype(config.dtype, run.device), config.device_map or run.device, config.trust_remote_code
+        )
         check_vocab(model, tokenizer, config.model)
         check_finite(model, config.model)
         if run.grid is not None:
@@ -197,7 +227,8 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
     if config.allocation is not None and any(is_expert_layer(name) for name in selection.names):
         raise InputError(
             f"{option('allocation')} cannot mix widths across the experts of a mixture-of-experts model: transformers"
-            f" 5.25 decompresses every expert with one scheme at load. Drop {option('allocation')} and pass {option('bits')}."
+            f" 5.25 decompresses every expert with one scheme at load. Drop {option('allocation')} and pass "
+            f"{option('bits')}."
         )
     if config.bits < 16:  # a 16-bit cast has no scale to overflow
         check_layers_quantizable(model, selection.names + selection.tables, config.model)
@@ -219,8 +250,20 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
     start = time.perf_counter()
     with progress.task(f"quantize ({run.method_name})", total=len(selection.names)) as advance:
         request = QuantizeRequest(
-            run.source, model, tokenizer, selection.names, run.device, pick_dtype(config.dtype, run.device), run.method_config,
-            calibration, config.trust_remote_code, advance, config.device_map, tables=selection.tables, table_bits=_table_bits(config), grid=run.grid,
+            run.source,
+            model,
+            tokenizer,
+            selection.names,
+            run.device,
+            pick_dtype(config.dtype, run.device),
+            run.method_config,
+            calibration,
+            config.trust_remote_code,
+            advance,
+            config.device_map,
+            tables=selection.tables,
+            table_bits=_table_bits(config),
+            grid=run.grid,
             scale_dtype=_scale_dtype(run, kept_dtype),
         )
         del model
@@ -229,7 +272,6 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         else:
             quantized = run.method.quantize(request)
         if kept_dtype is not None:  # evaluate the values the checkpoint stores
-
             quantized.kept_dtype = kept_dtype
             round_kept(quantized.model, set(quantized.records), kept_dtype)
         check_model_finite(quantized.model, config.model)
@@ -242,7 +284,9 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
     after = None
     if config.eval is not None:
         start = time.perf_counter()
-        after = measure_perplexity(quantized.model, tokenizer, config.eval, progress, "quantized", source=run.evaluation)
+        after = measure_perplexity(
+            quantized.model, tokenizer, config.eval, progress, "quantized", source=run.evaluation
+        )
         timings["eval_quantized"] = time.perf_counter() - start
     quantized_memory = bytes_in_memory(quantized.model)
     start = time.perf_counter()
@@ -250,7 +294,9 @@ def _in_memory(run: _Run, staging: Path) -> PathResult:
         tokenizer.save_pretrained(staging)  # before the weights: a GGUF file carries the tokenizer
         save(quantized, staging, config.max_shard_size)
     timings["save"] = time.perf_counter() - start
-    skipped = {name: why for name, why in selection.skipped.items() if name not in quantized.layers}  # a tied head stored as a layer
+    skipped = {
+        name: why for name, why in selection.skipped.items() if name not in quantized.layers
+    }  # a tied head stored as a layer
     return PathResult(quantized, tokenizer, original, quantized_memory, skipped, calibration, before, after)
 
 
@@ -259,7 +305,10 @@ def _stream(run: _Run, staging: Path) -> PathResult:
 
     config, progress = run.config, run.progress
     if Path(run.source).is_file():  # resolve_model lets only GGUF files through
-        raise InputError(f"{option('low_memory', True)} streams safetensors weights, and {run.source} is a GGUF file, which is read whole. Drop {option('low_memory', True)}.")
+        raise InputError(
+            f"{option('low_memory', True)} streams safetensors weights, and {run.source} is a GGUF file, which is read "
+            f"whole. Drop {option('low_memory', True)}."
+        )
     start = time.perf_counter()
     tokenizer = load_tokenizer(run.source, config.trust_remote_code)
     dtype = pick_dtype(config.dtype, run.device)
@@ -277,24 +326,51 @@ def _stream(run: _Run, staging: Path) -> PathResult:
     selection = select_modules(model, config.skip_modules, tables=_quantizes_tables(run))
     kept_dtype = _kept_dtype(run, model)
     if any(is_conv1d(module) for name, module in model.named_modules() if name in selection.names):
-        raise UnavailableError(f"{option('low_memory', True)} supports models built from Linear layers (Llama, Mistral, Qwen, ...), not GPT-2's Conv1D.")
+        raise UnavailableError(
+            f"{option('low_memory', True)} supports models built from Linear layers (Llama, Mistral, Qwen, ...), not "
+            "GPT-2's Conv1D."
+        )
     original = _original_sizes(run.source, model, skeleton=True)
     calibration = _calibration(run, tokenizer)
     settings = {
-        "source": str(Path(run.source).resolve()), "method": run.method_name, "options": asdict(run.method_config),
-        "skip_modules": list(config.skip_modules), "dtype": str(dtype), "tables": list(selection.tables),
-        "table_bits": _table_bits(config), "kept_dtype": str(kept_dtype),
+        "source": str(Path(run.source).resolve()),
+        "method": run.method_name,
+        "options": asdict(run.method_config),
+        "skip_modules": list(config.skip_modules),
+        "dtype": str(dtype),
+        "tables": list(selection.tables),
+        "table_bits": _table_bits(config),
+        "kept_dtype": str(kept_dtype),
         "calibration": vars(config.calibration) if calibration is not None else None,
     }
-    blocks = ShardBlocks(model, selection.names + selection.tables, run.source, staging, settings, get_format(run.method.output_format), kept_dtype)
+    blocks = ShardBlocks(
+        model,
+        selection.names + selection.tables,
+        run.source,
+        staging,
+        settings,
+        get_format(run.method.output_format),
+        kept_dtype,
+    )
     names = {disk: name for name, disk in blocks.disk.items()}  # file names -> the model's
     shapes = {names.get(key, key): shape for key, shape in file_shapes(blocks.where).items()}
     check_streamed(model, shapes, config.model)
     try:
         with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
             request = QuantizeRequest(
-                run.source, model, tokenizer, selection.names, run.device, dtype, run.method_config,
-                calibration, config.trust_remote_code, advance, blocks=blocks, tables=selection.tables, table_bits=_table_bits(config),
+                run.source,
+                model,
+                tokenizer,
+                selection.names,
+                run.device,
+                dtype,
+                run.method_config,
+                calibration,
+                config.trust_remote_code,
+                advance,
+                blocks=blocks,
+                tables=selection.tables,
+                table_bits=_table_bits(config),
                 scale_dtype=_scale_dtype(run, kept_dtype),
             )
             quantized = run.method.quantize(request)

@@ -15,14 +15,18 @@ SCALE_TENSORS = ("weight_scale", "weight_zero_point", "weight_global_scale")
 
 
 def size_breakdown(
-    files: list[Any], layers: Any, embedding: str | None, head: str | None, parameters: int, rename: Any = str,
+    files: list[Any],
+    layers: Any,
+    embedding: str | None,
+    head: str | None,
+    parameters: int,
+    rename: Any = str,
 ) -> dict[str, Any]:
     """Bytes of a checkpoint's tensors by class, read from the safetensors headers: the input embedding
     and the output head (their integer codes, or their dense weights when kept), the other quantized
     layers' codes, every scale and zero point, and all else (norms, biases, position embeddings), each
     with the safetensors dtypes it is stored in. ``bits_per_weight`` counts all tensor bytes over all parameters."""
     from safetensors import safe_open
-
 
     totals = dict.fromkeys(SIZE_CLASSES, 0)
     dtypes: dict[str, set[str]] = {name: set() for name in SIZE_CLASSES}
@@ -42,10 +46,14 @@ def size_breakdown(
                     dtypes[group].add(view.get_dtype())
     total = sum(totals.values())
     return {
-        "classes": {name: {"bytes": value, "share": value / total if total else 0.0, "dtypes": sorted(dtypes[name])} for name, value in totals.items()},
+        "classes": {
+            name: {"bytes": value, "share": value / total if total else 0.0, "dtypes": sorted(dtypes[name])}
+            for name, value in totals.items()
+        },
         "tensor_bytes": total,
         "bits_per_weight": 8 * total / parameters if parameters else None,
-        "embedding": embedding, "head": head,
+        "embedding": embedding,
+        "head": head,
     }
 
 
@@ -106,7 +114,11 @@ class QuantizeReport:
         if "group_size" not in self.options:
             return None
 
-        layers = {name: (layer.shape[1], layer.group_size) for name, layer in self.layers.items() if layer.shape and name not in self.tables}
+        layers = {
+            name: (layer.shape[1], layer.group_size)
+            for name, layer in self.layers.items()
+            if layer.shape and name not in self.tables
+        }
         requested = self.options["group_size"]
         return describe_grouping(None if requested == PER_CHANNEL else requested, layers)
 

@@ -26,7 +26,8 @@ from quantcli.strict_json import write_json
 
 @dataclass
 class PathResult:
-    """What a path (in memory or streamed) hands back for the report: the quantized model's records and the sizes before."""
+    """What a path (in memory or streamed) hands back for the report: the quantized model's records and the
+    sizes before."""
 
     quantized: QuantizedModel
     tokenizer: Any
@@ -39,13 +40,23 @@ class PathResult:
 
 
 def write_reports(
-    staging: Path, output: Path, config: QuantizeConfig, method_name: str, device: str, source: str, timings: dict[str, float], result: PathResult,
+    staging: Path,
+    output: Path,
+    config: QuantizeConfig,
+    method_name: str,
+    device: str,
+    source: str,
+    timings: dict[str, float],
+    result: PathResult,
 ) -> QuantizeReport:
     """Check the gates and write both files into ``staging`` (the weights are already there); returns the report."""
     quantized_bytes = bytes_on_disk(weight_files(str(staging)))
     model = result.quantized.model
-    packed = tuple(name for name, record in result.quantized.records.items()
-                   if name not in result.quantized.layers and getattr(record, "raw_type", None) is not None)
+    packed = tuple(
+        name
+        for name, record in result.quantized.records.items()
+        if name not in result.quantized.layers and getattr(record, "raw_type", None) is not None
+    )
     renamer = checkpoint_renamer(model) if hasattr(model, "config") else str
     files, parameters = weight_files(str(staging)), result.original["parameters"]
     breakdown = size_breakdown(files, result.quantized.layers, *table_names(model), parameters, renamer)
@@ -60,8 +71,14 @@ def write_reports(
         device=device,
         options=result.quantized.options,
         recipe=config.to_dict(),
-        calibration=None if result.calibration is None else {**vars(config.calibration), "tokens": int(result.calibration.numel())},
-        size={**size_summary(result.original, quantized_bytes, result.quantized_memory), "original_format": describe(source), "breakdown": breakdown},
+        calibration=None
+        if result.calibration is None
+        else {**vars(config.calibration), "tokens": int(result.calibration.numel())},
+        size={
+            **size_summary(result.original, quantized_bytes, result.quantized_memory),
+            "original_format": describe(source),
+            "breakdown": breakdown,
+        },
         perplexity_before=result.before,
         perplexity_after=result.after,
         timings=timings,
@@ -73,16 +90,19 @@ def write_reports(
         ),
     )
     report.gates = to_records(check_quantize(config.gates, report.to_dict()))
-    write_metadata(staging, {
-        "method": method_name,
-        "bits": result.quantized.bits,
-        "format": result.quantized.format,
-        "options": result.quantized.options,
-        "source_model": config.model,
-        "layers": report.to_dict()["layers"],
-        "skipped": result.skipped,
-        **({"allocation": allocation_map(result.quantized.stats["allocation"])} if config.allocation else {}),
-        "size_breakdown": breakdown,
-    })
+    write_metadata(
+        staging,
+        {
+            "method": method_name,
+            "bits": result.quantized.bits,
+            "format": result.quantized.format,
+            "options": result.quantized.options,
+            "source_model": config.model,
+            "layers": report.to_dict()["layers"],
+            "skipped": result.skipped,
+            **({"allocation": allocation_map(result.quantized.stats["allocation"])} if config.allocation else {}),
+            "size_breakdown": breakdown,
+        },
+    )
     write_json(staging / REPORT_FILE, report.to_dict())
     return report

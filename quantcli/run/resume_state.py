@@ -17,8 +17,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from quantcli import __version__
 from quantcli.checkpoint.atomic import RESUME_FILE
@@ -67,7 +68,6 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-
     return {
         "quantcli": __version__,
         "torch": torch.__version__,
@@ -104,7 +104,7 @@ def read_state(staging: Path, settings: dict[str, Any], shards: list[str]) -> di
     except (ValueError, RecursionError) as error:
         why = f"{RESUME_FILE} is not valid JSON ({type(error).__name__}; a run killed while writing it?)"
         raise _refuse(staging, why) from None
-    except Exception as error:  # noqa: BLE001 - read_bounded's InputError and OSError: say which file
+    except Exception as error:
         raise _refuse(staging, f"{RESUME_FILE} cannot be read: {error}") from None
     if not isinstance(state, dict) or seal(state).get("sha256") != state.get("sha256"):
         raise _refuse(staging, f"{RESUME_FILE} does not match its own SHA-256 (damaged or edited)")
@@ -214,6 +214,10 @@ def _layout(cls: type, data: Any, bad: str, staging: Path) -> Any:
         )
     ):
         raise _refuse(staging, f"{bad} has a malformed layout {shown(data)}")
-    if data["scale_dtype"] not in (None, *DTYPES) or data["bits"] not in (2, 3, 4, 8) or data["activations"] not in (None, "int8"):
+    if (
+        data["scale_dtype"] not in (None, *DTYPES)
+        or data["bits"] not in (2, 3, 4, 8)
+        or data["activations"] not in (None, "int8")
+    ):
         raise _refuse(staging, f"{bad} has a layout outside quantcli's grids {shown(data)}")
     return cls(**data)

@@ -15,8 +15,9 @@ that folder, and ``--resume`` continues after the last finished block.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from quantcli.checkpoint.atomic import RESUME_FILE
 from quantcli.errors import InputError, option
@@ -47,7 +48,10 @@ def source_tensors(source: str) -> dict[str, Path]:
         folder = Path(snapshot_download(source, local_files_only=True))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise InputError(f"{option('low_memory', True)} streams safetensors weights, and {source} has none. Convert the checkpoint to safetensors first.")
+        raise InputError(
+            f"{option('low_memory', True)} streams safetensors weights, and {source} has none. Convert the checkpoint "
+            "to safetensors first."
+        )
     where: dict[str, Path] = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
@@ -85,11 +89,24 @@ class ShardBlocks:
     ``staging`` as its own shard when quantized (same interface as :class:`quantcli.quant.blockwise.ModelBlocks`)."""
 
     def __init__(
-        self, model: Any, names: tuple[str, ...], source: str, staging: Path, settings: dict[str, Any], output_format: Any, kept_dtype: Any = None,
+        self,
+        model: Any,
+        names: tuple[str, ...],
+        source: str,
+        staging: Path,
+        settings: dict[str, Any],
+        output_format: Any,
+        kept_dtype: Any = None,
     ) -> None:
         from quantcli.quant.blockwise import decoder_blocks
 
-        self.model, self.staging, self.settings, self.format, self.names = model, staging, settings, output_format, names
+        self.model, self.staging, self.settings, self.format, self.names = (
+            model,
+            staging,
+            settings,
+            output_format,
+            names,
+        )
         self.kept_dtype = kept_dtype  # what tensors no quantized layer owns are written in (None: as held)
         from quantcli.quant.moe import checkpoint_renamer
 
@@ -99,10 +116,14 @@ class ShardBlocks:
         self.disk = {rename(key): key for key in files}
         self.where = {rename(key): file for key, file in files.items()}
         self.groups = shard_groups(list(self.where), self.prefix, len(self.blocks))
-        self.shards = [f"model-{index:05d}-of-{len(self.groups):05d}.safetensors" for index in range(1, len(self.groups) + 1)]
+        self.shards = [
+            f"model-{index:05d}-of-{len(self.groups):05d}.safetensors" for index in range(1, len(self.groups) + 1)
+        ]
         self.records: dict[str, Any] = {}
         self.modules = dict(model.named_modules())
-        self.known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {name for name, _ in model.named_buffers()}
+        self.known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {
+            name for name, _ in model.named_buffers()
+        }
         inputs = fingerprint([*self.where.values(), *_configs(source)])
         self.settings = {**settings, "source_files": inputs, "versions": versions()}
         self.state = read_state(staging, self.settings, self.shards)  # {} for a fresh run; checked before any reuse
@@ -183,7 +204,9 @@ class ShardBlocks:
         if hidden is not None and index + 1 < len(self.blocks):
             from safetensors.torch import save_file
 
-            save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(self.staging / f"{ACTIVATIONS_FILE}.tmp"))
+            save_file(
+                {str(i): h.contiguous() for i, h in enumerate(hidden)}, str(self.staging / f"{ACTIVATIONS_FILE}.tmp")
+            )
             (self.staging / f"{ACTIVATIONS_FILE}.tmp").rename(self.staging / ACTIVATIONS_FILE)
             self.hashes[ACTIVATIONS_FILE] = file_hash(self.staging / ACTIVATIONS_FILE)
         self._write(index, records)
@@ -252,11 +275,15 @@ class ShardBlocks:
                 for key in handle.keys():
                     weight_map[key] = shard
                     total += tensor_bytes(handle, key)
-        write_json(self.staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            self.staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
         self.model.config.save_pretrained(self.staging)
         if self.model.can_generate():
             self.model.generation_config.save_pretrained(self.staging)
-        self.format.finish(self.model, {name: record for name, record in self.records.items() if record is not None}, self.staging)
+        self.format.finish(
+            self.model, {name: record for name, record in self.records.items() if record is not None}, self.staging
+        )
         (self.staging / RESUME_FILE).unlink()
         (self.staging / ACTIVATIONS_FILE).unlink(missing_ok=True)
         return total
@@ -268,7 +295,14 @@ def _placeholder(record: Any) -> Any:
 
     if record is None:
         return None
-    return dataclasses.replace(record, **{f.name: getattr(record, f.name).to("meta") for f in dataclasses.fields(record) if hasattr(getattr(record, f.name), "to")})
+    return dataclasses.replace(
+        record,
+        **{
+            f.name: getattr(record, f.name).to("meta")
+            for f in dataclasses.fields(record)
+            if hasattr(getattr(record, f.name), "to")
+        },
+    )
 
 
 def _configs(source: str) -> list[Path]:

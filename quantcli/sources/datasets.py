@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import codecs
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import DatasetError, InputError, option
 from quantcli.limits import check_dataset_file
@@ -67,8 +68,10 @@ class TextSource:
         """Refuse ``documents`` for text that marks no documents."""
         if protocol == "documents" and not self.has_documents:
             raise InputError(
-                f"{option('eval.protocol', 'documents')} needs documents, and {self.spec} is plain text, where a blank line is not a"
-                f" document boundary. Pass {option('eval.doc_separator', 'STRING')}, use rows (.jsonl/.csv/.parquet/Hub), or {option('eval.protocol', 'stream')}."
+                f"{option('eval.protocol', 'documents')} needs documents, and {self.spec} is plain text, where a blank "
+                "line is not a"
+                f" document boundary. Pass {option('eval.doc_separator', 'STRING')}, use rows "
+                f"(.jsonl/.csv/.parquet/Hub), or {option('eval.protocol', 'stream')}."
             )
 
     def iter_documents(self) -> Iterator[str]:
@@ -101,7 +104,9 @@ def _utf8_pieces(path: Path, spec: str, limit: int | None = None) -> Iterator[st
                 try:
                     yield decoder.decode(block, final=not block)
                 except UnicodeDecodeError as error:
-                    raise InputError(f"{spec} is not UTF-8 text: invalid byte at offset {offset + error.start}. Convert it to UTF-8.") from None
+                    raise InputError(
+                        f"{spec} is not UTF-8 text: invalid byte at offset {offset + error.start}. Convert it to UTF-8."
+                    ) from None
                 if not block:
                     return
                 offset += len(block)
@@ -121,13 +126,19 @@ def _text_column(dataset: Any, spec: str, text_column: str | None) -> str:
         return wanted
     columns = ", ".join(dataset.column_names)
     if text_column:
-        raise InputError(f"dataset {spec} has no column '{text_column}' (columns: {columns}). Pass one of them to {option('text_column')}.")
-    raise InputError(f"dataset {spec} has no 'text' column (columns: {columns}). Name the column with {option('text_column')}.")
+        raise InputError(
+            f"dataset {spec} has no column '{text_column}' (columns: {columns}). Pass one of them to "
+            f"{option('text_column')}."
+        )
+    raise InputError(
+        f"dataset {spec} has no 'text' column (columns: {columns}). Name the column with {option('text_column')}."
+    )
 
 
-def _rows(spec: str, path: str, name: str | None, split: str, text_column: str | None, data_files: str | None = None) -> list[str]:
+def _rows(
+    spec: str, path: str, name: str | None, split: str, text_column: str | None, data_files: str | None = None
+) -> list[str]:
     import datasets
-
 
     quiet_datasets()
     try:
@@ -136,15 +147,18 @@ def _rows(spec: str, path: str, name: str | None, split: str, text_column: str |
         else:
             dataset = datasets.load_dataset(path, name, split=split)
     except FileNotFoundError as error:
-        raise DatasetError(f"dataset {spec} was not found ({error}). Pass a local file, or warm the HF datasets cache.") from None
+        raise DatasetError(
+            f"dataset {spec} was not found ({error}). Pass a local file, or warm the HF datasets cache."
+        ) from None
     except (ConnectionError, OSError) as error:
         raise DatasetError(
             f"cannot load dataset {spec}: not in the local cache and the Hub is unreachable"
-            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}. Pass a local .txt/.jsonl/.parquet file."
+            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}. Pass a local "
+            ".txt/.jsonl/.parquet file."
         ) from error
     except ValueError as error:
         raise DatasetError(f"cannot read dataset {spec}: {str(error).splitlines()[0]}") from None
-    except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
+    except Exception as error:
         raise DatasetError(f"cannot read dataset {spec}: {root_cause(error)}") from None
     column = _text_column(dataset, spec, text_column)
     texts = dataset[column]
@@ -171,7 +185,9 @@ def read_documents(spec: str, text_column: str | None = None, doc_separator: str
         else:
             head = "".join(_utf8_pieces(path, spec, limit=READ_BYTES))
             if not head.strip() and path.stat().st_size <= READ_BYTES:
-                raise DatasetError(f"dataset {spec} holds no text. Point it at a file or split with non-empty documents.")
+                raise DatasetError(
+                    f"dataset {spec} holds no text. Point it at a file or split with non-empty documents."
+                )
             source = TextSource(spec, path=path, separator=doc_separator)
     elif spec.startswith(("tinystories:", "quantcli:")) or spec == "tinystories":
         split = spec.split(":")[-1] if ":" in spec else "eval"
@@ -183,14 +199,20 @@ def read_documents(spec: str, text_column: str | None = None, doc_separator: str
     else:
         parts = spec.split(":")
         if len(parts) > 3 or not all(parts):
-            raise InputError(f"dataset spec '{spec}' is not of the form path[:config[:split]], e.g. wikitext:wikitext-2-raw-v1:train.")
+            raise InputError(
+                f"dataset spec '{spec}' is not of the form path[:config[:split]], e.g. "
+                "wikitext:wikitext-2-raw-v1:train."
+            )
         name = parts[1] if len(parts) > 1 else None
         split = parts[2] if len(parts) > 2 else "train"
         source = TextSource(spec, documents=_rows(spec, parts[0], name, split, text_column))
     if source.documents is not None and not any(d.strip() for d in source.documents):
         raise DatasetError(f"dataset {spec} holds no text. Point it at a file or split with non-empty documents.")
     if doc_separator is not None and source.documents is not None:
-        raise InputError(f"{option('eval.doc_separator')} splits plain text, and {spec} already has one document per row. Drop {option('eval.doc_separator')}.")
+        raise InputError(
+            f"{option('eval.doc_separator')} splits plain text, and {spec} already has one document per row. Drop "
+            f"{option('eval.doc_separator')}."
+        )
     return source
 
 
@@ -200,7 +222,10 @@ def _specials(tokenizer: Any, bos: str) -> tuple[list[int], list[int]]:
         return special_ids(tokenizer)
     if bos == "start":
         if tokenizer.bos_token_id is None:
-            raise InputError(f"{option('eval.bos', 'start')}: this tokenizer has no BOS token. Use {option('eval.bos', 'auto')} or {option('eval.bos', 'none')}.")
+            raise InputError(
+                f"{option('eval.bos', 'start')}: this tokenizer has no BOS token. Use {option('eval.bos', 'auto')} or "
+                f"{option('eval.bos', 'none')}."
+            )
         return [tokenizer.bos_token_id], []
     return [], []
 
@@ -213,7 +238,9 @@ def _with_specials(texts: Iterator[str] | list[str], tokenizer: Any, bos: str, m
     return ids[:max_tokens] if max_tokens is not None else ids
 
 
-def token_sequences(source: TextSource, tokenizer: Any, protocol: str = "stream", bos: str = "auto", max_tokens: int | None = None) -> list["torch.Tensor"]:
+def token_sequences(
+    source: TextSource, tokenizer: Any, protocol: str = "stream", bos: str = "auto", max_tokens: int | None = None
+) -> list[torch.Tensor]:
     """Token ids to score, at most ``max_tokens`` in all.
 
     ``stream``: one sequence, the text (rows joined by a blank line) tokenized once, as
@@ -236,7 +263,7 @@ def token_sequences(source: TextSource, tokenizer: Any, protocol: str = "stream"
     return [torch.tensor(ids, dtype=torch.long) for ids in sequences if ids]
 
 
-def calibration_batch(source: TextSource, tokenizer: Any, samples: int, seq_len: int, seed: int) -> "torch.Tensor":
+def calibration_batch(source: TextSource, tokenizer: Any, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """``[samples, seq_len]`` windows drawn at seeded random offsets from the text's stream (its
     first ``max(2^20, 4 * samples * seq_len)`` tokens, so a huge file is not read whole)."""
     import torch

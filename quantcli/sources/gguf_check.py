@@ -192,13 +192,13 @@ def check_loaded(model: Any, info: dict[str, Any], reader: Any, path: Path) -> N
     """Refuse weights the file lacks (random in the model) and tensors the model has no place for."""
     import gguf
 
-
     arch = _text(reader, "general.architecture") or ""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise CheckpointError(
             f"the GGUF file {path} lacks {len(missing)} weight(s) its {arch} architecture needs ({_few(missing)}),"
-            " which would be random. The file is incomplete or labelled with another architecture: convert the model again."
+            " which would be random. The file is incomplete or labelled with another architecture: convert the model "
+            "again."
         )
     check_loading_info({"mismatched_keys": info.get("mismatched_keys")}, str(path))
     try:

@@ -15,13 +15,17 @@ import stat
 import struct
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from quantcli.errors import ModelLoadError, UnavailableError
 from quantcli.sources.gguf_check import check_blocks, check_layout, check_loaded
 
-MISSING = "reading {path} needs the gguf package (llama.cpp's reader), which is not installed. Run: pip install 'quantcli[gguf]'"
+MISSING = (
+    "reading {path} needs the gguf package (llama.cpp's reader), which is not installed."
+    " Run: pip install 'quantcli[gguf]'"
+)
 
 
 def is_gguf(source: str | Path) -> bool:
@@ -53,7 +57,9 @@ def source_format(source: str | Path) -> dict[str, Any]:
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError, struct.error) as error:
-        raise ModelLoadError(f"cannot read the GGUF file {path} ({_first_line(error)}): it is corrupt or truncated. Download it again.") from None
+        raise ModelLoadError(
+            f"cannot read the GGUF file {path} ({_first_line(error)}): it is corrupt or truncated. Download it again."
+        ) from None
     counts = Counter(tensor.tensor_type.name for tensor in reader.tensors)
     field = reader.fields.get("general.file_type")
     file_type = None
@@ -100,7 +106,6 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     """
     from transformers import AutoModelForCausalLM, GgufConfig
 
-
     path = Path(source)
     source_format(path)  # a corrupt file (or no gguf package) fails here, with a readable message
     reader = _require_gguf(path).GGUFReader(path)
@@ -111,8 +116,13 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     try:
         with alone(path) as folder:
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(folder), gguf_file=path.name, dtype=dtype, device_map=None if quantization_config else device,
-                quantization_config=GgufConfig(dequantize=True), output_loading_info=True, **kwargs,
+                str(folder),
+                gguf_file=path.name,
+                dtype=dtype,
+                device_map=None if quantization_config else device,
+                quantization_config=GgufConfig(dequantize=True),
+                output_loading_info=True,
+                **kwargs,
             )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(error)}") from None
@@ -126,7 +136,12 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
         model.save_pretrained(folder)
         del model
         requantized = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, device_map=device, quantization_config=quantization_config, use_safetensors=True, **kwargs
+            folder,
+            dtype=dtype,
+            device_map=device,
+            quantization_config=quantization_config,
+            use_safetensors=True,
+            **kwargs,
         )
     return requantized.eval()
 

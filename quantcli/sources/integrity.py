@@ -23,7 +23,9 @@ def few_names(keys: Any) -> str:
 def _refuse(source: str, missing: Any = (), unexpected: Any = (), mismatched: Any = ()) -> None:
     parts = []
     if missing:
-        parts.append(f"it lacks {len(missing)} weight(s) the config needs ({few_names(missing)}), which would be random")
+        parts.append(
+            f"it lacks {len(missing)} weight(s) the config needs ({few_names(missing)}), which would be random"
+        )
     if unexpected:
         parts.append(f"it holds {len(unexpected)} weight(s) the config has no place for ({few_names(unexpected)})")
     if mismatched:
@@ -46,7 +48,11 @@ def check_loading_info(info: dict[str, Any], source: str) -> None:
     mismatched = []
     for entry in info.get("mismatched_keys") or ():
         key, *shapes = entry if isinstance(entry, (tuple, list)) else (entry,)
-        mismatched.append(f"{key} is {' in the file vs '.join(str(tuple(s)) for s in shapes)} in the config" if len(shapes) == 2 else str(key))
+        mismatched.append(
+            f"{key} is {' in the file vs '.join(str(tuple(s)) for s in shapes)} in the config"
+            if len(shapes) == 2
+            else str(key)
+        )
     _refuse(source, info.get("missing_keys") or (), info.get("unexpected_keys") or (), mismatched)
 
 
@@ -61,7 +67,11 @@ def check_streamed(model: Any, shapes: dict[str, tuple[int, ...]], source: str) 
     satisfied |= {target for target, origin in tied.items() if origin in shapes}
     missing = set(expected) - set(shapes) - satisfied
     unexpected = _ignored(model, set(shapes) - set(expected))
-    mismatched = [f"{key} is {shapes[key]} in the file vs {expected[key]} in the config" for key in sorted(set(shapes) & set(expected)) if shapes[key] != expected[key]]
+    mismatched = [
+        f"{key} is {shapes[key]} in the file vs {expected[key]} in the config"
+        for key in sorted(set(shapes) & set(expected))
+        if shapes[key] != expected[key]
+    ]
     _refuse(source, missing, unexpected, mismatched)
 
 
@@ -76,12 +86,16 @@ def file_shapes(where: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_same_vocabulary(name: str, model: Any, tokenizer: Any, base: str, base_model: Any, base_tokenizer: Any) -> None:
+def check_same_vocabulary(
+    name: str, model: Any, tokenizer: Any, base: str, base_model: Any, base_tokenizer: Any
+) -> None:
     """KL and top-1 agreement compare the two models token by token: they need one vocabulary."""
     rows = model.get_output_embeddings().weight.shape[0]
     base_rows = base_model.get_output_embeddings().weight.shape[0]
     if rows != base_rows or tokenizer.get_vocab() != base_tokenizer.get_vocab():
         raise InputError(
-            f"{option('base', base)} has another vocabulary than {name} ({base_rows} vs {rows} output rows, or different tokens):"
-            f" KL divergence and top-1 agreement need the same tokens. Pass the model it was quantized from as {option('base')}."
+            f"{option('base', base)} has another vocabulary than {name} ({base_rows} vs {rows} output rows, or "
+            "different tokens):"
+            " KL divergence and top-1 agreement need the same tokens. Pass the model it was quantized from as "
+            f"{option('base')}."
         )

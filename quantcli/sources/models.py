@@ -38,7 +38,9 @@ def resolve_model(spec: str) -> str:
     if path.exists():
         if is_gguf(path):
             return str(path)
-        raise InputError(f"{spec} is a file, not a model folder. Pass the folder that holds config.json, or a .gguf file.")
+        raise InputError(
+            f"{spec} is a file, not a model folder. Pass the folder that holds config.json, or a .gguf file."
+        )
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep == "\\" and "\\" in spec
     if looks_like_path:
         raise InputError(f"model folder {spec} does not exist. Check the path, or pass a Hub id like 'gpt2'.")
@@ -51,11 +53,13 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnavailableError(f"{option('device', device)} asked for CUDA, but torch sees no GPU here. Use {option('device', 'cpu')}.")
+        raise UnavailableError(
+            f"{option('device', device)} asked for CUDA, but torch sees no GPU here. Use {option('device', 'cpu')}."
+        )
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> "torch.dtype":
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
     import torch
 
     if dtype == "auto":
@@ -74,12 +78,13 @@ def _hub_hint(spec: str, error: Exception) -> ModelLoadError:
     )
 
 
-
-
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     if "above report" in text:  # transformers' load report is hidden (TRANSFORMERS_VERBOSITY=error)
-        return text.split(". For details")[0].split(" For details")[0][:300] + " (run with QUANTCLI_DEBUG=1 to see transformers' load report)"
+        return (
+            text.split(". For details")[0].split(" For details")[0][:300]
+            + " (run with QUANTCLI_DEBUG=1 to see transformers' load report)"
+        )
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
@@ -95,7 +100,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     if Path(source).is_file():  # resolve_model lets only GGUF files through
-
         return gguf_input.load_tokenizer(source)
     refuse_remote_code(source, trust_remote_code)
     try:
@@ -110,7 +114,7 @@ def prefers_safetensors(source: str) -> bool | None:
     return True if folder.is_dir() and any(folder.glob("*.safetensors")) else None
 
 
-def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+def load_model(source: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with safetensors preferred and errors made readable.
 
     A folder with safetensors is loaded with ``use_safetensors=True``, so a ``pytorch_model.bin``
@@ -126,14 +130,18 @@ def load_model(source: str, dtype: "torch.dtype", device: str, trust_remote_code
     # bitsandbytes logs "inputs will be cast to float16" on every int8 CPU matmul; it is expected there.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if Path(source).is_file():  # resolve_model lets only GGUF files through
-
         return gguf_input.load_model(source, dtype, device, **kwargs)
     refuse_remote_code(source, trust_remote_code)
     kwargs.setdefault("use_safetensors", prefers_safetensors(source))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code,
-            output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
+            source,
+            dtype=dtype,
+            device_map=device,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
         )
     except (OSError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError, RuntimeError) as error:
         raise _load_error(source, error, "a causal LM") from error
@@ -168,7 +176,8 @@ def check_finite(model: Any, source: str) -> None:
             if stored:
                 raise ModelLoadError(
                     f"{source}: weight {name} is stored as {stored} and {bad} of its values overflow"
-                    f" {str(tensor.dtype).removeprefix('torch.')} (inf after the cast). Use {option('dtype', 'float32')} or bfloat16."
+                    f" {str(tensor.dtype).removeprefix('torch.')} (inf after the cast). Use "
+                    f"{option('dtype', 'float32')} or bfloat16."
                 )
             raise ModelLoadError(
                 f"{source}: weight {name} holds {bad} NaN/inf value(s); quantizing it would spread them."
@@ -186,7 +195,7 @@ def weight_files(source: str) -> list[Path]:
 
         try:
             folder = Path(snapshot_download(source, local_files_only=True))
-        except Exception:  # noqa: BLE001 - size on disk is informational; unknown when not cached
+        except Exception:
             return []
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
     safetensors = [p for p in files if p.suffix == ".safetensors"]
@@ -201,14 +210,18 @@ def _stored_wider(source: str, name: str, dtype: Any) -> str | None:
     """The dtype ``name`` is stored in when that is wider than ``dtype`` (so NaN/inf came from the cast), else None."""
     from safetensors import safe_open
 
-
     try:
         for file in sorted(Path(resolve_model(source)).glob("*.safetensors")):
             with safe_open(file, framework="pt") as handle:
                 if name in handle.keys():
                     stored = handle.get_slice(name).get_dtype()
-                    return stored if WIDTHS.get(stored, 0) > dtype.itemsize or (stored == "BF16" and str(dtype) == "torch.float16") else None
-    except Exception:  # noqa: BLE001 - only refines a message; the error is raised either way
+                    return (
+                        stored
+                        if WIDTHS.get(stored, 0) > dtype.itemsize
+                        or (stored == "BF16" and str(dtype) == "torch.float16")
+                        else None
+                    )
+    except Exception:
         return None
     return None
 

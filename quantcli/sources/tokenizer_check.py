@@ -29,7 +29,7 @@ def check_tokenizer(tokenizer: Any, rows: int, source: str) -> None:
         )
     try:
         ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
-    except Exception as error:  # noqa: BLE001 - any tokenizer failure is the model's, named here
+    except Exception as error:
         raise ModelLoadError(
             f"the tokenizer of {source} cannot encode text ({type(error).__name__}: {error}). {fix}"
         ) from None

@@ -11,7 +11,8 @@ SentencePiece and a byte-level BPE tokenizer in tests/sources/test_tokenstream.p
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 WINDOW_CHARS = 1 << 15
 OVERLAP_CHARS = 1 << 11
@@ -36,7 +37,9 @@ def _encode(tokenizer: Any, text: str, offset: int) -> list[Token]:
     return [(offset + s, offset + e, i) for i, (s, e) in zip(encoding["input_ids"], encoding["offset_mapping"])]
 
 
-def _switch_point(previous: list[Token], done: int, current: list[Token], low: int, high: int) -> tuple[int, int] | None:
+def _switch_point(
+    previous: list[Token], done: int, current: list[Token], low: int, high: int
+) -> tuple[int, int] | None:
     """Indices (in ``previous``, in ``current``) of the first token from which ``current`` takes over:
     the ``AGREEING_TOKENS`` tokens before it agree in both, and it starts within ``[low, high]``."""
     where = {token: index for index, token in enumerate(previous)}
@@ -57,7 +60,9 @@ def text_ids(pieces: Iterable[str], tokenizer: Any, max_tokens: int | None = Non
     ``pieces`` only as far as needed; also whether the whole text was tokenized."""
     if not getattr(tokenizer, "is_fast", False):  # no character offsets: tokenize the text at once
         ids = tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
-        return list(ids[:max_tokens]) if max_tokens is not None else list(ids), max_tokens is None or len(ids) <= max_tokens
+        return list(ids[:max_tokens]) if max_tokens is not None else list(ids), max_tokens is None or len(
+            ids
+        ) <= max_tokens
     source: Iterator[str] = iter(pieces)
     text, base, ended = "", 0, False  # text holds the characters from absolute offset ``base`` on
 
@@ -79,7 +84,7 @@ def text_ids(pieces: Iterable[str], tokenizer: Any, max_tokens: int | None = Non
         found = _switch_point(previous, done, current, next_start + EDGE_CHARS, window_end - EDGE_CHARS)
         if found is None:  # no agreement in the overlap (e.g. a very long word): widen this window
             widened = _encode(tokenizer, text[start - base :], start)
-            if widened[:done + 1] != previous[:done + 1]:
+            if widened[: done + 1] != previous[: done + 1]:
                 raise RuntimeError("tokenization changed while widening a window; please report this text")
             previous = widened
             continue

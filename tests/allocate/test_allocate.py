@@ -64,7 +64,10 @@ def test_solver_rounds_fractional_amounts_up_so_the_budget_holds():
     assert solve([[1.0]], [[5.0]], 4.0) is None
 
 
-@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (8, None, False), (4, 43, True), (4, 43, False), (3, 43, True), (4, None, True)])
+@pytest.mark.parametrize(
+    "bits,group,symmetric",
+    [(8, None, True), (8, None, False), (4, 43, True), (4, 43, False), (3, 43, True), (4, None, True)],
+)
 def test_stored_bytes_are_what_compressed_tensors_writes(bits, group, symmetric):
     from quantcli.formats.compressed_tensors.writer import compress_layer
     from quantcli.quant import ops
@@ -73,7 +76,9 @@ def test_stored_bytes_are_what_compressed_tensors_writes(bits, group, symmetric)
     weight = torch.randn(48, 172)
     layout = IntLayout(bits, symmetric, group)
     scale, zero_point = ops.compute_qparams(weight, bits, symmetric, group)
-    written = compress_layer(IntWeights(ops.quantize(weight, scale, zero_point, bits, group), scale, zero_point, layout), torch.float32)
+    written = compress_layer(
+        IntWeights(ops.quantize(weight, scale, zero_point, bits, group), scale, zero_point, layout), torch.float32
+    )
     assert stored_bytes(layout, 48, 172, 4) == sum(t.numel() * t.element_size() for t in written.values())
 
 
@@ -87,7 +92,11 @@ def _split_text(tmp_path: Path) -> dict[str, str]:
     verification text (different paragraphs); tinystories:eval stays held out from all three."""
     paragraphs = [p.strip() for p in EMBEDDED_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
     half = paragraphs[: len(paragraphs) // 2]
-    cuts = {"calib": half[: len(half) * 3 // 5], "search": half[len(half) * 3 // 5 : len(half) * 4 // 5], "verify": half[len(half) * 4 // 5 :]}
+    cuts = {
+        "calib": half[: len(half) * 3 // 5],
+        "search": half[len(half) * 3 // 5 : len(half) * 4 // 5],
+        "verify": half[len(half) * 4 // 5 :],
+    }
     paths = {}
     for name, part in cuts.items():
         paths[name] = str(tmp_path / f"{name}.txt")
@@ -100,11 +109,20 @@ def allocated(tmp_path_factory):
     folder = tmp_path_factory.mktemp("alloc")
     texts = _split_text(folder)
     config = QuantizeConfig(
-        bits=4, method="rtn", output=folder / "out",
+        bits=4,
+        method="rtn",
+        output=folder / "out",
         calibration=CalibrationConfig(dataset=texts["calib"], samples=32),
         eval=EvalConfig(max_tokens=8192),
-        allocation=AllocationConfig(target_ppl_increase=TARGET, search_dataset=texts["search"], verify_dataset=texts["verify"],
-                                    search_tokens=1024, verify_tokens=4096, probe_layers=6, plot=str(folder / "curve.png")),
+        allocation=AllocationConfig(
+            target_ppl_increase=TARGET,
+            search_dataset=texts["search"],
+            verify_dataset=texts["verify"],
+            search_tokens=1024,
+            verify_tokens=4096,
+            probe_layers=6,
+            plot=str(folder / "curve.png"),
+        ),
     )
     return quantcli.quantize(config).to_dict(), folder
 
@@ -112,9 +130,13 @@ def allocated(tmp_path_factory):
 def test_target_met_on_verification_and_held_out_text(allocated):
     report, _ = allocated
     summary = report["stats"]["allocation"]
-    assert summary["result"]["measured_ppl_increase"] <= summary["result"]["measured_ppl_increase_upper"] <= TARGET  # the verification text
+    assert (
+        summary["result"]["measured_ppl_increase"] <= summary["result"]["measured_ppl_increase_upper"] <= TARGET
+    )  # the verification text
     assert summary["result"]["confidence"] == 0.95 and summary["texts"]["verify_windows"] == 4096 // 256
-    assert [r["met"] for r in summary["rounds"]] == [r["measured"]["ppl_increase_upper"] <= TARGET for r in summary["rounds"]]
+    assert [r["met"] for r in summary["rounds"]] == [
+        r["measured"]["ppl_increase_upper"] <= TARGET for r in summary["rounds"]
+    ]
     assert report["perplexity_delta"]["percent"] <= 1.25 * TARGET  # tinystories:eval, seen by no step of the search
     assert len({(layer["bits"], layer["group_size"]) for layer in summary["layers"].values()}) > 1  # really mixed
     assert summary["proxy_check"]["spearman"] > 0.5
@@ -124,7 +146,9 @@ def test_target_met_on_verification_and_held_out_text(allocated):
 def test_predicted_bytes_are_the_bytes_on_disk(allocated):
     report, _ = allocated
     assert report["stats"]["allocation"]["result"]["bytes"] == report["size"]["quantized_disk_bytes"]
-    assert "model.embed_tokens" not in report["stats"]["allocation"]["layers"]  # kept by default (--embeddings keep): not searched
+    assert (
+        "model.embed_tokens" not in report["stats"]["allocation"]["layers"]
+    )  # kept by default (--embeddings keep): not searched
 
 
 def test_mixed_checkpoint_loads_in_plain_transformers_with_identical_logits(allocated, prompt_ids):
@@ -142,16 +166,36 @@ def test_mixed_checkpoint_loads_in_plain_transformers_with_identical_logits(allo
     assert (folder / "curve.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("mapping,message", [
-    ({"target_kl": 0.1, "target_size": "1MB"}, "pass exactly one allocation target: allocation.target_ppl_increase, allocation.target_kl, allocation.target_size, allocation.target_bpw (got allocation.target_kl and allocation.target_size)."),
-    ({"candidates": ["keep", "int4"]}, "pass exactly one allocation target: allocation.target_ppl_increase, allocation.target_kl, allocation.target_size, allocation.target_bpw."),
-    ({"target_kl": 0}, "allocation.target_kl must be a positive number, got 0."),
-    ({"target_size": "lots"}, "allocation.target_size must be a size such as 80MB or 1.5GB, got 'lots'."),
-    ({"target_bpw": 40}, "allocation.target_bpw must be at most 32 bits per weight, got 40."),
-    ({"target_kl": 0.1, "candidates": ["keep"]}, "allocation.candidates needs at least one integer candidate (e.g. int4-g128) besides keep."),
-    ({"target_kl": 0.1, "candidates": ["int4-g0"]}, "unknown candidate 'int4-g0': use keep, int8, int4, int3, optionally with a group size as in int4-g128."),
-    ({"target_kl": 0.1, "confidence": 1.0}, "allocation.confidence (a recipe key) must be at least 0.5 and below 1 (0.95: a 95% upper bound), got 1.0."),
-])
+@pytest.mark.parametrize(
+    "mapping,message",
+    [
+        (
+            {"target_kl": 0.1, "target_size": "1MB"},
+            "pass exactly one allocation target: allocation.target_ppl_increase, allocation.target_kl, "
+            "allocation.target_size, allocation.target_bpw (got allocation.target_kl and allocation.target_size).",
+        ),
+        (
+            {"candidates": ["keep", "int4"]},
+            "pass exactly one allocation target: allocation.target_ppl_increase, allocation.target_kl, "
+            "allocation.target_size, allocation.target_bpw.",
+        ),
+        ({"target_kl": 0}, "allocation.target_kl must be a positive number, got 0."),
+        ({"target_size": "lots"}, "allocation.target_size must be a size such as 80MB or 1.5GB, got 'lots'."),
+        ({"target_bpw": 40}, "allocation.target_bpw must be at most 32 bits per weight, got 40."),
+        (
+            {"target_kl": 0.1, "candidates": ["keep"]},
+            "allocation.candidates needs at least one integer candidate (e.g. int4-g128) besides keep.",
+        ),
+        (
+            {"target_kl": 0.1, "candidates": ["int4-g0"]},
+            "unknown candidate 'int4-g0': use keep, int8, int4, int3, optionally with a group size as in int4-g128.",
+        ),
+        (
+            {"target_kl": 0.1, "confidence": 1.0},
+            "allocation.confidence (a recipe key) must be at least 0.5 and below 1 (0.95: a 95% upper bound), got 1.0.",
+        ),
+    ],
+)
 def test_bad_allocation_settings(mapping, message):
     with pytest.raises(InputError) as error:
         config_from_mapping({"allocation": mapping})
@@ -163,24 +207,58 @@ def test_targets_need_an_integer_method_in_memory():
         config_from_mapping({"method": "bnb-nf4", "allocation": {"target_kl": 0.1}})
     with pytest.raises(InputError, match="drop low_memory=True"):
         config_from_mapping({"method": "rtn", "low_memory": True, "eval": None, "allocation": {"target_kl": 0.1}})
-    with pytest.raises(InputError, match=r"^allocation writes a mixed-precision compressed-tensors checkpoint; drop format='gguf'\.$"):
+    with pytest.raises(
+        InputError, match=r"^allocation writes a mixed-precision compressed-tensors checkpoint; drop format='gguf'\.$"
+    ):
         config_from_mapping({"method": "rtn", "format": "gguf", "gguf_type": "Q4_0", "allocation": {"target_kl": 0.1}})
 
 
 def test_cli_two_targets_exit_2():
-    result = subprocess.run([sys.executable, "-m", "quantcli", "quantize", "--target-kl", "0.1", "--target-bpw", "4", "-q"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "quantcli", "quantize", "--target-kl", "0.1", "--target-bpw", "4", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: pass exactly one allocation target: --target-ppl-increase, --target-kl, --target-size, --target-bpw (got --target-kl and --target-bpw)."
+    assert (
+        result.stderr.strip()
+        == "error: pass exactly one allocation target: --target-ppl-increase, --target-kl, --target-size, --target-bpw "
+        "(got --target-kl and --target-bpw)."
+    )
 
 
 def test_size_target_is_exact_and_gates_stay_checks(tmp_path):
     target = 300_000
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("method: rtn\nallocation:\n  target_size: 300000B\n  search_tokens: 512\n  verify_tokens: 1024\n  probe_layers: 3\n")
-    result = subprocess.run([sys.executable, "-m", "quantcli", "quantize", "--config", str(recipe), "--max-size", "0.29", "--calib-samples", "16",
-                             "--max-tokens", "1024", "-o", str(tmp_path / "s"), "-q", "--json"], capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as the in-process tests: threads thrash a busy machine
+    recipe.write_text(
+        "method: rtn\nallocation:\n  target_size: 300000B\n  search_tokens: 512\n  verify_tokens: 1024\n  "
+        "probe_layers: 3\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantcli",
+            "quantize",
+            "--config",
+            str(recipe),
+            "--max-size",
+            "0.29",
+            "--calib-samples",
+            "16",
+            "--max-tokens",
+            "1024",
+            "-o",
+            str(tmp_path / "s"),
+            "-q",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # one thread, as the in-process tests: threads thrash a busy machine
     assert result.returncode == 4, result.stderr
     report = json.loads(result.stdout)
     assert 0.95 * target <= report["size"]["quantized_disk_bytes"] <= target
@@ -213,14 +291,35 @@ def prepared(tmp_path_factory, stories_path):
     from quantcli.sources.models import load_model, load_tokenizer
 
     texts = _split_text(tmp_path_factory.mktemp("prepare"))
-    config = QuantizeConfig(bits=4, method="rtn", calibration=CalibrationConfig(dataset=texts["calib"], samples=16), eval=EvalConfig(),
-                            allocation=AllocationConfig(target_ppl_increase=TARGET, search_dataset=texts["search"], verify_dataset=texts["verify"],
-                                                        search_tokens=512, verify_tokens=2048, probe_layers=3))
+    config = QuantizeConfig(
+        bits=4,
+        method="rtn",
+        calibration=CalibrationConfig(dataset=texts["calib"], samples=16),
+        eval=EvalConfig(),
+        allocation=AllocationConfig(
+            target_ppl_increase=TARGET,
+            search_dataset=texts["search"],
+            verify_dataset=texts["verify"],
+            search_tokens=512,
+            verify_tokens=2048,
+            probe_layers=3,
+        ),
+    )
     model, tokenizer = load_model(stories_path, torch.float32, "cpu"), load_tokenizer(stories_path)
     selection = select_modules(model, tables=True)
     batch = calibration_batch(read_documents(texts["calib"]), tokenizer, 16, 256, 0)
-    request = QuantizeRequest(stories_path, model, tokenizer, selection.names, "cpu", torch.float32, get_method("rtn").make_config(4, {}), batch,
-                              tables=selection.tables, scale_dtype="bfloat16")
+    request = QuantizeRequest(
+        stories_path,
+        model,
+        tokenizer,
+        selection.names,
+        "cpu",
+        torch.float32,
+        get_method("rtn").make_config(4, {}),
+        batch,
+        tables=selection.tables,
+        scale_dtype="bfloat16",
+    )
     return prepare(request, "rtn", config, NullProgress())
 
 
@@ -229,7 +328,9 @@ def test_verification_bound_is_students_t_over_paired_windows(prepared):
     from quantcli.allocate.search import assemble, uniform_choices
 
     verify = prepared.verify
-    assemble(prepared.model, prepared.base, prepared.table, uniform_choices(prepared.table, prepared.candidates)["int4-g32"])
+    assemble(
+        prepared.model, prepared.base, prepared.table, uniform_choices(prepared.table, prepared.candidates)["int4-g32"]
+    )
     measured = verify(prepared.model)
     windows = verify.windows
     assert windows.shape == (8, 256)
@@ -237,11 +338,24 @@ def test_verification_bound_is_students_t_over_paired_windows(prepared):
     def window_nll(model):
         with torch.no_grad():
             out = model(input_ids=windows).logits.float()
-        return torch.nn.functional.cross_entropy(out[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").mean(1).double()
+        return (
+            torch.nn.functional.cross_entropy(out[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none")
+            .mean(1)
+            .double()
+        )
 
     increase = window_nll(prepared.model) - window_nll(prepared.base)
-    upper = increase.mean() + 1.8946 * increase.std() / 8 ** 0.5  # t(0.95, 7 degrees of freedom), from the tables
-    assert set(measured) == {"perplexity", "ppl_increase", "ppl_increase_upper", "kl", "kl_upper", "confidence", "windows", "tokens"}
+    upper = increase.mean() + 1.8946 * increase.std() / 8**0.5  # t(0.95, 7 degrees of freedom), from the tables
+    assert set(measured) == {
+        "perplexity",
+        "ppl_increase",
+        "ppl_increase_upper",
+        "kl",
+        "kl_upper",
+        "confidence",
+        "windows",
+        "tokens",
+    }
     assert (measured["windows"], measured["tokens"], measured["confidence"]) == (8, 2048, 0.95)
     assert measured["ppl_increase"] == pytest.approx(100 * float(increase.mean().expm1()), rel=1e-4)
     assert measured["ppl_increase_upper"] == pytest.approx(100 * float(upper.expm1()), rel=1e-3)
@@ -272,9 +386,12 @@ def test_a_round_whose_bound_exceeds_the_target_is_refused(prepared):
     else:
         pytest.fail("no target separated round 1's mean from its upper bound")
     assert message == (
-        f"allocation missed allocation.target_ppl_increase {target:g} on the verification text after 1 round(s) (closest: KL {measured['kl']:.5f}"
-        f" (upper bound {measured['kl_upper']:.5f}), perplexity {measured['ppl_increase']:+.2f}% (upper bound {measured['ppl_increase_upper']:+.2f}%)"
-        f" at 95% confidence, {re.search(r'([0-9.]+) MB', message).group(1)} MB). Loosen the target, add candidates (keep, int8), raise max_rounds,"
+        f"allocation missed allocation.target_ppl_increase {target:g} on the verification text after 1 round(s) "
+        f"(closest: KL {measured['kl']:.5f}"
+        f" (upper bound {measured['kl_upper']:.5f}), perplexity {measured['ppl_increase']:+.2f}% (upper bound "
+        f"{measured['ppl_increase_upper']:+.2f}%)"
+        f" at 95% confidence, {re.search(r'([0-9.]+) MB', message).group(1)} MB). Loosen the target, add candidates "
+        "(keep, int8), raise max_rounds,"
         " or verify on more text for a tighter bound."
     )
     assert measured["ppl_increase"] <= target < measured["ppl_increase_upper"]
@@ -304,16 +421,28 @@ def test_the_embedding_is_searched_with_its_measured_cost(prepared, stories_path
     from quantcli.sources.models import load_tokenizer
 
     options = prepared.table["model.embed_tokens"]
-    assert [(o.names, o.uniform) for o in options] == [(["int8-g32"], True), (["keep"], False)]  # cheapest first; int8: what --embeddings 8 writes
+    assert [(o.names, o.uniform) for o in options] == [
+        (["int8-g32"], True),
+        (["keep"], False),
+    ]  # cheapest first; int8: what --embeddings 8 writes
     int8, keep = options
     assert keep.predicted == 0 and int8.bytes < keep.bytes
-    search = windows(read_documents(prepared.texts[1]), load_tokenizer(stories_path), 512, 256, "search")  # the text prepare measured it on
+    search = windows(
+        read_documents(prepared.texts[1]), load_tokenizer(stories_path), 512, 256, "search"
+    )  # the text prepare measured it on
     model = copy.deepcopy(prepared.base)
     model.get_input_embeddings().weight.data = dequantized(int8)
-    assert measured_kl(model, search, base_log_probs(prepared.base, search)) == pytest.approx(int8.predicted, rel=1e-5) and int8.predicted > 0
-    assert {name: picks["model.embed_tokens"] for name, picks in uniform_choices(prepared.table, prepared.candidates).items()} == {
-        "keep": 1, "int8": 0, "int4-g128": 0, "int4-g64": 0, "int4-g32": 0, "int3-g32": 0}
-    assert _solve(prepared.table, 0.5 * int8.predicted, by_size=False)["model.embed_tokens"] == 1  # its cost alone exceeds the budget: kept
+    assert (
+        measured_kl(model, search, base_log_probs(prepared.base, search)) == pytest.approx(int8.predicted, rel=1e-5)
+        and int8.predicted > 0
+    )
+    assert {
+        name: picks["model.embed_tokens"]
+        for name, picks in uniform_choices(prepared.table, prepared.candidates).items()
+    } == {"keep": 1, "int8": 0, "int4-g128": 0, "int4-g64": 0, "int4-g32": 0, "int3-g32": 0}
+    assert (
+        _solve(prepared.table, 0.5 * int8.predicted, by_size=False)["model.embed_tokens"] == 1
+    )  # its cost alone exceeds the budget: kept
     assert _solve(prepared.table, 1.0, by_size=False)["model.embed_tokens"] == 0
 
 

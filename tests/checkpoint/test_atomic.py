@@ -45,8 +45,13 @@ def _signal_during_save(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedP
     The run is frozen with SIGSTOP the moment a shard shows up, so a signal Python handles between
     bytecodes (SIGINT) cannot arrive after the save has finished; SIGCONT lets it act."""
     process = subprocess.Popen(
-        [*QUANTIZE, "-o", "out", "--max-shard-size", "8KB"], cwd=tmp_path, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+        [*QUANTIZE, "-o", "out", "--max-shard-size", "8KB"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
     )
     deadline, signalled = time.monotonic() + 120, False
     while process.poll() is None and time.monotonic() < deadline:

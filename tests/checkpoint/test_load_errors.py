@@ -41,11 +41,15 @@ def test_truncated_safetensors_is_a_checkpoint_error(copy, keep):
 
 def test_newer_format_version_asks_for_an_upgrade(copy):
     edit_json(copy / "quantcli.json", format_version=99)
-    with pytest.raises(CheckpointError, match=r"format version 99, newer than this quantcli reads \(1\).*pip install -U"):
+    with pytest.raises(
+        CheckpointError, match=r"format version 99, newer than this quantcli reads \(1\).*pip install -U"
+    ):
         load(copy, "cpu")
 
 
-@pytest.mark.parametrize("text", ["{", '"just a string"', '{"format_version": "1"}', '{"format_version": true}', "[" * 100_000])
+@pytest.mark.parametrize(
+    "text", ["{", '"just a string"', '{"format_version": "1"}', '{"format_version": true}', "[" * 100_000]
+)
 def test_bad_metadata_is_a_checkpoint_error(copy, text):
     (copy / "quantcli.json").write_text(text)
     with pytest.raises(CheckpointError):
@@ -80,7 +84,9 @@ def test_calibration_text_shorter_than_one_window(tmp_path, stories_path):
 def test_eval_text_shorter_than_one_window(tmp_path, checkpoint):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.")
-    with pytest.raises(DatasetError, match=r"evaluation dataset .* has \d+ tokens, fewer than one window of eval.seq_len=64"):
+    with pytest.raises(
+        DatasetError, match=r"evaluation dataset .* has \d+ tokens, fewer than one window of eval.seq_len=64"
+    ):
         evaluate(str(checkpoint), EvalConfig(str(short), seq_len=64), device="cpu")
 
 
@@ -97,15 +103,44 @@ def test_sharded_checkpoint_reloads_in_plain_transformers_with_identical_logits(
     assert torch.equal(logits(load(sharded, "cpu")[0], prompt_ids), logits(load(checkpoint, "cpu")[0], prompt_ids))
 
 
-@pytest.mark.parametrize("quantization, decompressed", [
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "pack-quantized", "weights": {"num_bits": 4}}}}, True),
-    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"g": {"weights": {"num_bits": 8}}}}, True),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "int-quantized", "input_activations": {"num_bits": 8}}}}, False),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "float-quantized"}}}, False),
-    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-24"}, "config_groups": {"g": {"format": "pack-quantized"}}}, False),
-    ({"quant_method": "bitsandbytes"}, False),
-    ("not a mapping", False),
-])
+@pytest.mark.parametrize(
+    "quantization, decompressed",
+    [
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"format": "pack-quantized", "weights": {"num_bits": 4}}},
+            },
+            True,
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "int-quantized",
+                "config_groups": {"g": {"weights": {"num_bits": 8}}},
+            },
+            True,
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"format": "int-quantized", "input_activations": {"num_bits": 8}}},
+            },
+            False,
+        ),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "float-quantized"}}}, False),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "sparsity_config": {"format": "sparse-24"},
+                "config_groups": {"g": {"format": "pack-quantized"}},
+            },
+            False,
+        ),
+        ({"quant_method": "bitsandbytes"}, False),
+        ("not a mapping", False),
+    ],
+)
 def test_foreign_compressed_tensors_read_by_quantcli_are_weight_only_integers(tmp_path, quantization, decompressed):
     """Activation-quantized, float or sparse checkpoints go to transformers, which knows how to run them."""
     from quantcli.checkpoint.load import _integer_weights_only

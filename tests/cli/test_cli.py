@@ -20,7 +20,9 @@ def run(*args: str):
 
 def test_quantize_json_report_and_inspect(tmp_path):
     out = tmp_path / "q"
-    result = run("quantize", "--bits", "8", "--method", "rtn", "-o", str(out), "--max-tokens", "2048", "--json", "--quiet")
+    result = run(
+        "quantize", "--bits", "8", "--method", "rtn", "-o", str(out), "--max-tokens", "2048", "--json", "--quiet"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["schema_version"] == 1 and report["method"] == "rtn"
@@ -48,8 +50,22 @@ def test_recipe_file_is_accepted(tmp_path):
 
 def test_gptq_flags_reach_the_checkpoint(tmp_path):
     out = tmp_path / "q"
-    result = run("quantize", "--bits", "4", "--method", "gptq", "--no-clip-search", "--no-act-order", "--calib-samples", "4",
-                 "-o", str(out), "--no-eval", "--json", "--quiet")
+    result = run(
+        "quantize",
+        "--bits",
+        "4",
+        "--method",
+        "gptq",
+        "--no-clip-search",
+        "--no-act-order",
+        "--calib-samples",
+        "4",
+        "-o",
+        str(out),
+        "--no-eval",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     options = json.loads((out / "quantcli.json").read_text())["options"]
     assert options["clip_search"] is False and options["act_order"] is False
@@ -61,13 +77,33 @@ def test_gptq_flags_reach_the_checkpoint(tmp_path):
     [
         (["quantize", "./no/such/model", "--bits", "4"], 2, "error: model folder ./no/such/model does not exist."),
         (["quantize", "nobody/no-such-model", "--bits", "4"], 3, "error: cannot load model 'nobody/no-such-model'"),
-        (["quantize", "--bits", "3", "--method", "bnb-nf4"], 2, "error: method bnb-nf4 does not do 3-bit. It supports --bits 4."),
+        (
+            ["quantize", "--bits", "3", "--method", "bnb-nf4"],
+            2,
+            "error: method bnb-nf4 does not do 3-bit. It supports --bits 4.",
+        ),
         (["quantize", "--bits", "5"], 2, "error: --bits 5 is not supported."),
-        (["quantize", "--bits", "4", "--method", "rtn", "--group-size", "48"], 2, "error: group size 48 divides none of the selected layers' input widths (64, 172)."),
-        (["quantize", "--bits", "4", "--method", "rtn", "--calib-dataset", "x", "--double-quant"], 2, "error: option(s) double_quant do not apply to method rtn."),
-        (["quantize", "--bits", "4", "--method", "rtn", "--clip-search"], 2, "error: option(s) clip_search do not apply to method rtn."),
+        (
+            ["quantize", "--bits", "4", "--method", "rtn", "--group-size", "48"],
+            2,
+            "error: group size 48 divides none of the selected layers' input widths (64, 172).",
+        ),
+        (
+            ["quantize", "--bits", "4", "--method", "rtn", "--calib-dataset", "x", "--double-quant"],
+            2,
+            "error: option(s) double_quant do not apply to method rtn.",
+        ),
+        (
+            ["quantize", "--bits", "4", "--method", "rtn", "--clip-search"],
+            2,
+            "error: option(s) clip_search do not apply to method rtn.",
+        ),
         (["quantize", "--bits", "4", "--method", "nope"], 2, "error: unknown method 'nope'."),
-        (["quantize", "--bits", "4", "--skip-modules", "*.nothing"], 2, "error: --skip-modules pattern '*.nothing' matches no layer."),
+        (
+            ["quantize", "--bits", "4", "--skip-modules", "*.nothing"],
+            2,
+            "error: --skip-modules pattern '*.nothing' matches no layer.",
+        ),
         (["eval", "--dataset", "EMPTY"], 3, "error: dataset EMPTY holds no text."),
         (["inspect", "."], 3, "error: . has no quantcli.json"),
     ],
@@ -91,10 +127,15 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path):
     (out / "keep.txt").write_text("mine")
     result = run("quantize", "--bits", "8", "-o", str(out), "--quiet", "--no-eval")
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: output folder {out} already exists. Pass --force to replace it, or choose another --output."
+    assert (
+        result.stderr.strip()
+        == f"error: output folder {out} already exists. Pass --force to replace it, or choose another --output."
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     forced = run("quantize", "--bits", "8", "-o", str(out), "--quiet", "--no-eval", "--force")
-    assert forced.exit_code == 2 and "was not written by quantcli" in forced.stderr  # --force replaces only quantcli's own folders
+    assert (
+        forced.exit_code == 2 and "was not written by quantcli" in forced.stderr
+    )  # --force replaces only quantcli's own folders
     (out / "keep.txt").unlink()
     forced = run("quantize", "--bits", "8", "-o", str(out), "--quiet", "--no-eval", "--force")
     assert forced.exit_code == 0 and (out / "quantcli.json").exists()
@@ -102,7 +143,10 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path):
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = "import sys, quantcli, quantcli.cli.app; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = (
+        "import sys, quantcli, quantcli.cli.app;"
+        " assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     result = subprocess.run([sys.executable, "-m", "quantcli", "--help"], capture_output=True, text=True, check=True)
     assert "quantize" in result.stdout and "eval" in result.stdout

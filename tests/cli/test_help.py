@@ -19,7 +19,11 @@ COMMAND = typer.main.get_command(app)
 
 def test_root_help_lists_every_exit_code():
     text = CliRunner().invoke(app, ["--help"]).stdout
-    codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.QuantCliError)}
+    codes = {
+        cls.exit_code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.QuantCliError)
+    }
     for code in {0, *codes, 130, 143, 129}:
         assert f" {code} " in text, code
     assert "Exit codes:" in text
@@ -42,7 +46,11 @@ def test_every_exit_code_has_one_meaning_shown_in_help_and_readme():
 
     text = CliRunner().invoke(app, ["--help"]).stdout
     readme = (REPO / "README.md").read_text()
-    codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.QuantCliError)}
+    codes = {
+        cls.exit_code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.QuantCliError)
+    }
     assert {0, 129, 130, 143} | codes == set(errors.EXIT_CODES)
     for code, meaning in errors.EXIT_CODES.items():
         assert f"| {code} | {meaning} |" in readme

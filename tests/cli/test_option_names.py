@@ -26,10 +26,17 @@ FLAG = re.compile(r"(?<![\w-])--[a-z]")
 RESULT_TEXTS = {
     ("layers.py", "matched --skip-modules"),
     ("layers.py", " kept (--embeddings keep, or a method that quantizes Linear layers only)"),
-    ("scheme.py", "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D so that transformers reloads it;"
-     " --format gguf stores GPT-2 packed (llama.cpp reads it)"),
+    (
+        "scheme.py",
+        "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D so that transformers reloads it;"
+        " --format gguf stores GPT-2 packed (llama.cpp reads it)",
+    ),
     ("coverage.py", "--embeddings keep"),  # matched in a layer-map note (the one above), not shown
-    ("compare.py", "Warning: these perplexities come from each checkpoint's report.json with different settings; pass --base MODEL to evaluate all alike."),
+    (
+        "compare.py",
+        "Warning: these perplexities come from each checkpoint's report.json with different settings; pass --base "
+        "MODEL to evaluate all alike.",
+    ),
 }
 
 
@@ -45,26 +52,48 @@ def python_error(build) -> str:
     return f"error: {error.value}\n"
 
 
-@pytest.mark.parametrize("args, build, python_text, cli_text", [
-    (["--resume"], lambda: QuantizeConfig(4, resume=True),
-     "resume continues an interrupted low_memory run. Add low_memory=True.",
-     "--resume continues an interrupted --low-memory run. Add --low-memory."),
-    (["--seq-len", "0"], lambda: QuantizeConfig(4, calibration=CalibrationConfig(seq_len=0)),
-     "calibration sequence length (calibration.seq_len) must be a positive integer, got 0.",
-     "calibration sequence length (--seq-len) must be a positive integer, got 0."),
-    (["--calib-samples", "200000"], lambda: CalibrationConfig(samples=200_000),
-     "calibration samples (calibration.samples) must be an integer from 1 to 100,000, got 200000.",
-     "calibration samples (--calib-samples) must be an integer from 1 to 100,000, got 200000."),
-    (["--no-eval", "--max-ppl-increase", "2"], lambda: QuantizeConfig(4, eval=None, gates=GateLimits(max_ppl_increase=2)),
-     "gates.max_ppl_increase needs perplexity before and after. Drop eval=None (use eval.max_tokens to keep it fast).",
-     "--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast)."),
-    (["--format", "gguf", "--gguf-type", "Q8_0"], lambda: QuantizeConfig(4, format="gguf", gguf_type="Q8_0"),
-     "gguf_type='Q8_0' stores 8-bit codes, but bits is 4. Drop bits (the type sets it).",
-     "--gguf-type Q8_0 stores 8-bit codes, but --bits is 4. Drop --bits (the type sets it)."),
-    (["--target-kl", "0.1", "--method", "bnb-nf4"], lambda: QuantizeConfig(4, method="bnb-nf4", allocation=AllocationConfig(target_kl=0.1)),
-     "allocation allocates with method='rtn' or gptq, not bnb-nf4.",
-     "--target-* allocates with --method rtn or gptq, not bnb-nf4."),
-])
+@pytest.mark.parametrize(
+    "args, build, python_text, cli_text",
+    [
+        (
+            ["--resume"],
+            lambda: QuantizeConfig(4, resume=True),
+            "resume continues an interrupted low_memory run. Add low_memory=True.",
+            "--resume continues an interrupted --low-memory run. Add --low-memory.",
+        ),
+        (
+            ["--seq-len", "0"],
+            lambda: QuantizeConfig(4, calibration=CalibrationConfig(seq_len=0)),
+            "calibration sequence length (calibration.seq_len) must be a positive integer, got 0.",
+            "calibration sequence length (--seq-len) must be a positive integer, got 0.",
+        ),
+        (
+            ["--calib-samples", "200000"],
+            lambda: CalibrationConfig(samples=200_000),
+            "calibration samples (calibration.samples) must be an integer from 1 to 100,000, got 200000.",
+            "calibration samples (--calib-samples) must be an integer from 1 to 100,000, got 200000.",
+        ),
+        (
+            ["--no-eval", "--max-ppl-increase", "2"],
+            lambda: QuantizeConfig(4, eval=None, gates=GateLimits(max_ppl_increase=2)),
+            "gates.max_ppl_increase needs perplexity before and after. Drop eval=None (use eval.max_tokens to keep it "
+            "fast).",
+            "--max-ppl-increase needs perplexity before and after. Drop --no-eval (use --max-tokens to keep it fast).",
+        ),
+        (
+            ["--format", "gguf", "--gguf-type", "Q8_0"],
+            lambda: QuantizeConfig(4, format="gguf", gguf_type="Q8_0"),
+            "gguf_type='Q8_0' stores 8-bit codes, but bits is 4. Drop bits (the type sets it).",
+            "--gguf-type Q8_0 stores 8-bit codes, but --bits is 4. Drop --bits (the type sets it).",
+        ),
+        (
+            ["--target-kl", "0.1", "--method", "bnb-nf4"],
+            lambda: QuantizeConfig(4, method="bnb-nf4", allocation=AllocationConfig(target_kl=0.1)),
+            "allocation allocates with method='rtn' or gptq, not bnb-nf4.",
+            "--target-* allocates with --method rtn or gptq, not bnb-nf4.",
+        ),
+    ],
+)
 def test_the_same_mistake_names_the_field_from_python_and_the_flag_from_the_cli(args, build, python_text, cli_text):
     assert python_error(build) == f"error: {python_text}\n"
     bits = [] if args[0].startswith("--target") else ["--bits", "4"]  # a target chooses the bits: --bits is refused
@@ -77,7 +106,8 @@ def test_negative_and_valued_flags_from_the_eval_and_bench_commands():
         " eval.doc_separator; a blank line is not one).\n"
     )
     assert cli_error("eval", "--bos", "document") == (
-        "error: --bos document is now --protocol documents --bos start (documents come from rows or --doc-separator; a blank line is not one).\n"
+        "error: --bos document is now --protocol documents --bos start (documents come from rows or --doc-separator; a "
+        "blank line is not one).\n"
     )
     assert python_error(lambda: BenchConfig(warmup=-1)) == "error: warmup must be 0 or more, got -1.\n"
     assert cli_error("bench", "--warmup", "-1") == "error: --warmup must be 0 or more, got -1.\n"
@@ -89,7 +119,10 @@ def test_a_recipe_names_the_recipe_key(tmp_path):
     assert python_error(lambda: config_from_mapping({"bits": 4, "calibration": {"seq_len": 0}})) == (
         "error: calibration sequence length (calibration.seq_len) must be a positive integer, got 0.\n"
     )
-    assert cli_error("quantize", "--config", str(recipe)) == "error: calibration sequence length (--seq-len) must be a positive integer, got 0.\n"
+    assert (
+        cli_error("quantize", "--config", str(recipe))
+        == "error: calibration sequence length (--seq-len) must be a positive integer, got 0.\n"
+    )
 
 
 def _library_files() -> list[Path]:
@@ -98,7 +131,9 @@ def _library_files() -> list[Path]:
 
 def _message_strings(tree: ast.AST):
     """Every string constant (f-string parts too) except docstrings."""
-    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    docstrings = {
+        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             yield node
@@ -119,12 +154,21 @@ def _named_options() -> set[tuple[str, object]]:
     named = set()
     for path in _library_files():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option" and isinstance(node.args[0], ast.Constant):
-                value = node.args[1].value if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) else NO_VALUE
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "option"
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                value = (
+                    node.args[1].value if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) else NO_VALUE
+                )
                 named.add((node.args[0].value, value))
     named |= {(f"allocation.{name}", NO_VALUE) for name in TARGETS}  # option(f"allocation.{name}")
     named |= {(f"gates.{name}", NO_VALUE) for name in GateLimits.__dataclass_fields__}
-    named |= {(name, NO_VALUE) for name in ("prompt_tokens", "new_tokens", "repeats", "output", "plot", "eval.seq_len", "calibration.seq_len")}
+    named |= {
+        (name, NO_VALUE)
+        for name in ("prompt_tokens", "new_tokens", "repeats", "output", "plot", "eval.seq_len", "calibration.seq_len")
+    }
     return named
 
 
@@ -149,4 +193,7 @@ def test_the_running_command_picks_its_own_spelling():
     assert flag("symmetric", False, program_commands()) == "--asymmetric"
     assert flag("eval", None, program_commands()) == "--no-eval"
     assert flag("no_such_option", NO_VALUE, program_commands()) is None
-    assert str(InputError(f"{option('calibration.seq_len', 8)} and {option('eval', None)}")) == "calibration.seq_len=8 and eval=None"
+    assert (
+        str(InputError(f"{option('calibration.seq_len', 8)} and {option('eval', None)}"))
+        == "calibration.seq_len=8 and eval=None"
+    )

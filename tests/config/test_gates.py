@@ -32,7 +32,9 @@ def test_failed_ppl_gate_exits_4_after_writing(tmp_path):
 
 
 def test_passing_gates_exit_0_and_json_records_them(tmp_path):
-    result = run([*QUANTIZE, "-o", str(tmp_path / "ok"), "--max-ppl-increase", "50", "--max-size", "1", "--json"], tmp_path)
+    result = run(
+        [*QUANTIZE, "-o", str(tmp_path / "ok"), "--max-ppl-increase", "50", "--max-size", "1", "--json"], tmp_path
+    )
     assert result.returncode == 0, result.stderr
     gates = json.loads(result.stdout)["gates"]
     assert all(g["passed"] for g in gates) and {g["name"] for g in gates} == {"max_ppl_increase", "max_size"}
@@ -42,7 +44,9 @@ def test_passing_gates_exit_0_and_json_records_them(tmp_path):
 def test_size_gate_fails(tmp_path):
     result = run([*QUANTIZE, "--no-eval", "-o", str(tmp_path / "s"), "--max-size", "0.1"], tmp_path)
     assert result.returncode == 4
-    assert "size on disk 0.207 MB > --max-size 0.1 MB" in result.stderr  # embedding kept 16-bit (the default), 16-bit norms and scales
+    assert (
+        "size on disk 0.207 MB > --max-size 0.1 MB" in result.stderr
+    )  # embedding kept 16-bit (the default), 16-bit norms and scales
 
 
 def test_gate_misuse_is_input_error():

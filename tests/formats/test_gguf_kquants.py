@@ -20,7 +20,11 @@ from quantcli.formats.gguf.writer import gguf_file
 @pytest.fixture(scope="module")
 def wide(stories_path):
     """Every stories260K weight with rows cut to 256 inputs (its layers are 64 and 172 wide), plus edge rows."""
-    found = [value.reshape(-1, 256) for value in load_file(f"{stories_path}/model.safetensors").values() if value.numel() % 256 == 0 and value.ndim == 2]
+    found = [
+        value.reshape(-1, 256)
+        for value in load_file(f"{stories_path}/model.safetensors").values()
+        if value.numel() % 256 == 0 and value.ndim == 2
+    ]
     edges = torch.zeros(4, 256)
     edges[1, :32] = 0.25  # a constant sub-block
     edges[2] = torch.linspace(-1, 1, 256)
@@ -47,7 +51,11 @@ def test_any_codes_and_scales_pack_as_ggml_lays_them_out(name):
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(kind.lowest, kind.highest + 1, (6, 512), generator=generator, dtype=torch.int8)
     subs = 512 // kind.sub
-    scales = torch.randint(0, 64, (6, subs), generator=generator) if kind.has_min else torch.randint(-128, 128, (6, subs), generator=generator)
+    scales = (
+        torch.randint(0, 64, (6, subs), generator=generator)
+        if kind.has_min
+        else torch.randint(-128, 128, (6, subs), generator=generator)
+    )
     mins = torch.randint(0, 64, (6, subs), generator=generator) if kind.has_min else None
     d = (torch.rand(6, 2, generator=generator) * 0.01).half()
     dmin = (torch.rand(6, 2, generator=generator) * 0.01).half() if kind.has_min else None
@@ -82,7 +90,9 @@ def test_tensor_types_follow_llamacpps_q4_k_m_rule():
     assert tensor_type(mix, "blk.7.attn_q.weight", 576, 30)[0] == "Q5_0"
     assert tensor_type(mix, "output.weight", 576, 30, head=True) == ("Q8_0", None)
     assert tensor_type(mix, "output.weight", 768, 12, head=True) == ("Q6_K", None)
-    assert tensor_type(block_type("Q4_0"), "output.weight", 768, 12, head=True)[0] == "Q6_K"  # GPT-2's head, as llama.cpp
+    assert (
+        tensor_type(block_type("Q4_0"), "output.weight", 768, 12, head=True)[0] == "Q6_K"
+    )  # GPT-2's head, as llama.cpp
     assert tensor_type(block_type("Q8_0"), "output.weight", 768, 12, head=True)[0] == "Q8_0"
     assert tensor_type(block_type("Q6_K"), "blk.0.ffn_down.weight", 172, 5)[0] == "F16"
 
@@ -90,14 +100,33 @@ def test_tensor_types_follow_llamacpps_q4_k_m_rule():
 def test_stories260k_q4_k_m_is_all_fallbacks_as_in_llamacpp(tmp_path):
     """stories260K's rows (64 and 172 wide) fit no block of 256: llama.cpp's Q4_K_M file of it holds
     Q5_0, Q8_0 and F16 only (benchmarks/results/stories260K/llamacpp.json), and so does quantcli's."""
-    report = quantcli.quantize(QuantizeConfig(bits=4, model="stories260K", method="rtn", output=tmp_path / "out", eval=None,
-                                              format="gguf", gguf_type="Q4_K_M"))
+    report = quantcli.quantize(
+        QuantizeConfig(
+            bits=4,
+            model="stories260K",
+            method="rtn",
+            output=tmp_path / "out",
+            eval=None,
+            format="gguf",
+            gguf_type="Q4_K_M",
+        )
+    )
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gguf_file(tmp_path / "out")).tensors}
-    assert [types[f"blk.{i}.attn_v.weight"] for i in range(5)] == ["Q5_0", "Q5_0", "Q8_0", "Q5_0", "Q8_0"]  # use_more_bits of 5 layers
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(5)] == [
+        "Q5_0",
+        "Q5_0",
+        "Q8_0",
+        "Q5_0",
+        "Q8_0",
+    ]  # use_more_bits of 5 layers
     assert types["blk.0.attn_q.weight"] == types["blk.4.ffn_up.weight"] == "Q5_0"
     assert types["blk.0.ffn_down.weight"] == "F16" and types["token_embd.weight"] == "Q8_0"
-    assert sum(t == "Q8_0" for t in types.values()) == 3 and "Q4_K" not in types.values() and "Q6_K" not in types.values()
+    assert (
+        sum(t == "Q8_0" for t in types.values()) == 3 and "Q4_K" not in types.values() and "Q6_K" not in types.values()
+    )
     layer = report.layers["model.layers.2.self_attn.v_proj"]
     assert (layer.scheme, layer.bits, layer.group_size) == ("Q8_0", 8, 32)
-    assert layer.note == ("Q6_K: llama.cpp's Q4_K_M gives this layer more bits; "
-                             "Q8_0: llama.cpp's fallback for Q6_K, whose blocks of 256 do not fit in_features 64")
+    assert layer.note == (
+        "Q6_K: llama.cpp's Q4_K_M gives this layer more bits; "
+        "Q8_0: llama.cpp's fallback for Q6_K, whose blocks of 256 do not fit in_features 64"
+    )

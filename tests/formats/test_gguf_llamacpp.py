@@ -44,10 +44,17 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf-out")
     runs = [("rtn", name) for name in TYPES] + [("gptq", "Q4_0")]
     for method, name in runs:
-        quantcli.quantize(QuantizeConfig(
-            bits=TYPES[name].bits, method=method, output=folder / f"{method}-{name}", eval=None, format="gguf", gguf_type=name,
-            calibration=CalibrationConfig(samples=16),
-        ))
+        quantcli.quantize(
+            QuantizeConfig(
+                bits=TYPES[name].bits,
+                method=method,
+                output=folder / f"{method}-{name}",
+                eval=None,
+                format="gguf",
+                gguf_type=name,
+                calibration=CalibrationConfig(samples=16),
+            )
+        )
     return {run: folder / f"{run[0]}-{run[1]}" for run in runs}
 
 
@@ -75,7 +82,9 @@ def test_llamacpp_computes_what_quantcli_computes_from_the_same_file(exported, i
     assert a.shape == b.shape == (SEQ_LEN, 512)
     assert np.abs(a - b).max() < 0.75
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
-    assert perplexity(window_nlls(theirs, ids, SEQ_LEN)) == pytest.approx(perplexity(window_nlls(ours, ids, SEQ_LEN)), rel=2e-3)
+    assert perplexity(window_nlls(theirs, ids, SEQ_LEN)) == pytest.approx(
+        perplexity(window_nlls(ours, ids, SEQ_LEN)), rel=2e-3
+    )
 
 
 def test_llamacpp_tokenizes_eval_text_as_the_hf_tokenizer(exported):
@@ -85,7 +94,10 @@ def test_llamacpp_tokenizes_eval_text_as_the_hf_tokenizer(exported):
 
     text = eval_text("tinystories:eval")
     llm = llamacpp_logits(gguf_file(exported["rtn", "Q8_0"]), 8).llama
-    assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text)["input_ids"]
+    assert (
+        llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        == AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text)["input_ids"]
+    )
     assert llm.token_bos() == 1 and llm.token_eos() == 2
 
 
@@ -94,7 +106,11 @@ def test_gpt2_file_runs_in_llamacpp(tiny_gpt2, tmp_path, prompt_ids):
         llama_cpp_module()
     except ImportError as error:
         pytest.skip(f"llama.cpp unavailable: {error}")
-    quantcli.quantize(QuantizeConfig(bits=8, model=tiny_gpt2, method="rtn", output=tmp_path / "out", eval=None, format="gguf", gguf_type="Q8_0"))
+    quantcli.quantize(
+        QuantizeConfig(
+            bits=8, model=tiny_gpt2, method="rtn", output=tmp_path / "out", eval=None, format="gguf", gguf_type="Q8_0"
+        )
+    )
     ids = prompt_ids[0].tolist()
     a = llamacpp_logits(gguf_file(tmp_path / "out"), 64, threads=1, **F32_CACHE)(ids)
     b = hf_logits(quantcli.load(tmp_path / "out")[0])(ids)
@@ -117,25 +133,44 @@ def test_k_quant_rounding_is_libggmls_reference_quantizer_byte_for_byte(stories_
     if not library.is_file():
         pytest.skip(f"llama.cpp unavailable: no {library} (run `make llama-cpp`)")
     ggml = ctypes.CDLL(str(library))
-    weights = [v.reshape(-1, 256) for v in load_file(f"{stories_path}/model.safetensors").values() if v.ndim == 2 and v.numel() % 256 == 0]
+    weights = [
+        v.reshape(-1, 256)
+        for v in load_file(f"{stories_path}/model.safetensors").values()
+        if v.ndim == 2 and v.numel() % 256 == 0
+    ]
     for name, kind in K_TYPES.items():
         for matrix in weights:
             values = np.ascontiguousarray(matrix.numpy(), dtype=np.float32)
             theirs = np.zeros((matrix.shape[0], {"Q4_K": 144, "Q6_K": 210}[name]), dtype=np.uint8)
-            getattr(ggml, f"quantize_row_{name.lower()[:2]}_K_ref")(values.ctypes.data_as(ctypes.c_void_p), theirs.ctypes.data_as(ctypes.c_void_p),
-                                                                   ctypes.c_int64(values.size))
+            getattr(ggml, f"quantize_row_{name.lower()[:2]}_K_ref")(
+                values.ctypes.data_as(ctypes.c_void_p),
+                theirs.ctypes.data_as(ctypes.c_void_p),
+                ctypes.c_int64(values.size),
+            )
             assert np.array_equal(pack(round_to_nearest(matrix, kind)), theirs), (name, matrix.shape)
 
 
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory, stories_path):
-    """A random Llama whose rows are 256 and 512 wide (K-quant blocks fit), tied embeddings, with the stories260K tokenizer."""
+    """A random Llama whose rows are 256 and 512 wide (K-quant blocks fit), tied embeddings, with the stories260K
+    tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("wide-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.05, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(stories_path).save_pretrained(folder)
     return folder
@@ -151,12 +186,24 @@ def test_llamacpp_runs_k_quant_files_as_quantcli_computes_them(wide_llama, tmp_p
 
     _llamacpp_or_skip()
     out = tmp_path / "out"
-    quantcli.quantize(QuantizeConfig(bits=block_type(name).bits, model=str(wide_llama), method=method, output=out, eval=None, format="gguf",
-                                     gguf_type=name, calibration=CalibrationConfig(samples=16)))
+    quantcli.quantize(
+        QuantizeConfig(
+            bits=block_type(name).bits,
+            model=str(wide_llama),
+            method=method,
+            output=out,
+            eval=None,
+            format="gguf",
+            gguf_type=name,
+            calibration=CalibrationConfig(samples=16),
+        )
+    )
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gguf_file(out)).tensors}
     expected = {"Q4_K": ("Q4_K", "Q4_K"), "Q6_K": ("Q6_K", "Q6_K"), "Q4_K_M": ("Q4_K", "Q6_K")}[name]
     assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == expected
-    assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == ("Q6_K" if name == "Q6_K" else "Q4_K")
+    assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == (
+        "Q6_K" if name == "Q6_K" else "Q4_K"
+    )
     window = ids[:SEQ_LEN]
     a = llamacpp_logits(gguf_file(out), SEQ_LEN, threads=1, **F32_CACHE)(window)
     b = hf_logits(quantcli.load(out)[0])(window)
@@ -171,8 +218,17 @@ def test_rtn_k_quant_file_is_llamacpps_own_quantization(wide_llama, tmp_path, na
     from tests.support.gguf_harness import MODELS, convert, quantize, same_tensors
 
     _llamacpp_or_skip()
-    quantcli.quantize(QuantizeConfig(bits=block_type(name).bits, model=str(wide_llama), method="rtn", output=tmp_path / "out", eval=None,
-                                     format="gguf", gguf_type=name))
+    quantcli.quantize(
+        QuantizeConfig(
+            bits=block_type(name).bits,
+            model=str(wide_llama),
+            method="rtn",
+            output=tmp_path / "out",
+            eval=None,
+            format="gguf",
+            gguf_type=name,
+        )
+    )
     convert(wide_llama, tmp_path / "f32.gguf", "f32", MODELS["stories260K"]["tokenizer_model"])
     quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", name, threads=1)
     identical, typed, total = same_tensors(gguf_file(tmp_path / "out"), tmp_path / "theirs.gguf")

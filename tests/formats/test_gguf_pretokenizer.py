@@ -22,13 +22,17 @@ BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": Tr
 BYTES_ONLY = {**BYTE_LEVEL, "use_regex": False}
 DIGITS = {"type": "Digits", "individual_digits": True}
 LLAMA3 = {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False}
-VARIANTS = {  # llama.cpp name: (pre_tokenizer, ignore_merges) as the Hub's GPT-2, SmolLM2 and Llama 3 tokenizers spell them
+# llama.cpp name: (pre_tokenizer, ignore_merges) as the Hub's GPT-2, SmolLM2 and Llama 3 tokenizers spell them
+VARIANTS = {
     "gpt-2": (BYTE_LEVEL, False),
     "smollm": ({"type": "Sequence", "pretokenizers": [DIGITS, BYTE_LEVEL]}, False),
     "llama-bpe": ({"type": "Sequence", "pretokenizers": [LLAMA3, BYTES_ONLY]}, True),
 }
 # Digits, contractions in both cases, runs of spaces, tabs and newlines: where the three differ.
-SAMPLE = "In 1987, 12,345 people paid $3.14159 each.\nI'LL say DON'T; she'll, they're, we've\n\n   three  spaces\tand\ttabs 2024-12-02\r\n"
+SAMPLE = (
+    "In 1987, 12,345 people paid $3.14159 each.\nI'LL say DON'T; she'll, they're, we've\n\n"
+    "   three  spaces\tand\ttabs 2024-12-02\r\n"
+)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -42,8 +46,10 @@ def test_other_pre_tokenizers_are_refused_with_the_names_that_work():
     with pytest.raises(UnavailableError) as error:
         llamacpp_pre_tokenizer(metaspace, None, False)
     assert str(error.value) == (
-        "GGUF output writes byte-level BPE tokenizers whose pre-tokenizer llama.cpp has (gpt-2, smollm, llama-bpe) and SentencePiece-style"
-        ' ones; this tokenizer\'s pre-tokenizer is {"prepend_scheme": "always", "replacement": "▁", "split": true, "type": "Metaspace"}.'
+        "GGUF output writes byte-level BPE tokenizers whose pre-tokenizer llama.cpp has (gpt-2, smollm, llama-bpe) and "
+        "SentencePiece-style"
+        " ones; this tokenizer's pre-tokenizer is "
+        '{"prepend_scheme": "always", "replacement": "▁", "split": true, "type": "Metaspace"}.'
     )
 
 
@@ -82,8 +88,18 @@ def tiny_llama(folder: Path, source: Path, name: str) -> Path:
         merges.append(list(pair) if isinstance(merges[0], list) else " ".join(pair))
     (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=max(vocab.values()) + 1, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=max(vocab.values()) + 1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -101,7 +117,17 @@ def test_llamacpp_tokenizes_as_hf_under_each_pre_tokenizer(smollm2_tokenizer_fil
     hf_ids = {}
     for name in VARIANTS:
         folder = tiny_llama(tmp_path / name, smollm2_tokenizer_files, name)
-        quantcli.quantize(QuantizeConfig(bits=8, model=str(folder), method="rtn", output=tmp_path / f"{name}-gguf", eval=None, format="gguf", gguf_type="Q8_0"))
+        quantcli.quantize(
+            QuantizeConfig(
+                bits=8,
+                model=str(folder),
+                method="rtn",
+                output=tmp_path / f"{name}-gguf",
+                eval=None,
+                format="gguf",
+                gguf_type="Q8_0",
+            )
+        )
         llm = llama_cpp.Llama(model_path=str(gguf_file(tmp_path / f"{name}-gguf")), vocab_only=True, verbose=False)
         assert llm.metadata["tokenizer.ggml.pre"] == name
         hf_ids[name] = AutoTokenizer.from_pretrained(folder)(text)["input_ids"]

@@ -20,7 +20,9 @@ EVAL = {"max_tokens": 1024, "seq_len": 128}
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     for bits in (8, 4):
-        quantize(config_from_mapping({"bits": bits, "method": "rtn", "output": str(root / f"rtn-w{bits}"), "eval": EVAL}))
+        quantize(
+            config_from_mapping({"bits": bits, "method": "rtn", "output": str(root / f"rtn-w{bits}"), "eval": EVAL})
+        )
     return [root / "rtn-w8", root / "rtn-w4"]
 
 
@@ -40,12 +42,29 @@ def test_cli_against_base_with_plot(checkpoints, tmp_path):
     from PIL import Image
 
     png = tmp_path / "trade-off.png"
-    args = ["compare", *map(str, checkpoints), "--base", "stories260K", "--max-tokens", "1024", "--seq-len", "128", "--plot", str(png), "--json", "-q"]
+    args = [
+        "compare",
+        *map(str, checkpoints),
+        "--base",
+        "stories260K",
+        "--max-tokens",
+        "1024",
+        "--seq-len",
+        "128",
+        "--plot",
+        str(png),
+        "--json",
+        "-q",
+    ]
     result = subprocess.run([sys.executable, "-m", "quantcli", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     w8, w4 = data["rows"]
-    assert w8["evaluated"] and 0 <= w8["kl_divergence"] < w4["kl_divergence"] and w8["top1_agreement"] > w4["top1_agreement"]
+    assert (
+        w8["evaluated"]
+        and 0 <= w8["kl_divergence"] < w4["kl_divergence"]
+        and w8["top1_agreement"] > w4["top1_agreement"]
+    )
     assert w8["base_perplexity"] == w4["base_perplexity"]
     errors8, errors4 = data["layer_errors"][str(checkpoints[0])], data["layer_errors"][str(checkpoints[1])]
     assert len(errors8) == 35 and "model.embed_tokens" not in errors8  # the embedding and its tied head kept by default
@@ -69,9 +88,14 @@ def test_layer_errors_dequantize_bitsandbytes_storage(tmp_path):
 
     for method, bits, low, high in [("bnb-int8", 8, 1e-3, 0.05), ("bnb-nf4", 4, 0.03, 0.3)]:
         report = quantcli.quantize(QuantizeConfig(bits=bits, method=method, output=tmp_path / method, eval=None))
-        kept = {name for name, layer in report.layers.items() if layer.note}  # AVX512-BF16 CPUs keep 172-wide nf4 layers in fp32
+        kept = {
+            name for name, layer in report.layers.items() if layer.note
+        }  # AVX512-BF16 CPUs keep 172-wide nf4 layers in fp32
         errors = layer_errors(str(tmp_path / method), "stories260K")
-        assert len(errors) == 35 and all(e == 0 if name in kept else low < e < high for name, e in errors.items()), (method, errors)
+        assert len(errors) == 35 and all(e == 0 if name in kept else low < e < high for name, e in errors.items()), (
+            method,
+            errors,
+        )
 
 
 def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
@@ -80,10 +104,15 @@ def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
     from quantcli.measure.compare import compare, markdown
 
     for name, tokens in (("a", 1024), ("b", 2048)):
-        quantcli.quantize(QuantizeConfig(bits=8, method="rtn", output=tmp_path / name, eval=EvalConfig(max_tokens=tokens)))
+        quantcli.quantize(
+            QuantizeConfig(bits=8, method="rtn", output=tmp_path / name, eval=EvalConfig(max_tokens=tokens))
+        )
     same = compare([tmp_path / "a", tmp_path / "a"])
     assert same["rows"][0]["settings"]["tokens"] == 1024
-    assert "all measured on tinystories:eval, 1024 tokens, context 256, stride 256, protocol stream, BOS auto" in markdown(same)
+    assert (
+        "all measured on tinystories:eval, 1024 tokens, context 256, stride 256, protocol stream, BOS auto"
+        in markdown(same)
+    )
     assert "different settings; pass --base MODEL" in markdown(compare([tmp_path / "a", tmp_path / "b"]))
 
 

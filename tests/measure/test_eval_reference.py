@@ -65,7 +65,9 @@ def test_interval_and_self_kl(stories):
     assert result.top1_agreement == 1.0
 
 
-def plain_transformers_perplexity(folder: str, text: str, max_tokens: int, max_length: int, stride: int) -> tuple[float, int]:
+def plain_transformers_perplexity(
+    folder: str, text: str, max_tokens: int, max_length: int, stride: int
+) -> tuple[float, int]:
     """The HF guide as a user runs it: load, ``tokenizer(text)``, cut to ``max_tokens``, slide."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,8 +87,14 @@ def byte_level_model(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("byte-level-llama")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -102,7 +110,9 @@ def test_plain_text_perplexity_equals_plain_transformers(request, stories_path, 
     folder = folder or request.getfixturevalue("byte_level_model")
     tokens = 1024 if model_name.startswith("smollm2") else 3000
     ours = evaluate(folder, EvalConfig(str(WIKI_EVAL), seq_len, stride, tokens), device="cpu")
-    expected, scored = plain_transformers_perplexity(folder, WIKI_EVAL.read_text(encoding="utf-8"), tokens, seq_len, stride)
+    expected, scored = plain_transformers_perplexity(
+        folder, WIKI_EVAL.read_text(encoding="utf-8"), tokens, seq_len, stride
+    )
     assert ours["tokens_scored"] == scored
     assert abs(ours["perplexity"] - expected) / expected < 1e-4
     assert ours["settings"]["protocol"] == "stream" and ours["settings"]["bos"] == "auto"

@@ -43,7 +43,9 @@ def test_harness_windows_are_quantcli_windows(stories, stride):
     nlls = window_nlls(hf_logits(model), ids, SEQ_LEN, stride)
     reference = evaluate_sequences(model, [torch.tensor(ids)], SEQ_LEN, stride)
     # without overlap each window scores all positions but its first; with overlap, every token but the first
-    assert nlls.size == reference.tokens_scored == (TOKENS // SEQ_LEN * (SEQ_LEN - 1) if stride == SEQ_LEN else TOKENS - 1)
+    assert (
+        nlls.size == reference.tokens_scored == (TOKENS // SEQ_LEN * (SEQ_LEN - 1) if stride == SEQ_LEN else TOKENS - 1)
+    )
     assert perplexity(nlls) == pytest.approx(reference.perplexity, rel=1e-6)
 
 
@@ -111,7 +113,9 @@ def test_quantcli_rtn_gguf_is_llamacpps_own_quantization(ggufs, tmp_path):
     from quantcli.config.quantize import QuantizeConfig
     from quantcli.formats.gguf.writer import gguf_file
 
-    quantcli.quantize(QuantizeConfig(bits=8, method="rtn", output=tmp_path / "q", eval=None, format="gguf", gguf_type="Q8_0"))
+    quantcli.quantize(
+        QuantizeConfig(bits=8, method="rtn", output=tmp_path / "q", eval=None, format="gguf", gguf_type="Q8_0")
+    )
     ours = {t.name: (t.tensor_type.name, t.data.tobytes()) for t in GGUFReader(gguf_file(tmp_path / "q")).tensors}
     theirs = {t.name: (t.tensor_type.name, t.data.tobytes()) for t in GGUFReader(ggufs[1]).tensors}
     assert ours.keys() == theirs.keys()

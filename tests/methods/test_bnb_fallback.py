@@ -44,8 +44,12 @@ def test_probe_reports_the_kernel_errors(avx512_kernel_branch):
 
 def test_quantize_refuses_clearly_when_no_layer_can_run(avx512_kernel_branch, tmp_path):
     """stories260K's MLP widths (172) fail the kernel on every CPU; attention's 64x64 runs where it has AVX512-BF16."""
-    with pytest.raises(UnavailableError, match=r"bitsandbytes bnb-nf4 fails for every selected layer on cpu .*Use method='rtn'"):
-        quantcli.quantize(QuantizeConfig(bits=4, method="bnb-nf4", output=tmp_path / "q", eval=None, skip_modules=("*.self_attn.*",)))
+    with pytest.raises(
+        UnavailableError, match=r"bitsandbytes bnb-nf4 fails for every selected layer on cpu .*Use method='rtn'"
+    ):
+        quantcli.quantize(
+            QuantizeConfig(bits=4, method="bnb-nf4", output=tmp_path / "q", eval=None, skip_modules=("*.self_attn.*",))
+        )
     assert not (tmp_path / "q").exists()
 
 
@@ -59,7 +63,11 @@ def test_failing_layers_are_kept_in_full_precision_and_reported(monkeypatch, tmp
     from tests.conftest import logits
 
     def kernel_rule(in_features, out_features, *args):
-        return None if out_features % 32 == 0 and in_features % 64 == 0 else "AssertionError: N must be divisible by block_n"
+        return (
+            None
+            if out_features % 32 == 0 and in_features % 64 == 0
+            else "AssertionError: N must be divisible by block_n"
+        )
 
     monkeypatch.setattr(bnb_method, "probe_4bit", kernel_rule)
     report = quantcli.quantize(QuantizeConfig(bits=4, method="bnb-nf4", output=tmp_path / "q", eval=None))

@@ -53,14 +53,28 @@ def calibration(tokenizer) -> torch.Tensor:
 
 
 def run_gptq(source: str, tokenizer, calibration: torch.Tensor, bits: int = 4, **options) -> QuantizedModel:
-    """GPTQ in memory, as the pipeline calls it at its defaults: the embedding/head kept, kept tensors and scales in bfloat16."""
+    """GPTQ in memory, as the pipeline calls it at its defaults: the embedding/head kept, kept tensors and scales
+    in bfloat16."""
     from quantcli.quant.keptdtype import round_kept
 
     model = load_model(source, torch.float32, "cpu")
     method = get_method("gptq")
     config = method.make_config(bits, options)
     selection = select_modules(model, tables=False)
-    result = method.quantize(QuantizeRequest(source, model, tokenizer, selection.names, "cpu", torch.float32, config, calibration, tables=selection.tables, scale_dtype="bfloat16"))
+    result = method.quantize(
+        QuantizeRequest(
+            source,
+            model,
+            tokenizer,
+            selection.names,
+            "cpu",
+            torch.float32,
+            config,
+            calibration,
+            tables=selection.tables,
+            scale_dtype="bfloat16",
+        )
+    )
     round_kept(result.model, set(result.records), torch.bfloat16)
     return result
 
@@ -71,8 +85,16 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def pipeline(tmp: Path, method: str, model: str = SOURCE, evaluate: bool = True, **options):
-    config = QuantizeConfig(bits=4, model=model, method=method, output=tmp / method, method_options=options,
-                            calibration=CALIB, eval=EVAL if evaluate else None, device="cpu")
+    config = QuantizeConfig(
+        bits=4,
+        model=model,
+        method=method,
+        output=tmp / method,
+        method_options=options,
+        calibration=CALIB,
+        eval=EVAL if evaluate else None,
+        device="cpu",
+    )
     return quantcli.quantize(config)
 
 
@@ -82,20 +104,34 @@ def layer_inputs(calibration):
     model = load_model(SOURCE, torch.float32, "cpu")
     modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.update({n: a[0].reshape(-1, a[0].shape[-1])})) for n in (GATE, DOWN)]
+    handles = [
+        modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.update({n: a[0].reshape(-1, a[0].shape[-1])}))
+        for n in (GATE, DOWN)
+    ]
     logits(model, calibration)
     for handle in handles:
         handle.remove()
     return {name: (modules[name].weight.data.clone(), seen[name]) for name in (GATE, DOWN)}
 
 
-@pytest.mark.parametrize("name, bits, group_size, act_order, symmetric", [
-    (GATE, 4, 32, False, True), (GATE, 4, 32, True, True), (GATE, 3, 32, False, True), (DOWN, 3, None, False, True),
-    (GATE, 4, 32, True, False), (DOWN, 4, None, False, False), (DOWN, 4, 43, True, True), (DOWN, 4, 43, False, True),
-])
+@pytest.mark.parametrize(
+    "name, bits, group_size, act_order, symmetric",
+    [
+        (GATE, 4, 32, False, True),
+        (GATE, 4, 32, True, True),
+        (GATE, 3, 32, False, True),
+        (DOWN, 3, None, False, True),
+        (GATE, 4, 32, True, False),
+        (DOWN, 4, None, False, False),
+        (DOWN, 4, 43, True, True),
+        (DOWN, 4, 43, False, True),
+    ],
+)
 def test_layer_error_below_round_to_nearest(layer_inputs, name, bits, group_size, act_order, symmetric):
     weight, x = layer_inputs[name]
-    result, notes = gptq_quantize(weight, 2 * x.T @ x / x.shape[0], IntLayout(bits, symmetric, group_size), act_order=act_order)
+    result, notes = gptq_quantize(
+        weight, 2 * x.T @ x / x.shape[0], IntLayout(bits, symmetric, group_size), act_order=act_order
+    )
     gptq = ops.dequantize(result.q, result.scale, result.zero_point, group_size)
     rtn = ops.fake_quantize(weight, bits, symmetric, group_size)
     assert bool((result.zero_point == 0).all()) == symmetric
@@ -110,15 +146,24 @@ def test_layer_error_below_round_to_nearest(layer_inputs, name, bits, group_size
     assert torch.equal(ops.quantize(gptq, result.scale, result.zero_point, bits, group_size), result.q)
 
 
-@pytest.mark.parametrize("name, bits, group_size, act_order, symmetric", [
-    (GATE, 4, None, True, True), (GATE, 4, 32, True, True), (GATE, 3, None, False, True), (DOWN, 4, None, True, True), (DOWN, 4, None, True, False),
-])
+@pytest.mark.parametrize(
+    "name, bits, group_size, act_order, symmetric",
+    [
+        (GATE, 4, None, True, True),
+        (GATE, 4, 32, True, True),
+        (GATE, 3, None, False, True),
+        (DOWN, 4, None, True, True),
+        (DOWN, 4, None, True, False),
+    ],
+)
 def test_clip_search_lowers_every_rows_output_error(layer_inputs, name, bits, group_size, act_order, symmetric):
     weight, x = layer_inputs[name]
     layout = IntLayout(bits, symmetric, group_size)
 
     def row_errors(clip_search: bool) -> torch.Tensor:
-        result, _ = gptq_quantize(weight, 2 * x.T @ x / x.shape[0], layout, act_order=act_order, clip_search=clip_search)
+        result, _ = gptq_quantize(
+            weight, 2 * x.T @ x / x.shape[0], layout, act_order=act_order, clip_search=clip_search
+        )
         low, high = ops.int_range(bits)
         assert int(result.q.min()) >= low and int(result.q.max()) <= high
         quantized = ops.dequantize(result.q, result.scale, result.zero_point, group_size)
@@ -144,7 +189,8 @@ def test_clip_search_in_several_passes_matches_one(layer_inputs, monkeypatch):
 
 @pytest.mark.parametrize("name, group_size, symmetric", [(GATE, 32, True), (DOWN, None, True), (GATE, 32, False)])
 def test_clip_prepass_picks_each_rows_best_rounded_clip(layer_inputs, name, group_size, symmetric):
-    """The first clip each row's GPTQ runs get is the factor whose round-to-nearest weights have the lowest output error."""
+    """The first clip each row's GPTQ runs get is the factor whose round-to-nearest weights have the lowest
+    output error."""
     from quantcli.quant.gptq_solver import CLIP_SHRINKS, _clip_by_rounding
 
     weight, x = layer_inputs[name]
@@ -164,7 +210,9 @@ def test_clip_prepass_picks_each_rows_best_rounded_clip(layer_inputs, name, grou
 def test_unseen_inputs_round_to_nearest(layer_inputs):
     weight, _ = layer_inputs[GATE]
     result, _ = gptq_quantize(weight, torch.zeros(64, 64), IntLayout(4, True, 32))
-    assert torch.equal(ops.dequantize(result.q, result.scale, result.zero_point, 32), ops.fake_quantize(weight, 4, True, 32))
+    assert torch.equal(
+        ops.dequantize(result.q, result.scale, result.zero_point, 32), ops.fake_quantize(weight, 4, True, 32)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +271,9 @@ def test_asymmetric_checkpoint_reloads_with_identical_logits(tmp_path, tokenizer
     assert torch.equal(logits(quantcli.load(tmp_path / "gptq", device="cpu")[0], ids), in_memory)
 
     # the same files from another writer (no quantcli.json): still read through the library's decompressors
-    foreign = shutil.copytree(tmp_path / "gptq", tmp_path / "foreign", ignore=shutil.ignore_patterns("quantcli.json", "report.json"))
+    foreign = shutil.copytree(
+        tmp_path / "gptq", tmp_path / "foreign", ignore=shutil.ignore_patterns("quantcli.json", "report.json")
+    )
     model, _, metadata = quantcli.load(foreign, device="cpu")
     assert metadata is None and torch.equal(logits(model, ids), in_memory)
 
@@ -248,15 +298,18 @@ def test_gpt2_conv1d_quantizes_and_reloads(tmp_path, tokenizer, calibration):
     assert torch.equal(logits(reloaded, calibration[:2]), logits(in_memory.model, calibration[:2]))
 
 
-@pytest.mark.parametrize("bits, options, message", [
-    (4, {"damp": 0}, "damp must be between 0 and 1"),
-    (4, {"damp": 2.0}, "damp must be between 0 and 1"),
-    (4, {"block_size": 0}, "block_size must be a positive number"),
-    (4, {"group_size": 0}, "group size must be a positive integer or -1"),
-    (4, {"desc_act": True}, "do not apply to method gptq"),
-    (4, {"act_order": "yes"}, "act_order of method gptq must be bool"),
-    (2, {}, "supports bits 8, 4, 3"),
-])
+@pytest.mark.parametrize(
+    "bits, options, message",
+    [
+        (4, {"damp": 0}, "damp must be between 0 and 1"),
+        (4, {"damp": 2.0}, "damp must be between 0 and 1"),
+        (4, {"block_size": 0}, "block_size must be a positive number"),
+        (4, {"group_size": 0}, "group size must be a positive integer or -1"),
+        (4, {"desc_act": True}, "do not apply to method gptq"),
+        (4, {"act_order": "yes"}, "act_order of method gptq must be bool"),
+        (2, {}, "supports bits 8, 4, 3"),
+    ],
+)
 def test_bad_options_say_the_fix(bits, options, message):
     with pytest.raises(InputError, match=message):
         get_method("gptq").make_config(bits, options)

@@ -29,7 +29,9 @@ def test_packing_and_codes_match_bitsandbytes_own_quantization():
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("nf4")
     return {
-        method: quantcli.quantize(QuantizeConfig(bits=4, method=method, output=root / method, calibration=CALIBRATION, eval=EVAL))
+        method: quantcli.quantize(
+            QuantizeConfig(bits=4, method=method, output=root / method, calibration=CALIBRATION, eval=EVAL)
+        )
         for method in ("bnb-nf4", "gptq-nf4")
     }
 
@@ -59,7 +61,11 @@ def test_plain_transformers_and_bitsandbytes_load_it_identically(runs, prompt_id
 
 
 def test_gpt2_conv1d(tiny_gpt2, tmp_path, prompt_ids):
-    report = quantcli.quantize(QuantizeConfig(bits=4, method="gptq-nf4", model=tiny_gpt2, output=tmp_path / "q", calibration=CALIBRATION, eval=None))
+    report = quantcli.quantize(
+        QuantizeConfig(
+            bits=4, method="gptq-nf4", model=tiny_gpt2, output=tmp_path / "q", calibration=CALIBRATION, eval=None
+        )
+    )
     assert len(report.layers) == 8 and all(layer.note is None for layer in report.layers.values())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert torch.equal(logits(plain, prompt_ids), logits(quantcli.load(tmp_path / "q")[0], prompt_ids))

@@ -55,7 +55,9 @@ def test_eight_and_sixteen_bit_change_perplexity_by_under_one_percent(runs, name
 def test_four_bit_costs_a_measured_reported_amount(runs, name):
     delta = runs[name]["perplexity_delta"]
     assert 0.5 < delta["percent"] < 60
-    assert math.isclose(delta["absolute"], runs[name]["perplexity_after"]["perplexity"] - runs[name]["perplexity_before"]["perplexity"])
+    assert math.isclose(
+        delta["absolute"], runs[name]["perplexity_after"]["perplexity"] - runs[name]["perplexity_before"]["perplexity"]
+    )
 
 
 def test_signed_symmetric_groups_match_asymmetric_at_four_bits(runs):
@@ -82,24 +84,46 @@ def test_sizes_shrink_as_bits_shrink(runs):
     else:
         assert disk["bnb-int8"] > disk["bnb-nf4"]
     # the embedding (an eighth of stories260K) and norms 16-bit: measured 6.37 and 9.61 bits per weight
-    assert 6 < runs["rtn4"]["size"]["quantized_bits_per_weight"] < 7 < runs["rtn8"]["size"]["quantized_bits_per_weight"] < 10
+    assert (
+        6
+        < runs["rtn4"]["size"]["quantized_bits_per_weight"]
+        < 7
+        < runs["rtn8"]["size"]["quantized_bits_per_weight"]
+        < 10
+    )
 
 
 def test_down_proj_gets_the_nearest_dividing_group_size_stated_once(runs):
     """32 does not divide down_proj's 172 inputs: it gets groups of 43, said in one summary, no per-layer notes."""
     layers = runs["rtn4"]["layers"]
-    assert layers["model.layers.0.mlp.down_proj"] == {"bits": 4, "scheme": "group", "group_size": 43, "shape": (64, 172), "note": None}
+    assert layers["model.layers.0.mlp.down_proj"] == {
+        "bits": 4,
+        "scheme": "group",
+        "group_size": 43,
+        "shape": (64, 172),
+        "note": None,
+    }
     assert layers["model.layers.0.self_attn.q_proj"] == {
-        "bits": 4, "scheme": "group", "group_size": 32, "shape": (64, 64), "note": None,
+        "bits": 4,
+        "scheme": "group",
+        "group_size": 32,
+        "shape": (64, 64),
+        "note": None,
     }
     assert runs["rtn4"]["fallbacks"] == {}
     assert runs["rtn4"]["grouping"] == {
-        "requested": 32, "layers_per_group_size": {"32": 30, "43": 5}, "changed_widths": {"172": 43},
-        "summary": "grouping: 30 layers in groups of 32; 5 layers with in_features 172 in groups of 43 (32 does not divide 172)",
+        "requested": 32,
+        "layers_per_group_size": {"32": 30, "43": 5},
+        "changed_widths": {"172": 43},
+        "summary": "grouping: 30 layers in groups of 32; 5 layers with in_features 172 in groups of 43 (32 does not "
+        "divide 172)",
     }
     assert runs["rtn8"]["grouping"]["summary"] == "grouping: per channel, all 35 integer layers"
     assert runs["bnb-nf4"]["grouping"] is None
-    assert set(runs["rtn4"]["skipped"]) == {"model.embed_tokens", "lm_head"}  # kept 16-bit by default (vLLM serves no other)
+    assert set(runs["rtn4"]["skipped"]) == {
+        "model.embed_tokens",
+        "lm_head",
+    }  # kept 16-bit by default (vLLM serves no other)
     assert runs["rtn4"]["skipped"]["lm_head"].startswith("tied to model.embed_tokens")
 
 
@@ -126,11 +150,23 @@ def test_checkpoint_describes_itself(runs):
     assert len(info["layers"]) == 35  # the embedding and its tied head are kept by default
     quantcli_path = Path(folder) / "config.json"
     config = json.loads(quantcli_path.read_text())
-    groups = config["quantization_config"]["config_groups"].values()  # every weight-only layer packed, as vLLM's WNA16 takes them
-    assert config["quantization_config"]["format"] == "pack-quantized" and {g["format"] for g in groups} == {"pack-quantized"}
+    groups = config["quantization_config"][
+        "config_groups"
+    ].values()  # every weight-only layer packed, as vLLM's WNA16 takes them
+    assert config["quantization_config"]["format"] == "pack-quantized" and {g["format"] for g in groups} == {
+        "pack-quantized"
+    }
     saved = json.loads(quantcli_path.with_name("report.json").read_text())
     assert saved["perplexity_after"]["settings"] == {
-        "dataset": "tinystories:eval", "protocol": "stream", "bos": "auto", "max_tokens": 2048, "seq_len": 256, "stride": 256,
-        "text_column": None, "doc_separator": None,
-        "tokens": 2048, "sequences": saved["perplexity_after"]["settings"]["sequences"], "batch_size": 8,
+        "dataset": "tinystories:eval",
+        "protocol": "stream",
+        "bos": "auto",
+        "max_tokens": 2048,
+        "seq_len": 256,
+        "stride": 256,
+        "text_column": None,
+        "doc_separator": None,
+        "tokens": 2048,
+        "sequences": saved["perplexity_after"]["settings"]["sequences"],
+        "batch_size": 8,
     }

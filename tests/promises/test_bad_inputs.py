@@ -34,9 +34,9 @@ RECIPES = {
     "bits.yaml": "bits: four\n",
     "eval.yaml": "bits: 4\neval: 3\n",
     "binary.yaml": "\udcff",
-    "bomb.yaml": "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
-    ) + "bits: *i\n",
+    "bomb.yaml": "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    + "bits: *i\n",
     "dup.yaml": "bits: 4\nmethod: rtn\nbits: 8\n",
     "pyobj.yaml": "bits: !!python/object/apply:os.system ['touch ran']\n",
     "tag.yaml": "bits: !custom 4\n",
@@ -77,15 +77,40 @@ ROWS = [
     ("nan-weights", [*Q, "-b", "4", "nan"], 3, "model.layers.1.self_attn.q_proj.weight holds 1 NaN/inf"),
     ("big-tokenizer", [*Q, "-b", "4", "bigtok"], 3, "520 tokens but the model's embedding has 512 rows"),
     ("output-exists", ["quantize", "-b", "4", "--no-eval", "-o", "ckpt"], 2, "already exists. Pass --force"),
-    ("output-is-input", ["quantize", "-b", "4", "--no-eval", "nan", "-o", "nan", "--force"], 2, "is the input model's folder"),
+    (
+        "output-is-input",
+        ["quantize", "-b", "4", "--no-eval", "nan", "-o", "nan", "--force"],
+        2,
+        "is the input model's folder",
+    ),
     ("output-is-file", ["quantize", "-b", "4", "--no-eval", "-o", "short.txt", "--force"], 2, "is not a folder"),
-    ("eval-short", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "short.txt", "--seq-len", "64"], 3, "fewer than one window"),
+    (
+        "eval-short",
+        ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "short.txt", "--seq-len", "64"],
+        3,
+        "fewer than one window",
+    ),
     ("eval-empty", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "empty.txt"], 3, "holds no text"),
-    ("eval-binary", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "data.xyz"], 2, "data.xyz is not UTF-8 text: invalid byte at offset 3. Convert it to UTF-8."),
-    ("calib-column", ["quantize", "-b", "4", "-o", "out", "--method", "gptq", "--no-eval", "--calib-dataset", "rows.jsonl"], 2, "dataset rows.jsonl has no 'text' column (columns: story). Name the column with --text-column."),
+    (
+        "eval-binary",
+        ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "data.xyz"],
+        2,
+        "data.xyz is not UTF-8 text: invalid byte at offset 3. Convert it to UTF-8.",
+    ),
+    (
+        "calib-column",
+        ["quantize", "-b", "4", "-o", "out", "--method", "gptq", "--no-eval", "--calib-dataset", "rows.jsonl"],
+        2,
+        "dataset rows.jsonl has no 'text' column (columns: story). Name the column with --text-column.",
+    ),
     ("eval-missing", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "./none.txt"], 2, "does not exist"),
     ("eval-spec", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "a:b:c:d"], 2, "is not of the form"),
-    ("eval-split", ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "tinystories:test"], 2, "has splits calib, eval"),
+    (
+        "eval-split",
+        ["quantize", "-b", "4", "-o", "out", "--eval-dataset", "tinystories:test"],
+        2,
+        "has splits calib, eval",
+    ),
     ("recipe-missing", [*Q, "-c", "none.yaml"], 2, "does not exist"),
     ("recipe-syntax", [*Q, "-c", "bad.yaml"], 2, "is not valid YAML at line"),
     ("recipe-list", [*Q, "-c", "list.yaml"], 2, "must be a YAML mapping"),
@@ -100,27 +125,82 @@ ROWS = [
     ("recipe-python-tag", [*Q, "-c", "pyobj.yaml"], 2, "uses the YAML tag !!python/object/apply:os.system at line 1"),
     ("recipe-custom-tag", [*Q, "-c", "tag.yaml"], 2, "uses the YAML tag !custom"),
     ("recipe-huge-value", [*Q, "-c", "huge-value.yaml"], 2, "'bits' must be an integer, got '99999"),
-    ("recipe-bigint", [*Q, "-c", "bigint.yaml"], 2, "holds a value quantcli cannot read (Exceeds the limit (4300 digits)"),
+    (
+        "recipe-bigint",
+        [*Q, "-c", "bigint.yaml"],
+        2,
+        "holds a value quantcli cannot read (Exceeds the limit (4300 digits)",
+    ),
     ("recipe-deep", [*Q, "-c", "deep.yaml"], 2, "nests too deeply"),
     ("recipe-huge-file", [*Q, "-c", "huge.yaml"], 2, "is larger than 1,048,576 bytes"),
     ("recipe-dev-zero", [*Q, "-c", "/dev/zero"], 2, "recipe /dev/zero is not a regular file"),
     ("recipe-folder", [*Q, "-c", "."], 2, "recipe . is a folder"),
-    ("calib-samples-huge", [*Q, "-b", "4", "-m", "gptq", "--calib-samples", str(10**9)], 2, "--calib-samples) must be an integer from 1 to 100,000, got 1000000000"),
-    ("calib-tokens-huge", [*Q, "-b", "4", "-m", "gptq", "--calib-samples", "100000", "--seq-len", "4096"], 2, "is 409,600,000 calibration tokens"),
-    ("seed-huge", [*Q, "-b", "4", "-m", "gptq", "--seed", str(10**23)], 2, "(--seed) must be an integer from 0 to 4,294,967,295"),
+    (
+        "calib-samples-huge",
+        [*Q, "-b", "4", "-m", "gptq", "--calib-samples", str(10**9)],
+        2,
+        "--calib-samples) must be an integer from 1 to 100,000, got 1000000000",
+    ),
+    (
+        "calib-tokens-huge",
+        [*Q, "-b", "4", "-m", "gptq", "--calib-samples", "100000", "--seq-len", "4096"],
+        2,
+        "is 409,600,000 calibration tokens",
+    ),
+    (
+        "seed-huge",
+        [*Q, "-b", "4", "-m", "gptq", "--seed", str(10**23)],
+        2,
+        "(--seed) must be an integer from 0 to 4,294,967,295",
+    ),
     ("seed-negative", [*Q, "-b", "4", "-m", "gptq", "--seed", "-1"], 2, "(--seed) must be an integer from 0"),
-    ("seq-len-huge", [*Q, "-b", "4", "--seq-len", str(10**12)], 2, "(--seq-len) must be an integer from 1 to 1,048,576"),
+    (
+        "seq-len-huge",
+        [*Q, "-b", "4", "--seq-len", str(10**12)],
+        2,
+        "(--seq-len) must be an integer from 1 to 1,048,576",
+    ),
     ("max-tokens-huge", [*E, "--max-tokens", str(10**30)], 2, "(--max-tokens) must be an integer from 1 to"),
     ("batch-huge", [*E, "--batch-size", str(10**9)], 2, "(--batch-size) must be an integer from 1 to 4,096"),
-    ("bench-new-tokens-huge", ["bench", "ckpt", "--new-tokens", str(10**9)], 2, "--new-tokens must be an integer from 1 to 65,536"),
-    ("bench-repeats-huge", ["bench", "ckpt", "--repeats", str(10**9)], 2, "--repeats must be an integer from 1 to 1,000"),
-    ("bench-prompt-huge", ["bench", "ckpt", "--prompt-tokens", str(10**20)], 2, "--prompt-tokens must be an integer from 1 to 1,048,576"),
-    ("gate-nan", [*Q, "-b", "4", "-m", "rtn", "--max-ppl-increase", "nan"], 2, "--max-ppl-increase must be a finite, non-negative number, got nan"),
+    (
+        "bench-new-tokens-huge",
+        ["bench", "ckpt", "--new-tokens", str(10**9)],
+        2,
+        "--new-tokens must be an integer from 1 to 65,536",
+    ),
+    (
+        "bench-repeats-huge",
+        ["bench", "ckpt", "--repeats", str(10**9)],
+        2,
+        "--repeats must be an integer from 1 to 1,000",
+    ),
+    (
+        "bench-prompt-huge",
+        ["bench", "ckpt", "--prompt-tokens", str(10**20)],
+        2,
+        "--prompt-tokens must be an integer from 1 to 1,048,576",
+    ),
+    (
+        "gate-nan",
+        [*Q, "-b", "4", "-m", "rtn", "--max-ppl-increase", "nan"],
+        2,
+        "--max-ppl-increase must be a finite, non-negative number, got nan",
+    ),
     ("gate-inf", [*Q, "-b", "4", "--max-size", "inf"], 2, "--max-size must be a finite, non-negative number, got inf"),
-    ("bench-gate-nan", ["bench", "ckpt", "--min-speedup", "nan"], 2, "--min-speedup must be a finite, non-negative number, got nan"),
+    (
+        "bench-gate-nan",
+        ["bench", "ckpt", "--min-speedup", "nan"],
+        2,
+        "--min-speedup must be a finite, non-negative number, got nan",
+    ),
     ("shard-size-overflow", [*Q, "-b", "4", "--max-shard-size", "1" + "0" * 400], 2, "--max-shard-size must be a size"),
     ("calib-folder", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "."], 2, "dataset . is a folder, not a file"),
-    ("calib-dev-zero", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "/dev/zero"], 2, "dataset /dev/zero is not a regular file"),
+    (
+        "calib-dev-zero",
+        [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "/dev/zero"],
+        2,
+        "dataset /dev/zero is not a regular file",
+    ),
     ("eval-dataset-folder", [*E, "--dataset", "/tmp"], 2, "dataset /tmp is a folder, not a file"),
     ("eval-truncated", ["eval", "trunc"], 3, "corrupt or incomplete"),
     ("eval-newer", ["eval", "newer"], 3, "newer than this quantcli reads"),
@@ -128,11 +208,33 @@ ROWS = [
     ("eval-stride", [*E, "--stride", "500"], 2, "stride 500 is larger than the context length 256"),
     ("eval-bos", [*E, "--bos", "sometimes"], 2, "bos must be one of"),
     ("eval-bos-document", [*E, "--bos", "document"], 2, "--bos document is now --protocol documents --bos start"),
-    ("eval-protocol", [*E, "--protocol", "documents"], 2, "--protocol documents needs documents, and tinystories:eval is plain text"),
-    ("eval-seq-len-1", [*E, "--seq-len", "1"], 2, "eval sequence length (--seq-len) must be at least 2 (a window predicts each token from the ones before it), got 1."),
-    ("eval-context", [*E, "--seq-len", "4096"], 2, "--seq-len 4096 is beyond the model's context of 512 tokens (max_position_embeddings). Use --seq-len 512 or less."),
+    (
+        "eval-protocol",
+        [*E, "--protocol", "documents"],
+        2,
+        "--protocol documents needs documents, and tinystories:eval is plain text",
+    ),
+    (
+        "eval-seq-len-1",
+        [*E, "--seq-len", "1"],
+        2,
+        "eval sequence length (--seq-len) must be at least 2 (a window predicts each token from the ones before it), "
+        "got 1.",
+    ),
+    (
+        "eval-context",
+        [*E, "--seq-len", "4096"],
+        2,
+        "--seq-len 4096 is beyond the model's context of 512 tokens (max_position_embeddings). Use --seq-len 512 or "
+        "less.",
+    ),
     ("eval-data-first", ["eval", "./gone", "--dataset", "data.xyz"], 2, "data.xyz is not UTF-8 text"),
-    ("eval-column", [*E, "--dataset", "rows.jsonl", "--text-column", "body"], 2, "dataset rows.jsonl has no column 'body' (columns: story). Pass one of them to --text-column."),
+    (
+        "eval-column",
+        [*E, "--dataset", "rows.jsonl", "--text-column", "body"],
+        2,
+        "dataset rows.jsonl has no column 'body' (columns: story). Pass one of them to --text-column.",
+    ),
     ("eval-max-tokens", [*E, "--max-tokens", "0"], 2, "max tokens (--max-tokens) must be a positive integer"),
     ("eval-batch", [*E, "--batch-size", "0"], 2, "batch size (--batch-size) must be a positive integer"),
     ("eval-bigtok", ["eval", "bigtok"], 3, "do not belong together"),
@@ -149,15 +251,45 @@ ROWS = [
     ("inspect-options-type", ["inspect", "meta-options"], 3, "quantcli.json is malformed: 'options' must be a mapping"),
     ("inspect-array", ["inspect", "meta-array"], 3, "has no valid format_version"),
     ("inspect-dev-zero", ["inspect", "meta-devzero"], 3, "quantcli.json is not a regular file"),
-    ("compare-deep-report", ["compare", "report-deep"], 3, "report-deep/report.json is corrupt (maximum recursion depth"),
+    (
+        "compare-deep-report",
+        ["compare", "report-deep"],
+        3,
+        "report-deep/report.json is corrupt (maximum recursion depth",
+    ),
     ("eval-malformed-meta", ["eval", "meta-layers"], 3, "quantcli.json is malformed"),
-    ("plot-proc", ["compare", "ckpt", "--plot", "/proc/quantcli.png"], 2, "cannot write --plot /proc/quantcli.png: creating a file in /proc failed"),
+    (
+        "plot-proc",
+        ["compare", "ckpt", "--plot", "/proc/quantcli.png"],
+        2,
+        "cannot write --plot /proc/quantcli.png: creating a file in /proc failed",
+    ),
     ("plot-under-file", ["compare", "ckpt", "--plot", "short.txt/plot.png"], 2, "short.txt is a file, not a folder"),
     ("plot-not-png", ["compare", "ckpt", "--plot", "plot.pdf"], 2, "--plot plot.pdf: write a .png file"),
-    ("output-proc", ["quantize", "--no-eval", "-b", "4", "-o", "/proc/quantcli-out"], 2, "cannot write --output /proc/quantcli-out: creating a file in /proc failed"),
-    ("eval-bad-jsonl", [*E, "--dataset", "bad.jsonl"], 3, "cannot read dataset bad.jsonl: ArrowInvalid: JSON parse error"),
-    ("eval-bad-csv", [*E, "--dataset", "bad.csv"], 3, "cannot read dataset bad.csv: ParserError: Error tokenizing data"),
-    ("calib-dir-named", [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "ckpt"], 2, "dataset ckpt is a folder, not a file"),
+    (
+        "output-proc",
+        ["quantize", "--no-eval", "-b", "4", "-o", "/proc/quantcli-out"],
+        2,
+        "cannot write --output /proc/quantcli-out: creating a file in /proc failed",
+    ),
+    (
+        "eval-bad-jsonl",
+        [*E, "--dataset", "bad.jsonl"],
+        3,
+        "cannot read dataset bad.jsonl: ArrowInvalid: JSON parse error",
+    ),
+    (
+        "eval-bad-csv",
+        [*E, "--dataset", "bad.csv"],
+        3,
+        "cannot read dataset bad.csv: ParserError: Error tokenizing data",
+    ),
+    (
+        "calib-dir-named",
+        [*Q, "-b", "4", "-m", "gptq", "--calib-dataset", "ckpt"],
+        2,
+        "dataset ckpt is a folder, not a file",
+    ),
 ]
 
 
@@ -218,7 +350,12 @@ def test_bad_input_gives_one_error_line(in_workspace, argv, code, text):
 
 @pytest.mark.parametrize(
     "argv, option",
-    [(["quantize", "--bits", "x"], "--bits"), (["eval", "--seq-len", "abc"], "--seq-len"), (["inspect"], "Missing argument"), (["quantize", "--bogus"], "--bogus")],
+    [
+        (["quantize", "--bits", "x"], "--bits"),
+        (["eval", "--seq-len", "abc"], "--seq-len"),
+        (["inspect"], "Missing argument"),
+        (["quantize", "--bogus"], "--bogus"),
+    ],
 )
 def test_click_usage_errors_keep_clicks_format(in_workspace, argv, option):
     result = CliRunner().invoke(app, argv)
@@ -229,7 +366,12 @@ def test_click_usage_errors_keep_clicks_format(in_workspace, argv, option):
 
 @pytest.mark.parametrize(
     "argv, code",
-    [(["quantize", "-b", "5", "-o", "out"], 2), (["eval", "newer"], 3), (["eval", "--dataset", "bad.jsonl"], 3), (["eval", "--dataset", "bad.csv"], 3)],
+    [
+        (["quantize", "-b", "5", "-o", "out"], 2),
+        (["eval", "newer"], 3),
+        (["eval", "--dataset", "bad.jsonl"], 3),
+        (["eval", "--dataset", "bad.csv"], 3),
+    ],
 )
 def test_bad_input_in_a_real_process(in_workspace, argv, code):
     env = {**os.environ, "PYTHONPATH": str(REPO), "QUANTCLI_DEBUG": ""}

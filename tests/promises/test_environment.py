@@ -27,16 +27,28 @@ def test_a_base_with_another_vocabulary_is_bad_input(tmp_path):
     result = CliRunner().invoke(app, ["eval", "stories260K", "--base", str(tmp_path / "other"), "--max-tokens", "256"])
     assert result.exit_code == 2, result.output
     assert result.stderr == (
-        f"error: --base {tmp_path / 'other'} has another vocabulary than stories260K (600 vs 512 output rows, or different tokens):"
+        f"error: --base {tmp_path / 'other'} has another vocabulary than stories260K (600 vs 512 output rows, or "
+        "different tokens):"
         " KL divergence and top-1 agreement need the same tokens. Pass the model it was quantized from as --base.\n"
     )
 
 
 def test_an_ascii_terminal_still_gets_the_result_and_exit_0(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": "ascii", "QUANTCLI_DEBUG": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "LANG": "C",
+        "LC_ALL": "C",
+        "PYTHONIOENCODING": "ascii",
+        "QUANTCLI_DEBUG": "",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "quantcli", "quantize", "-b", "4", "-m", "rtn", "--max-tokens", "256", "-o", "out"],
-        cwd=tmp_path, env=env, capture_output=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "quantcli.json").exists()

@@ -57,7 +57,9 @@ def _refused(world: Path, argv: list[str], text: str) -> None:
 def test_output_containing_the_input_is_refused(world, model, output):
     model, output = model.format(tmp=world), output.format(tmp=world)
     same = os.path.realpath(model) == os.path.realpath(output)
-    _refused(world, [*QUANTIZE, model, "-o", output], "is the input model's folder" if same else "contains the input model")
+    _refused(
+        world, [*QUANTIZE, model, "-o", output], "is the input model's folder" if same else "contains the input model"
+    )
 
 
 def test_output_inside_the_input_is_refused(world):
@@ -120,4 +122,8 @@ def test_an_unwritable_output_is_refused_before_loading(world, output, text):
 
 def test_a_read_only_file_system_is_refused_before_loading(world):
     with tmpfs(world / "ro", "ro,size=64k") as disk:
-        _refused(world, [*QUANTIZE, "model", "-o", str(disk / "out")], f"creating a file in {disk} failed (read-only file system)")
+        _refused(
+            world,
+            [*QUANTIZE, "model", "-o", str(disk / "out")],
+            f"creating a file in {disk} failed (read-only file system)",
+        )

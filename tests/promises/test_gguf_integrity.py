@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 pytest.importorskip("gguf")
 
-from quantcli.cli.app import app  # noqa: E402
-from tests.support.gguf_files import write_llama_gguf  # noqa: E402
-from tests.support.hostile import cli, copy_gguf  # noqa: E402
+from quantcli.cli.app import app
+from tests.support.gguf_files import write_llama_gguf
+from tests.support.hostile import cli, copy_gguf
 
 END = "The file is incomplete or its metadata is wrong: convert the model again."
 

@@ -75,7 +75,10 @@ def test_a_resume_state_cannot_name_code_to_import(interrupted, tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda record: record.update(type="quantcli.checkpoint.atomic:write_json"), "is not one of quantcli's layer records"),
+        (
+            lambda record: record.update(type="quantcli.checkpoint.atomic:write_json"),
+            "is not one of quantcli's layer records",
+        ),
         (lambda record: record["tensors"]["q"].__setitem__(1, "load"), "'load'], not [shape, dtype]"),
         (lambda record: record["tensors"].update(path=[[1], "int8"]), "holds tensors"),
         (lambda record: record["layout"].update(scale_dtype="load"), "has a layout outside quantcli's grids"),

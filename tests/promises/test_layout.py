@@ -28,8 +28,12 @@ def _modules() -> dict[str, Path]:
 def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """The quantcli modules ``path`` imports, anywhere in the file but for type checkers only."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                   for n in ast.walk(block)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for n in ast.walk(block)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -54,7 +58,7 @@ def test_quantcli_modules_import_each_other_without_a_circle():
 
     def visit(name: str, trail: tuple[str, ...]) -> None:
         if name in trail:
-            raise AssertionError("import circle: " + " -> ".join((*trail[trail.index(name):], name)))
+            raise AssertionError("import circle: " + " -> ".join((*trail[trail.index(name) :], name)))
         if name in done:
             return
         for target in sorted(graph[name]):
@@ -74,5 +78,9 @@ def test_readme_names_every_stage_folder_in_its_architecture_section():
 
 
 def test_no_module_is_longer_than_a_few_screens():
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long

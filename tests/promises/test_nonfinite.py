@@ -42,7 +42,15 @@ def _run(argv):
     return CliRunner().invoke(app, argv)
 
 
-@pytest.mark.parametrize("extra", [["-m", "rtn", "--max-tokens", "256"], ["-m", "rtn", "--asymmetric", "--no-eval"], ["--low-memory"], ["-m", "gptq", "--calib-samples", "2", "--no-eval"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["-m", "rtn", "--max-tokens", "256"],
+        ["-m", "rtn", "--asymmetric", "--no-eval"],
+        ["--low-memory"],
+        ["-m", "gptq", "--calib-samples", "2", "--no-eval"],
+    ],
+)
 def test_weights_too_large_for_a_finite_scale_are_refused(models, tmp_path, extra):
     result = _run(["quantize", str(models / "huge"), "-b", "4", *extra, "-o", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 3, result.output
@@ -52,7 +60,22 @@ def test_weights_too_large_for_a_finite_scale_are_refused(models, tmp_path, extr
 
 
 def test_skipping_the_huge_layer_writes_a_finite_checkpoint(models, tmp_path):
-    result = _run(["quantize", str(models / "huge"), "-b", "4", "-m", "rtn", "--no-eval", "--skip-modules", LAYER, "-o", str(tmp_path / "out"), "--json"])
+    result = _run(
+        [
+            "quantize",
+            str(models / "huge"),
+            "-b",
+            "4",
+            "-m",
+            "rtn",
+            "--no-eval",
+            "--skip-modules",
+            LAYER,
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert LAYER in _strict(result.stdout)["skipped"]
 
@@ -64,9 +87,14 @@ def test_a_model_with_non_finite_logits_has_no_perplexity(models):
 
 
 def test_a_float16_overflow_is_named_not_blamed_on_the_download(models, tmp_path):
-    result = _run(["quantize", str(models / "big16"), "-b", "16", "--dtype", "float16", "--no-eval", "-o", str(tmp_path / "out")])
+    result = _run(
+        ["quantize", str(models / "big16"), "-b", "16", "--dtype", "float16", "--no-eval", "-o", str(tmp_path / "out")]
+    )
     assert result.exit_code == 3
-    assert f"weight {LAYER}.weight is stored as F32 and 2 of its values overflow float16 (inf after the cast). Use --dtype float32 or bfloat16." in result.stderr
+    assert (
+        f"weight {LAYER}.weight is stored as F32 and 2 of its values overflow float16 (inf after the cast). Use "
+        "--dtype float32 or bfloat16." in result.stderr
+    )
     assert "re-download" not in result.stderr
 
 

@@ -41,7 +41,10 @@ def test_every_transformers_loader_call_passes_the_trust_flag():
 def test_the_source_scan_finds_a_call_without_the_flag(tmp_path):
     sample = ROOT / "quantcli" / "_scan_sample.py"
     try:
-        sample.write_text("from transformers import AutoConfig\nAutoConfig.from_pretrained('x')\nAutoConfig.from_pretrained('x', trust_remote_code=False)\n")
+        sample.write_text(
+            "from transformers import AutoConfig\nAutoConfig.from_pretrained('x')\nAutoConfig.from_pretrained('x', "
+            "trust_remote_code=False)\n"
+        )
         assert _calls_without_flag(sample) == ["quantcli/_scan_sample.py:2 from_pretrained"]
     finally:
         sample.unlink()
@@ -67,13 +70,22 @@ COMMANDS = {
 def test_remote_code_never_runs_and_nothing_is_asked(remote, argv, stdin):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "QUANTCLI_DEBUG": ""}
     result = subprocess.run(
-        [sys.executable, "-m", "quantcli", *argv], cwd=remote, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "quantcli", *argv],
+        cwd=remote,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
         **({"stdin": subprocess.DEVNULL} if stdin == "closed" else {"input": "y\n" * 1000}),
     )
     assert not (remote / "ran").exists(), "the checkpoint's own code ran"
     assert result.returncode == 3, result.stderr
     assert result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "ships its own Python code" in result.stderr and "--trust-remote-code" in result.stderr, result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and "ships its own Python code" in result.stderr
+        and "--trust-remote-code" in result.stderr
+    ), result.stderr
 
 
 @pytest.mark.parametrize(

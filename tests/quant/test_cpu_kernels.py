@@ -24,7 +24,12 @@ from tests.support.models import SMOLLM2
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("kernels")
-    runs = {"w8": {"bits": 8}, "w4": {"bits": 4}, "w4-asym": {"bits": 4, "symmetric": False}, "w4-channel": {"bits": 4, "group_size": -1}}
+    runs = {
+        "w8": {"bits": 8},
+        "w4": {"bits": 4},
+        "w4-asym": {"bits": 4, "symmetric": False},
+        "w4-channel": {"bits": 4, "group_size": -1},
+    }
     for name, options in runs.items():
         quantize(config_from_mapping({"method": "rtn", "output": str(root / name), "eval": None, **options}))
     return root
@@ -36,7 +41,9 @@ def _implied_weight(layer) -> torch.Tensor:
         return layer(torch.eye(layer.in_features)).t()
 
 
-@pytest.mark.parametrize("bits, symmetric, group_size", [(4, True, 32), (4, False, 64), (3, False, 128), (4, True, None), (4, False, None)])
+@pytest.mark.parametrize(
+    "bits, symmetric, group_size", [(4, True, 32), (4, False, 64), (3, False, 128), (4, True, None), (4, False, None)]
+)
 def test_int4_scales_and_zeros_match_reference_dequantization(bits, symmetric, group_size):
     """quantcli's signed integers (zero point on the signed grid) map onto the kernel's unsigned
     ``(u - 8) * scale + zero`` form: the kernel's weight equals ops.dequantize up to bfloat16 rounding
@@ -70,12 +77,24 @@ def test_int8_applies_fp32_scales_outside_the_kernel():
 def test_refuses_what_the_kernels_cannot_run():
     steps = torch.zeros(64, 172, dtype=torch.int32)
     assert _int8_module(steps, torch.ones(64, 1), None) == "int8 kernel needs in_features divisible by 16, got 172"
-    assert _int8_module(torch.full((64, 64), 200), torch.ones(64, 1), None) == "int8 kernel has no zero point; this layer is asymmetric"
-    assert _int4_module(steps, torch.ones(64, 4), None) == "int4 kernel takes groups of 32-256 dividing in_features, got groups of 43"
-    assert _int4_module(torch.zeros(172, 64, dtype=torch.int32), torch.ones(172, 1), None) == "int4 kernel needs out_features divisible by 16, got 172"
+    assert (
+        _int8_module(torch.full((64, 64), 200), torch.ones(64, 1), None)
+        == "int8 kernel has no zero point; this layer is asymmetric"
+    )
+    assert (
+        _int4_module(steps, torch.ones(64, 4), None)
+        == "int4 kernel takes groups of 32-256 dividing in_features, got groups of 43"
+    )
+    assert (
+        _int4_module(torch.zeros(172, 64, dtype=torch.int32), torch.ones(172, 1), None)
+        == "int4 kernel needs out_features divisible by 16, got 172"
+    )
 
 
-@pytest.mark.parametrize("name, backend, swapped", [("w8", "int8-cpu", 30), ("w4", "int4-cpu", 20), ("w4-asym", "int4-cpu", 20), ("w4-channel", "int4-cpu", 20)])
+@pytest.mark.parametrize(
+    "name, backend, swapped",
+    [("w8", "int8-cpu", 30), ("w4", "int4-cpu", 20), ("w4-asym", "int4-cpu", 20), ("w4-channel", "int4-cpu", 20)],
+)
 def test_stories260K_logits_and_perplexity_match_dequantized(checkpoints, prompt_ids, name, backend, swapped):
     dense, tokenizer, _ = load(checkpoints / name, "cpu")
     fast, _, _ = load(checkpoints / name, "cpu", backend=backend)
@@ -97,7 +116,11 @@ def test_stories260K_logits_and_perplexity_match_dequantized(checkpoints, prompt
 
 def test_gpt2_conv1d_stored_dense_recovers_its_integers(tiny_gpt2, tmp_path, prompt_ids):
     """GPT-2's Conv1D layers are stored fake-quantized: the scales are recovered from the weights."""
-    quantize(config_from_mapping({"bits": 4, "method": "rtn", "model": tiny_gpt2, "output": str(tmp_path / "g"), "eval": None}))
+    quantize(
+        config_from_mapping(
+            {"bits": 4, "method": "rtn", "model": tiny_gpt2, "output": str(tmp_path / "g"), "eval": None}
+        )
+    )
     dense, _, _ = load(tmp_path / "g", "cpu")
     fast, _, _ = load(tmp_path / "g", "cpu", backend="int4-cpu")
     assert fast.cpu_kernels_dense == {} and isinstance(fast.transformer.h[0].mlp.c_fc, Int4WeightOnlyLinear)
@@ -123,7 +146,10 @@ def test_smollm2_kernel_logits_match_dequantized(bits):
 
     model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    ids = tokenizer("The history of the city begins in the Roman period, when a small fort was built on the river.", return_tensors="pt").input_ids
+    ids = tokenizer(
+        "The history of the city begins in the Roman period, when a small fort was built on the river.",
+        return_tensors="pt",
+    ).input_ids
     modules = dict(model.named_modules())
     kernels = {}
     for name, module in modules.items():

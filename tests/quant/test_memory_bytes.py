@@ -22,7 +22,9 @@ def test_wrapper_subclass_counts_the_tensors_it_holds_once_each():
 
 
 def test_torchao_int8_weights_count_one_byte_per_weight_plus_scales():
-    quantization = pytest.importorskip("torchao.quantization", reason="torchao is a peer, installed only in the .peers side folder (make bench-peers)")
+    quantization = pytest.importorskip(
+        "torchao.quantization", reason="torchao is a peer, installed only in the .peers side folder (make bench-peers)"
+    )
     model = load(str(EMBEDDED_MODEL), "cpu")[0]
     quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]

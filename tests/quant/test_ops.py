@@ -51,7 +51,10 @@ def test_pack_unpack_round_trip_and_matches_compressed_tensors(bits):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_mse_observer_never_loses_to_minmax(symmetric):
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
-    error = {obs: (ops.fake_quantize(weight, 4, symmetric, 32, obs) - weight).abs().pow(2.4).reshape(16, 2, 32).sum(-1) for obs in ("minmax", "mse")}
+    error = {
+        obs: (ops.fake_quantize(weight, 4, symmetric, 32, obs) - weight).abs().pow(2.4).reshape(16, 2, 32).sum(-1)
+        for obs in ("minmax", "mse")
+    }
     assert (error["mse"] <= error["minmax"] + 1e-6).all()
     assert error["mse"].sum() < 0.95 * error["minmax"].sum()
     with pytest.raises(ValueError, match="observer must be one of"):

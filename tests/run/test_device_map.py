@@ -14,7 +14,20 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("method,bits", [("rtn", 4), ("bnb-int8", 8), ("gptq", 4)])
 def test_device_map_auto_gives_the_same_checkpoint(tmp_path, method, bits):
-    common = ["quantize", "--bits", str(bits), "--method", method, "--no-eval", "--json", "--quiet", "--calib-samples", "8", "--seq-len", "64"]
+    common = [
+        "quantize",
+        "--bits",
+        str(bits),
+        "--method",
+        method,
+        "--no-eval",
+        "--json",
+        "--quiet",
+        "--calib-samples",
+        "8",
+        "--seq-len",
+        "64",
+    ]
     mapped = runner.invoke(app, [*common, "-o", str(tmp_path / "mapped"), "--device-map", "auto"])
     plain = runner.invoke(app, [*common, "-o", str(tmp_path / "plain"), "--device", "cpu"])
     assert mapped.exit_code == 0 and plain.exit_code == 0, mapped.output + plain.output
@@ -28,4 +41,7 @@ def test_device_map_auto_gives_the_same_checkpoint(tmp_path, method, bits):
 def test_unknown_device_map_is_one_line():
     result = runner.invoke(app, ["quantize", "--bits", "4", "--device-map", "everywhere", "--quiet"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --device-map must be one of auto, balanced, balanced_low_0, sequential, got 'everywhere'."
+    assert (
+        result.stderr.strip()
+        == "error: --device-map must be one of auto, balanced, balanced_low_0, sequential, got 'everywhere'."
+    )

@@ -23,8 +23,14 @@ def synthetic_llama(folder, layers=4, hidden=64, intermediate=128, shard="60KB")
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(folder, max_shard_size=shard)
     AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(folder)
@@ -43,14 +49,20 @@ def llama(tmp_path_factory):
     return synthetic_llama(tmp_path_factory.mktemp("llama") / "model")
 
 
-@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 4, "observer": "mse"}, {"bits": 8}])
+@pytest.mark.parametrize(
+    "options",
+    [{"bits": 4}, {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 4, "observer": "mse"}, {"bits": 8}],
+)
 def test_streaming_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
     recipe = {"model": str(llama), "method": "rtn", "eval": None, **options}
     in_memory = quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
     report = quantize(config_from_mapping({**recipe, "output": tmp_path / "streamed", "low_memory": True}))
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
     assert report.stats["shards"] == 7
-    assert all(report.size[key] == in_memory.size[key] for key in ("parameters", "original_memory_bytes", "original_disk_bytes"))
+    assert all(
+        report.size[key] == in_memory.size[key]
+        for key in ("parameters", "original_memory_bytes", "original_disk_bytes")
+    )
     assert report.layers == in_memory.layers  # 4 decoder layers, then embeddings, norm and head one by one
     a, b = tensors(memory), tensors(streamed)
     assert sorted(a) == sorted(b)
@@ -91,7 +103,10 @@ def test_resume_continues_after_the_last_finished_layer_with_the_same_result(lla
         quantize(config_from_mapping({**recipe, "output": target}), StopAfter(2 * LAYERS_PER_BLOCK + 1))
     assert not target.exists()
     (staging,) = tmp_path.glob(".resumed.partial-*")
-    assert sorted(p.name for p in staging.glob("*.safetensors")) == ["model-00001-of-00007.safetensors", "model-00002-of-00007.safetensors"]
+    assert sorted(p.name for p in staging.glob("*.safetensors")) == [
+        "model-00001-of-00007.safetensors",
+        "model-00002-of-00007.safetensors",
+    ]
     finished_before = {p.name: p.stat().st_mtime_ns for p in staging.glob("*.safetensors")}
 
     report = quantize(config_from_mapping({**recipe, "output": target, "resume": True}))
@@ -113,18 +128,31 @@ def test_a_run_without_resume_starts_over_and_cleans_the_leftover(llama, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-GPTQ = {"method": "gptq", "bits": 4, "group_size": 32, "eval": None, "calibration": {"samples": 16, "seq_len": 64, "seed": 3}}
+GPTQ = {
+    "method": "gptq",
+    "bits": 4,
+    "group_size": 32,
+    "eval": None,
+    "calibration": {"samples": 16, "seq_len": 64, "seed": 3},
+}
 
 
 def test_streaming_gptq_is_bit_identical_to_in_memory(stories_path, tmp_path, prompt_ids):
     memory = quantize(config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "memory"}))
-    streamed = quantize(config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "streamed", "low_memory": True}))
+    streamed = quantize(
+        config_from_mapping({**GPTQ, "model": stories_path, "output": tmp_path / "streamed", "low_memory": True})
+    )
     a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert sorted(a) == sorted(b)
     assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
     assert memory.layers == streamed.layers and memory.calibration == streamed.calibration
-    assert streamed.stats["shards"] == 7 and streamed.stats["decoder_blocks"] == "model.layers (5)"  # 5 blocks, embeddings, norm
-    assert torch.equal(logits(load(tmp_path / "streamed", "cpu")[0], prompt_ids), logits(load(tmp_path / "memory", "cpu")[0], prompt_ids))
+    assert (
+        streamed.stats["shards"] == 7 and streamed.stats["decoder_blocks"] == "model.layers (5)"
+    )  # 5 blocks, embeddings, norm
+    assert torch.equal(
+        logits(load(tmp_path / "streamed", "cpu")[0], prompt_ids),
+        logits(load(tmp_path / "memory", "cpu")[0], prompt_ids),
+    )
 
 
 def test_streaming_gptq_resumes_from_the_saved_activations(stories_path, tmp_path):
@@ -136,7 +164,9 @@ def test_streaming_gptq_resumes_from_the_saved_activations(stories_path, tmp_pat
     (staging,) = tmp_path.glob(".resumed.partial-*")
     assert (staging / "activations.safetensors").exists()
     report = quantize(config_from_mapping({**recipe, "output": target, "resume": True}))
-    assert report.stats["resumed_shards"] == 3 and len(report.layers) == 5 * LAYERS_PER_BLOCK  # the embedding and its tied head kept by default
+    assert (
+        report.stats["resumed_shards"] == 3 and len(report.layers) == 5 * LAYERS_PER_BLOCK
+    )  # the embedding and its tied head kept by default
     whole, resumed = tensors(tmp_path / "whole"), tensors(target)
     assert sorted(whole) == sorted(resumed) and all(torch.equal(whole[key], resumed[key]) for key in whole)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "whole"]
@@ -151,6 +181,12 @@ def test_streaming_gptq_nf4_is_bit_identical_to_in_memory(stories_path, tmp_path
     assert sorted(a) == sorted(b)
     assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
     assert memory.layers == streamed.layers and streamed.format == "bitsandbytes"
-    quantization = [json.loads((tmp_path / name / "config.json").read_text())["quantization_config"] for name in ("memory", "streamed")]
+    quantization = [
+        json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+        for name in ("memory", "streamed")
+    ]
     assert quantization[0] == quantization[1]
-    assert torch.equal(logits(load(tmp_path / "streamed", "cpu")[0], prompt_ids), logits(load(tmp_path / "memory", "cpu")[0], prompt_ids))
+    assert torch.equal(
+        logits(load(tmp_path / "streamed", "cpu")[0], prompt_ids),
+        logits(load(tmp_path / "memory", "cpu")[0], prompt_ids),
+    )

@@ -19,11 +19,23 @@ from tests.support.badfiles import copy_model, edit_weights, one_more_layer, qua
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 BROKEN = {
-    "missing": (lambda f: edit_weights(f, lambda s: s.pop(Q_PROJ)), f"it lacks 1 weight(s) the config needs ({Q_PROJ}), which would be random"),
-    "more-layers": (one_more_layer, "it declares 6 layers (num_hidden_layers) but the weights hold 5"
-                    " (model.layers.0 to model.layers.4); model.layers.5 onwards would be random"),
-    "unexpected": (lambda f: edit_weights(f, lambda s: s.update({"model.layers.1.extra.weight": torch.zeros(2)})), "it holds 1 weight(s) the config has no place for (model.layers.1.extra.weight)"),
-    "shape": (lambda f: edit_weights(f, lambda s: s.update({Q_PROJ: s[Q_PROJ][:, :-1].contiguous()})), f"{Q_PROJ} is (64, 63) in the file vs (64, 64) in the config"),
+    "missing": (
+        lambda f: edit_weights(f, lambda s: s.pop(Q_PROJ)),
+        f"it lacks 1 weight(s) the config needs ({Q_PROJ}), which would be random",
+    ),
+    "more-layers": (
+        one_more_layer,
+        "it declares 6 layers (num_hidden_layers) but the weights hold 5"
+        " (model.layers.0 to model.layers.4); model.layers.5 onwards would be random",
+    ),
+    "unexpected": (
+        lambda f: edit_weights(f, lambda s: s.update({"model.layers.1.extra.weight": torch.zeros(2)})),
+        "it holds 1 weight(s) the config has no place for (model.layers.1.extra.weight)",
+    ),
+    "shape": (
+        lambda f: edit_weights(f, lambda s: s.update({Q_PROJ: s[Q_PROJ][:, :-1].contiguous()})),
+        f"{Q_PROJ} is (64, 63) in the file vs (64, 64) in the config",
+    ),
 }
 
 
@@ -46,7 +58,10 @@ def test_a_checkpoint_not_matching_its_config_is_refused(broken, tmp_path, monke
     }[mode]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 3, result.output
-    assert result.stderr.startswith(f"error: {broken / kind} does not match its config.json: ") and result.stderr.count("\n") == 1
+    assert (
+        result.stderr.startswith(f"error: {broken / kind} does not match its config.json: ")
+        and result.stderr.count("\n") == 1
+    )
     assert BROKEN[kind][1] in result.stderr
     assert "report" not in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -84,10 +99,22 @@ def _metadata_edit(folder, edit):
 CLAIMS = {
     "method": (lambda d: d.update(method="awq"), "names method 'awq', which quantcli does not know"),
     "bits": (lambda d: d.update(bits=8), "claims 8-bit but its layers are ['4']-bit"),
-    "layer-bits": (lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].update(bits=8), "says layer model.layers.0.self_attn.q_proj is 8-bit but the weights are stored 4-bit"),
-    "layer-missing": (lambda d: d["layers"].pop("model.layers.4.mlp.up_proj"), "omits quantized layer(s) model.layers.4.mlp.up_proj"),
-    "layer-extra": (lambda d: d["layers"].update({"model.layers.7.mlp.up_proj": {"bits": 4}}), "lists layer model.layers.7.mlp.up_proj, which the model does not have"),
-    "shape": (lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].update(shape=[64, 32]), "is (64, 32) but the weights are (64, 64)"),
+    "layer-bits": (
+        lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].update(bits=8),
+        "says layer model.layers.0.self_attn.q_proj is 8-bit but the weights are stored 4-bit",
+    ),
+    "layer-missing": (
+        lambda d: d["layers"].pop("model.layers.4.mlp.up_proj"),
+        "omits quantized layer(s) model.layers.4.mlp.up_proj",
+    ),
+    "layer-extra": (
+        lambda d: d["layers"].update({"model.layers.7.mlp.up_proj": {"bits": 4}}),
+        "lists layer model.layers.7.mlp.up_proj, which the model does not have",
+    ),
+    "shape": (
+        lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].update(shape=[64, 32]),
+        "is (64, 32) but the weights are (64, 64)",
+    ),
     "layers-type": (lambda d: d.update(layers=[1, 2]), "is malformed: 'layers' must map layer names"),
 }
 

@@ -24,13 +24,18 @@ def trained_byte_level_bpe():
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=2000,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train([str(WIKI_CALIB)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="module", params=["sentencepiece-stories260K", "byte-level-bpe-trained", "byte-level-bpe-smollm2"])
+@pytest.fixture(
+    scope="module", params=["sentencepiece-stories260K", "byte-level-bpe-trained", "byte-level-bpe-smollm2"]
+)
 def tokenizer(request):
     from transformers import AutoTokenizer
 
@@ -80,7 +85,10 @@ def test_stream_of_a_file_reads_only_what_max_tokens_needs(tmp_path, small_windo
     path.write_bytes(text.encode() * 6 + b"\xff tail")  # 3 MB, then one byte that is not UTF-8
     source = read_documents(str(path))
     assert token_sequences(source, tokenizer, max_tokens=2000)[0].tolist() == tokenizer(text)["input_ids"][:2000]
-    with pytest.raises(InputError, match=rf"^{path} is not UTF-8 text: invalid byte at offset {len(text.encode()) * 6}\. Convert it to UTF-8\.$"):
+    with pytest.raises(
+        InputError,
+        match=rf"^{path} is not UTF-8 text: invalid byte at offset {len(text.encode()) * 6}\. Convert it to UTF-8\.$",
+    ):
         token_sequences(source, tokenizer)
 
 
@@ -96,7 +104,9 @@ def test_rows_are_joined_by_a_blank_line_or_kept_as_documents(tmp_path):
     stream = token_sequences(source, tokenizer)
     assert [s.tolist() for s in stream] == [tokenizer("\n\n".join(rows))["input_ids"]]  # the HF perplexity guide's join
     documents = token_sequences(source, tokenizer, "documents", "start")
-    assert [d.tolist() for d in documents] == [[1, *tokenizer(r, add_special_tokens=False)["input_ids"]] for r in rows if r]
+    assert [d.tolist() for d in documents] == [
+        [1, *tokenizer(r, add_special_tokens=False)["input_ids"]] for r in rows if r
+    ]
 
 
 def test_a_separator_makes_documents_of_plain_text(tmp_path):
@@ -105,7 +115,15 @@ def test_a_separator_makes_documents_of_plain_text(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
     path = tmp_path / "stories"
     path.write_text("One day a dog ran.\n\nIt was fast.<|endoftext|>A bird sang.<|endoftext|>")
-    with pytest.raises(InputError, match="is plain text, where a blank line is not a document boundary. Pass eval.doc_separator='STRING'"):
+    with pytest.raises(
+        InputError,
+        match="is plain text, where a blank line is not a document boundary. Pass eval.doc_separator='STRING'",
+    ):
         token_sequences(read_documents(str(path)), tokenizer, "documents")
-    documents = token_sequences(read_documents(str(path), doc_separator="<|endoftext|>"), tokenizer, "documents", "auto")
-    assert [d.tolist() for d in documents] == [tokenizer("One day a dog ran.\n\nIt was fast.")["input_ids"], tokenizer("A bird sang.")["input_ids"]]
+    documents = token_sequences(
+        read_documents(str(path), doc_separator="<|endoftext|>"), tokenizer, "documents", "auto"
+    )
+    assert [d.tolist() for d in documents] == [
+        tokenizer("One day a dog ran.\n\nIt was fast.")["input_ids"],
+        tokenizer("A bird sang.")["input_ids"],
+    ]

@@ -80,7 +80,8 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
 def add_remote_code(folder: Path, marker: Path) -> Path:
     """Point ``folder``'s config at its own modeling code, which writes ``marker`` on import."""
     edit_json(
-        folder / "config.json", model_type="evil_llama",
+        folder / "config.json",
+        model_type="evil_llama",
         auto_map={"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
     )
     (folder / "modeling_evil.py").write_text(
@@ -119,7 +120,11 @@ def one_more_layer(folder: Path) -> Path:
 def remote_tokenizer_model(folder: Path, marker: Path) -> Path:
     """A clean config.json, but a tokenizer_config.json pointing at the checkpoint's own tokenizer code."""
     copy_model(folder)
-    edit_json(folder / "tokenizer_config.json", tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]})
+    edit_json(
+        folder / "tokenizer_config.json",
+        tokenizer_class="EvilTokenizer",
+        auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]},
+    )
     (folder / "tok_evil.py").write_text(
         f"open({str(marker)!r}, 'w').write('pwned')\n"
         "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"

@@ -45,11 +45,19 @@ def write_llama_gguf(folder: str | Path, path: Path, weight_type: str = "F32") -
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores([0.0 if i in special else -float(i) for i in range(len(tokens))])
-    writer.add_token_types([
-        gguf.TokenType.CONTROL if i in special else gguf.TokenType.BYTE if token.startswith("<0x") else gguf.TokenType.NORMAL
-        for i, token in enumerate(tokens)
-    ])
-    writer.add_token_merges([" ".join(merge) if isinstance(merge, list) else merge for merge in tokenizer["model"]["merges"]])
+    writer.add_token_types(
+        [
+            gguf.TokenType.CONTROL
+            if i in special
+            else gguf.TokenType.BYTE
+            if token.startswith("<0x")
+            else gguf.TokenType.NORMAL
+            for i, token in enumerate(tokens)
+        ]
+    )
+    writer.add_token_merges(
+        [" ".join(merge) if isinstance(merge, list) else merge for merge in tokenizer["model"]["merges"]]
+    )
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
     writer.add_unk_token_id(0)
@@ -61,7 +69,11 @@ def write_llama_gguf(folder: str | Path, path: Path, weight_type: str = "F32") -
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             data = permute_rotary(data, heads)
         target = names.get_name(name, try_suffixes=(".weight",))
-        if data.ndim == 2 and data.shape[1] % gguf.GGML_QUANT_SIZES[kind][0] == 0 and kind != gguf.GGMLQuantizationType.F32:
+        if (
+            data.ndim == 2
+            and data.shape[1] % gguf.GGML_QUANT_SIZES[kind][0] == 0
+            and kind != gguf.GGMLQuantizationType.F32
+        ):
             writer.add_tensor(target, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(target, data)
@@ -78,6 +90,8 @@ def dequantized_tensors(path: Path) -> dict[str, np.ndarray]:
 
     reader = gguf.GGUFReader(path)
     return {
-        tensor.name: gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+        tensor.name: gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(
+            tuple(reversed(tensor.shape.tolist()))
+        )
         for tensor in reader.tensors
     }

@@ -56,7 +56,11 @@ class CompressedTensors(Format):
         return compress_layer(record, module.weight.dtype)
 
     def tied_tensors(self, model: Any, name: str, stored: dict[str, Any]) -> dict[str, Any]:
-        head = tied_head_name(model, target_layouts(model, {name: IntLayout(8, True, None)})) if "weight" in stored else None
+        head = (
+            tied_head_name(model, target_layouts(model, {name: IntLayout(8, True, None)}))
+            if "weight" in stored
+            else None
+        )
         return {f"{head}.weight_scale": stored["weight_scale"].clone()} if head else {}
 
     def finish(self, model: Any, records: dict[str, IntWeights], folder: Path) -> None:

@@ -40,7 +40,10 @@ def load_compressed(folder: str | Path, device: str = "cpu", trust_remote_code: 
     refuse(model)
     tied = {name + ".weight" for name, module in model.named_modules() if module is model.get_output_embeddings()}
     if unexpected or set(missing) - (tied if config.tie_word_embeddings else set()):
-        raise CheckpointError(f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated.")
+        raise CheckpointError(
+            f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}). The checkpoint is corrupt or truncated."
+        )
     model.tie_weights()
     _quantize_inputs(model, quantization if isinstance(quantization, dict) else quantization.to_dict())
     return model.to(device).eval()
@@ -52,7 +55,6 @@ def _quantize_inputs(model: Any, quantization_config: dict[str, Any]) -> None:
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
 
-
     config = QuantizationConfig.model_validate(quantization_config)
     schemes = [scheme for scheme in config.config_groups.values() if is_int8_token_dynamic(scheme.input_activations)]
     if schemes:
@@ -62,7 +64,11 @@ def _quantize_inputs(model: Any, quantization_config: dict[str, Any]) -> None:
 
 
 def _dense_state_dict(
-    folder: Path, quantization_config: dict[str, Any], dtype: Any, modules: dict[str, Any], tied_head: str | None = None,
+    folder: Path,
+    quantization_config: dict[str, Any],
+    dtype: Any,
+    modules: dict[str, Any],
+    tied_head: str | None = None,
     rename: Any = str,
 ) -> dict[str, Any]:
     """Every tensor of ``folder``, quantized layers decompressed with their scheme's own compressor
@@ -80,14 +86,28 @@ def _dense_state_dict(
     dense: dict[str, Any] = {}
     for prefix in sorted(prefixes):
         module = modules.get(prefix)
-        scheme = next((s for s in config.config_groups.values() if module is not None and is_match(prefix, module, s.targets)), None)
+        scheme = next(
+            (s for s in config.config_groups.values() if module is not None and is_match(prefix, module, s.targets)),
+            None,
+        )
         if scheme is None:
-            raise CheckpointError(f"{folder}: layer {prefix} has quantized tensors but no scheme in config.json. The checkpoint is corrupt; re-run quantcli quantize.")
+            raise CheckpointError(
+                f"{folder}: layer {prefix} has quantized tensors but no scheme in config.json. The checkpoint is "
+                "corrupt; re-run quantcli quantize."
+            )
         local = {key[len(prefix) + 1 :]: value for key, value in state.items() if key.rsplit(".", 1)[0] == prefix}
         if prefix == tied_head and "weight" not in local:  # its int8 tensor is the embedding's: tie_weights() gives it
             continue
         compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
-        local = {key: value.to(dtype) if key == "weight_scale" else value for key, value in local.items()}  # 16-bit scales: multiply in the model's dtype, as transformers does
+        local = {
+            key: value.to(dtype) if key == "weight_scale" else value for key, value in local.items()
+        }  # 16-bit scales: multiply in the model's dtype, as transformers does
         dense[prefix + ".weight"] = compressor.decompress(local, scheme)["weight"].to(dtype)
-    dense.update({key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items() if key.rsplit(".", 1)[0] not in prefixes})
+    dense.update(
+        {
+            key: value.to(dtype) if value.is_floating_point() else value
+            for key, value in state.items()
+            if key.rsplit(".", 1)[0] not in prefixes
+        }
+    )
     return dense

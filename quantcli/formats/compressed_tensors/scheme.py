@@ -53,21 +53,35 @@ def schemes(layouts: dict[str, IntLayout]) -> dict[str, Any]:
 
     groups: dict[tuple, list[str]] = {}
     for name, layout in layouts.items():  # experts in groups of their own (see quantcli.quant.moe.expert_target)
-        key = (layout.bits, layout.group_size, layout.symmetric, storage_kind(layout), layout.activations, is_expert_layer(name))
+        key = (
+            layout.bits,
+            layout.group_size,
+            layout.symmetric,
+            storage_kind(layout),
+            layout.activations,
+            is_expert_layer(name),
+        )
         groups.setdefault(key, []).append(name)
     schemes = {}
     ordered = sorted(groups.items(), key=lambda item: str(item[0]))
     for index, ((bits, group_size, symmetric, format_name, activations, experts), names) in enumerate(ordered):
         args = QuantizationArgs(
-            num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
-            strategy="group" if group_size else "channel", group_size=group_size,
+            num_bits=bits,
+            type="int",
+            symmetric=symmetric,
+            dynamic=False,
+            strategy="group" if group_size else "channel",
+            group_size=group_size,
         )
         inputs = None
         if activations == "int8":
             inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True, strategy="token")
         targets = [expert_target(names)] if experts else sorted(names)
         schemes[f"group_{index}"] = QuantizationScheme(
-            targets=targets, weights=args, input_activations=inputs, format=format_name,
+            targets=targets,
+            weights=args,
+            input_activations=inputs,
+            format=format_name,
         )
     return schemes
 
@@ -81,7 +95,8 @@ def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
     modules = dict(model.named_modules())
     ignore = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear) and name not in layouts]
     config = QuantizationConfig(
-        config_groups=schemes(layouts), ignore=ignore,
+        config_groups=schemes(layouts),
+        ignore=ignore,
         quantization_status=QuantizationStatus.FROZEN,
     )
     apply_quantization_config(model, config, show_progress=False)
@@ -90,13 +105,21 @@ def apply_config(model: Any, layouts: dict[str, IntLayout]) -> None:
 def tied_embedding_name(model: Any, names: Any) -> str | None:
     """The input embedding's name when it is among ``names`` and the output head is tied to it."""
     embedding = model.get_input_embeddings()
-    return next((name for name, module in model.named_modules() if module is embedding and name in names), None) if is_tied(model) else None
+    return (
+        next((name for name, module in model.named_modules() if module is embedding and name in names), None)
+        if is_tied(model)
+        else None
+    )
 
 
 def tied_head_name(model: Any, layouts: dict[str, IntLayout]) -> str | None:
     """The tied output head's name when ``layouts`` target it beside the embedding it shares."""
     head = model.get_output_embeddings()
-    return next((name for name, module in model.named_modules() if module is head and name in layouts), None) if tied_embedding_name(model, layouts) else None
+    return (
+        next((name for name, module in model.named_modules() if module is head and name in layouts), None)
+        if tied_embedding_name(model, layouts)
+        else None
+    )
 
 
 def target_layouts(model: Any, layouts: dict[str, IntLayout]) -> dict[str, IntLayout]:
@@ -117,7 +140,12 @@ def finish_config(folder: Path, model: Any, layouts: dict[str, IntLayout], compu
     evaluated, whatever 16-bit dtype the kept tensors are stored in), and ``dequantize: true`` when a
     packed embedding is stored (see the module docstring)."""
     embedding = model.get_input_embeddings()
-    packed_embedding = any(layout.bits < 8 and module is embedding for name, module in model.named_modules() for layout in [layouts.get(name)] if layout)
+    packed_embedding = any(
+        layout.bits < 8 and module is embedding
+        for name, module in model.named_modules()
+        for layout in [layouts.get(name)]
+        if layout
+    )
     path = folder / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["dtype"] = str(compute_dtype).removeprefix("torch.")

@@ -36,7 +36,11 @@ def compress_layer(layer: IntWeights, held: Any) -> dict[str, Any]:
 
 
 def save_compressed(
-    model: Any, weights: dict[str, IntWeights], folder: Path, max_shard_size: int | None = None, kept_dtype: Any = None,
+    model: Any,
+    weights: dict[str, IntWeights],
+    folder: Path,
+    max_shard_size: int | None = None,
+    kept_dtype: Any = None,
 ) -> None:
     """Write ``model`` with ``weights``' integers as a compressed-tensors checkpoint (mutates ``model``);
     tensors no integer layer owns are stored in ``kept_dtype`` if given (:mod:`quantcli.quant.keptdtype`).
@@ -86,8 +90,13 @@ def save_compressed(
 
 
 def compressed_result(
-    model: Any, method: str, bits: int, options: dict[str, Any], weights: dict[str, IntWeights],
-    notes: dict[str, list[str]], stats: dict[str, Any] | None = None,
+    model: Any,
+    method: str,
+    bits: int,
+    options: dict[str, Any],
+    weights: dict[str, IntWeights],
+    notes: dict[str, list[str]],
+    stats: dict[str, Any] | None = None,
 ) -> QuantizedModel:
     """An integer method's result: per-layer records (``notes`` in layer order, plus any storage
     note) and its records, in compressed-tensors, or dense when no layer can be packed."""
@@ -102,8 +111,21 @@ def compressed_result(
     for name in set(target_layouts(model, packable)) - set(packable):  # a tied head: the embedding's tensor
         embedding = tied_embedding_name(model, packable)
         tied = layers[embedding]
-        layers[name] = LayerRecord(8, tied.scheme, tied.group_size, tied.shape, f"tied to {embedding}: its int8 tensor, stored once; only the scales are stored again")
+        layers[name] = LayerRecord(
+            8,
+            tied.scheme,
+            tied.group_size,
+            tied.shape,
+            f"tied to {embedding}: its int8 tensor, stored once; only the scales are stored again",
+        )
     packed_any = any(storage_note(modules[name]) is None for name in weights)
     return QuantizedModel(
-        model, method, bits, "compressed-tensors" if packed_any else "dense", options, layers, weights, stats or {},
+        model,
+        method,
+        bits,
+        "compressed-tensors" if packed_any else "dense",
+        options,
+        layers,
+        weights,
+        stats or {},
     )

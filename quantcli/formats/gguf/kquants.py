@@ -48,10 +48,10 @@ class KType:
     offset: int = 0
     block: int = SUPER  # inputs per stored block: the width must be a multiple of it
 
-    def round(self, matrix: "torch.Tensor") -> KWeights:
+    def round(self, matrix: torch.Tensor) -> KWeights:
         return round_to_nearest(matrix, self)
 
-    def grid(self, matrix: "torch.Tensor") -> KGrid:
+    def grid(self, matrix: torch.Tensor) -> KGrid:
         return KGrid(matrix, self)
 
 
@@ -66,21 +66,21 @@ class KWeights:
     """A layer on a K-quant grid: ``codes`` (int8 ``[out, in]``), the sub-block ``scales`` (and
     Q4_K's ``mins``) as stored (int16 ``[out, in / sub]``), fp16 ``d`` (and ``dmin``) per super-block."""
 
-    codes: "torch.Tensor"
-    scales: "torch.Tensor"
-    mins: "torch.Tensor | None"
-    d: "torch.Tensor"
-    dmin: "torch.Tensor | None"
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    d: torch.Tensor
+    dmin: torch.Tensor | None
     type: KType
 
-    def dequantize(self) -> "torch.Tensor":
+    def dequantize(self) -> torch.Tensor:
         return dequantize(self)
 
-    def pack(self) -> "np.ndarray":
+    def pack(self) -> np.ndarray:
         return pack(self)
 
 
-def _sum(values: "torch.Tensor") -> "torch.Tensor":
+def _sum(values: torch.Tensor) -> torch.Tensor:
     """The sum over the last axis in float32, one element after the other, as a C loop adds."""
     total = values[..., 0].clone()
     for i in range(1, values.shape[-1]):
@@ -88,7 +88,7 @@ def _sum(values: "torch.Tensor") -> "torch.Tensor":
     return total
 
 
-def _div(a: "torch.Tensor | float", b: "torch.Tensor | float") -> "torch.Tensor":
+def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     """``a / b`` in float32 as C divides: both operands full tensors of one shape (torch divides by a
     scalar, or a scalar by a tensor, through a reciprocal, which rounds twice)."""
     import torch
@@ -97,12 +97,14 @@ def _div(a: "torch.Tensor | float", b: "torch.Tensor | float") -> "torch.Tensor"
     return torch.div(a.contiguous(), b.contiguous())
 
 
-def _nearest(values: "torch.Tensor") -> "torch.Tensor":
+def _nearest(values: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int``: round half to even (its 1.5·2^23 trick)."""
     return values.round()
 
 
-def _search_with_min(x: "torch.Tensor", weights: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+def _search_with_min(
+    x: torch.Tensor, weights: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``make_qkx2_quants(n, top, x, weights, ..., rmin=-1, rdelta=0.1, nstep=20, use_mad=false)`` on
     every row of ``x`` (``[N, n]``): scale, minimum (as stored: positive, subtracted) and codes."""
     import torch
@@ -117,7 +119,9 @@ def _search_with_min(x: "torch.Tensor", weights: "torch.Tensor", top: int) -> tu
     error = scale[:, None] * codes + low[:, None] - x
     best = _sum(weights * (error * error))
     for step in range(21):  # each candidate from the minimum found so far, as llama.cpp's loop updates it
-        inverse = _div(torch.tensor(-1.0) + torch.tensor(0.1) * step + top, torch.where(flat, torch.ones_like(high), high - low))
+        inverse = _div(
+            torch.tensor(-1.0) + torch.tensor(0.1) * step + top, torch.where(flat, torch.ones_like(high), high - low)
+        )
         trial = torch.clamp(_nearest(inverse[:, None] * (x - low[:, None])), 0, top)
         wl = weights * trial
         sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * trial), _sum(wl * x)
@@ -139,7 +143,7 @@ def _search_with_min(x: "torch.Tensor", weights: "torch.Tensor", top: int) -> tu
     return scale, -low, codes
 
 
-def _search_signed(x: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _search_signed(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_qx_quants(n, top, x, L, rmse_type=1, NULL)`` on every row of ``x``: scale and codes
     (signed, ``-top..top-1``), weights ``x²``, scales ``-(top + 0.1·k)/max`` for k in -9..9."""
     import torch
@@ -150,7 +154,7 @@ def _search_signed(x: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.
     signed_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
     weights = x * x
 
-    def trial(inverse: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    def trial(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         levels = torch.clamp(_nearest(inverse[:, None] * x), -top, top - 1)
         return levels, _sum(weights * x * levels), _sum(weights * levels * levels)
 
@@ -163,15 +167,17 @@ def _search_signed(x: "torch.Tensor", top: int) -> tuple["torch.Tensor", "torch.
         codes = torch.where(better[:, None], levels, codes)
         scale = torch.where(better, _div(sum_lx, sum_l2), scale)
         best = torch.where(better, scale * sum_lx, best)
-    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], torch.full_like(codes, -top), codes)
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(
+        zero[:, None], torch.full_like(codes, -top), codes
+    )
 
 
-def _as_byte(values: "torch.Tensor") -> "torch.Tensor":
+def _as_byte(values: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int`` stored in a ``uint8`` (modulo 256, as C converts)."""
     return _nearest(values).long() & 0xFF
 
 
-def round_to_nearest(matrix: "torch.Tensor", kind: KType) -> KWeights:
+def round_to_nearest(matrix: torch.Tensor, kind: KType) -> KWeights:
     """llama.cpp's reference quantization of ``matrix`` (``[out, in]``, ``in`` a multiple of 256), in
     chunks of rows (its search holds a dozen float32 copies of what it works on)."""
     import torch
@@ -184,13 +190,15 @@ def round_to_nearest(matrix: "torch.Tensor", kind: KType) -> KWeights:
     return KWeights(*(joined(name) for name in ("codes", "scales", "mins", "d", "dmin")), kind)
 
 
-def _round_rows(matrix: "torch.Tensor", kind: KType) -> KWeights:
+def _round_rows(matrix: torch.Tensor, kind: KType) -> KWeights:
     import torch
 
     rows, width = matrix.shape
     x = matrix.detach().float().reshape(-1, kind.sub)
     if kind.has_min:  # quantize_row_q4_K_ref
-        spread = torch.sqrt(_div(_sum(x * x), kind.sub).double()).float()  # correctly rounded, as sqrtf (torch's float32 sqrt is not)
+        spread = torch.sqrt(
+            _div(_sum(x * x), kind.sub).double()
+        ).float()  # correctly rounded, as sqrtf (torch's float32 sqrt is not)
         scale, minimum, codes = _search_with_min(x, spread[:, None] + x.abs(), kind.highest)
         scale, minimum = scale.reshape(rows, -1, SUPER // kind.sub), minimum.reshape(rows, -1, SUPER // kind.sub)
         top_scale, top_min = scale.amax(dim=-1).clamp(min=0), minimum.amax(dim=-1).clamp(min=0)
@@ -201,7 +209,9 @@ def _round_rows(matrix: "torch.Tensor", kind: KType) -> KWeights:
         d, dmin = _div(top_scale, 63).half(), _div(top_min, 63).half()
         step = (d.float()[..., None] * scales.float()).reshape(-1)
         offset = (dmin.float()[..., None] * mins.float()).reshape(-1)
-        requantized = torch.clamp(_nearest(_div(x + offset[:, None], torch.where(step == 0, torch.ones_like(step), step)[:, None])), 0, 15)
+        requantized = torch.clamp(
+            _nearest(_div(x + offset[:, None], torch.where(step == 0, torch.ones_like(step), step)[:, None])), 0, 15
+        )
     else:  # quantize_row_q6_K_ref
         scale, codes = _search_signed(x, 32)
         scale = scale.reshape(rows, -1, SUPER // kind.sub)
@@ -212,16 +222,20 @@ def _round_rows(matrix: "torch.Tensor", kind: KType) -> KWeights:
         d = torch.where(empty, torch.zeros_like(inverse), _div(1, inverse)).half()
         scales = torch.clamp(_nearest(inverse[..., None] * scale), max=127).long()
         scales = torch.where(empty[..., None], torch.zeros_like(scales), scales)
-        codes = torch.where(empty.repeat_interleave(SUPER // kind.sub, dim=-1).reshape(-1, 1), torch.full_like(codes, -32), codes)
+        codes = torch.where(
+            empty.repeat_interleave(SUPER // kind.sub, dim=-1).reshape(-1, 1), torch.full_like(codes, -32), codes
+        )
         mins = dmin = None
         step = (d.float()[..., None] * scales.float()).reshape(-1)
-        requantized = torch.clamp(_nearest(_div(x, torch.where(step == 0, torch.ones_like(step), step)[:, None])), -32, 31)
+        requantized = torch.clamp(
+            _nearest(_div(x, torch.where(step == 0, torch.ones_like(step), step)[:, None])), -32, 31
+        )
     codes = torch.where((step == 0)[:, None], codes, requantized)
     as_stored = lambda t: None if t is None else t.reshape(rows, -1).to(torch.int16)  # noqa: E731
     return KWeights(codes.reshape(rows, width).to(torch.int8), as_stored(scales), as_stored(mins), d, dmin, kind)
 
 
-def _steps(record: KWeights) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+def _steps(record: KWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each sub-block's float32 step ``d·sc`` and subtracted minimum ``dmin·m``, ``[out, in / sub]``."""
     per = SUPER // record.type.sub
     step = record.d.float().repeat_interleave(per, dim=1) * record.scales.float()
@@ -229,7 +243,7 @@ def _steps(record: KWeights) -> tuple["torch.Tensor", "torch.Tensor | None"]:
     return step, offset
 
 
-def dequantize(record: KWeights) -> "torch.Tensor":
+def dequantize(record: KWeights) -> torch.Tensor:
     """The fp32 ``[out, in]`` values llama.cpp computes with (``gguf``'s dequantizer's arithmetic)."""
     rows, sub = record.codes.shape[0], record.type.sub
     step, offset = _steps(record)
@@ -243,7 +257,7 @@ class KGrid(FixedGrid):
     """A layer's K-quant grid with llama.cpp's reference scales from its original weights, fixed
     while GPTQ updates the weights (see :class:`quantcli.formats.gguf.types.FixedGrid`)."""
 
-    def __init__(self, matrix: "torch.Tensor", kind: KType) -> None:
+    def __init__(self, matrix: torch.Tensor, kind: KType) -> None:
         import torch
 
         self.reference = round_to_nearest(matrix, kind)
@@ -252,16 +266,18 @@ class KGrid(FixedGrid):
         self._inverse = torch.where(self._step == 0, torch.zeros_like(self._step), 1 / self._step)
         self._low = None if offset is None else -offset
 
-    def record(self, codes: "torch.Tensor", rows: "torch.Tensor | None" = None) -> KWeights:
+    def record(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> KWeights:
         import torch
 
         pick = slice(None) if rows is None else rows
         ref = self.reference
         keep = lambda t: None if t is None else t[pick]  # noqa: E731
-        return KWeights(codes[pick].to(torch.int8), ref.scales[pick], keep(ref.mins), ref.d[pick], keep(ref.dmin), ref.type)
+        return KWeights(
+            codes[pick].to(torch.int8), ref.scales[pick], keep(ref.mins), ref.d[pick], keep(ref.dmin), ref.type
+        )
 
 
-def pack(record: KWeights) -> "np.ndarray":
+def pack(record: KWeights) -> np.ndarray:
     """The type's super-blocks, ``[out, in / 256 * bytes per block]`` uint8, as ``ggml`` lays them out.
     Q4_K: fp16 ``d``, ``dmin``, 12 bytes of 6-bit scales and minimums (the low 6 bits of sub-blocks
     0-3 in bytes 0-7, the high 2 bits of sub-blocks 4-7 on top of them, their low 4 bits in bytes
@@ -276,8 +292,14 @@ def pack(record: KWeights) -> "np.ndarray":
     if record.type.has_min:
         codes = record.codes.cpu().numpy().astype(np.uint8).reshape(rows, -1, 4, 2, 32)
         sc, m = scales.astype(np.uint8), record.mins.cpu().numpy().astype(np.uint8).reshape(rows, -1, per)
-        packed_scales = np.concatenate([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
-                                        (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4)], axis=-1)
+        packed_scales = np.concatenate(
+            [
+                (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+                (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+                (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
+            ],
+            axis=-1,
+        )
         quads = (codes[..., 0, :] | (codes[..., 1, :] << 4)).reshape(rows, -1, 128)
         dmin = record.dmin.cpu().numpy().astype(np.float16).reshape(rows, -1, 1).view(np.uint8)
         parts = [d, dmin, packed_scales, quads]

@@ -40,10 +40,10 @@ class BlockType:
     offset: int
     has_min: bool
 
-    def round(self, matrix: "torch.Tensor") -> BlockWeights:
+    def round(self, matrix: torch.Tensor) -> BlockWeights:
         return round_to_nearest(matrix, self)
 
-    def grid(self, matrix: "torch.Tensor") -> FixedGrid:
+    def grid(self, matrix: torch.Tensor) -> FixedGrid:
         return FixedGrid(matrix, self)
 
 
@@ -61,25 +61,25 @@ class BlockWeights:
     """A layer on a legacy grid: ``codes`` (int8, ``[out, in]``), fp16 ``scale`` and, for ``_1``
     types, fp16 ``minimum`` per block (``[out, in / 32]``)."""
 
-    codes: "torch.Tensor"
-    scale: "torch.Tensor"
-    minimum: "torch.Tensor | None"
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor | None
     type: BlockType
 
-    def dequantize(self) -> "torch.Tensor":
+    def dequantize(self) -> torch.Tensor:
         return dequantize(self)
 
-    def pack(self) -> "np.ndarray":
+    def pack(self) -> np.ndarray:
         return pack(self)
 
 
-def _blocks(matrix: "torch.Tensor") -> "torch.Tensor":
+def _blocks(matrix: torch.Tensor) -> torch.Tensor:
     if matrix.shape[1] % BLOCK:
         raise InputError(f"a GGUF block type needs in_features divisible by {BLOCK}, got {matrix.shape[1]}.")
     return matrix.detach().float().reshape(matrix.shape[0], -1, BLOCK)
 
 
-def _reference_scales(blocks: "torch.Tensor", kind: BlockType) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+def _reference_scales(blocks: torch.Tensor, kind: BlockType) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 ``d`` (and ``m``) per block, ``[rows, blocks, 1]``, as llama.cpp's reference quantizer computes them."""
     import torch
 
@@ -92,13 +92,13 @@ def _reference_scales(blocks: "torch.Tensor", kind: BlockType) -> tuple["torch.T
     return signed_max / -kind.offset, None
 
 
-def _inverse(scale: "torch.Tensor") -> "torch.Tensor":
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
 
 
-def round_to_nearest(matrix: "torch.Tensor", kind: BlockType) -> BlockWeights:
+def round_to_nearest(matrix: torch.Tensor, kind: BlockType) -> BlockWeights:
     """llama.cpp's reference quantization of ``matrix`` (``[out, in]``, ``in`` a multiple of 32): codes
     from the fp32 scales, rounded as ``ggml-quants.c`` rounds them (half away from zero for Q8_0,
     ``trunc(x + 0.5)`` on shifted non-negative values otherwise)."""
@@ -119,7 +119,7 @@ def round_to_nearest(matrix: "torch.Tensor", kind: BlockType) -> BlockWeights:
     return BlockWeights(codes, scale[..., 0].half(), None if low is None else low[..., 0].half(), kind)
 
 
-def dequantize(record: BlockWeights) -> "torch.Tensor":
+def dequantize(record: BlockWeights) -> torch.Tensor:
     """The fp32 ``[out, in]`` values llama.cpp computes with (``gguf``'s dequantizer's arithmetic)."""
     rows = record.codes.shape[0]
     codes = record.codes.float().reshape(rows, -1, BLOCK) - record.type.offset
@@ -135,7 +135,7 @@ class FixedGrid:
 
     block = BLOCK
 
-    def __init__(self, matrix: "torch.Tensor", kind: BlockType) -> None:
+    def __init__(self, matrix: torch.Tensor, kind: BlockType) -> None:
         reference = round_to_nearest(matrix, kind)
         self.type = kind
         self.scale, self.minimum = reference.scale, reference.minimum
@@ -143,18 +143,21 @@ class FixedGrid:
         self._inverse = _inverse(self._step)
         self._low = reference.minimum.float() if reference.minimum is not None else None
 
-    def round(self, column: "torch.Tensor", group: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """``(codes, values)`` of one input column (all rows) in block ``group``, as :func:`dequantize` computes them."""
+    def round(self, column: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, values)`` of one input column (all rows) in block ``group``, as :func:`dequantize`
+        computes them."""
         low = None if self._low is None else self._low[:, group]
         return self._nearest(column, self._step[:, group], self._inverse[:, group], low)
 
-    def values(self, matrix: "torch.Tensor") -> "torch.Tensor":
+    def values(self, matrix: torch.Tensor) -> torch.Tensor:
         """Every weight of ``matrix`` (``[rows, in]``) rounded to the nearest value of its block's grid."""
         blocks = matrix.float().reshape(matrix.shape[0], -1, self.block)
         low = None if self._low is None else self._low[..., None]
         return self._nearest(blocks, self._step[..., None], self._inverse[..., None], low)[1].reshape(matrix.shape)
 
-    def _nearest(self, weights: "torch.Tensor", step: "torch.Tensor", inverse: "torch.Tensor", low: "torch.Tensor | None") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def _nearest(
+        self, weights: torch.Tensor, step: torch.Tensor, inverse: torch.Tensor, low: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         shifted = weights if low is None else weights - low
@@ -162,8 +165,9 @@ class FixedGrid:
         values = step * (codes - self.type.offset)
         return codes, values if low is None else values + low
 
-    def record(self, codes: "torch.Tensor", rows: "torch.Tensor | None" = None) -> BlockWeights:
-        """The record of GPTQ's chosen ``codes`` (``[rows, in]``, plain column order), keeping only ``rows`` if given."""
+    def record(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> BlockWeights:
+        """The record of GPTQ's chosen ``codes`` (``[rows, in]``, plain column order), keeping only ``rows``
+        if given."""
         import torch
 
         pick = slice(None) if rows is None else rows
@@ -171,7 +175,7 @@ class FixedGrid:
         return BlockWeights(codes[pick].to(torch.int8), self.scale[pick], minimum, self.type)
 
 
-def pack(record: BlockWeights) -> "np.ndarray":
+def pack(record: BlockWeights) -> np.ndarray:
     """The type's blocks, ``[out, in / 32 * bytes per block]`` uint8, as ``ggml`` lays them out:
     fp16 ``d`` (and ``m``), then for 5-bit types the 32 fifth bits as a little-endian uint32, then the
     codes (Q8_0: one signed byte each; 4/5-bit: the low nibbles of codes ``j`` and ``j + 16`` in one byte)."""

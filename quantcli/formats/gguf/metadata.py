@@ -18,16 +18,23 @@ def write_hyperparameters(writer: Any, config: Any, file_type: str) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(hidden)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
+    writer.add_feed_forward_length(
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    )
     writer.add_head_count(heads)
     writer.add_file_type(gguf.LlamaFileType[file_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if config.model_type == "gpt2":
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         return
-    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    rope = getattr(config, "rope_parameters", None) or {
+        "rope_type": "default",
+        "rope_theta": getattr(config, "rope_theta", 10000.0),
+    }
     if rope.get("rope_type", "default") != "default":
-        raise UnavailableError(f"GGUF output writes plain rotary embeddings; this model's rope_type is {rope['rope_type']}.")
+        raise UnavailableError(
+            f"GGUF output writes plain rotary embeddings; this model's rope_type is {rope['rope_type']}."
+        )
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -44,7 +51,7 @@ def write_hyperparameters(writer: Any, config: Any, file_type: str) -> None:
 # a model: any tokenizer whose pre-tokenizer spells these steps gets the name.
 BYTE_LEVEL = "ByteLevel(use_regex)"  # GPT-2's built-in pattern
 DIGITS = "Digits(individual)"
-LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501 - the regex as llama.cpp spells it
 PRE_TOKENIZERS = {  # steps: (llama.cpp name, whether llama.cpp takes a whole-word vocab entry before merging)
     (BYTE_LEVEL,): ("gpt-2", False),
     (DIGITS, BYTE_LEVEL): ("smollm", False),  # SmolLM/StarCoder: every digit alone, then GPT-2's pattern
@@ -62,7 +69,12 @@ def llamacpp_pre_tokenizer(pre: dict, normalizer: dict | None, ignore_merges: bo
             spelled += [BYTE_LEVEL] if step.get("use_regex", True) else []
         elif kind == "Digits" and step.get("individual_digits"):
             spelled.append(DIGITS)
-        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert") and "Regex" in (step.get("pattern") or {}):
+        elif (
+            kind == "Split"
+            and step.get("behavior") == "Isolated"
+            and not step.get("invert")
+            and "Regex" in (step.get("pattern") or {})
+        ):
             spelled.append(step["pattern"]["Regex"])
         else:
             spelled.append(json.dumps(step, sort_keys=True, ensure_ascii=False))
@@ -70,8 +82,10 @@ def llamacpp_pre_tokenizer(pre: dict, normalizer: dict | None, ignore_merges: bo
     if known is None or normalizer or known[1] != ignore_merges:
         names = ", ".join(name for name, _ in PRE_TOKENIZERS.values())
         raise UnavailableError(
-            f"GGUF output writes byte-level BPE tokenizers whose pre-tokenizer llama.cpp has ({names}) and SentencePiece-style ones;"
-            f" this tokenizer's pre-tokenizer is {' then '.join(spelled) or 'none'}{', with a normalizer' if normalizer else ''}"
+            f"GGUF output writes byte-level BPE tokenizers whose pre-tokenizer llama.cpp has ({names}) and "
+            "SentencePiece-style ones;"
+            " this tokenizer's pre-tokenizer is "
+            f"{' then '.join(spelled) or 'none'}{', with a normalizer' if normalizer else ''}"
             f"{', ignore_merges ' + str(ignore_merges).lower() if known and known[1] != ignore_merges else ''}."
         )
     return known[0]
@@ -87,9 +101,15 @@ def write_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model, pre = data["model"], data.get("pre_tokenizer") or {}
     if model.get("type") != "BPE":
-        raise UnavailableError(f"GGUF output writes BPE tokenizers (SentencePiece-style or byte-level); this one is {model.get('type')}.")
+        raise UnavailableError(
+            f"GGUF output writes BPE tokenizers (SentencePiece-style or byte-level); this one is {model.get('type')}."
+        )
     sentencepiece = bool(model.get("byte_fallback"))
-    pre_name = "default" if sentencepiece else llamacpp_pre_tokenizer(pre, data.get("normalizer"), bool(model.get("ignore_merges")))
+    pre_name = (
+        "default"
+        if sentencepiece
+        else llamacpp_pre_tokenizer(pre, data.get("normalizer"), bool(model.get("ignore_merges")))
+    )
     tokens = {token_id: text for text, token_id in model["vocab"].items()}
     added = {item["id"]: item for item in data.get("added_tokens", [])}
     tokens.update({token_id: item["content"] for token_id, item in added.items()})
@@ -122,8 +142,12 @@ def write_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
 
     from transformers import AutoTokenizer
 
-    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # its notes on tokenizer.json's pair template are not ours to show
+    logging.getLogger("gguf.vocab").setLevel(
+        logging.ERROR
+    )  # its notes on tokenizer.json's pair template are not ours to show
     special = gguf.SpecialVocab(folder, load_merges=not sentencepiece, n_vocab=count)
     hf = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # the tokenizer quantcli just saved
-    special.add_special_token["bos"] = hf.bos_token_id is not None and hf("a")["input_ids"][:1] == [hf.bos_token_id]  # what HF does
+    special.add_special_token["bos"] = hf.bos_token_id is not None and hf("a")["input_ids"][:1] == [
+        hf.bos_token_id
+    ]  # what HF does
     special.add_to_gguf(writer, quiet=True)

@@ -9,8 +9,9 @@ blocks do not fit; the output head (and a tied embedding) as llama.cpp quantizes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import InputError, option
 from quantcli.formats.gguf.kquants import K_TYPES
@@ -21,8 +22,22 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["BLOCK", "LEGACY", "TYPES", "BlockType", "BlockWeights", "FixedGrid", "Mix", "block_type", "dequantize",
-           "fixed_grid", "pack", "quantize_layer", "round_to_nearest", "tensor_type"]
+__all__ = [
+    "BLOCK",
+    "LEGACY",
+    "TYPES",
+    "BlockType",
+    "BlockWeights",
+    "FixedGrid",
+    "Mix",
+    "block_type",
+    "dequantize",
+    "fixed_grid",
+    "pack",
+    "quantize_layer",
+    "round_to_nearest",
+    "tensor_type",
+]
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,10 @@ def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool =
     elif file_type.name == "Q4_K_M" and name.startswith("blk."):
         role, layer = name.split(".")[2], int(name.split(".")[1])
         if role == "attn_qkv":
-            raise InputError(f"{option('gguf_type', 'Q4_K_M')} gives a fused attn_qkv weight (GPT-2) Q5_K, which quantcli does not write. Use Q4_K or Q6_K.")
+            raise InputError(
+                f"{option('gguf_type', 'Q4_K_M')} gives a fused attn_qkv weight (GPT-2) Q5_K, which quantcli does not "
+                "write. Use Q4_K or Q6_K."
+            )
         if role in ("attn_v", "ffn_down") and _use_more_bits(layer, layers):
             chosen = "Q6_K"
     if width % BLOCK:
@@ -80,27 +98,27 @@ def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool =
     return final, "; ".join(notes) or None
 
 
-def round_to_nearest(matrix: "torch.Tensor", kind: Any) -> Any:
+def round_to_nearest(matrix: torch.Tensor, kind: Any) -> Any:
     """llama.cpp's reference quantization of ``matrix`` onto ``kind`` (a legacy type or a K-quant)."""
     return kind.round(matrix)
 
 
-def dequantize(record: Any) -> "torch.Tensor":
+def dequantize(record: Any) -> torch.Tensor:
     """The fp32 ``[out, in]`` values llama.cpp computes with."""
     return record.dequantize()
 
 
-def pack(record: Any) -> "np.ndarray":
+def pack(record: Any) -> np.ndarray:
     """The type's blocks as ``ggml`` lays them out, ``[out, bytes per row]`` uint8."""
     return record.pack()
 
 
-def fixed_grid(matrix: "torch.Tensor", kind: Any) -> Any:
+def fixed_grid(matrix: torch.Tensor, kind: Any) -> Any:
     """The grid GPTQ rounds onto: :class:`FixedGrid`, or a K-quant's :class:`~quantcli.formats.gguf.kquants.KGrid`."""
     return kind.grid(matrix)
 
 
-def quantize_layer(module: Any, type_name: str, choose: Callable[["torch.Tensor"], Any]) -> Any:
+def quantize_layer(module: Any, type_name: str, choose: Callable[[torch.Tensor], Any]) -> Any:
     """One layer onto the grid of ``type_name`` (:func:`tensor_type`'s) with ``choose(matrix)``
     (rounding or GPTQ); its weights become the values llama.cpp will compute with. ``F16`` (a width
     not a multiple of 32, as llama.cpp's quantizer keeps it): no record, its weights rounded to fp16."""

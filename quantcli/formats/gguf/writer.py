@@ -33,8 +33,15 @@ ARCHITECTURES = ("llama", "gpt2")  # model_type -> gguf.MODEL_ARCH of the same n
 FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_S"}  # general.file_type: the closest llama.cpp names (Q4_K_S is Q4_K with some Q5_K)
 
 
-def gguf_result(model: Any, method: str, kind: Any, options: dict[str, Any], records: dict[str, Any],
-                notes: dict[str, list[str]], stats: dict[str, Any] | None = None) -> QuantizedModel:
+def gguf_result(
+    model: Any,
+    method: str,
+    kind: Any,
+    options: dict[str, Any],
+    records: dict[str, Any],
+    notes: dict[str, list[str]],
+    stats: dict[str, Any] | None = None,
+) -> QuantizedModel:
     """A method's result on a GGUF grid: one record per layer (None: stored F16) and the per-layer map."""
     modules = dict(model.named_modules())
     layers = {}
@@ -44,7 +51,9 @@ def gguf_result(model: Any, method: str, kind: Any, options: dict[str, Any], rec
         bits, scheme = (record.type.bits, record.type.name) if record is not None else (16, "F16")
         group = getattr(record.type, "sub", BLOCK) if record is not None else None
         layers[name] = LayerRecord(bits, scheme, group, shape, "; ".join(layer_notes) or None)
-    return QuantizedModel(model, method, kind.bits, "gguf", options, layers, {**records, **_embeddings(model, kind)}, stats or {})
+    return QuantizedModel(
+        model, method, kind.bits, "gguf", options, layers, {**records, **_embeddings(model, kind)}, stats or {}
+    )
 
 
 def _llamacpp_names(model: Any) -> Any:
@@ -70,7 +79,9 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
 
     def finish(name: str, hessian: Any) -> Any:
         width = weight_matrix(modules[name]).shape[1]
-        layer_type, note = tensor_type(file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers)
+        layer_type, note = tensor_type(
+            file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers
+        )
         notes[name] += [note] if note else []
 
         def chosen(matrix: Any) -> Any:
@@ -88,7 +99,15 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
 
     blocks = request.block_source(request.layers)
     stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
-    return gguf_result(request.model, method, request.grid, options, blocks.records, notes, stats if request.calibration is not None else None)
+    return gguf_result(
+        request.model,
+        method,
+        request.grid,
+        options,
+        blocks.records,
+        notes,
+        stats if request.calibration is not None else None,
+    )
 
 
 @dataclass
@@ -111,7 +130,10 @@ def _embeddings(model: Any, kind: Any) -> dict[str, Packed]:
     tied = head is None or head.weight is embedding.weight
     layers, width = model.config.num_hidden_layers, embedding.weight.shape[1]
     head_type = tensor_type(kind, "output.weight", width, layers, head=True)[0]
-    chosen = {embedding: head_type if tied else tensor_type(kind, "token_embd.weight", width, layers)[0], **({} if tied else {head: head_type})}
+    chosen = {
+        embedding: head_type if tied else tensor_type(kind, "token_embd.weight", width, layers)[0],
+        **({} if tied else {head: head_type}),
+    }
     packed = {}
     for module, to_type in chosen.items():
         data, raw_type = _dense(module.weight, to_type)
@@ -126,13 +148,17 @@ def gguf_file(folder: str | Path) -> Path:
     """The one ``.gguf`` file of a quantcli GGUF output folder."""
     found = sorted(Path(folder).glob("*.gguf"))
     if len(found) != 1:
-        raise CheckpointError(f"{folder} should hold exactly one .gguf file, found {len(found)}. Re-run quantcli quantize.")
+        raise CheckpointError(
+            f"{folder} should hold exactly one .gguf file, found {len(found)}. Re-run quantcli quantize."
+        )
     return found[0]
 
 
 def check_architecture(config: Any) -> None:
     if config.model_type not in ARCHITECTURES:
-        raise UnavailableError(f"GGUF output supports Llama-family and GPT-2 models (model_type llama, gpt2), not {config.model_type}.")
+        raise UnavailableError(
+            f"GGUF output supports Llama-family and GPT-2 models (model_type llama, gpt2), not {config.model_type}."
+        )
 
 
 def _permute_rows(tensor: Any, heads: int) -> Any:
@@ -146,7 +172,6 @@ def _dense(value: Any, to_type: str) -> tuple[Any, Any]:
     reference quantizer (``gguf``'s for the legacy types, :mod:`quantcli.formats.gguf.kquants`')."""
     import gguf
     import numpy as np
-
 
     array = value.detach().float().cpu().numpy()
     if to_type == "F32":
@@ -163,7 +188,6 @@ def _tensors(quantized: QuantizedModel) -> Any:
     """``(gguf name, data, raw type)`` of every tensor, in the model's order."""
     import gguf
 
-
     model, config = quantized.model, quantized.model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
     modules = dict(model.named_modules())
@@ -172,7 +196,9 @@ def _tensors(quantized: QuantizedModel) -> Any:
         module_name = key.rsplit(".", 1)[0]
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UnavailableError(f"GGUF output has no llama.cpp name for tensor {key} of this {config.model_type} model.")
+            raise UnavailableError(
+                f"GGUF output has no llama.cpp name for tensor {key} of this {config.model_type} model."
+            )
         if name == "output.weight" and tied:
             continue
         heads = None
@@ -184,15 +210,23 @@ def _tensors(quantized: QuantizedModel) -> Any:
             continue
         if record is not None:
             if heads:
-                record = replace(record, **{f.name: _permute_rows(getattr(record, f.name), heads) for f in fields(record)
-                                            if f.name != "type" and getattr(record, f.name) is not None})
+                record = replace(
+                    record,
+                    **{
+                        f.name: _permute_rows(getattr(record, f.name), heads)
+                        for f in fields(record)
+                        if f.name != "type" and getattr(record, f.name) is not None
+                    },
+                )
             yield name, pack(record), gguf.GGMLQuantizationType[record.type.name]
             continue
         if key.endswith(".weight") and is_conv1d(modules[module_name]):
             value = value.t()
         if heads:
             value = _permute_rows(value, heads)
-        to_type = "F16" if module_name in quantized.layers and key.endswith(".weight") else "F32"  # F16: blocks cannot hold it
+        to_type = (
+            "F16" if module_name in quantized.layers and key.endswith(".weight") else "F32"
+        )  # F16: blocks cannot hold it
         yield (name, *_dense(value, to_type))
 
 
@@ -212,7 +246,6 @@ class GGUF(Format):
         """Write ``folder/model-TYPE.gguf``; the tokenizer must already be saved in ``folder``."""
         import gguf
 
-
         config = quantized.model.config
         check_architecture(config)
         kind = block_type(quantized.options["gguf_type"])
@@ -229,6 +262,5 @@ class GGUF(Format):
 
     def load(self, folder: str, device: str, trust_remote_code: bool = False) -> Any:
         import torch
-
 
         return gguf_input.load_model(gguf_file(folder), torch.float32, device)
