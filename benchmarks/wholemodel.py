@@ -106,7 +106,7 @@ def markdown(data: dict) -> str:
     for row in data["rows"]:
         verdict = row["judged"]
         met = "" if "size_ok" not in verdict else f"size {'yes' if verdict['size_ok'] else 'NO'}, quality {'yes' if verdict['quality_ok'] else 'NO'} ({verdict['target']})"
-        label = f"quantcli {row['row']} ({', '.join(f'{k}={v}' for k, v in row['options'].items() if k in SHOWN_OPTIONS)}{', ' + str(row['fields']) if row['fields'] else ''})"
+        label = f"quantcli {row['row']} ({', '.join(f'{k}={v}' for k, v in row['options'].items() if k in SHOWN_OPTIONS and v is not None)}{', ' + str(row['fields']) if row['fields'] else ''})"
         label += f"; {row['note']}" if row.get("note") else ""
         lines.append(f"| {label} | {row['disk_bytes']:,} B | {row['bits_per_weight']:.2f} | {row['perplexity']:.4f} | {verdict['delta_pct']:+.3f}% | {met} |")
     lines += ["", "Size breakdown of each quantcli checkpoint (bytes, share of the file's tensor bytes):", ""]
