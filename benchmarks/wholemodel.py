@@ -136,7 +136,7 @@ def markdown(data: dict) -> str:
         if "size_ok" in verdict:
             size, quality = ("yes" if verdict[key] else "NO" for key in ("size_ok", "quality_ok"))
             met = f"size {size}, quality {quality} ({verdict['target']})"
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k in SHOWN_OPTIONS)
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k in SHOWN_OPTIONS and v is not None)
         label = f"quantcli {row['row']} ({options}{', ' + str(row['fields']) if row['fields'] else ''})"
         label += f"; {row['note']}" if row.get("note") else ""
         lines.append(
