@@ -32,7 +32,8 @@ import quantcli
 from benchmarks.lib import setups
 from benchmarks.lib.results import labelled
 from quantcli.allocate.candidates import checkpoint_bytes
-from quantcli.allocate.run import decide, prepare
+from quantcli.allocate.prepare import prepare
+from quantcli.allocate.rounds import decide
 from quantcli.allocate.search import _predicted, assemble, uniform_choices
 from quantcli.config.allocation import AllocationConfig
 from quantcli.config.quantize import CalibrationConfig, EvalConfig, QuantizeConfig

@@ -282,7 +282,7 @@ def test_checkpoint_bytes_counts_an_unquantized_save(stories_path):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, stories_path):
     """One stories260K preparation (as benchmarks/allocation.py makes it): every candidate, proxy check, verifier."""
-    from quantcli.allocate.run import prepare
+    from quantcli.allocate.prepare import prepare
     from quantcli.methods import get_method
     from quantcli.progress import NullProgress
     from quantcli.quant.layers import select_modules
@@ -324,7 +324,7 @@ def prepared(tmp_path_factory, stories_path):
 
 
 def test_verification_bound_is_students_t_over_paired_windows(prepared):
-    from quantcli.allocate.run import _met
+    from quantcli.allocate.rounds import _met
     from quantcli.allocate.search import assemble, uniform_choices
 
     verify = prepared.verify
@@ -371,7 +371,7 @@ def test_a_round_whose_bound_exceeds_the_target_is_refused(prepared):
     import dataclasses
     import re
 
-    from quantcli.allocate.run import decide
+    from quantcli.allocate.rounds import decide
     from quantcli.errors import GateFailedError
 
     for target in (0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
@@ -450,7 +450,7 @@ def test_the_embedding_is_searched_with_its_measured_cost(prepared, stories_path
 def test_never_larger_than_a_uniform_scheme_that_verifies(prepared, target):
     """Whatever the rounds found, the chosen allocation is no larger than any uniform scheme that meets
     the target on the verification text (those the allocation could have been)."""
-    from quantcli.allocate.run import _met, decide
+    from quantcli.allocate.rounds import _met, decide
     from quantcli.allocate.search import assemble, uniform_choices
     from quantcli.errors import GateFailedError
 

@@ -118,6 +118,7 @@ def test_rows_carry_their_settings_and_mixed_settings_are_flagged(tmp_path):
 
 def test_the_base_is_loaded_once_for_all_rows(checkpoints, monkeypatch):
     import quantcli.checkpoint.load
+    import quantcli.measure.compare
     import quantcli.measure.evaluation
 
     loads = []
@@ -129,6 +130,7 @@ def test_the_base_is_loaded_once_for_all_rows(checkpoints, monkeypatch):
 
     monkeypatch.setattr(quantcli.checkpoint.load, "load", counting)
     monkeypatch.setattr(quantcli.measure.evaluation, "load", counting)
+    monkeypatch.setattr(quantcli.measure.compare, "load", counting)
     result = compare(checkpoints, "stories260K", EvalConfig(max_tokens=512, seq_len=128))
     assert loads.count("stories260K") == 1 and len(loads) == 3
     assert all(row["evaluated"] and row["kl_divergence"] > 0 for row in result["rows"])
