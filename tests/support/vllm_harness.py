@@ -140,7 +140,7 @@ def quantcli_perplexity(folder: str | Path, ids: Sequence[int], seq_len: int, dt
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from benchmarks.llamacpp import eval_ids
+    from tests.support.gguf_harness import eval_ids
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
