@@ -146,7 +146,7 @@ def test_streaming_writes_what_the_in_memory_run_writes(tiny_moe, tmp_path, meth
 
 def test_streamed_gptq_resumes_an_interrupted_moe_run(tiny_moe, tmp_path):
     from quantcli.errors import ResumableInterrupt
-    from tests.run.test_streaming import StopAfter
+    from tests.support.hostile import StopAfter
 
     kind, folder = tiny_moe
     recipe = dict(

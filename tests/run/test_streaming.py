@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -15,6 +14,7 @@ from quantcli.errors import ResumableInterrupt
 from quantcli.run.pipeline import quantize
 from quantcli.sources.models import EMBEDDED_MODEL
 from tests.conftest import logits
+from tests.support.hostile import StopAfter
 
 
 def synthetic_llama(folder, layers=4, hidden=64, intermediate=128, shard="60KB"):
@@ -76,22 +76,6 @@ def test_streaming_matches_in_memory_rtn(llama, tmp_path, prompt_ids, options):
 
 
 LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
-
-
-class StopAfter:
-    """A progress reporter that presses Ctrl-C when the method reports its ``layers``-th layer done."""
-
-    def __init__(self, layers):
-        self.layers, self.finished = layers, 0
-
-    @contextlib.contextmanager
-    def task(self, description, total=None):
-        def advance(count):
-            self.finished += count
-            if self.finished >= self.layers:
-                raise KeyboardInterrupt
-
-        yield advance
 
 
 def test_resume_continues_after_the_last_finished_layer_with_the_same_result(llama, tmp_path, prompt_ids):
