@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
-  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids
+  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids bench-moe
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -142,6 +142,9 @@ bench-grids: install smollm2
 	$(BENCH).grid --sweep int4
 	$(BENCH).grid --sweep int8
 	$(BENCH).grid --sweep embedding
+
+bench-moe: install smollm2-moe
+	$(BENCH).moe --models moe dense
 
 clean:
 	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache
