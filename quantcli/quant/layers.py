@@ -13,6 +13,12 @@ from quantcli.errors import InputError, option
 if TYPE_CHECKING:
     import torch
 
+# why an embedding or head stays 16-bit (a layer-map note, result data: it names the flags itself)
+TABLE_KEPT = (
+    " kept 16-bit (the default for rtn/gptq, the only embedding vLLM serves: --embeddings 8 or 4 quantizes it;"
+    " bitsandbytes methods quantize Linear layers only)"
+)
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -81,10 +87,7 @@ def select_modules(
         elif any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs):
             skipped[name] = "matched --skip-modules"
         elif is_table and not tables:
-            skipped[name] = (
-                f"{'input embedding' if module is embedding else 'output head'} kept (--embeddings keep, or a method "
-                "that quantizes Linear layers only)"
-            )
+            skipped[name] = f"{'input embedding' if module is embedding else 'output head'}{TABLE_KEPT}"
         elif is_table:
             chosen.append(name)
         elif any(fnmatch.fnmatchcase(name, glob) for glob in include_globs):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+from quantcli.quant.layers import TABLE_KEPT
+
 WARN_SHARE = 0.05
 DENSE_NOTE = "stored dense"
 
@@ -27,8 +29,10 @@ def _owner(model: Any) -> dict[int, tuple[str, Any]]:
 
 
 def _asked(name: str, reason: str, skip_globs: tuple[str, ...], embeddings: Any) -> bool:
+    """Whether the user asked for ``name`` to stay full precision: a --skip-modules glob, or an explicit
+    ``embeddings="keep"`` for a kept table (the default keeps it too, unasked, and is warned about)."""
     return any(fnmatch.fnmatchcase(name, glob) for glob in skip_globs) or (
-        embeddings == "keep" and "--embeddings keep" in reason
+        embeddings == "keep" and reason.endswith(TABLE_KEPT)
     )
 
 

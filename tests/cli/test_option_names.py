@@ -25,13 +25,16 @@ FLAG = re.compile(r"(?<![\w-])--[a-z]")
 # Not error messages: result data stored in quantcli.json or printed in --json, where no token may go.
 RESULT_TEXTS = {
     ("layers.py", "matched --skip-modules"),
-    ("layers.py", " kept (--embeddings keep, or a method that quantizes Linear layers only)"),
+    (
+        "layers.py",
+        " kept 16-bit (the default for rtn/gptq, the only embedding vLLM serves: --embeddings 8 or 4 quantizes it;"
+        " bitsandbytes methods quantize Linear layers only)",
+    ),
     (
         "scheme.py",
         "stored dense (fake-quantized): compressed-tensors cannot pack GPT-2 Conv1D so that transformers reloads it;"
         " --format gguf stores GPT-2 packed (llama.cpp reads it)",
     ),
-    ("coverage.py", "--embeddings keep"),  # matched in a layer-map note (the one above), not shown
     (
         "compare.py",
         "Warning: these perplexities come from each checkpoint's report.json with different settings; pass --base "
