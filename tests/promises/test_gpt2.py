@@ -54,7 +54,7 @@ def test_gpt2_124m_shape_at_8_bits_is_over_3_5x_smaller_as_gguf(tmp_path):
     """GPT-2's real config (124M, random weights): --bits 8 in the portable packed path, GGUF Q8_0."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tests.support.tokenizers import byte_level_tokenizer
+    from tests.support.byte_tokenizer import byte_level_tokenizer
 
     torch.manual_seed(0)
     source = tmp_path / "gpt2"
