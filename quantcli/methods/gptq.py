@@ -31,7 +31,7 @@ from quantcli.methods.rtn import round_to_nearest
 from quantcli.quant import ops
 from quantcli.quant.blockwise import quantize_blockwise
 from quantcli.quant.gptq_solver import gptq_on_grid, gptq_quantize
-from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, plan_layouts, table_layouts
+from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, request_layouts
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 from quantcli.quant.moe import calibration_rule
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
@@ -87,17 +87,7 @@ class GPTQQuantizer(Quantizer):
         if request.grid is not None:
             return self._on_grid(request)
 
-        plan = plan_layouts(
-            model,
-            request.layers,
-            config.bits,
-            config.symmetric,
-            config.layout_group_size,
-            config.observer,
-            request.scale_dtype,
-            config.activations,
-        )
-        plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
+        plan = request_layouts(request)
         notes: dict[str, list[str]] = {name: [] for name in plan}
 
         def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:

@@ -16,7 +16,7 @@ from quantcli.methods import register_method
 from quantcli.methods.base import Quantizer
 from quantcli.quant import ops
 from quantcli.quant.blockwise import quantize_blockwise
-from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, plan_layouts, table_layouts
+from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntLayout, IntWeights, request_layouts
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
 
@@ -49,17 +49,7 @@ class RTNQuantizer(Quantizer):
         modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
-        plan = plan_layouts(
-            model,
-            request.layers,
-            config.bits,
-            config.symmetric,
-            config.layout_group_size,
-            config.observer,
-            request.scale_dtype,
-            config.activations,
-        )
-        plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
+        plan = request_layouts(request)
 
         def finish(name: str, hessian: None) -> IntWeights:
             layer = round_to_nearest(weight_matrix(modules[name]), plan[name])

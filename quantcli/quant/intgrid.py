@@ -254,3 +254,21 @@ def describe_grouping(requested: int | None, layers: dict[str, tuple[int, int | 
         summary = "grouping: " + "; ".join(parts)
     changed_widths = {str(width): size for width, size in sorted(changed)}
     return {"requested": requested, "layers_per_group_size": used, "changed_widths": changed_widths, "summary": summary}
+
+
+def request_layouts(request: Any) -> dict[str, IntLayout]:
+    """Every layout an integer method's request asks for: its layers' (:func:`plan_layouts`) and its tables'
+    (:func:`table_layouts`), on the method's grid (``request.config``, an :class:`IntGridConfig`)."""
+    config, model = request.config, request.model
+    plan = plan_layouts(
+        model,
+        request.layers,
+        config.bits,
+        config.symmetric,
+        config.layout_group_size,
+        config.observer,
+        request.scale_dtype,
+        config.activations,
+    )
+    plan.update(table_layouts(model, request.tables, request.table_bits, config, request.scale_dtype))
+    return plan
