@@ -27,7 +27,6 @@ from quantcli.quant.finite import check_layers_quantizable, check_model_finite
 from quantcli.quant.keptdtype import round_kept
 from quantcli.quant.layers import bytes_in_memory, select_modules
 from quantcli.quant.moe import is_expert_layer, refuse, unfuse
-from quantcli.quant.records import QuantizeRequest
 from quantcli.quant.smoothing import smooth
 from quantcli.run.plan import (
     Run,
@@ -36,11 +35,10 @@ from quantcli.run.plan import (
     default_output,
     kept_dtype_for,
     original_sizes,
+    quantize_request,
     quantizes_tables,
-    scale_dtype_for,
     smoothing_alpha,
     splits_experts,
-    table_bits,
 )
 from quantcli.run.report import QuantizeReport
 from quantcli.run.reportfiles import PathResult, write_reports
@@ -156,22 +154,18 @@ def _in_memory(run: Run, staging: Path) -> PathResult:
 
     start = time.perf_counter()
     with progress.task(f"quantize ({run.method_name})", total=len(selection.names)) as advance:
-        request = QuantizeRequest(
-            run.source,
+        dtype = pick_dtype(config.dtype, run.device)
+        request = quantize_request(
+            run,
             model,
             tokenizer,
-            selection.names,
-            run.device,
-            pick_dtype(config.dtype, run.device),
-            run.method_config,
+            selection,
+            dtype,
             calibration,
-            config.trust_remote_code,
             advance,
-            config.device_map,
-            tables=selection.tables,
-            table_bits=table_bits(config),
+            kept_dtype,
+            device_map=config.device_map,
             grid=run.grid,
-            scale_dtype=scale_dtype_for(run, kept_dtype),
         )
         del model
         if config.allocation is not None:

@@ -14,6 +14,7 @@ from quantcli.methods import capable
 from quantcli.progress import Progress
 from quantcli.quant.keptdtype import storage_dtype
 from quantcli.quant.layers import bytes_in_memory, parameter_count
+from quantcli.quant.records import QuantizeRequest
 from quantcli.sources.datasets import TextSource, calibration_batch
 from quantcli.sources.models import (
     bytes_on_disk,
@@ -123,3 +124,34 @@ def calibration_for(run: Run, tokenizer: Any) -> Any:
         batch = calibration_batch(run.calibration_text, tokenizer, calib.samples, calib.seq_len, calib.seed)
     run.timings["calibration"] = time.perf_counter() - start
     return batch
+
+
+def quantize_request(
+    run: Run,
+    model: Any,
+    tokenizer: Any,
+    selection: Any,
+    dtype: Any,
+    calibration: Any,
+    advance: Any,
+    kept_dtype: Any,
+    **source: Any,
+) -> QuantizeRequest:
+    """What both paths hand the method; ``source`` says where its blocks come from (``blocks`` when streamed,
+    ``device_map`` and ``grid`` in memory)."""
+    return QuantizeRequest(
+        run.source,
+        model,
+        tokenizer,
+        selection.names,
+        run.device,
+        dtype,
+        run.method_config,
+        calibration,
+        run.config.trust_remote_code,
+        advance,
+        tables=selection.tables,
+        table_bits=table_bits(run.config),
+        scale_dtype=scale_dtype_for(run, kept_dtype),
+        **source,
+    )

@@ -12,14 +12,13 @@ from quantcli.formats import get_format
 from quantcli.measure.perplexity import check_context
 from quantcli.quant.layers import is_conv1d, select_modules
 from quantcli.quant.moe import fused_experts, unfuse
-from quantcli.quant.records import QuantizeRequest
 from quantcli.run.plan import (
     Run,
     calibration_for,
     kept_dtype_for,
     original_sizes,
+    quantize_request,
     quantizes_tables,
-    scale_dtype_for,
     splits_experts,
     table_bits,
 )
@@ -91,21 +90,8 @@ def quantize_streamed(run: Run, staging: Path) -> PathResult:
     check_streamed(model, shapes, config.model)
     try:
         with progress.task(f"quantize ({run.method_name}) block by block", total=len(selection.names)) as advance:
-            request = QuantizeRequest(
-                run.source,
-                model,
-                tokenizer,
-                selection.names,
-                run.device,
-                dtype,
-                run.method_config,
-                calibration,
-                config.trust_remote_code,
-                advance,
-                blocks=blocks,
-                tables=selection.tables,
-                table_bits=table_bits(config),
-                scale_dtype=scale_dtype_for(run, kept_dtype),
+            request = quantize_request(
+                run, model, tokenizer, selection, dtype, calibration, advance, kept_dtype, blocks=blocks
             )
             quantized = run.method.quantize(request)
             blocks.finish()
