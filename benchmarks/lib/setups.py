@@ -15,6 +15,8 @@ from pathlib import Path
 from benchmarks.lib.results import result_stem
 from tests.support.models import SMOLLM2_ENV, WIKITEXT, smollm2_folder
 
+HELDOUT = Path(__file__).resolve().parents[1] / "data" / "tiny-shakespeare" / "heldout.txt"
+"""Held-out text of the quantizer comparisons (issue 26): another domain than the WikiText-2 calibration half."""
 DEMO = "stories260K"  # the embedded model: the default of every suite that takes --model
 SMOLLM2_CAVEAT = (
     "SmolLM2's weights were dequantized from the Q4_1 GGUF it ships as (blocks of 32 inputs, asymmetric),"
