@@ -2,8 +2,9 @@
 quantcli with llama.cpp (+ imatrix) and AutoRound is calibrated and scored here, the same way.
 
 - Model: SmolLM2-135M-Instruct (``make smollm2``; its weights are dequantized Q4_1).
-- Calibration: WikiText-2 validation articles 31-60 (``wiki.valid.calib.txt``), 128 windows of 256 tokens
-  for quantcli; llama.cpp's imatrix and AutoRound read the same text.
+- Calibration: WikiText-2 validation articles 31-60 (``wiki.valid.calib.txt``), 64 windows of 256 tokens
+  (16,384 tokens, half quantcli's default: the 2-core machines could not afford every row otherwise);
+  llama.cpp's imatrix and AutoRound get the same tokens.
 - Evaluation: the first 16,384 tokens of ``benchmarks/data/tiny-shakespeare/heldout.txt`` (another domain,
   never calibrated on) in non-overlapping windows of 512, base = SmolLM2 fp32.
 - A transformers-loadable checkpoint is scored by ``quantcli.evaluate`` (perplexity, KL to the fp32 base,
@@ -23,7 +24,7 @@ from tests.support.models import WIKITEXT, smollm2_folder
 
 SEQ_LEN = 512
 MAX_TOKENS = 16384
-CALIBRATION = {"dataset": str(WIKITEXT / "wiki.valid.calib.txt"), "samples": 128, "seq_len": 256}
+CALIBRATION = {"dataset": str(WIKITEXT / "wiki.valid.calib.txt"), "samples": 64, "seq_len": 256}
 SETTINGS = {
     "model": "SmolLM2-135M-Instruct (weights dequantized from its Q4_1 GGUF)",
     "eval": {"dataset": "benchmarks/data/tiny-shakespeare/heldout.txt", "tokens": MAX_TOKENS, "seq_len": SEQ_LEN},
