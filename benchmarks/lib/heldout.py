@@ -33,6 +33,24 @@ SETTINGS = {
 }
 
 
+def calibration_config() -> Any:
+    """quantcli's calibration settings for every quantcli row (seed 0)."""
+    from quantcli.config.quantize import CalibrationConfig
+
+    return CalibrationConfig(
+        dataset=CALIBRATION["dataset"], samples=CALIBRATION["samples"], seq_len=CALIBRATION["seq_len"]
+    )
+
+
+def calibration_windows(tokenizer: Any) -> Any:
+    """The ``[64, 256]`` token windows quantcli calibrates on, for the peers to get the very same tokens
+    (decode each window for a text-only tool such as ``llama-imatrix``)."""
+    from quantcli.sources.datasets import calibration_batch, read_documents
+
+    config = calibration_config()
+    return calibration_batch(read_documents(config.dataset), tokenizer, config.samples, config.seq_len, config.seed)
+
+
 def eval_config() -> Any:
     from quantcli.config.quantize import EvalConfig
 
