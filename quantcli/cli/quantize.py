@@ -56,6 +56,11 @@ def quantize(
     clip_search: bool | None = typer.Option(
         None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."
     ),
+    importance: bool | None = typer.Option(
+        None,
+        "--importance/--no-importance",
+        help="GPTQ with --format gguf: block scales by llama.cpp's imatrix search on the Hessian diagonal.",
+    ),
     observer: str | None = typer.Option(
         None,
         "--observer",
@@ -226,6 +231,7 @@ def quantize(
             double_quant=double_quant,
             act_order=act_order,
             clip_search=clip_search,
+            importance=importance,
             observer=observer,
             activations=activations,
             smoothing=smoothing,

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.formats.compressed_tensors.writer import compressed_result
 from quantcli.formats.gguf.types import fixed_grid
 from quantcli.formats.gguf.writer import quantize_on_grid
@@ -90,7 +90,8 @@ class GPTQQuantizer(Quantizer):
             return self._on_grid(request)
         if config.importance:
             raise InputError(
-                "gptq importance steers the scale search of a GGUF block type; add --format gguf, or drop importance."
+                f"{option('importance', True)} steers the scale search of a GGUF block type; add"
+                f" {option('format', 'gguf')}, or drop {option('importance', True)}."
             )
 
         plan = request_layouts(request)

@@ -175,5 +175,5 @@ def test_gptq_importance_without_a_gguf_grid_is_refused(tmp_path):
             )
         )
     assert str(error.value) == (
-        "gptq importance steers the scale search of a GGUF block type; add --format gguf, or drop importance."
+        "importance=True steers the scale search of a GGUF block type; add format='gguf', or drop importance=True."
     )
