@@ -123,18 +123,9 @@ def _round_rows(matrix: torch.Tensor, kind: KType, importance: torch.Tensor | No
             d, dmin = d.reshape(rows, -1).half(), dmin.reshape(rows, -1).half()
             scales, mins = (torch.clamp(t.long() & 0xFF, max=63).reshape(rows, -1, per) for t in (scales, mins))
     elif kind.name == "Q3_K":
-        scale, codes, scales, d = _q3_k(x, weights, rows, per)
-    else:  # quantize_row_q6_K_ref / _impl: the imatrix directly as the search's weights
-        scale, codes = search.signed(x, 32, None if importance is None else _plain(importance, x, rows))
-        scale = scale.reshape(rows, -1, per)
-        first = scale.abs().argmax(dim=-1, keepdim=True)
-        top_scale = torch.gather(scale, -1, first)[..., 0]
-        empty = top_scale.abs() < search.GROUP_MAX_EPS
-        inverse = search.div(-128, torch.where(empty, torch.ones_like(top_scale), top_scale))
-        d = torch.where(empty, torch.zeros_like(inverse), search.div(1, inverse)).half()
-        scales = torch.clamp(search.nearest(inverse[..., None] * scale), max=127).long()
-        scales = torch.where(empty[..., None], torch.zeros_like(scales), scales)
-        codes = torch.where(empty.repeat_interleave(per, dim=-1).reshape(-1, 1), torch.full_like(codes, -32), codes)
+        codes, scales, d = _q3_k(x, weights, rows, per)
+    else:
+        codes, scales, d = _q6_k(x, None if importance is None else _plain(importance, x, rows), rows, per)
     as_stored = lambda t: None if t is None else t.reshape(rows, -1).to(torch.int16)  # noqa: E731
     record = KWeights(codes, as_stored(scales), as_stored(mins), d, dmin, kind)
     step, offset = steps(record)
@@ -146,6 +137,25 @@ def _round_rows(matrix: torch.Tensor, kind: KType, importance: torch.Tensor | No
     )
     record.codes = torch.where(step == 0, codes, requantized).reshape(rows, width).to(torch.int8)
     return record
+
+
+def _q6_k(
+    x: torch.Tensor, weights: torch.Tensor | None, rows: int, per: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_row_q6_K_ref``/``_impl`` (``make_qx_quants`` weighted by ``x²`` or by the imatrix itself),
+    the scales against the super-block's largest: codes, stored scales and ``d``."""
+    import torch
+
+    scale, codes = search.signed(x, 32, weights)
+    scale = scale.reshape(rows, -1, per)
+    top_scale = torch.gather(scale, -1, scale.abs().argmax(dim=-1, keepdim=True))[..., 0]
+    empty = top_scale.abs() < search.GROUP_MAX_EPS
+    inverse = search.div(-128, torch.where(empty, torch.ones_like(top_scale), top_scale))
+    d = torch.where(empty, torch.zeros_like(inverse), search.div(1, inverse)).half()
+    scales = torch.clamp(search.nearest(inverse[..., None] * scale), max=127).long()
+    scales = torch.where(empty[..., None], torch.zeros_like(scales), scales)
+    codes = torch.where(empty.repeat_interleave(per, dim=-1).reshape(-1, 1), torch.full_like(codes, -32), codes)
+    return codes, scales, d
 
 
 def _plain(importance: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -166,10 +176,10 @@ def _sub_blocks_with_min(
 
 def _q3_k(
     x: torch.Tensor, weights: torch.Tensor | None, rows: int, per: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``quantize_row_q3_K_ref`` (``make_q3_quants``, the scales against the super-block's largest) or
     ``_impl`` (``make_qx_quants`` weighted, the scales by ``make_qx_quants`` weighted by each sub-block's
-    total weight): sub-block scales and codes, stored scales (signed) and ``d``."""
+    total weight): codes, stored scales (signed) and ``d``."""
     import torch
 
     if weights is None:
@@ -181,10 +191,10 @@ def _q3_k(
         scales = torch.clamp(search.nearest(inverse[..., None] * scale), -32, 31).long()
         scales = torch.where(empty[..., None], torch.full_like(scales, -32), scales)
         d = torch.where(empty, torch.zeros_like(inverse), search.div(1, inverse)).half()
-        return scale, codes, scales, d
+        return codes, scales, d
     scale, codes = search.signed(x, 4, weights)
     d, scales = search.signed(scale.reshape(-1, per), 32, search.total(weights).reshape(-1, per))
-    return scale, codes, scales.long().reshape(rows, -1, per), d.reshape(rows, -1).half()
+    return codes, scales.long().reshape(rows, -1, per), d.reshape(rows, -1).half()
 
 
 class KGrid(FixedGrid):
