@@ -137,7 +137,8 @@ def test_rounding_is_libggmls_quantizer_byte_for_byte_with_and_without_an_imatri
     """quantcli's rounding against libggml's ``quantize_q4_K`` ... (``llama_model_quantize``'s per-tensor call):
     without an importance vector its reference quantizer (``quantize_row_q4_K_ref`` ...), with one (as an
     imatrix) its ``quantize_row_q4_K_impl`` ..., on every stories260K weight with rows cut to 256 and 768
-    inputs and a random importance vector per matrix."""
+    inputs (and edge rows: all zero, a constant sub-block, equal magnitudes of both signs) and a random
+    importance vector per matrix, zero on some inputs."""
     from safetensors.torch import load_file
 
     ggml = _libggml()
@@ -148,8 +149,13 @@ def test_rounding_is_libggmls_quantizer_byte_for_byte_with_and_without_an_imatri
     generator = torch.Generator().manual_seed(0)
     tensors = [v for v in load_file(f"{stories_path}/model.safetensors").values() if v.ndim == 2]
     matrices = [v.reshape(-1, width) for width in (256, 768) for v in tensors if v.numel() % width == 0]
-    for matrix in matrices:
-        for importance in (None, torch.rand(matrix.shape[1], generator=generator) ** 2):
+    edges = torch.zeros(4, 256)
+    edges[1, :32] = 0.25
+    edges[2] = torch.linspace(-1, 1, 256)
+    edges[3, 5], edges[3, 40] = -0.5, 0.5
+    for matrix in [*matrices, edges]:
+        random = torch.rand(matrix.shape[1], generator=generator) ** 2
+        for importance in (None, torch.where(random < 0.05, 0.0, random)):
             values = np.ascontiguousarray(matrix.numpy(), dtype=np.float32)
             theirs = np.zeros((matrix.shape[0], row_bytes * matrix.shape[1] // 256), dtype=np.uint8)
             weights = None if importance is None else np.ascontiguousarray(importance.numpy(), dtype=np.float32)

@@ -110,7 +110,8 @@ def _round_rows(matrix: torch.Tensor, kind: KType, importance: torch.Tensor | No
         scale, minimum, codes = _sub_blocks_with_min(x, weights, kind)
         scale, minimum = scale.reshape(rows, -1, per), minimum.reshape(rows, -1, per)
         if weights is None:  # quantize_row_q4_K_ref / q5_K_ref: against each super-block's largest
-            top_scale, top_min = scale.amax(dim=-1).clamp(min=0), minimum.amax(dim=-1).clamp(min=0)
+            positive = lambda t: torch.where(t > 0, t, torch.zeros_like(t))  # noqa: E731  # C's "max = 0; if (v > max)": +0
+            top_scale, top_min = positive(scale.amax(dim=-1)), positive(minimum.amax(dim=-1))
             inv_scale = torch.where(top_scale > 0, search.div(63, top_scale), torch.zeros_like(top_scale))
             inv_min = torch.where(top_min > 0, search.div(63, top_min), torch.zeros_like(top_min))
             scales = torch.clamp(_as_byte(inv_scale[..., None] * scale), max=63)
