@@ -64,7 +64,7 @@ def quantize(row: str, workdir: Path) -> tuple[Path, float]:
     from tests.support.models import smollm2_folder
 
     method, kind = row.split("-")[:2]
-    options = {"importance": True} if row.endswith("importance") else {}
+    options = {"importance": row.endswith("importance")} if method == "gptq" else {}
     out = workdir / row
     config = QuantizeConfig(
         bits=block_type(kind).bits,
