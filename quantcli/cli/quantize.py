@@ -59,7 +59,7 @@ def quantize(
     importance: bool | None = typer.Option(
         None,
         "--importance/--no-importance",
-        help="GPTQ with --format gguf: block scales by llama.cpp's imatrix search on the Hessian diagonal.",
+        help="GPTQ with --format gguf: block scales by llama.cpp's imatrix search on diag(H) (default on).",
     ),
     observer: str | None = typer.Option(
         None,
