@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
-  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids bench-moe
+  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-gguf-heldout bench-allocation bench-wholemodel bench-grids bench-moe
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -129,6 +129,10 @@ bench-gguf: install .llamacpp/llama_cpp
 
 bench-gguf-eval: install smollm2 .llamacpp/llama_cpp
 	$(BENCH).gguf_eval_check
+
+bench-gguf-heldout: install smollm2 .llamacpp/llama_cpp
+	for row in f32 rtn-Q3_K_M gptq-Q3_K_M gptq-Q3_K_M-importance gptq-Q4_0 gptq-Q4_0-importance \
+	  gptq-Q4_K_M gptq-Q4_K_M-importance; do $(BENCH).gguf_heldout --row $$row || exit 1; done
 
 bench-allocation: install smollm2
 	$(BENCH).allocation --model smollm2 --method rtn

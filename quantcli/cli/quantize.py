@@ -38,7 +38,8 @@ def quantize(
     gguf_type: str | None = typer.Option(
         None,
         "--gguf-type",
-        help="With --format gguf: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K or the mix Q4_K_M (sets --bits).",
+        help="With --format gguf: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K or the mixes Q3_K_M, Q4_K_M,"
+        " Q5_K_M (sets --bits).",
     ),
     group_size: int | None = typer.Option(
         None, "--group-size", "-g", help="Weights per scale (rtn/gptq; -1 per channel)."
@@ -54,6 +55,11 @@ def quantize(
     ),
     clip_search: bool | None = typer.Option(
         None, "--clip-search/--no-clip-search", help="GPTQ: choose each row's range by its output error (default on)."
+    ),
+    importance: bool | None = typer.Option(
+        None,
+        "--importance/--no-importance",
+        help="GPTQ with --format gguf: block scales by llama.cpp's imatrix search on diag(H) (default on).",
     ),
     observer: str | None = typer.Option(
         None,
@@ -225,6 +231,7 @@ def quantize(
             double_quant=double_quant,
             act_order=act_order,
             clip_search=clip_search,
+            importance=importance,
             observer=observer,
             activations=activations,
             smoothing=smoothing,

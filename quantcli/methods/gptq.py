@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.formats.compressed_tensors.writer import compressed_result
 from quantcli.formats.gguf.types import fixed_grid
 from quantcli.formats.gguf.writer import quantize_on_grid
@@ -41,12 +41,15 @@ from quantcli.quant.records import QuantizedModel, QuantizeRequest
 class GPTQConfig(IntGridConfig):
     """The shared integer grid plus ``damp``: fraction of the mean of ``diag(H)`` added to it;
     ``block_size``: columns per lazy update; ``clip_search``: pick each row's range by its output
-    error after GPTQ (see :func:`gptq_quantize`)."""
+    error after GPTQ (see :func:`gptq_quantize`); ``importance``: with ``--format gguf``, each block's scales
+    from llama.cpp's imatrix search steered by the layer's ``diag(H)`` (:meth:`GPTQQuantizer._on_grid`; None:
+    on for GGUF, the only grid it applies to: SmolLM2 Q4_0 +8.80% against +11.76% without, held-out protocol)."""
 
     act_order: bool = True
     clip_search: bool = True
     damp: float = 0.01
     block_size: int = 128
+    importance: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +89,11 @@ class GPTQQuantizer(Quantizer):
         modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
+        if config.importance:
+            raise InputError(
+                f"{option('importance', True)} steers the scale search of a GGUF block type; add"
+                f" {option('format', 'gguf')}, or drop {option('importance', True)}."
+            )
 
         plan = request_layouts(request)
         notes: dict[str, list[str]] = {name: [] for name in plan}
@@ -124,21 +132,28 @@ class GPTQQuantizer(Quantizer):
         rounded = sum(1 for name in plan if calibration_rule(name, tokens, weight_matrix(modules[name]).shape[1]))
         if "tokens_per_expert" in stats:
             stats["experts_rounded_to_nearest"] = rounded
-        options = {key: value for key, value in asdict(config).items() if key != "bits"}
+        options = {key: value for key, value in asdict(config).items() if key not in ("bits", "importance")}
         return compressed_result(model, self.name, config.bits, options, blocks.records, notes, stats)
 
     def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
         """GPTQ choosing the codes of the request's GGUF block type, its scales llama.cpp's reference
         ones from the original weights, each row's range shrunk where the clip search finds it better
-        (``--no-clip-search``: exactly the reference scales)."""
+        (``--no-clip-search``: exactly the reference scales). With ``importance`` the scales are llama.cpp's
+        imatrix search's with ``diag(H)`` (each input's mean square, doubled) as the imatrix; an input no
+        calibration token reached gets the mean of the others, so its blocks keep a scale."""
 
         config = request.config
 
         def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object) -> tuple[object, list[str]]:
+            diagonal = torch.diagonal(hessian).float()
+            seen = diagonal > 0
+            importance = None
+            if config.importance is not False and seen.any():
+                importance = torch.where(seen, diagonal, diagonal[seen].mean())
             return gptq_on_grid(
                 matrix,
                 hessian,
-                lambda scaled: fixed_grid(scaled, kind),
+                lambda scaled: fixed_grid(scaled, kind, importance),
                 config.damp,
                 config.block_size,
                 config.act_order,
@@ -149,6 +164,7 @@ class GPTQQuantizer(Quantizer):
             "gguf_type": request.grid.name,
             "act_order": config.act_order,
             "clip_search": config.clip_search,
+            "importance": config.importance is not False,
             "damp": config.damp,
             "block_size": config.block_size,
         }

@@ -1,6 +1,7 @@
-"""GGUF K-quants (Q4_K, Q6_K) and the Q4_K_M mix: packing against the gguf package's dequantizer,
-GPTQ's grid, llama.cpp's per-tensor types and fallbacks. Byte identity with libggml's own quantizer
-and llama.cpp running the files are in test_gguf_llamacpp.py."""
+"""GGUF K-quants (Q3_K, Q4_K, Q5_K, Q6_K) and the Q3_K_M/Q4_K_M mixes: packing against the gguf package's
+dequantizer, GPTQ's grid (with and without an importance vector), llama.cpp's per-tensor types and
+fallbacks. Byte identity with libggml's own quantizer and llama.cpp running the files are in
+test_gguf_llamacpp.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 import quantcli
 from quantcli.config.quantize import QuantizeConfig
+from quantcli.formats.gguf.kquant_layout import BLOCK_BYTES
 from quantcli.formats.gguf.kquants import K_TYPES, KGrid, KWeights, dequantize, pack, round_to_nearest
 from quantcli.formats.gguf.types import block_type, tensor_type
 from quantcli.formats.gguf.writer import gguf_file
@@ -38,10 +40,11 @@ def test_rounded_weights_read_back_through_ggufs_dequantizer(wide, name):
     for matrix in wide:
         record = round_to_nearest(matrix, K_TYPES[name])
         data = pack(record)
-        assert data.shape == (matrix.shape[0], {"Q4_K": 144, "Q6_K": 210}[name])
+        assert data.shape == (matrix.shape[0], BLOCK_BYTES[name])
         theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[name])
         assert np.array_equal(theirs, dequantize(record).numpy())
-        assert np.abs(theirs - matrix.numpy()).max() <= np.abs(matrix.numpy()).max() / 6  # the rounding is close
+        bound = np.abs(matrix.numpy()).max() / (3 if name == "Q3_K" else 6)
+        assert np.abs(theirs - matrix.numpy()).max() <= bound  # the rounding is close
 
 
 @pytest.mark.parametrize("name", K_TYPES)
@@ -51,11 +54,8 @@ def test_any_codes_and_scales_pack_as_ggml_lays_them_out(name):
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(kind.lowest, kind.highest + 1, (6, 512), generator=generator, dtype=torch.int8)
     subs = 512 // kind.sub
-    scales = (
-        torch.randint(0, 64, (6, subs), generator=generator)
-        if kind.has_min
-        else torch.randint(-128, 128, (6, subs), generator=generator)
-    )
+    low, high = (0, 64) if kind.has_min else (-32, 32) if name == "Q3_K" else (-128, 128)
+    scales = torch.randint(low, high, (6, subs), generator=generator)
     mins = torch.randint(0, 64, (6, subs), generator=generator) if kind.has_min else None
     d = (torch.rand(6, 2, generator=generator) * 0.01).half()
     dmin = (torch.rand(6, 2, generator=generator) * 0.01).half() if kind.has_min else None
@@ -64,17 +64,20 @@ def test_any_codes_and_scales_pack_as_ggml_lays_them_out(name):
     assert np.array_equal(theirs, dequantize(record).numpy())
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("name", K_TYPES)
-def test_k_grid_rounds_to_the_stored_values(wide, name):
-    """Without error feedback the K grid gives llama.cpp's codes (up to exact ties) and the file's values."""
+def test_k_grid_rounds_to_the_stored_values(wide, name, weighted):
+    """Without error feedback the K grid gives llama.cpp's codes (up to exact ties) and the file's values,
+    its scales from the reference search or from the importance-weighted one."""
     matrix = wide[0]
-    grid = KGrid(matrix, K_TYPES[name])
+    importance = torch.rand(256, generator=torch.Generator().manual_seed(1)) if weighted else None
+    grid = KGrid(matrix, K_TYPES[name], importance)
     sub = K_TYPES[name].sub
     columns = [grid.round(matrix[:, column], column // sub) for column in range(matrix.shape[1])]
     record = grid.record(torch.stack([code for code, _ in columns], dim=1))
     assert torch.equal(torch.stack([value for _, value in columns], dim=1), dequantize(record))
     assert torch.equal(grid.values(matrix), dequantize(record))
-    assert (record.codes != round_to_nearest(matrix, K_TYPES[name]).codes).float().mean() < 0.01
+    assert (record.codes != round_to_nearest(matrix, K_TYPES[name], importance).codes).float().mean() < 0.01
 
 
 def test_tensor_types_follow_llamacpps_q4_k_m_rule():
@@ -129,4 +132,48 @@ def test_stories260k_q4_k_m_is_all_fallbacks_as_in_llamacpp(tmp_path):
     assert layer.note == (
         "Q6_K: llama.cpp's Q4_K_M gives this layer more bits; "
         "Q8_0: llama.cpp's fallback for Q6_K, whose blocks of 256 do not fit in_features 64"
+    )
+
+
+def test_tensor_types_follow_llamacpps_q3_k_m_rule():
+    """llama.cpp's Q3_K_M (``llama_tensor_get_type``): attn_v Q5_K in layers 0-1 then Q4_K, ffn_down Q5_K in
+    the first sixteenth then Q4_K, attn_output Q4_K, other weights Q3_K; on SmolLM2's 576-wide rows the
+    fallbacks Q5_1, Q5_0 and Q4_0 (its llama.cpp Q3_K_M file, read with gguf.GGUFReader, holds exactly these)."""
+    mix = block_type("Q3_K_M")
+    assert [tensor_type(mix, f"blk.{i}.attn_v.weight", 256, 30)[0] for i in (0, 1, 2, 29)] == [
+        "Q5_K",
+        "Q5_K",
+        "Q4_K",
+        "Q4_K",
+    ]
+    assert [tensor_type(mix, f"blk.{i}.ffn_down.weight", 1536, 30)[0] for i in range(3)] == ["Q5_K", "Q4_K", "Q4_K"]
+    assert tensor_type(mix, "blk.4.attn_output.weight", 256, 30)[0] == "Q4_K"
+    assert tensor_type(mix, "blk.4.ffn_gate.weight", 256, 30) == ("Q3_K", None)
+    assert tensor_type(mix, "blk.0.attn_v.weight", 576, 30) == (
+        "Q5_1",
+        "Q5_K: llama.cpp's Q3_K_M gives this layer more bits; "
+        "Q5_1: llama.cpp's fallback for Q5_K, whose blocks of 256 do not fit in_features 576",
+    )
+    assert tensor_type(mix, "blk.5.attn_q.weight", 576, 30)[0] == "Q4_0"
+    assert tensor_type(mix, "blk.5.attn_output.weight", 576, 30)[0] == "Q5_0"
+    assert tensor_type(mix, "output.weight", 576, 30, head=True)[0] == "Q8_0"
+    assert tensor_type(block_type("Q5_K_M"), "blk.0.attn_qkv.weight", 768, 12)[0] == "Q6_K"
+    assert tensor_type(block_type("Q4_K_M"), "blk.3.attn_qkv.weight", 768, 12)[0] == "Q5_K"
+
+
+def test_gptq_importance_without_a_gguf_grid_is_refused(tmp_path):
+    """importance steers a GGUF block type's scale search: a compressed-tensors run refuses it in one line."""
+    with pytest.raises(quantcli.errors.InputError) as error:
+        quantcli.quantize(
+            QuantizeConfig(
+                bits=4,
+                model="stories260K",
+                method="gptq",
+                output=tmp_path / "out",
+                eval=None,
+                method_options={"importance": True},
+            )
+        )
+    assert str(error.value) == (
+        "importance=True steers the scale search of a GGUF block type; add format='gguf', or drop importance=True."
     )

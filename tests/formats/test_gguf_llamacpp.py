@@ -14,9 +14,10 @@ import torch
 
 import quantcli
 from quantcli.config.quantize import CalibrationConfig, QuantizeConfig
-from quantcli.formats.gguf.kquants import K_TYPES, pack, round_to_nearest
+from quantcli.formats.gguf.kquant_layout import BLOCK_BYTES
+from quantcli.formats.gguf.kquants import K_TYPES
 from quantcli.formats.gguf.types import LEGACY as TYPES
-from quantcli.formats.gguf.types import block_type
+from quantcli.formats.gguf.types import block_type, pack, round_to_nearest
 from quantcli.formats.gguf.writer import gguf_file
 from tests.support.gguf_harness import (
     LLAMACPP_DIR,
@@ -124,30 +125,49 @@ def _llamacpp_or_skip() -> None:
         pytest.skip(f"llama.cpp unavailable: {error}")
 
 
-def test_k_quant_rounding_is_libggmls_reference_quantizer_byte_for_byte(stories_path):
-    """quantcli's Q4_K/Q6_K rounding against libggml's ``quantize_row_q4_K_ref``/``quantize_row_q6_K_ref``
-    (what ``llama_model_quantize`` runs without an imatrix) on every stories260K weight, rows cut to 256."""
-    from safetensors.torch import load_file
-
+def _libggml() -> ctypes.CDLL:
     library = LLAMACPP_DIR / "llama_cpp" / "lib" / "libggml-base.so"
     if not library.is_file():
         pytest.skip(f"llama.cpp unavailable: no {library} (run `make llama-cpp`)")
-    ggml = ctypes.CDLL(str(library))
-    weights = [
-        v.reshape(-1, 256)
-        for v in load_file(f"{stories_path}/model.safetensors").values()
-        if v.ndim == 2 and v.numel() % 256 == 0
-    ]
-    for name, kind in K_TYPES.items():
-        for matrix in weights:
+    return ctypes.CDLL(str(library))
+
+
+@pytest.mark.parametrize("name", [*K_TYPES, "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_rounding_is_libggmls_quantizer_byte_for_byte_with_and_without_an_imatrix(stories_path, name):
+    """quantcli's rounding against libggml's ``quantize_q4_K`` ... (``llama_model_quantize``'s per-tensor call):
+    without an importance vector its reference quantizer (``quantize_row_q4_K_ref`` ...), with one (as an
+    imatrix) its ``quantize_row_q4_K_impl`` ..., on every stories260K weight with rows cut to 256 and 768
+    inputs (and edge rows: all zero, a constant sub-block, equal magnitudes of both signs) and a random
+    importance vector per matrix, zero on some inputs."""
+    from safetensors.torch import load_file
+
+    ggml = _libggml()
+    function = getattr(ggml, "quantize_" + name.lower().replace("_k", "_K"))
+    function.restype = ctypes.c_size_t
+    kind = block_type(name)
+    row_bytes = BLOCK_BYTES.get(name) or {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}[name] * 8
+    generator = torch.Generator().manual_seed(0)
+    tensors = [v for v in load_file(f"{stories_path}/model.safetensors").values() if v.ndim == 2]
+    matrices = [v.reshape(-1, width) for width in (256, 768) for v in tensors if v.numel() % width == 0]
+    edges = torch.zeros(4, 256)
+    edges[1, :32] = 0.25
+    edges[2] = torch.linspace(-1, 1, 256)
+    edges[3, 5], edges[3, 40] = -0.5, 0.5
+    for matrix in [*matrices, edges]:
+        random = torch.rand(matrix.shape[1], generator=generator) ** 2
+        for importance in (None, torch.where(random < 0.05, 0.0, random)):
             values = np.ascontiguousarray(matrix.numpy(), dtype=np.float32)
-            theirs = np.zeros((matrix.shape[0], {"Q4_K": 144, "Q6_K": 210}[name]), dtype=np.uint8)
-            getattr(ggml, f"quantize_row_{name.lower()[:2]}_K_ref")(
+            theirs = np.zeros((matrix.shape[0], row_bytes * matrix.shape[1] // 256), dtype=np.uint8)
+            weights = None if importance is None else np.ascontiguousarray(importance.numpy(), dtype=np.float32)
+            function(
                 values.ctypes.data_as(ctypes.c_void_p),
                 theirs.ctypes.data_as(ctypes.c_void_p),
-                ctypes.c_int64(values.size),
+                ctypes.c_int64(matrix.shape[0]),
+                ctypes.c_int64(matrix.shape[1]),
+                None if weights is None else weights.ctypes.data_as(ctypes.c_void_p),
             )
-            assert np.array_equal(pack(round_to_nearest(matrix, kind)), theirs), (name, matrix.shape)
+            ours = pack(round_to_nearest(matrix, kind, importance))
+            assert np.array_equal(ours, theirs), (name, matrix.shape, importance is not None)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +196,14 @@ def wide_llama(tmp_path_factory, stories_path):
     return folder
 
 
-@pytest.mark.parametrize("method,name", [("rtn", "Q4_K"), ("rtn", "Q6_K"), ("rtn", "Q4_K_M"), ("gptq", "Q4_K_M")])
+@pytest.mark.parametrize(
+    "method,name",
+    [("rtn", "Q4_K"), ("rtn", "Q6_K"), ("rtn", "Q4_K_M"), ("gptq", "Q4_K_M"), ("gptq-importance", "Q3_K_M")],
+)
 def test_llamacpp_runs_k_quant_files_as_quantcli_computes_them(wide_llama, tmp_path, ids, method, name):
     """llama.cpp loads quantcli's K-quant files (Q4_K_M: layer 0 Q4_K, layer 1's attn_v and ffn_down
-    Q6_K, the tied head Q6_K) and its logits match quantcli's dequantized model of the same file.
+    Q6_K, the tied head Q6_K; Q3_K_M: attn_q Q3_K, ffn_down Q4_K, with GPTQ's importance-steered scales)
+    and its logits match quantcli's dequantized model of the same file.
     Measured: max |diff| 0.10-0.11 over logits spanning about +-3.5 (llama.cpp rounds activations to
     8 bits for K-quant matmuls), top-1 agreement 0.95-0.98 on the window."""
     import gguf
@@ -190,20 +214,24 @@ def test_llamacpp_runs_k_quant_files_as_quantcli_computes_them(wide_llama, tmp_p
         QuantizeConfig(
             bits=block_type(name).bits,
             model=str(wide_llama),
-            method=method,
+            method=method.split("-")[0],
             output=out,
             eval=None,
             format="gguf",
             gguf_type=name,
             calibration=CalibrationConfig(samples=16),
+            method_options={"importance": True} if method.endswith("importance") else {},
         )
     )
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gguf_file(out)).tensors}
-    expected = {"Q4_K": ("Q4_K", "Q4_K"), "Q6_K": ("Q6_K", "Q6_K"), "Q4_K_M": ("Q4_K", "Q6_K")}[name]
-    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == expected
-    assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == (
-        "Q6_K" if name == "Q6_K" else "Q4_K"
-    )
+    expected = {  # ffn_down of layers 0 and 1, attn_q
+        "Q4_K": ("Q4_K", "Q4_K", "Q4_K"),
+        "Q6_K": ("Q6_K", "Q6_K", "Q6_K"),
+        "Q4_K_M": ("Q4_K", "Q6_K", "Q4_K"),
+        "Q3_K_M": ("Q4_K", "Q4_K", "Q3_K"),
+    }[name]
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"], types["blk.0.attn_q.weight"]) == expected
+    assert types["token_embd.weight"] == "Q6_K"
     window = ids[:SEQ_LEN]
     a = llamacpp_logits(gguf_file(out), SEQ_LEN, threads=1, **F32_CACHE)(window)
     b = hf_logits(quantcli.load(out)[0])(window)
@@ -211,7 +239,7 @@ def test_llamacpp_runs_k_quant_files_as_quantcli_computes_them(wide_llama, tmp_p
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
 
-@pytest.mark.parametrize("name", ["Q4_K_M", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_rtn_k_quant_file_is_llamacpps_own_quantization(wide_llama, tmp_path, name):
     """quantcli's RTN file and ``llama_model_quantize`` of llama.cpp's F32 conversion of the same model
     hold the same tensors, byte for byte, with the same types."""

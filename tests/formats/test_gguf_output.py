@@ -175,14 +175,16 @@ def test_gpt2_conv1d_is_written_transposed(tiny_gpt2, tmp_path):
             "--format gguf works with --method rtn or gptq, not bnb-nf4.",
         ),
         (
-            ["--format", "gguf", "--gguf-type", "Q3_K"],
+            ["--format", "gguf", "--gguf-type", "Q2_K"],
             2,
-            "--gguf-type must be one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K, Q4_K_M, got 'Q3_K'.",
+            "--gguf-type must be one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, Q3_K_M, Q4_K_M, Q5_K_M,"
+            " got 'Q2_K'.",
         ),
         (
             ["--format", "gguf", "--bits", "4"],
             2,
-            "--format gguf needs --gguf-type: one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K, Q4_K_M.",
+            "--format gguf needs --gguf-type: one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, Q3_K_M,"
+            " Q4_K_M, Q5_K_M.",
         ),
         (["--gguf-type", "Q4_0"], 2, "--gguf-type needs --format gguf."),
         (

@@ -17,7 +17,7 @@ packs itself, so callers dispatch on the object, never on its class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quantcli.errors import InputError
 
@@ -40,11 +40,11 @@ class BlockType:
     offset: int
     has_min: bool
 
-    def round(self, matrix: torch.Tensor) -> BlockWeights:
-        return round_to_nearest(matrix, self)
+    def round(self, matrix: torch.Tensor, importance: torch.Tensor | None = None) -> BlockWeights:
+        return round_to_nearest(matrix, self, importance)
 
-    def grid(self, matrix: torch.Tensor) -> FixedGrid:
-        return FixedGrid(matrix, self)
+    def grid(self, matrix: torch.Tensor, importance: torch.Tensor | None = None) -> FixedGrid:
+        return FixedGrid(matrix, self, importance)
 
 
 LEGACY = {
@@ -98,13 +98,17 @@ def _inverse(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
 
 
-def round_to_nearest(matrix: torch.Tensor, kind: BlockType) -> BlockWeights:
-    """llama.cpp's reference quantization of ``matrix`` (``[out, in]``, ``in`` a multiple of 32): codes
-    from the fp32 scales, rounded as ``ggml-quants.c`` rounds them (half away from zero for Q8_0,
-    ``trunc(x + 0.5)`` on shifted non-negative values otherwise)."""
+def round_to_nearest(matrix: torch.Tensor, kind: BlockType, importance: torch.Tensor | None = None) -> BlockWeights:
+    """llama.cpp's quantization of ``matrix`` (``[out, in]``, ``in`` a multiple of 32). Without ``importance``
+    its reference quantizer: codes from the fp32 scales, rounded as ``ggml-quants.c`` rounds them (half away
+    from zero for Q8_0, ``trunc(x + 0.5)`` on shifted non-negative values otherwise). With ``importance``
+    (``[in]``, llama.cpp's imatrix: each input's mean square) its imatrix quantizer
+    (``quantize_row_q4_0_impl`` ...; Q8_0 has none): :func:`_importance_search`."""
     import torch
 
     blocks = _blocks(matrix)
+    if importance is not None and kind.name != "Q8_0":
+        return _importance_search(blocks, importance, kind, matrix.shape)
     scale, low = _reference_scales(blocks, kind)
     inverse = _inverse(scale)
     if kind.has_min:
@@ -119,6 +123,28 @@ def round_to_nearest(matrix: torch.Tensor, kind: BlockType) -> BlockWeights:
     return BlockWeights(codes, scale[..., 0].half(), None if low is None else low[..., 0].half(), kind)
 
 
+def _importance_search(blocks: torch.Tensor, importance: torch.Tensor, kind: BlockType, shape: Any) -> BlockWeights:
+    """Each block's scale (and minimum) and codes from llama.cpp's search weighted by
+    ``importance·sqrtf(sigma2 + x²)``, ``sigma2`` the row's mean square: ``make_qx_quants`` for the
+    ``_0`` types, ``make_qkx3_quants`` for the ``_1`` types; the codes are the search's."""
+    import torch
+
+    from quantcli.formats.gguf import scale_search as search
+
+    rows, count = blocks.shape[0], blocks.shape[1]
+    flat = blocks.reshape(rows, -1)
+    sigma2 = search.div(search.total(flat * flat), flat.shape[1])[:, None]
+    weights = search.importance_weights(blocks, importance.float().to(blocks.device).reshape(count, BLOCK), sigma2)
+    x, weights = blocks.reshape(-1, BLOCK), weights.reshape(-1, BLOCK)
+    if kind.has_min:
+        scale, minimum, codes = search.with_min(x, weights, kind.highest, -0.9, 0.05, 36)
+        low = (-minimum).reshape(rows, count).half()
+    else:
+        scale, codes = search.signed(x, kind.offset, weights)
+        codes, low = codes + kind.offset, None
+    return BlockWeights(codes.to(torch.int8).reshape(shape), scale.reshape(rows, count).half(), low, kind)
+
+
 def dequantize(record: BlockWeights) -> torch.Tensor:
     """The fp32 ``[out, in]`` values llama.cpp computes with (``gguf``'s dequantizer's arithmetic)."""
     rows = record.codes.shape[0]
@@ -130,13 +156,13 @@ def dequantize(record: BlockWeights) -> torch.Tensor:
 
 
 class FixedGrid:
-    """A layer's grid with llama.cpp's reference scales from its original weights, fixed while GPTQ
-    updates the weights: :meth:`round` maps one column to the nearest code of its block's grid."""
+    """A layer's grid with llama.cpp's scales from its original weights (and ``importance``, if given), fixed
+    while GPTQ updates the weights: :meth:`round` maps one column to the nearest code of its block's grid."""
 
     block = BLOCK
 
-    def __init__(self, matrix: torch.Tensor, kind: BlockType) -> None:
-        reference = round_to_nearest(matrix, kind)
+    def __init__(self, matrix: torch.Tensor, kind: BlockType, importance: torch.Tensor | None = None) -> None:
+        reference = round_to_nearest(matrix, kind, importance)
         self.type = kind
         self.scale, self.minimum = reference.scale, reference.minimum
         self._step = reference.scale.float()

@@ -1,9 +1,10 @@
-"""Every GGUF type quantcli writes, by name: the legacy block types (:mod:`.legacy`), the K-quants Q4_K and
-Q6_K (:mod:`.kquants`) and llama.cpp's mix Q4_K_M; and which type each tensor of a file gets.
+"""Every GGUF type quantcli writes, by name: the legacy block types (:mod:`.legacy`), the K-quants Q3_K,
+Q4_K, Q5_K and Q6_K (:mod:`.kquants`) and llama.cpp's mixes Q3_K_M, Q4_K_M and Q5_K_M; and which type each
+tensor of a file gets.
 
 Rounding, dequantizing and packing dispatch on the type or record object itself, so one call takes either kind.
 :func:`tensor_type` is llama.cpp's choice of each tensor's type for a file type (``--gguf-type``):
-the type itself, or for the mix ``Q4_K_M`` its per-tensor rule, then its fallback for widths the
+the type itself, or for a mix its per-tensor rule, then its fallback for widths the
 blocks do not fit; the output head (and a tied embedding) as llama.cpp quantizes it.
 """
 
@@ -49,12 +50,14 @@ class Mix:
     base: str
 
 
-_ALL = {**LEGACY, **K_TYPES, "Q4_K_M": Mix("Q4_K_M", 4, "Q4_K")}
-TYPES = tuple(LEGACY) + ("Q4_K", "Q6_K", "Q4_K_M")  # every --gguf-type
+MIXES = {"Q3_K_M": Mix("Q3_K_M", 3, "Q3_K"), "Q4_K_M": Mix("Q4_K_M", 4, "Q4_K"), "Q5_K_M": Mix("Q5_K_M", 5, "Q5_K")}
+_ALL = {**LEGACY, **K_TYPES, **MIXES}
+TYPES = tuple(LEGACY) + tuple(K_TYPES) + tuple(MIXES)  # every --gguf-type
+FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's tensor_type_fallback
 
 
 def block_type(name: str) -> Any:
-    """The ``--gguf-type``: a :class:`BlockType`, a K-quant or the ``Q4_K_M`` mix."""
+    """The ``--gguf-type``: a :class:`BlockType`, a K-quant or a mix."""
     if name not in TYPES:
         raise InputError(f"{option('gguf_type')} must be one of {', '.join(TYPES)}, got {name!r}.")
     return _ALL[name]
@@ -65,42 +68,55 @@ def _use_more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
+def _mix_rule(mix: str, role: str, layer: int, layers: int) -> str | None:
+    """``llama_tensor_get_type``'s choice for a decoder weight in a mix (a dense model, not Falcon, default
+    parameters, no imatrix), None where it keeps the mix's base type. Q3_K_M: ``attn_v`` Q5_K in layers 0-1,
+    else Q4_K; ``ffn_down`` Q5_K in the first sixteenth of the layers, else Q4_K; ``attn_output`` and a fused
+    ``attn_qkv`` Q4_K. Q4_K_M/Q5_K_M: ``attn_v`` and ``ffn_down`` Q6_K where ``use_more_bits``; ``attn_qkv``
+    Q5_K/Q6_K."""
+    if mix == "Q3_K_M":
+        return {
+            "attn_v": "Q5_K" if layer < 2 else "Q4_K",
+            "ffn_down": "Q5_K" if layer < layers // 16 else "Q4_K",
+            "attn_output": "Q4_K",
+            "attn_qkv": "Q4_K",
+        }.get(role)
+    if role == "attn_qkv":
+        return "Q5_K" if mix == "Q4_K_M" else "Q6_K"
+    if role in ("attn_v", "ffn_down") and _use_more_bits(layer, layers):
+        return "Q6_K"
+    return None
+
+
 def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool = False) -> tuple[str, str | None]:
     """The type llama.cpp's quantizer (``llama_tensor_get_type`` in ``src/llama-quant.cpp``, default
     parameters, no imatrix) gives a weight ``name`` (llama.cpp's, e.g. ``blk.3.attn_v.weight``) with
     rows ``width`` wide: ``head`` (the output, or the token embedding tied to it) is Q8_0 when the
-    file type is Q8_0 or the width is not a multiple of the file type's block, else Q6_K; in Q4_K_M,
-    ``attn_v`` and ``ffn_down`` of the layers ``use_more_bits`` picks are Q6_K; every other weight
-    the file type's. Then its ``tensor_type_fallback`` for widths not a multiple of the block:
-    Q4_K -> Q5_0, Q6_K -> Q8_0, and F16 below a multiple of 32. Returns the type and, where it is
-    not the file type's, why."""
+    file type is Q8_0 or the width is not a multiple of the file type's block, else Q6_K; in a mix,
+    :func:`_mix_rule`'s; every other weight the file type's. Then its ``tensor_type_fallback`` for widths
+    not a multiple of the block (:data:`FALLBACK`), and F16 below a multiple of 32. Returns the type and,
+    where it is not the file type's, why."""
     base = file_type.base if isinstance(file_type, Mix) else file_type.name
     block = getattr(_ALL[base], "block", BLOCK)
     chosen = base
     if head:
         chosen = "Q8_0" if base == "Q8_0" or width % block else "Q6_K"
-    elif file_type.name == "Q4_K_M" and name.startswith("blk."):
-        role, layer = name.split(".")[2], int(name.split(".")[1])
-        if role == "attn_qkv":
-            raise InputError(
-                f"{option('gguf_type', 'Q4_K_M')} gives a fused attn_qkv weight (GPT-2) Q5_K, which quantcli does not "
-                "write. Use Q4_K or Q6_K."
-            )
-        if role in ("attn_v", "ffn_down") and _use_more_bits(layer, layers):
-            chosen = "Q6_K"
+    elif isinstance(file_type, Mix) and name.startswith("blk."):
+        chosen = _mix_rule(file_type.name, name.split(".")[2], int(name.split(".")[1]), layers) or base
     if width % BLOCK:
         return "F16", f"F16, as llama.cpp keeps it: in_features {width} is not a multiple of {BLOCK}"
     notes = [] if chosen == base or head else [f"{chosen}: llama.cpp's {file_type.name} gives this layer more bits"]
     final = chosen
     if width % getattr(_ALL[chosen], "block", BLOCK):
-        final = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[chosen]
+        final = FALLBACK[chosen]
         notes.append(f"{final}: llama.cpp's fallback for {chosen}, whose blocks of 256 do not fit in_features {width}")
     return final, "; ".join(notes) or None
 
 
-def round_to_nearest(matrix: torch.Tensor, kind: Any) -> Any:
-    """llama.cpp's reference quantization of ``matrix`` onto ``kind`` (a legacy type or a K-quant)."""
-    return kind.round(matrix)
+def round_to_nearest(matrix: torch.Tensor, kind: Any, importance: torch.Tensor | None = None) -> Any:
+    """llama.cpp's quantization of ``matrix`` onto ``kind`` (a legacy type or a K-quant): its reference
+    quantizer, or with ``importance`` (``[in]``, an imatrix) its imatrix quantizer."""
+    return kind.round(matrix, importance)
 
 
 def dequantize(record: Any) -> torch.Tensor:
@@ -113,9 +129,10 @@ def pack(record: Any) -> np.ndarray:
     return record.pack()
 
 
-def fixed_grid(matrix: torch.Tensor, kind: Any) -> Any:
-    """The grid GPTQ rounds onto: :class:`FixedGrid`, or a K-quant's :class:`~quantcli.formats.gguf.kquants.KGrid`."""
-    return kind.grid(matrix)
+def fixed_grid(matrix: torch.Tensor, kind: Any, importance: torch.Tensor | None = None) -> Any:
+    """The grid GPTQ rounds onto: :class:`FixedGrid`, or a K-quant's :class:`~quantcli.formats.gguf.kquants.KGrid`,
+    its scales llama.cpp's from ``matrix`` (and ``importance``, as :func:`round_to_nearest`)."""
+    return kind.grid(matrix, importance)
 
 
 def quantize_layer(module: Any, type_name: str, choose: Callable[[torch.Tensor], Any]) -> Any:

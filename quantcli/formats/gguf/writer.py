@@ -30,7 +30,8 @@ from quantcli.quant.records import LayerRecord, QuantizedModel
 from quantcli.sources import gguf_input
 
 ARCHITECTURES = ("llama", "gpt2")  # model_type -> gguf.MODEL_ARCH of the same name
-FILE_TYPES = {"Q4_K": "MOSTLY_Q4_K_S"}  # general.file_type: the closest llama.cpp names (Q4_K_S is Q4_K with some Q5_K)
+# general.file_type: the closest llama.cpp names (Q4_K_S is Q4_K with some Q5_K; Q3_K_S, Q5_K_S are all Q3_K, Q5_K)
+FILE_TYPES = {"Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
 
 
 def gguf_result(
