@@ -8,6 +8,8 @@ llama-cpp-python; the SmolLM2-MoE acceptance check also needs `make smollm2-moe`
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -34,6 +36,7 @@ from tests.support.gguf_harness import (
     same_tensors,
     window_nlls,
 )
+from tests.support.models import REPO
 
 SEQ_LEN = 256
 F32_CACHE = {"type_k": 0, "type_v": 0}
@@ -243,3 +246,43 @@ def test_llamacpp_runs_moe_files_as_quantcli_computes_them(written, ids, kind, m
     assert perplexity(window_nlls(theirs, ids, SEQ_LEN)) == pytest.approx(
         perplexity(window_nlls(ours, ids, SEQ_LEN)), rel=5e-3
     )
+
+
+SMOLLM2_MOE = Path(os.environ.get("QUANTCLI_SMOLLM2_MOE") or REPO / ".models" / "SmolLM2-135M-MoE")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("QUANTCLI_SLOW_TESTS"),
+    reason="quantizes and scores the 1.4 GB SmolLM2-MoE twice (~10 min of CPU): set QUANTCLI_SLOW_TESTS=1",
+)
+@pytest.mark.skipif(
+    not (SMOLLM2_MOE / "config.json").is_file(), reason=f"no SmolLM2-MoE at {SMOLLM2_MOE}: run `make smollm2-moe`"
+)
+def test_smollm2_moe_q4_k_m_scores_the_same_in_llamacpp_and_quantcli(tmp_path):
+    """Acceptance (issue 24): the upcycled SmolLM2-MoE as Q4_K_M loads in llama.cpp, and llama.cpp's
+    perplexity of the file (default F16 KV cache) is within 0.5% of ``quantcli eval`` of the same file,
+    on the WikiText eval text and windows every llama.cpp check uses (gguf_harness.MODELS["smollm2"])."""
+    from transformers import AutoTokenizer
+
+    _llamacpp_or_skip()
+    spec = MODELS["smollm2"]
+    quantcli.quantize(
+        QuantizeConfig(
+            bits=4,
+            model=str(SMOLLM2_MOE),
+            method="rtn",
+            output=tmp_path / "q",
+            eval=None,
+            format="gguf",
+            gguf_type="Q4_K_M",
+        )
+    )
+    ids = eval_ids(AutoTokenizer.from_pretrained(SMOLLM2_MOE), spec["dataset"], spec["max_tokens"])
+    theirs = perplexity(
+        window_nlls(llamacpp_logits(gguf_file(tmp_path / "q"), spec["seq_len"], 2), ids, spec["seq_len"])
+    )
+    evaluation = EvalConfig(dataset=str(REPO / spec["dataset"]), seq_len=spec["seq_len"], max_tokens=spec["max_tokens"])
+    ours = quantcli.evaluate(str(gguf_file(tmp_path / "q")), evaluation)
+    assert ours["tokens_scored"] == len(ids) - len(ids) // spec["seq_len"]
+    assert abs(theirs / ours["perplexity"] - 1) < 5e-3, (theirs, ours["perplexity"])
