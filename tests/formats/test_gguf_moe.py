@@ -212,6 +212,17 @@ def test_rtn_moe_file_is_llamacpps_own_quantization(moe, written, tmp_path, name
     assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == ("Q8_0" if experts == 8 else "Q4_K")
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_gptq_on_the_grid_calibrates_each_expert_on_its_routed_tokens(written, kind):
+    _, report = written(kind, "gptq", "Q4_K_M")
+    routed = report.stats["tokens_per_expert"]
+    assert sorted(routed) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(len(counts) == 4 and sum(counts) == 16 * 64 * 2 for counts in routed.values())  # top-2 routing
+    rounded = [name for name, layer in report.layers.items() if "calibration tokens were routed" in (layer.note or "")]
+    assert report.stats["experts_rounded_to_nearest"] == len(rounded)
+    assert all(min(counts) >= 256 for counts in routed.values()) == (not rounded)  # 256 inputs per expert layer
+
+
 @pytest.fixture(scope="module")
 def ids():
     from transformers import AutoTokenizer

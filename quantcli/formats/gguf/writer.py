@@ -28,6 +28,7 @@ from quantcli.formats.gguf.metadata import write_hyperparameters, write_tokenize
 from quantcli.formats.gguf.tensors import Packed, dense, tensors
 from quantcli.formats.gguf.types import BLOCK, block_type, quantize_layer, tensor_type
 from quantcli.quant.layers import weight_matrix
+from quantcli.quant.moe import calibration_rule
 from quantcli.quant.records import LayerRecord, QuantizedModel
 from quantcli.sources import gguf_input
 from quantcli.sources.gguf_names import ARCHITECTURES, TensorNames, architecture, expert_count
@@ -63,7 +64,8 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
     the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
     and ``choose(matrix, hessian, kind) -> (record, notes)`` rounds it onto that type ``kind``
     (:func:`quantcli.formats.gguf.types.quantize_layer`; F16 layers are not chosen); a layer no
-    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note."""
+    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note, as does an expert that
+    received fewer routed calibration tokens than it has inputs (:func:`quantcli.quant.moe.calibration_rule`)."""
     import torch
 
     from quantcli.quant.blockwise import quantize_blockwise
@@ -81,8 +83,11 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
 
         def chosen(matrix: Any) -> Any:
             used = hessian
-            if request.calibration is not None and hessian is None:
-                notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
+            under = calibration_rule(name, tokens, matrix.shape[1]) if request.calibration is not None else None
+            if request.calibration is not None and (hessian is None or under):
+                notes[name].append(
+                    under or "round-to-nearest: no calibration pass through the decoder blocks reaches it"
+                )
                 used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
             record, extra = choose(matrix, used, block_type(layer_type))
             notes[name].extend(extra)
@@ -93,7 +98,12 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
         return record
 
     blocks = request.block_source(request.layers)
-    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
+    tokens: dict[str, int] = {}  # calibration tokens routed to each expert layer (the experts' rule)
+    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish, tokens)
+    if "tokens_per_expert" in stats:
+        stats["experts_rounded_to_nearest"] = sum(
+            1 for name in request.layers if calibration_rule(name, tokens, weight_matrix(modules[name]).shape[1])
+        )
     return gguf_result(
         request.model,
         method,
