@@ -17,7 +17,8 @@ and windows of every llama.cpp check (tests/support/gguf_harness.py MODELS["smol
 quantization of it (``llama_model_quantize``: are the files' tensors identical?).
 
 ``--bits``: rtn int4 of both models without evaluation, for bits per weight alone: over every tensor, and
-over the int4 layers only (their codes and scales in the checkpoint, per weight), in the asked ``--dtype``.
+over the int4 layers only (their codes and scales in the checkpoint, per weight), in the asked ``--dtype``,
+the embedding int8 or (``--embeddings 4``) on the layers' own int4 grid.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def main() -> None:
     parser.add_argument("--gguf", help="instead: the MoE as this GGUF type, scored by llama.cpp and quantcli")
     parser.add_argument("--bits", action="store_true", help="instead: bits per weight of rtn int4, no evaluation")
     parser.add_argument("--dtype", default="auto", help="with --bits: the dtype models are loaded in")
+    parser.add_argument("--embeddings", type=int, default=8, help="with --bits: the embedding's bits (8 or 4)")
     args = parser.parse_args()
     if args.gguf:
         gguf_row(args.gguf)
         return
     if args.bits:
-        bits_rows(args.models, args.dtype)
+        bits_rows(args.models, args.dtype, args.embeddings)
         return
     folders = {"dense": smollm2_folder(), "moe": smollm2_moe_folder()}
     evaluation = EvalConfig(dataset=str(WIKITEXT / "wiki.valid.eval.txt"), seq_len=512, max_tokens=args.max_tokens)
@@ -130,7 +132,12 @@ def int4_layer_bits(folder: Path, report: Any) -> float:
     scales, shapes) over their weights; the embedding's (int8) are not counted."""
     from safetensors import safe_open
 
-    int4 = [layer for layer in report.layers.values() if layer.bits == 4 and layer.shape]
+    tables = ("model.embed_tokens", "lm_head")
+    int4 = [
+        layer
+        for name, layer in report.layers.items()
+        if layer.bits == 4 and layer.shape and not name.startswith(tables)
+    ]
     stored = 0
     for file in folder.glob("*.safetensors"):
         with safe_open(file, framework="pt") as handle:
@@ -143,7 +150,7 @@ def int4_layer_bits(folder: Path, report: Any) -> float:
     return 8 * stored / sum(math.prod(layer.shape) for layer in int4)
 
 
-def bits_rows(models: list[str], dtype: str) -> None:
+def bits_rows(models: list[str], dtype: str, embeddings: int) -> None:
     import quantcli
     from quantcli.config.quantize import QuantizeConfig
 
@@ -162,13 +169,13 @@ def bits_rows(models: list[str], dtype: str) -> None:
                     eval=None,
                     device="cpu",
                     dtype=dtype,
-                    embeddings=8,
+                    embeddings=embeddings,
                 )
             )
             row = {
                 "model": model,
                 "method": "rtn",
-                "grid": "W4 g32 symmetric, embedding int8",
+                "grid": f"W4 g32 symmetric, embedding int{embeddings}",
                 "dtype": dtype,
                 "scale_dtypes": report.size["breakdown"]["classes"]["scales_and_zero_points"]["dtypes"],
                 "file_bytes": report.size["quantized_disk_bytes"],
@@ -177,7 +184,7 @@ def bits_rows(models: list[str], dtype: str) -> None:
                 "embedding_share": report.size["breakdown"]["classes"]["embeddings"]["share"],
                 "quantize_s": round(time.perf_counter() - start, 1),
             }
-        rows = [r for r in rows if (r["model"], r["dtype"]) != (model, dtype)] + [row]
+        rows = [r for r in rows if (r["model"], r["dtype"], r["grid"]) != (model, dtype, row["grid"])] + [row]
         print(json.dumps(row), flush=True)
         settings = {"machine": machine(), "caveat": SMOLLM2_CAVEAT, "note": "rtn, no evaluation: sizes only"}
         out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
