@@ -247,12 +247,17 @@ def gguf_row(gguf_type: str) -> None:
         row["perplexity_quantcli"] = quantcli.evaluate(str(ours), evaluation, device="cpu")["perplexity"]
         row["diff_pct"] = 100 * (row["perplexity_llamacpp"] / row["perplexity_quantcli"] - 1)
         row["diff_pct_f32_kv"] = 100 * (row["perplexity_llamacpp_f32_kv"] / row["perplexity_quantcli"] - 1)
+        _save_gguf_row(row, ids, spec)  # the acceptance numbers first, then llama.cpp's own file beside them
         convert(folder, Path(tmp) / "f32.gguf", "f32")
         row["perplexity_llamacpp_f32"] = llamacpp(Path(tmp) / "f32.gguf")
         row["increase_pct"] = 100 * (row["perplexity_llamacpp"] / row["perplexity_llamacpp_f32"] - 1)
         quantize(Path(tmp) / "f32.gguf", Path(tmp) / "theirs.gguf", gguf_type, 2)
         identical, typed, total = same_tensors(ours, Path(tmp) / "theirs.gguf")
         row["tensors_identical_to_llamacpps_own"] = f"{identical} of {total}"
+    _save_gguf_row(row, ids, spec)
+
+
+def _save_gguf_row(row: dict, ids: list[int], spec: dict) -> None:
     print(json.dumps(row), flush=True)
     settings = {
         "eval": {"dataset": spec["dataset"], "seq_len": spec["seq_len"], "tokens": len(ids)},
@@ -263,7 +268,7 @@ def gguf_row(gguf_type: str) -> None:
     }
     out = REPO / "benchmarks" / "results" / "smollm2" / "moe-gguf.json"
     rows = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
-    rows = [r for r in rows if r["grid"] != gguf_type] + [row]
+    rows = [r for r in rows if r["grid"] != row["grid"]] + [row]
     out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
 
 
