@@ -181,7 +181,7 @@ def bits_rows(models: list[str], dtype: str, embeddings: int) -> None:
                 "file_bytes": report.size["quantized_disk_bytes"],
                 "bits_per_weight": report.size["breakdown"]["bits_per_weight"],
                 "int4_layer_bits_per_weight": int4_layer_bits(Path(tmp) / "q", report),
-                "embedding_share": report.size["breakdown"]["classes"]["embeddings"]["share"],
+                "embedding_bytes_share": report.size["breakdown"]["classes"]["embeddings"]["share"],
                 "quantize_s": round(time.perf_counter() - start, 1),
             }
         rows = [r for r in rows if (r["model"], r["dtype"], r["grid"]) != (model, dtype, row["grid"])] + [row]
