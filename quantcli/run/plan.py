@@ -78,9 +78,9 @@ def quantizes_tables(run: Run) -> bool:
 
 
 def splits_experts(run: Run) -> bool:
-    """Whether fused experts become one layer per expert (:mod:`quantcli.quant.moe`): integer methods writing
-    compressed-tensors; other formats and methods keep them fused, in 16 bits, and say so."""
-    return run.method.output_format == "compressed-tensors" and run.grid is None
+    """Whether fused experts become one layer per expert (:mod:`quantcli.quant.moe`): the integer methods,
+    writing compressed-tensors or GGUF; other methods keep them fused, in 16 bits, and say so."""
+    return run.method.output_format == "compressed-tensors"
 
 
 def table_bits(config: QuantizeConfig) -> int:

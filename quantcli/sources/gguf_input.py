@@ -1,4 +1,5 @@
-"""Read a llama.cpp ``.gguf`` file as an ordinary dense model, through transformers' own GGUF loader.
+"""Read a llama.cpp ``.gguf`` file as an ordinary dense model, through transformers' own GGUF loader
+(a file with experts through :mod:`quantcli.sources.gguf_experts`).
 
 transformers dequantizes every tensor (Q4_1, Q8_0, ...) to the asked dtype and builds the matching
 architecture and tokenizer (with the chat template the file carries). The source's quantization
@@ -21,6 +22,8 @@ from typing import Any
 
 from quantcli.errors import ModelLoadError, UnavailableError
 from quantcli.sources.gguf_check import check_blocks, check_layout, check_loaded
+from quantcli.sources.gguf_experts import experts_architecture
+from quantcli.sources.gguf_experts import load_model as load_experts_model
 
 MISSING = (
     "reading {path} needs the gguf package (llama.cpp's reader), which is not installed."
@@ -104,7 +107,7 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     With a ``quantization_config`` (bitsandbytes), which transformers refuses to combine with a GGUF
     file, the dense model goes through a temporary safetensors folder that is removed after loading.
     """
-    from transformers import AutoModelForCausalLM, GgufConfig
+    from transformers import AutoModelForCausalLM
 
     path = Path(source)
     source_format(path)  # a corrupt file (or no gguf package) fails here, with a readable message
@@ -112,24 +115,10 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     check_blocks(reader, path)  # before a model of the declared size is built
     quantization_config = kwargs.pop("quantization_config", None)
     kwargs.pop("use_safetensors", None)
-    kwargs.update(_gpt2_positions(path))
-    try:
-        with alone(path) as folder:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(folder),
-                gguf_file=path.name,
-                dtype=dtype,
-                device_map=None if quantization_config else device,
-                quantization_config=GgufConfig(dequantize=True),
-                output_loading_info=True,
-                **kwargs,
-            )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(error)}") from None
-    check_loaded(model, info, reader, path)
-    model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
-    model.eval()
+    if experts_architecture(reader):  # transformers' loader reads no mixture-of-experts file correctly
+        model = load_experts_model(path, reader, dtype, "cpu" if quantization_config else device)
+    else:
+        model = _transformers_model(path, reader, dtype, None if quantization_config else device, kwargs)
     if quantization_config is None:
         return model
     with tempfile.TemporaryDirectory(prefix="quantcli-gguf-") as folder:
@@ -144,6 +133,30 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
             **kwargs,
         )
     return requantized.eval()
+
+
+def _transformers_model(path: Path, reader: Any, dtype: Any, device: str | None, kwargs: dict[str, Any]) -> Any:
+    """The file's dense model through transformers' own GGUF loader."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    try:
+        with alone(path) as folder:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(folder),
+                gguf_file=path.name,
+                dtype=dtype,
+                device_map=device,
+                quantization_config=GgufConfig(dequantize=True),
+                output_loading_info=True,
+                **kwargs,
+                **_gpt2_positions(path),
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(error)}") from None
+    check_loaded(model, info, reader, path)
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    return model.eval()
 
 
 def _gpt2_positions(path: Path) -> dict[str, int]:

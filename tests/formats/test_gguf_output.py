@@ -234,5 +234,6 @@ def test_other_architectures_get_one_line_naming_those_that_work(tmp_path, stori
     assert result.exit_code == 5
     assert (
         result.stderr.strip()
-        == "error: GGUF output supports Llama-family and GPT-2 models (model_type llama, gpt2), not mistral."
+        == "error: GGUF output supports Llama-family, GPT-2, Mixtral and Qwen3-MoE models (model_type llama, gpt2,"
+        " mixtral, qwen3_moe), not mistral."
     )

@@ -11,7 +11,8 @@ from quantcli.errors import UnavailableError
 
 
 def write_hyperparameters(writer: Any, config: Any, file_type: str) -> None:
-    """The architecture's hyperparameters (context, widths, heads, norms, rotary) and ``general.file_type``."""
+    """The architecture's hyperparameters (context, widths, heads, norms, rotary, experts) and
+    ``general.file_type``."""
     import gguf
 
     hidden, heads = config.hidden_size, config.num_attention_heads
@@ -44,6 +45,12 @@ def write_hyperparameters(writer: Any, config: Any, file_type: str) -> None:
     if head_dim != hidden // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:  # llama.cpp reads an expert's width from feed_forward_length unless this is given
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
 
 
 # How a byte-level BPE cuts text before merging, as the regexes it applies in turn, and the llama.cpp

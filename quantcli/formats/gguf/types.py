@@ -88,21 +88,30 @@ def _mix_rule(mix: str, role: str, layer: int, layers: int) -> str | None:
     return None
 
 
-def tensor_type(file_type: Any, name: str, width: int, layers: int, head: bool = False) -> tuple[str, str | None]:
+def tensor_type(
+    file_type: Any, name: str, width: int, layers: int, head: bool = False, experts: int = 0
+) -> tuple[str, str | None]:
     """The type llama.cpp's quantizer (``llama_tensor_get_type`` in ``src/llama-quant.cpp``, default
     parameters, no imatrix) gives a weight ``name`` (llama.cpp's, e.g. ``blk.3.attn_v.weight``) with
     rows ``width`` wide: ``head`` (the output, or the token embedding tied to it) is Q8_0 when the
     file type is Q8_0 or the width is not a multiple of the file type's block, else Q6_K; in a mix,
     :func:`_mix_rule`'s; every other weight the file type's. Then its ``tensor_type_fallback`` for widths
-    not a multiple of the block (:data:`FALLBACK`), and F16 below a multiple of 32. Returns the type and,
-    where it is not the file type's, why."""
+    not a multiple of the block (:data:`FALLBACK`), and F16 below a multiple of 32. A stacked expert tensor
+    (``ffn_down_exps``) follows its projection's rule; in a model of exactly 8 ``experts`` (Mixtral's count)
+    ``attn_k``/``attn_v`` are Q8_0 and ``attn_output`` Q5_K in Q3_K/Q4_K files and mixes, as llama.cpp's
+    quantizer bumps them. Returns the type and, where it is not the file type's, why."""
     base = file_type.base if isinstance(file_type, Mix) else file_type.name
     block = getattr(_ALL[base], "block", BLOCK)
     chosen = base
     if head:
         chosen = "Q8_0" if base == "Q8_0" or width % block else "Q6_K"
     elif isinstance(file_type, Mix) and name.startswith("blk."):
-        chosen = _mix_rule(file_type.name, name.split(".")[2], int(name.split(".")[1]), layers) or base
+        role, layer = name.split(".")[2].removesuffix("_exps"), int(name.split(".")[1])
+        chosen = _mix_rule(file_type.name, role, layer, layers) or base
+    if experts == 8 and not head and name.startswith("blk."):
+        role = name.split(".")[2]
+        chosen = "Q8_0" if role in ("attn_k", "attn_v") else chosen
+        chosen = "Q5_K" if role == "attn_output" and base in ("Q3_K", "Q4_K") else chosen
     if width % BLOCK:
         return "F16", f"F16, as llama.cpp keeps it: in_features {width} is not a multiple of {BLOCK}"
     notes = [] if chosen == base or head else [f"{chosen}: llama.cpp's {file_type.name} gives this layer more bits"]

@@ -3,7 +3,10 @@ package llama.cpp publishes (its writer, tensor-name maps, special-vocab reader 
 
 The output folder also holds ``quantcli.json``, ``report.json`` and the Hugging Face tokenizer, so
 ``quantcli eval OUT`` needs no flags; llama.cpp (``llama-cli -m OUT/model-Q4_0.gguf``), ollama and
-transformers' GGUF loader read the file alone. Llama-family models and GPT-2 are written.
+transformers' GGUF loader read the file alone. Llama-family models, GPT-2, Mixtral (llama.cpp's ``llama``
+with experts) and Qwen3-MoE (``qwen3moe``) are written; each expert is rounded as a layer of its own
+and the experts of a projection are stored as llama.cpp's stacked ``ffn_*_exps`` tensor
+(:mod:`quantcli.formats.gguf.tensors`), the router (``ffn_gate_inp``) F32 as llama.cpp keeps it.
 
 Per-tensor types follow llama.cpp's quantizer (``llama_tensor_get_type``, no imatrix;
 :func:`quantcli.formats.gguf.types.tensor_type`): the layers quantcli quantized carry the asked type's
@@ -12,24 +15,24 @@ below a multiple of 32); the output head, and the token embedding when it is tie
 Q6_K, or Q8_0 where the width is not a multiple of 256 or the type is Q8_0; an untied token
 embedding gets the layers' type by llama.cpp's reference quantizer; norms, biases, position
 embeddings and ``--skip-modules`` layers stay F32.
-Llama's q/k rows are permuted to llama.cpp's rotary layout, as its converter does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from quantcli.errors import CheckpointError, UnavailableError
 from quantcli.formats import Format, register_format
 from quantcli.formats.gguf.metadata import write_hyperparameters, write_tokenizer
-from quantcli.formats.gguf.types import BLOCK, LEGACY, block_type, pack, quantize_layer, round_to_nearest, tensor_type
-from quantcli.quant.layers import is_conv1d, weight_matrix
+from quantcli.formats.gguf.tensors import Packed, dense, tensors
+from quantcli.formats.gguf.types import BLOCK, block_type, quantize_layer, tensor_type
+from quantcli.quant.layers import weight_matrix
+from quantcli.quant.moe import calibration_rule
 from quantcli.quant.records import LayerRecord, QuantizedModel
 from quantcli.sources import gguf_input
+from quantcli.sources.gguf_names import ARCHITECTURES, TensorNames, architecture, expert_count
 
-ARCHITECTURES = ("llama", "gpt2")  # model_type -> gguf.MODEL_ARCH of the same name
 # general.file_type: the closest llama.cpp names (Q4_K_S is Q4_K with some Q5_K; Q3_K_S, Q5_K_S are all Q3_K, Q5_K)
 FILE_TYPES = {"Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
 
@@ -57,38 +60,35 @@ def gguf_result(
     )
 
 
-def _llamacpp_names(model: Any) -> Any:
-    import gguf
-
-    config = model.config
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
-
-
 def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
     """Run a method over the request's layers on its GGUF file type (:mod:`quantcli.quant.blockwise`, with
     the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
     and ``choose(matrix, hessian, kind) -> (record, notes)`` rounds it onto that type ``kind``
     (:func:`quantcli.formats.gguf.types.quantize_layer`; F16 layers are not chosen); a layer no
-    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note."""
+    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note, as does an expert that
+    received fewer routed calibration tokens than it has inputs (:func:`quantcli.quant.moe.calibration_rule`)."""
     import torch
 
     from quantcli.quant.blockwise import quantize_blockwise
 
     modules = dict(request.model.named_modules())
     notes: dict[str, list[str]] = {name: [] for name in request.layers}
-    file_type, names, layers = request.grid, _llamacpp_names(request.model), request.model.config.num_hidden_layers
+    config = request.model.config
+    file_type, names, layers = request.grid, TensorNames(request.model), config.num_hidden_layers
+    experts = expert_count(config)
 
     def finish(name: str, hessian: Any) -> Any:
         width = weight_matrix(modules[name]).shape[1]
-        layer_type, note = tensor_type(
-            file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers
-        )
+        layer_type, note = tensor_type(file_type, names.of_layer(name) or name, width, layers, experts=experts)
         notes[name] += [note] if note else []
 
         def chosen(matrix: Any) -> Any:
             used = hessian
-            if request.calibration is not None and hessian is None:
-                notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
+            under = calibration_rule(name, tokens, matrix.shape[1]) if request.calibration is not None else None
+            if request.calibration is not None and (hessian is None or under):
+                notes[name].append(
+                    under or "round-to-nearest: no calibration pass through the decoder blocks reaches it"
+                )
                 used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
             record, extra = choose(matrix, used, block_type(layer_type))
             notes[name].extend(extra)
@@ -99,7 +99,12 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
         return record
 
     blocks = request.block_source(request.layers)
-    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
+    tokens: dict[str, int] = {}  # calibration tokens routed to each expert layer (the experts' rule)
+    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish, tokens)
+    if "tokens_per_expert" in stats:
+        stats["experts_rounded_to_nearest"] = sum(
+            1 for name in request.layers if calibration_rule(name, tokens, weight_matrix(modules[name]).shape[1])
+        )
     return gguf_result(
         request.model,
         method,
@@ -109,14 +114,6 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
         notes,
         stats if request.calibration is not None else None,
     )
-
-
-@dataclass
-class Packed:
-    """A tensor already in the file's layout: ``data`` (numpy) of ggml type ``raw_type`` (None: F32/F16 by dtype)."""
-
-    data: Any
-    raw_type: Any
 
 
 def _embeddings(model: Any, kind: Any) -> dict[str, Packed]:
@@ -137,7 +134,7 @@ def _embeddings(model: Any, kind: Any) -> dict[str, Packed]:
     }
     packed = {}
     for module, to_type in chosen.items():
-        data, raw_type = _dense(module.weight, to_type)
+        data, raw_type = dense(module.weight, to_type)
         values = gguf.quants.dequantize(data, raw_type) if raw_type is not None else data.astype(np.float32)
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(values).to(module.weight.dtype))
@@ -156,79 +153,29 @@ def gguf_file(folder: str | Path) -> Path:
 
 
 def check_architecture(config: Any) -> None:
+    """Refuse a model llama.cpp's graph for its architecture would not compute as transformers does."""
     if config.model_type not in ARCHITECTURES:
         raise UnavailableError(
-            f"GGUF output supports Llama-family and GPT-2 models (model_type llama, gpt2), not {config.model_type}."
+            f"GGUF output supports Llama-family, GPT-2, Mixtral and Qwen3-MoE models (model_type "
+            f"{', '.join(ARCHITECTURES)}), not {config.model_type}."
         )
-
-
-def _permute_rows(tensor: Any, heads: int) -> Any:
-    """Llama's q/k rows from Hugging Face's rotary layout (halves) to llama.cpp's (pairs)."""
-    rows = tensor.shape[0]
-    return tensor.reshape(heads, 2, rows // heads // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
-
-
-def _dense(value: Any, to_type: str) -> tuple[Any, Any]:
-    """A dense tensor as ``(numpy data, raw type)``: F32/F16 as is, a block type by llama.cpp's
-    reference quantizer (``gguf``'s for the legacy types, :mod:`quantcli.formats.gguf.kquants`')."""
-    import gguf
-    import numpy as np
-
-    array = value.detach().float().cpu().numpy()
-    if to_type == "F32":
-        return array.astype(np.float32), None
-    if to_type == "F16":
-        return array.astype(np.float16), None
-    kind = gguf.GGMLQuantizationType[to_type]
-    if to_type in LEGACY:
-        return gguf.quants.quantize(array, kind), kind
-    return pack(round_to_nearest(value.detach().float().cpu(), block_type(to_type))), kind
-
-
-def _tensors(quantized: QuantizedModel) -> Any:
-    """``(gguf name, data, raw type)`` of every tensor, in the model's order."""
-    import gguf
-
-    model, config = quantized.model, quantized.model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
-    modules = dict(model.named_modules())
-    tied = getattr(config, "tie_word_embeddings", False)
-    for key, value in model.state_dict().items():
-        module_name = key.rsplit(".", 1)[0]
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UnavailableError(
-                f"GGUF output has no llama.cpp name for tensor {key} of this {config.model_type} model."
-            )
-        if name == "output.weight" and tied:
-            continue
-        heads = None
-        if config.model_type == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config.num_attention_heads if name.endswith("attn_q.weight") else config.num_key_value_heads
-        record = quantized.records.get(module_name) if key.endswith(".weight") else None
-        if isinstance(record, Packed):
-            yield name, record.data, record.raw_type
-            continue
-        if record is not None:
-            if heads:
-                record = replace(
-                    record,
-                    **{
-                        f.name: _permute_rows(getattr(record, f.name), heads)
-                        for f in fields(record)
-                        if f.name != "type" and getattr(record, f.name) is not None
-                    },
-                )
-            yield name, pack(record), gguf.GGMLQuantizationType[record.type.name]
-            continue
-        if key.endswith(".weight") and is_conv1d(modules[module_name]):
-            value = value.t()
-        if heads:
-            value = _permute_rows(value, heads)
-        to_type = (
-            "F16" if module_name in quantized.layers and key.endswith(".weight") else "F32"
-        )  # F16: blocks cannot hold it
-        yield (name, *_dense(value, to_type))
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        raise UnavailableError(
+            f"GGUF output writes full attention; this model attends through a sliding window of {window} tokens,"
+            f" which llama.cpp's {architecture(config)} does not apply."
+        )
+    differs = {  # what llama.cpp's MoE graphs fix: every layer routed, chosen weights renormalised
+        "norm_topk_prob": getattr(config, "norm_topk_prob", True) is not True,
+        "mlp_only_layers": bool(getattr(config, "mlp_only_layers", None)),
+        "decoder_sparse_step": getattr(config, "decoder_sparse_step", 1) != 1,
+    }
+    if expert_count(config) and any(differs.values()):
+        found = ", ".join(f"{key}={getattr(config, key)!r}" for key, bad in differs.items() if bad)
+        raise UnavailableError(
+            f"GGUF output writes mixture-of-experts models as llama.cpp computes them: experts in every layer, their"
+            f" top-k weights renormalised; this model has {found}."
+        )
 
 
 @register_format
@@ -250,11 +197,11 @@ class GGUF(Format):
         config = quantized.model.config
         check_architecture(config)
         kind = block_type(quantized.options["gguf_type"])
-        writer = gguf.GGUFWriter(str(Path(folder) / f"model-{kind.name}.gguf"), config.model_type)
+        writer = gguf.GGUFWriter(str(Path(folder) / f"model-{kind.name}.gguf"), architecture(config))
         writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
         write_hyperparameters(writer, config, FILE_TYPES.get(kind.name, f"MOSTLY_{kind.name}"))
         write_tokenizer(writer, Path(folder), config.vocab_size)
-        for name, data, raw_type in _tensors(quantized):
+        for name, data, raw_type in tensors(quantized):
             writer.add_tensor(name, data, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
