@@ -45,12 +45,13 @@ def scale_block(
     ``inputs`` (per mini-batch: hidden states, args, kwargs), ``rounded(name, matrix)`` giving a layer's
     ``[out, in]`` weights as the run's grid rounds them. Returns a layer-map note per layer."""
     hessians, magnitudes = _input_statistics([modules[group[0]] for group in groups], block, inputs)
-    order = _run_order(block, inputs[0])
+    window = _first_window(block, inputs[0])
+    order = _run_order(block, window)
     relative = {id(module): name for name, module in block.named_modules()}
     notes = {}
     for group, hessian, magnitude in zip(groups, hessians, magnitudes):
         consumers = [modules[name] for name in group]
-        producer = _foldable_producer(block, consumers, order, inputs[0])
+        producer = _foldable_producer(block, consumers, order, window)
         if producer is None:
             note = "awq: not scaled (no operation before it can absorb per-channel scales)"
         else:
@@ -69,6 +70,25 @@ def _block_output(block: torch.nn.Module, batch: tuple[torch.Tensor, tuple, dict
     hidden, args, kwargs = batch
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _first_window(block: torch.nn.Module, batch: tuple[torch.Tensor, tuple, dict]) -> tuple[torch.Tensor, tuple, dict]:
+    """The first calibration window of a mini-batch (every tensor argument with the batch's length cut to 1),
+    enough to check a fold; the whole mini-batch when the block does not run on the cut."""
+    hidden, args, kwargs = batch
+    rows = hidden.shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+            return value[:1]
+        return tuple(cut(item) for item in value) if isinstance(value, tuple) else value
+
+    window = (hidden[:1], cut(args), {key: cut(value) for key, value in kwargs.items()})
+    try:
+        _block_output(block, window)
+    except (RuntimeError, ValueError, IndexError):  # a shape mismatch: some argument's first axis is not the batch
+        return batch
+    return window
 
 
 def _input_statistics(
