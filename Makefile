@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
-  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids bench-moe
+  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids bench-moe bench-gptq-variants
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -145,6 +145,12 @@ bench-grids: install smollm2
 
 bench-moe: install smollm2-moe
 	$(BENCH).moe --models moe dense
+
+# one row per job (each under the shared CPU lock on the 2-core machines): every variant at W4 g128, then timing
+GPTQ_VARIANTS := rtn gptq gptq-refit gptq-awq awq gptq-awq-refit
+bench-gptq-variants: install smollm2
+	for row in $(GPTQ_VARIANTS); do $(BENCH).gptq_variants --rows $$row --grid "W4 g128" || exit 1; done
+	$(BENCH).gptq_variants --timing-blocks 4 --rows $(GPTQ_VARIANTS)
 
 clean:
 	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache
