@@ -70,8 +70,8 @@ class GPTQConfig(IntGridConfig):
 class GPTQQuantizer(Quantizer):
     name = "gptq"
     summary = (
-        "GPTQ, calibrated block by block, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search);"
-        " compressed-tensors output"
+        "GPTQ, calibrated block by block, pure PyTorch (INT8/INT4/INT3, groups, act-order, clip search; options"
+        " awq, refit_scales); compressed-tensors output"
     )
     supported_bits = (8, 4, 3)
     config_class = GPTQConfig
