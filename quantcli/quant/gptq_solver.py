@@ -95,7 +95,8 @@ def gptq_quantize(
         pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
     q, scale, zero_point = (tensor[pick] for tensor in found)
     if refit:
-        scale, _ = refit_scales(matrix, hessian, q, scale, zero_point, codebook, scale_dtype)
+        bits = None if layout.symmetric else layout.bits
+        scale, zero_point, _ = refit_scales(matrix, hessian, q, scale, zero_point, codebook, scale_dtype, bits)
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
 
 

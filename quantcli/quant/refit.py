@@ -7,12 +7,16 @@ codebook value of ``q``) are linear in its group scales ``s``, so the scales tha
 output error on the calibration inputs, ``(w - ŵ) H (w - ŵ)ᵀ``, solve one small linear system per row,
 ``(Lᵀ H L) s = Lᵀ H w`` with ``L`` the ``[in, groups]`` matrix of the row's levels (one unknown per group,
 coupled through ``H``). The solution is rounded to the scales' storage dtype and kept only for the rows
-whose error it lowers, so no row gets worse. Integer zero points stay as they are.
+whose error it lowers, so no row gets worse. On an asymmetric grid each group's offset is solved with its
+scale (``ŵ = q·s + m``), rounded to the integer zero point ``-m/s`` in the grid's range, and the scales
+solved again for it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from quantcli.quant import ops
 
 ROW_ELEMENTS = 2**24  # rows · in · groups per chunk of the system build (64 MiB fp32)
 
@@ -30,38 +34,58 @@ def refit_scales(
     zero_point: torch.Tensor,
     codebook: torch.Tensor | None,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, int]:
+    bits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The scales (``[rows, groups]``, in ``scale``'s dtype) minimising each row's output error for the fixed
     integers ``q`` (``[rows, in]``; levels ``q - zero_point``, or ``codebook[q]`` with a codebook, whose scales
-    are stored in float32), rounded to ``dtype``, each row refit only where that lowers its error; and how many
-    rows changed."""
+    are stored in float32), rounded to ``dtype``; with ``bits`` (an asymmetric grid) the zero points refit too.
+    Each row takes the refit only where that lowers its error. Returns scales, zero points and the rows changed."""
     rows, columns = q.shape
     groups = scale.shape[1]
+    size = columns // groups
+    matrix, hessian, old = weight.float(), hessian.float(), scale.float()
     if codebook is not None:
         levels, dtype = codebook.float()[q.long()], torch.float32
     else:
-        levels = q.float() - zero_point.float().repeat_interleave(columns // groups, dim=1)
-    matrix, hessian = weight.float(), hessian.float()
-    old = scale.float()
-    per_chunk = max(1, ROW_ELEMENTS // (columns * groups))
-    systems, targets = [], []
-    blocks = hessian.reshape(columns, groups, columns // groups).permute(1, 0, 2)  # [groups, in, size]
-    for first in range(0, rows, per_chunk):
-        chunk = levels[first : first + per_chunk].reshape(-1, groups, columns // groups)  # [r, groups, size]
-        # (H L)[r, j, h] = sum over group h's inputs b of H[j, b] level[r, b]
-        hl = torch.bmm(blocks, chunk.permute(1, 2, 0)).permute(2, 1, 0)  # [r, in, groups]
-        systems.append(torch.einsum("rga,rgah->rgh", chunk, hl.reshape(len(chunk), groups, -1, groups)))
-        targets.append(((matrix[first : first + per_chunk] @ hessian).reshape_as(chunk) * chunk).sum(-1))
-    system, target = torch.cat(systems), torch.cat(targets)
-    unused = system.diagonal(dim1=1, dim2=2) <= 0  # a group of all-zero levels: its scale multiplies nothing
-    system.diagonal(dim1=1, dim2=2).copy_(torch.where(unused, torch.ones_like(target), system.diagonal(dim1=1, dim2=2)))
-    target = torch.where(unused, old, target)
-    solved, info = torch.linalg.solve_ex(system, target)
-    fitted = solved.to(dtype).float()
-    usable = (info == 0)[:, None] & torch.isfinite(fitted) & (fitted != 0)
-    fitted = torch.where(usable, fitted, old)
-    size = columns // groups
+        levels = q.float() - zero_point.float().repeat_interleave(size, dim=1)
+    zero = zero_point
+    if bits is not None and codebook is None:  # scale and offset together, then the offset as an integer zero point
+        grouped = q.float().reshape(rows, groups, size)
+        start = torch.stack([old, -zero_point.float() * old], dim=-1)
+        joint = _solve(matrix, hessian, torch.stack([grouped, torch.ones_like(grouped)], dim=-1), start)
+        ratio = torch.nan_to_num(-joint[..., 1] / joint[..., 0], nan=0.0, posinf=0.0, neginf=0.0)
+        zero = torch.round(ratio).clamp(*ops.int_range(bits)).to(zero_point.dtype)
+    fitted_levels = q.float() - zero.float().repeat_interleave(size, dim=1) if zero is not zero_point else levels
+    fitted = _solve(matrix, hessian, fitted_levels.reshape(rows, groups, size, 1), old[..., None])[..., 0]
+    fitted = fitted.to(dtype).float()
+    fitted = torch.where(torch.isfinite(fitted) & (fitted != 0), fitted, old)
     before = output_error(matrix - levels * old.repeat_interleave(size, dim=1), hessian)
-    after = output_error(matrix - levels * fitted.repeat_interleave(size, dim=1), hessian)
-    better = after < before
-    return torch.where(better[:, None], fitted, old).to(scale.dtype), int(better.sum())
+    after = output_error(matrix - fitted_levels * fitted.repeat_interleave(size, dim=1), hessian)
+    better = (after < before)[:, None]
+    return torch.where(better, fitted, old).to(scale.dtype), torch.where(better, zero, zero_point), int(better.sum())
+
+
+def _solve(matrix: torch.Tensor, hessian: torch.Tensor, features: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Per row, the coefficients ``c`` (``[rows, groups, k]``) minimising ``(w - ŵ) H (w - ŵ)ᵀ`` for
+    ``ŵ_j = Σ_i features[g(j), j, i] · c[g(j), i]`` (``features``: ``[rows, groups, size, k]``, each supported
+    on its group); a coefficient whose feature is all zero, or a row whose system is singular, keeps ``start``."""
+    rows, groups, size, k = features.shape
+    columns = groups * size
+    blocks = hessian.reshape(columns, groups, size).permute(1, 0, 2)  # [groups, in, size]: H's columns by group
+    per_chunk = max(1, ROW_ELEMENTS // (columns * groups * k))
+    systems, targets = [], []
+    for first in range(0, rows, per_chunk):
+        chunk = features[first : first + per_chunk]
+        count = len(chunk)
+        # (H F)[r, j, h, i]: sum over group h's inputs b of H[j, b] · feature i of r at b
+        hf = torch.bmm(blocks, chunk.permute(1, 2, 0, 3).reshape(groups, size, count * k))
+        hf = hf.reshape(groups, columns, count, k).permute(2, 1, 0, 3).reshape(count, groups, size, groups, k)
+        systems.append(torch.einsum("rgai,rgahj->rgihj", chunk, hf).reshape(count, groups * k, groups * k))
+        wh = (matrix[first : first + per_chunk] @ hessian).reshape(count, groups, size)
+        targets.append(torch.einsum("rga,rgai->rgi", wh, chunk).reshape(count, groups * k))
+    system, target, start = torch.cat(systems), torch.cat(targets), start.reshape(rows, groups * k)
+    diagonal = system.diagonal(dim1=1, dim2=2)
+    unused = diagonal <= 0  # a feature of all zeros (a group whose levels are all 0) multiplies nothing
+    diagonal.copy_(torch.where(unused, torch.ones_like(diagonal), diagonal))
+    solved, info = torch.linalg.solve_ex(system, torch.where(unused, start, target))
+    return torch.where((info == 0)[:, None], solved, start).reshape(rows, groups, k)

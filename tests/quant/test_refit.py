@@ -51,11 +51,27 @@ def test_refit_recovers_the_scales_that_generated_the_weights():
     weight = q.float() * true.repeat_interleave(16, dim=1)
     start = true * (1 + 0.2 * torch.rand(6, 4, generator=generator))
     hessian = random_hessian(64, 2)
-    fitted, changed = refit_scales(weight, hessian, q, start, torch.zeros(6, 4, dtype=torch.int8), None, torch.float32)
+    fitted, _, changed = refit_scales(
+        weight, hessian, q, start, torch.zeros(6, 4, dtype=torch.int8), None, torch.float32
+    )
     assert changed == 6
     torch.testing.assert_close(fitted, true, rtol=1e-4, atol=0)
     error = output_error(weight - q.float() * fitted.repeat_interleave(16, dim=1), hessian)
     assert float(error.max()) < 1e-6 * float(output_error(weight, hessian).min())
+
+
+def test_asymmetric_refit_recovers_the_zero_points_too():
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randint(-8, 8, (6, 64), generator=generator, dtype=torch.int8)
+    true_scale = torch.rand(6, 4, generator=generator) + 0.5
+    true_zero = torch.randint(-3, 4, (6, 4), generator=generator, dtype=torch.int8)
+    weight = (q.float() - true_zero.float().repeat_interleave(16, dim=1)) * true_scale.repeat_interleave(16, dim=1)
+    start = true_scale * (1 + 0.2 * torch.rand(6, 4, generator=generator))
+    fitted, zero_point, changed = refit_scales(
+        weight, random_hessian(64, 6), q, start, torch.zeros(6, 4, dtype=torch.int8), None, torch.float32, bits=4
+    )
+    assert changed == 6 and torch.equal(zero_point, true_zero)
+    torch.testing.assert_close(fitted, true_scale, rtol=1e-4, atol=0)
 
 
 def test_refit_rounds_to_the_storage_dtype_and_keeps_unused_groups():
@@ -64,7 +80,7 @@ def test_refit_rounds_to_the_storage_dtype_and_keeps_unused_groups():
     scale, zero_point = ops.compute_qparams(weight, 4, True, 32, "signed", torch.bfloat16)
     q = ops.quantize(weight, scale, zero_point, 4, 32)
     q[0, :32] = 0  # row 0's first group: every level 0, so its scale multiplies nothing
-    fitted, _ = refit_scales(weight, random_hessian(64, 4), q, scale.float(), zero_point, None, torch.bfloat16)
+    fitted, _, _ = refit_scales(weight, random_hessian(64, 4), q, scale.float(), zero_point, None, torch.bfloat16)
     assert torch.equal(fitted, fitted.to(torch.bfloat16).float())
     assert fitted[0, 0] == scale[0, 0]
     assert not torch.equal(fitted, scale.float())
