@@ -134,7 +134,13 @@ def markdown(result: dict) -> str:
     ]
     lines += ["", f"{setups.SMOLLM2_CAVEAT} fp32 perplexity on this protocol: {FP32_PERPLEXITY}."]
     lines += [f"Protocol: benchmarks/lib/heldout.py ({json.dumps(heldout.SETTINGS)})."]
-    lines += ["Each row is its own job (flock /tmp/quantcli-cpu.lock); quantize times are from different jobs."]
+    lines += [
+        "Grouping: SmolLM2's 576-wide layers take groups of 64 when 128 is asked (the group rule: 128 does not"
+        " divide 576), its 1536-wide down_proj 128. Bits per weight count every weight matrix, the 16-bit embedding"
+        " included.",
+        "Each row is its own job (flock /tmp/quantcli-cpu.lock) on a 2-core machine shared with other work:"
+        " quantize times from different jobs are rough; the one-process ratios below are the comparable ones.",
+    ]
     for run in result.get("timing", []):
         ratios = ", ".join(f"{name} {value}x" for name, value in run["ratio_to_gptq"].items())
         lines += [
