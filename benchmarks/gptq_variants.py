@@ -28,10 +28,9 @@ from benchmarks.lib.results import result_stem
 
 VARIANTS = {  # row name: (method, method options)
     "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
+    "gptq": ("gptq", {"refit_scales": False}),  # GPTQ as it was before issue 26 (clip search, act-order)
     "gptq-refit": ("gptq", {"refit_scales": True}),
-    "gptq-no-refit": ("gptq", {"refit_scales": False}),
-    "gptq-awq": ("gptq", {"awq": True}),
+    "gptq-awq": ("gptq", {"awq": True, "refit_scales": False}),
     "awq": ("awq", {}),
     "gptq-awq-refit": ("gptq", {"awq": True, "refit_scales": True}),
 }

@@ -50,7 +50,7 @@ class GPTQConfig(IntGridConfig):
     clip_search: bool = True
     damp: float = 0.01
     block_size: int = 128
-    refit_scales: bool = False
+    refit_scales: bool = True  # benchmarks/results/smollm2/gptq-variants.md: +14.54% against +16.55% at W4 g128
     awq: bool = False
 
     def __post_init__(self) -> None:

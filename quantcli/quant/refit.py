@@ -62,7 +62,8 @@ def refit_scales(
     before = output_error(matrix - levels * old.repeat_interleave(size, dim=1), hessian)
     after = output_error(matrix - fitted_levels * fitted.repeat_interleave(size, dim=1), hessian)
     better = (after < before)[:, None]
-    return torch.where(better, fitted, old).to(scale.dtype), torch.where(better, zero, zero_point), int(better.sum())
+    scales, zeros = torch.where(better, fitted, old).to(scale.dtype), torch.where(better, zero, zero_point)
+    return scales.contiguous(), zeros.contiguous(), int(better.sum())
 
 
 def _solve(matrix: torch.Tensor, hessian: torch.Tensor, features: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
