@@ -146,10 +146,13 @@ bench-grids: install smollm2
 bench-moe: install smollm2-moe
 	$(BENCH).moe --models moe dense
 
-# one row per job (each under the shared CPU lock on the 2-core machines): every variant at W4 g128, then timing
+# one row per job (each under the shared CPU lock on the 2-core machines): every variant at W4 g128, the best
+# (gptq-refit) at W4 g64 and W3 g64, then the one-process timing
 GPTQ_VARIANTS := rtn gptq gptq-refit gptq-awq awq gptq-awq-refit
 bench-gptq-variants: install smollm2
 	for row in $(GPTQ_VARIANTS); do $(BENCH).gptq_variants --rows $$row --grid "W4 g128" || exit 1; done
+	$(BENCH).gptq_variants --rows gptq-refit --grid "W4 g64"
+	$(BENCH).gptq_variants --rows gptq-refit --grid "W3 g64"
 	$(BENCH).gptq_variants --timing-blocks 4 --rows $(GPTQ_VARIANTS)
 
 clean:
