@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
-  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-gguf-heldout bench-allocation bench-wholemodel bench-grids bench-moe
+  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-gguf-heldout bench-allocation bench-wholemodel bench-grids bench-moe bench-gptq-variants
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -149,6 +149,15 @@ bench-grids: install smollm2
 
 bench-moe: install smollm2-moe
 	$(BENCH).moe --models moe dense
+
+# one row per job (each under the shared CPU lock on the 2-core machines): every variant at W4 g128, the best
+# (gptq-refit) at W4 g64 and W3 g64, then the one-process timing
+GPTQ_VARIANTS := rtn gptq gptq-refit gptq-awq awq gptq-awq-refit
+bench-gptq-variants: install smollm2
+	for row in $(GPTQ_VARIANTS); do $(BENCH).gptq_variants --rows $$row --grid "W4 g128" || exit 1; done
+	$(BENCH).gptq_variants --rows gptq-refit --grid "W4 g64"
+	$(BENCH).gptq_variants --rows gptq-refit --grid "W3 g64"
+	$(BENCH).gptq_variants --timing-blocks 4 --rows $(GPTQ_VARIANTS)
 
 clean:
 	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache

@@ -51,7 +51,8 @@ def refuse_unhonoured(config: Any, method: Any) -> None:
                 f"{option(name, value)} is not used with {option('allocation')}: {why}. Drop {option(name, value)}."
             )
         if name in RUN_OPTIONS and name not in method.run_options:
-            users = " and ".join(cls.name for cls in available_methods() if name in cls.run_options)
+            *others, last = [cls.name for cls in available_methods() if name in cls.run_options]
+            users = f"{', '.join(others)} and {last}" if others else last
             raise InputError(
                 f"method {method.name} does not use {option(name, value)} (only {users} do). Drop"
                 f" {option(name, value)}."

@@ -46,6 +46,7 @@ class GPTQNF4Config:
     double_quant: ClassVar[bool] = False  # GPTQ picks codes against exact fp32 absmax values
     damp: float = 0.01
     block_size: int = 128
+    refit_scales: bool = False  # refit each block's absmax by least squares once the codes are fixed (gptq's option)
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -121,6 +122,7 @@ class GPTQNF4Quantizer(Quantizer):
                     config.block_size,
                     config.act_order,
                     codebook.to(matrix.device),
+                    refit=config.refit_scales,
                 )
                 notes[name] = "; ".join(extra) or None
                 absmax = layer.scale.float()

@@ -195,13 +195,15 @@ def quantize_blockwise(
     calibration: torch.Tensor | None,
     quantize_layer: Callable[[str, torch.Tensor | None], Any],
     tokens: dict[str, int] | None = None,
+    prepare_block: Callable[[torch.nn.Module, list[list[str]], Inputs], None] | None = None,
 ) -> dict[str, Any]:
     """Call ``quantize_layer(name, hessian)`` for every layer in ``names``, block by block in run
     order, and hand each block's records (what it returns) to ``blocks.close``. Without
     ``calibration`` (or for layers no calibration pass reaches) the hessian is ``None``; ``tokens``
     gets the calibration tokens each layer's Hessian saw, before ``quantize_layer`` is called.
     ``blocks`` is :class:`ModelBlocks` or a streaming source with the same methods. Returns memory
-    and calibration stats (with tokens per expert for a mixture-of-experts model)."""
+    and calibration stats (with tokens per expert for a mixture-of-experts model). ``prepare_block(block,
+    groups, inputs)``, with calibration, runs before a block's layers are quantized (AWQ's scaling)."""
     tokens = {} if tokens is None else tokens
     modules = dict(blocks.model.named_modules())
     prefix = blocks.prefix
@@ -234,6 +236,8 @@ def quantize_blockwise(
             if calibration is None:
                 records = {name: quantize_layer(name, None) for name in inside}
             groups_here = _groups_in_run_order(block, inside, inputs) if inside and calibration is not None else []
+            if prepare_block is not None and groups_here:
+                prepare_block(block, groups_here, inputs)
             for group in merge_expert_groups(groups_here):
                 for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs, tokens).items():
                     records[name] = quantize_layer(name, hessian)

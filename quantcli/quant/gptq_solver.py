@@ -30,6 +30,8 @@ import torch
 
 from quantcli.quant import ops
 from quantcli.quant.intgrid import IntLayout, IntWeights
+from quantcli.quant.refit import output_error as _output_error
+from quantcli.quant.refit import refit_scales
 
 DAMP_RETRIES = 4  # times damping is multiplied by 10 before a layer falls back to round-to-nearest
 CLIP_SHRINKS = tuple(round(1 - 0.05 * step, 2) for step in range(10))  # 1.0 ... 0.55 of each row's range
@@ -60,6 +62,7 @@ def gptq_quantize(
     act_order: bool = False,
     codebook: torch.Tensor | None = None,
     clip_search: bool = False,
+    refit: bool = False,
 ) -> tuple[IntWeights, list[str]]:
     """GPTQ one ``[out, in]`` weight given its Hessian; returns its integers and notes on any fallback.
 
@@ -69,7 +72,8 @@ def gptq_quantize(
     static group of the original weights, and ``q`` holds codebook indices (``ops.dequantize_codebook``).
     ``clip_search`` shortlists each row's ``CLIP_FINALISTS`` clips in ``CLIP_SHRINKS`` by the output
     error ``(w - ŵ) H (w - ŵ)ᵀ`` of round-to-nearest, runs GPTQ with them and with the full range, and
-    keeps, per row, the result with the lowest output error (rows are independent).
+    keeps, per row, the result with the lowest output error (rows are independent). ``refit`` then refits
+    the chosen integers' scales by least squares on ``H`` (:mod:`quantcli.quant.refit`).
     """
     matrix = weight.detach().float()
     out_features = matrix.shape[0]
@@ -90,6 +94,9 @@ def gptq_quantize(
     if len(row_of) > out_features:  # clipped candidates too: keep each row's lowest output error
         pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
     q, scale, zero_point = (tensor[pick] for tensor in found)
+    if refit:
+        bits = None if layout.symmetric else layout.bits
+        scale, zero_point, _ = refit_scales(matrix, hessian, q, scale, zero_point, codebook, scale_dtype, bits)
     return IntWeights(q, scale if codebook is not None else scale.to(weight.dtype), zero_point, layout), notes
 
 
@@ -172,11 +179,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _output_error(error: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Each row's ``e H eᵀ``: its share of ``||WX - ŴX||²`` (up to the constant in ``H``)."""
-    return ((error @ hessian) * error).sum(dim=1)
 
 
 def _clip_by_rounding(

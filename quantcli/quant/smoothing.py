@@ -89,6 +89,26 @@ def _activation_maxima(
     return maxima
 
 
+def fold_scales(producer: Any, consumers: list[Any], factors: torch.Tensor) -> None:
+    """Divide each output channel ``j`` of ``producer`` (a norm's weight and bias, or a linear's output rows
+    and bias) by ``factors[j]`` and multiply input column ``j`` of every ``consumers`` layer by it: when they
+    alone read that output, the model computes the same function (SmoothQuant here, AWQ in
+    :mod:`quantcli.quant.awq`)."""
+    import torch
+
+    from quantcli.quant.layers import set_weight_matrix, weight_matrix
+
+    with torch.no_grad():
+        if producer.weight.dim() == 1:
+            producer.weight.copy_((producer.weight.float() / factors).to(producer.weight.dtype))
+        else:
+            set_weight_matrix(producer, weight_matrix(producer).float() / factors[:, None])
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.copy_((producer.bias.float() / factors).to(producer.bias.dtype))
+        for consumer in consumers:
+            set_weight_matrix(consumer, weight_matrix(consumer).float() * factors)
+
+
 def smooth(model: Any, calibration: torch.Tensor, alpha: float, batch_size: int = 8) -> dict[str, Any]:
     """Smooth ``model`` in place for W8A8 with strength ``alpha`` on ``calibration`` windows; returns
     what was done (pairs smoothed, the range of the factors)."""
@@ -104,11 +124,7 @@ def smooth(model: Any, calibration: torch.Tensor, alpha: float, batch_size: int 
             columns = torch.cat([linear.weight.detach().abs().float() for linear in linears]).amax(0)
             factors = maxima[norm_name].clamp(min=1e-5).pow(alpha) / columns.clamp(min=1e-5).pow(1 - alpha)
             factors = factors.clamp(min=1e-5)
-            norm.weight.copy_((norm.weight.float() / factors).to(norm.weight.dtype))
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.copy_((norm.bias.float() / factors).to(norm.bias.dtype))
-            for linear in linears:
-                linear.weight.copy_((linear.weight.float() * factors).to(linear.weight.dtype))
+            fold_scales(norm, linears, factors)
             smallest, largest = min(smallest, factors.min().item()), max(largest, factors.max().item())
     return {
         "alpha": alpha,

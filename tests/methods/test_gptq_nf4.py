@@ -28,12 +28,19 @@ def test_packing_and_codes_match_bitsandbytes_own_quantization():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("nf4")
-    return {
+    runs = {
         method: quantcli.quantize(
             QuantizeConfig(bits=4, method=method, output=root / method, calibration=CALIBRATION, eval=EVAL)
         )
         for method in ("bnb-nf4", "gptq-nf4")
     }
+    options = {"refit_scales": True}
+    runs["gptq-nf4-refit"] = quantcli.quantize(
+        QuantizeConfig(
+            bits=4, method="gptq-nf4", output=root / "refit", calibration=CALIBRATION, eval=EVAL, method_options=options
+        )
+    )
+    return runs
 
 
 def test_gptq_on_the_nf4_grid_beats_bitsandbytes_rounding_at_the_same_size(runs):
@@ -48,8 +55,9 @@ def test_gptq_on_the_nf4_grid_beats_bitsandbytes_rounding_at_the_same_size(runs)
     assert gptq.stats["decoder_blocks"] == "model.layers (5)"
 
 
-def test_plain_transformers_and_bitsandbytes_load_it_identically(runs, prompt_ids):
-    folder = runs["gptq-nf4"].output
+@pytest.mark.parametrize("run", ["gptq-nf4", "gptq-nf4-refit"])
+def test_plain_transformers_and_bitsandbytes_load_it_identically(runs, prompt_ids, run):
+    folder = runs[run].output
     plain = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(plain.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert plain.config.quantization_config.bnb_4bit_quant_type == "nf4"

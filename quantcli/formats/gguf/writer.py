@@ -188,6 +188,8 @@ class GGUF(Format):
         "observer": "each block's scale is the GGUF type's own (llama.cpp's reference rounding)",
         "embeddings": "llama.cpp's rules pick the token embedding's and output head's types",
         "keep_dtype": "GGUF stores norms and other unquantized vectors in F32, as llama.cpp does",
+        "refit_scales": "gptq's scale refit is written for the integer grids (compressed-tensors)",
+        "awq": "gptq's AWQ pre-step is written for the integer grids (compressed-tensors)",
     }
 
     def save(self, quantized: QuantizedModel, folder: Path, max_shard_size: int | None = None) -> None:
