@@ -35,18 +35,23 @@ from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, reques
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 from quantcli.quant.moe import calibration_rule
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
+from quantcli.quant.reference import Reference
+
+TARGETS = ("quantized", "full-precision")  # each layer's target: GPTQ's, or GPTAQ's full-precision outputs
 
 
 @dataclass(frozen=True)
 class GPTQConfig(IntGridConfig):
     """The shared integer grid plus ``damp``: fraction of the mean of ``diag(H)`` added to it;
     ``block_size``: columns per lazy update; ``clip_search``: pick each row's range by its output
-    error after GPTQ (see :func:`gptq_quantize`)."""
+    error after GPTQ (see :func:`gptq_quantize`); ``target``: whose output each layer matches, the
+    ``quantized`` model's inputs' (GPTQ) or the ``full-precision`` model's (GPTAQ, :mod:`quantcli.quant.gptaq`)."""
 
     act_order: bool = True
     clip_search: bool = True
     damp: float = 0.01
     block_size: int = 128
+    target: str = "quantized"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +60,8 @@ class GPTQConfig(IntGridConfig):
                 f"gptq damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use "
                 "e.g. 0.01."
             )
+        if self.target not in TARGETS:
+            raise InputError(f"gptq target must be one of {', '.join(TARGETS)}, got {self.target!r}.")
         if self.block_size <= 0:
             raise InputError(
                 f"gptq block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128."
@@ -90,7 +97,7 @@ class GPTQQuantizer(Quantizer):
         plan = request_layouts(request)
         notes: dict[str, list[str]] = {name: [] for name in plan}
 
-        def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:
+        def finish(name: str, hessian: torch.Tensor | None, cross: torch.Tensor | None = None) -> IntWeights:
             layout, module, matrix = plan[name], modules[name], weight_matrix(modules[name])
             if name in request.tables:  # one-hot inputs: no Hessian worth the name (see the module docstring)
                 unit = "row" if layout.group_size is None else f"group of {layout.group_size}"
@@ -112,6 +119,7 @@ class GPTQQuantizer(Quantizer):
                 config.block_size,
                 config.act_order,
                 clip_search=config.clip_search,
+                cross=cross,
             )
             notes[name].extend(extra)
             set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
@@ -120,7 +128,7 @@ class GPTQQuantizer(Quantizer):
 
         blocks = request.block_source(tuple(plan))
         tokens: dict[str, int] = {}
-        stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish, tokens)
+        stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish, tokens, self.reference(request))
         rounded = sum(1 for name in plan if calibration_rule(name, tokens, weight_matrix(modules[name]).shape[1]))
         if "tokens_per_expert" in stats:
             stats["experts_rounded_to_nearest"] = rounded
@@ -134,7 +142,7 @@ class GPTQQuantizer(Quantizer):
 
         config = request.config
 
-        def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object) -> tuple[object, list[str]]:
+        def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object, cross: object = None) -> tuple:
             return gptq_on_grid(
                 matrix,
                 hessian,
@@ -143,6 +151,7 @@ class GPTQQuantizer(Quantizer):
                 config.block_size,
                 config.act_order,
                 config.clip_search,
+                cross,
             )
 
         options = {
@@ -151,5 +160,10 @@ class GPTQQuantizer(Quantizer):
             "clip_search": config.clip_search,
             "damp": config.damp,
             "block_size": config.block_size,
+            "target": config.target,
         }
-        return quantize_on_grid(request, self.name, options, choose)
+        return quantize_on_grid(request, self.name, options, choose, self.reference(request))
+
+    def reference(self, request: QuantizeRequest) -> Reference | None:
+        """The full-precision stream this run needs beside the quantized one (GPTAQ's), or None."""
+        return Reference(asymmetric=True) if request.config.target == "full-precision" else None

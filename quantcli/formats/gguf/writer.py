@@ -63,12 +63,16 @@ def _llamacpp_names(model: Any) -> Any:
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH[config.model_type.upper()], config.num_hidden_layers)
 
 
-def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
+def quantize_on_grid(
+    request: Any, method: str, options: dict[str, Any], choose: Any, reference: Any = None
+) -> QuantizedModel:
     """Run a method over the request's layers on its GGUF file type (:mod:`quantcli.quant.blockwise`, with
     the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
     and ``choose(matrix, hessian, kind) -> (record, notes)`` rounds it onto that type ``kind``
     (:func:`quantcli.formats.gguf.types.quantize_layer`; F16 layers are not chosen); a layer no
-    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note."""
+    calibration pass reaches gets a zero Hessian, i.e. rounding, with a note. A ``reference``
+    (:class:`quantcli.quant.reference.Reference`) goes to the block driver; with GPTAQ's cross term,
+    ``choose(matrix, hessian, kind, cross)``."""
     import torch
 
     from quantcli.quant.blockwise import quantize_blockwise
@@ -77,7 +81,7 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
     notes: dict[str, list[str]] = {name: [] for name in request.layers}
     file_type, names, layers = request.grid, _llamacpp_names(request.model), request.model.config.num_hidden_layers
 
-    def finish(name: str, hessian: Any) -> Any:
+    def finish(name: str, hessian: Any, *cross: Any) -> Any:
         width = weight_matrix(modules[name]).shape[1]
         layer_type, note = tensor_type(
             file_type, names.get_name(f"{name}.weight", try_suffixes=(".weight",)) or name, width, layers
@@ -89,7 +93,7 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
             if request.calibration is not None and hessian is None:
                 notes[name].append("round-to-nearest: no calibration pass through the decoder blocks reaches it")
                 used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-            record, extra = choose(matrix, used, block_type(layer_type))
+            record, extra = choose(matrix, used, block_type(layer_type), *cross)
             notes[name].extend(extra)
             return record
 
@@ -98,7 +102,7 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
         return record
 
     blocks = request.block_source(request.layers)
-    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish)
+    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish, reference=reference)
     return gguf_result(
         request.model,
         method,
