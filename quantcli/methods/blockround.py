@@ -33,11 +33,11 @@ from quantcli.quant.round_tuning import TunableLayer, tune_block
 @dataclass(frozen=True)
 class BlockRoundConfig(GPTQConfig):
     """GPTQ's options plus the tuning's: ``iterations`` signed-gradient steps per block (0: plain GPTQ),
-    the starting ``learning_rate`` in code steps (decaying linearly to zero), and the ``seed`` that orders
-    the calibration mini-batches."""
+    the starting ``learning_rate`` in code steps (decaying linearly to zero; None: ``1 / iterations``,
+    AutoRound's rule), and the ``seed`` that orders the calibration mini-batches."""
 
     iterations: int = 16
-    learning_rate: float = 0.1
+    learning_rate: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,7 +46,7 @@ class BlockRoundConfig(GPTQConfig):
             raise InputError(
                 f"blockround iterations must be 0 or more steps per block, got {self.iterations}. Use e.g. 16."
             )
-        if not 0 < self.learning_rate <= 1:
+        if self.learning_rate is not None and not 0 < self.learning_rate <= 1:
             raise InputError(
                 f"blockround learning_rate must be above 0 and at most 1 (code steps), got {self.learning_rate}. "
                 "Use e.g. 0.1."
@@ -120,7 +120,8 @@ class BlockRoundQuantizer(GPTQQuantizer):
                 )
                 for name, (parameter, module) in inside.items()
             ]
-            tuned = tune_block(block, layers, inputs, targets, config.iterations, config.learning_rate, config.seed)
+            rate = config.learning_rate or 1 / config.iterations
+            tuned = tune_block(block, layers, inputs, targets, config.iterations, rate, config.seed)
             self._errors.append((tuned.start_error, tuned.error))
             for name, (parameter, module) in inside.items():
                 records[name] = _with_codes(records[name], tuned.codes[parameter])
