@@ -96,6 +96,12 @@ class BlockRoundQuantizer(GPTQQuantizer):
             result.stats["block_output_error"] = {"gptq": start, "tuned": tuned, "blocks": len(self._errors)}
         return result
 
+    def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
+        result = super()._on_grid(request)
+        config = request.config
+        result.options.update(iterations=config.iterations, learning_rate=config.learning_rate, seed=config.seed)
+        return result
+
     def reference(self, request: QuantizeRequest) -> Reference:
         config = request.config
         modules = {module: name for name, module in request.model.named_modules()}
