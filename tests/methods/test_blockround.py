@@ -165,3 +165,36 @@ def test_checkpoint_reloads_with_quantcli_logits(tmp_path: Path, calibration, op
 def test_bad_options_say_the_fix(options, message):
     with pytest.raises(InputError, match=message):
         get_method("blockround").make_config(4, options)
+
+
+STREAM = {
+    "method": "blockround",
+    "bits": 4,
+    "group_size": 32,
+    "eval": None,
+    "iterations": 4,
+    "calibration": {"samples": 16, "seq_len": 64, "seed": 3},
+}
+
+
+@pytest.mark.parametrize("target", ["quantized", "full-precision"])
+def test_streaming_is_bit_identical_to_in_memory_and_resumes(tmp_path, target):
+    """--low-memory writes the in-memory run's tensors; interrupted after 3 blocks, --resume continues both the
+    quantized and the full-precision stream from the saved activations to the same tensors."""
+    from quantcli.config.recipes import config_from_mapping
+    from quantcli.errors import ResumableInterrupt
+    from quantcli.run.pipeline import quantize
+    from tests.run.test_streaming import tensors
+    from tests.support.hostile import LAYERS_PER_BLOCK, StopAfter
+
+    recipe = {**STREAM, "model": SOURCE, "target": target}
+    quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
+    streamed = {**recipe, "low_memory": True}
+    quantize(config_from_mapping({**streamed, "output": tmp_path / "streamed"}))
+    with pytest.raises(ResumableInterrupt, match="interrupted after 3 of 7 layer groups"):
+        quantize(config_from_mapping({**streamed, "output": tmp_path / "resumed"}), StopAfter(3 * LAYERS_PER_BLOCK + 1))
+    report = quantize(config_from_mapping({**streamed, "output": tmp_path / "resumed", "resume": True}))
+    assert report.stats["resumed_shards"] == 3
+    memory = tensors(tmp_path / "memory")
+    for other in (tensors(tmp_path / "streamed"), tensors(tmp_path / "resumed")):
+        assert sorted(other) == sorted(memory) and all(torch.equal(memory[key], other[key]) for key in memory)
