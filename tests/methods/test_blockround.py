@@ -172,7 +172,7 @@ STREAM = {
     "bits": 4,
     "group_size": 32,
     "eval": None,
-    "iterations": 4,
+    "iterations": 8,
     "calibration": {"samples": 16, "seq_len": 64, "seed": 3},
 }
 
@@ -198,3 +198,28 @@ def test_streaming_is_bit_identical_to_in_memory_and_resumes(tmp_path, target):
     memory = tensors(tmp_path / "memory")
     for other in (tensors(tmp_path / "streamed"), tensors(tmp_path / "resumed")):
         assert sorted(other) == sorted(memory) and all(torch.equal(memory[key], other[key]) for key in memory)
+
+
+def test_nf4_codes_tuned_in_a_plain_bitsandbytes_checkpoint(tmp_path, calibration, prompt_ids):
+    """blockround-nf4: the tuned NF4 codes on bitsandbytes' absmax, the block errors below gptq-nf4's start; plain
+    transformers + bitsandbytes loads the file with quantcli's logits, and --low-memory writes the same tensors."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from quantcli.config.recipes import config_from_mapping
+    from quantcli.run.pipeline import quantize
+    from tests.run.test_streaming import tensors
+
+    recipe = {**STREAM, "method": "blockround-nf4", "model": SOURCE}
+    recipe.pop("group_size")
+    report = quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
+    quantize(config_from_mapping({**recipe, "output": tmp_path / "streamed", "low_memory": True}))
+    error = report.stats["block_output_error"]
+    assert report.format == "bitsandbytes" and error["tuned"] < error["gptq"]
+    memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert sorted(memory) == sorted(streamed) and all(torch.equal(memory[k], streamed[k]) for k in memory)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").eval()
+    assert type(plain.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        ours = quantcli.load(tmp_path / "memory")[0](input_ids=prompt_ids).logits
+        assert torch.equal(plain(input_ids=prompt_ids).logits, ours)
