@@ -2,18 +2,18 @@
 so that the quantized block reproduces the full-precision block's outputs on the calibration inputs.
 
 Each weight's code may move one step either way on its layer's fixed grid (scales untouched, so any grid a
-format stores works: integer groups, GGUF block types): a continuous offset ``v`` in ``[-1, 1]`` per
+format stores works: integer groups, NF4, GGUF block types): a continuous offset ``v`` in ``[-1, 1]`` per
 weight, code ``clamp(round(c + v))`` with ``c`` the starting code, trained by AutoRound's signed gradient
 descent (Cheng et al. 2023) with a straight-through estimator. As AutoRound starts from each weight's
-position between two codes, ``v`` starts at the original weight's offset from ``c`` in code steps,
-clamped to ``[-0.5, 0.5]`` (so the starting codes are ``c``): weights near the midpoint flip first.
-The gradient reaches ``v`` through the
-grid's local step (the value between the neighbouring codes), so grids whose scales are negative (a
-``signed`` observer, llama.cpp's Q4_0) or not uniform move the right way. The loss is the mean squared
-error of the block's outputs, run on the quantized model's inputs, against the original block's outputs
-on the full-precision model's inputs (:class:`quantcli.quant.reference.Reference`): one calibration
-mini-batch per step, in an order drawn from ``seed``; the learning rate decays linearly to zero. The
-result is kept only if its error on all calibration mini-batches is below the starting codes'.
+position between two codes, ``v`` starts at the original weight's offset from ``c`` in code steps, within
+``±HALF`` (so the starting codes are ``c``): the weights nearest a rounding midpoint flip first. The
+gradient reaches ``v`` through the grid's local step (the value between the neighbouring codes), so grids
+whose scales are negative (a ``signed`` observer, llama.cpp's Q4_0) or not uniform (NF4) move the right
+way. The loss is the mean squared error of the block's outputs, run on the quantized model's inputs,
+against the original block's outputs on the full-precision model's inputs
+(:class:`quantcli.quant.reference.Reference`): one calibration mini-batch per step, in an order drawn from
+``seed``; the learning rate decays linearly to zero. The result is kept only if its error on all
+calibration mini-batches is below the starting codes'.
 """
 
 from __future__ import annotations
