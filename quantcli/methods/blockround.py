@@ -159,10 +159,11 @@ class BlockRoundQuantizer(GPTQQuantizer):
     name = "blockround"
     summary = (
         "GPTQ, then each decoder block's rounding tuned by signed gradient descent to reproduce the"
-        " full-precision block (integer groups or --format gguf)"
+        " full-precision block (integer groups or GGUF block grids)"
     )
     config_class = BlockRoundConfig
     default_for = ()
+    allocates = False  # the per-layer precision search scores gptq's candidates, not tuned blocks
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         self._errors: list[tuple[float, float]] = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from quantcli.errors import UnavailableError, option
+from quantcli.errors import UnavailableError
 from quantcli.quant.layers import weight_matrix
 from quantcli.quant.moe import is_expert_layer
 
@@ -50,7 +50,7 @@ class Reference:
         if self.asymmetric and any(is_expert_layer(name) for name in names):
             raise UnavailableError(
                 "the full-precision target (GPTAQ) pairs each layer's inputs token by token, which routed experts "
-                f"do not keep. Use {option('target', 'quantized')} on a mixture-of-experts model."
+                "do not keep. Use the method option target 'quantized' on a mixture-of-experts model."
             )
         count = len(inputs)
         self.hidden = list(saved[count:]) if saved is not None else [hidden.clone() for hidden, _, _ in inputs]
@@ -96,7 +96,7 @@ def cross_term(cross: torch.Tensor, original: torch.Tensor, quantized: torch.Ten
     if original.shape != quantized.shape:
         raise UnavailableError(
             f"the full-precision inputs of a layer ({tuple(original.shape)}) do not pair with its quantized ones "
-            f"({tuple(quantized.shape)}). Use {option('target', 'quantized')}."
+            f"({tuple(quantized.shape)}). Use the method option target 'quantized'."
         )
     x = quantized.reshape(-1, quantized.shape[-1]).float()
     difference = original.reshape(-1, original.shape[-1]).float() - x
