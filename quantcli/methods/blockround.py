@@ -122,7 +122,7 @@ def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]
             if modules.get(module) in records and _tunable(records[modules[module]])
         }
         if not inside or not config.iterations:
-            return records
+            return records, None
         layers = [
             TunableLayer(
                 parameter,
@@ -130,6 +130,7 @@ def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]
                 lambda codes, record=records[name]: _values(_with_codes(record, codes)),
                 reference.originals[name],
                 is_conv1d(module),
+                module.weight.dtype,
             )
             for name, (parameter, module) in inside.items()
         ]
@@ -139,7 +140,7 @@ def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]
         for name, (parameter, module) in inside.items():
             records[name] = _with_codes(records[name], tuned.codes[parameter])
             set_weight_matrix(module, _values(records[name]).to(module.weight.dtype))
-        return records
+        return records, tuned.outputs
 
     reference = Reference(asymmetric=getattr(config, "target", None) == "full-precision", refine=refine)
     return reference

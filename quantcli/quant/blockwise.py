@@ -252,11 +252,13 @@ def quantize_blockwise(
                     records[name] = quantize_layer(name, *terms)
                 groups += 1
                 peak = max(peak, _memory(device))
+            outputs = None
             if reference is not None:
-                records = reference.finish(block, records, inputs, targets)
+                records, outputs = reference.finish(block, records, inputs, targets)
                 peak = max(peak, _memory(device))
             if calibration is not None and index + 1 < len(blocks.blocks):
-                inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(_run(block, inputs), inputs)]
+                outputs = outputs or _run(block, inputs)
+                inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outputs, inputs)]
             for name in set(inside) - set(records):  # in the block but never called in a calibration pass
                 records[name] = quantize_layer(name, None)
             done.update(inside)

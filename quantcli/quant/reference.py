@@ -29,15 +29,18 @@ from quantcli.quant.layers import weight_matrix
 from quantcli.quant.moe import is_expert_layer
 
 Inputs = list[tuple[torch.Tensor, tuple, dict]]  # per mini-batch: hidden states, other args, kwargs
-Refine = Callable[[torch.nn.Module, dict[str, Any], Inputs, list[torch.Tensor]], dict[str, Any]]
+Refine = Callable[
+    [torch.nn.Module, dict[str, Any], Inputs, list[torch.Tensor]], tuple[dict[str, Any], list[torch.Tensor] | None]
+]
 
 
 @dataclass
 class Reference:
     """What a method asks of the full-precision stream: ``asymmetric`` layer inputs for GPTAQ and/or a
-    per-block ``refine(block, records, inputs, targets) -> records`` run once the block's layers are
-    quantized (``inputs``: the quantized stream's, ``targets``: the original block's outputs; the
-    layers' original weights in ``originals`` meanwhile)."""
+    per-block ``refine(block, records, inputs, targets) -> (records, outputs)`` run once the block's layers
+    are quantized (``inputs``: the quantized stream's, ``targets``: the original block's outputs; the
+    layers' original weights in ``originals`` meanwhile; ``outputs``: the block's outputs on ``inputs`` as
+    it leaves the block, if it computed them, else None)."""
 
     asymmetric: bool = False
     refine: Refine | None = None
@@ -81,14 +84,15 @@ class Reference:
 
     def finish(
         self, block: torch.nn.Module, records: dict[str, Any], inputs: Inputs, targets: list[torch.Tensor]
-    ) -> dict[str, Any]:
-        """The block's records after the per-block step; the targets become the next block's inputs."""
-        self.layer_inputs = {}
+    ) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+        """The block's records after the per-block step, and its outputs if the step computed them; the
+        targets become the next block's full-precision inputs."""
+        self.layer_inputs, outputs = {}, None
         if self.refine is not None:
-            records = self.refine(block, records, inputs, targets)
+            records, outputs = self.refine(block, records, inputs, targets)
             self.originals = {}
         self.hidden = targets
-        return records
+        return records, outputs
 
 
 def cross_term(cross: torch.Tensor, original: torch.Tensor, quantized: torch.Tensor, seen: int, new: int) -> None:

@@ -32,7 +32,8 @@ HALF = 0.499  # the starting offsets' bound: below half a step, so that they rou
 class TunableLayer:
     """One layer of a block on its fixed grid: ``parameter`` (the weight's name inside the block), its
     starting ``codes`` (float, ``[out, in]``), the codes' range, ``values(codes) -> [out, in]`` fp32
-    weights, the ``original`` fp32 weights, and whether the module stores the weight transposed (GPT-2's Conv1D)."""
+    weights, the ``original`` fp32 weights, whether the module stores the weight transposed (GPT-2's Conv1D),
+    and the dtype it holds weights in."""
 
     parameter: str
     codes: torch.Tensor
@@ -41,16 +42,23 @@ class TunableLayer:
     values: Callable[[torch.Tensor], torch.Tensor]
     original: torch.Tensor
     transposed: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def stored(self, values: torch.Tensor) -> torch.Tensor:
+        """``[out, in]`` fp32 values as the module holds its weight."""
+        values = values.to(self.dtype)
+        return values.t() if self.transposed else values
 
 
 @dataclass
 class Tuned:
-    """Each layer's codes after tuning (the starting ones when tuning did not help), and the block's
-    output error on all calibration mini-batches before and after."""
+    """Each layer's codes after tuning (the starting ones when tuning did not help), the block's output
+    error on all calibration mini-batches before and after, and its outputs with the codes kept."""
 
     codes: dict[str, torch.Tensor]
     start_error: float
     error: float
+    outputs: list[torch.Tensor]
 
 
 def _output(block: torch.nn.Module, weights: dict[str, torch.Tensor], one: tuple) -> torch.Tensor:
@@ -60,19 +68,19 @@ def _output(block: torch.nn.Module, weights: dict[str, torch.Tensor], one: tuple
 
 
 def _weights(layers: list[TunableLayer], codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        layer.parameter: layer.values(code).t() if layer.transposed else layer.values(code)
-        for layer, code in zip(layers, codes, strict=True)
-    }
+    return {layer.parameter: layer.stored(layer.values(code)) for layer, code in zip(layers, codes, strict=True)}
 
 
-def _error(block: torch.nn.Module, weights: dict[str, torch.Tensor], inputs: Inputs, targets: list) -> float:
-    """Mean squared error of the block's outputs over all calibration mini-batches."""
+def _error(
+    block: torch.nn.Module, weights: dict[str, torch.Tensor], inputs: Inputs, targets: list
+) -> tuple[float, list[torch.Tensor]]:
+    """Mean squared error of the block's outputs over all calibration mini-batches, and the outputs."""
+    outputs = [_output(block, weights, one) for one in inputs]
     total = sum(
-        float(torch.nn.functional.mse_loss(_output(block, weights, one), target, reduction="sum"))
-        for one, target in zip(inputs, targets, strict=True)
+        float(torch.nn.functional.mse_loss(out.float(), target.float(), reduction="sum"))
+        for out, target in zip(outputs, targets, strict=True)
     )
-    return total / sum(target.numel() for target in targets)
+    return total / sum(target.numel() for target in targets), outputs
 
 
 def _slope(layer: TunableLayer) -> torch.Tensor:
@@ -99,7 +107,7 @@ def tune_block(
     """Tune ``layers``' codes so that ``block`` on ``inputs`` gives ``targets`` (see the module docstring)."""
     start = [layer.codes for layer in layers]
     with torch.no_grad():
-        start_error = _error(block, _weights(layers, start), inputs, targets)
+        start_error, start_outputs = _error(block, _weights(layers, start), inputs, targets)
     slopes = [_slope(layer) for layer in layers]
     offsets = [_start(layer, slope).requires_grad_() for layer, slope in zip(layers, slopes, strict=True)]
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -113,9 +121,9 @@ def tune_block(
             weights = {}
             for index, layer in enumerate(layers):
                 value = layer.values(rounded(index)) + slopes[index] * (offsets[index] - offsets[index].detach())
-                weights[layer.parameter] = value.t() if layer.transposed else value
+                weights[layer.parameter] = layer.stored(value)
             one = order[step % len(order)]
-            loss = torch.nn.functional.mse_loss(_output(block, weights, inputs[one]), targets[one])
+            loss = torch.nn.functional.mse_loss(_output(block, weights, inputs[one]).float(), targets[one].float())
             grads = torch.autograd.grad(loss, offsets)
             rate = learning_rate * (1 - step / iterations)
             with torch.no_grad():
@@ -123,7 +131,8 @@ def tune_block(
                     offset.sub_(rate * torch.sign(grad)).clamp_(-1, 1)
     with torch.no_grad():
         tuned = [rounded(index) for index in range(len(layers))]
-        error = _error(block, _weights(layers, tuned), inputs, targets) if iterations else start_error
+        error, outputs = _error(block, _weights(layers, tuned), inputs, targets) if iterations else (start_error, [])
     if error >= start_error:
-        tuned, error = start, start_error
-    return Tuned({layer.parameter: codes for layer, codes in zip(layers, tuned, strict=True)}, start_error, error)
+        tuned, error, outputs = start, start_error, start_outputs
+    codes = {layer.parameter: codes for layer, codes in zip(layers, tuned, strict=True)}
+    return Tuned(codes, start_error, error, outputs)
