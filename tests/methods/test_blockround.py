@@ -223,3 +223,19 @@ def test_nf4_codes_tuned_in_a_plain_bitsandbytes_checkpoint(tmp_path, calibratio
     with torch.no_grad():
         ours = quantcli.load(tmp_path / "memory")[0](input_ids=prompt_ids).logits
         assert torch.equal(plain(input_ids=prompt_ids).logits, ours)
+
+
+def test_mixture_of_experts_tunes_and_refuses_gptaq(tmp_path):
+    """Experts are tuned with the rest of their block; GPTAQ, which pairs each layer's tokens, is refused."""
+    from quantcli.errors import UnavailableError
+    from tests.promises.test_moe import _build
+
+    folder = _build("mixtral", tmp_path / "moe")
+    recipe = {"bits": 4, "model": folder, "method": "blockround", "eval": None, "calibration": CALIB}
+    report = quantcli.quantize(QuantizeConfig(**recipe, output=tmp_path / "out", method_options={"iterations": 4}))
+    assert report.stats["block_output_error"]["blocks"] == 2
+    assert report.stats["block_output_error"]["tuned"] <= report.stats["block_output_error"]["gptq"]
+    with pytest.raises(UnavailableError, match="routed experts do not keep. Use the method option target 'quantized'"):
+        quantcli.quantize(
+            QuantizeConfig(**recipe, output=tmp_path / "gptaq", method_options={"target": "full-precision"})
+        )
