@@ -27,6 +27,7 @@ from benchmarks.lib.results import result_stem
 from tests.support.models import smollm2_folder
 
 FP32_PERPLEXITY = 45.996  # SmolLM2 fp32 on this protocol (transformers)
+F32_GGUF_PERPLEXITY = 45.997  # llama.cpp, F32 GGUF, this protocol (benchmarks/anchors.py; row f32-gguf remeasures)
 W4 = {"bits": 4, "group_size": 128}
 ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: method, grid, options, GGUF type
     "gptq-w4g128": ("gptq", "W4 g128", W4, None),
@@ -133,7 +134,7 @@ def quantize_row(label: str, work: Path, result: dict[str, Any]) -> dict[str, An
         file = gguf_file(work / label)
         sizes = gguf_sizes(file)
         score = score_gguf(file, heldout_ids(AutoTokenizer.from_pretrained(folder)), base_logits())
-        base = next((r["perplexity"] for r in result["rows"] if r["row"] == "f32-gguf"), None)
+        base = next((r["perplexity"] for r in result["rows"] if r["row"] == "f32-gguf"), F32_GGUF_PERPLEXITY)
         row.update(runtime="llama.cpp", file_bytes=sizes["file_bytes"], bits_per_weight=sizes["bits_per_weight"])
     else:
         score = score_checkpoint(work / label)
