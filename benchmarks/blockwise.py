@@ -222,6 +222,7 @@ def markdown(result: dict[str, Any]) -> str:
             + ", ".join(f"{k}: {v} s ({t['ratio_to_gptq'][k]}x gptq)" for k, v in t["seconds"].items())
             + "."
         )
+    lines += [""] + [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
