@@ -10,7 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
-  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-gguf-heldout bench-allocation bench-wholemodel bench-grids bench-moe bench-gptq-variants
+  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-gguf-heldout bench-allocation bench-wholemodel bench-grids bench-moe \
+  bench-gptq-variants bench-blockwise
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -158,6 +159,13 @@ bench-gptq-variants: install smollm2
 	$(BENCH).gptq_variants --rows gptq-refit --grid "W4 g64"
 	$(BENCH).gptq_variants --rows gptq-refit --grid "W3 g64"
 	$(BENCH).gptq_variants --timing-blocks 4 --rows $(GPTQ_VARIANTS)
+
+# one row per call (each fits the shared CPU lock); GGUF rows need `make llama-cpp`
+bench-blockwise: install smollm2
+	$(BENCH).blockwise --timing 4
+	$(BENCH).blockwise --rows gptq-w4g128 gptaq-w4g128 blockround-w4g128 blockround-gptaq-w4g128
+	$(BENCH).blockwise --rows blockround-w4g64 blockround-w3g64 gptq-w4g64 gptq-w3g64
+	$(BENCH).blockwise --rows f32-gguf gptq-q4_0 blockround-q4_0 gptq-q4_k_m blockround-q4_k_m
 
 clean:
 	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache

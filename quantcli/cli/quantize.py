@@ -15,8 +15,8 @@ from quantcli.config.recipes import merge_quantize_config
 
 # Literal so --help stays fast; tests/cli/test_help.py holds it to the method registry (names, defaults).
 METHOD_HELP = (
-    "rtn, gptq, awq, gptq-nf4, bnb-int8, bnb-nf4, bnb-fp4, cast. Default: 16-bit cast; 8-bit bnb-int8 on CUDA, rtn"
-    " on CPU; 4-bit bnb-nf4 on CUDA, rtn on CPU; 3-bit gptq."
+    "rtn, gptq, awq, gptq-nf4, blockround, blockround-nf4, bnb-int8, bnb-nf4, bnb-fp4, cast. Default: 16-bit cast;"
+    " 8-bit bnb-int8 on CUDA, rtn on CPU; 4-bit bnb-nf4 on CUDA, rtn on CPU; 3-bit gptq."
 )
 
 

@@ -36,6 +36,9 @@ from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, reques
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 from quantcli.quant.moe import calibration_rule
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
+from quantcli.quant.reference import Reference
+
+TARGETS = ("quantized", "full-precision")  # each layer's target: GPTQ's, or GPTAQ's full-precision outputs
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class GPTQConfig(IntGridConfig):
     on for GGUF, the only grid it applies to: SmolLM2 Q4_0 +8.80% against +11.76% without, held-out protocol);
     ``refit_scales``: refit each row's scales by least squares on the Hessian once its integers are fixed
     (:mod:`quantcli.quant.refit`); ``awq``: scale each input channel by AWQ's search before the block's
-    layers are quantized (:mod:`quantcli.quant.awq`)."""
+    layers are quantized (:mod:`quantcli.quant.awq`); ``target``: whose output each layer matches, the
+    ``quantized`` model's inputs' (GPTQ) or the ``full-precision`` model's (GPTAQ, :mod:`quantcli.quant.gptaq`)."""
 
     act_order: bool = True
     clip_search: bool = True
@@ -56,6 +60,7 @@ class GPTQConfig(IntGridConfig):
     importance: bool | None = None
     refit_scales: bool = True  # benchmarks/results/smollm2/gptq-variants.md: +14.54% against +16.55% at W4 g128
     awq: bool = False
+    target: str = "quantized"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +69,8 @@ class GPTQConfig(IntGridConfig):
                 f"gptq damp must be between 0 and 1 (a fraction of the mean Hessian diagonal), got {self.damp}. Use "
                 "e.g. 0.01."
             )
+        if self.target not in TARGETS:
+            raise InputError(f"gptq target must be one of {', '.join(TARGETS)}, got {self.target!r}.")
         if self.block_size <= 0:
             raise InputError(
                 f"gptq block_size must be a positive number of columns, got {self.block_size}. Use e.g. 128."
@@ -104,7 +111,7 @@ class GPTQQuantizer(Quantizer):
         plan = request_layouts(request)
         notes: dict[str, list[str]] = {name: [] for name in plan}
 
-        def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:
+        def finish(name: str, hessian: torch.Tensor | None, cross: torch.Tensor | None = None) -> IntWeights:
             layout, module, matrix = plan[name], modules[name], weight_matrix(modules[name])
             if name in request.tables:  # one-hot inputs: no Hessian worth the name (see the module docstring)
                 unit = "row" if layout.group_size is None else f"group of {layout.group_size}"
@@ -127,6 +134,7 @@ class GPTQQuantizer(Quantizer):
                 config.act_order,
                 clip_search=config.clip_search,
                 refit=config.refit_scales,
+                cross=cross,
             )
             notes[name].extend(extra)
             set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
@@ -136,7 +144,9 @@ class GPTQQuantizer(Quantizer):
         blocks = request.block_source(tuple(plan))
         tokens: dict[str, int] = {}
         prepare = awq_step(model, plan, notes) if config.awq else None
-        stats = quantize_blockwise(blocks, tuple(plan), request.calibration, finish, tokens, prepare)
+        stats = quantize_blockwise(
+            blocks, tuple(plan), request.calibration, finish, tokens, prepare, self.reference(request)
+        )
         rounded = sum(1 for name in plan if calibration_rule(name, tokens, weight_matrix(modules[name]).shape[1]))
         if "tokens_per_expert" in stats:
             stats["experts_rounded_to_nearest"] = rounded
@@ -152,7 +162,7 @@ class GPTQQuantizer(Quantizer):
 
         config = request.config
 
-        def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object) -> tuple[object, list[str]]:
+        def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object, cross: object = None) -> tuple:
             diagonal = torch.diagonal(hessian).float()
             seen = diagonal > 0
             importance = None
@@ -166,6 +176,7 @@ class GPTQQuantizer(Quantizer):
                 config.block_size,
                 config.act_order,
                 config.clip_search,
+                cross,
             )
 
         options = {
@@ -175,5 +186,10 @@ class GPTQQuantizer(Quantizer):
             "importance": config.importance is not False,
             "damp": config.damp,
             "block_size": config.block_size,
+            "target": config.target,
         }
-        return quantize_on_grid(request, self.name, options, choose)
+        return quantize_on_grid(request, self.name, options, choose, self.reference(request))
+
+    def reference(self, request: QuantizeRequest) -> Reference | None:
+        """The full-precision stream this run needs beside the quantized one (GPTAQ's), or None."""
+        return Reference(asymmetric=True) if request.config.target == "full-precision" else None

@@ -37,6 +37,7 @@ from quantcli.quant.gptq_solver import gptq_quantize
 from quantcli.quant.intgrid import IntLayout
 from quantcli.quant.layers import set_weight_matrix, weight_matrix
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
+from quantcli.quant.reference import Reference
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ class GPTQNF4Quantizer(Quantizer):
 
     def unavailable_reason(self, device: str) -> str | None:
         return bitsandbytes_missing()
+
+    def reference(self, request: QuantizeRequest) -> Reference | None:
+        """The full-precision stream a subclass's per-block step needs (:mod:`quantcli.methods.blockround`)."""
+        return None
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         import bitsandbytes.functional as F
@@ -137,7 +142,10 @@ class GPTQNF4Quantizer(Quantizer):
             request.progress(1)
             return record
 
-        stats = quantize_blockwise(request.block_source(tuple(chosen)), tuple(chosen), request.calibration, finish)
+        blocks = request.block_source(tuple(chosen))
+        stats = quantize_blockwise(
+            blocks, tuple(chosen), request.calibration, finish, reference=self.reference(request)
+        )
         if (
             request.blocks is not None
         ):  # streamed: every block is written already; config.json gets bitsandbytes' config
@@ -146,8 +154,8 @@ class GPTQNF4Quantizer(Quantizer):
         model = modules = None
         packed_model = load_quantized(request, quantization_config)
         packed_modules = dict(packed_model.named_modules())
-        for name, record in codes.items():
-            weight = packed_modules[name].weight
+        for name in codes:
+            record, weight = blocks.records[name], packed_modules[name].weight  # as a per-block step left it
             weight.data = pack_nf4(record.codes).to(weight.device)
             weight.quant_state.absmax = record.absmax.reshape(-1).to(weight.device)
         return build_result(request, packed_model, self.name, chosen, kept, nf4_record, notes, stats)

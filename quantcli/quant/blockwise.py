@@ -23,6 +23,7 @@ import torch
 from quantcli.errors import UnavailableError, option
 from quantcli.quant.layers import weight_matrix
 from quantcli.quant.moe import merge_expert_groups, tokens_per_expert
+from quantcli.quant.reference import Inputs, Reference, cross_term
 
 BATCH = 8  # calibration samples per forward pass
 
@@ -42,9 +43,6 @@ def decoder_blocks(model: Any, names: tuple[str, ...]) -> tuple[str, torch.nn.Mo
         return "", torch.nn.ModuleList()
     _, prefix, blocks = max(found, key=lambda item: item[0])
     return prefix, blocks
-
-
-Inputs = list[tuple[torch.Tensor, tuple, dict]]  # per mini-batch: hidden states, other args, kwargs
 
 
 def _first_block_inputs(model: Any, block: torch.nn.Module, calibration: torch.Tensor) -> Inputs:
@@ -105,24 +103,31 @@ def _groups_in_run_order(block: torch.nn.Module, layers: dict[str, Any], inputs:
 
 
 def _hessians(
-    block: torch.nn.Module, layers: dict[str, Any], inputs: Inputs, tokens: dict[str, int]
-) -> dict[str, torch.Tensor]:
+    block: torch.nn.Module,
+    layers: dict[str, Any],
+    inputs: Inputs,
+    tokens: dict[str, int],
+    original: dict[str, list[torch.Tensor]] | None = None,
+) -> dict[str, tuple[torch.Tensor, ...]]:
     """``2/n·XᵀX`` (float32, running mean) of each layer's inputs over all calibration tokens; how many
-    tokens each layer saw goes into ``tokens`` (an expert sees only the tokens routed to it).
+    tokens each layer saw goes into ``tokens`` (an expert sees only the tokens routed to it). With the
+    layers' full-precision inputs per mini-batch (``original``, :class:`Reference`), also ``2/n·(X̃ - X)ᵀX``.
 
     ``layers`` are in run order; each pass stops once the last of them has seen its input.
     """
-    hessians = {
-        name: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], device=m.weight.device)
-        for name, m in layers.items()
-    }
-    counts = dict.fromkeys(layers, 0)
+    shapes = {name: (weight_matrix(m).shape[1],) * 2 for name, m in layers.items()}
+    hessians = {name: torch.zeros(shapes[name], device=m.weight.device) for name, m in layers.items()}
+    crosses = {name: torch.zeros_like(hessians[name]) for name in layers} if original is not None else {}
+    counts, calls = dict.fromkeys(layers, 0), dict.fromkeys(layers, 0)
 
     def hook_for(name: str) -> Any:
         def hook(module: Any, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             seen = counts[name] = counts[name] + x.shape[0]
             hessians[name].mul_((seen - x.shape[0]) / seen).addmm_(x.t(), x, alpha=2 / seen)
+            if original is not None:
+                cross_term(crosses[name], original[name][calls[name]], args[0].detach(), seen, x.shape[0])
+            calls[name] += 1
             if name == last:
                 raise _Stop
 
@@ -140,7 +145,7 @@ def _hessians(
         for handle in handles:
             handle.remove()
     tokens.update(counts)
-    return hessians
+    return {name: (hessian, crosses[name]) if crosses else (hessian,) for name, hessian in hessians.items()}
 
 
 def _device(model: Any) -> torch.device:
@@ -193,16 +198,19 @@ def quantize_blockwise(
     blocks: Any,
     names: tuple[str, ...],
     calibration: torch.Tensor | None,
-    quantize_layer: Callable[[str, torch.Tensor | None], Any],
+    quantize_layer: Callable[..., Any],
     tokens: dict[str, int] | None = None,
     prepare_block: Callable[[torch.nn.Module, list[list[str]], Inputs], None] | None = None,
+    reference: Reference | None = None,
 ) -> dict[str, Any]:
     """Call ``quantize_layer(name, hessian)`` for every layer in ``names``, block by block in run
     order, and hand each block's records (what it returns) to ``blocks.close``. Without
     ``calibration`` (or for layers no calibration pass reaches) the hessian is ``None``; ``tokens``
     gets the calibration tokens each layer's Hessian saw, before ``quantize_layer`` is called.
-    ``blocks`` is :class:`ModelBlocks` or a streaming source with the same methods. Returns memory
-    and calibration stats (with tokens per expert for a mixture-of-experts model). ``prepare_block(block,
+    ``blocks`` is :class:`ModelBlocks` or a streaming source with the same methods. A ``reference``
+    (with calibration) carries the full-precision stream too: ``quantize_layer(name, hessian, cross)``
+    when it is ``asymmetric``, and its per-block step before the block's records are closed. Returns
+    memory and calibration stats (with tokens per expert for a mixture-of-experts model). ``prepare_block(block,
     groups, inputs)``, with calibration, runs before a block's layers are quantized (AWQ's scaling)."""
     tokens = {} if tokens is None else tokens
     modules = dict(blocks.model.named_modules())
@@ -227,6 +235,9 @@ def quantize_blockwise(
                 inputs = _first_block_inputs(model, blocks.blocks[0], calibration)
             if hidden is not None:
                 inputs = [(saved.to(device), args, kwargs) for saved, (_, args, kwargs) in zip(hidden, inputs)]
+            if reference is not None:
+                reference.start(inputs, names, None if hidden is None else [h.to(device) for h in hidden])
+        reference = reference if calibration is not None else None
         peak = _memory(device)
         done.update(name for name in names for index in range(start) if name.startswith(f"{prefix}.{index}."))
         for index in range(start, len(blocks.blocks)):
@@ -238,19 +249,27 @@ def quantize_blockwise(
             groups_here = _groups_in_run_order(block, inside, inputs) if inside and calibration is not None else []
             if prepare_block is not None and groups_here:
                 prepare_block(block, groups_here, inputs)
+            targets = reference.run_original(block, inside, inputs) if reference is not None else []
+            original = reference.layer_inputs if reference is not None and reference.asymmetric else None
             for group in merge_expert_groups(groups_here):
-                for name, hessian in _hessians(block, {n: inside[n] for n in group}, inputs, tokens).items():
-                    records[name] = quantize_layer(name, hessian)
+                for name, terms in _hessians(block, {n: inside[n] for n in group}, inputs, tokens, original).items():
+                    records[name] = quantize_layer(name, *terms)
                 groups += 1
                 peak = max(peak, _memory(device))
+            outputs = None
+            if reference is not None:
+                records, outputs = reference.finish(block, records, inputs, targets)
+                peak = max(peak, _memory(device))
             if calibration is not None and index + 1 < len(blocks.blocks):
-                inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(_run(block, inputs), inputs)]
+                outputs = outputs or _run(block, inputs)
+                inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outputs, inputs)]
             for name in set(inside) - set(records):  # in the block but never called in a calibration pass
                 records[name] = quantize_layer(name, None)
             done.update(inside)
             ran.extend(inside)  # this run's blocks (a resumed run skips the first ones)
             peak = max(peak, _memory(device))
-            blocks.close(index, records, [h for h, _, _ in inputs] if calibration is not None else None)
+            saved = [h for h, _, _ in inputs] + (reference.hidden if reference is not None else [])
+            blocks.close(index, records, saved if calibration is not None else None)
         for name in names:
             if name not in done:
                 with blocks.layer(name):

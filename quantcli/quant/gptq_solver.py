@@ -15,6 +15,8 @@ weights when GPTQ first reaches it.
 ``CLIP_SHRINKS`` by its output error on the calibration inputs, runs GPTQ on the best
 ``CLIP_FINALISTS`` and on the full range, and keeps the one with the lowest output error.
 
+``cross``: GPTAQ's full-precision target (:mod:`quantcli.quant.gptaq`).
+
 Bit-identical for a given input, device and thread count. Rounding decisions cascade, so another
 calibration draw, or another thread count (which reorders float sums), gives a different model of
 similar quality: ``benchmarks/methods.py`` reports the spread over seeds.
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from quantcli.quant import ops
+from quantcli.quant.gptaq import asymmetry_update, target_error
 from quantcli.quant.intgrid import IntLayout, IntWeights
 from quantcli.quant.refit import output_error as _output_error
 from quantcli.quant.refit import refit_scales
@@ -63,6 +66,7 @@ def gptq_quantize(
     codebook: torch.Tensor | None = None,
     clip_search: bool = False,
     refit: bool = False,
+    cross: torch.Tensor | None = None,
 ) -> tuple[IntWeights, list[str]]:
     """GPTQ one ``[out, in]`` weight given its Hessian; returns its integers and notes on any fallback.
 
@@ -73,12 +77,12 @@ def gptq_quantize(
     ``clip_search`` shortlists each row's ``CLIP_FINALISTS`` clips in ``CLIP_SHRINKS`` by the output
     error ``(w - ŵ) H (w - ŵ)ᵀ`` of round-to-nearest, runs GPTQ with them and with the full range, and
     keeps, per row, the result with the lowest output error (rows are independent). ``refit`` then refits
-    the chosen integers' scales by least squares on ``H`` (:mod:`quantcli.quant.refit`).
+    the chosen integers' scales by least squares on ``H`` (:mod:`quantcli.quant.refit`). ``cross``: GPTAQ's term.
     """
     matrix = weight.detach().float()
     out_features = matrix.shape[0]
     scale_dtype = layout.scale_dtype_for(weight.dtype)
-    hessian, order, upper, notes = _factor(hessian, act_order, damp)
+    hessian, order, upper, notes, shift, cross = _factor(hessian, act_order, damp, cross)
     static = layout.group_size is None or act_order or codebook is not None
     rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
     if clip_search:  # a cheap pre-pass shortlists each row's clips; GPTQ runs on them and on the full range
@@ -87,12 +91,13 @@ def gptq_quantize(
             rows, shrinks = rows + [clipped], shrinks + [finalist[clipped]]
     row_of = torch.cat(rows)
     candidates = matrix[row_of]
+    shrink = torch.cat(shrinks)[:, None]
     *found, rounded = _quantize_columns(
-        candidates, torch.cat(shrinks)[:, None], upper, order, static, layout, block_size, codebook, scale_dtype
+        candidates, shrink, upper, order, static, layout, block_size, codebook, scale_dtype, None, shift
     )
     pick = rows[0]  # the full-range candidates come first
     if len(row_of) > out_features:  # clipped candidates too: keep each row's lowest output error
-        pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
+        pick = _first_best(target_error(candidates, rounded, hessian, cross), row_of, out_features)
     q, scale, zero_point = (tensor[pick] for tensor in found)
     if refit:
         bits = None if layout.symmetric else layout.bits
@@ -101,10 +106,11 @@ def gptq_quantize(
 
 
 def _factor(
-    hessian: torch.Tensor, act_order: bool, damp: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    hessian: torch.Tensor, act_order: bool, damp: float, cross: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor | None, torch.Tensor | None]:
     """The Hessian with unseen inputs given a unit diagonal, the column order, the upper Cholesky
-    factor of its damped inverse in that order (identity, with a note, when none exists) and notes."""
+    factor of its damped inverse in that order (identity, with a note, when none exists), notes, and
+    with GPTAQ's ``cross`` (its unseen columns zeroed) its update ``P`` in that order and itself."""
     hessian = hessian.detach().float().clone()
     columns, notes = hessian.shape[0], []
     dead = torch.diag(hessian) == 0
@@ -115,10 +121,10 @@ def _factor(
     upper, used_damp = _upper_inverse_cholesky(hessian[order][:, order], damp)
     if upper is None:
         notes.append(f"round-to-nearest: Hessian not positive definite even with damp {used_damp / 10:g}")
-        upper = torch.eye(columns, device=hessian.device)  # no error feedback: plain rounding
+        upper, cross = torch.eye(columns, device=hessian.device), None  # no error feedback: plain rounding
     elif used_damp != damp:
         notes.append(f"damp raised to {used_damp:g} for a positive definite Hessian")
-    return hessian, order, upper, notes
+    return hessian, order, upper, notes, *asymmetry_update(cross, dead, order, upper)
 
 
 def gptq_on_grid(
@@ -129,16 +135,17 @@ def gptq_on_grid(
     block_size: int = 128,
     act_order: bool = False,
     clip_search: bool = False,
+    cross: torch.Tensor | None = None,
 ) -> tuple[Any, list[str]]:
     """GPTQ one ``[out, in]`` weight onto an external grid whose scales come from the weights it is
     built on (e.g. a GGUF block type's, :class:`quantcli.formats.gguf.types.FixedGrid`):
     ``make_grid(matrix)`` gives an object with ``type.bits``, ``block`` (inputs per group),
     ``round(column, group) -> (codes, values)``, ``values(matrix)`` and ``record(codes, rows)``.
-    ``clip_search`` as in :func:`gptq_quantize`, the grids built on the rows scaled by each shrink.
-    Returns the layer's record and notes."""
+    ``clip_search`` and ``cross`` as in :func:`gptq_quantize`, the grids built on the rows scaled by each
+    shrink. Returns the layer's record and notes."""
     matrix = weight.detach().float()
     out_features = matrix.shape[0]
-    hessian, order, upper, notes = _factor(hessian, act_order, damp)
+    hessian, order, upper, notes, shift, cross = _factor(hessian, act_order, damp, cross)
     rows, shrinks = [torch.arange(out_features, device=matrix.device)], [torch.ones(out_features, device=matrix.device)]
     if clip_search:
         losses = torch.stack(
@@ -154,11 +161,11 @@ def gptq_on_grid(
     grid = make_grid(candidates * torch.cat(shrinks)[:, None])
     layout = IntLayout(grid.type.bits, True, grid.block)
     codes, _, _, rounded = _quantize_columns(
-        candidates, None, upper, order, True, layout, block_size, None, weight.dtype, grid
+        candidates, None, upper, order, True, layout, block_size, None, weight.dtype, grid, shift
     )
     pick = rows[0]
     if len(row_of) > out_features:
-        pick = _first_best(_output_error(candidates - rounded, hessian), row_of, out_features)
+        pick = _first_best(target_error(candidates, rounded, hessian, cross), row_of, out_features)
     return grid.record(codes, pick), notes
 
 
@@ -240,11 +247,13 @@ def _quantize_columns(
     codebook: torch.Tensor | None,
     dtype: torch.dtype,
     grid: Any = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """GPTQ's column loop over ``matrix`` (rows' ranges scaled by ``shrink``, ``[rows, 1]``), visiting
     columns in ``order`` with ``upper`` the Cholesky factor for that order; ``static`` groups take
     their scales from ``matrix`` up front, an external ``grid`` (see :func:`gptq_on_grid`) rounds
-    instead. Returns ``q``, ``scale``, ``zero_point`` and the rounded values, all in the plain column order."""
+    instead; GPTAQ's ``shift`` (``P`` in that order) adds its asymmetry update. Returns ``q``, ``scale``,
+    ``zero_point`` and the rounded values, all in the plain column order."""
     bits, group_size = layout.bits, layout.group_size
     qmin, qmax = ops.int_range(bits)
     out_features, columns = matrix.shape
@@ -301,6 +310,10 @@ def _quantize_columns(
                 codes[column], rounded[column] = code, value
                 torch.div(weights - value, diagonal[column], out=errors[i])
                 block[i + 1 :].addr_(upper[column, column + 1 : end], errors[i], alpha=-1)
+                if shift is not None:  # row i of block keeps its weights as they were before rounding
+                    block[i + 1 :].addr_(shift[column, column + 1 : end], weights)
         work[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
+        if shift is not None:
+            work[end:].addmm_(shift[start:end, end:].t(), block)
     inverse = torch.argsort(order)
     return codes.t()[:, inverse].to(torch.int8), scale, zero_point, rounded.t()[:, inverse]

@@ -172,7 +172,7 @@ def test_gpt2_conv1d_is_written_transposed(tiny_gpt2, tmp_path):
         (
             ["--format", "gguf", "--gguf-type", "Q4_0", "-m", "bnb-nf4"],
             2,
-            "--format gguf works with --method rtn or gptq, not bnb-nf4.",
+            "--format gguf works with --method rtn or blockround or gptq, not bnb-nf4.",
         ),
         (
             ["--format", "gguf", "--gguf-type", "Q2_K"],

@@ -52,7 +52,7 @@ ROWS = [
     (["-b", "4", "-O", "bits=8"], "-O bits=8 and --bits 4 both set bits. Give it once."),
     (
         ["-b", "16", "-m", "cast", "--embeddings", "4"],
-        "method cast does not use --embeddings 4 (only awq, gptq and rtn do).",
+        "method cast does not use --embeddings 4 (only awq, blockround, gptq and rtn do).",
     ),
     (["-b", "16", "-m", "cast", "--keep-dtype", "float32"], "method cast does not use --keep-dtype float32"),
     (

@@ -60,13 +60,17 @@ def gguf_result(
     )
 
 
-def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose: Any) -> QuantizedModel:
+def quantize_on_grid(
+    request: Any, method: str, options: dict[str, Any], choose: Any, reference: Any = None
+) -> QuantizedModel:
     """Run a method over the request's layers on its GGUF file type (:mod:`quantcli.quant.blockwise`, with
     the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
     and ``choose(matrix, hessian, kind) -> (record, notes)`` rounds it onto that type ``kind``
     (:func:`quantcli.formats.gguf.types.quantize_layer`; F16 layers are not chosen); a layer no
     calibration pass reaches gets a zero Hessian, i.e. rounding, with a note, as does an expert that
-    received fewer routed calibration tokens than it has inputs (:func:`quantcli.quant.moe.calibration_rule`)."""
+    received fewer routed calibration tokens than it has inputs (:func:`quantcli.quant.moe.calibration_rule`).
+    A ``reference`` (:class:`quantcli.quant.reference.Reference`) goes to the block driver; with GPTAQ's cross
+    term, ``choose(matrix, hessian, kind, cross)``."""
     import torch
 
     from quantcli.quant.blockwise import quantize_blockwise
@@ -77,7 +81,7 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
     file_type, names, layers = request.grid, TensorNames(request.model), config.num_hidden_layers
     experts = expert_count(config)
 
-    def finish(name: str, hessian: Any) -> Any:
+    def finish(name: str, hessian: Any, *cross: Any) -> Any:
         width = weight_matrix(modules[name]).shape[1]
         layer_type, note = tensor_type(file_type, names.of_layer(name) or name, width, layers, experts=experts)
         notes[name] += [note] if note else []
@@ -90,7 +94,7 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
                     under or "round-to-nearest: no calibration pass through the decoder blocks reaches it"
                 )
                 used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-            record, extra = choose(matrix, used, block_type(layer_type))
+            record, extra = choose(matrix, used, block_type(layer_type), *cross)
             notes[name].extend(extra)
             return record
 
@@ -100,7 +104,7 @@ def quantize_on_grid(request: Any, method: str, options: dict[str, Any], choose:
 
     blocks = request.block_source(request.layers)
     tokens: dict[str, int] = {}  # calibration tokens routed to each expert layer (the experts' rule)
-    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish, tokens)
+    stats = quantize_blockwise(blocks, request.layers, request.calibration, finish, tokens, reference=reference)
     if "tokens_per_expert" in stats:
         stats["experts_rounded_to_nearest"] = sum(
             1 for name in request.layers if calibration_rule(name, tokens, weight_matrix(modules[name]).shape[1])

@@ -1,0 +1,248 @@
+"""Block-wise methods beyond GPTQ on SmolLM2 (issue 26 items 2 and 3a): gptq, GPTAQ (``target:
+full-precision``) and blockround (GPTQ, then each block's rounding tuned against the full-precision block),
+on the held-out protocol (:mod:`benchmarks.lib.heldout`), one row per call so that each run fits the shared
+CPU lock, rows merged into ``benchmarks/results/smollm2/blockwise.{json,md}``.
+
+    python -m benchmarks.blockwise --rows gptq-w4g128 blockround-w4g128
+    python -m benchmarks.blockwise --timing 4    # quantize time against gptq's, first 4 blocks, one process
+
+Compressed-tensors rows keep the embedding 16-bit (the default) and are scored by quantcli's eval; GGUF rows
+(``--format gguf``) are scored by llama.cpp on quantcli's token ids, their increase against the F32 GGUF's
+llama.cpp perplexity (row ``f32-gguf``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.lib.heldout import SETTINGS, calibration_config, calibration_windows, score_checkpoint
+from benchmarks.lib.results import result_stem
+from tests.support.models import smollm2_folder
+
+FP32_PERPLEXITY = 45.996  # SmolLM2 fp32 on this protocol (transformers)
+F32_GGUF_PERPLEXITY = 45.997  # llama.cpp, F32 GGUF, this protocol (benchmarks/anchors.py; row f32-gguf remeasures)
+W4 = {"bits": 4, "group_size": 128}
+ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: method, grid, options, GGUF type
+    "gptq-w4g128": ("gptq", "W4 g128", W4, None),
+    "gptaq-w4g128": ("gptq", "W4 g128", {**W4, "target": "full-precision"}, None),
+    "blockround-w4g128": ("blockround", "W4 g128", W4, None),
+    "blockround-gptaq-w4g128": ("blockround", "W4 g128", {**W4, "target": "full-precision"}, None),
+    "gptq-w4g64": ("gptq", "W4 g64", {"bits": 4, "group_size": 64}, None),
+    "blockround-w4g64": ("blockround", "W4 g64", {"bits": 4, "group_size": 64}, None),
+    "gptq-w3g64": ("gptq", "W3 g64", {"bits": 3, "group_size": 64}, None),
+    "blockround-w3g64": ("blockround", "W3 g64", {"bits": 3, "group_size": 64}, None),
+    "gptq-q4_0": ("gptq", "Q4_0", {"bits": 4}, "Q4_0"),
+    "blockround-q4_0": ("blockround", "Q4_0", {"bits": 4}, "Q4_0"),
+    "gptq-q4_k_m": ("gptq", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
+    "blockround-q4_k_m": ("blockround", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
+}
+STEM = result_stem("smollm2", "blockwise")
+
+
+def machine() -> dict[str, Any]:
+    info = dict(
+        line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    )
+    return {
+        "cpu": info.get("Model name", "").strip(),
+        "flags": [flag for flag in info.get("Flags", "").split() if flag.startswith(("avx512", "amx"))],
+        "cores": info.get("CPU(s)", "").strip(),
+        "platform": platform.platform(),
+        "note": "2 cores shared with other jobs; full-model runs under a shared CPU lock, torch threads 2",
+    }
+
+
+def load() -> dict[str, Any]:
+    path = STEM.with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {"settings": SETTINGS, "rows": [], "timing": None}
+
+
+def save(result: dict[str, Any]) -> None:
+    result["machine"] = machine()
+    STEM.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    STEM.with_suffix(".md").write_text(markdown(result))
+
+
+def parameters(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as tensors:
+            total += sum(_numel(tensors, key) for key in tensors.keys())
+    return total
+
+
+def _numel(tensors: Any, key: str) -> int:
+    count = 1
+    for size in tensors.get_slice(key).get_shape():
+        count *= size
+    return count
+
+
+def f32_gguf(work: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.lib.heldout import heldout_ids, score_gguf
+    from tests.support.gguf_harness import convert
+
+    folder = smollm2_folder()
+    convert(folder, work / "F32.gguf", "f32")
+    score = score_gguf(work / "F32.gguf", heldout_ids(AutoTokenizer.from_pretrained(folder)))
+    return {"row": "f32-gguf", "runtime": "llama.cpp", "method": "none", "grid": "F32", **score}
+
+
+def quantize_row(label: str, work: Path, result: dict[str, Any]) -> dict[str, Any]:
+    import quantcli
+    from quantcli.config.quantize import QuantizeConfig
+
+    method, grid, options, gguf_type = ROWS[label]
+    options = dict(options)
+    bits = options.pop("bits")
+    folder = smollm2_folder()
+    config = QuantizeConfig(
+        bits=bits,
+        model=str(folder),
+        method=method,
+        output=work / label,
+        method_options=options,
+        calibration=calibration_config(),
+        eval=None,
+        device="cpu",
+        **({"format": "gguf", "gguf_type": gguf_type} if gguf_type else {}),
+    )
+    start = time.perf_counter()
+    report = quantcli.quantize(config)
+    seconds = time.perf_counter() - start
+    row = {"row": label, "method": method, "grid": grid, "quantize_s": round(seconds, 1), "settings": report.options}
+    if "block_output_error" in report.stats:
+        row["block_output_error"] = report.stats["block_output_error"]
+    if gguf_type:
+        from transformers import AutoTokenizer
+
+        from benchmarks.lib.heldout import base_logits, heldout_ids, score_gguf
+        from quantcli.formats.gguf.writer import gguf_file
+        from tests.support.gguf_harness import gguf_sizes
+
+        file = gguf_file(work / label)
+        sizes = gguf_sizes(file)
+        score = score_gguf(file, heldout_ids(AutoTokenizer.from_pretrained(folder)), base_logits())
+        base = next((r["perplexity"] for r in result["rows"] if r["row"] == "f32-gguf"), F32_GGUF_PERPLEXITY)
+        row.update(runtime="llama.cpp", file_bytes=sizes["file_bytes"], bits_per_weight=sizes["bits_per_weight"])
+    else:
+        score = score_checkpoint(work / label)
+        files = sum(f.stat().st_size for f in (work / label).glob("*.safetensors"))
+        weights = parameters(folder)
+        base = FP32_PERPLEXITY
+        row.update(runtime="quantcli", file_bytes=files, bits_per_weight=8 * files / weights)
+    row.update(score)
+    row["increase_pct"] = None if base is None else 100 * (score["perplexity"] / base - 1)
+    return row
+
+
+def timing(blocks: int) -> dict[str, Any]:
+    """Quantize seconds of gptq, GPTAQ, blockround and both on SmolLM2's first ``blocks`` blocks, W4 g128,
+    one process (the ratio is what a full run costs against gptq's)."""
+    import torch
+
+    from quantcli.methods import get_method
+    from quantcli.quant.layers import select_modules
+    from quantcli.quant.records import QuantizeRequest
+    from quantcli.sources.models import load_model, load_tokenizer
+
+    torch.set_num_threads(2)
+    source = str(smollm2_folder())
+    tokenizer = load_tokenizer(source)
+    windows = calibration_windows(tokenizer)
+    runs = [
+        ("gptq", {}),
+        ("gptq", {"target": "full-precision"}),
+        ("blockround", {}),
+        ("blockround", {"target": "full-precision"}),
+    ]
+    seconds = {}
+    for method, options in runs:
+        model = load_model(source, torch.float32, "cpu")
+        names = tuple(
+            name
+            for name in select_modules(model, tables=False).names
+            if any(name.startswith(f"model.layers.{index}.") for index in range(blocks))
+        )
+        config = get_method(method).make_config(4, {"group_size": 128, **options})
+        start = time.perf_counter()
+        get_method(method).quantize(
+            QuantizeRequest(source, model, tokenizer, names, "cpu", torch.float32, config, windows)
+        )
+        seconds[f"{method} {json.dumps(options)}"] = round(time.perf_counter() - start, 1)
+    baseline = seconds["gptq {}"]
+    return {
+        "blocks": blocks,
+        "seconds": seconds,
+        "ratio_to_gptq": {k: round(v / baseline, 2) for k, v in seconds.items()},
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| row | runtime | grid | bits/weight | file bytes | perplexity | increase % | KL | top-1 | quantize s |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in result["rows"]:
+
+        def fmt(key: str, spec: str, r: dict = r) -> str:
+            return format(r[key], spec) if r.get(key) is not None else "-"
+
+        lines.append(
+            f"| {r['row']} | {r['runtime']} | {r['grid']} | {fmt('bits_per_weight', '.3f')} |"
+            f" {fmt('file_bytes', ',')} |"
+            f" {fmt('perplexity', '.3f')} | {fmt('increase_pct', '+.2f')} | {fmt('kl_divergence', '.4f')} |"
+            f" {fmt('top1_agreement', '.4f')} | {fmt('quantize_s', '.0f')} |"
+        )
+    lines.append("")
+    lines.append(
+        "SmolLM2-135M-Instruct (weights dequantized from its Q4_1 GGUF); held-out protocol"
+        " (benchmarks/lib/heldout.py):"
+        f" calibration {json.dumps(SETTINGS['calibration'])}, eval {json.dumps(SETTINGS['eval'])}. Compressed-tensors"
+        f" rows keep the embedding 16-bit; increase vs fp32 {FP32_PERPLEXITY} (transformers); GGUF rows scored by"
+        " llama.cpp, increase vs its F32 GGUF. blockround at its defaults (16 iterations per block, learning rate"
+        " 1/16, seed 0)."
+    )
+    if result.get("timing"):
+        t = result["timing"]
+        lines.append("")
+        lines.append(
+            f"Quantize time, first {t['blocks']} blocks, W4 g128, one process: "
+            + ", ".join(f"{k}: {v} s ({t['ratio_to_gptq'][k]}x gptq)" for k, v in t["seconds"].items())
+            + "."
+        )
+    lines += [""] + [f"- {note}" for note in result.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=[], choices=[*ROWS, "f32-gguf"])
+    parser.add_argument("--timing", type=int, default=0, help="time the methods on this many first blocks")
+    args = parser.parse_args()
+    result = load()
+    if args.timing:
+        result["timing"] = timing(args.timing)
+        save(result)
+    for label in args.rows:
+        with tempfile.TemporaryDirectory(prefix="blockwise-") as tmp:
+            row = f32_gguf(Path(tmp)) if label == "f32-gguf" else quantize_row(label, Path(tmp), result)
+        result = load()  # another call may have added rows meanwhile
+        result["rows"] = [r for r in result["rows"] if r["row"] != label] + [row]
+        save(result)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

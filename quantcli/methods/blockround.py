@@ -1,0 +1,188 @@
+"""``blockround``: GPTQ, then each decoder block's rounding tuned together to reproduce the full-precision block;
+``blockround-nf4``: the same on ``gptq-nf4``'s bitsandbytes NF4 grid.
+
+GPTQ chooses every layer's codes one layer at a time, each against its own output. Once a block's layers
+are done, :func:`quantcli.quant.round_tuning.tune_block` lets each code move one step on the layer's fixed
+grid, by signed gradient descent on the block's output error against the original block's outputs on the
+full-precision stream (the driver carries both streams, :class:`quantcli.quant.reference.Reference`),
+and keeps the result only where the error on all calibration windows drops. Scales are GPTQ's (its clip
+search included), so the grid is whatever the run writes: compressed-tensors integer groups (any width,
+symmetric or not), with ``--format gguf`` the GGUF type's own blocks with llama.cpp's scales, or NF4 codes
+with bitsandbytes' absmax. Every option of gptq (gptq-nf4) applies (``target: full-precision`` composes:
+GPTAQ then tuning); streams and resumes as gptq does. Cost: ``iterations`` forward and backward passes of
+one block on one calibration mini-batch, plus three forward passes over all of them, per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from quantcli.errors import InputError
+from quantcli.formats.bitsandbytes import BLOCK, NF4Weights
+from quantcli.methods import register_method
+from quantcli.methods.gptq import GPTQConfig, GPTQQuantizer
+from quantcli.methods.gptq_nf4 import GPTQNF4Config, GPTQNF4Quantizer
+from quantcli.quant import ops
+from quantcli.quant.intgrid import IntWeights
+from quantcli.quant.layers import is_conv1d, set_weight_matrix
+from quantcli.quant.records import QuantizedModel, QuantizeRequest
+from quantcli.quant.reference import Inputs, Reference
+from quantcli.quant.round_tuning import TunableLayer, tune_block
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The tuning's options: ``iterations`` signed-gradient steps per block (0: plain GPTQ), the starting
+    ``learning_rate`` in code steps (decaying linearly to zero; None: ``1 / iterations``, AutoRound's rule),
+    and the ``seed`` that orders the calibration mini-batches."""
+
+    iterations: int = 16
+    learning_rate: float | None = None
+    seed: int = 0
+
+    def check_tuning(self) -> None:
+        if self.iterations < 0:
+            raise InputError(
+                f"blockround iterations must be 0 or more steps per block, got {self.iterations}. Use e.g. 16."
+            )
+        if self.learning_rate is not None and not 0 < self.learning_rate <= 1:
+            raise InputError(
+                f"blockround learning_rate must be above 0 and at most 1 (code steps), got {self.learning_rate}. "
+                "Use e.g. 0.0625."
+            )
+
+
+@dataclass(frozen=True)
+class BlockRoundConfig(Tuning, GPTQConfig):
+    """GPTQ's options plus :class:`Tuning`'s."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_tuning()
+
+
+@dataclass(frozen=True)
+class BlockRoundNF4Config(Tuning, GPTQNF4Config):
+    """gptq-nf4's options plus :class:`Tuning`'s."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_tuning()
+
+
+def _nf4_values(record: NF4Weights) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    codebook = F.get_4bit_type("nf4", device="cpu").to(record.codes.device)
+    blocks = codebook[record.codes.long()].reshape(-1, BLOCK) * record.absmax.float().reshape(-1, 1)
+    return blocks.reshape(record.codes.shape)
+
+
+def _with_codes(record: Any, codes: torch.Tensor) -> Any:
+    """The record with other codes, everything the format stores from the scales unchanged."""
+    if isinstance(record, IntWeights):
+        return replace(record, q=codes.to(torch.int8))
+    return replace(record, codes=codes.to(torch.uint8 if isinstance(record, NF4Weights) else torch.int8))
+
+
+def _grid(record: Any) -> tuple[torch.Tensor, int, int]:
+    """A record's codes (float) and their range."""
+    if isinstance(record, IntWeights):
+        return record.q.float(), *ops.int_range(record.layout.bits)
+    if isinstance(record, NF4Weights):
+        return record.codes.float(), 0, 15
+    return record.codes.float(), record.type.lowest, record.type.highest
+
+
+def _values(record: Any) -> torch.Tensor:
+    """The fp32 ``[out, in]`` weights the format's runtime computes with."""
+    if isinstance(record, IntWeights):
+        return ops.dequantize(record.q, record.scale, record.zero_point, record.layout.group_size).float()
+    return _nf4_values(record) if isinstance(record, NF4Weights) else record.dequantize().float()
+
+
+def _tunable(record: Any) -> bool:
+    """NF4 layers whose blocks span rows keep bitsandbytes' own rounding, as gptq-nf4 leaves them."""
+    return record is not None and not (isinstance(record, NF4Weights) and record.codes.shape[1] % BLOCK)
+
+
+def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]) -> Reference:
+    """The full-precision stream with the per-block tuning step; each block's error before and after goes
+    to ``errors``."""
+    config = request.config
+    modules = {module: name for name, module in request.model.named_modules()}
+
+    def refine(block: torch.nn.Module, records: dict[str, Any], inputs: Inputs, targets: list) -> dict[str, Any]:
+        inside = {
+            modules[module]: (f"{name}.weight", module)
+            for name, module in block.named_modules()
+            if modules.get(module) in records and _tunable(records[modules[module]])
+        }
+        if not inside or not config.iterations:
+            return records, None
+        layers = [
+            TunableLayer(
+                parameter,
+                *_grid(records[name]),
+                lambda codes, record=records[name]: _values(_with_codes(record, codes)),
+                reference.originals[name],
+                is_conv1d(module),
+                module.weight.dtype,
+            )
+            for name, (parameter, module) in inside.items()
+        ]
+        rate = config.learning_rate or 1 / config.iterations
+        tuned = tune_block(block, layers, inputs, targets, config.iterations, rate, config.seed)
+        errors.append((tuned.start_error, tuned.error))
+        for name, (parameter, module) in inside.items():
+            records[name] = _with_codes(records[name], tuned.codes[parameter])
+            set_weight_matrix(module, _values(records[name]).to(module.weight.dtype))
+        return records, tuned.outputs
+
+    reference = Reference(asymmetric=getattr(config, "target", None) == "full-precision", refine=refine)
+    return reference
+
+
+def _with_errors(result: QuantizedModel, errors: list[tuple[float, float]], config: Any) -> QuantizedModel:
+    """The run's summed block output errors (GPTQ's, tuned) in its stats, the tuning's options in its options."""
+    if errors:
+        start, tuned = (sum(pair[i] for pair in errors) for i in (0, 1))
+        result.stats["block_output_error"] = {"gptq": start, "tuned": tuned, "blocks": len(errors)}
+    result.options.update(iterations=config.iterations, learning_rate=config.learning_rate, seed=config.seed)
+    return result
+
+
+@register_method
+class BlockRoundQuantizer(GPTQQuantizer):
+    name = "blockround"
+    summary = (
+        "GPTQ, then each decoder block's rounding tuned by signed gradient descent to reproduce the"
+        " full-precision block (integer groups or GGUF block grids)"
+    )
+    config_class = BlockRoundConfig
+    default_for = ()
+    allocates = False  # the per-layer precision search scores gptq's candidates, not tuned blocks
+
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        self._errors: list[tuple[float, float]] = []
+        return _with_errors(super().quantize(request), self._errors, request.config)
+
+    def reference(self, request: QuantizeRequest) -> Reference:
+        return tuning_reference(request, self._errors)
+
+
+@register_method
+class BlockRoundNF4Quantizer(GPTQNF4Quantizer):
+    name = "blockround-nf4"
+    summary = "gptq-nf4, then each decoder block's NF4 codes tuned as blockround does; bitsandbytes checkpoint"
+    config_class = BlockRoundNF4Config
+
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        self._errors: list[tuple[float, float]] = []
+        return _with_errors(super().quantize(request), self._errors, request.config)
+
+    def reference(self, request: QuantizeRequest) -> Reference:
+        return tuning_reference(request, self._errors)

@@ -1,0 +1,138 @@
+"""Block-wise rounding tuning: a decoder block's integer codes, chosen layer by layer (GPTQ), tuned together
+so that the quantized block reproduces the full-precision block's outputs on the calibration inputs.
+
+Each weight's code may move one step either way on its layer's fixed grid (scales untouched, so any grid a
+format stores works: integer groups, NF4, GGUF block types): a continuous offset ``v`` in ``[-1, 1]`` per
+weight, code ``clamp(round(c + v))`` with ``c`` the starting code, trained by AutoRound's signed gradient
+descent (Cheng et al. 2023) with a straight-through estimator. As AutoRound starts from each weight's
+position between two codes, ``v`` starts at the original weight's offset from ``c`` in code steps, within
+``±HALF`` (so the starting codes are ``c``): the weights nearest a rounding midpoint flip first. The
+gradient reaches ``v`` through the grid's local step (the value between the neighbouring codes), so grids
+whose scales are negative (a ``signed`` observer, llama.cpp's Q4_0) or not uniform (NF4) move the right
+way. The loss is the mean squared error of the block's outputs, run on the quantized model's inputs,
+against the original block's outputs on the full-precision model's inputs
+(:class:`quantcli.quant.reference.Reference`): one calibration mini-batch per step, in an order drawn from
+``seed``; the learning rate decays linearly to zero. The result is kept only if its error on all
+calibration mini-batches is below the starting codes'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from quantcli.quant.reference import Inputs
+
+HALF = 0.499  # the starting offsets' bound: below half a step, so that they round to the starting codes
+
+
+@dataclass
+class TunableLayer:
+    """One layer of a block on its fixed grid: ``parameter`` (the weight's name inside the block), its
+    starting ``codes`` (float, ``[out, in]``), the codes' range, ``values(codes) -> [out, in]`` fp32
+    weights, the ``original`` fp32 weights, whether the module stores the weight transposed (GPT-2's Conv1D),
+    and the dtype it holds weights in."""
+
+    parameter: str
+    codes: torch.Tensor
+    lowest: int
+    highest: int
+    values: Callable[[torch.Tensor], torch.Tensor]
+    original: torch.Tensor
+    transposed: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def stored(self, values: torch.Tensor) -> torch.Tensor:
+        """``[out, in]`` fp32 values as the module holds its weight."""
+        values = values.to(self.dtype)
+        return values.t() if self.transposed else values
+
+
+@dataclass
+class Tuned:
+    """Each layer's codes after tuning (the starting ones when tuning did not help), the block's output
+    error on all calibration mini-batches before and after, and its outputs with the codes kept."""
+
+    codes: dict[str, torch.Tensor]
+    start_error: float
+    error: float
+    outputs: list[torch.Tensor]
+
+
+def _output(block: torch.nn.Module, weights: dict[str, torch.Tensor], one: tuple) -> torch.Tensor:
+    hidden, args, kwargs = one
+    out = torch.func.functional_call(block, weights, (hidden, *args), kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _weights(layers: list[TunableLayer], codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {layer.parameter: layer.stored(layer.values(code)) for layer, code in zip(layers, codes, strict=True)}
+
+
+def _error(
+    block: torch.nn.Module, weights: dict[str, torch.Tensor], inputs: Inputs, targets: list
+) -> tuple[float, list[torch.Tensor]]:
+    """Mean squared error of the block's outputs over all calibration mini-batches, and the outputs."""
+    outputs = [_output(block, weights, one) for one in inputs]
+    total = sum(
+        float(torch.nn.functional.mse_loss(out.float(), target.float(), reduction="sum"))
+        for out, target in zip(outputs, targets, strict=True)
+    )
+    return total / sum(target.numel() for target in targets), outputs
+
+
+def _slope(layer: TunableLayer) -> torch.Tensor:
+    """Each weight's value change per code step between its neighbouring codes (the estimator's gradient)."""
+    up, down = ((layer.codes + step).clamp(layer.lowest, layer.highest) for step in (1, -1))
+    return (layer.values(up) - layer.values(down)) / (up - down).clamp(min=1)
+
+
+def _start(layer: TunableLayer, slope: torch.Tensor) -> torch.Tensor:
+    """The original weights' offsets from the starting codes, in code steps, within ``[-0.5, 0.5]``."""
+    offset = (layer.original - layer.values(layer.codes)) / torch.where(slope == 0, torch.inf, slope)
+    return offset.clamp(-HALF, HALF)
+
+
+def tune_block(
+    block: torch.nn.Module,
+    layers: list[TunableLayer],
+    inputs: Inputs,
+    targets: list[torch.Tensor],
+    iterations: int,
+    learning_rate: float,
+    seed: int,
+) -> Tuned:
+    """Tune ``layers``' codes so that ``block`` on ``inputs`` gives ``targets`` (see the module docstring)."""
+    start = [layer.codes for layer in layers]
+    with torch.no_grad():
+        start_error, start_outputs = _error(block, _weights(layers, start), inputs, targets)
+    slopes = [_slope(layer) for layer in layers]
+    offsets = [_start(layer, slope).requires_grad_() for layer, slope in zip(layers, slopes, strict=True)]
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def rounded(index: int) -> torch.Tensor:
+        layer = layers[index]
+        return torch.round(layer.codes + offsets[index].detach()).clamp_(layer.lowest, layer.highest)
+
+    with torch.enable_grad():
+        for step in range(iterations):
+            weights = {}
+            for index, layer in enumerate(layers):
+                value = layer.values(rounded(index)) + slopes[index] * (offsets[index] - offsets[index].detach())
+                weights[layer.parameter] = layer.stored(value)
+            one = order[step % len(order)]
+            loss = torch.nn.functional.mse_loss(_output(block, weights, inputs[one]).float(), targets[one].float())
+            grads = torch.autograd.grad(loss, offsets)
+            rate = learning_rate * (1 - step / iterations)
+            with torch.no_grad():
+                for offset, grad in zip(offsets, grads, strict=True):
+                    offset.sub_(rate * torch.sign(grad)).clamp_(-1, 1)
+    with torch.no_grad():
+        tuned = [rounded(index) for index in range(len(layers))]
+        error, outputs = _error(block, _weights(layers, tuned), inputs, targets) if iterations else (start_error, [])
+    if error >= start_error:
+        tuned, error, outputs = start, start_error, start_outputs
+    codes = {layer.parameter: codes for layer, codes in zip(layers, tuned, strict=True)}
+    return Tuned(codes, start_error, error, outputs)
