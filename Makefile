@@ -179,5 +179,10 @@ bench-grids: install smollm2
 bench-moe: install smollm2-moe
 	$(BENCH).moe --models moe dense
 
+# Issue 26's anchors (benchmarks/anchors.py): llama.cpp +- imatrix, AutoRound, quantcli's gptq on one protocol.
+# Every row is long on 2 cores: pick some with ROWS="llamacpp-q4_0 llamacpp-q4_0-imatrix" (list: --list).
+bench-anchors: install smollm2 .llamacpp/llama_cpp $(LLAMA_TOOLS)/bin/llama-quantize .autoround/auto_round
+	$(BENCH).anchors $(if $(ROWS),--rows $(ROWS))
+
 clean:
 	rm -rf out .peers .reference .llamacpp .llamacpp-tools .autoround .vllm .pytest_cache

@@ -21,14 +21,15 @@ import json
 import re
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.lib.results import result_stem
+from benchmarks.lib.results import labelled, result_stem
 
-WORK = Path(__file__).resolve().parents[1] / "out" / "anchors"  # the F32 GGUF and imatrix, kept between rows
+OUT = Path(__file__).resolve().parents[1] / "out"  # out/anchors[-LABEL]: the F32 GGUF and imatrix, kept between rows
 GGUF_TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "IQ4_XS")
 QUANTCLI_GGUF = ("Q4_0", "Q4_K_M")  # quantcli writes no Q3_K_M or IQ4_XS yet
 INT_GRIDS = ((4, 128), (4, 64), (3, 64))
@@ -131,30 +132,52 @@ def parameters() -> int:
 
 def score(path: Path) -> dict[str, float]:
     """llama.cpp on quantcli's ids for a GGUF file (KL to the fp32 transformers model), else quantcli.evaluate."""
-    from benchmarks.lib.heldout import base_logits, heldout_ids, score_checkpoint, score_gguf
+    from benchmarks.lib.heldout import heldout_ids, score_checkpoint, score_gguf
 
     if path.is_file():
         from transformers import AutoTokenizer
 
         from tests.support.models import smollm2_folder
 
-        return score_gguf(path, heldout_ids(AutoTokenizer.from_pretrained(smollm2_folder())), base_logits())
+        return score_gguf(path, heldout_ids(AutoTokenizer.from_pretrained(smollm2_folder())), base_scorer())
     return score_checkpoint(path)
 
 
-def measure(name: str, spec: Row, result: dict[str, Any]) -> dict[str, Any]:
+_BASE: dict[str, Any] = {}
+
+
+def base_scorer() -> Callable[[list[int]], Any]:
+    """The fp32 model's logits per window, computed once per process for every GGUF row (32 windows, 3.2 GB)."""
+    if "scorer" not in _BASE:
+        from benchmarks.lib.heldout import base_logits
+
+        scorer, memo = base_logits(), {}
+
+        def logits(ids: list[int]) -> Any:
+            key = tuple(ids)
+            if key not in memo:
+                memo[key] = scorer(ids)
+            return memo[key]
+
+        _BASE["scorer"] = logits
+    return _BASE["scorer"]
+
+
+def measure(name: str, spec: Row, result: dict[str, Any], work: Path) -> dict[str, Any]:
     from benchmarks.lib.heldout import score_checkpoint
     from tests.support.models import smollm2_folder
 
-    WORK.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     if spec.make is None:  # the fp32 base itself
         path, seconds, settings = smollm2_folder(), None, {}
         scores = score_checkpoint(path)
     else:
-        path, seconds, settings = spec.make(WORK)
+        path, seconds, settings = spec.make(work)
         scores = score(path)
     sized = Path(settings.pop("packed_path", path))
-    base = base_perplexity(result, gguf=path.is_file() and name != "llamacpp-f32")
+    base = (
+        scores["perplexity"] if name == "fp32" else base_perplexity(result, path.is_file() and name != "llamacpp-f32")
+    )
     return {
         "row": name,
         "runtime": spec.runtime,
@@ -186,16 +209,17 @@ def markdown(result: dict[str, Any]) -> str:
         " against SmolLM2 fp32. KL is to SmolLM2 fp32 (transformers) for every row. Machine: "
         f"{result['machine'].get('Model name', '?')}, {result['machine'].get('CPU(s)', '?')} CPUs, shared.",
         "",
-        "| row | runtime | method | grid | bytes | bits/weight | perplexity | Δ ppl | KL | top-1 | quantize s |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| row | runtime | method | grid | bytes | linear-layer bytes | bits/weight | perplexity | Δ ppl | KL | top-1 |"
+        " quantize s |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in result["rows"]:
         delta = "" if r.get("increase_pct") is None else f"{r['increase_pct']:+.2f}%"
-        kl = f"{r['kl_divergence']:.4f}" if "kl_divergence" in r else ""
-        top1 = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else ""
+        kl = "" if r.get("kl_divergence") is None else f"{r['kl_divergence']:.4f}"
+        top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.3f}"
         secs = "" if r.get("quantize_s") is None else f"{r['quantize_s']:.0f}"
         lines.append(
-            f"| {r['row']} | {r['runtime']} | {r['method']} | {r['grid']} | {r['file_bytes']:,} |"
+            f"| {r['row']} | {r['runtime']} | {r['method']} | {r['grid']} | {r['file_bytes']:,} | {r['linear_bytes']:,} |"
             f" {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {delta} | {kl} | {top1} | {secs} |"
         )
     lines += ["", *NOTES]
@@ -204,6 +228,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 NOTES = [
     "- imatrix rows' quantize time includes llama-imatrix's (the same matrix serves every type).",
+    "- Linear-layer bytes: the decoder blocks' q/k/v/o/gate/up/down tensors with their scales and zero points, the"
+    " part every grid quantizes; AutoRound's packed export keeps the embedding in fp32, quantcli's in 16 bits.",
+    "- AutoRound rows are scored on its quantized weights put into the fp32 model (its packed W4 g128 export, in its"
+    " own auto_round format, does not load in transformers 5.25 on CPU, and compressed-tensors refuses g128 on"
+    " 576 columns); their bytes are its packed export's.",
     "- Integer-grid rows keep the embedding 16-bit (quantcli's default; AutoRound quantizes only the decoder"
     " blocks), so their bytes are dominated by it; GGUF rows quantize the embedding too.",
     "- At g128 quantcli groups each 576-wide row in 9 groups of 64 (plan_layouts: the largest divisor at or"
@@ -233,6 +262,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=list(table), default=list(table), metavar="ROW")
     parser.add_argument("--list", action="store_true", help="print every row and exit")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--label", help="write anchors-LABEL, work in out/anchors-LABEL (e.g. with QUANTCLI_SMOLLM2)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(f"{name}: {spec.runtime}, {spec.method}, {spec.grid}" for name, spec in table.items()))
@@ -240,15 +270,20 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    stem = result_stem("smollm2", "anchors")
+    stem = result_stem("smollm2", labelled("anchors", args.label))
+    work = OUT / labelled("anchors", args.label)
     for name in args.rows:
         result = load(stem)
         for base in ("fp32", "llamacpp-f32"):  # every Δ needs its base first
             needed = base == "fp32" or name.startswith(("llamacpp", "quantcli-gptq-q"))
             if needed and base != name and base_perplexity(result, base != "fp32") is None:
-                result["rows"].append(measure(base, table[base], result))
+                result["rows"].append(measure(base, table[base], result, work))
                 save(stem, result, list(table))
-        row = measure(name, table[name], result)
+        try:
+            row = measure(name, table[name], result, work)
+        except Exception:  # one failed row must not lose the others of a long run
+            traceback.print_exc()
+            continue
         result = load(stem)
         result["rows"] = [r for r in result["rows"] if r["row"] != name] + [row]
         save(stem, result, list(table))

@@ -10,6 +10,7 @@ protocol (benchmarks/lib/heldout.py) and returning ``(path, seconds, settings)``
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -156,23 +157,11 @@ def autoround_model(work: Path, recipe: str, bits: int, group_size: int) -> tupl
     out = work / f"autoround-{recipe}-w{bits}g{group_size}"
     options = {"bits": bits, "group_size": group_size, "sym": True, **AUTOROUND_RECIPES[recipe]}
     start = time.perf_counter()
-    rounder = auto_round.AutoRound(
-        model,
-        tokenizer=tokenizer,
-        scheme=f"W{bits}A16",
-        nsamples=len(windows),
-        seqlen=windows.shape[1],
-        dataset=[w[None] for w in windows],
-        device_map="cpu",
-        **options,
-    )
-    rounder.quantize()
+    with contextlib.chdir(work):  # its offload scratch folder (ar_work_space/) goes beside the outputs
+        rounder, quantized = autoround_quantize(auto_round, model, tokenizer, windows, bits, options)
     seconds = time.perf_counter() - start
     fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     targets = dict(fp32.named_modules())
-    quantized = [
-        name for name, m in rounder.model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "scale")
-    ]
     with torch.no_grad():
         for name in quantized:
             targets[name].weight.copy_(dict(rounder.model.named_modules())[name].weight.float())
@@ -181,7 +170,8 @@ def autoround_model(work: Path, recipe: str, bits: int, group_size: int) -> tupl
     export = (
         "llm_compressor" if all(targets[name].in_features % group_size == 0 for name in quantized) else "auto_round"
     )
-    rounder.save_quantized(output_dir=str(out / "packed"), format=export)
+    with contextlib.chdir(work):
+        rounder.save_quantized(output_dir=str(out / "packed"), format=export)
     settings = {
         "auto_round": auto_round.__version__,
         "recipe": recipe,
@@ -197,6 +187,29 @@ def autoround_model(work: Path, recipe: str, bits: int, group_size: int) -> tupl
         "packed_path": str(out / "packed"),
     }
     return out / "dequantized", seconds, settings
+
+
+def autoround_quantize(
+    auto_round: Any, model: Any, tokenizer: Any, windows: Any, bits: int, options: dict[str, Any]
+) -> tuple[Any, list[str]]:
+    """Run AutoRound; returns it and the names of the Linear layers it quantized (those given a scale)."""
+    import torch
+
+    rounder = auto_round.AutoRound(
+        model,
+        tokenizer=tokenizer,
+        scheme=f"W{bits}A16",
+        nsamples=len(windows),
+        seqlen=windows.shape[1],
+        dataset=[w[None] for w in windows],
+        device_map="cpu",
+        **options,
+    )
+    rounder.quantize()
+    names = [
+        name for name, m in rounder.model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "scale")
+    ]
+    return rounder, names
 
 
 def quantcli_model(work: Path, label: str, bits: int, **fields: Any) -> tuple[Path, float, dict[str, Any]]:
