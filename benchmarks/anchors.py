@@ -219,8 +219,9 @@ def markdown(result: dict[str, Any]) -> str:
         top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.3f}"
         secs = "" if r.get("quantize_s") is None else f"{r['quantize_s']:.0f}"
         lines.append(
-            f"| {r['row']} | {r['runtime']} | {r['method']} | {r['grid']} | {r['file_bytes']:,} | {r['linear_bytes']:,} |"
-            f" {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {delta} | {kl} | {top1} | {secs} |"
+            f"| {r['row']} | {r['runtime']} | {r['method']} | {r['grid']} | {r['file_bytes']:,} |"
+            f" {r['linear_bytes']:,} | {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {delta} | {kl} | {top1} |"
+            f" {secs} |"
         )
     lines += ["", *NOTES]
     return "\n".join(lines) + "\n"
