@@ -20,9 +20,9 @@ BARS = {  # grid: (anchor row, largest ratio of quantcli's increase to the ancho
     "Q4_0": ("llamacpp-q4_0-imatrix", 0.5),
     "Q4_K_M": ("llamacpp-q4_k_m-imatrix", 0.5),
     "Q3_K_M": ("llamacpp-q3_k_m-imatrix", 0.7),
-    "W4 g128": ("autoround-w4g128", 0.7),
-    "W4 g64": ("autoround-w4g64", 0.7),
-    "W3 g64": ("autoround-w3g64", 0.7),
+    "W4 g128": ("autoround-default-w4g128", 0.7),
+    "W4 g64": ("autoround-default-w4g64", 0.7),
+    "W3 g64": ("autoround-default-w3g64", 0.7),
 }
 
 

@@ -76,7 +76,7 @@ def load_model(path: Path, reader: Any, dtype: Any, device: str) -> Any:
 
     arch = experts_architecture(reader)
     config = _config(path, reader, arch)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     names = TensorNames(model)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     used, state, missing = set(), {}, []

@@ -22,8 +22,6 @@ from typing import Any
 
 from quantcli.errors import ModelLoadError, UnavailableError
 from quantcli.sources.gguf_check import check_blocks, check_layout, check_loaded
-from quantcli.sources.gguf_experts import experts_architecture
-from quantcli.sources.gguf_experts import load_model as load_experts_model
 
 MISSING = (
     "reading {path} needs the gguf package (llama.cpp's reader), which is not installed."
@@ -115,6 +113,9 @@ def load_model(source: str | Path, dtype: Any, device: str, **kwargs: Any) -> An
     check_blocks(reader, path)  # before a model of the declared size is built
     quantization_config = kwargs.pop("quantization_config", None)
     kwargs.pop("use_safetensors", None)
+    from quantcli.sources.gguf_experts import experts_architecture  # imports torch: not at the CLI's import
+    from quantcli.sources.gguf_experts import load_model as load_experts_model
+
     if experts_architecture(reader):  # transformers' loader reads no mixture-of-experts file correctly
         model = load_experts_model(path, reader, dtype, "cpu" if quantization_config else device)
     else:

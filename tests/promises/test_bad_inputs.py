@@ -60,7 +60,7 @@ ROWS = [
     # (id, argv, exit code, text the error line must contain)
     ("bits-5", [*Q, "--bits", "5"], 2, "--bits 5 is not supported"),
     ("no-bits", ["quantize", "-o", "out"], 2, "no --bits given"),
-    ("unknown-method", [*Q, "-b", "4", "-m", "awq"], 2, "unknown method 'awq'"),
+    ("unknown-method", [*Q, "-b", "4", "-m", "squeezellm"], 2, "unknown method 'squeezellm'"),
     ("method-bits", [*Q, "-b", "16", "-m", "rtn"], 2, "does not do 16-bit"),
     ("group-size-0", [*Q, "-b", "4", "-g", "0"], 2, "group size must be a positive integer"),
     ("group-size-7", [*Q, "-b", "4", "-g", "7"], 2, "divides none of the selected layers"),

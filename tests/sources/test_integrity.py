@@ -97,7 +97,7 @@ def _metadata_edit(folder, edit):
 
 
 CLAIMS = {
-    "method": (lambda d: d.update(method="awq"), "names method 'awq', which quantcli does not know"),
+    "method": (lambda d: d.update(method="squeezellm"), "names method 'squeezellm', which quantcli does not know"),
     "bits": (lambda d: d.update(bits=8), "claims 8-bit but its layers are ['4']-bit"),
     "layer-bits": (
         lambda d: d["layers"]["model.layers.0.self_attn.q_proj"].update(bits=8),
