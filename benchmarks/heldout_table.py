@@ -40,12 +40,18 @@ def collect() -> list[dict[str, Any]]:
     return rows
 
 
+def quantizer(row: dict[str, Any]) -> str:
+    """Who made the row's weights: the anchors suite names its peers' runtimes; every other suite's rows are
+    quantcli's (their ``runtime`` says who scored a GGUF file)."""
+    return row["runtime"] if row["suite"] == "anchors" else "quantcli"
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per grid with a bar: quantcli's best row by increase and by KL, against the anchor's."""
     out = []
     for grid, (anchor_name, bar) in BARS.items():
         anchor = next((r for r in rows if r["row"] == anchor_name), None)
-        ours = [r for r in rows if r["grid"] == grid and r["runtime"] == "quantcli"]
+        ours = [r for r in rows if r["grid"] == grid and quantizer(r) == "quantcli"]
         if anchor is None or not ours:
             out.append({"grid": grid, "anchor": anchor_name, "bar": bar, "measured": False})
             continue
@@ -77,13 +83,13 @@ def markdown(rows: list[dict[str, Any]], bars: list[dict[str, Any]]) -> str:
         " quantcli.evaluate against fp32. KL is to SmolLM2 fp32 for every row. Rows come from the suites named in"
         " the last column (their own files give each row's settings and machine).",
         "",
-        "| grid | row | runtime | bytes | bits/weight | perplexity | Δ ppl | KL | top-1 | quantize s | suite |",
+        "| grid | row | quantizer | bytes | bits/weight | perplexity | Δ ppl | KL | top-1 | quantize s | suite |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for grid in GRIDS:
         for r in sorted((r for r in rows if r["grid"] == grid), key=lambda r: r["increase_pct"]):
             lines.append(
-                f"| {grid} | {r['row']} | {r['runtime']} | {r['file_bytes']:,} | {r['bits_per_weight']:.2f} |"
+                f"| {grid} | {r['row']} | {quantizer(r)} | {r['file_bytes']:,} | {r['bits_per_weight']:.2f} |"
                 f" {r['perplexity']:.3f} | {r['increase_pct']:+.2f}% | {r['kl_divergence']:.4f} |"
                 f" {r['top1_agreement']:.3f} | {r.get('quantize_s') or 0:.0f} | {r['suite']} |"
             )
