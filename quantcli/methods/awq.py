@@ -8,22 +8,15 @@ blocks already quantized) and then its layers are rounded to nearest. The same s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from quantcli.errors import InputError
 from quantcli.formats.compressed_tensors.writer import compressed_result
 from quantcli.methods import register_method
 from quantcli.methods.base import Quantizer
-from quantcli.methods.rtn import round_to_nearest
-from quantcli.quant import ops
+from quantcli.methods.rtn import rounding_step, table_notes
 from quantcli.quant.awq import awq_step
 from quantcli.quant.blockwise import quantize_blockwise
-from quantcli.quant.intgrid import TABLE_NOTE, IntGridConfig, IntWeights, request_layouts
-from quantcli.quant.layers import set_weight_matrix, weight_matrix
+from quantcli.quant.intgrid import IntGridConfig, request_layouts
 from quantcli.quant.records import QuantizedModel, QuantizeRequest
-
-if TYPE_CHECKING:
-    import torch
 
 
 class AWQConfig(IntGridConfig):
@@ -49,23 +42,14 @@ class AWQQuantizer(Quantizer):
         config, model = request.config, request.model
         if request.calibration is None:
             raise InputError("awq needs calibration data: pass calibration token windows in the request.")
-        modules = dict(model.named_modules())
         plan = request_layouts(request)
-        notes: dict[str, list[str]] = {name: [] for name in plan}
-        for name in request.tables:
-            unit = "row" if plan[name].group_size is None else f"group of {plan[name].group_size}"
-            notes[name].append(TABLE_NOTE.format(unit=unit))
-
-        def finish(name: str, hessian: torch.Tensor | None) -> IntWeights:
-            layer = round_to_nearest(weight_matrix(modules[name]), plan[name])
-            set_weight_matrix(
-                modules[name], ops.dequantize(layer.q, layer.scale, layer.zero_point, layer.layout.group_size)
-            )
-            request.progress(1)
-            return layer
-
+        notes = table_notes(request, plan)
         blocks = request.block_source(tuple(plan))
         stats = quantize_blockwise(
-            blocks, tuple(plan), request.calibration, finish, prepare_block=awq_step(model, plan, notes)
+            blocks,
+            tuple(plan),
+            request.calibration,
+            rounding_step(request, plan),
+            prepare_block=awq_step(model, plan, notes),
         )
         return compressed_result(model, self.name, config.bits, config.grid_options(), blocks.records, notes, stats)

@@ -7,6 +7,7 @@ for W8A8, see :func:`quantcli.formats.compressed_tensors.scheme.storage_kind`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from quantcli.formats.compressed_tensors.writer import compressed_result
@@ -22,6 +23,30 @@ from quantcli.quant.records import QuantizedModel, QuantizeRequest
 
 if TYPE_CHECKING:
     import torch
+
+
+def rounding_step(request: QuantizeRequest, plan: dict[str, IntLayout]) -> Callable[..., IntWeights]:
+    """The block driver's per-layer step that rounds a layer to nearest on its layout, in place (the
+    Hessian, if the driver collects one, is not used)."""
+    modules = dict(request.model.named_modules())
+
+    def finish(name: str, *unused: object) -> IntWeights:
+        layer = round_to_nearest(weight_matrix(modules[name]), plan[name])
+        dequantized = ops.dequantize(layer.q, layer.scale, layer.zero_point, layer.layout.group_size)
+        set_weight_matrix(modules[name], dequantized)
+        request.progress(1)
+        return layer
+
+    return finish
+
+
+def table_notes(request: QuantizeRequest, plan: dict[str, IntLayout]) -> dict[str, list[str]]:
+    """Every layer's notes, the input embedding's and output head's saying they were rounded to nearest."""
+    notes: dict[str, list[str]] = {name: [] for name in plan}
+    for name in request.tables:
+        unit = "row" if plan[name].group_size is None else f"group of {plan[name].group_size}"
+        notes[name].append(TABLE_NOTE.format(unit=unit))
+    return notes
 
 
 class RTNConfig(IntGridConfig):
@@ -44,30 +69,14 @@ class RTNQuantizer(Quantizer):
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
 
-        config = request.config
-        model = request.model
-        modules = dict(model.named_modules())
         if request.grid is not None:
             return self._on_grid(request)
         plan = request_layouts(request)
-
-        def finish(name: str, hessian: None) -> IntWeights:
-            layer = round_to_nearest(weight_matrix(modules[name]), plan[name])
-            set_weight_matrix(
-                modules[name], ops.dequantize(layer.q, layer.scale, layer.zero_point, layer.layout.group_size)
-            )
-            request.progress(1)
-            return layer
-
         blocks = request.block_source(tuple(plan))
-        quantize_blockwise(blocks, tuple(plan), None, finish)
-        options = config.grid_options()
-        notes = {name: [] for name in plan}
-        for name in request.tables:
-            notes[name].append(
-                TABLE_NOTE.format(unit="row" if plan[name].group_size is None else f"group of {plan[name].group_size}")
-            )
-        return compressed_result(model, self.name, config.bits, options, blocks.records, notes)
+        quantize_blockwise(blocks, tuple(plan), None, rounding_step(request, plan))
+        config = request.config
+        notes = table_notes(request, plan)
+        return compressed_result(request.model, self.name, config.bits, config.grid_options(), blocks.records, notes)
 
     def _on_grid(self, request: QuantizeRequest) -> QuantizedModel:
         """llama.cpp's own reference rounding onto the request's GGUF block type, layer by layer."""
