@@ -34,6 +34,7 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "gptaq-w4g128": ("gptq", "W4 g128", {**W4, "target": "full-precision"}, None),
     "blockround-w4g128": ("blockround", "W4 g128", W4, None),
     "blockround-gptaq-w4g128": ("blockround", "W4 g128", {**W4, "target": "full-precision"}, None),
+    "blockround-64it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64}, None),
     "gptq-w4g64": ("gptq", "W4 g64", {"bits": 4, "group_size": 64}, None),
     "blockround-w4g64": ("blockround", "W4 g64", {"bits": 4, "group_size": 64}, None),
     "gptq-w3g64": ("gptq", "W3 g64", {"bits": 3, "group_size": 64}, None),

@@ -36,6 +36,22 @@ def test_methods_that_keep_fused_experts_say_so(tiny_qwen3_moe, tmp_path):
     assert report.skipped["model.layers.0.mlp.experts"].startswith("fused experts (3-D parameters) kept in 16 bits")
 
 
+def test_transformers_bitsandbytes_leaves_fused_experts_unquantized(tiny_qwen3_moe):
+    """Why bitsandbytes methods keep experts in 16 bits: transformers' own bitsandbytes loading of the same
+    model quantizes its Linear layers and leaves the fused experts full precision, so no bitsandbytes
+    checkpoint it reloads can hold quantized experts. When this fails, transformers gained expert support."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, quantization_config=config, device_map="cpu")
+    experts = model.model.layers[0].mlp.experts
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert {parameter.dtype for parameter in experts.parameters()} <= {torch.float32, torch.bfloat16, torch.float16}
+    assert experts.gate_up_proj.dim() == 3
+
+
 def test_what_the_user_asked_to_keep_does_not_warn(stories_path, tmp_path):
     report = quantcli.quantize(
         QuantizeConfig(
