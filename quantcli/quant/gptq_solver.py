@@ -4,7 +4,8 @@ Each column is rounded in turn; each rounding error is spread over the columns n
 through the upper Cholesky factor of ``H^-1``, with ``H = 2/n·XᵀX`` from the layer's calibration
 inputs ``X``, which lowers ``||WX - QX||²`` well below round-to-nearest. The grid is an integer
 layout (:func:`gptq_quantize`, also with a codebook such as NF4) or an external block grid
-(:func:`gptq_on_grid`, GGUF's types). The method around it is :mod:`quantcli.methods.gptq`.
+(:func:`gptq_on_grid`, GGUF's types). The column loop itself is :mod:`quantcli.quant.gptq_columns`;
+the method around it is :mod:`quantcli.methods.gptq`.
 
 ``act_order`` visits columns by decreasing ``diag(H)`` with *static* groups: scales come from the
 original weights in plain group order, so the checkpoint keeps the plain group layout
@@ -24,14 +25,14 @@ similar quality: ``benchmarks/methods.py`` reports the spread over seeds.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from quantcli.quant import ops
 from quantcli.quant.gptaq import asymmetry_update, target_error
+from quantcli.quant.gptq_columns import group_columns, quantize_columns, static_grid
 from quantcli.quant.intgrid import IntLayout, IntWeights
 from quantcli.quant.refit import output_error as _output_error
 from quantcli.quant.refit import refit_scales
@@ -92,7 +93,7 @@ def gptq_quantize(
     row_of = torch.cat(rows)
     candidates = matrix[row_of]
     shrink = torch.cat(shrinks)[:, None]
-    *found, rounded = _quantize_columns(
+    *found, rounded = quantize_columns(
         candidates, shrink, upper, order, static, layout, block_size, codebook, scale_dtype, None, shift
     )
     pick = rows[0]  # the full-range candidates come first
@@ -160,7 +161,7 @@ def gptq_on_grid(
     candidates = matrix[row_of]
     grid = make_grid(candidates * torch.cat(shrinks)[:, None])
     layout = IntLayout(grid.type.bits, True, grid.block)
-    codes, _, _, rounded = _quantize_columns(
+    codes, _, _, rounded = quantize_columns(
         candidates, None, upper, order, True, layout, block_size, None, weight.dtype, grid, shift
     )
     pick = rows[0]
@@ -176,18 +177,6 @@ def _first_best(loss: torch.Tensor, row_of: torch.Tensor, rows: int) -> torch.Te
     return torch.full((rows,), len(row_of), device=loss.device).scatter_reduce(0, row_of, index, "amin")
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """GPTQ's column loop is thousands of small ops: threads only add synchronisation, which costs
-    the most on a busy machine (on 2 shared cores a layer took 20x longer with 2 threads than 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _clip_by_rounding(
     matrix: torch.Tensor, hessian: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -201,8 +190,8 @@ def _clip_by_rounding(
         chunk = torch.tensor(CLIP_SHRINKS[first : first + per_pass], device=matrix.device)
         shrink = chunk.repeat_interleave(out_features)[:, None]
         candidates = matrix.repeat(len(chunk), 1)
-        scale, zero_point = _static_grid(candidates, shrink, layout, codebook, dtype)
-        columns = _group_columns(torch.arange(matrix.shape[1], device=matrix.device), layout.group_size)
+        scale, zero_point = static_grid(candidates, shrink, layout, codebook, dtype)
+        columns = group_columns(torch.arange(matrix.shape[1], device=matrix.device), layout.group_size)
         if codebook is None:
             step, zero = scale[:, columns], zero_point.float()[:, columns]
             rounded = (torch.round(candidates / step + zero).clamp_(*ops.int_range(layout.bits)) - zero) * step
@@ -213,107 +202,3 @@ def _clip_by_rounding(
         losses.append(_output_error(candidates - rounded, hessian).reshape(len(chunk), out_features))
     ranked = torch.sort(torch.cat(losses), dim=0, stable=True).indices[:CLIP_FINALISTS]
     return torch.tensor(CLIP_SHRINKS, device=matrix.device)[ranked]
-
-
-def _group_columns(columns: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """The group index of each column."""
-    return columns // group_size if group_size else torch.zeros_like(columns)
-
-
-def _static_grid(
-    matrix: torch.Tensor, shrink: torch.Tensor, layout: IntLayout, codebook: torch.Tensor | None, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float ``scale`` and int8 ``zero_point`` per group from ``matrix`` with each row's range scaled by
-    ``shrink``: the grid the stored scale (rounded to ``dtype``, its storage dtype) gives, or ``codebook · absmax``
-    with a codebook."""
-    if codebook is not None:
-        groups = 1 if layout.group_size is None else matrix.shape[1] // layout.group_size
-        absmax = (matrix * shrink).reshape(matrix.shape[0], groups, -1).abs().amax(dim=-1)
-        return torch.where(absmax == 0, torch.ones_like(absmax), absmax), torch.zeros_like(absmax, dtype=torch.int8)
-    scale, zero_point = ops.compute_qparams(
-        matrix * shrink, layout.bits, layout.symmetric, layout.group_size, layout.observer, dtype
-    )
-    return scale.float(), zero_point
-
-
-def _quantize_columns(
-    matrix: torch.Tensor,
-    shrink: torch.Tensor,
-    upper: torch.Tensor,
-    order: torch.Tensor,
-    static: bool,
-    layout: IntLayout,
-    block_size: int,
-    codebook: torch.Tensor | None,
-    dtype: torch.dtype,
-    grid: Any = None,
-    shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """GPTQ's column loop over ``matrix`` (rows' ranges scaled by ``shrink``, ``[rows, 1]``), visiting
-    columns in ``order`` with ``upper`` the Cholesky factor for that order; ``static`` groups take
-    their scales from ``matrix`` up front, an external ``grid`` (see :func:`gptq_on_grid`) rounds
-    instead; GPTAQ's ``shift`` (``P`` in that order) adds its asymmetry update. Returns ``q``, ``scale``,
-    ``zero_point`` and the rounded values, all in the plain column order."""
-    bits, group_size = layout.bits, layout.group_size
-    qmin, qmax = ops.int_range(bits)
-    out_features, columns = matrix.shape
-    if grid is not None:  # the grid holds its scales; these are placeholders
-        scale = torch.ones(out_features, columns // group_size, device=matrix.device)
-        zero_point = torch.zeros_like(scale, dtype=torch.int8)
-    elif static:
-        scale, zero_point = _static_grid(matrix, shrink, layout, codebook, dtype)
-    else:
-        scale = torch.ones(out_features, columns // group_size, device=matrix.device)
-        zero_point = torch.zeros(out_features, columns // group_size, dtype=torch.int8, device=matrix.device)
-    group_of = _group_columns(order, group_size)
-    work = matrix[:, order].t().contiguous()  # [columns, rows] in visiting order: each column is one contiguous row
-    step, zero = (
-        scale[:, group_of].t().contiguous(),
-        zero_point.float()[:, group_of].t().contiguous(),
-    )  # each column's grid
-    diagonal = upper.diagonal()
-    codes, rounded = torch.empty_like(work), torch.empty_like(work)
-    for start in range(0, columns, block_size):
-        end = min(start + block_size, columns)
-        block, errors = (
-            work[start:end],
-            torch.empty(end - start, out_features, device=work.device),
-        )  # block: a view of work
-        with _one_thread():
-            for i in range(end - start):
-                column = start + i
-                if (
-                    not static and column % group_size == 0
-                ):  # dynamic group: its grid from its weights as updated so far
-                    pending = block[i : i + group_size]
-                    if i + group_size > end - start:  # the group runs past this block: apply its pending updates
-                        beyond = slice(end, column + group_size)
-                        pending = torch.cat([pending, work[beyond] - upper[start:column, beyond].t() @ errors[:i]])
-                    group = int(group_of[column])
-                    s, z = ops.compute_qparams(
-                        pending.t() * shrink, bits, layout.symmetric, None, layout.observer, dtype
-                    )
-                    scale[:, group : group + 1], zero_point[:, group : group + 1] = s.float(), z
-                    step[column : column + group_size], zero[column : column + group_size] = (
-                        scale[:, group],
-                        z[:, 0].float(),
-                    )
-                weights, s, z = block[i], step[column], zero[column]
-                if grid is not None:
-                    code, value = grid.round(weights, int(group_of[column]))
-                elif codebook is None:  # ops.quantize then ops.dequantize, one column
-                    code = torch.round(weights / s + z).clamp_(qmin, qmax)
-                    value = (code - z) * s
-                else:
-                    code = ops.quantize_to_codebook(weights, s, codebook).float()
-                    value = ops.dequantize_codebook(code.long(), s, codebook)
-                codes[column], rounded[column] = code, value
-                torch.div(weights - value, diagonal[column], out=errors[i])
-                block[i + 1 :].addr_(upper[column, column + 1 : end], errors[i], alpha=-1)
-                if shift is not None:  # row i of block keeps its weights as they were before rounding
-                    block[i + 1 :].addr_(shift[column, column + 1 : end], weights)
-        work[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
-        if shift is not None:
-            work[end:].addmm_(shift[start:end, end:].t(), block)
-    inverse = torch.argsort(order)
-    return codes.t()[:, inverse].to(torch.int8), scale, zero_point, rounded.t()[:, inverse]
