@@ -7,6 +7,7 @@ import typer
 from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import BACKEND_OPTION, DEVICE_OPTION, JSON_OPTION, QUIET_OPTION
+from quantcli.cli.render_measurements import render_bench
 from quantcli.config.gates import GateLimits, enforce
 from quantcli.measure.speed import BenchConfig
 from quantcli.measure.speed import bench as run_bench
@@ -38,5 +39,5 @@ def bench(
     result = run_bench(
         model, config, base, device, GateLimits(min_speedup=min_speedup), render.RichProgress(enabled=not quiet)
     )
-    render.print_json(result) if json_output else render.render_bench(result)
+    render.print_json(result) if json_output else render_bench(result)
     enforce(result["gates"])

@@ -9,6 +9,7 @@ import typer
 from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import JSON_OPTION, QUIET_OPTION
+from quantcli.cli.render_measurements import render_compare
 from quantcli.config.quantize import DEFAULT_EVAL_DATASET, EvalConfig
 from quantcli.measure.compare import compare as run_compare
 from quantcli.measure.compare import markdown as to_markdown
@@ -40,4 +41,4 @@ def compare(
     elif markdown:
         print(to_markdown(result))
     else:
-        render.render_compare(result)
+        render_compare(result)

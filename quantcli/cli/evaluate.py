@@ -7,6 +7,7 @@ import typer
 from quantcli.cli import render
 from quantcli.cli.boundary import handle_errors
 from quantcli.cli.options import DEVICE_OPTION, JSON_OPTION, QUIET_OPTION
+from quantcli.cli.render_measurements import render_eval
 from quantcli.config.quantize import DEFAULT_EVAL_DATASET, EvalConfig
 from quantcli.measure.evaluation import evaluate
 
@@ -65,4 +66,4 @@ def eval_command(
         doc_separator,
     )
     result = evaluate(model, config, base, device, render.RichProgress(enabled=not quiet), backend)
-    render.print_json(result) if json_output else render.render_eval(result)
+    render.print_json(result) if json_output else render_eval(result)
