@@ -93,7 +93,7 @@ def largest_group(folder: Path) -> int:
     from safetensors import safe_open
 
     from quantcli.quant.blockwise import decoder_blocks
-    from quantcli.run.streaming import shard_groups, source_tensors
+    from quantcli.run.source_shards import shard_groups, source_tensors
     from quantcli.safetensors_dtypes import tensor_bytes
     from quantcli.sources.models import skeleton
 

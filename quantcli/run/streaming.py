@@ -2,10 +2,11 @@
 
 The model is built as a skeleton on the meta device (no weights). :class:`ShardBlocks` is the block
 source the driver (:func:`quantcli.quant.blockwise.quantize_blockwise`) reads: it loads one decoder
-block's tensors from the safetensors shards (``safe_open``), lets the method quantize it (with
-calibration activations flowing from block to block, as in memory), writes the block as its own
-output shard and frees it: peak memory is about one block plus the calibration activations. The
-output is the same compressed-tensors checkpoint the in-memory run writes, tensor for tensor.
+block's tensors from the safetensors shards (:mod:`quantcli.run.source_shards`), lets the method
+quantize it (with calibration activations flowing from block to block, as in memory), writes the
+block as its own output shard and frees it: peak memory is about one block plus the calibration
+activations. The output is the same compressed-tensors checkpoint the in-memory run writes, tensor
+for tensor.
 
 Each finished shard is recorded in ``resume.json`` inside the staging folder, with the next block's
 input hidden states (``activations.safetensors``) for calibrated methods; an interrupted run keeps
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.checkpoint.atomic import RESUME_FILE
-from quantcli.errors import InputError, option
 from quantcli.quant.finite import check_weight_range
 from quantcli.quant.layers import weight_matrix
 from quantcli.run.resume_state import (
@@ -33,55 +33,9 @@ from quantcli.run.resume_state import (
     versions,
     write_state,
 )
+from quantcli.run.source_shards import config_files, read_tensors, shard_groups, source_tensors
 from quantcli.safetensors_dtypes import tensor_bytes
 from quantcli.strict_json import write_json
-
-
-def source_tensors(source: str) -> dict[str, Path]:
-    """Which safetensors file of ``source`` holds each tensor."""
-    from safetensors import safe_open
-
-    folder = Path(source)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(source, local_files_only=True))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise InputError(
-            f"{option('low_memory', True)} streams safetensors weights, and {source} has none. Convert the checkpoint "
-            "to safetensors first."
-        )
-    where: dict[str, Path] = {}
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            where.update({key: file for key in handle.keys()})
-    return where
-
-
-def _read(names: list[str], where: dict[str, Path], disk: dict[str, str] | None = None) -> dict[str, Any]:
-    """Tensors by the model's names; ``disk`` maps a name to the file's where they differ (Mixtral's experts)."""
-    from safetensors import safe_open
-
-    disk = disk or {}
-    tensors = {}
-    for file in sorted({where[name] for name in names}):
-        with safe_open(file, framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(disk.get(name, name)) for name in names if where[name] == file})
-    return tensors
-
-
-def shard_groups(names: list[str], prefix: str, blocks: int) -> list[list[str]]:
-    """Tensor names per decoder block in block order, then per other module (embeddings, norm, head)."""
-    inside: list[list[str]] = [[] for _ in range(blocks)]
-    rest: dict[str, list[str]] = {}
-    for name in sorted(names):
-        index = name[len(prefix) + 1 :].split(".", 1)[0] if prefix and name.startswith(prefix + ".") else ""
-        if index.isdigit() and int(index) < blocks:
-            inside[int(index)].append(name)
-        else:
-            rest.setdefault(name.rsplit(".", 1)[0], []).append(name)
-    return inside + [rest[module] for module in sorted(rest)]
 
 
 class ShardBlocks:
@@ -124,7 +78,7 @@ class ShardBlocks:
         self.known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {
             name for name, _ in model.named_buffers()
         }
-        inputs = fingerprint([*self.where.values(), *_configs(source)])
+        inputs = fingerprint([*self.where.values(), *config_files(source)])
         self.settings = {**settings, "source_files": inputs, "versions": versions()}
         self.state = read_state(staging, self.settings, self.shards)  # {} for a fresh run; checked before any reuse
         self.done = list(self.state.get("done", []))
@@ -141,7 +95,7 @@ class ShardBlocks:
     def _load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, tensor in _read([name for name in names if name in self.known], self.where, self.disk).items():
+        for name, tensor in read_tensors([name for name in names if name in self.known], self.where, self.disk).items():
             set_module_tensor_to_device(self.model, name, "cpu", value=tensor)
         self.model.tie_weights()  # a tied head shares the embedding's new tensor again
 
@@ -252,12 +206,12 @@ class ShardBlocks:
     def _current(self, key: str) -> Any:
         """A tensor as the model holds it (loaded), or as the source stores it, in the model's dtype."""
         if key not in self.known:
-            return _read([key], self.where, self.disk)[key]
+            return read_tensors([key], self.where, self.disk)[key]
         layer, _, kind = key.rpartition(".")
         held = getattr(self.modules[layer], kind)
         if held.device.type != "meta":
             return held.detach()
-        stored = _read([key], self.where, self.disk)[key]
+        stored = read_tensors([key], self.where, self.disk)[key]
         return stored.to(held.dtype) if stored.is_floating_point() else stored
 
     def finish(self) -> int:
@@ -303,8 +257,3 @@ def _placeholder(record: Any) -> Any:
             if hasattr(getattr(record, f.name), "to")
         },
     )
-
-
-def _configs(source: str) -> list[Path]:
-    """The JSON files beside the weights (config, tokenizer, index): they shape the model and its calibration."""
-    return [path for path in Path(source).glob("*.json") if path.is_file()]
