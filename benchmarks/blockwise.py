@@ -43,6 +43,7 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "blockround-q4_0": ("blockround", "Q4_0", {"bits": 4}, "Q4_0"),
     "gptq-q4_k_m": ("gptq", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
     "blockround-q4_k_m": ("blockround", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
+    "blockround-q3_k_m": ("blockround", "Q3_K_M", {"bits": 3}, "Q3_K_M"),
 }
 STEM = result_stem("smollm2", "blockwise")
 
@@ -148,11 +149,21 @@ def quantize_row(label: str, work: Path, result: dict[str, Any]) -> dict[str, An
     return row
 
 
-def timing(blocks: int) -> dict[str, Any]:
-    """Quantize seconds of gptq, GPTAQ, blockround and both on SmolLM2's first ``blocks`` blocks, W4 g128,
-    one process (the ratio is what a full run costs against gptq's)."""
+TIMING_RUNS = {
+    "gptq": ("gptq", {}),
+    "gptaq": ("gptq", {"target": "full-precision"}),
+    "blockround": ("blockround", {}),
+    "blockround-gptaq": ("blockround", {"target": "full-precision"}),
+}
+
+
+def timing(blocks: int, grid: str, runs: list[str]) -> dict[str, Any]:
+    """Quantize seconds of ``runs`` (TIMING_RUNS) on SmolLM2's first ``blocks`` blocks (0: all) on ``grid``
+    (W4 g128, or a GGUF type rounded on its block grid), one process, in order: the ratio is what a run costs
+    against gptq's. Every block is forwarded either way, so a few blocks understate the ratio."""
     import torch
 
+    from quantcli.formats.gguf.types import block_type
     from quantcli.methods import get_method
     from quantcli.quant.layers import select_modules
     from quantcli.quant.records import QuantizeRequest
@@ -162,31 +173,27 @@ def timing(blocks: int) -> dict[str, Any]:
     source = str(smollm2_folder())
     tokenizer = load_tokenizer(source)
     windows = calibration_windows(tokenizer)
-    runs = [
-        ("gptq", {}),
-        ("gptq", {"target": "full-precision"}),
-        ("blockround", {}),
-        ("blockround", {"target": "full-precision"}),
-    ]
+    kind = None if grid == "W4 g128" else block_type(grid)
     seconds = {}
-    for method, options in runs:
+    for label in runs:
+        method, options = TIMING_RUNS[label]
         model = load_model(source, torch.float32, "cpu")
         names = tuple(
             name
             for name in select_modules(model, tables=False).names
-            if any(name.startswith(f"model.layers.{index}.") for index in range(blocks))
+            if not blocks or any(name.startswith(f"model.layers.{index}.") for index in range(blocks))
         )
-        config = get_method(method).make_config(4, {"group_size": 128, **options})
+        config = get_method(method).make_config(4, options if kind else {"group_size": 128, **options})
         start = time.perf_counter()
         get_method(method).quantize(
-            QuantizeRequest(source, model, tokenizer, names, "cpu", torch.float32, config, windows)
+            QuantizeRequest(source, model, tokenizer, names, "cpu", torch.float32, config, windows, grid=kind)
         )
-        seconds[f"{method} {json.dumps(options)}"] = round(time.perf_counter() - start, 1)
-    baseline = seconds["gptq {}"]
+        seconds[label] = round(time.perf_counter() - start, 1)
     return {
-        "blocks": blocks,
+        "grid": grid,
+        "blocks": blocks or "all",
         "seconds": seconds,
-        "ratio_to_gptq": {k: round(v / baseline, 2) for k, v in seconds.items()},
+        "ratio_to_gptq": {k: round(v / seconds["gptq"], 2) for k, v in seconds.items()},
     }
 
 
@@ -215,11 +222,10 @@ def markdown(result: dict[str, Any]) -> str:
         " llama.cpp, increase vs its F32 GGUF. blockround at its defaults (16 iterations per block, learning rate"
         " 1/16, seed 0)."
     )
-    if result.get("timing"):
-        t = result["timing"]
+    for t in result.get("timings", []):
         lines.append("")
         lines.append(
-            f"Quantize time, first {t['blocks']} blocks, W4 g128, one process: "
+            f"Quantize time, {t['grid']}, {t['blocks']} blocks, one process, torch threads 2: "
             + ", ".join(f"{k}: {v} s ({t['ratio_to_gptq'][k]}x gptq)" for k, v in t["seconds"].items())
             + "."
         )
@@ -230,11 +236,18 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=[], choices=[*ROWS, "f32-gguf"])
-    parser.add_argument("--timing", type=int, default=0, help="time the methods on this many first blocks")
+    parser.add_argument("--timing", type=int, help="time the methods on this many first blocks (0: all)")
+    parser.add_argument("--timing-grid", default="W4 g128", help="W4 g128 or a GGUF type, e.g. Q4_K_M")
+    parser.add_argument("--timing-runs", nargs="+", choices=list(TIMING_RUNS), default=list(TIMING_RUNS))
     args = parser.parse_args()
     result = load()
-    if args.timing:
-        result["timing"] = timing(args.timing)
+    if args.timing is not None:
+        measured = timing(args.timing, args.timing_grid, args.timing_runs)
+        result = load()
+        kept = [
+            t for t in result.get("timings", []) if (t["grid"], t["blocks"]) != (measured["grid"], measured["blocks"])
+        ]
+        result["timings"] = [*kept, measured]
         save(result)
     for label in args.rows:
         with tempfile.TemporaryDirectory(prefix="blockwise-") as tmp:
