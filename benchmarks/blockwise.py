@@ -35,6 +35,13 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "blockround-w4g128": ("blockround", "W4 g128", W4, None),
     "blockround-gptaq-w4g128": ("blockround", "W4 g128", {**W4, "target": "full-precision"}, None),
     "blockround-64it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64}, None),
+    "blockround-64it-scales-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64, "scales": True}, None),
+    "blockround-64it-scales-w4g64": (
+        "blockround",
+        "W4 g64",
+        {"bits": 4, "group_size": 64, "iterations": 64, "scales": True},
+        None,
+    ),
     "gptq-w4g64": ("gptq", "W4 g64", {"bits": 4, "group_size": 64}, None),
     "blockround-w4g64": ("blockround", "W4 g64", {"bits": 4, "group_size": 64}, None),
     "gptq-w3g64": ("gptq", "W3 g64", {"bits": 3, "group_size": 64}, None),
@@ -154,6 +161,7 @@ TIMING_RUNS = {
     "gptaq": ("gptq", {"target": "full-precision"}),
     "blockround": ("blockround", {}),
     "blockround-gptaq": ("blockround", {"target": "full-precision"}),
+    "blockround-64it-scales": ("blockround", {"iterations": 64, "scales": True}),
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, option
 from quantcli.formats.bitsandbytes import BLOCK, NF4Weights
 from quantcli.methods import register_method
 from quantcli.methods.gptq import GPTQConfig, GPTQQuantizer
@@ -37,11 +37,13 @@ from quantcli.quant.round_tuning import TunableLayer, tune_block
 class Tuning:
     """The tuning's options: ``iterations`` signed-gradient steps per block (0: plain GPTQ), the starting
     ``learning_rate`` in code steps (decaying linearly to zero; None: ``1 / iterations``, AutoRound's rule),
-    and the ``seed`` that orders the calibration mini-batches."""
+    the ``seed`` that orders the calibration mini-batches, and ``scales``: on integer grids, tune one factor
+    per group on the scales too (AutoRound's min/max tuning; GGUF and NF4 grids keep their scales)."""
 
     iterations: int = 16
     learning_rate: float | None = None
     seed: int = 0
+    scales: bool = False
 
     def check_tuning(self) -> None:
         if self.iterations < 0:
@@ -66,11 +68,16 @@ class BlockRoundConfig(Tuning, GPTQConfig):
 
 @dataclass(frozen=True)
 class BlockRoundNF4Config(Tuning, GPTQNF4Config):
-    """gptq-nf4's options plus :class:`Tuning`'s."""
+    """gptq-nf4's options plus :class:`Tuning`'s (``scales`` refused: bitsandbytes computes NF4's absmax)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_tuning()
+        if self.scales:
+            raise InputError(
+                f"{option('scales', True)} tunes integer groups' scales; bitsandbytes computes NF4's absmax"
+                f" itself. Use {option('method', 'blockround')}, or drop {option('scales', True)}."
+            )
 
 
 def _nf4_values(record: NF4Weights) -> torch.Tensor:
@@ -86,6 +93,21 @@ def _with_codes(record: Any, codes: torch.Tensor) -> Any:
     if isinstance(record, IntWeights):
         return replace(record, q=codes.to(torch.int8))
     return replace(record, codes=codes.to(torch.uint8 if isinstance(record, NF4Weights) else torch.int8))
+
+
+def _scaled(record: IntWeights, codes: torch.Tensor, factors: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """An integer layer's fp32 values with its scales times ``factors``, rounded as the format stores them."""
+    scale = _rescaled(record, factors, stored)
+    return ops.dequantize(codes, scale, record.zero_point, record.layout.group_size).float()
+
+
+def _rescaled(record: IntWeights, factors: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """The record's scales times ``factors``, rounded to the ``stored`` dtype, held in the record's."""
+    return (record.scale.float() * factors).to(stored).to(record.scale.dtype)
+
+
+def _stored_scale_dtype(record: Any, module: torch.nn.Module) -> torch.dtype:
+    return record.layout.scale_dtype_for(module.weight.dtype)
 
 
 def _grid(record: Any) -> tuple[torch.Tensor, int, int]:
@@ -109,6 +131,23 @@ def _tunable(record: Any) -> bool:
     return record is not None and not (isinstance(record, NF4Weights) and record.codes.shape[1] % BLOCK)
 
 
+def _tunable_layer(parameter: str, module: torch.nn.Module, record: Any, original: torch.Tensor) -> TunableLayer:
+    """One layer of a block as :func:`tune_block` sees it; integer layers can rescale their groups."""
+    scaled = isinstance(record, IntWeights)
+    return TunableLayer(
+        parameter,
+        *_grid(record),
+        lambda codes: _values(_with_codes(record, codes)),
+        original,
+        is_conv1d(module),
+        module.weight.dtype,
+        (lambda codes, factors: _scaled(record, codes, factors, _stored_scale_dtype(record, module)))
+        if scaled
+        else None,
+        tuple(record.scale.shape) if scaled else (),
+    )
+
+
 def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]) -> Reference:
     """The full-precision stream with the per-block tuning step; each block's error before and after goes
     to ``errors``."""
@@ -124,21 +163,17 @@ def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]
         if not inside or not config.iterations:
             return records, None
         layers = [
-            TunableLayer(
-                parameter,
-                *_grid(records[name]),
-                lambda codes, record=records[name]: _values(_with_codes(record, codes)),
-                reference.originals[name],
-                is_conv1d(module),
-                module.weight.dtype,
-            )
+            _tunable_layer(parameter, module, records[name], reference.originals[name])
             for name, (parameter, module) in inside.items()
         ]
         rate = config.learning_rate or 1 / config.iterations
-        tuned = tune_block(block, layers, inputs, targets, config.iterations, rate, config.seed)
+        tuned = tune_block(block, layers, inputs, targets, config.iterations, rate, config.seed, config.scales)
         errors.append((tuned.start_error, tuned.error))
         for name, (parameter, module) in inside.items():
             records[name] = _with_codes(records[name], tuned.codes[parameter])
+            if tuned.factors[parameter] is not None:
+                stored = _stored_scale_dtype(records[name], module)
+                records[name] = replace(records[name], scale=_rescaled(records[name], tuned.factors[parameter], stored))
             set_weight_matrix(module, _values(records[name]).to(module.weight.dtype))
         return records, tuned.outputs
 
@@ -151,7 +186,9 @@ def _with_errors(result: QuantizedModel, errors: list[tuple[float, float]], conf
     if errors:
         start, tuned = (sum(pair[i] for pair in errors) for i in (0, 1))
         result.stats["block_output_error"] = {"gptq": start, "tuned": tuned, "blocks": len(errors)}
-    result.options.update(iterations=config.iterations, learning_rate=config.learning_rate, seed=config.seed)
+    result.options.update(
+        iterations=config.iterations, learning_rate=config.learning_rate, seed=config.seed, scales=config.scales
+    )
     return result
 
 
@@ -167,6 +204,12 @@ class BlockRoundQuantizer(GPTQQuantizer):
     allocates = False  # the per-layer precision search scores gptq's candidates, not tuned blocks
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        if request.grid is not None and request.config.scales:
+            raise InputError(
+                f"{option('scales', True)} tunes integer groups' scales; a GGUF type's scales are llama.cpp's"
+                f" (its scale search, {option('importance')}). Drop {option('scales', True)}, or write"
+                f" compressed-tensors (no {option('format', 'gguf')})."
+            )
         self._errors: list[tuple[float, float]] = []
         return _with_errors(super().quantize(request), self._errors, request.config)
 

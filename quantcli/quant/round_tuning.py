@@ -14,6 +14,11 @@ against the original block's outputs on the full-precision model's inputs
 (:class:`quantcli.quant.reference.Reference`): one calibration mini-batch per step, in an order drawn from
 ``seed``; the learning rate decays linearly to zero. The result is kept only if its error on all
 calibration mini-batches is below the starting codes'.
+
+Optionally (``scales``), layers on an integer grid also tune one factor per group on their scales, as
+AutoRound tunes its min/max range: ``(q - z) · s · (1 + f)`` with ``f`` in ``[-SCALE_RANGE, SCALE_RANGE]``,
+trained with the codes by the same signed steps; the tuned scales are rounded to the scales' dtype
+before the final error check, so the check sees what the format stores.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from quantcli.quant.reference import Inputs
 
 HALF = 0.499  # the starting offsets' bound: below half a step, so that they round to the starting codes
+SCALE_RANGE = 0.5  # how far a tuned scale factor may move from 1
 
 
 @dataclass
@@ -33,7 +39,8 @@ class TunableLayer:
     """One layer of a block on its fixed grid: ``parameter`` (the weight's name inside the block), its
     starting ``codes`` (float, ``[out, in]``), the codes' range, ``values(codes) -> [out, in]`` fp32
     weights, the ``original`` fp32 weights, whether the module stores the weight transposed (GPT-2's Conv1D),
-    and the dtype it holds weights in."""
+    and the dtype it holds weights in; on integer grids, ``scaled(codes, factors)``: the values with the
+    scales multiplied by ``factors`` (rounded to the scales' dtype), for the optional scale tuning."""
 
     parameter: str
     codes: torch.Tensor
@@ -43,6 +50,8 @@ class TunableLayer:
     original: torch.Tensor
     transposed: bool = False
     dtype: torch.dtype = torch.float32
+    scaled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (codes, factors) -> values
+    factors_shape: tuple[int, ...] = ()  # one factor per scale (integer grids), for ``scaled``
 
     def stored(self, values: torch.Tensor) -> torch.Tensor:
         """``[out, in]`` fp32 values as the module holds its weight."""
@@ -52,10 +61,12 @@ class TunableLayer:
 
 @dataclass
 class Tuned:
-    """Each layer's codes after tuning (the starting ones when tuning did not help), the block's output
-    error on all calibration mini-batches before and after, and its outputs with the codes kept."""
+    """Each layer's codes after tuning (the starting ones when tuning did not help), its scale factors
+    (None: scales untouched), the block's output error on all calibration mini-batches before and after,
+    and its outputs with the codes kept."""
 
     codes: dict[str, torch.Tensor]
+    factors: dict[str, torch.Tensor | None]
     start_error: float
     error: float
     outputs: list[torch.Tensor]
@@ -67,8 +78,13 @@ def _output(block: torch.nn.Module, weights: dict[str, torch.Tensor], one: tuple
     return out[0] if isinstance(out, tuple) else out
 
 
-def _weights(layers: list[TunableLayer], codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {layer.parameter: layer.stored(layer.values(code)) for layer, code in zip(layers, codes, strict=True)}
+def _weights(
+    layers: list[TunableLayer], codes: list[torch.Tensor], factors: list[torch.Tensor | None]
+) -> dict[str, torch.Tensor]:
+    return {
+        layer.parameter: layer.stored(layer.values(code) if factor is None else layer.scaled(code, factor))
+        for layer, code, factor in zip(layers, codes, factors, strict=True)
+    }
 
 
 def _error(
@@ -103,36 +119,52 @@ def tune_block(
     iterations: int,
     learning_rate: float,
     seed: int,
+    scales: bool = False,
 ) -> Tuned:
-    """Tune ``layers``' codes so that ``block`` on ``inputs`` gives ``targets`` (see the module docstring)."""
+    """Tune ``layers``' codes (and with ``scales`` the scale factors of layers that have ``scaled``) so that
+    ``block`` on ``inputs`` gives ``targets`` (see the module docstring)."""
     start = [layer.codes for layer in layers]
+    untouched = [None] * len(layers)
     with torch.no_grad():
-        start_error, start_outputs = _error(block, _weights(layers, start), inputs, targets)
+        start_error, start_outputs = _error(block, _weights(layers, start, untouched), inputs, targets)
     slopes = [_slope(layer) for layer in layers]
     offsets = [_start(layer, slope).requires_grad_() for layer, slope in zip(layers, slopes, strict=True)]
+    factors = [
+        torch.zeros(layer.factors_shape).requires_grad_() if scales and layer.scaled is not None else None
+        for layer in layers
+    ]
+    trained = [(offset, 1.0) for offset in offsets] + [
+        (factor, SCALE_RANGE) for factor in factors if factor is not None
+    ]  # with each tensor's bound
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed)).tolist()
 
     def rounded(index: int) -> torch.Tensor:
         layer = layers[index]
         return torch.round(layer.codes + offsets[index].detach()).clamp_(layer.lowest, layer.highest)
 
+    def value(index: int) -> torch.Tensor:
+        layer, offset, factor = layers[index], offsets[index], factors[index]
+        if factor is None:
+            return layer.values(rounded(index)) + slopes[index] * (offset - offset.detach())
+        return layer.scaled(rounded(index) + (offset - offset.detach()), 1 + factor)
+
     with torch.enable_grad():
         for step in range(iterations):
-            weights = {}
-            for index, layer in enumerate(layers):
-                value = layer.values(rounded(index)) + slopes[index] * (offsets[index] - offsets[index].detach())
-                weights[layer.parameter] = layer.stored(value)
+            weights = {layer.parameter: layer.stored(value(index)) for index, layer in enumerate(layers)}
             one = order[step % len(order)]
             loss = torch.nn.functional.mse_loss(_output(block, weights, inputs[one]).float(), targets[one].float())
-            grads = torch.autograd.grad(loss, offsets)
+            grads = torch.autograd.grad(loss, [tensor for tensor, _ in trained])
             rate = learning_rate * (1 - step / iterations)
             with torch.no_grad():
-                for offset, grad in zip(offsets, grads, strict=True):
-                    offset.sub_(rate * torch.sign(grad)).clamp_(-1, 1)
+                for (tensor, bound), grad in zip(trained, grads, strict=True):
+                    tensor.sub_(rate * torch.sign(grad)).clamp_(-bound, bound)
     with torch.no_grad():
         tuned = [rounded(index) for index in range(len(layers))]
-        error, outputs = _error(block, _weights(layers, tuned), inputs, targets) if iterations else (start_error, [])
+        kept = [None if factor is None else 1 + factor.detach() for factor in factors]
+        error, outputs = (
+            _error(block, _weights(layers, tuned, kept), inputs, targets) if iterations else (start_error, [])
+        )
     if error >= start_error:
-        tuned, error, outputs = start, start_error, start_outputs
+        tuned, kept, error, outputs = start, untouched, start_error, start_outputs
     codes = {layer.parameter: codes for layer, codes in zip(layers, tuned, strict=True)}
-    return Tuned(codes, start_error, error, outputs)
+    return Tuned(codes, dict(zip(codes, kept, strict=True)), start_error, error, outputs)

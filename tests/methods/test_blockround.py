@@ -120,12 +120,26 @@ def test_kl_on_unseen_windows_below_gptqs(runs, heldout):
         )
 
 
+def test_scale_tuning_moves_scales_and_ends_below_codes_alone(runs, calibration):
+    """``scales``: the groups' scales move too (in their own dtype), and the blocks end below the error of
+    tuning the codes alone from the same GPTQ start."""
+    tuned = quantized("blockround", calibration, 4, iterations=32, scales=True)
+    codes_only, start = runs["blockround", 4, 0], runs["gptq", 4, 0]
+    assert tuned.stats["block_output_error"]["tuned"] < codes_only.stats["block_output_error"]["tuned"]
+    moved = [name for name in start.records if not torch.equal(tuned.records[name].scale, start.records[name].scale)]
+    assert moved and all(tuned.records[name].scale.dtype == start.records[name].scale.dtype for name in moved)
+    assert tuned.options["scales"] is True
+
+
 def test_deterministic(runs):
     first, second = (runs["blockround", 4, copy].model.state_dict() for copy in (0, 1))
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
-@pytest.mark.parametrize("options", [{"group_size": 32}, {"group_size": 32, "symmetric": False, "bits": 3}])
+@pytest.mark.parametrize(
+    "options",
+    [{"group_size": 32}, {"group_size": 32, "symmetric": False, "bits": 3}, {"group_size": 32, "scales": True}],
+)
 def test_checkpoint_reloads_with_quantcli_logits(tmp_path: Path, calibration, options):
     """Written as compressed-tensors: plain transformers (symmetric) and quantcli load it with the logits of the
     model quantcli tuned in memory."""
@@ -165,6 +179,20 @@ def test_checkpoint_reloads_with_quantcli_logits(tmp_path: Path, calibration, op
 def test_bad_options_say_the_fix(options, message):
     with pytest.raises(InputError, match=message):
         get_method("blockround").make_config(4, options)
+
+
+def test_scale_tuning_is_refused_where_the_format_owns_the_scales(tmp_path):
+    """NF4's absmax is bitsandbytes', a GGUF type's scales are llama.cpp's: ``scales`` is refused, not ignored."""
+    from typer.testing import CliRunner
+
+    from quantcli.cli.app import app
+
+    with pytest.raises(InputError, match="bitsandbytes computes NF4's absmax itself"):
+        get_method("blockround-nf4").make_config(4, {"scales": True})
+    args = ["quantize", SOURCE, "--bits", "4", "-m", "blockround", "-O", "scales=true", "--no-eval"]
+    result = CliRunner().invoke(app, [*args, "--format", "gguf", "--gguf-type", "Q4_0", "-o", str(tmp_path / "q")])
+    assert result.exit_code == 2 and not (tmp_path / "q").exists()
+    assert "a GGUF type's scales are llama.cpp's" in result.stderr
 
 
 STREAM = {
