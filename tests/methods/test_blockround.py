@@ -205,8 +205,8 @@ STREAM = {
 }
 
 
-@pytest.mark.parametrize("target", ["quantized", "full-precision"])
-def test_streaming_is_bit_identical_to_in_memory_and_resumes(tmp_path, target):
+@pytest.mark.parametrize("target, scales", [("quantized", False), ("full-precision", False), ("quantized", True)])
+def test_streaming_is_bit_identical_to_in_memory_and_resumes(tmp_path, target, scales):
     """--low-memory writes the in-memory run's tensors; interrupted after 3 blocks, --resume continues both the
     quantized and the full-precision stream from the saved activations to the same tensors."""
     from quantcli.config.recipes import config_from_mapping
@@ -215,7 +215,7 @@ def test_streaming_is_bit_identical_to_in_memory_and_resumes(tmp_path, target):
     from tests.run.test_streaming import tensors
     from tests.support.hostile import LAYERS_PER_BLOCK, StopAfter
 
-    recipe = {**STREAM, "model": SOURCE, "target": target}
+    recipe = {**STREAM, "model": SOURCE, "target": target, "scales": scales}
     quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
     streamed = {**recipe, "low_memory": True}
     quantize(config_from_mapping({**streamed, "output": tmp_path / "streamed"}))
