@@ -75,8 +75,8 @@ class BlockRoundNF4Config(Tuning, GPTQNF4Config):
         self.check_tuning()
         if self.scales:
             raise InputError(
-                f"{option('scales', True)} tunes integer groups' scales; bitsandbytes computes NF4's absmax"
-                f" itself. Use {option('method', 'blockround')}, or drop {option('scales', True)}."
+                "blockround-nf4 cannot tune scales: bitsandbytes computes NF4's absmax itself. Use"
+                f" {option('method', 'blockround')} to tune integer groups' scales, or drop the method option scales."
             )
 
 
@@ -206,9 +206,9 @@ class BlockRoundQuantizer(GPTQQuantizer):
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
         if request.grid is not None and request.config.scales:
             raise InputError(
-                f"{option('scales', True)} tunes integer groups' scales; a GGUF type's scales are llama.cpp's"
-                f" (its scale search, {option('importance')}). Drop {option('scales', True)}, or write"
-                f" compressed-tensors (no {option('format', 'gguf')})."
+                "the method option scales tunes integer groups' scales; a GGUF type's scales are llama.cpp's"
+                f" (its scale search, {option('importance')}). Drop the method option scales, or write"
+                f" compressed-tensors (without {option('format', 'gguf')})."
             )
         self._errors: list[tuple[float, float]] = []
         return _with_errors(super().quantize(request), self._errors, request.config)

@@ -36,6 +36,13 @@ RESULT_TEXTS = {
         " --format gguf stores GPT-2 packed (llama.cpp reads it)",
     ),
     (
+        "moe.py",
+        "fused experts (3-D parameters) kept in 16 bits: rtn, gptq, awq and blockround"
+        " (compressed-tensors or --format gguf) quantize each expert where transformers' conversion mapping"
+        " gives the per-expert layout; a bitsandbytes checkpoint cannot hold them (transformers' bitsandbytes"
+        " integration quantizes nn.Linear only)",
+    ),
+    (
         "compare.py",
         "Warning: these perplexities come from each checkpoint's report.json with different settings; pass --base "
         "MODEL to evaluate all alike.",
