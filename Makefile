@@ -195,11 +195,11 @@ bench-gptq-variants: install smollm2
 # one row per call (each fits the shared CPU lock); GGUF rows need `make llama-cpp`
 bench-blockwise: install smollm2
 	$(BENCH).blockwise --timing 4
-	$(BENCH).blockwise --timing 0 --timing-runs gptq blockround blockround-64it-scales
+	$(BENCH).blockwise --timing 0 --timing-runs gptq blockround
 	$(BENCH).blockwise --rows gptq-w4g128 gptaq-w4g128 blockround-w4g128 blockround-gptaq-w4g128
 	$(BENCH).blockwise --rows blockround-w4g64 blockround-w3g64 gptq-w4g64 gptq-w3g64
 	$(BENCH).blockwise --rows f32-gguf gptq-q4_0 blockround-q4_0 gptq-q4_k_m blockround-q4_k_m blockround-q3_k_m
-	$(BENCH).blockwise --rows blockround-64it-w4g128 blockround-64it-scales-w4g128 blockround-64it-scales-w4g64
+	$(BENCH).blockwise --rows blockround-64it-w4g128 blockround-64it-scales-w4g64 blockround-64it-scales-w3g64
 
 # Issue 26's anchors (benchmarks/anchors.py): llama.cpp +- imatrix, AutoRound, quantcli's gptq on one protocol.
 # Every row is long on 2 cores: pick some with ROWS="llamacpp-q4_0 llamacpp-q4_0-imatrix" (list: --list).

@@ -35,7 +35,6 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "blockround-w4g128": ("blockround", "W4 g128", W4, None),
     "blockround-gptaq-w4g128": ("blockround", "W4 g128", {**W4, "target": "full-precision"}, None),
     "blockround-64it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64}, None),
-    "blockround-64it-scales-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64, "scales": True}, None),
     "blockround-64it-scales-w4g64": (
         "blockround",
         "W4 g64",
@@ -46,6 +45,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "blockround-w4g64": ("blockround", "W4 g64", {"bits": 4, "group_size": 64}, None),
     "gptq-w3g64": ("gptq", "W3 g64", {"bits": 3, "group_size": 64}, None),
     "blockround-w3g64": ("blockround", "W3 g64", {"bits": 3, "group_size": 64}, None),
+    "blockround-64it-scales-w3g64": (
+        "blockround",
+        "W3 g64",
+        {"bits": 3, "group_size": 64, "iterations": 64, "scales": True},
+        None,
+    ),
     "gptq-q4_0": ("gptq", "Q4_0", {"bits": 4}, "Q4_0"),
     "blockround-q4_0": ("blockround", "Q4_0", {"bits": 4}, "Q4_0"),
     "gptq-q4_k_m": ("gptq", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
@@ -161,7 +166,6 @@ TIMING_RUNS = {
     "gptaq": ("gptq", {"target": "full-precision"}),
     "blockround": ("blockround", {}),
     "blockround-gptaq": ("blockround", {"target": "full-precision"}),
-    "blockround-64it-scales": ("blockround", {"iterations": 64, "scales": True}),
 }
 
 
