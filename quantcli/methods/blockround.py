@@ -204,12 +204,6 @@ class BlockRoundQuantizer(GPTQQuantizer):
     allocates = False  # the per-layer precision search scores gptq's candidates, not tuned blocks
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        if request.grid is not None and request.config.scales:
-            raise InputError(
-                "the method option scales tunes integer groups' scales; a GGUF type's scales are llama.cpp's"
-                f" (its scale search, {option('importance')}). Drop the method option scales, or write"
-                f" compressed-tensors (without {option('format', 'gguf')})."
-            )
         self._errors: list[tuple[float, float]] = []
         return _with_errors(super().quantize(request), self._errors, request.config)
 

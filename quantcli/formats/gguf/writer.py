@@ -194,6 +194,7 @@ class GGUF(Format):
         "keep_dtype": "GGUF stores norms and other unquantized vectors in F32, as llama.cpp does",
         "refit_scales": "gptq's scale refit is written for the integer grids (compressed-tensors)",
         "awq": "gptq's AWQ pre-step is written for the integer grids (compressed-tensors)",
+        "scales": "a GGUF type's scales are llama.cpp's (its scale search); blockround tunes the codes on them",
     }
 
     def save(self, quantized: QuantizedModel, folder: Path, max_shard_size: int | None = None) -> None:
