@@ -26,10 +26,10 @@ import torch
 
 ROUTER_NOTE = "router: kept in 16 bits (small and sensitive: it picks the experts)"
 FUSED_NOTE = (
-    "fused experts (3-D parameters) kept in 16 bits: rtn, gptq, awq and blockround"
-    " (compressed-tensors or --format gguf) quantize each expert where transformers' conversion mapping"
-    " gives the per-expert layout; a bitsandbytes checkpoint cannot hold them (transformers' bitsandbytes"
-    " integration quantizes nn.Linear only)"
+    "fused experts (3-D parameters) kept in 16 bits: rtn, gptq, blockround and awq"
+    " (compressed-tensors; all but awq also --format gguf) quantize each expert where transformers'"
+    " conversion mapping gives the per-expert layout; a bitsandbytes checkpoint cannot hold them"
+    " (transformers' bitsandbytes integration quantizes nn.Linear only)"
 )
 
 

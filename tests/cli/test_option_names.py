@@ -37,10 +37,10 @@ RESULT_TEXTS = {
     ),
     (
         "moe.py",
-        "fused experts (3-D parameters) kept in 16 bits: rtn, gptq, awq and blockround"
-        " (compressed-tensors or --format gguf) quantize each expert where transformers' conversion mapping"
-        " gives the per-expert layout; a bitsandbytes checkpoint cannot hold them (transformers' bitsandbytes"
-        " integration quantizes nn.Linear only)",
+        "fused experts (3-D parameters) kept in 16 bits: rtn, gptq, blockround and awq"
+        " (compressed-tensors; all but awq also --format gguf) quantize each expert where transformers'"
+        " conversion mapping gives the per-expert layout; a bitsandbytes checkpoint cannot hold them"
+        " (transformers' bitsandbytes integration quantizes nn.Linear only)",
     ),
     (
         "compare.py",
