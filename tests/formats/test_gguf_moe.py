@@ -37,46 +37,29 @@ from tests.support.gguf_harness import (
     window_nlls,
 )
 from tests.support.models import REPO
+from tests.support.tiny_moe import build_tiny_moe
 
 SEQ_LEN = 256
 F32_CACHE = {"type_k": 0, "type_v": 0}
 ROUTER_SCALE = 20  # decisive routing: llama.cpp's 8-bit activations must not flip a near-tie between experts
 
 
-def _build(kind: str, folder, experts: int, stories_path: str, **overrides) -> str:
-    """A random MoE 256 wide (K-quant blocks fit), 2 layers, with the stories260K tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen3MoeConfig
-
-    shared = dict(
-        vocab_size=512,
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+def _build(kind: str, folder, experts: int, stories_path: str, **qwen3_moe) -> str:
+    """A random MoE 256 wide (K-quant blocks fit), 2 layers, fp32, decisive routers, the stories260K tokenizer
+    (``stories_path``, the embedded model's: the builder saves that one); ``qwen3_moe`` overrides its config."""
+    return build_tiny_moe(
+        kind,
+        folder,
+        hidden=256,
         head_dim=64,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        expert_width=256,
+        dense_width=512,
+        experts=experts,
+        dtype=torch.float32,
+        router_scale=ROUTER_SCALE,
+        qwen3_moe={"norm_topk_prob": True, **qwen3_moe},
         initializer_range=0.05,
     )
-    if kind == "qwen3_moe":
-        config = Qwen3MoeConfig(
-            intermediate_size=512, moe_intermediate_size=256, num_experts=experts, norm_topk_prob=True, **shared
-        )
-    else:
-        config = MixtralConfig(intermediate_size=256, num_local_experts=experts, **shared)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.mul_(ROUTER_SCALE)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(stories_path).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -9,37 +9,16 @@ import torch
 import quantcli
 from quantcli.config.quantize import CalibrationConfig, QuantizeConfig
 from tests.conftest import logits
+from tests.support.tiny_moe import build_tiny_moe
 
 EXPERTS = 8
 
 
 def _build(kind: str, folder) -> str:
     """A random tiny MoE in bfloat16 (as real MoE checkpoints ship) with the stories260K tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen3MoeConfig
-
-    from quantcli.sources.models import EMBEDDED_MODEL
-
-    shared = dict(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+    return build_tiny_moe(
+        kind, folder, hidden=64, head_dim=16, expert_width=96, dense_width=128, experts=EXPERTS, dtype=torch.bfloat16
     )
-    if kind == "qwen3_moe":
-        config = Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=96, num_experts=EXPERTS, **shared)
-    else:
-        config = MixtralConfig(intermediate_size=96, num_local_experts=EXPERTS, **shared)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(EMBEDDED_MODEL).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
