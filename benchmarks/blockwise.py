@@ -51,6 +51,15 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
         {"bits": 3, "group_size": 64, "iterations": 64, "scales": True},
         None,
     ),
+    **{  # AutoRound's default recipe in quantcli: 200 steps from round-to-nearest, scales tuned
+        f"blockround-rtn-200it-scales-w{bits}g{group}": (
+            "blockround",
+            f"W{bits} g{group}",
+            {"bits": bits, "group_size": group, "iterations": 200, "scales": True, "start": "rtn"},
+            None,
+        )
+        for bits, group in ((3, 64), (4, 64), (4, 128))
+    },
     "gptq-q4_0": ("gptq", "Q4_0", {"bits": 4}, "Q4_0"),
     "blockround-q4_0": ("blockround", "Q4_0", {"bits": 4}, "Q4_0"),
     "gptq-q4_k_m": ("gptq", "Q4_K_M", {"bits": 4}, "Q4_K_M"),

@@ -125,6 +125,7 @@ class GPTQQuantizer(Quantizer):
                 unreached = "round-to-nearest: no calibration pass through the decoder blocks reaches it"
                 notes[name].append(under or unreached)
                 hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
+            hessian, cross = self.starting_terms(config, hessian, cross)
             layer, extra = gptq_quantize(
                 matrix,
                 hessian,
@@ -163,6 +164,7 @@ class GPTQQuantizer(Quantizer):
         config = request.config
 
         def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object, cross: object = None) -> tuple:
+            hessian, cross = self.starting_terms(config, hessian, cross)
             diagonal = torch.diagonal(hessian).float()
             seen = diagonal > 0
             importance = None
@@ -189,6 +191,10 @@ class GPTQQuantizer(Quantizer):
             "target": config.target,
         }
         return quantize_on_grid(request, self.name, options, choose, self.reference(request))
+
+    def starting_terms(self, config: GPTQConfig, hessian: torch.Tensor, cross: object) -> tuple:
+        """The Hessian (and GPTAQ term) each layer's codes are chosen with: the calibration's, for GPTQ."""
+        return hessian, cross
 
     def reference(self, request: QuantizeRequest) -> Reference | None:
         """The full-precision stream this run needs beside the quantized one (GPTAQ's), or None."""

@@ -86,6 +86,10 @@ class GPTQNF4Quantizer(Quantizer):
     def unavailable_reason(self, device: str) -> str | None:
         return bitsandbytes_missing()
 
+    def starting_terms(self, config: GPTQNF4Config, hessian: torch.Tensor, cross: object) -> tuple:
+        """The Hessian each layer's codes are chosen with: the calibration's, for GPTQ."""
+        return hessian, cross
+
     def reference(self, request: QuantizeRequest) -> Reference | None:
         """The full-precision stream a subclass's per-block step needs (:mod:`quantcli.methods.blockround`)."""
         return None
@@ -119,6 +123,7 @@ class GPTQNF4Quantizer(Quantizer):
             else:
                 if hessian is None:
                     hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
+                hessian, _ = self.starting_terms(config, hessian, None)
                 layer, extra = gptq_quantize(
                     matrix,
                     hessian,

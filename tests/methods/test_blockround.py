@@ -110,7 +110,7 @@ def test_gptaq_option_runs_the_whole_model(calibration, heldout):
 def test_each_block_ends_below_gptqs_output_error(runs):
     for bits in (3, 4):
         error = runs["blockround", bits, 0].stats["block_output_error"]
-        assert error["blocks"] == 5 and error["tuned"] < 0.9 * error["gptq"]
+        assert error["blocks"] == 5 and error["tuned"] < 0.9 * error["start"]
 
 
 def test_kl_on_unseen_windows_below_gptqs(runs, heldout):
@@ -129,6 +129,19 @@ def test_scale_tuning_moves_scales_and_ends_below_codes_alone(runs, calibration)
     moved = [name for name in start.records if not torch.equal(tuned.records[name].scale, start.records[name].scale)]
     assert moved and all(tuned.records[name].scale.dtype == start.records[name].scale.dtype for name in moved)
     assert tuned.options["scales"] is True
+
+
+def test_rtn_start_is_round_to_nearest_then_tuned(calibration):
+    """``start: rtn`` untuned writes method rtn's exact weights (clip search and refit off by default there; given,
+    they move the scales); tuned from there, the blocks end well below their round-to-nearest start."""
+    untuned = quantized("blockround", calibration, 3, iterations=0, start="rtn").model.state_dict()
+    rtn = quantized("rtn", calibration, 3).model.state_dict()
+    assert all(torch.equal(untuned[key], rtn[key]) for key in rtn)
+    clipped = quantized("blockround", calibration, 3, iterations=0, start="rtn", clip_search=True).model.state_dict()
+    assert not all(torch.equal(clipped[key], rtn[key]) for key in rtn)
+    tuned = quantized("blockround", calibration, 3, iterations=32, start="rtn")
+    error = tuned.stats["block_output_error"]
+    assert error["blocks"] == 5 and error["tuned"] < 0.8 * error["start"] and tuned.options["start"] == "rtn"
 
 
 def test_deterministic(runs):
@@ -157,7 +170,7 @@ def test_checkpoint_reloads_with_quantcli_logits(tmp_path: Path, calibration, op
         device="cpu",
     )
     report = quantcli.quantize(config)
-    assert report.stats["block_output_error"]["tuned"] < report.stats["block_output_error"]["gptq"]
+    assert report.stats["block_output_error"]["tuned"] < report.stats["block_output_error"]["start"]
     in_memory = quantized("blockround", calibration, bits, **options, iterations=8).model
     ids = calibration[:2]
     with torch.no_grad():
@@ -174,6 +187,12 @@ def test_checkpoint_reloads_with_quantcli_logits(tmp_path: Path, calibration, op
         ({"learning_rate": 0.0}, "blockround learning_rate must be above 0 and at most 1"),
         ({"target": "fp"}, "gptq target must be one of quantized, full-precision, got 'fp'"),
         ({"seed": 1.5}, "option seed of method blockround must be int"),
+        ({"start": "awq"}, "blockround start must be one of gptq, rtn, got 'awq'"),
+        (
+            {"start": "rtn", "target": "full-precision"},
+            "blockround start rtn rounds each layer to nearest, so GPTQ's target is not used: drop the method option",
+        ),
+        ({"start": "rtn", "importance": True}, "blockround start rtn takes llama.cpp's scales without an imatrix"),
     ],
 )
 def test_bad_options_say_the_fix(options, message):
@@ -243,7 +262,7 @@ def test_nf4_codes_tuned_in_a_plain_bitsandbytes_checkpoint(tmp_path, calibratio
     report = quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
     quantize(config_from_mapping({**recipe, "output": tmp_path / "streamed", "low_memory": True}))
     error = report.stats["block_output_error"]
-    assert report.format == "bitsandbytes" and error["tuned"] < error["gptq"]
+    assert report.format == "bitsandbytes" and error["tuned"] < error["start"]
     memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert sorted(memory) == sorted(streamed) and all(torch.equal(memory[k], streamed[k]) for k in memory)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").eval()
@@ -262,7 +281,7 @@ def test_mixture_of_experts_tunes_and_refuses_gptaq(tmp_path):
     recipe = {"bits": 4, "model": folder, "method": "blockround", "eval": None, "calibration": CALIB}
     report = quantcli.quantize(QuantizeConfig(**recipe, output=tmp_path / "out", method_options={"iterations": 4}))
     assert report.stats["block_output_error"]["blocks"] == 2
-    assert report.stats["block_output_error"]["tuned"] <= report.stats["block_output_error"]["gptq"]
+    assert report.stats["block_output_error"]["tuned"] <= report.stats["block_output_error"]["start"]
     with pytest.raises(UnavailableError, match="routed experts do not keep. Use the method option target 'quantized'"):
         quantcli.quantize(
             QuantizeConfig(**recipe, output=tmp_path / "gptaq", method_options={"target": "full-precision"})
