@@ -15,6 +15,7 @@ one block on one calibration mini-batch, plus three forward passes over all of t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,8 +49,9 @@ class Tuning:
     per group on the scales too (AutoRound's min/max tuning; GGUF and NF4 grids keep their scales), and
     ``start``: the codes tuning starts from, GPTQ's (``gptq``) or round-to-nearest's (``rtn``, as AutoRound
     starts: GPTQ on a zero Hessian, so its clip search and refit minimise each layer's weight error and a GGUF
-    grid gets llama.cpp's scales without an imatrix). GPTQ's codes are the better start for a short tuning,
-    round-to-nearest's for a long one (:data:`STARTS`)."""
+    grid gets llama.cpp's scales without an imatrix; GPTQ's codes are solved too, and a block whose tuning
+    ends above their error keeps them). GPTQ's codes are the better start for a short tuning, round-to-nearest's
+    for a long one (:data:`STARTS`)."""
 
     iterations: int = 16
     learning_rate: float | None = None
@@ -179,9 +181,11 @@ def _tunable_layer(parameter: str, module: torch.nn.Module, record: Any, origina
     )
 
 
-def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]) -> Reference:
-    """The full-precision stream with the per-block tuning step; each block's error before and after goes
-    to ``errors``."""
+def tuning_reference(
+    request: QuantizeRequest, errors: list[tuple[float, float, bool]], fallbacks: dict[str, Any]
+) -> Reference:
+    """The full-precision stream with the per-block tuning step; each block's error before and after, and
+    whether it kept ``fallbacks``' records (GPTQ's, by layer name, with ``start: rtn``), go to ``errors``."""
     config = request.config
     modules = {module: name for name, module in request.model.named_modules()}
 
@@ -197,32 +201,50 @@ def tuning_reference(request: QuantizeRequest, errors: list[tuple[float, float]]
             _tunable_layer(parameter, module, records[name], reference.originals[name])
             for name, (parameter, module) in inside.items()
         ]
+        fallback = None
+        if all(name in fallbacks for name in inside):
+            fallback = [
+                _tunable_layer(parameter, module, fallbacks[name], reference.originals[name])
+                for name, (parameter, module) in inside.items()
+            ]
         rate = config.learning_rate or 1 / config.iterations
-        tuned = tune_block(block, layers, inputs, targets, config.iterations, rate, config.seed, config.scales)
-        errors.append((tuned.start_error, tuned.error))
+        tuned = tune_block(
+            block, layers, inputs, targets, config.iterations, rate, config.seed, config.scales, fallback
+        )
+        errors.append((tuned.start_error, tuned.error, tuned.fell_back))
         for name, (parameter, module) in inside.items():
-            records[name] = _with_codes(records[name], tuned.codes[parameter])
+            record = fallbacks[name] if tuned.fell_back else records[name]
+            records[name] = _with_codes(record, tuned.codes[parameter])
             if tuned.factors[parameter] is not None:
                 stored = _stored_scale_dtype(records[name], module)
                 records[name] = replace(records[name], scale=_rescaled(records[name], tuned.factors[parameter], stored))
             set_weight_matrix(module, _values(records[name]).to(module.weight.dtype))
+            fallbacks.pop(name, None)  # one block's at a time
         return records, tuned.outputs
 
     reference = Reference(asymmetric=getattr(config, "target", None) == "full-precision", refine=refine)
     return reference
 
 
-def starting_terms(config: Any, hessian: torch.Tensor, cross: object) -> tuple:
-    """``start: rtn``: a zero Hessian (GPTQ then rounds each weight to nearest) and no GPTAQ term."""
-    return (torch.zeros_like(hessian), None) if config.start == "rtn" else (hessian, cross)
+def solve_start(
+    config: Any, fallbacks: dict[str, Any], name: str, solve: Callable, hessian: torch.Tensor, cross: object
+) -> tuple:
+    """GPTQ's codes, or with ``start: rtn`` round-to-nearest's (a zero Hessian, no GPTAQ term), GPTQ's kept
+    in ``fallbacks`` for a block whose tuning from them does not get below GPTQ's error."""
+    if config.start != "rtn":
+        return solve(hessian, cross)
+    fallbacks[name] = solve(hessian, cross)[0]
+    return solve(torch.zeros_like(hessian), None)
 
 
-def _with_errors(result: QuantizedModel, errors: list[tuple[float, float]], config: Any) -> QuantizedModel:
-    """The run's summed block output errors (at the starting codes, tuned) in its stats, the tuning's options in
-    its options."""
+def _with_errors(result: QuantizedModel, errors: list[tuple[float, float, bool]], config: Any) -> QuantizedModel:
+    """The run's summed block output errors (at the starting codes, tuned) and the blocks that kept GPTQ's codes
+    (``start: rtn``) in its stats, the tuning's options in its options."""
     if errors:
-        start, tuned = (sum(pair[i] for pair in errors) for i in (0, 1))
+        start, tuned = (sum(one[i] for one in errors) for i in (0, 1))
         result.stats["block_output_error"] = {"start": start, "tuned": tuned, "blocks": len(errors)}
+        if config.start == "rtn":
+            result.stats["block_output_error"]["kept_gptq"] = [i for i, one in enumerate(errors) if one[2]]
     result.options.update(
         iterations=config.iterations,
         learning_rate=config.learning_rate,
@@ -245,14 +267,15 @@ class BlockRoundQuantizer(GPTQQuantizer):
     allocates = False  # the per-layer precision search scores gptq's candidates, not tuned blocks
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        self._errors: list[tuple[float, float]] = []
+        self._errors: list[tuple[float, float, bool]] = []
+        self._fallbacks: dict[str, Any] = {}
         return _with_errors(super().quantize(request), self._errors, request.config)
 
     def reference(self, request: QuantizeRequest) -> Reference:
-        return tuning_reference(request, self._errors)
+        return tuning_reference(request, self._errors, self._fallbacks)
 
-    def starting_terms(self, config: Any, hessian: torch.Tensor, cross: object) -> tuple:
-        return starting_terms(config, hessian, cross)
+    def solve(self, config: Any, name: str, solve: Callable, hessian: torch.Tensor, cross: object) -> tuple:
+        return solve_start(config, self._fallbacks, name, solve, hessian, cross)
 
 
 @register_method
@@ -262,11 +285,12 @@ class BlockRoundNF4Quantizer(GPTQNF4Quantizer):
     config_class = BlockRoundNF4Config
 
     def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        self._errors: list[tuple[float, float]] = []
+        self._errors: list[tuple[float, float, bool]] = []
+        self._fallbacks: dict[str, Any] = {}
         return _with_errors(super().quantize(request), self._errors, request.config)
 
     def reference(self, request: QuantizeRequest) -> Reference:
-        return tuning_reference(request, self._errors)
+        return tuning_reference(request, self._errors, self._fallbacks)
 
-    def starting_terms(self, config: Any, hessian: torch.Tensor, cross: object) -> tuple:
-        return starting_terms(config, hessian, cross)
+    def solve(self, config: Any, name: str, solve: Callable, hessian: torch.Tensor, cross: object) -> tuple:
+        return solve_start(config, self._fallbacks, name, solve, hessian, cross)

@@ -17,7 +17,9 @@ With ``--format gguf`` GPTQ chooses the codes of the GGUF type's own block grid 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -125,17 +127,22 @@ class GPTQQuantizer(Quantizer):
                 unreached = "round-to-nearest: no calibration pass through the decoder blocks reaches it"
                 notes[name].append(under or unreached)
                 hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-            hessian, cross = self.starting_terms(config, hessian, cross)
-            layer, extra = gptq_quantize(
-                matrix,
+            layer, extra = self.solve(
+                config,
+                name,
+                lambda hessian, cross: gptq_quantize(
+                    matrix,
+                    hessian,
+                    layout,
+                    config.damp,
+                    config.block_size,
+                    config.act_order,
+                    clip_search=config.clip_search,
+                    refit=config.refit_scales,
+                    cross=cross,
+                ),
                 hessian,
-                layout,
-                config.damp,
-                config.block_size,
-                config.act_order,
-                clip_search=config.clip_search,
-                refit=config.refit_scales,
-                cross=cross,
+                cross,
             )
             notes[name].extend(extra)
             set_weight_matrix(module, ops.dequantize(layer.q, layer.scale, layer.zero_point, layout.group_size))
@@ -163,23 +170,25 @@ class GPTQQuantizer(Quantizer):
 
         config = request.config
 
-        def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object, cross: object = None) -> tuple:
-            hessian, cross = self.starting_terms(config, hessian, cross)
-            diagonal = torch.diagonal(hessian).float()
-            seen = diagonal > 0
-            importance = None
-            if config.importance is not False and seen.any():
-                importance = torch.where(seen, diagonal, diagonal[seen].mean())
-            return gptq_on_grid(
-                matrix,
-                hessian,
-                lambda scaled: fixed_grid(scaled, kind, importance),
-                config.damp,
-                config.block_size,
-                config.act_order,
-                config.clip_search,
-                cross,
-            )
+        def choose(matrix: torch.Tensor, hessian: torch.Tensor, kind: object, name: str, cross: object = None) -> tuple:
+            def solve(hessian: torch.Tensor, cross: object) -> tuple:
+                diagonal = torch.diagonal(hessian).float()
+                seen = diagonal > 0
+                importance = None
+                if config.importance is not False and seen.any():
+                    importance = torch.where(seen, diagonal, diagonal[seen].mean())
+                return gptq_on_grid(
+                    matrix,
+                    hessian,
+                    lambda scaled: fixed_grid(scaled, kind, importance),
+                    config.damp,
+                    config.block_size,
+                    config.act_order,
+                    config.clip_search,
+                    cross,
+                )
+
+            return self.solve(config, name, solve, hessian, cross)
 
         options = {
             "gguf_type": request.grid.name,
@@ -192,9 +201,10 @@ class GPTQQuantizer(Quantizer):
         }
         return quantize_on_grid(request, self.name, options, choose, self.reference(request))
 
-    def starting_terms(self, config: GPTQConfig, hessian: torch.Tensor, cross: object) -> tuple:
-        """The Hessian (and GPTAQ term) each layer's codes are chosen with: the calibration's, for GPTQ."""
-        return hessian, cross
+    def solve(self, config: Any, name: str, solve: Callable, hessian: torch.Tensor, cross: object) -> tuple:
+        """Layer ``name``'s ``(record, notes)`` from ``solve(hessian, cross)``: GPTQ on the calibration's
+        Hessian (and GPTAQ's term); blockround's ``start: rtn`` solves on a zero Hessian as well."""
+        return solve(hessian, cross)
 
     def reference(self, request: QuantizeRequest) -> Reference | None:
         """The full-precision stream this run needs beside the quantized one (GPTAQ's), or None."""

@@ -12,8 +12,9 @@ reported per layer. No double quant: GPTQ picks codes against exact fp32 absmax 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -86,9 +87,9 @@ class GPTQNF4Quantizer(Quantizer):
     def unavailable_reason(self, device: str) -> str | None:
         return bitsandbytes_missing()
 
-    def starting_terms(self, config: GPTQNF4Config, hessian: torch.Tensor, cross: object) -> tuple:
-        """The Hessian each layer's codes are chosen with: the calibration's, for GPTQ."""
-        return hessian, cross
+    def solve(self, config: Any, name: str, solve: Callable, hessian: torch.Tensor, cross: object) -> tuple:
+        """Layer ``name``'s ``(record, notes)`` from ``solve(hessian, cross)``, as :meth:`GPTQQuantizer.solve`."""
+        return solve(hessian, cross)
 
     def reference(self, request: QuantizeRequest) -> Reference | None:
         """The full-precision stream a subclass's per-block step needs (:mod:`quantcli.methods.blockround`)."""
@@ -123,16 +124,21 @@ class GPTQNF4Quantizer(Quantizer):
             else:
                 if hessian is None:
                     hessian = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-                hessian, _ = self.starting_terms(config, hessian, None)
-                layer, extra = gptq_quantize(
-                    matrix,
+                layer, extra = self.solve(
+                    config,
+                    name,
+                    lambda hessian, _: gptq_quantize(
+                        matrix,
+                        hessian,
+                        IntLayout(4, True, BLOCK),
+                        config.damp,
+                        config.block_size,
+                        config.act_order,
+                        codebook.to(matrix.device),
+                        refit=config.refit_scales,
+                    ),
                     hessian,
-                    IntLayout(4, True, BLOCK),
-                    config.damp,
-                    config.block_size,
-                    config.act_order,
-                    codebook.to(matrix.device),
-                    refit=config.refit_scales,
+                    None,
                 )
                 notes[name] = "; ".join(extra) or None
                 absmax = layer.scale.float()

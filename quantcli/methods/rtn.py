@@ -85,7 +85,7 @@ class RTNQuantizer(Quantizer):
             request,
             self.name,
             {"gguf_type": request.grid.name},
-            lambda matrix, hessian, kind: (round_to_block(matrix, kind), []),
+            lambda matrix, hessian, kind, name: (round_to_block(matrix, kind), []),
         )
 
 

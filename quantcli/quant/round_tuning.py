@@ -13,7 +13,8 @@ way. The loss is the mean squared error of the block's outputs, run on the quant
 against the original block's outputs on the full-precision model's inputs
 (:class:`quantcli.quant.reference.Reference`): one calibration mini-batch per step, in an order drawn from
 ``seed``; the learning rate decays linearly to zero. The result is kept only if its error on all
-calibration mini-batches is below the starting codes'.
+calibration mini-batches is below the starting codes' and, when given, a ``fallback`` set of layers' (GPTQ's
+codes where tuning starts from round-to-nearest's: a block whose rounding tuning cannot rescue keeps them).
 
 Optionally (``scales``), layers on an integer grid also tune one factor per group on their scales, as
 AutoRound tunes its min/max range: ``(q - z) · s · (1 + f)`` with ``f`` in ``[-SCALE_RANGE, SCALE_RANGE]``,
@@ -63,13 +64,14 @@ class TunableLayer:
 class Tuned:
     """Each layer's codes after tuning (the starting ones when tuning did not help), its scale factors
     (None: scales untouched), the block's output error on all calibration mini-batches before and after,
-    and its outputs with the codes kept."""
+    its outputs with the codes kept, and whether those are the fallback layers' codes."""
 
     codes: dict[str, torch.Tensor]
     factors: dict[str, torch.Tensor | None]
     start_error: float
     error: float
     outputs: list[torch.Tensor]
+    fell_back: bool = False
 
 
 def _output(block: torch.nn.Module, weights: dict[str, torch.Tensor], one: tuple) -> torch.Tensor:
@@ -120,9 +122,11 @@ def tune_block(
     learning_rate: float,
     seed: int,
     scales: bool = False,
+    fallback: list[TunableLayer] | None = None,
 ) -> Tuned:
     """Tune ``layers``' codes (and with ``scales`` the scale factors of layers that have ``scaled``) so that
-    ``block`` on ``inputs`` gives ``targets`` (see the module docstring)."""
+    ``block`` on ``inputs`` gives ``targets``; keep ``fallback``'s codes (the same layers on their own
+    grids) where those give a lower error (see the module docstring)."""
     start = [layer.codes for layer in layers]
     untouched = [None] * len(layers)
     with torch.no_grad():
@@ -166,5 +170,12 @@ def tune_block(
         )
     if error >= start_error:
         tuned, kept, error, outputs = start, untouched, start_error, start_outputs
+    fell_back = False
+    if fallback is not None:
+        with torch.no_grad():
+            other = [layer.codes for layer in fallback]
+            other_error, other_outputs = _error(block, _weights(fallback, other, untouched), inputs, targets)
+        if other_error < error:
+            tuned, kept, error, outputs, fell_back = other, untouched, other_error, other_outputs, True
     codes = {layer.parameter: codes for layer, codes in zip(layers, tuned, strict=True)}
-    return Tuned(codes, dict(zip(codes, kept, strict=True)), start_error, error, outputs)
+    return Tuned(codes, dict(zip(codes, kept, strict=True)), start_error, error, outputs, fell_back)

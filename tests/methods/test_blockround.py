@@ -142,6 +142,20 @@ def test_rtn_start_is_round_to_nearest_then_tuned(calibration):
     tuned = quantized("blockround", calibration, 3, iterations=32, start="rtn")
     error = tuned.stats["block_output_error"]
     assert error["blocks"] == 5 and error["tuned"] < 0.8 * error["start"] and tuned.options["start"] == "rtn"
+    assert error["kept_gptq"] == []  # 32 steps from rtn end below GPTQ's codes in every block
+
+
+def test_rtn_start_keeps_gptqs_codes_where_tuning_cannot_rescue_a_block(calibration):
+    """One step cannot take round-to-nearest's 3-bit codes below GPTQ's: every block keeps GPTQ's, and the
+    model is GPTQ's quality, not round-to-nearest's."""
+    one_step = quantized("blockround", calibration, 3, iterations=1, start="rtn")
+    error = one_step.stats["block_output_error"]
+    assert error["kept_gptq"] == [0, 1, 2, 3, 4] and error["tuned"] < 0.95 * error["start"]
+    gptq = quantized("gptq", calibration, 3, clip_search=False, refit_scales=False)
+    rtn = quantized("rtn", calibration, 3)
+    ids = calibration[:4]
+    assert kl_to_original(one_step.model, ids) < 0.8 * kl_to_original(rtn.model, ids)
+    assert kl_to_original(one_step.model, ids) < 1.2 * kl_to_original(gptq.model, ids)
 
 
 def test_deterministic(runs):

@@ -65,12 +65,12 @@ def quantize_on_grid(
 ) -> QuantizedModel:
     """Run a method over the request's layers on its GGUF file type (:mod:`quantcli.quant.blockwise`, with
     the request's calibration if any): each layer gets llama.cpp's type for it (:func:`tensor_type`),
-    and ``choose(matrix, hessian, kind) -> (record, notes)`` rounds it onto that type ``kind``
+    and ``choose(matrix, hessian, kind, name) -> (record, notes)`` rounds layer ``name`` onto that type ``kind``
     (:func:`quantcli.formats.gguf.types.quantize_layer`; F16 layers are not chosen); a layer no
     calibration pass reaches gets a zero Hessian, i.e. rounding, with a note, as does an expert that
     received fewer routed calibration tokens than it has inputs (:func:`quantcli.quant.moe.calibration_rule`).
     A ``reference`` (:class:`quantcli.quant.reference.Reference`) goes to the block driver; with GPTAQ's cross
-    term, ``choose(matrix, hessian, kind, cross)``."""
+    term, ``choose(matrix, hessian, kind, name, cross)``."""
     import torch
 
     from quantcli.quant.blockwise import quantize_blockwise
@@ -94,7 +94,7 @@ def quantize_on_grid(
                     under or "round-to-nearest: no calibration pass through the decoder blocks reaches it"
                 )
                 used = torch.zeros(matrix.shape[1], matrix.shape[1], device=matrix.device)
-            record, extra = choose(matrix, used, block_type(layer_type), *cross)
+            record, extra = choose(matrix, used, block_type(layer_type), name, *cross)
             notes[name].extend(extra)
             return record
 
