@@ -35,10 +35,7 @@ from quantcli.quant.round_tuning import TunableLayer, tune_block
 
 # the codes tuning may start from; SmolLM2's first 4 blocks at W3 g64, 200 steps with scales, summed block error:
 # from rtn 0.455, gptq 0.476, rtn with clip search and refit (weight error) 0.485; 16 steps: gptq 0.569, rtn 1.507
-STARTS = {
-    "gptq": "GPTQ's codes (the default: the better start for 16 steps, where round-to-nearest's stays far behind)",
-    "rtn": "round-to-nearest's codes, as AutoRound starts (better with 200 steps)",
-}
+STARTS = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -48,10 +45,9 @@ class Tuning:
     the ``seed`` that orders the calibration mini-batches, ``scales``: on integer grids, tune one factor
     per group on the scales too (AutoRound's min/max tuning; GGUF and NF4 grids keep their scales), and
     ``start``: the codes tuning starts from, GPTQ's (``gptq``) or round-to-nearest's (``rtn``, as AutoRound
-    starts: GPTQ on a zero Hessian, so its clip search and refit minimise each layer's weight error and a GGUF
-    grid gets llama.cpp's scales without an imatrix; GPTQ's codes are solved too, and a block whose tuning
-    ends above their error keeps them). GPTQ's codes are the better start for a short tuning, round-to-nearest's
-    for a long one (:data:`STARTS`)."""
+    starts: GPTQ on a zero Hessian, so a GGUF grid gets llama.cpp's scales without an imatrix; GPTQ's codes
+    are solved too, and a block whose tuning ends above their error keeps them). GPTQ's codes are the better
+    start for a short tuning, round-to-nearest's for a long one (the measurements beside :data:`STARTS`)."""
 
     iterations: int = 16
     learning_rate: float | None = None
@@ -196,6 +192,7 @@ def tuning_reference(
             if modules.get(module) in records and _tunable(records[modules[module]])
         }
         if not inside or not config.iterations:
+            fallbacks.clear()
             return records, None
         layers = [
             _tunable_layer(parameter, module, records[name], reference.originals[name])
@@ -219,7 +216,7 @@ def tuning_reference(
                 stored = _stored_scale_dtype(records[name], module)
                 records[name] = replace(records[name], scale=_rescaled(records[name], tuned.factors[parameter], stored))
             set_weight_matrix(module, _values(records[name]).to(module.weight.dtype))
-            fallbacks.pop(name, None)  # one block's at a time
+        fallbacks.clear()  # they hold one block's layers at a time
         return records, tuned.outputs
 
     reference = Reference(asymmetric=getattr(config, "target", None) == "full-precision", refine=refine)
@@ -233,7 +230,8 @@ def solve_start(
     in ``fallbacks`` for a block whose tuning from them does not get below GPTQ's error."""
     if config.start != "rtn":
         return solve(hessian, cross)
-    fallbacks[name] = solve(hessian, cross)[0]
+    if config.iterations:  # without tuning there is nothing to fall back from
+        fallbacks[name] = solve(hessian, cross)[0]
     return solve(torch.zeros_like(hessian), None)
 
 
@@ -255,8 +253,23 @@ def _with_errors(result: QuantizedModel, errors: list[tuple[float, float, bool]]
     return result
 
 
+class _TuningSteps:
+    """What blockround adds to its GPTQ base class: the start's solve, the per-block tuning step, its stats."""
+
+    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
+        self._errors: list[tuple[float, float, bool]] = []
+        self._fallbacks: dict[str, Any] = {}
+        return _with_errors(super().quantize(request), self._errors, request.config)
+
+    def reference(self, request: QuantizeRequest) -> Reference:
+        return tuning_reference(request, self._errors, self._fallbacks)
+
+    def solve(self, config: Any, name: str, solve: Callable, hessian: torch.Tensor, cross: object) -> tuple:
+        return solve_start(config, self._fallbacks, name, solve, hessian, cross)
+
+
 @register_method
-class BlockRoundQuantizer(GPTQQuantizer):
+class BlockRoundQuantizer(_TuningSteps, GPTQQuantizer):
     name = "blockround"
     summary = (
         "GPTQ, then each decoder block's rounding tuned by signed gradient descent to reproduce the"
@@ -266,31 +279,9 @@ class BlockRoundQuantizer(GPTQQuantizer):
     default_for = ()
     allocates = False  # the per-layer precision search scores gptq's candidates, not tuned blocks
 
-    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        self._errors: list[tuple[float, float, bool]] = []
-        self._fallbacks: dict[str, Any] = {}
-        return _with_errors(super().quantize(request), self._errors, request.config)
-
-    def reference(self, request: QuantizeRequest) -> Reference:
-        return tuning_reference(request, self._errors, self._fallbacks)
-
-    def solve(self, config: Any, name: str, solve: Callable, hessian: torch.Tensor, cross: object) -> tuple:
-        return solve_start(config, self._fallbacks, name, solve, hessian, cross)
-
 
 @register_method
-class BlockRoundNF4Quantizer(GPTQNF4Quantizer):
+class BlockRoundNF4Quantizer(_TuningSteps, GPTQNF4Quantizer):
     name = "blockround-nf4"
     summary = "gptq-nf4, then each decoder block's NF4 codes tuned as blockround does; bitsandbytes checkpoint"
     config_class = BlockRoundNF4Config
-
-    def quantize(self, request: QuantizeRequest) -> QuantizedModel:
-        self._errors: list[tuple[float, float, bool]] = []
-        self._fallbacks: dict[str, Any] = {}
-        return _with_errors(super().quantize(request), self._errors, request.config)
-
-    def reference(self, request: QuantizeRequest) -> Reference:
-        return tuning_reference(request, self._errors, self._fallbacks)
-
-    def solve(self, config: Any, name: str, solve: Callable, hessian: torch.Tensor, cross: object) -> tuple:
-        return solve_start(config, self._fallbacks, name, solve, hessian, cross)
