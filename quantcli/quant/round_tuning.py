@@ -18,7 +18,10 @@ codes where tuning starts from round-to-nearest's: a block whose rounding tuning
 
 Optionally (``scales``), layers on an integer grid also tune one factor per group on their scales, as
 AutoRound tunes its min/max range: ``(q - z) · s · (1 + f)`` with ``f`` in ``[-SCALE_RANGE, SCALE_RANGE]``,
-trained with the codes by the same signed steps; the tuned scales are rounded to the scales' dtype
+trained with the codes by the same signed steps. The codes follow their group's scale as AutoRound's
+``round(w / s' + v)`` does: a weight's position on the rescaled grid moves by ``(w / s)(1 / (1 + f) - 1)``
+steps, added to its offset before rounding (gradient through both), so a scale shrunk to clip a group's
+outliers takes the other weights' codes out with it. The tuned scales are rounded to the scales' dtype
 before the final error check, so the check sees what the format stores.
 """
 
@@ -142,15 +145,28 @@ def tune_block(
     ]  # with each tensor's bound
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed)).tolist()
 
+    positions = [
+        layer.original / torch.where(slope == 0, torch.inf, slope) for layer, slope in zip(layers, slopes, strict=True)
+    ]
+
+    def moved(index: int) -> torch.Tensor:
+        """The offset, plus with a tuned scale the weight's shift on the rescaled grid (in code steps)."""
+        offset, factor = offsets[index], factors[index]
+        if factor is None:
+            return offset
+        spread = factor.repeat_interleave(offset.shape[1] // factor.shape[1], dim=1)
+        return offset + positions[index] * (1 / (1 + spread) - 1)
+
     def rounded(index: int) -> torch.Tensor:
         layer = layers[index]
-        return torch.round(layer.codes + offsets[index].detach()).clamp_(layer.lowest, layer.highest)
+        return torch.round(layer.codes + moved(index).detach()).clamp_(layer.lowest, layer.highest)
 
     def value(index: int) -> torch.Tensor:
         layer, offset, factor = layers[index], offsets[index], factors[index]
         if factor is None:
             return layer.values(rounded(index)) + slopes[index] * (offset - offset.detach())
-        return layer.scaled(rounded(index) + (offset - offset.detach()), 1 + factor)
+        shift = moved(index)
+        return layer.scaled(rounded(index) + (shift - shift.detach()), 1 + factor)
 
     with torch.enable_grad():
         for step in range(iterations):
