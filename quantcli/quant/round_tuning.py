@@ -151,8 +151,9 @@ def tune_block(
     ]  # with each tensor's bound and step (relative to the learning rate)
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    positions = [
-        layer.original / torch.where(slope == 0, torch.inf, slope) for layer, slope in zip(layers, slopes, strict=True)
+    positions = [  # each weight's place on its grid in code steps, for the codes to follow a tuned scale
+        None if factor is None else layer.original / torch.where(slope == 0, torch.inf, slope)
+        for layer, slope, factor in zip(layers, slopes, factors, strict=True)
     ]
 
     def moved(index: int) -> torch.Tensor:
