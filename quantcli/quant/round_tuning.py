@@ -18,14 +18,8 @@ codes where tuning starts from round-to-nearest's: a block whose rounding tuning
 
 Optionally (``scales``), layers on an integer grid also tune one factor per group on their scales, as
 AutoRound tunes its min/max range: ``(q - z) · s · (1 + f)`` with ``f`` in ``[-SCALE_RANGE, SCALE_RANGE]``,
-trained with the codes by the same signed steps. The codes follow their group's scale as AutoRound's
-``round(w / s' + v)`` does: a weight's position on the rescaled grid moves by ``(w / s)(1 / (1 + f) - 1)``
-steps, added to its offset before rounding (gradient through both), so a scale shrunk to clip a group's
-outliers takes the other weights' codes out with it. A factor's learning rate is the offsets' capped so
-that one step moves no code by more than ``SCALE_SHIFT`` steps (AutoRound's rate at 3 bits and 200 steps;
-at the offsets' rate, 32 steps on stories260K at 4 bits left every block above GPTQ's error). The tuned
-scales are rounded to the scales' dtype before the final error check, so the check sees what the format
-stores.
+trained with the codes by the same signed steps; the tuned scales are rounded to the scales' dtype
+before the final error check, so the check sees what the format stores.
 """
 
 from __future__ import annotations
@@ -39,7 +33,6 @@ from quantcli.quant.reference import Inputs
 
 HALF = 0.499  # the starting offsets' bound: below half a step, so that they round to the starting codes
 SCALE_RANGE = 0.5  # how far a tuned scale factor may move from 1
-SCALE_SHIFT = 0.02  # the most code steps one scale step moves a code by (AutoRound's at 3 bits, 200 steps)
 
 
 @dataclass
@@ -144,47 +137,31 @@ def tune_block(
         torch.zeros(layer.factors_shape).requires_grad_() if scales and layer.scaled is not None else None
         for layer in layers
     ]
-    trained = [(offset, 1.0, 1.0) for offset in offsets] + [
-        (factor, SCALE_RANGE, min(1.0, SCALE_SHIFT * 2 / (layer.highest - layer.lowest + 1) / learning_rate))
-        for layer, factor in zip(layers, factors, strict=True)
-        if factor is not None
-    ]  # with each tensor's bound and step (relative to the learning rate)
+    trained = [(offset, 1.0) for offset in offsets] + [
+        (factor, SCALE_RANGE) for factor in factors if factor is not None
+    ]  # with each tensor's bound
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed)).tolist()
-
-    positions = [  # each weight's place on its grid in code steps, for the codes to follow a tuned scale
-        None if factor is None else layer.original / torch.where(slope == 0, torch.inf, slope)
-        for layer, slope, factor in zip(layers, slopes, factors, strict=True)
-    ]
-
-    def moved(index: int) -> torch.Tensor:
-        """The offset, plus with a tuned scale the weight's shift on the rescaled grid (in code steps)."""
-        offset, factor = offsets[index], factors[index]
-        if factor is None:
-            return offset
-        spread = factor.repeat_interleave(offset.shape[1] // factor.shape[1], dim=1)
-        return offset + positions[index] * (1 / (1 + spread) - 1)
 
     def rounded(index: int) -> torch.Tensor:
         layer = layers[index]
-        return torch.round(layer.codes + moved(index).detach()).clamp_(layer.lowest, layer.highest)
+        return torch.round(layer.codes + offsets[index].detach()).clamp_(layer.lowest, layer.highest)
 
     def value(index: int) -> torch.Tensor:
         layer, offset, factor = layers[index], offsets[index], factors[index]
         if factor is None:
             return layer.values(rounded(index)) + slopes[index] * (offset - offset.detach())
-        shift = moved(index)
-        return layer.scaled(rounded(index) + (shift - shift.detach()), 1 + factor)
+        return layer.scaled(rounded(index) + (offset - offset.detach()), 1 + factor)
 
     with torch.enable_grad():
         for step in range(iterations):
             weights = {layer.parameter: layer.stored(value(index)) for index, layer in enumerate(layers)}
             one = order[step % len(order)]
             loss = torch.nn.functional.mse_loss(_output(block, weights, inputs[one]).float(), targets[one].float())
-            grads = torch.autograd.grad(loss, [tensor for tensor, _, _ in trained])
+            grads = torch.autograd.grad(loss, [tensor for tensor, _ in trained])
             rate = learning_rate * (1 - step / iterations)
             with torch.no_grad():
-                for (tensor, bound, relative), grad in zip(trained, grads, strict=True):
-                    tensor.sub_(rate * relative * torch.sign(grad)).clamp_(-bound, bound)
+                for (tensor, bound), grad in zip(trained, grads, strict=True):
+                    tensor.sub_(rate * torch.sign(grad)).clamp_(-bound, bound)
     with torch.no_grad():
         tuned = [rounded(index) for index in range(len(layers))]
         kept = [None if factor is None else 1 + factor.detach() for factor in factors]
