@@ -251,6 +251,7 @@ def markdown(result: dict[str, Any]) -> str:
             + "."
         )
     lines += [""] + [f"- {note}" for note in result.get("notes", [])]
+    lines += [f"- {r['row']}: {r['notes']}" for r in result["rows"] if r.get("notes")]
     return "\n".join(lines) + "\n"
 
 

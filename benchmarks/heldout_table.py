@@ -42,8 +42,11 @@ def collect() -> list[dict[str, Any]]:
 
 def quantizer(row: dict[str, Any]) -> str:
     """Who made the row's weights: the anchors suite names its peers' runtimes; every other suite's rows are
-    quantcli's (their ``runtime`` says who scored a GGUF file)."""
-    return row["runtime"] if row["suite"] == "anchors" else "quantcli"
+    quantcli's (their ``runtime`` says who scored a GGUF file), or a change since reverted (``reverted``: the
+    commit), shown but never quantcli's best."""
+    if row["suite"] == "anchors":
+        return row["runtime"]
+    return f"quantcli, reverted in {row['reverted']}" if row.get("reverted") else "quantcli"
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
