@@ -35,6 +35,7 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "blockround-w4g128": ("blockround", "W4 g128", W4, None),
     "blockround-gptaq-w4g128": ("blockround", "W4 g128", {**W4, "target": "full-precision"}, None),
     "blockround-64it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64}, None),
+    "blockround-200it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 200}, None),
     "blockround-64it-scales-w4g64": (
         "blockround",
         "W4 g64",
