@@ -185,38 +185,38 @@ def tuning_reference(
     config = request.config
     modules = {module: name for name, module in request.model.named_modules()}
 
-    def refine(block: torch.nn.Module, records: dict[str, Any], inputs: Inputs, targets: list) -> dict[str, Any]:
+    def refine(
+        block: torch.nn.Module, records: dict[str, Any], inputs: Inputs, targets: list
+    ) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+        gptqs = dict(fallbacks)  # GPTQ's records of this block's layers (start: rtn); the next block's start empty
+        fallbacks.clear()
         inside = {
             modules[module]: (f"{name}.weight", module)
             for name, module in block.named_modules()
             if modules.get(module) in records and _tunable(records[modules[module]])
         }
         if not inside or not config.iterations:
-            fallbacks.clear()
             return records, None
-        layers = [
-            _tunable_layer(parameter, module, records[name], reference.originals[name])
-            for name, (parameter, module) in inside.items()
-        ]
-        fallback = None
-        if all(name in fallbacks for name in inside):
-            fallback = [
-                _tunable_layer(parameter, module, fallbacks[name], reference.originals[name])
+
+        def tunable(source: dict[str, Any]) -> list[TunableLayer]:
+            return [
+                _tunable_layer(parameter, module, source[name], reference.originals[name])
                 for name, (parameter, module) in inside.items()
             ]
+
+        fallback = tunable(gptqs) if all(name in gptqs for name in inside) else None
         rate = config.learning_rate or 1 / config.iterations
         tuned = tune_block(
-            block, layers, inputs, targets, config.iterations, rate, config.seed, config.scales, fallback
+            block, tunable(records), inputs, targets, config.iterations, rate, config.seed, config.scales, fallback
         )
         errors.append((tuned.start_error, tuned.error, tuned.fell_back))
         for name, (parameter, module) in inside.items():
-            record = fallbacks[name] if tuned.fell_back else records[name]
+            record = gptqs[name] if tuned.fell_back else records[name]
             records[name] = _with_codes(record, tuned.codes[parameter])
             if tuned.factors[parameter] is not None:
                 stored = _stored_scale_dtype(records[name], module)
                 records[name] = replace(records[name], scale=_rescaled(records[name], tuned.factors[parameter], stored))
             set_weight_matrix(module, _values(records[name]).to(module.weight.dtype))
-        fallbacks.clear()  # they hold one block's layers at a time
         return records, tuned.outputs
 
     reference = Reference(asymmetric=getattr(config, "target", None) == "full-precision", refine=refine)
