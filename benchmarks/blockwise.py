@@ -36,6 +36,15 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "blockround-gptaq-w4g128": ("blockround", "W4 g128", {**W4, "target": "full-precision"}, None),
     "blockround-64it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64}, None),
     "blockround-200it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 200}, None),
+    **{  # the same cost as the default (16 steps of 8 windows) spent on more, smaller steps
+        f"blockround-b4-32it-w{bits}g{group}": (
+            "blockround",
+            f"W{bits} g{group}",
+            {"bits": bits, "group_size": group, "iterations": 32, "batch": 4},
+            None,
+        )
+        for bits, group in ((4, 128), (4, 64), (3, 64))
+    },
     "blockround-64it-scales-w4g64": (
         "blockround",
         "W4 g64",

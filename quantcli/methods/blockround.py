@@ -10,7 +10,7 @@ search included), so the grid is whatever the run writes: compressed-tensors int
 symmetric or not), with ``--format gguf`` the GGUF type's own blocks with llama.cpp's scales, or NF4 codes
 with bitsandbytes' absmax. Every option of gptq (gptq-nf4) applies (``target: full-precision`` composes:
 GPTAQ then tuning); streams and resumes as gptq does. Cost: ``iterations`` forward and backward passes of
-one block on one calibration mini-batch, plus three forward passes over all of them, per block.
+one block on one calibration mini-batch (``batch`` windows), plus three forward passes over all of them, per block.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ STARTS = ("gptq", "rtn")
 class Tuning:
     """The tuning's options: ``iterations`` signed-gradient steps per block (0: plain GPTQ), the starting
     ``learning_rate`` in code steps (decaying linearly to zero; None: ``1 / iterations``, AutoRound's rule),
-    the ``seed`` that orders the calibration mini-batches, ``scales``: on integer grids, tune one factor
+    the ``seed`` that orders the calibration mini-batches, ``batch``: calibration windows per step (the run's
+    forward passes take them in mini-batches of that size too), ``scales``: on integer grids, tune one factor
     per group on the scales too (AutoRound's min/max tuning; GGUF and NF4 grids keep their scales), and
     ``start``: the codes tuning starts from, GPTQ's (``gptq``) or round-to-nearest's (``rtn``, as AutoRound
     starts: GPTQ on a zero Hessian, so a GGUF grid gets llama.cpp's scales without an imatrix; GPTQ's codes
@@ -52,6 +53,7 @@ class Tuning:
     iterations: int = 16
     learning_rate: float | None = None
     seed: int = 0
+    batch: int = 8
     scales: bool = False
     start: str = "gptq"
 
@@ -72,6 +74,8 @@ class Tuning:
             raise InputError(
                 f"blockround iterations must be 0 or more steps per block, got {self.iterations}. Use e.g. 16."
             )
+        if self.batch < 1:
+            raise InputError(f"blockround batch must be 1 or more calibration windows per step, got {self.batch}.")
         if self.learning_rate is not None and not 0 < self.learning_rate <= 1:
             raise InputError(
                 f"blockround learning_rate must be above 0 and at most 1 (code steps), got {self.learning_rate}. "
@@ -219,7 +223,8 @@ def tuning_reference(
             set_weight_matrix(module, _values(records[name]).to(module.weight.dtype))
         return records, tuned.outputs
 
-    reference = Reference(asymmetric=getattr(config, "target", None) == "full-precision", refine=refine)
+    asymmetric = getattr(config, "target", None) == "full-precision"
+    reference = Reference(asymmetric=asymmetric, refine=refine, batch=config.batch)  # refine reads its originals
     return reference
 
 
@@ -247,6 +252,7 @@ def _with_errors(result: QuantizedModel, errors: list[tuple[float, float, bool]]
         iterations=config.iterations,
         learning_rate=config.learning_rate,
         seed=config.seed,
+        batch=config.batch,
         scales=config.scales,
         start=config.start,
     )

@@ -25,7 +25,7 @@ from quantcli.quant.layers import weight_matrix
 from quantcli.quant.moe import merge_expert_groups, tokens_per_expert
 from quantcli.quant.reference import Inputs, Reference, cross_term
 
-BATCH = 8  # calibration samples per forward pass
+BATCH = 8  # calibration samples per forward pass, unless a reference asks for its own
 
 
 class _Stop(Exception):
@@ -45,8 +45,8 @@ def decoder_blocks(model: Any, names: tuple[str, ...]) -> tuple[str, torch.nn.Mo
     return prefix, blocks
 
 
-def _first_block_inputs(model: Any, block: torch.nn.Module, calibration: torch.Tensor) -> Inputs:
-    """What the model feeds ``block`` for each mini-batch of calibration windows."""
+def _first_block_inputs(model: Any, block: torch.nn.Module, calibration: torch.Tensor, batch: int) -> Inputs:
+    """What the model feeds ``block`` for each mini-batch of ``batch`` calibration windows."""
     captured: Inputs = []
 
     def hook(module: Any, args: tuple, kwargs: dict) -> None:
@@ -58,9 +58,9 @@ def _first_block_inputs(model: Any, block: torch.nn.Module, calibration: torch.T
     device = next(model.parameters()).device
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in calibration.split(BATCH):
+        for windows in calibration.split(batch):
             try:
-                model(input_ids=batch.to(device), use_cache=False)
+                model(input_ids=windows.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -209,7 +209,8 @@ def quantize_blockwise(
     gets the calibration tokens each layer's Hessian saw, before ``quantize_layer`` is called.
     ``blocks`` is :class:`ModelBlocks` or a streaming source with the same methods. A ``reference``
     (with calibration) carries the full-precision stream too: ``quantize_layer(name, hessian, cross)``
-    when it is ``asymmetric``, and its per-block step before the block's records are closed. Returns
+    when it is ``asymmetric``, its per-block step before the block's records are closed, and its mini-batch
+    size (``batch``) for every forward pass. Returns
     memory and calibration stats (with tokens per expert for a mixture-of-experts model). ``prepare_block(block,
     groups, inputs)``, with calibration, runs before a block's layers are quantized (AWQ's scaling)."""
     tokens = {} if tokens is None else tokens
@@ -232,7 +233,8 @@ def quantize_blockwise(
                 device = _device(model)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                inputs = _first_block_inputs(model, blocks.blocks[0], calibration)
+                batch = reference.batch if reference is not None and reference.batch else BATCH
+                inputs = _first_block_inputs(model, blocks.blocks[0], calibration, batch)
             if hidden is not None:
                 inputs = [(saved.to(device), args, kwargs) for saved, (_, args, kwargs) in zip(hidden, inputs)]
             if reference is not None:

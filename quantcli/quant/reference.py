@@ -40,10 +40,12 @@ class Reference:
     per-block ``refine(block, records, inputs, targets) -> (records, outputs)`` run once the block's layers
     are quantized (``inputs``: the quantized stream's, ``targets``: the original block's outputs; the
     layers' original weights in ``originals`` meanwhile; ``outputs``: the block's outputs on ``inputs`` as
-    it leaves the block, if it computed them, else None)."""
+    it leaves the block, if it computed them, else None), and the calibration windows per mini-batch it
+    wants (``batch``; None: the driver's)."""
 
     asymmetric: bool = False
     refine: Refine | None = None
+    batch: int | None = None
     hidden: list[torch.Tensor] = field(default_factory=list)  # the full-precision stream's block inputs
     layer_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # per layer, per mini-batch
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # with refine: the block's original weights

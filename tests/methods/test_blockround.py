@@ -158,6 +158,24 @@ def test_rtn_start_keeps_gptqs_codes_where_tuning_cannot_rescue_a_block(calibrat
     assert kl_to_original(one_step.model, ids) < 1.2 * kl_to_original(gptq.model, ids)
 
 
+def test_batch_is_the_windows_of_every_pass_and_step(calibration):
+    """``batch``: every forward pass of a decoder block, the tuning's steps included, takes that many windows
+    (the last mini-batch what is left: 32 = 6 x 5 + 2)."""
+    model = load_model(SOURCE, torch.float32, "cpu")
+    sizes = []
+
+    def count(module, args, kwargs):
+        sizes.append(len(args[0] if args else kwargs["hidden_states"]))
+
+    model.model.layers[1].register_forward_pre_hook(count, with_kwargs=True)
+    config = get_method("blockround").make_config(4, {"group_size": 32, "iterations": 8, "batch": 5})
+    names = select_modules(model, tables=False).names
+    request = QuantizeRequest(SOURCE, model, None, names, "cpu", torch.float32, config, calibration)
+    result = get_method("blockround").quantize(request)
+    assert set(sizes) == {5, 2} and result.options["batch"] == 5
+    assert result.stats["block_output_error"]["tuned"] < result.stats["block_output_error"]["start"]
+
+
 def test_deterministic(runs):
     first, second = (runs["blockround", 4, copy].model.state_dict() for copy in (0, 1))
     assert all(torch.equal(first[key], second[key]) for key in first)
@@ -199,6 +217,7 @@ def test_checkpoint_reloads_with_quantcli_logits(tmp_path: Path, calibration, op
     [
         ({"iterations": -1}, "blockround iterations must be 0 or more steps per block, got -1"),
         ({"learning_rate": 0.0}, "blockround learning_rate must be above 0 and at most 1"),
+        ({"batch": 0}, "blockround batch must be 1 or more calibration windows per step, got 0"),
         ({"target": "fp"}, "gptq target must be one of quantized, full-precision, got 'fp'"),
         ({"seed": 1.5}, "option seed of method blockround must be int"),
         ({"start": "awq"}, "blockround start must be one of gptq, rtn, got 'awq'"),
@@ -238,17 +257,20 @@ STREAM = {
 }
 
 
-@pytest.mark.parametrize("target, scales", [("quantized", False), ("full-precision", False), ("quantized", True)])
-def test_streaming_is_bit_identical_to_in_memory_and_resumes(tmp_path, target, scales):
+@pytest.mark.parametrize(
+    "target, scales, batch", [("quantized", False, 8), ("full-precision", False, 8), ("quantized", True, 3)]
+)
+def test_streaming_is_bit_identical_to_in_memory_and_resumes(tmp_path, target, scales, batch):
     """--low-memory writes the in-memory run's tensors; interrupted after 3 blocks, --resume continues both the
-    quantized and the full-precision stream from the saved activations to the same tensors."""
+    quantized and the full-precision stream from the saved activations to the same tensors (also in uneven
+    mini-batches: 16 windows by 3)."""
     from quantcli.config.recipes import config_from_mapping
     from quantcli.errors import ResumableInterrupt
     from quantcli.run.pipeline import quantize
     from tests.run.test_streaming import tensors
     from tests.support.hostile import LAYERS_PER_BLOCK, StopAfter
 
-    recipe = {**STREAM, "model": SOURCE, "target": target, "scales": scales}
+    recipe = {**STREAM, "model": SOURCE, "target": target, "scales": scales, "batch": batch}
     quantize(config_from_mapping({**recipe, "output": tmp_path / "memory"}))
     streamed = {**recipe, "low_memory": True}
     quantize(config_from_mapping({**streamed, "output": tmp_path / "streamed"}))
