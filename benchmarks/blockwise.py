@@ -75,6 +75,10 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
     "gptq-q4_k_m": ("gptq", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
     "blockround-q4_k_m": ("blockround", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
     "blockround-q3_k_m": ("blockround", "Q3_K_M", {"bits": 3}, "Q3_K_M"),
+    **{
+        f"blockround-b4-32it-{kind.lower()}": ("blockround", kind, {"bits": 4, "iterations": 32, "batch": 4}, kind)
+        for kind in ("Q4_0", "Q4_K_M")
+    },
 }
 STEM = result_stem("smollm2", "blockwise")
 
@@ -185,6 +189,7 @@ TIMING_RUNS = {
     "gptaq": ("gptq", {"target": "full-precision"}),
     "blockround": ("blockround", {}),
     "blockround-gptaq": ("blockround", {"target": "full-precision"}),
+    "blockround-b4-32it": ("blockround", {"iterations": 32, "batch": 4}),
 }
 
 
