@@ -257,8 +257,9 @@ def markdown(result: dict[str, Any]) -> str:
         " (benchmarks/lib/heldout.py):"
         f" calibration {json.dumps(SETTINGS['calibration'])}, eval {json.dumps(SETTINGS['eval'])}. Compressed-tensors"
         f" rows keep the embedding 16-bit; increase vs fp32 {FP32_PERPLEXITY} (transformers); GGUF rows scored by"
-        " llama.cpp, increase vs its F32 GGUF. blockround at its defaults (16 iterations per block, learning rate"
-        " 1/16, seed 0)."
+        " llama.cpp, increase vs its F32 GGUF. Each row's settings are in blockwise.json; rows without a batch"
+        " setting ran at 8 windows per step, the only choice then (blockround's defaults were 16 steps of 8 windows"
+        " until 2026-12-07; since, 32 steps of 4: the b4-32it rows)."
     )
     for t in result.get("timings", []):
         lines.append("")
