@@ -80,6 +80,10 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
         f"blockround-b4-32it-{kind.lower()}": ("blockround", kind, {"bits": 4, "iterations": 32, "batch": 4}, kind)
         for kind in ("Q4_0", "Q4_K_M")
     },
+    **{  # the former defaults on today's code, beside the rows measured before the batch option
+        f"blockround-16x8-{kind.lower()}": ("blockround", kind, {"bits": 4, "iterations": 16, "batch": 8}, kind)
+        for kind in ("Q4_0", "Q4_K_M")
+    },
 }
 STEM = result_stem("smollm2", "blockwise")
 
