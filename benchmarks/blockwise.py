@@ -45,6 +45,18 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
         )
         for bits, group in ((4, 128), (4, 64), (3, 64))
     },
+    "blockround-b4-32it-gptaq-w4g128": (
+        "blockround",
+        "W4 g128",
+        {**W4, "iterations": 32, "batch": 4, "target": "full-precision"},
+        None,
+    ),
+    "blockround-b4-32it-scales-w4g128": (
+        "blockround",
+        "W4 g128",
+        {**W4, "iterations": 32, "batch": 4, "scales": True},
+        None,
+    ),
     "blockround-b4-32it-seed1-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 32, "batch": 4, "seed": 1}, None),
     "blockround-64it-scales-w4g64": (
         "blockround",
