@@ -96,6 +96,15 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
         f"blockround-16x8-{kind.lower()}": ("blockround", kind, {"bits": 4, "iterations": 16, "batch": 8}, kind)
         for kind in ("Q4_0", "Q4_K_M")
     },
+    **{
+        f"blockround-16x8-w4g{group}": (
+            "blockround",
+            f"W4 g{group}",
+            {"bits": 4, "group_size": group, "iterations": 16, "batch": 8},
+            None,
+        )
+        for group in (128, 64)
+    },
 }
 STEM = result_stem("smollm2", "blockwise")
 
