@@ -97,14 +97,20 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: metho
         for kind in ("Q4_0", "Q4_K_M")
     },
     **{
-        f"blockround-16x8-w4g{group}": (
+        f"blockround-16x8-w{bits}g{group}": (
             "blockround",
-            f"W4 g{group}",
-            {"bits": 4, "group_size": group, "iterations": 16, "batch": 8},
+            f"W{bits} g{group}",
+            {"bits": bits, "group_size": group, "iterations": 16, "batch": 8},
             None,
         )
-        for group in (128, 64)
+        for bits, group in ((4, 128), (4, 64), (3, 64))
     },
+    "blockround-b4-32it-seed1-w4g64": (
+        "blockround",
+        "W4 g64",
+        {"bits": 4, "group_size": 64, "iterations": 32, "batch": 4, "seed": 1},
+        None,
+    ),
 }
 STEM = result_stem("smollm2", "blockwise")
 
