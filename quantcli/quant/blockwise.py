@@ -210,9 +210,9 @@ def quantize_blockwise(
     ``blocks`` is :class:`ModelBlocks` or a streaming source with the same methods. A ``reference``
     (with calibration) carries the full-precision stream too: ``quantize_layer(name, hessian, cross)``
     when it is ``asymmetric``, its per-block step before the block's records are closed, and its mini-batch
-    size (``batch``) for every forward pass. Returns
-    memory and calibration stats (with tokens per expert for a mixture-of-experts model). ``prepare_block(block,
-    groups, inputs)``, with calibration, runs before a block's layers are quantized (AWQ's scaling)."""
+    size (``batch``) for every forward pass. Returns memory and calibration stats (with tokens per expert for
+    a mixture-of-experts model). ``prepare_block(block, groups, inputs)``, with calibration, runs before a
+    block's layers are quantized (AWQ's scaling)."""
     tokens = {} if tokens is None else tokens
     modules = dict(blocks.model.named_modules())
     prefix = blocks.prefix
