@@ -28,89 +28,53 @@ from tests.support.models import smollm2_folder
 
 FP32_PERPLEXITY = 45.996  # SmolLM2 fp32 on this protocol (transformers)
 F32_GGUF_PERPLEXITY = 45.997  # llama.cpp, F32 GGUF, this protocol (benchmarks/anchors.py; row f32-gguf remeasures)
-W4 = {"bits": 4, "group_size": 128}
-ROWS: dict[str, tuple[str, str, dict[str, Any], str | None]] = {  # label: method, grid, options, GGUF type
-    "gptq-w4g128": ("gptq", "W4 g128", W4, None),
-    "gptaq-w4g128": ("gptq", "W4 g128", {**W4, "target": "full-precision"}, None),
-    "blockround-w4g128": ("blockround", "W4 g128", W4, None),
-    "blockround-gptaq-w4g128": ("blockround", "W4 g128", {**W4, "target": "full-precision"}, None),
-    "blockround-64it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 64}, None),
-    "blockround-200it-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 200}, None),
-    **{  # the same cost as the default (16 steps of 8 windows) spent on more, smaller steps
-        f"blockround-b4-32it-w{bits}g{group}": (
-            "blockround",
-            f"W{bits} g{group}",
-            {"bits": bits, "group_size": group, "iterations": 32, "batch": 4},
-            None,
-        )
-        for bits, group in ((4, 128), (4, 64), (3, 64))
-    },
-    "blockround-b4-32it-gptaq-w4g128": (
-        "blockround",
-        "W4 g128",
-        {**W4, "iterations": 32, "batch": 4, "target": "full-precision"},
-        None,
-    ),
-    "blockround-b4-32it-scales-w4g128": (
-        "blockround",
-        "W4 g128",
-        {**W4, "iterations": 32, "batch": 4, "scales": True},
-        None,
-    ),
-    "blockround-b4-32it-seed1-w4g128": ("blockround", "W4 g128", {**W4, "iterations": 32, "batch": 4, "seed": 1}, None),
-    "blockround-64it-scales-w4g64": (
-        "blockround",
-        "W4 g64",
-        {"bits": 4, "group_size": 64, "iterations": 64, "scales": True},
-        None,
-    ),
-    "gptq-w4g64": ("gptq", "W4 g64", {"bits": 4, "group_size": 64}, None),
-    "blockround-w4g64": ("blockround", "W4 g64", {"bits": 4, "group_size": 64}, None),
-    "gptq-w3g64": ("gptq", "W3 g64", {"bits": 3, "group_size": 64}, None),
-    "blockround-w3g64": ("blockround", "W3 g64", {"bits": 3, "group_size": 64}, None),
-    "blockround-64it-scales-w3g64": (
-        "blockround",
-        "W3 g64",
-        {"bits": 3, "group_size": 64, "iterations": 64, "scales": True},
-        None,
-    ),
-    **{  # AutoRound's default recipe in quantcli: 200 steps from round-to-nearest, scales tuned
-        f"blockround-rtn-200it-scales-w{bits}g{group}": (
-            "blockround",
-            f"W{bits} g{group}",
-            {"bits": bits, "group_size": group, "iterations": 200, "scales": True, "start": "rtn"},
-            None,
-        )
-        for bits, group in ((3, 64), (4, 64), (4, 128))
-    },
-    "gptq-q4_0": ("gptq", "Q4_0", {"bits": 4}, "Q4_0"),
-    "blockround-q4_0": ("blockround", "Q4_0", {"bits": 4}, "Q4_0"),
-    "gptq-q4_k_m": ("gptq", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
-    "blockround-q4_k_m": ("blockround", "Q4_K_M", {"bits": 4}, "Q4_K_M"),
-    "blockround-q3_k_m": ("blockround", "Q3_K_M", {"bits": 3}, "Q3_K_M"),
+Row = tuple[str, str, dict[str, Any], str | None]  # method, grid, options (bits included), GGUF type
+
+
+def _ints(method: str, bits: int, group: int, **options: Any) -> Row:
+    """A compressed-tensors row: integer groups of ``group`` at ``bits``."""
+    return method, f"W{bits} g{group}", {"bits": bits, "group_size": group, **options}, None
+
+
+def _gguf(method: str, kind: str, bits: int = 4, **options: Any) -> Row:
+    """A GGUF row of type ``kind``, scored by llama.cpp."""
+    return method, kind, {"bits": bits, **options}, kind
+
+
+B4 = {"iterations": 32, "batch": 4}  # blockround's defaults since 2026-12-07, spelled out in its rows
+FORMER = {"iterations": 16, "batch": 8}  # its defaults until then, rerun on today's code
+FP = {"target": "full-precision"}  # GPTAQ
+RTN_RECIPE = {"iterations": 200, "scales": True, "start": "rtn"}  # AutoRound's default recipe in quantcli
+ROWS: dict[str, Row] = {
+    "gptq-w4g128": _ints("gptq", 4, 128),
+    "gptaq-w4g128": _ints("gptq", 4, 128, **FP),
+    "blockround-w4g128": _ints("blockround", 4, 128),
+    "blockround-gptaq-w4g128": _ints("blockround", 4, 128, **FP),
+    "blockround-64it-w4g128": _ints("blockround", 4, 128, iterations=64),
+    "blockround-200it-w4g128": _ints("blockround", 4, 128, iterations=200),
+    **{f"blockround-b4-32it-w{b}g{g}": _ints("blockround", b, g, **B4) for b, g in ((4, 128), (4, 64), (3, 64))},
+    "blockround-b4-32it-gptaq-w4g128": _ints("blockround", 4, 128, **B4, **FP),
+    "blockround-b4-32it-scales-w4g128": _ints("blockround", 4, 128, **B4, scales=True),
+    "blockround-b4-32it-seed1-w4g128": _ints("blockround", 4, 128, **B4, seed=1),
+    "blockround-64it-scales-w4g64": _ints("blockround", 4, 64, iterations=64, scales=True),
+    "gptq-w4g64": _ints("gptq", 4, 64),
+    "blockround-w4g64": _ints("blockround", 4, 64),
+    "gptq-w3g64": _ints("gptq", 3, 64),
+    "blockround-w3g64": _ints("blockround", 3, 64),
+    "blockround-64it-scales-w3g64": _ints("blockround", 3, 64, iterations=64, scales=True),
     **{
-        f"blockround-b4-32it-{kind.lower()}": ("blockround", kind, {"bits": 4, "iterations": 32, "batch": 4}, kind)
-        for kind in ("Q4_0", "Q4_K_M")
+        f"blockround-rtn-200it-scales-w{b}g{g}": _ints("blockround", b, g, **RTN_RECIPE)
+        for b, g in ((3, 64), (4, 64), (4, 128))
     },
-    **{  # the former defaults on today's code, beside the rows measured before the batch option
-        f"blockround-16x8-{kind.lower()}": ("blockround", kind, {"bits": 4, "iterations": 16, "batch": 8}, kind)
-        for kind in ("Q4_0", "Q4_K_M")
-    },
-    **{
-        f"blockround-16x8-w{bits}g{group}": (
-            "blockround",
-            f"W{bits} g{group}",
-            {"bits": bits, "group_size": group, "iterations": 16, "batch": 8},
-            None,
-        )
-        for bits, group in ((4, 128), (4, 64), (3, 64))
-    },
-    "blockround-b4-32it-seed1-w4g64": (
-        "blockround",
-        "W4 g64",
-        {"bits": 4, "group_size": 64, "iterations": 32, "batch": 4, "seed": 1},
-        None,
-    ),
+    "gptq-q4_0": _gguf("gptq", "Q4_0"),
+    "blockround-q4_0": _gguf("blockround", "Q4_0"),
+    "gptq-q4_k_m": _gguf("gptq", "Q4_K_M"),
+    "blockround-q4_k_m": _gguf("blockround", "Q4_K_M"),
+    "blockround-q3_k_m": _gguf("blockround", "Q3_K_M", bits=3),
+    **{f"blockround-b4-32it-{kind.lower()}": _gguf("blockround", kind, **B4) for kind in ("Q4_0", "Q4_K_M")},
+    **{f"blockround-16x8-{kind.lower()}": _gguf("blockround", kind, **FORMER) for kind in ("Q4_0", "Q4_K_M")},
+    **{f"blockround-16x8-w{b}g{g}": _ints("blockround", b, g, **FORMER) for b, g in ((4, 128), (4, 64), (3, 64))},
+    "blockround-b4-32it-seed1-w4g64": _ints("blockround", 4, 64, **B4, seed=1),
 }
 STEM = result_stem("smollm2", "blockwise")
 
@@ -221,7 +185,7 @@ TIMING_RUNS = {
     "gptaq": ("gptq", {"target": "full-precision"}),
     "blockround": ("blockround", {}),
     "blockround-gptaq": ("blockround", {"target": "full-precision"}),
-    "blockround-16x8": ("blockround", {"iterations": 16, "batch": 8}),  # the defaults before 32 steps of 4
+    "blockround-16x8": ("blockround", FORMER),
 }
 
 
